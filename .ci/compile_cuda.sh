@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Compile-only check: every csrc/cuda/*.cu must compile with the local nvcc,
+# on a CPU-only machine (no GPU, CPU build of torch).
+#
+# Why this exists: the CPU torch wheel ships no CUDA headers that are generated
+# at build time (c10/cuda/impl/cuda_cmake_macros.h, ...), so the .cu sources
+# cannot be compiled against it. Rather than installing the multi-GB CUDA torch
+# and its nvidia-* dependencies, we `pip download` the CUDA torch wheel alone
+# (no deps) and unpack only torch/include/** into a cache (~40 MB, one-time).
+# The headers our sources use (c10/cuda/*, ATen/ATen.h, ATen/Dispatch.h,
+# torch/library.h) need only the toolkit's own headers, not cuBLAS/cuSPARSE.
+# Objects are thrown away; nothing is linked or run.
+#
+# Env: PYTHON (python3), NVCC (nvcc), CUDA_ARCH (sm_90), JOBS (nproc),
+#      FASTAP_CI_CACHE (~/.cache/fastap-ci), NVCC_EXTRA_FLAGS (none).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PY=${PYTHON:-python3}
+NVCC=${NVCC:-nvcc}
+TORCH_VERSION=2.14.1
+CACHE=${FASTAP_CI_CACHE:-$HOME/.cache/fastap-ci}
+INC=$CACHE/torch-$TORCH_VERSION-include
+STAMP=$INC/.complete
+
+shopt -s nullglob
+files=(csrc/cuda/*.cu)
+(( ${#files[@]} )) || { echo "error: no csrc/cuda/*.cu to compile" >&2; exit 1; }
+command -v "$NVCC" >/dev/null || { echo "error: nvcc not found ($NVCC)" >&2; exit 1; }
+
+# --- 1. CUDA torch headers (cached; the stamp marks a complete extraction) ---
+if [[ ! -f $STAMP ]]; then
+  echo "fetching torch $TORCH_VERSION (CUDA build) headers into $INC ..."
+  mkdir -p "$CACHE"
+  stage=$(mktemp -d "$CACHE/stage.XXXXXX")
+  trap 'rm -rf "$stage"' EXIT
+  "$PY" -m pip download -q --no-deps --no-cache-dir --only-binary=:all: \
+    "torch==$TORCH_VERSION" -d "$stage/dl"
+  whl=("$stage"/dl/torch-*.whl)
+  "$PY" - "${whl[0]}" "$stage/x" <<'EOF'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall(sys.argv[2], [n for n in z.namelist() if n.startswith("torch/include/")])
+EOF
+  [[ -f $stage/x/torch/include/c10/cuda/impl/cuda_cmake_macros.h ]] || {
+    echo "error: ${whl[0]##*/} is not a CUDA build of torch" >&2; exit 1; }
+  rm -rf "$INC"
+  mv "$stage/x/torch/include" "$INC"
+  touch "$STAMP"
+  rm -rf "$stage"
+fi
+
+# --- 2. compile, flags as torch.utils.cpp_extension passes them for nvcc ---
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+flags=(
+  -std=c++20 -arch="${CUDA_ARCH:-sm_90}" -O2 -Xcompiler -fPIC
+  -I csrc -I "$INC" -I "$INC/torch/csrc/api/include"
+  -I "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("include"))')"
+  -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
+  -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+  -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+  --expt-relaxed-constexpr ${NVCC_EXTRA_FLAGS:-}
+)
+
+now_ms() { local t=${EPOCHREALTIME//[.,]/}; echo $(( t / 1000 )); }
+secs() { printf '%d.%01d' $(( $1 / 1000 )) $(( $1 % 1000 / 100 )); }
+
+compile() {  # $1 = index, $2 = file
+  local t0; t0=$(now_ms)
+  if "$NVCC" "${flags[@]}" -c "$2" -o "$tmp/$1.o" >"$tmp/$1.log" 2>&1; then
+    echo "OK    $2  $(secs $(( $(now_ms) - t0 )))s"
+  else
+    touch "$tmp/$1.failed"
+    echo "FAIL  $2  $(secs $(( $(now_ms) - t0 )))s"
+  fi
+}
+
+echo "nvcc $("$NVCC" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), torch $TORCH_VERSION headers, ${#files[@]} file(s), ${JOBS:-$(nproc)} job(s)"
+start=$(now_ms)
+for i in "${!files[@]}"; do
+  while (( $(jobs -rp | wc -l) >= ${JOBS:-$(nproc)} )); do wait -n || true; done
+  compile "$i" "${files[$i]}" &
+done
+wait
+
+failed=0
+for i in "${!files[@]}"; do
+  [[ -f $tmp/$i.failed ]] || continue
+  failed=$(( failed + 1 ))
+  echo; echo "===== nvcc output for ${files[$i]} ====="; cat "$tmp/$i.log"
+done
+echo "total: ${#files[@]} file(s), $failed failed, $(secs $(( $(now_ms) - start )))s"
+(( failed == 0 ))

@@ -1,0 +1,109 @@
+// The soft histogram binning of fastap: the one definition that the CPU and the CUDA kernels share.
+//
+// Q bins cover the score range [lo, hi] with spacing delta = (hi - lo) / (Q - 1). Bin k = 0..Q-1 is
+// centred at c_k = hi - k * delta, so bin 0 is the top of the ranking. A score s, clamped to
+// [lo, hi], has the position t = (hi - clamp(s)) / delta in [0, Q - 1]; with k = floor(t) (at most
+// Q - 2) and f = t - k, it puts the weight 1 - f into bin k and f into bin k + 1. That is exactly the
+// triangular assignment w_k(s) = max(0, 1 - |clamp(s) - c_k| / delta) of the paper: at most two bins
+// are non-zero and the weights sum to one.
+//
+// Since dt/ds = -1/delta, d(1 - f)/ds = +1/delta and df/ds = -1/delta, so an upstream gradient g
+// (one value per bin) gives dL/ds = (g[k] - g[k + 1]) / delta. It is zero where the loss is flat or has a kink: outside the
+// open range (lo, hi) and at an exact bin centre (f == 0). This matches autograd on the triangle
+// formula (|x|' = 0 at 0, relu' = 0 at 0), which is the pure-PyTorch reference.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FASTAP_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FASTAP_HOST_DEVICE inline
+#endif
+
+namespace fastap {
+
+// Where one score falls: the upper (lower-index) bin `bin` gets 1 - frac, bin + 1 gets frac.
+template <typename T>
+struct BinPosition {
+  int32_t bin;   // k in [0, Q - 2]
+  T frac;        // f in [0, 1]
+  bool sloped;   // the weights have a non-zero derivative here (lo < s < hi, not on a centre)
+};
+
+// The bin grid of one call. T is the compute type (float for fp16/bf16/fp32 scores, double for fp64).
+template <typename T>
+struct BinGrid {
+  T lo;
+  T hi;
+  T inv_delta;       // (Q - 1) / (hi - lo)
+  int32_t last_bin;  // Q - 1
+
+  BinGrid(double lo_, double hi_, int64_t num_bins)
+      : lo(static_cast<T>(lo_)),
+        hi(static_cast<T>(hi_)),
+        inv_delta(static_cast<T>(static_cast<double>(num_bins - 1) / (hi_ - lo_))),
+        last_bin(static_cast<int32_t>(num_bins - 1)) {}
+
+  // The caller guarantees that s is finite (kernels test is_finite first).
+  FASTAP_HOST_DEVICE BinPosition<T> locate(T s) const {
+    const T clamped = s < lo ? lo : (s > hi ? hi : s);
+    const T t = (hi - clamped) * inv_delta;  // in [0, Q - 1] up to rounding
+    int32_t k = static_cast<int32_t>(t);     // t >= 0, so truncation is floor
+    if (k > last_bin - 1) k = last_bin - 1;
+    T f = t - static_cast<T>(k);
+    if (f > T(1)) f = T(1);                  // rounding at s == lo
+    BinPosition<T> pos;
+    pos.bin = k;
+    pos.frac = f;
+    pos.sloped = (s > lo) && (s < hi) && (f != T(0));
+    return pos;
+  }
+};
+
+template <typename T>
+FASTAP_HOST_DEVICE bool is_finite(T x) {
+  // x - x is 0 for finite x and NaN for NaN or +-inf; avoids std::isfinite on device.
+  return (x - x) == T(0);
+}
+
+// Which candidates are positives and which are ignored for one query row. Exactly one of
+// `dense_relevance` (row of an N x M 0/1 byte matrix) and `ref_labels` (M labels compared with the
+// query's label) is set; `ignore_row` (row of an N x M byte matrix) and `self_column` (the
+// diagonal, or -1) remove candidates from the row entirely.
+struct RowRelevance {
+  const uint8_t* dense_relevance;
+  const int64_t* ref_labels;
+  int64_t query_label;
+  const uint8_t* ignore_row;
+  int64_t self_column;
+
+  FASTAP_HOST_DEVICE bool positive(int64_t j) const {
+    return dense_relevance != nullptr ? dense_relevance[j] != 0 : ref_labels[j] == query_label;
+  }
+  FASTAP_HOST_DEVICE bool ignored(int64_t j) const {
+    return j == self_column || (ignore_row != nullptr && ignore_row[j] != 0);
+  }
+};
+
+// The per-call relevance inputs (contiguous), from which each row's RowRelevance is cut.
+struct RelevanceArgs {
+  const uint8_t* dense_relevance;  // N x M or nullptr
+  const int64_t* labels;           // N or nullptr
+  const int64_t* ref_labels;       // M or nullptr
+  const uint8_t* ignore;           // N x M or nullptr
+  bool exclude_self;
+
+  FASTAP_HOST_DEVICE RowRelevance row(int64_t i, int64_t num_candidates) const {
+    RowRelevance r;
+    const int64_t offset = i * num_candidates;
+    r.dense_relevance = dense_relevance != nullptr ? dense_relevance + offset : nullptr;
+    r.ref_labels = ref_labels;
+    r.query_label = labels != nullptr ? labels[i] : 0;
+    r.ignore_row = ignore != nullptr ? ignore + offset : nullptr;
+    r.self_column = exclude_self ? i : -1;
+    return r;
+  }
+};
+
+}  // namespace fastap

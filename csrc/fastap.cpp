@@ -1,0 +1,24 @@
+// The one schema block of the fastap operators. The CPU and CUDA kernels register themselves
+// beside their code (csrc/cpu, csrc/cuda); Python adds the fake (shape) functions and autograd.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing fastap._C loads this library, which registers the operators with the dispatcher.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(fastap, m) {
+  // Per query row i, the soft-binned histograms of its candidates' scores over num_bins bins on
+  // [lo, hi]: n[i, k] over all non-ignored candidates, p[i, k] over the positives among them.
+  // Returns (n, p), both N x num_bins, float64 for float64 scores and float32 otherwise.
+  m.def(
+      "soft_histogram(Tensor scores, Tensor? relevance, Tensor? labels, Tensor? ref_labels, "
+      "Tensor? ignore, bool exclude_self, int num_bins, float lo, float hi) -> (Tensor, Tensor)");
+  // dL/dscores (N x M, the dtype of scores) from dL/dn and dL/dp (N x num_bins each).
+  m.def(
+      "soft_histogram_backward(Tensor grad_n, Tensor grad_p, Tensor scores, Tensor? relevance, "
+      "Tensor? labels, Tensor? ref_labels, Tensor? ignore, bool exclude_self, int num_bins, "
+      "float lo, float hi) -> Tensor");
+}

@@ -1,0 +1,127 @@
+#include "histogram_inputs.h"
+
+#include <cmath>
+
+namespace fastap {
+namespace {
+
+bool is_byte_mask(const at::Tensor& t) {
+  return t.scalar_type() == at::kBool || t.scalar_type() == at::kByte;
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& scores, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == scores.device(), "fastap: ", name, " is on ", t.device(),
+                    " but scores is on ", scores.device());
+}
+
+void check_matrix_mask(const at::Tensor& t, const at::Tensor& scores, const char* name) {
+  check_same_device(t, scores, name);
+  TORCH_CHECK_TYPE(is_byte_mask(t), "fastap: ", name, " must be bool or uint8, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == scores.sizes(), "fastap: ", name, " must have the shape of scores ",
+                    scores.sizes(), ", got ", t.sizes());
+}
+
+void check_label_vector(const at::Tensor& t, const at::Tensor& scores, const char* name,
+                        int64_t expected) {
+  check_same_device(t, scores, name);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "fastap: ", name, " must be int64, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == expected, "fastap: ", name,
+                    " must be 1-D with ", expected, " entries, got shape ", t.sizes());
+}
+
+}  // namespace
+
+at::ScalarType HistogramInputs::histogram_dtype() const {
+  return scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+RelevanceArgs HistogramInputs::relevance_args() const {
+  RelevanceArgs args;
+  args.dense_relevance =
+      relevance.defined() ? static_cast<const uint8_t*>(relevance.const_data_ptr()) : nullptr;
+  args.labels = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
+  args.ref_labels = ref_labels.defined() ? ref_labels.const_data_ptr<int64_t>() : nullptr;
+  args.ignore = ignore.defined() ? static_cast<const uint8_t*>(ignore.const_data_ptr()) : nullptr;
+  args.exclude_self = exclude_self;
+  return args;
+}
+
+HistogramInputs check_histogram_inputs(const at::Tensor& scores,
+                                       const std::optional<at::Tensor>& relevance,
+                                       const std::optional<at::Tensor>& labels,
+                                       const std::optional<at::Tensor>& ref_labels,
+                                       const std::optional<at::Tensor>& ignore, bool exclude_self,
+                                       int64_t num_bins, double lo, double hi) {
+  TORCH_CHECK_VALUE(scores.dim() == 2, "fastap: scores must be 2-D (queries x candidates), got shape ",
+                    scores.sizes());
+  const auto dtype = scores.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   "fastap: scores must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK_VALUE(num_bins >= 2, "fastap: num_bins must be at least 2, got ", num_bins);
+  TORCH_CHECK_VALUE(num_bins <= (int64_t{1} << 20), "fastap: num_bins must be at most 2^20, got ",
+                    num_bins);
+  TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi) && lo < hi,
+                    "fastap: score_range must be finite with lo < hi, got (", lo, ", ", hi, ")");
+
+  HistogramInputs in;
+  in.scores = scores.contiguous();
+  in.exclude_self = exclude_self;
+  in.num_bins = num_bins;
+  in.lo = lo;
+  in.hi = hi;
+  const int64_t n = scores.size(0);
+  const int64_t m = scores.size(1);
+
+  const bool has_relevance = relevance.has_value() && relevance->defined();
+  const bool has_labels = labels.has_value() && labels->defined();
+  const bool has_ref_labels = ref_labels.has_value() && ref_labels->defined();
+  TORCH_CHECK_VALUE(has_relevance != has_labels,
+                    "fastap: give exactly one of relevance (N x M) and labels (N), got ",
+                    has_relevance ? "both" : "neither");
+  if (has_relevance) {
+    TORCH_CHECK_VALUE(!has_ref_labels, "fastap: ref_labels needs labels, not relevance");
+    check_matrix_mask(*relevance, scores, "relevance");
+    in.relevance = relevance->contiguous();
+  } else {
+    check_label_vector(*labels, scores, "labels", n);
+    in.labels = labels->contiguous();
+    if (has_ref_labels) {
+      check_label_vector(*ref_labels, scores, "ref_labels", m);
+      in.ref_labels = ref_labels->contiguous();
+    } else {
+      TORCH_CHECK_VALUE(n == m, "fastap: labels without ref_labels needs a square scores matrix "
+                        "(the candidates are the queries), got shape ", scores.sizes());
+      in.ref_labels = in.labels;
+    }
+  }
+  if (ignore.has_value() && ignore->defined()) {
+    check_matrix_mask(*ignore, scores, "ignore");
+    in.ignore = ignore->contiguous();
+  }
+  TORCH_CHECK_VALUE(!exclude_self || n == m,
+                    "fastap: exclude_self needs a square scores matrix, got shape ", scores.sizes());
+  return in;
+}
+
+at::Tensor backward_slope_table(const HistogramInputs& in, const at::Tensor& grad_n,
+                                const at::Tensor& grad_p) {
+  const int64_t q = in.num_bins;
+  for (const auto* g : {&grad_n, &grad_p}) {
+    const char* name = g == &grad_n ? "grad_n" : "grad_p";
+    check_same_device(*g, in.scores, name);
+    TORCH_CHECK_VALUE(g->dim() == 2 && g->size(0) == in.num_queries() && g->size(1) == q,
+                      "fastap: ", name, " must have shape [", in.num_queries(), ", ", q,
+                      "], got ", g->sizes());
+  }
+  const double inv_delta = static_cast<double>(q - 1) / (in.hi - in.lo);
+  const auto dtype = in.histogram_dtype();
+  const at::Tensor g_neg = grad_n.to(dtype);
+  const at::Tensor g_pos = g_neg + grad_p.to(dtype);
+  const at::Tensor g = at::stack({g_neg, g_pos}, 1);  // N x 2 x Q
+  return ((g.narrow(2, 0, q - 1) - g.narrow(2, 1, q - 1)) * inv_delta).contiguous();
+}
+
+}  // namespace fastap

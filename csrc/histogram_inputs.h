@@ -1,0 +1,54 @@
+// Host-side argument handling shared by the CPU and CUDA implementations of the fastap ops:
+// checks (so that a direct torch.ops.fastap call fails with a clear message, not a crash), the
+// contiguous copies the kernels read, and the per-row slope table of the backward.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <type_traits>
+
+#include "binning.h"
+
+namespace fastap {
+
+// The C++ type of the histograms and their gradients for scores of type scalar_t.
+template <typename scalar_t>
+using histogram_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// One call's inputs, checked and contiguous.
+struct HistogramInputs {
+  at::Tensor scores;      // N x M floating point, contiguous
+  at::Tensor relevance;   // N x M bool/uint8, or undefined
+  at::Tensor labels;      // N int64, or undefined
+  at::Tensor ref_labels;  // M int64, or undefined
+  at::Tensor ignore;      // N x M bool/uint8, or undefined
+  bool exclude_self;
+  int64_t num_bins;
+  double lo;
+  double hi;
+
+  int64_t num_queries() const { return scores.size(0); }
+  int64_t num_candidates() const { return scores.size(1); }
+  // The dtype of the histograms and their gradients: fp64 for fp64 scores, fp32 otherwise.
+  at::ScalarType histogram_dtype() const;
+  // Raw pointers for the kernels (valid while this object lives).
+  RelevanceArgs relevance_args() const;
+};
+
+// Checks every argument (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE name the argument) and makes the
+// tensors contiguous. `labels` without `ref_labels` means the candidates are the queries (N == M).
+HistogramInputs check_histogram_inputs(const at::Tensor& scores,
+                                       const std::optional<at::Tensor>& relevance,
+                                       const std::optional<at::Tensor>& labels,
+                                       const std::optional<at::Tensor>& ref_labels,
+                                       const std::optional<at::Tensor>& ignore, bool exclude_self,
+                                       int64_t num_bins, double lo, double hi);
+
+// Checks grad_n / grad_p against the inputs and returns the backward's per-row slope table,
+// N x 2 x (Q - 1) in the histogram dtype: table[i][c][k] = (g_c[k] - g_c[k + 1]) / delta with
+// g_0 = grad_n (candidates that are not positives) and g_1 = grad_n + grad_p (positives).
+// dL/ds_ij is then table[i][positive(i, j)][bin(s_ij)] where the binning has a slope, else 0.
+at::Tensor backward_slope_table(const HistogramInputs& in, const at::Tensor& grad_n,
+                                const at::Tensor& grad_p);
+
+}  // namespace fastap

@@ -1,0 +1,174 @@
+"""Argument checks of the public API: every bad input becomes a ValueError or TypeError that names
+the argument, before any kernel runs.
+
+Checks of shapes, dtypes and devices cost nothing and always run. Checks of values (relevance and
+ignore entries other than 0/1, negative or non-finite query weights) read the data, so they run in
+eager mode only; under torch.compile they are skipped (values are then taken as documented:
+nonzero relevance is a positive, nonzero ignore ignores).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SCORE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def checking_values() -> bool:
+    """Whether data-dependent checks run (eager mode) or not (while torch.compile traces)."""
+    return not torch.compiler.is_compiling()
+
+
+@dataclass
+class HistogramArgs:
+    """The normalised arguments of one soft-histogram call (what the kernels accept)."""
+
+    scores: torch.Tensor  # [N, M] floating
+    relevance: torch.Tensor | None  # [N, M] bool
+    labels: torch.Tensor | None  # [N] int64
+    ref_labels: torch.Tensor | None  # [M] int64
+    ignore: torch.Tensor | None  # [N, M] bool
+    exclude_self: bool
+    num_bins: int
+    lo: float
+    hi: float
+
+
+def _check_tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_device(t: torch.Tensor, name: str, scores: torch.Tensor) -> None:
+    if t.device != scores.device:
+        raise ValueError(f"fastap: {name} is on {t.device} but scores is on {scores.device}")
+
+
+def _check_mask(value, name: str, scores: torch.Tensor) -> torch.Tensor:
+    """An N x M 0/1 matrix (bool, integer or floating) as a bool tensor."""
+    t = _check_tensor(value, name)
+    _check_device(t, name, scores)
+    if t.shape != scores.shape:
+        raise ValueError(
+            f"fastap: {name} must have the shape of scores {list(scores.shape)}, "
+            f"got {list(t.shape)}"
+        )
+    if t.dtype == torch.bool:
+        return t
+    if t.is_complex():
+        raise TypeError(f"fastap: {name} must be bool or hold 0/1 values, got dtype {t.dtype}")
+    if checking_values() and t.numel() > 0 and not bool(((t == 0) | (t == 1)).all()):
+        raise ValueError(f"fastap: {name} must hold only 0 and 1 (or be a bool tensor)")
+    return t != 0
+
+
+def _check_labels(value, name: str, scores: torch.Tensor, length: int, axis: str) -> torch.Tensor:
+    t = _check_tensor(value, name)
+    _check_device(t, name, scores)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"fastap: {name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(
+            f"fastap: {name} must be 1-D with one label per {axis} ({length}), "
+            f"got shape {list(t.shape)}"
+        )
+    return t.to(torch.int64)
+
+
+def check_bins(num_bins, score_range) -> tuple[int, float, float]:
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int):
+        raise TypeError(f"fastap: num_bins must be an int, got {type(num_bins).__name__}")
+    if num_bins < 2:
+        raise ValueError(f"fastap: num_bins must be at least 2, got {num_bins}")
+    try:
+        lo, hi = (float(v) for v in score_range)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"fastap: score_range must be a pair of numbers (lo, hi), got {score_range!r}"
+        ) from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"fastap: score_range must be finite with lo < hi, got ({lo}, {hi})")
+    return num_bins, lo, hi
+
+
+def check_histogram_args(
+    scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range
+) -> HistogramArgs:
+    scores = _check_tensor(scores, "scores")
+    if scores.dim() != 2:
+        raise ValueError(
+            f"fastap: scores must be 2-D (queries x candidates), got shape {list(scores.shape)}"
+        )
+    if scores.dtype not in SCORE_DTYPES:
+        raise TypeError(
+            f"fastap: scores must be float32, float64, float16 or bfloat16, got {scores.dtype}"
+        )
+    num_queries, num_candidates = scores.shape
+    num_bins, lo, hi = check_bins(num_bins, score_range)
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"fastap: exclude_self must be a bool, got {type(exclude_self).__name__}")
+    if exclude_self and num_queries != num_candidates:
+        raise ValueError(
+            "fastap: exclude_self needs a square scores matrix (the candidates are the queries), "
+            f"got shape {list(scores.shape)}"
+        )
+
+    if (relevance is None) == (labels is None):
+        raise ValueError(
+            "fastap: give exactly one of relevance (N x M) and labels (N), got "
+            + ("both" if relevance is not None else "neither")
+        )
+    if relevance is not None:
+        if ref_labels is not None:
+            raise ValueError("fastap: ref_labels goes with labels, not with relevance")
+        relevance = _check_mask(relevance, "relevance", scores)
+    else:
+        labels = _check_labels(labels, "labels", scores, num_queries, "query (row of scores)")
+        if ref_labels is None:
+            if num_queries != num_candidates:
+                raise ValueError(
+                    "fastap: labels without ref_labels means the candidates are the queries, "
+                    f"which needs a square scores matrix, got shape {list(scores.shape)}; "
+                    "pass ref_labels (one label per column of scores)"
+                )
+        else:
+            ref_labels = _check_labels(
+                ref_labels, "ref_labels", scores, num_candidates, "candidate (column of scores)"
+            )
+    if ignore is not None:
+        ignore = _check_mask(ignore, "ignore", scores)
+    return HistogramArgs(
+        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi
+    )
+
+
+def check_query_weights(query_weights, scores: torch.Tensor) -> torch.Tensor:
+    t = _check_tensor(query_weights, "query_weights")
+    _check_device(t, "query_weights", scores)
+    if not t.is_floating_point():
+        raise TypeError(f"fastap: query_weights must be floating point, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"fastap: query_weights must be 1-D with one weight per query ({scores.shape[0]}), "
+            f"got shape {list(t.shape)}"
+        )
+    if checking_values() and t.numel() > 0 and not bool((torch.isfinite(t) & (t >= 0)).all()):
+        raise ValueError("fastap: query_weights must be finite and non-negative")
+    return t
+
+
+def raise_if_poisoned(n: torch.Tensor) -> None:
+    """The kernels make a row's histogram NaN when it holds a non-finite, non-ignored score."""
+    if not checking_values() or n.numel() == 0:
+        return
+    bad_rows = torch.isnan(n[:, 0])
+    if bool(bad_rows.any()):
+        row = int(bad_rows.nonzero()[0, 0])
+        raise ValueError(
+            f"fastap: scores contain NaN or infinity (first in query row {row}); mask such entries "
+            "with `ignore` or fix them upstream"
+        )

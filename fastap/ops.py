@@ -1,0 +1,113 @@
+"""The only module that touches ``torch.ops.fastap``: loading the extension, the fake (shape-only)
+functions that make the ops work under torch.compile, meta tensors and torch.export, and the
+autograd Function over the soft-histogram op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from fastap import _C  # noqa: F401  (loading the library registers the operators)
+
+    _LOAD_ERROR: Exception | None = None
+except ImportError as error:  # pragma: no cover - only without a build
+    _LOAD_ERROR = error
+
+
+def _require_extension() -> None:
+    if _LOAD_ERROR is not None:
+        raise RuntimeError(
+            "fastap: the compiled extension fastap._C is missing or failed to load "
+            f"({_LOAD_ERROR}). Rebuild it with `pip install --no-build-isolation -e .` in the "
+            "fastap checkout, against the torch you run."
+        )
+
+
+# Decided once at import so that the check below costs nothing and traces under torch.compile.
+HAS_CUDA_KERNELS = _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastap::soft_histogram", "CUDA"
+)
+
+
+def _require_device_kernels(scores: torch.Tensor) -> None:
+    if scores.device.type == "cuda" and not HAS_CUDA_KERNELS:
+        raise RuntimeError(
+            "fastap: scores is on a CUDA device but this build of fastap has no CUDA kernels. "
+            "Rebuild with a CUDA toolkit and a CUDA build of torch: "
+            "`FASTAP_CUDA=1 pip install --no-build-isolation -e .`"
+        )
+
+
+def histogram_dtype(scores_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the histograms (and of the loss): float64 for float64 scores, else float32."""
+    return torch.float64 if scores_dtype == torch.float64 else torch.float32
+
+
+if _LOAD_ERROR is None:
+
+    @torch.library.register_fake("fastap::soft_histogram")
+    def _soft_histogram_fake(
+        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi
+    ):
+        shape = (scores.shape[0], num_bins)
+        dtype = histogram_dtype(scores.dtype)
+        return scores.new_empty(shape, dtype=dtype), scores.new_empty(shape, dtype=dtype)
+
+    @torch.library.register_fake("fastap::soft_histogram_backward")
+    def _soft_histogram_backward_fake(
+        grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi
+    ):
+        return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
+class SoftHistogram(torch.autograd.Function):
+    """Soft-binned histograms of each query row's scores, differentiable with respect to scores.
+
+    forward(scores [N, M], relevance [N, M] bool/uint8 or None, labels [N] int64 or None,
+    ref_labels [M] int64 or None, ignore [N, M] bool/uint8 or None, exclude_self, num_bins, lo, hi)
+    returns (n, p), each [N, num_bins]: n counts every non-ignored candidate, p the positives.
+    Arguments are expected to be checked already (see fastap.functional).
+    """
+
+    @staticmethod
+    def forward(ctx, scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi):
+        n, p = torch.ops.fastap.soft_histogram(
+            scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi
+        )
+        ctx.save_for_backward(scores, relevance, labels, ref_labels, ignore)
+        ctx.options = (exclude_self, num_bins, lo, hi)
+        return n, p
+
+    @staticmethod
+    def backward(ctx, grad_n, grad_p):
+        scores, relevance, labels, ref_labels, ignore = ctx.saved_tensors
+        exclude_self, num_bins, lo, hi = ctx.options
+        if grad_n is None:
+            grad_n = torch.zeros_like(grad_p)
+        if grad_p is None:
+            grad_p = torch.zeros_like(grad_n)
+        grad_scores = torch.ops.fastap.soft_histogram_backward(
+            grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, exclude_self,
+            num_bins, lo, hi,
+        )
+        return grad_scores, None, None, None, None, None, None, None, None
+
+
+def soft_histogram(
+    scores: torch.Tensor,
+    relevance: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    ref_labels: torch.Tensor | None,
+    ignore: torch.Tensor | None,
+    exclude_self: bool,
+    num_bins: int,
+    lo: float,
+    hi: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable (n, p) histograms from the fused kernels (see SoftHistogram)."""
+    _require_extension()
+    _require_device_kernels(scores)
+    return SoftHistogram.apply(
+        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, float(lo), float(hi)
+    )

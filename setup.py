@@ -1,0 +1,75 @@
+"""Builds fastap and its extension fastap._C.
+
+The C++ (CPU) kernels are always built. The CUDA kernels are built when a CUDA toolkit is found
+(CUDA_HOME / nvcc) and the installed torch is a CUDA build; this is decided from the toolkit, never
+from torch.cuda.is_available(), so a GPU-less build host still builds them. Switches:
+  FASTAP_CUDA=1   build the CUDA kernels or fail (no toolkit or a CPU-only torch is an error)
+  FASTAP_CUDA=0   CPU kernels only
+  FASTAP_CUDA_ARCH  e.g. "9.0" or "8.0;9.0" (else TORCH_CUDA_ARCH_LIST, else torch's default)
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_cuda() -> bool:
+    switch = os.environ.get("FASTAP_CUDA", "auto").strip().lower()
+    found = CUDA_HOME is not None and torch.version.cuda is not None
+    if switch in ("1", "on", "yes", "true"):
+        if not found:
+            raise RuntimeError(
+                "FASTAP_CUDA=1 but no CUDA build is possible: "
+                f"CUDA_HOME={CUDA_HOME!r}, torch.version.cuda={torch.version.cuda!r} "
+                "(install a CUDA build of torch and a CUDA toolkit with nvcc)"
+            )
+        return True
+    if switch in ("0", "off", "no", "false"):
+        return False
+    if switch != "auto":
+        raise RuntimeError(f"FASTAP_CUDA must be 0, 1 or auto, got {switch!r}")
+    return found
+
+
+def extension():
+    sources = ["csrc/fastap.cpp", "csrc/histogram_inputs.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp"]
+    if not build_cuda():
+        return CppExtension(
+            "fastap._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    if os.environ.get("FASTAP_CUDA_ARCH"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["FASTAP_CUDA_ARCH"]
+    return CUDAExtension(
+        "fastap._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    name="fastap",
+    version="0.1.0",
+    description="Listwise Average Precision loss for PyTorch with fused C++/CUDA soft-binning kernels",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fastap", "fastap.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={"test": ["pytest", "hypothesis", "ruff", "ninja"]},
+    zip_safe=False,
+)
