@@ -6,7 +6,7 @@
 # at build time (c10/cuda/impl/cuda_cmake_macros.h, ...), so the .cu sources
 # cannot be compiled against it. Rather than installing the multi-GB CUDA torch
 # and its nvidia-* dependencies, we `pip download` the CUDA torch wheel alone
-# (no deps) and unpack only torch/include/** into a cache (~40 MB, one-time).
+# (no deps) and unpack only torch/include/** into a cache (~60 MB, one-time).
 # The headers our sources use (c10/cuda/*, ATen/ATen.h, ATen/Dispatch.h,
 # torch/library.h) need only the toolkit's own headers, not cuBLAS/cuSPARSE.
 # Objects are thrown away; nothing is linked or run.
@@ -53,6 +53,7 @@ fi
 # --- 2. compile, flags as torch.utils.cpp_extension passes them for nvcc ---
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+read -ra extra <<<"${NVCC_EXTRA_FLAGS:-}"
 flags=(
   -std=c++20 -arch="${CUDA_ARCH:-sm_90}" -O2 -Xcompiler -fPIC
   -I csrc -I "$INC" -I "$INC/torch/csrc/api/include"
@@ -60,7 +61,7 @@ flags=(
   -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
-  --expt-relaxed-constexpr ${NVCC_EXTRA_FLAGS:-}
+  --expt-relaxed-constexpr "${extra[@]}"
 )
 
 now_ms() { local t=${EPOCHREALTIME//[.,]/}; echo $(( t / 1000 )); }
@@ -84,10 +85,10 @@ for i in "${!files[@]}"; do
 done
 wait
 
-failed=0
+failed=0  # show nvcc's output (errors, warnings) for every file that had any
 for i in "${!files[@]}"; do
-  [[ -f $tmp/$i.failed ]] || continue
-  failed=$(( failed + 1 ))
+  [[ -f $tmp/$i.failed ]] && failed=$(( failed + 1 ))
+  [[ -s $tmp/$i.log ]] || continue
   echo; echo "===== nvcc output for ${files[$i]} ====="; cat "$tmp/$i.log"
 done
 echo "total: ${#files[@]} file(s), $failed failed, $(secs $(( $(now_ms) - start )))s"

@@ -24,8 +24,8 @@ int64_t row_grain(int64_t num_candidates) {
 }
 
 // Forward: at::parallel_for over query rows; each row is one sequential pass over its candidates
-// into fp64 accumulators (kLanes sub-histograms x {non-positive, positive} x {weight 1 - f into
-// bin k, weight f into bin k + 1}), summed in a fixed order at the end of the row. Deterministic
+// into fp64 accumulators (kLanes sub-histograms x {non-positive, positive} x Q bins), summed in a
+// fixed order at the end of the row. Deterministic
 // and independent of the number of threads. A non-finite score that is not ignored makes the
 // row's histograms NaN.
 template <typename scalar_t, typename hist_t>
@@ -38,8 +38,8 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out) {
   const scalar_t* scores = in.scores.const_data_ptr<scalar_t>();
 
   at::parallel_for(0, in.num_queries(), row_grain(num_candidates), [&](int64_t begin, int64_t end) {
-    // acc[((lane * 2 + positive) * 2 + side) * q + bin], side 0: 1 - f into bin k, 1: f into k + 1.
-    std::vector<double> acc(kLanes * 2 * 2 * q);
+    // acc[(lane * 2 + positive) * q + bin]
+    std::vector<double> acc(kLanes * 2 * q);
     for (int64_t i = begin; i < end; ++i) {
       std::fill(acc.begin(), acc.end(), 0.0);
       const scalar_t* row_scores = scores + i * num_candidates;
@@ -53,9 +53,9 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out) {
           continue;
         }
         const BinPosition<compute_t> pos = grid.locate(s);
-        double* h = acc.data() + ((j % kLanes) * 2 + (row.positive(j) ? 1 : 0)) * 2 * q;
+        double* h = acc.data() + ((j % kLanes) * 2 + (row.positive(j) ? 1 : 0)) * q;
         h[pos.bin] += static_cast<double>(compute_t(1) - pos.frac);
-        h[q + pos.bin + 1] += static_cast<double>(pos.frac);
+        h[pos.bin + 1] += static_cast<double>(pos.frac);
       }
       hist_t* n_row = n_out + i * q;
       hist_t* p_row = p_out + i * q;
@@ -63,8 +63,7 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out) {
         double by_class[2] = {0.0, 0.0};
         for (int64_t lane = 0; lane < kLanes; ++lane) {
           for (int64_t c = 0; c < 2; ++c) {
-            const double* h = acc.data() + (lane * 2 + c) * 2 * q;
-            by_class[c] += h[k] + h[q + k];
+            by_class[c] += acc[(lane * 2 + c) * q + k];
           }
         }
         n_row[k] = poisoned ? std::numeric_limits<hist_t>::quiet_NaN()

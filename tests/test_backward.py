@@ -1,0 +1,128 @@
+"""Gradients: float64 gradcheck of the fused op, and equality with autograd on the reference."""
+
+import pytest
+import torch
+
+import fastap
+from fastap import reference
+from fastap.testing import RELEVANCE_FORMS, random_problem
+
+
+def grads(fn, problem, device, dtype=torch.float64, weights=None):
+    problem = problem.to(device)
+    scores = problem.scores.to(dtype).detach().requires_grad_()
+    ap = fn(scores, problem.relevance, **problem.kwargs())
+    if weights is None:
+        weights = torch.linspace(0.5, 1.5, ap.shape[0], dtype=ap.dtype, device=ap.device)
+    (grad,) = torch.autograd.grad((ap * weights).sum(), scores)
+    return grad
+
+
+@pytest.mark.parametrize("form", RELEVANCE_FORMS)
+@pytest.mark.parametrize("shape,num_bins", [((3, 4), 2), ((7, 7), 5), ((6, 11), 20)])
+def test_gradcheck(device, form, shape, num_bins):
+    problem = random_problem(
+        *shape, num_bins=num_bins, relevance_form=form, with_ignore=True, exclude_self=True,
+        kink_free=True, seed=num_bins,
+    ).to(device)
+    scores = problem.scores.detach().requires_grad_()
+
+    def ap(s):
+        return fastap.average_precision(s, problem.relevance, **problem.kwargs())
+
+    def loss(s):
+        return fastap.ap_loss(s, problem.relevance, **problem.kwargs())
+
+    assert torch.autograd.gradcheck(ap, (scores,), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(loss, (scores,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("form", RELEVANCE_FORMS)
+@pytest.mark.parametrize("shape", [(1, 9), (19, 19), (45, 131)])
+def test_gradient_matches_reference(device, form, shape):
+    for seed, num_bins in enumerate([2, 7, 20, 64]):
+        problem = random_problem(
+            *shape, num_bins=num_bins, relevance_form=form, with_ignore=seed % 2 == 1,
+            exclude_self=seed >= 2, seed=seed,
+        )
+        ours = grads(fastap.average_precision, problem, device)
+        ref = grads(reference.average_precision, problem, "cpu")
+        torch.testing.assert_close(ours.cpu(), ref, rtol=0, atol=1e-12)
+
+
+def test_gradient_float32_matches_reference(device):
+    problem = random_problem(61, 203, num_bins=25, score_range=(0.0, 1.0), dtype=torch.float32)
+    ours = grads(fastap.average_precision, problem, device, dtype=torch.float32)
+    ref = grads(reference.average_precision, problem, "cpu", dtype=torch.float64)
+    assert ours.dtype == torch.float32
+    scale = ref.abs().max()
+    torch.testing.assert_close(ours.cpu().double() / scale, ref / scale, rtol=0, atol=1e-5)
+
+
+def test_gradient_ties(device):
+    problem = random_problem(30, 50, num_bins=11, ties=True, with_ignore=True, seed=1)
+    ours = grads(fastap.average_precision, problem, device)
+    ref = grads(reference.average_precision, problem, "cpu")
+    torch.testing.assert_close(ours.cpu(), ref, rtol=0, atol=1e-12)
+
+
+def test_zero_gradient_off_slope(device):
+    """No gradient outside (lo, hi), at the range ends, on exact bin centres, and where ignored."""
+    scores = torch.tensor(
+        [[1.0, 0.5, 0.0, -1.0, 1.5, -2.0, 0.3, 0.8, -0.7]], dtype=torch.float64, device=device
+    )
+    relevance = torch.tensor([[1, 0, 1, 0, 1, 0, 1, 0, 1]], dtype=torch.bool, device=device)
+    ignore = torch.zeros_like(relevance)
+    ignore[0, 8] = True
+    scores.requires_grad_()
+    fastap.ap_loss(scores, relevance, num_bins=5, ignore=ignore).backward()
+    grad = scores.grad[0]
+    assert grad[:6].eq(0).all() and grad[8] == 0
+    assert grad[6] != 0 and grad[7] != 0
+    ref_scores = scores.detach().cpu().requires_grad_()
+    reference.ap_loss(ref_scores, relevance.cpu(), num_bins=5, ignore=ignore.cpu()).backward()
+    torch.testing.assert_close(scores.grad.cpu(), ref_scores.grad, rtol=0, atol=1e-12)
+
+
+def test_loss_gradient_matches_reference_with_weights(device):
+    problem = random_problem(25, 40, with_ignore=True, seed=9)
+    weights = torch.rand(25, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    weights[3] = 0
+    results = []
+    for fn, dev in ((fastap.ap_loss, device), (reference.ap_loss, "cpu")):
+        p = problem.to(dev)
+        scores = p.scores.detach().requires_grad_()
+        loss = fn(scores, p.relevance, query_weights=weights.to(dev), **p.kwargs())
+        loss.backward()
+        results.append((loss.detach().cpu(), scores.grad.cpu()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
+
+
+def test_no_valid_query_gives_zero_loss_with_zero_gradient(device):
+    scores = torch.rand(4, 6, dtype=torch.float64, device=device, requires_grad=True)
+    relevance = torch.zeros(4, 6, dtype=torch.bool, device=device)
+    loss = fastap.ap_loss(scores, relevance)
+    loss.backward()
+    assert loss.item() == 0.0 and loss.requires_grad
+    assert scores.grad.eq(0).all()
+    # Positives present but all weights zero: the same.
+    scores.grad = None
+    relevance[:, 0] = True
+    weights = torch.zeros(4, dtype=torch.float64, device=device)
+    loss = fastap.ap_loss(scores, relevance, query_weights=weights)
+    loss.backward()
+    assert loss.item() == 0.0 and scores.grad.eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gradient(device, dtype):
+    problem = random_problem(20, 70, kink_free=True, seed=12)
+    rounded = problem.with_scores(problem.scores.to(dtype))
+    ours = grads(fastap.average_precision, rounded, device, dtype=dtype)
+    assert ours.dtype == dtype
+    ref = grads(reference.average_precision, rounded, "cpu", dtype=torch.float64)
+    scale = ref.abs().max()
+    # The only rounding left is that of the gradient to the low-precision dtype.
+    tolerance = 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(ours.cpu().double() / scale, ref / scale, rtol=tolerance, atol=tolerance)

@@ -1,0 +1,88 @@
+"""torch.library.opcheck of the registered ops, and torch.compile(fullgraph=True) parity."""
+
+import pytest
+import torch
+
+import fastap
+from fastap.testing import RELEVANCE_FORMS, random_problem
+
+
+def op_args(problem):
+    return (
+        problem.scores, problem.relevance, problem.labels,
+        problem.ref_labels if problem.labels is None or problem.ref_labels is not None
+        else problem.labels,
+        problem.ignore, problem.exclude_self, problem.num_bins, *problem.score_range,
+    )
+
+
+@pytest.mark.parametrize("form", RELEVANCE_FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck(device, form, dtype):
+    problem = random_problem(
+        11, 11, relevance_form=form, with_ignore=True, exclude_self=True, dtype=dtype, seed=1
+    ).to(device)
+    args = op_args(problem)
+    torch.library.opcheck(torch.ops.fastap.soft_histogram.default, args)
+    n, p = torch.ops.fastap.soft_histogram(*args)
+    grad_n, grad_p = torch.randn_like(n), torch.randn_like(p)
+    torch.library.opcheck(torch.ops.fastap.soft_histogram_backward.default, (grad_n, grad_p, *args))
+
+
+def test_meta_tensors():
+    scores = torch.empty(7, 9, device="meta", dtype=torch.bfloat16)
+    labels = torch.empty(7, dtype=torch.long, device="meta")
+    ref_labels = torch.empty(9, dtype=torch.long, device="meta")
+    n, p = torch.ops.fastap.soft_histogram(scores, None, labels, ref_labels, None, False, 13, -1, 1)
+    assert n.shape == p.shape == (7, 13) and n.dtype == torch.float32 and n.device.type == "meta"
+
+
+@pytest.mark.parametrize("form", ["dense", "labels"])
+def test_compile_fullgraph_parity(device, form):
+    torch._dynamo.reset()
+    problem = random_problem(
+        33, 33, relevance_form=form, with_ignore=True, exclude_self=True, dtype=torch.float32,
+        seed=3,
+    ).to(device)
+
+    def step(scores, relevance, labels, ignore, weights):
+        return fastap.ap_loss(
+            scores, relevance, labels=labels, num_bins=20, ignore=ignore, exclude_self=True,
+            query_weights=weights,
+        )
+
+    weights = torch.rand(33, device=device)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        scores = problem.scores.detach().clone().requires_grad_()
+        loss = fn(scores, problem.relevance, problem.labels, problem.ignore, weights)
+        loss.backward()
+        results.append((loss.detach(), scores.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_compile_inductor_module(device):
+    torch._dynamo.reset()
+    embeddings = torch.randn(24, 8, device=device, requires_grad=True)
+    labels = torch.arange(24, device=device) % 5
+    loss_fn = fastap.APLoss()
+    eager = loss_fn(embeddings, labels)
+    (eager_grad,) = torch.autograd.grad(eager, embeddings)
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    loss = compiled(embeddings, labels)
+    (grad,) = torch.autograd.grad(loss, embeddings)
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_export():
+    class Model(torch.nn.Module):
+        def forward(self, scores, labels):
+            return fastap.average_precision(scores, labels=labels)
+
+    scores = torch.rand(6, 6)
+    labels = torch.arange(6) % 2
+    exported = torch.export.export(Model(), (scores, labels))
+    assert torch.equal(exported.module()(scores, labels), Model()(scores, labels))

@@ -1,0 +1,137 @@
+"""The fused op's AP_Q values against the pure-PyTorch reference."""
+
+import itertools
+
+import pytest
+import torch
+
+import fastap
+from fastap import reference
+from fastap.testing import RELEVANCE_FORMS, random_problem
+
+SHAPES = [(1, 1), (1, 7), (5, 5), (13, 29), (64, 3), (97, 97), (31, 257)]
+
+
+def fastap_and_reference(problem, device):
+    problem = problem.to(device)
+    ours = fastap.average_precision(*problem.args(), **problem.kwargs())
+    ref = reference.average_precision(
+        problem.scores.double(), problem.relevance, **problem.kwargs()
+    )
+    return ours, ref
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("form", RELEVANCE_FORMS)
+def test_matches_reference_float64(device, shape, form):
+    for seed, (with_ignore, exclude_self) in enumerate(itertools.product([False, True], repeat=2)):
+        problem = random_problem(
+            *shape, relevance_form=form, with_ignore=with_ignore, exclude_self=exclude_self,
+            num_bins=2 + 7 * seed, seed=seed,
+        )
+        ours, ref = fastap_and_reference(problem, device)
+        assert ours.dtype == torch.float64 and ours.shape == (shape[0],)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_bins", [2, 3, 10, 25, 100])
+def test_matches_reference_float32(device, num_bins):
+    problem = random_problem(
+        77, 191, num_bins=num_bins, score_range=(-0.3, 1.7), dtype=torch.float32, seed=num_bins
+    )
+    ours, ref = fastap_and_reference(problem, device)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_bins", [5, 20])
+def test_ties(device, num_bins):
+    problem = random_problem(40, 60, num_bins=num_bins, ties=True, with_ignore=True, seed=3)
+    ours, ref = fastap_and_reference(problem, device)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_scores_exactly_on_bin_centres_and_range_ends(device):
+    # Q = 5 over [-1, 1]: centres 1, 0.5, 0, -0.5, -1 are exact in binary.
+    scores = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.0, 2.0, -3.0, 0.25]], dtype=torch.float64)
+    relevance = torch.tensor([[1, 0, 1, 0, 1, 0, 1, 1]], dtype=torch.bool)
+    ours = fastap.average_precision(scores.to(device), relevance.to(device), num_bins=5)
+    ref = reference.average_precision(scores, relevance, num_bins=5)
+    torch.testing.assert_close(ours.cpu(), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["all_positive", "all_negative", "all_ignored"])
+def test_degenerate_rows(device, kind):
+    problem = random_problem(9, 14, relevance_form="dense", seed=5)
+    if kind == "all_positive":
+        problem.relevance = torch.ones_like(problem.relevance)
+    elif kind == "all_negative":
+        problem.relevance[2:5] = False
+    else:
+        problem.ignore = torch.zeros_like(problem.relevance)
+        problem.ignore[3] = True
+    ours, ref = fastap_and_reference(problem, device)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    if kind == "all_positive":
+        assert torch.allclose(ours, torch.ones_like(ours))
+    else:
+        assert (ours[2:5] if kind == "all_negative" else ours[3:4]).eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_scores(device, dtype):
+    """fp16/bf16 scores accumulate in fp32; the error is that of rounding the scores themselves,
+    so compare with the fp64 reference on the same rounded scores, and bound the total error
+    by twice the error of the reference run on the low-precision scores."""
+    problem = random_problem(50, 300, dtype=torch.float64, seed=11)
+    rounded = problem.scores.to(dtype)
+    ours, ref_rounded = fastap_and_reference(problem.with_scores(rounded), device)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.cpu().double(), ref_rounded, rtol=0, atol=2e-6)
+    exact = reference.average_precision(problem.scores, problem.relevance, **problem.kwargs())
+    ref_error = (ref_rounded - exact).abs().max()
+    assert (ours.cpu().double() - exact).abs().max() <= 2 * ref_error + 2e-6
+
+
+def test_non_contiguous_inputs(device):
+    problem = random_problem(40, 40, relevance_form="dense", with_ignore=True, seed=2)
+    contiguous = fastap.average_precision(*problem.to(device).args(), **problem.to(device).kwargs())
+    transposed = problem.with_scores(problem.scores.T.contiguous().T)
+    transposed.relevance = problem.relevance.T.contiguous().T
+    transposed.ignore = problem.ignore.T.contiguous().T
+    assert not transposed.scores.is_contiguous()
+    ours = fastap.average_precision(*transposed.to(device).args(), **transposed.to(device).kwargs())
+    assert torch.equal(ours, contiguous)
+    strided = torch.randn(40, 80, dtype=torch.float64)[:, ::2]
+    labels = torch.arange(40) % 3
+    a = fastap.average_precision(strided.to(device), labels=labels.to(device))
+    b = fastap.average_precision(strided.contiguous().to(device), labels=labels.to(device))
+    assert torch.equal(a, b)
+
+
+def test_relevance_of_other_dtypes(device):
+    problem = random_problem(12, 17, relevance_form="dense", seed=4)
+    expected = fastap.average_precision(*problem.to(device).args(), **problem.to(device).kwargs())
+    for dtype in (torch.uint8, torch.int32, torch.float32):
+        as_dtype = problem.to(device)
+        as_dtype.relevance = as_dtype.relevance.to(dtype)
+        assert torch.equal(fastap.average_precision(*as_dtype.args(), **as_dtype.kwargs()), expected)
+
+
+def test_labels_equal_dense_relevance(device):
+    problem = random_problem(23, 31, relevance_form="ref_labels", seed=8).to(device)
+    dense = problem.labels[:, None] == problem.ref_labels[None, :]
+    a = fastap.average_precision(problem.scores, labels=problem.labels, ref_labels=problem.ref_labels)
+    b = fastap.average_precision(problem.scores, dense)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0)])
+def test_empty(device, shape):
+    scores = torch.empty(shape, dtype=torch.float32, device=device, requires_grad=True)
+    relevance = torch.empty(shape, dtype=torch.bool, device=device)
+    ap = fastap.average_precision(scores, relevance)
+    assert ap.shape == (shape[0],) and ap.eq(0).all()
+    loss = fastap.ap_loss(scores, relevance)
+    loss.backward()
+    assert loss.item() == 0.0 and scores.grad.shape == shape

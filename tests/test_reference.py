@@ -1,0 +1,55 @@
+"""The pure-PyTorch reference against hand-computed values and invariants of AP_Q."""
+
+import pytest
+import torch
+
+from fastap import reference
+
+
+def test_bin_weights_hand_computed():
+    # Q = 3 over [0, 1]: centres 1, 0.5, 0 (delta 0.5).
+    scores = torch.tensor([[0.9, 0.6, 0.1, 1.3, -0.2, 0.5]], dtype=torch.float64)
+    w = reference.bin_weights(scores, 3, 0.0, 1.0)[0].T  # M x Q
+    expected = torch.tensor(
+        [[0.8, 0.2, 0.0], [0.2, 0.8, 0.0], [0.0, 0.2, 0.8], [1, 0, 0], [0, 0, 1], [0, 1, 0]],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(w, expected, rtol=0, atol=1e-12)
+
+
+def test_ap_hand_computed():
+    # n = [1.0, 1.2, 0.8], p = [0.8, 0.4, 0.8] (see test_bin_weights_hand_computed), Npos = 2:
+    # AP = (0.8/1.0 * 0.8 + 1.2/2.2 * 0.4 + 2.0/3.0 * 0.8) / 2
+    scores = torch.tensor([[0.9, 0.6, 0.1]], dtype=torch.float64)
+    relevance = torch.tensor([[True, False, True]])
+    ap = reference.average_precision(scores, relevance, num_bins=3, score_range=(0.0, 1.0))
+    expected = (0.8 / 1.0 * 0.8 + 1.2 / 2.2 * 0.4 + 2.0 / 3.0 * 0.8) / 2
+    assert ap.item() == pytest.approx(expected, abs=1e-14)
+
+
+def test_weights_sum_to_one_and_touch_two_bins():
+    scores = torch.linspace(-1.5, 1.5, 301, dtype=torch.float64)[None]
+    w = reference.bin_weights(scores, 7, -1.0, 1.0)
+    torch.testing.assert_close(w.sum(1), torch.ones_like(scores), rtol=0, atol=1e-12)
+    assert int((w > 0).sum(1).max()) <= 2
+
+
+def test_perfect_and_inverted_rankings():
+    # Positives in the top bin, negatives in the bottom bin (Q = 2, scores on the centres): AP = 1.
+    scores = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=torch.float64)
+    relevance = torch.tensor([[1, 1, 0, 0]])
+    assert reference.average_precision(scores, relevance, num_bins=2).item() == 1.0
+    # Inverted: n = [2, 2], p = [0, 2], so AP = (2 / 4) * 2 / 2 = 0.5.
+    assert reference.average_precision(-scores, relevance, num_bins=2).item() == 0.5
+
+
+def test_query_without_positives_and_ignore():
+    scores = torch.tensor([[0.5, 0.2], [0.5, 0.2]], dtype=torch.float64, requires_grad=True)
+    relevance = torch.tensor([[0, 0], [1, 0]])
+    ap = reference.average_precision(scores, relevance)
+    assert ap[0].item() == 0.0 and ap[1].item() > 0
+    loss = reference.ap_loss(scores, relevance)
+    assert loss.item() == pytest.approx(1 - ap[1].item())
+    # Ignoring the only negative of query 1 leaves a perfect ranking.
+    ignore = torch.tensor([[False, False], [False, True]])
+    assert reference.average_precision(scores, relevance, ignore=ignore)[1].item() == 1.0
