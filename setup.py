@@ -37,7 +37,7 @@ def build_cuda() -> bool:
 
 
 def extension():
-    sources = ["csrc/fastap.cpp", "csrc/histogram_inputs.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/fastap.cpp", "csrc/histogram_inputs.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx_flags = ["-O3", "-fopenmp"]
     if not build_cuda():
         return CppExtension(
@@ -61,7 +61,7 @@ def extension():
 setup(
     name="fastap",
     version="0.1.0",
-    description="Listwise Average Precision loss for PyTorch with fused C++/CUDA soft-binning kernels",
+    description="Listwise Average Precision loss for PyTorch with fused C++/CUDA kernels",
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="MIT",

@@ -4,7 +4,7 @@ Public API:
     average_precision(scores, relevance=None, *, labels, ref_labels, num_bins, score_range,
                       ignore, exclude_self) -> [N] AP_Q per query
     ap_loss(<same>, query_weights=None) -> scalar 1 - weighted mAP_Q
-    APLoss(num_bins=20, score_range=(-1, 1)): nn.Module on embeddings (pytorch-metric-learning style)
+    APLoss(num_bins=20, score_range=(-1, 1)): nn.Module on embeddings, called like PML losses
     fastap.reference: the same math in plain PyTorch (oracle and baseline)
 """
 

@@ -36,7 +36,9 @@ def ap_from_histograms(n: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, 
     has_positive = num_positives > 0.5  # a count of positives, exact up to rounding
     # Bins with N_k = 0 also have p_k = 0; dividing by 1 there keeps values and gradients finite.
     precision = cum_p / torch.where(cum_n > 0, cum_n, torch.ones_like(cum_n))
-    recall_step = p / torch.where(has_positive, num_positives, torch.ones_like(num_positives))[:, None]
+    recall_step = (
+        p / torch.where(has_positive, num_positives, torch.ones_like(num_positives))[:, None]
+    )
     return (precision * recall_step).sum(-1), has_positive
 
 

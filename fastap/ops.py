@@ -56,7 +56,17 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastap::soft_histogram_backward")
     def _soft_histogram_backward_fake(
-        grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi
+        grad_n,
+        grad_p,
+        scores,
+        relevance,
+        labels,
+        ref_labels,
+        ignore,
+        exclude_self,
+        num_bins,
+        lo,
+        hi,
     ):
         return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
@@ -88,8 +98,17 @@ class SoftHistogram(torch.autograd.Function):
         if grad_p is None:
             grad_p = torch.zeros_like(grad_n)
         grad_scores = torch.ops.fastap.soft_histogram_backward(
-            grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, exclude_self,
-            num_bins, lo, hi,
+            grad_n,
+            grad_p,
+            scores,
+            relevance,
+            labels,
+            ref_labels,
+            ignore,
+            exclude_self,
+            num_bins,
+            lo,
+            hi,
         )
         return grad_scores, None, None, None, None, None, None, None, None
 

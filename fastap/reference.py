@@ -50,7 +50,9 @@ def soft_histogram(
     hi: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, p), each [N, Q]: soft counts of all counted candidates, and of the positives."""
-    positive, valid = relevance_and_valid(scores, relevance, labels, ref_labels, ignore, exclude_self)
+    positive, valid = relevance_and_valid(
+        scores, relevance, labels, ref_labels, ignore, exclude_self
+    )
     weights = bin_weights(scores, num_bins, lo, hi) * valid[:, None, :]
     return weights.sum(-1), (weights * positive[:, None, :]).sum(-1)
 

@@ -39,8 +39,15 @@ class Problem:
 
     def with_scores(self, scores: torch.Tensor) -> Problem:
         return Problem(
-            scores, self.relevance, self.labels, self.ref_labels, self.ignore, self.exclude_self,
-            self.num_bins, self.score_range, dict(self.extra),
+            scores,
+            self.relevance,
+            self.labels,
+            self.ref_labels,
+            self.ignore,
+            self.exclude_self,
+            self.num_bins,
+            self.score_range,
+            dict(self.extra),
         )
 
     def to(self, device) -> Problem:
@@ -48,8 +55,15 @@ class Problem:
             return None if t is None else t.to(device)
 
         return Problem(
-            move(self.scores), move(self.relevance), move(self.labels), move(self.ref_labels),
-            move(self.ignore), self.exclude_self, self.num_bins, self.score_range, dict(self.extra),
+            move(self.scores),
+            move(self.relevance),
+            move(self.labels),
+            move(self.ref_labels),
+            move(self.ignore),
+            self.exclude_self,
+            self.num_bins,
+            self.score_range,
+            dict(self.extra),
         )
 
 
@@ -106,7 +120,9 @@ def random_problem(
         scores = kink_free_scores(num_queries, num_candidates, num_bins, score_range, g)
     else:
         width = hi - lo
-        scores = lo - 0.1 * width + 1.2 * width * torch.rand(shape, generator=g, dtype=torch.float64)
+        scores = (
+            lo - 0.1 * width + 1.2 * width * torch.rand(shape, generator=g, dtype=torch.float64)
+        )
     if ties:
         delta = (hi - lo) / (num_bins - 1)
         values = hi - delta * (torch.randint(0, num_bins - 1, (5,), generator=g) + 0.37)

@@ -22,8 +22,13 @@ def grads(fn, problem, device, dtype=torch.float64, weights=None):
 @pytest.mark.parametrize("shape,num_bins", [((3, 4), 2), ((7, 7), 5), ((6, 11), 20)])
 def test_gradcheck(device, form, shape, num_bins):
     problem = random_problem(
-        *shape, num_bins=num_bins, relevance_form=form, with_ignore=True, exclude_self=True,
-        kink_free=True, seed=num_bins,
+        *shape,
+        num_bins=num_bins,
+        relevance_form=form,
+        with_ignore=True,
+        exclude_self=True,
+        kink_free=True,
+        seed=num_bins,
     ).to(device)
     scores = problem.scores.detach().requires_grad_()
 
@@ -42,8 +47,12 @@ def test_gradcheck(device, form, shape, num_bins):
 def test_gradient_matches_reference(device, form, shape):
     for seed, num_bins in enumerate([2, 7, 20, 64]):
         problem = random_problem(
-            *shape, num_bins=num_bins, relevance_form=form, with_ignore=seed % 2 == 1,
-            exclude_self=seed >= 2, seed=seed,
+            *shape,
+            num_bins=num_bins,
+            relevance_form=form,
+            with_ignore=seed % 2 == 1,
+            exclude_self=seed >= 2,
+            seed=seed,
         )
         ours = grads(fastap.average_precision, problem, device)
         ref = grads(reference.average_precision, problem, "cpu")
@@ -125,4 +134,6 @@ def test_low_precision_gradient(device, dtype):
     scale = ref.abs().max()
     # The only rounding left is that of the gradient to the low-precision dtype.
     tolerance = 2 * torch.finfo(dtype).eps
-    torch.testing.assert_close(ours.cpu().double() / scale, ref / scale, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(
+        ours.cpu().double() / scale, ref / scale, rtol=tolerance, atol=tolerance
+    )

@@ -9,10 +9,16 @@ from fastap.testing import RELEVANCE_FORMS, random_problem
 
 def op_args(problem):
     return (
-        problem.scores, problem.relevance, problem.labels,
-        problem.ref_labels if problem.labels is None or problem.ref_labels is not None
+        problem.scores,
+        problem.relevance,
+        problem.labels,
+        problem.ref_labels
+        if problem.labels is None or problem.ref_labels is not None
         else problem.labels,
-        problem.ignore, problem.exclude_self, problem.num_bins, *problem.score_range,
+        problem.ignore,
+        problem.exclude_self,
+        problem.num_bins,
+        *problem.score_range,
     )
 
 
@@ -41,13 +47,23 @@ def test_meta_tensors():
 def test_compile_fullgraph_parity(device, form):
     torch._dynamo.reset()
     problem = random_problem(
-        33, 33, relevance_form=form, with_ignore=True, exclude_self=True, dtype=torch.float32,
+        33,
+        33,
+        relevance_form=form,
+        with_ignore=True,
+        exclude_self=True,
+        dtype=torch.float32,
         seed=3,
     ).to(device)
 
     def step(scores, relevance, labels, ignore, weights):
         return fastap.ap_loss(
-            scores, relevance, labels=labels, num_bins=20, ignore=ignore, exclude_self=True,
+            scores,
+            relevance,
+            labels=labels,
+            num_bins=20,
+            ignore=ignore,
+            exclude_self=True,
             query_weights=weights,
         )
 

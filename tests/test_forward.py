@@ -26,8 +26,12 @@ def fastap_and_reference(problem, device):
 def test_matches_reference_float64(device, shape, form):
     for seed, (with_ignore, exclude_self) in enumerate(itertools.product([False, True], repeat=2)):
         problem = random_problem(
-            *shape, relevance_form=form, with_ignore=with_ignore, exclude_self=exclude_self,
-            num_bins=2 + 7 * seed, seed=seed,
+            *shape,
+            relevance_form=form,
+            with_ignore=with_ignore,
+            exclude_self=exclude_self,
+            num_bins=2 + 7 * seed,
+            seed=seed,
         )
         ours, ref = fastap_and_reference(problem, device)
         assert ours.dtype == torch.float64 and ours.shape == (shape[0],)
@@ -115,13 +119,17 @@ def test_relevance_of_other_dtypes(device):
     for dtype in (torch.uint8, torch.int32, torch.float32):
         as_dtype = problem.to(device)
         as_dtype.relevance = as_dtype.relevance.to(dtype)
-        assert torch.equal(fastap.average_precision(*as_dtype.args(), **as_dtype.kwargs()), expected)
+        assert torch.equal(
+            fastap.average_precision(*as_dtype.args(), **as_dtype.kwargs()), expected
+        )
 
 
 def test_labels_equal_dense_relevance(device):
     problem = random_problem(23, 31, relevance_form="ref_labels", seed=8).to(device)
     dense = problem.labels[:, None] == problem.ref_labels[None, :]
-    a = fastap.average_precision(problem.scores, labels=problem.labels, ref_labels=problem.ref_labels)
+    a = fastap.average_precision(
+        problem.scores, labels=problem.labels, ref_labels=problem.ref_labels
+    )
     b = fastap.average_precision(problem.scores, dense)
     assert torch.equal(a, b)
 

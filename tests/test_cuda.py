@@ -1,0 +1,83 @@
+"""CUDA kernels against the CPU op (which the other tests compare with the reference). Skipped
+without a CUDA device; run on the GPU machine by benchmarks/gpu_check.sh."""
+
+import pytest
+import torch
+
+import fastap
+from fastap.testing import RELEVANCE_FORMS, random_problem
+
+pytestmark = pytest.mark.cuda
+
+
+def both(problem, fn=fastap.average_precision):
+    results = []
+    for device in ("cpu", "cuda"):
+        p = problem.to(device)
+        scores = p.scores.detach().requires_grad_()
+        out = fn(scores, p.relevance, **p.kwargs())
+        (grad,) = torch.autograd.grad(out.sum(), scores)
+        results.append((out.detach().cpu(), grad.cpu()))
+    return results
+
+
+@pytest.mark.parametrize("form", RELEVANCE_FORMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,num_bins", [((1, 1), 2), ((37, 1000), 20), ((300, 301), 100), ((5, 70000), 10)]
+)
+def test_cuda_equals_cpu(form, dtype, shape, num_bins):
+    problem = random_problem(
+        *shape,
+        num_bins=num_bins,
+        relevance_form=form,
+        with_ignore=True,
+        exclude_self=shape[0] == shape[1],
+        dtype=dtype,
+        seed=shape[0],
+    )
+    (cpu_ap, cpu_grad), (cuda_ap, cuda_grad) = both(problem)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(cuda_ap.double(), cpu_ap.double(), rtol=0, atol=tol)
+    scale = cpu_grad.double().abs().max().clamp_min(1e-30)
+    grad_tol = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
+    torch.testing.assert_close(
+        cuda_grad.double() / scale, cpu_grad.double() / scale, rtol=0, atol=grad_tol
+    )
+
+
+def test_cuda_deterministic_and_graph_capture():
+    problem = random_problem(257, 4099, dtype=torch.float32, with_ignore=True).to("cuda")
+    scores = problem.scores.detach().requires_grad_()
+
+    def step():
+        scores.grad = None
+        loss = fastap.ap_loss(scores, problem.relevance, **problem.kwargs())
+        loss.backward()
+        return loss.detach().clone(), scores.grad.clone()
+
+    first = step()
+    for _ in range(3):
+        again = step()
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    compiled = torch.compile(
+        lambda s: fastap.ap_loss(s, problem.relevance, **problem.kwargs()),
+        mode="reduce-overhead",
+        fullgraph=True,
+    )
+    for _ in range(3):
+        s = problem.scores.detach().clone().requires_grad_()
+        loss = compiled(s)
+        loss.backward()
+    torch.testing.assert_close(loss.detach(), first[0], rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_large_num_bins_error_is_clear():
+    scores = torch.rand(4, 5, device="cuda")
+    with pytest.raises(ValueError, match="num_bins"):
+        fastap.average_precision(
+            scores,
+            labels=torch.arange(4, device="cuda") % 2,
+            ref_labels=torch.arange(5, device="cuda") % 2,
+            num_bins=100000,
+        )

@@ -1,0 +1,102 @@
+"""Bad input raises a ValueError/TypeError that names the argument, before any kernel runs."""
+
+import pytest
+import torch
+
+import fastap
+
+S = torch.rand(4, 5)
+L4 = torch.arange(4)
+L5 = torch.arange(5)
+R = torch.rand(4, 5) < 0.5
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: fastap.ap_loss(torch.rand(4), labels=L4), ValueError, "scores must be 2-D"),
+        (lambda: fastap.ap_loss(torch.rand(2, 2, 2), R), ValueError, r"shape \[2, 2, 2\]"),
+        (lambda: fastap.ap_loss(S.long(), R), TypeError, "scores must be float"),
+        (lambda: fastap.ap_loss(S.to(torch.complex64), R), TypeError, "scores must be float"),
+        (lambda: fastap.ap_loss(S.numpy(), R), TypeError, "scores must be a torch.Tensor"),
+        (lambda: fastap.ap_loss(S), ValueError, "exactly one of relevance"),
+        (lambda: fastap.ap_loss(S, R, labels=L4), ValueError, "got both"),
+        (lambda: fastap.ap_loss(S, torch.rand(5, 4) < 0.5), ValueError, "relevance must have"),
+        (lambda: fastap.ap_loss(S, R.float() * 2), ValueError, "relevance must hold only 0 and 1"),
+        (lambda: fastap.ap_loss(S, R.to(torch.complex64)), TypeError, "relevance"),
+        (lambda: fastap.ap_loss(S, labels=L5, ref_labels=L5), ValueError, "labels must be 1-D"),
+        (lambda: fastap.ap_loss(S, labels=L4.float(), ref_labels=L5), TypeError, "labels must be"),
+        (lambda: fastap.ap_loss(S, labels=L4, ref_labels=L4), ValueError, "ref_labels must be 1-D"),
+        (lambda: fastap.ap_loss(S, labels=L4), ValueError, "pass ref_labels"),
+        (lambda: fastap.ap_loss(S, R, ref_labels=L5), ValueError, "ref_labels goes with labels"),
+        (lambda: fastap.ap_loss(S, R, ignore=R[:, :4]), ValueError, "ignore must have"),
+        (lambda: fastap.ap_loss(S, R, ignore=R.float() - 1), ValueError, "ignore must hold"),
+        (lambda: fastap.ap_loss(S, R, num_bins=1), ValueError, "num_bins must be at least 2"),
+        (lambda: fastap.ap_loss(S, R, num_bins=2.5), TypeError, "num_bins must be an int"),
+        (lambda: fastap.ap_loss(S, R, score_range=(1, 1)), ValueError, "lo < hi"),
+        (lambda: fastap.ap_loss(S, R, score_range=(1, -1)), ValueError, "lo < hi"),
+        (lambda: fastap.ap_loss(S, R, score_range=(0, float("inf"))), ValueError, "finite"),
+        (lambda: fastap.ap_loss(S, R, score_range=1.0), TypeError, "score_range must be a pair"),
+        (
+            lambda: fastap.ap_loss(S, R, exclude_self=True),
+            ValueError,
+            "exclude_self needs a square",
+        ),
+        (lambda: fastap.ap_loss(S, R, exclude_self=1), TypeError, "exclude_self must be a bool"),
+        (lambda: fastap.ap_loss(S, R, query_weights=torch.ones(5)), ValueError, "query_weights"),
+        (lambda: fastap.ap_loss(S, R, query_weights=-torch.ones(4)), ValueError, "non-negative"),
+        (lambda: fastap.ap_loss(S, R, query_weights=torch.ones(4).long()), TypeError, "floating"),
+        (
+            lambda: fastap.ap_loss(S, R, query_weights=torch.tensor([1.0, float("nan"), 1, 1])),
+            ValueError,
+            "finite",
+        ),
+        (lambda: fastap.ap_loss(S, R.to("meta")), ValueError, "relevance is on meta"),
+        (lambda: fastap.ap_loss(S, labels=L4, ref_labels=L5.to("meta")), ValueError, "ref_labels"),
+    ],
+)
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores(device, bad):
+    scores = torch.rand(4, 5, device=device)
+    scores[2, 3] = bad
+    with pytest.raises(ValueError, match=r"NaN or infinity .*query row 2"):
+        fastap.ap_loss(scores, R.to(device))
+    # A non-finite score that is ignored counts nowhere and is accepted.
+    ignore = torch.zeros(4, 5, dtype=torch.bool, device=device)
+    ignore[2, 3] = True
+    scores.requires_grad_()
+    loss = fastap.ap_loss(scores, R.to(device), ignore=ignore)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(scores.grad).all() and scores.grad[2, 3] == 0
+
+
+def test_direct_op_calls_are_checked():
+    with pytest.raises(ValueError, match="exactly one of relevance"):
+        torch.ops.fastap.soft_histogram(S, None, None, None, None, False, 20, -1.0, 1.0)
+    with pytest.raises(TypeError, match="labels must be int64"):
+        torch.ops.fastap.soft_histogram(S, None, L4.int(), L5, None, False, 20, -1.0, 1.0)
+    with pytest.raises(ValueError, match="num_bins must be at least 2"):
+        torch.ops.fastap.soft_histogram(S, R, None, None, None, False, 1, -1.0, 1.0)
+    with pytest.raises(ValueError, match="grad_n must have shape"):
+        torch.ops.fastap.soft_histogram_backward(
+            torch.zeros(4, 3), torch.zeros(4, 20), S, R, None, None, None, False, 20, -1.0, 1.0
+        )
+
+
+def test_ap_loss_module_errors():
+    loss = fastap.APLoss()
+    e = torch.randn(6, 3)
+    labels = torch.arange(6) % 2
+    with pytest.raises(NotImplementedError, match="indices_tuple"):
+        loss(e, labels, indices_tuple=(L4, L4, L4))
+    with pytest.raises(ValueError, match="ref_emb needs ref_labels"):
+        loss(e, labels, ref_emb=torch.randn(3, 3))
+    with pytest.raises(ValueError, match="same dimension"):
+        loss(e, labels, ref_emb=torch.randn(3, 4), ref_labels=torch.arange(3))
+    with pytest.raises(ValueError, match="embeddings must be 2-D"):
+        loss(torch.randn(6), labels)
