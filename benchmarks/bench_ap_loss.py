@@ -1,0 +1,251 @@
+"""Forward+backward time and peak extra memory of the AP loss, fastap against the pure-PyTorch
+reference (the authors' N x Q x M formulation) and, when installed, pytorch-metric-learning's
+FastAPLoss, all measured in the same run.
+
+Two kinds of rows:
+  scores      loss on a given N x N score matrix (labels, exclude_self): fastap.ap_loss vs
+              fastap.reference.ap_loss. The op itself.
+  embeddings  loss on N x D embeddings (D = 128), the way pytorch-metric-learning losses are
+              called: fastap.APLoss vs PML's FastAPLoss (which computes its own distances).
+
+Each number comes from a fresh process. Time: median of --repeats runs after a warm-up (CUDA:
+CUDA events). Peak extra memory, from another process: the peak over one forward+backward (after
+the warm-up) minus what was allocated before it. CPU: the peak resident set, reset through
+/proc/self/clear_refs, with glibc told to map each large allocation on its own; CUDA:
+torch.cuda.max_memory_allocated.
+
+    python benchmarks/bench_ap_loss.py --device cpu --sizes 512 1024 2048 4096
+    python benchmarks/bench_ap_loss.py --device cuda --sizes 1024 4096 8192 16384 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+EMBEDDING_DIM = 128
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _make_case(name: str, n: int, num_bins: int, dtype: torch.dtype, device: str):
+    """Inputs and a function running one forward+backward of case `name`."""
+    import fastap
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    labels = torch.randint(0, max(2, n // 8), (n,), generator=g).to(device)
+    if name in ("fastap", "reference"):
+        scores = (2 * torch.rand(n, n, generator=g) - 1).to(device=device, dtype=dtype)
+        scores.requires_grad_()
+        loss_fn = fastap.ap_loss if name == "fastap" else fastap.reference.ap_loss
+
+        def run():
+            loss = loss_fn(scores, labels=labels, num_bins=num_bins, exclude_self=True)
+            return torch.autograd.grad(loss, scores)[0]
+
+        return run
+    embeddings = torch.randn(n, EMBEDDING_DIM, generator=g).to(device=device, dtype=dtype)
+    embeddings.requires_grad_()
+    if name == "fastap_emb":
+        loss_fn = fastap.APLoss(num_bins=num_bins)
+    else:
+        from pytorch_metric_learning.losses import FastAPLoss
+
+        loss_fn = FastAPLoss(num_bins=num_bins)
+
+    def run():
+        return torch.autograd.grad(loss_fn(embeddings, labels), embeddings)[0]
+
+    return run
+
+
+def _measure(name, n, num_bins, dtype_name, device, repeats, mode, queue):
+    """In a fresh process: mode "time" gives the median and min of `repeats` runs after a warm-up,
+    mode "memory" the peak extra bytes of one run after a warm-up."""
+    try:
+        torch.manual_seed(0)
+        run = _make_case(name, n, num_bins, getattr(torch, dtype_name), device)
+        cuda = device.startswith("cuda")
+        run()  # warm-up: lazy initialisation counts neither as time nor as the op's memory
+        if mode == "memory" and cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run()
+            torch.cuda.synchronize()
+            queue.put({"peak_bytes": torch.cuda.max_memory_allocated() - before})
+            return
+        if mode == "memory":
+            before = _rss_bytes("VmRSS")
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # reset the peak resident set size
+            run()
+            queue.put({"peak_bytes": _rss_bytes("VmHWM") - before})
+            return
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                run()
+                times.append(1e3 * (time.perf_counter() - t0))
+        queue.put({"ms": statistics.median(times), "min_ms": min(times)})
+    except torch.OutOfMemoryError:
+        queue.put({"error": "out of memory"})
+    except Exception as error:  # reported in the table, never hidden
+        queue.put({"error": f"{type(error).__name__}: {error}"[:80]})
+
+
+def _in_child(args, timeout, env):
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        process = context.Process(target=_measure, args=(*args, queue))
+        process.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    try:
+        result = queue.get(timeout=timeout)
+    except Exception:
+        result = {"error": f"no result within {timeout:.0f} s"}
+    process.join(5)
+    if process.is_alive():
+        process.kill()
+    return result
+
+
+def measure(name, n, num_bins, dtype_name, device, repeats, timeout):
+    """Time and peak memory of one case, each from its own fresh process."""
+    common = (name, n, num_bins, dtype_name, device, repeats)
+    timing = _in_child((*common, "time"), timeout, {})
+    if "error" in timing:
+        return timing
+    # For the memory run, every allocation of 64 KiB or more gets its own mapping, returned on
+    # free, so that the resident set follows the live tensors instead of glibc's reused heap.
+    memory = _in_child((*common, "memory"), timeout, {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)})
+    if "error" in memory:
+        return {**timing, "memory_error": memory["error"]}
+    return {**timing, **memory}
+
+
+def have_pml() -> bool:
+    try:
+        import pytorch_metric_learning  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fmt(result) -> str:
+    if "error" in result:
+        return result["error"]
+    memory = result.get("peak_bytes")
+    shown = f"memory: {result['memory_error']}" if memory is None else f"{memory / 2**20:.0f} MB"
+    return f"{result['ms']:.1f} ms, {shown}"
+
+
+def ratio(slow, fast) -> str:
+    if "error" in slow or "error" in fast:
+        return "-"
+    return f"{slow['ms'] / fast['ms']:.0f}x"
+
+
+def environment(device: str) -> dict:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "commit": commit or "unknown",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--num-bins", type=int, default=20)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--reference-repeats", type=int, default=1)
+    parser.add_argument(
+        "--reference-max",
+        type=int,
+        default=4096,
+        help="largest N for the reference and PML (they need O(N*Q*N) memory)",
+    )
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    env = environment(args.device)
+    pml = have_pml()
+    print(
+        f"# {env['date']}, {env['device']}, torch {env['torch']}, commit {env['commit']}, "
+        f"{args.dtype}, Q = {args.num_bins}, fwd+bwd"
+    )
+    header = "| N | fastap.ap_loss | reference.ap_loss | speed-up |"
+    if pml:
+        header += " fastap.APLoss (emb) | PML FastAPLoss (emb) | speed-up |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    rows = []
+    for n in args.sizes:
+        common = (n, args.num_bins, args.dtype, args.device)
+        ours = measure("fastap", *common, args.repeats, args.timeout)
+        small = n <= args.reference_max
+        skipped = {"error": "skipped (--reference-max)"}
+        ref = (
+            measure("reference", *common, args.reference_repeats, args.timeout)
+            if small
+            else skipped
+        )
+        row = {"n": n, "fastap": ours, "reference": ref}
+        line = f"| {n} | {fmt(ours)} | {fmt(ref)} | {ratio(ref, ours)} |"
+        if pml:
+            ours_emb = measure("fastap_emb", *common, args.repeats, args.timeout)
+            theirs = (
+                measure("pml", *common, args.reference_repeats, args.timeout) if small else skipped
+            )
+            row.update({"fastap_emb": ours_emb, "pml": theirs})
+            line += f" {fmt(ours_emb)} | {fmt(theirs)} | {ratio(theirs, ours_emb)} |"
+        print(line, flush=True)
+        rows.append(row)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"env": env, "args": vars(args), "rows": rows}, out, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
