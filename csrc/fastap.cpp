@@ -12,10 +12,12 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(fastap, m) {
   // Per query row i, the soft-binned histograms of its candidates' scores over num_bins bins on
   // [lo, hi]: n[i, k] over all non-ignored candidates, p[i, k] over the positives among them.
-  // Returns (n, p), both N x num_bins, float64 for float64 scores and float32 otherwise.
+  // Returns (n, p, positives): n and p N x num_bins, float64 for float64 scores and float32
+  // otherwise; positives [N] int64, the exact number of non-ignored positives of each query.
   m.def(
       "soft_histogram(Tensor scores, Tensor? relevance, Tensor? labels, Tensor? ref_labels, "
-      "Tensor? ignore, bool exclude_self, int num_bins, float lo, float hi) -> (Tensor, Tensor)");
+      "Tensor? ignore, bool exclude_self, int num_bins, float lo, float hi) "
+      "-> (Tensor, Tensor, Tensor)");
   // dL/dscores (N x M, the dtype of scores) from dL/dn and dL/dp (N x num_bins each).
   m.def(
       "soft_histogram_backward(Tensor grad_n, Tensor grad_p, Tensor scores, Tensor? relevance, "

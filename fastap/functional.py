@@ -20,35 +20,75 @@ DEFAULT_NUM_BINS = 20
 DEFAULT_SCORE_RANGE = (-1.0, 1.0)
 
 
-def ap_from_histograms(n: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """AP_Q of each query from its histograms.
+VARIANTS = ("ap_q", "tie_aware", "tie_aware_simplified")
+TIE_AWARE_EPS = 1e-8  # the epsilon of the tie-aware formula, as in the authors' code
+
+
+def _safe(denominator: torch.Tensor) -> torch.Tensor:
+    """The denominator where it is positive, else 1 (keeps 0/0 terms at 0, gradients finite)."""
+    return torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+
+
+def _ap_quantized(n, p):
+    """AP_Q = sum_k (P_k / N_k) * p_k / Npos, Npos = P_{Q-1} (the soft count of positives)."""
+    cum_n = n.cumsum(-1)
+    cum_p = p.cumsum(-1)
+    # Bins with N_k = 0 also have p_k = 0; dividing by 1 there keeps values and gradients finite.
+    return (cum_p / _safe(cum_n) * p).sum(-1) / _safe(cum_p[:, -1])
+
+
+def _shifted(cumulative):
+    """C_{k-1}: the cumulative sum up to the bin before (0 before bin 0)."""
+    return torch.nn.functional.pad(cumulative[:, :-1], (1, 0))
+
+
+def _ap_tie_aware(n, p, num_positives, simplified: bool):
+    """AP_T of Revaud et al. (tie-aware: a bin's candidates are all tied), exact or simplified,
+    with the hard count of positives as the denominator, as in the authors' code."""
+    cum_n, cum_p = n.cumsum(-1), p.cumsum(-1)
+    prev_n, prev_p = _shifted(cum_n), _shifted(cum_p)
+    if simplified:
+        per_bin = p * (prev_p + cum_p + 1) / (prev_n + cum_n + 1)
+    else:
+        eps = TIE_AWARE_EPS
+        ratio = (p - 1).clamp(min=0) / ((n - 1).clamp(min=0) + eps)
+        spread = (prev_p + 1 - ratio * (prev_n + 1)) * torch.log((cum_n + 1) / (prev_n + 1))
+        per_bin = p * (n * ratio + spread) / (n + eps)
+    return per_bin.sum(-1) / _safe(num_positives)
+
+
+def ap_from_histograms(
+    n: torch.Tensor, p: torch.Tensor, num_positives: torch.Tensor, variant: str = "ap_q"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query AP from the soft histograms.
 
     Args:
         n: [N, Q] soft counts of all (non-ignored) candidates per bin, bin 0 = top of the ranking.
         p: [N, Q] soft counts of the positives per bin.
+        num_positives: [N] exact number of positives of each query (any numeric dtype).
+        variant: "ap_q" (the quantized AP of the paper), "tie_aware" (AP_T) or
+            "tie_aware_simplified" (AP_T's simplified form).
     Returns:
-        (ap [N], has_positive [N] bool). ap = sum_k (P_k / N_k) * p_k / Npos with P, N the
-        cumulative sums over bins; a query without positives gets ap = 0 (and no gradient).
+        (ap [N], has_positive [N] bool). A query without positives gets ap = 0 and no gradient.
     """
-    cum_n = n.cumsum(-1)
-    cum_p = p.cumsum(-1)
-    num_positives = cum_p[:, -1]
-    has_positive = num_positives > 0.5  # a count of positives, exact up to rounding
-    # Bins with N_k = 0 also have p_k = 0; dividing by 1 there keeps values and gradients finite.
-    precision = cum_p / torch.where(cum_n > 0, cum_n, torch.ones_like(cum_n))
-    recall_step = (
-        p / torch.where(has_positive, num_positives, torch.ones_like(num_positives))[:, None]
-    )
-    return (precision * recall_step).sum(-1), has_positive
+    positives = num_positives.to(n.dtype)
+    if variant == "ap_q":
+        ap = _ap_quantized(n, p)
+    elif variant in ("tie_aware", "tie_aware_simplified"):
+        ap = _ap_tie_aware(n, p, positives, simplified=variant == "tie_aware_simplified")
+    else:
+        raise ValueError(f"fastap: variant must be one of {VARIANTS}, got {variant!r}")
+    has_positive = positives > 0
+    return torch.where(has_positive, ap, torch.zeros_like(ap)), has_positive
 
 
 def _histograms(
     scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = check_histogram_args(
         scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range
     )
-    n, p = ops.soft_histogram(
+    n, p, positives = ops.soft_histogram(
         args.scores,
         args.relevance,
         args.labels,
@@ -60,7 +100,28 @@ def _histograms(
         args.hi,
     )
     raise_if_poisoned(n)
-    return n, p
+    return n, p, positives
+
+
+def average_precision_and_validity(
+    scores: torch.Tensor,
+    relevance: torch.Tensor | None = None,
+    *,
+    labels: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    num_bins: int = DEFAULT_NUM_BINS,
+    score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
+    ignore: torch.Tensor | None = None,
+    exclude_self: bool = False,
+    variant: str = "ap_q",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ap [N], has_positive [N] bool): :func:`average_precision` and which queries have one."""
+    if variant not in VARIANTS:
+        raise ValueError(f"fastap: variant must be one of {VARIANTS}, got {variant!r}")
+    n, p, positives = _histograms(
+        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range
+    )
+    return ap_from_histograms(n, p, positives, variant)
 
 
 def average_precision(
@@ -73,6 +134,7 @@ def average_precision(
     score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
     ignore: torch.Tensor | None = None,
     exclude_self: bool = False,
+    variant: str = "ap_q",
 ) -> torch.Tensor:
     """Quantized Average Precision (AP_Q, Revaud et al. 2019) of every query, differentiable.
 
@@ -90,6 +152,8 @@ def average_precision(
         ignore: [N, M] bool (or 0/1): entries that count nowhere (neither as positive nor as
             negative), e.g. junk images.
         exclude_self: ignore the diagonal (in-batch retrieval, the query is also a candidate).
+        variant: "ap_q" (default, the paper's quantized AP), "tie_aware" (AP_T, which treats
+            the candidates in one bin as tied) or "tie_aware_simplified"; see docs/design.md.
     Returns:
         [N] AP_Q per query, float32 (float64 for float64 scores), on the device of scores.
         A query without positives (after ``ignore``/``exclude_self``) has no AP and gets 0 here,
@@ -98,10 +162,17 @@ def average_precision(
         ValueError/TypeError naming the argument for bad input; ValueError when a non-ignored
         score is NaN or infinite (in eager mode; under torch.compile that query's AP is NaN).
     """
-    n, p = _histograms(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range
-    )
-    return ap_from_histograms(n, p)[0]
+    return average_precision_and_validity(
+        scores,
+        relevance,
+        labels=labels,
+        ref_labels=ref_labels,
+        num_bins=num_bins,
+        score_range=score_range,
+        ignore=ignore,
+        exclude_self=exclude_self,
+        variant=variant,
+    )[0]
 
 
 def ap_loss(
@@ -114,6 +185,7 @@ def ap_loss(
     score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
     ignore: torch.Tensor | None = None,
     exclude_self: bool = False,
+    variant: str = "ap_q",
     query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The AP loss: 1 - the weighted mean AP_Q over the queries that have at least one positive.
@@ -125,10 +197,17 @@ def ap_loss(
         A scalar, float32 (float64 for float64 scores). Never NaN: a batch without any query that
         has a positive (or whose weights sum to 0) gives 0, with an all-zero gradient.
     """
-    n, p = _histograms(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range
+    ap, has_positive = average_precision_and_validity(
+        scores,
+        relevance,
+        labels=labels,
+        ref_labels=ref_labels,
+        num_bins=num_bins,
+        score_range=score_range,
+        ignore=ignore,
+        exclude_self=exclude_self,
+        variant=variant,
     )
-    ap, has_positive = ap_from_histograms(n, p)
     weights = has_positive.to(ap.dtype)
     if query_weights is not None:
         weights = weights * check_query_weights(query_weights, scores).to(ap.dtype)

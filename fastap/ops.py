@@ -52,7 +52,11 @@ if _LOAD_ERROR is None:
     ):
         shape = (scores.shape[0], num_bins)
         dtype = histogram_dtype(scores.dtype)
-        return scores.new_empty(shape, dtype=dtype), scores.new_empty(shape, dtype=dtype)
+        return (
+            scores.new_empty(shape, dtype=dtype),
+            scores.new_empty(shape, dtype=dtype),
+            scores.new_empty((scores.shape[0],), dtype=torch.int64),
+        )
 
     @torch.library.register_fake("fastap::soft_histogram_backward")
     def _soft_histogram_backward_fake(
@@ -76,21 +80,23 @@ class SoftHistogram(torch.autograd.Function):
 
     forward(scores [N, M], relevance [N, M] bool/uint8 or None, labels [N] int64 or None,
     ref_labels [M] int64 or None, ignore [N, M] bool/uint8 or None, exclude_self, num_bins, lo, hi)
-    returns (n, p), each [N, num_bins]: n counts every non-ignored candidate, p the positives.
+    returns (n, p, positives): n and p [N, num_bins] soft counts of every non-ignored candidate
+    and of the positives; positives [N] int64, the exact number of positives (not differentiable).
     Arguments are expected to be checked already (see fastap.functional).
     """
 
     @staticmethod
     def forward(ctx, scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi):
-        n, p = torch.ops.fastap.soft_histogram(
+        n, p, positives = torch.ops.fastap.soft_histogram(
             scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi
         )
         ctx.save_for_backward(scores, relevance, labels, ref_labels, ignore)
         ctx.options = (exclude_self, num_bins, lo, hi)
-        return n, p
+        ctx.mark_non_differentiable(positives)
+        return n, p, positives
 
     @staticmethod
-    def backward(ctx, grad_n, grad_p):
+    def backward(ctx, grad_n, grad_p, _grad_positives):
         scores, relevance, labels, ref_labels, ignore = ctx.saved_tensors
         exclude_self, num_bins, lo, hi = ctx.options
         if grad_n is None:
@@ -123,8 +129,9 @@ def soft_histogram(
     num_bins: int,
     lo: float,
     hi: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable (n, p) histograms from the fused kernels (see SoftHistogram)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Differentiable (n, p) histograms and the positive counts, from the fused kernels (see
+    SoftHistogram)."""
     _require_extension()
     _require_device_kernels(scores)
     return SoftHistogram.apply(

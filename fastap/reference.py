@@ -1,4 +1,4 @@
-"""The AP_Q math in plain PyTorch, written the direct way: an N x Q x M tensor of triangular bin
+"""The AP math in plain PyTorch, written the direct way: an N x Q x M tensor of triangular bin
 weights, differentiated by autograd. It is the oracle of the tests and the baseline of the
 benchmarks, never a fallback of the fused ops (it needs O(N * Q * M) memory).
 
@@ -48,30 +48,53 @@ def soft_histogram(
     num_bins: int = 20,
     lo: float = -1.0,
     hi: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, p), each [N, Q]: soft counts of all counted candidates, and of the positives."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, p, positives): [N, Q] soft counts of all counted candidates and of the positives, and
+    [N] the number of counted positives."""
     positive, valid = relevance_and_valid(
         scores, relevance, labels, ref_labels, ignore, exclude_self
     )
     weights = bin_weights(scores, num_bins, lo, hi) * valid[:, None, :]
-    return weights.sum(-1), (weights * positive[:, None, :]).sum(-1)
+    n = weights.sum(-1)
+    p = (weights * positive[:, None, :]).sum(-1)
+    return n, p, (positive * valid).sum(-1).detach()
 
 
-def ap_from_histograms(n: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(AP [N], has_positive [N]): AP_i = sum_k (P_k / N_k) (p_k / Npos); 0 without positives."""
-    precision_at_bin = []
+def ap_from_histograms(
+    n: torch.Tensor, p: torch.Tensor, positives: torch.Tensor, variant: str = "ap_q"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(AP [N], has_positive [N]), written bin by bin from the paper's definitions; 0 without
+    positives.
+
+    ap_q:       AP_i = sum_k (P_k / N_k) (p_k / P_{Q-1})
+    tie_aware:  AP_T of the paper, exact; tie_aware_simplified: its simplified form.
+    """
+    num_bins = n.shape[1]
+    has_positive = positives > 0
+    terms = []
     cum_n = torch.zeros_like(n[:, 0])
     cum_p = torch.zeros_like(p[:, 0])
-    for k in range(n.shape[1]):
+    for k in range(num_bins):
+        prev_n, prev_p = cum_n, cum_p
         cum_n = cum_n + n[:, k]
         cum_p = cum_p + p[:, k]
-        safe_n = torch.where(cum_n > 0, cum_n, torch.ones_like(cum_n))
-        precision_at_bin.append(cum_p / safe_n)
-    num_positives = cum_p
-    has_positive = num_positives > 0.5
-    safe_positives = torch.where(has_positive, num_positives, torch.ones_like(num_positives))
-    ap = (torch.stack(precision_at_bin, -1) * p).sum(-1) / safe_positives
-    return ap, has_positive
+        if variant == "ap_q":
+            safe_n = torch.where(cum_n > 0, cum_n, torch.ones_like(cum_n))
+            terms.append(cum_p / safe_n * p[:, k])
+        elif variant == "tie_aware_simplified":
+            terms.append(p[:, k] * (prev_p + cum_p + 1) / (prev_n + cum_n + 1))
+        elif variant == "tie_aware":
+            eps = 1e-8
+            ratio = torch.relu(p[:, k] - 1) / (torch.relu(n[:, k] - 1) + eps)
+            within = n[:, k] * ratio
+            after = (prev_p + 1 - ratio * (prev_n + 1)) * torch.log((cum_n + 1) / (prev_n + 1))
+            terms.append(p[:, k] * (within + after) / (n[:, k] + eps))
+        else:
+            raise ValueError(f"unknown variant {variant!r}")
+    total = torch.stack(terms, -1).sum(-1)
+    denominator = cum_p if variant == "ap_q" else positives.to(n.dtype)
+    safe = torch.where(has_positive, denominator, torch.ones_like(denominator))
+    return torch.where(has_positive, total / safe, torch.zeros_like(total)), has_positive
 
 
 def average_precision(
@@ -84,12 +107,13 @@ def average_precision(
     score_range: tuple[float, float] = (-1.0, 1.0),
     ignore: torch.Tensor | None = None,
     exclude_self: bool = False,
+    variant: str = "ap_q",
 ) -> torch.Tensor:
-    """Per-query AP_Q, as :func:`fastap.average_precision`."""
-    n, p = soft_histogram(
+    """Per-query AP, as :func:`fastap.average_precision`."""
+    histograms = soft_histogram(
         scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, *score_range
     )
-    return ap_from_histograms(n, p)[0]
+    return ap_from_histograms(*histograms, variant)[0]
 
 
 def ap_loss(
@@ -102,13 +126,14 @@ def ap_loss(
     score_range: tuple[float, float] = (-1.0, 1.0),
     ignore: torch.Tensor | None = None,
     exclude_self: bool = False,
+    variant: str = "ap_q",
     query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1 - weighted mean AP over queries with a positive, as :func:`fastap.ap_loss`."""
-    n, p = soft_histogram(
+    histograms = soft_histogram(
         scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, *score_range
     )
-    ap, has_positive = ap_from_histograms(n, p)
+    ap, has_positive = ap_from_histograms(*histograms, variant)
     weights = has_positive.to(ap.dtype)
     if query_weights is not None:
         weights = weights * query_weights.to(ap.dtype)

@@ -30,7 +30,8 @@ def test_opcheck(device, form, dtype):
     ).to(device)
     args = op_args(problem)
     torch.library.opcheck(torch.ops.fastap.soft_histogram.default, args)
-    n, p = torch.ops.fastap.soft_histogram(*args)
+    n, p, positives = torch.ops.fastap.soft_histogram(*args)
+    assert positives.dtype == torch.int64 and positives.shape == (n.shape[0],)
     grad_n, grad_p = torch.randn_like(n), torch.randn_like(p)
     torch.library.opcheck(torch.ops.fastap.soft_histogram_backward.default, (grad_n, grad_p, *args))
 
@@ -39,8 +40,11 @@ def test_meta_tensors():
     scores = torch.empty(7, 9, device="meta", dtype=torch.bfloat16)
     labels = torch.empty(7, dtype=torch.long, device="meta")
     ref_labels = torch.empty(9, dtype=torch.long, device="meta")
-    n, p = torch.ops.fastap.soft_histogram(scores, None, labels, ref_labels, None, False, 13, -1, 1)
+    n, p, positives = torch.ops.fastap.soft_histogram(
+        scores, None, labels, ref_labels, None, False, 13, -1, 1
+    )
     assert n.shape == p.shape == (7, 13) and n.dtype == torch.float32 and n.device.type == "meta"
+    assert positives.shape == (7,) and positives.dtype == torch.int64
 
 
 @pytest.mark.parametrize("form", ["dense", "labels"])

@@ -143,3 +143,22 @@ def test_empty(device, shape):
     loss = fastap.ap_loss(scores, relevance)
     loss.backward()
     assert loss.item() == 0.0 and scores.grad.shape == shape
+
+
+@pytest.mark.parametrize("form", RELEVANCE_FORMS)
+def test_positive_counts_are_exact(device, form):
+    problem = random_problem(
+        31, 31, relevance_form=form, with_ignore=True, exclude_self=True, seed=6
+    ).to(device)
+    labels = problem.labels
+    ref_labels = problem.ref_labels
+    if labels is not None and ref_labels is None:
+        ref_labels = labels
+    *_, positives = torch.ops.fastap.soft_histogram(
+        problem.scores, problem.relevance, labels, ref_labels, problem.ignore, True, 20, -1.0, 1.0
+    )
+    *_, expected = reference.soft_histogram(
+        problem.scores, problem.relevance, problem.labels, problem.ref_labels, problem.ignore, True
+    )
+    assert positives.dtype == torch.int64
+    assert torch.equal(positives.cpu(), expected.cpu().long())

@@ -25,11 +25,12 @@ int64_t row_grain(int64_t num_candidates) {
 
 // Forward: at::parallel_for over query rows; each row is one sequential pass over its candidates
 // into fp64 accumulators (kLanes sub-histograms x {non-positive, positive} x Q bins), summed in a
-// fixed order at the end of the row. Deterministic
-// and independent of the number of threads. A non-finite score that is not ignored makes the
-// row's histograms NaN.
+// fixed order at the end of the row: deterministic and independent of the number of threads.
+// The row's positives are also counted exactly (an integer). A non-finite score that is not
+// ignored makes the row's histograms NaN.
 template <typename scalar_t, typename hist_t>
-void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out) {
+void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
+                    int64_t* positives_out) {
   using compute_t = at::opmath_type<scalar_t>;
   const int64_t num_candidates = in.num_candidates();
   const int64_t q = in.num_bins;
@@ -45,18 +46,22 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out) {
       const scalar_t* row_scores = scores + i * num_candidates;
       const RowRelevance row = relevance.row(i, num_candidates);
       bool poisoned = false;
+      int64_t positives = 0;
       for (int64_t j = 0; j < num_candidates; ++j) {
         if (row.ignored(j)) continue;
+        const bool positive = row.positive(j);
+        positives += positive ? 1 : 0;
         const compute_t s = static_cast<compute_t>(row_scores[j]);
         if (!is_finite(s)) {
           poisoned = true;
           continue;
         }
         const BinPosition<compute_t> pos = grid.locate(s);
-        double* h = acc.data() + ((j % kLanes) * 2 + (row.positive(j) ? 1 : 0)) * q;
+        double* h = acc.data() + ((j % kLanes) * 2 + (positive ? 1 : 0)) * q;
         h[pos.bin] += static_cast<double>(compute_t(1) - pos.frac);
         h[pos.bin + 1] += static_cast<double>(pos.frac);
       }
+      positives_out[i] = positives;
       hist_t* n_row = n_out + i * q;
       hist_t* p_row = p_out + i * q;
       for (int64_t k = 0; k < q; ++k) {
@@ -109,7 +114,7 @@ void histogram_backward_rows(const HistogramInputs& in, const hist_t* table, sca
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_histogram_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cpu(
     const at::Tensor& scores, const std::optional<at::Tensor>& relevance,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& ref_labels,
     const std::optional<at::Tensor>& ignore, bool exclude_self, int64_t num_bins, double lo,
@@ -119,12 +124,14 @@ std::tuple<at::Tensor, at::Tensor> soft_histogram_cpu(
   const auto options = in.scores.options().dtype(in.histogram_dtype());
   at::Tensor n = at::empty({in.num_queries(), num_bins}, options);
   at::Tensor p = at::empty({in.num_queries(), num_bins}, options);
+  at::Tensor positives = at::empty({in.num_queries()}, options.dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_cpu", [&] {
     using hist_t = histogram_t<scalar_t>;
-    histogram_rows<scalar_t, hist_t>(in, n.data_ptr<hist_t>(), p.data_ptr<hist_t>());
+    histogram_rows<scalar_t, hist_t>(in, n.data_ptr<hist_t>(), p.data_ptr<hist_t>(),
+                                     positives.data_ptr<int64_t>());
   });
-  return {n, p};
+  return {n, p, positives};
 }
 
 at::Tensor soft_histogram_backward_cpu(

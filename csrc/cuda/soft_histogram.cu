@@ -25,16 +25,19 @@ constexpr int64_t kMaxGridY = 65535;
 // candidates, each accumulating a private two-class histogram in shared memory, laid out
 // [class * Q + bin][thread] so that the accumulation has no bank conflicts. At the end of the row,
 // thread k sums bin k over the threads in a fixed order (starting at thread k, which spreads the
-// reads over the banks): no atomics, bitwise deterministic. A non-finite, non-ignored score makes the row's
+// reads over the banks): no float atomics, bitwise deterministic. The row's positives are counted
+// exactly with one integer shared-memory atomic per thread. A non-finite, non-ignored score makes the row's
 // histograms NaN.
 template <typename scalar_t, typename acc_t>
 __global__ void soft_histogram_kernel(const scalar_t* __restrict__ scores, RelevanceArgs relevance,
                                       BinGrid<acc_t> grid, int64_t num_queries,
                                       int64_t num_candidates, acc_t* __restrict__ n_out,
-                                      acc_t* __restrict__ p_out) {
+                                      acc_t* __restrict__ p_out,
+                                      int64_t* __restrict__ positives_out) {
   extern __shared__ __align__(16) unsigned char shared_memory[];
   acc_t* hist = reinterpret_cast<acc_t*>(shared_memory);
   __shared__ int poisoned;
+  __shared__ unsigned long long positives;
   const int num_threads = blockDim.x;
   const int stride = num_threads;
   const int tid = threadIdx.x;
@@ -42,24 +45,32 @@ __global__ void soft_histogram_kernel(const scalar_t* __restrict__ scores, Relev
 
   for (int64_t i = blockIdx.x; i < num_queries; i += gridDim.x) {
     for (int slot = 0; slot < 2 * q; ++slot) hist[slot * stride + tid] = acc_t(0);
-    if (tid == 0) poisoned = 0;
+    if (tid == 0) {
+      poisoned = 0;
+      positives = 0;
+    }
     __syncthreads();
 
     const scalar_t* row_scores = scores + i * num_candidates;
     const RowRelevance row = relevance.row(i, num_candidates);
+    unsigned long long thread_positives = 0;
     for (int64_t j = tid; j < num_candidates; j += num_threads) {
       if (row.ignored(j)) continue;
+      const bool positive = row.positive(j);
+      thread_positives += positive ? 1 : 0;
       const acc_t s = static_cast<acc_t>(row_scores[j]);
       if (!is_finite(s)) {
         poisoned = 1;
         continue;
       }
       const BinPosition<acc_t> pos = grid.locate(s);
-      acc_t* h = hist + (row.positive(j) ? q : 0) * stride + tid;
+      acc_t* h = hist + (positive ? q : 0) * stride + tid;
       h[pos.bin * stride] += acc_t(1) - pos.frac;
       h[(pos.bin + 1) * stride] += pos.frac;
     }
+    if (thread_positives != 0) atomicAdd(&positives, thread_positives);  // integer: exact
     __syncthreads();
+    if (tid == 0) positives_out[i] = static_cast<int64_t>(positives);
 
     for (int k = tid; k < q; k += num_threads) {
       acc_t by_class[2] = {acc_t(0), acc_t(0)};
@@ -130,7 +141,7 @@ int forward_threads(int64_t num_bins, size_t* shared_bytes) {
   return threads;
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_histogram_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
     const at::Tensor& scores, const std::optional<at::Tensor>& relevance,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& ref_labels,
     const std::optional<at::Tensor>& ignore, bool exclude_self, int64_t num_bins, double lo,
@@ -141,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor> soft_histogram_cuda(
   const auto options = in.scores.options().dtype(in.histogram_dtype());
   at::Tensor n = at::empty({in.num_queries(), num_bins}, options);
   at::Tensor p = at::empty({in.num_queries(), num_bins}, options);
-  if (in.num_queries() == 0) return {n, p};
+  at::Tensor positives = at::empty({in.num_queries()}, options.dtype(at::kLong));
+  if (in.num_queries() == 0) return {n, p, positives};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_cuda", [&] {
@@ -155,10 +167,10 @@ std::tuple<at::Tensor, at::Tensor> soft_histogram_cuda(
     kernel<<<static_cast<unsigned>(blocks), threads, shared_bytes, stream>>>(
         in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
         BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(),
-        n.data_ptr<acc_t>(), p.data_ptr<acc_t>());
+        n.data_ptr<acc_t>(), p.data_ptr<acc_t>(), positives.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {n, p};
+  return {n, p, positives};
 }
 
 at::Tensor soft_histogram_backward_cuda(
