@@ -6,7 +6,8 @@ Two kinds of rows:
   scores      loss on a given N x N score matrix (labels, exclude_self): fastap.ap_loss vs
               fastap.reference.ap_loss. The op itself.
   embeddings  loss on N x D embeddings (D = 128), the way pytorch-metric-learning losses are
-              called: fastap.APLoss vs PML's FastAPLoss (which computes its own distances).
+              called: fastap.FastAPLoss vs PML's FastAPLoss, same num_bins (both compute the
+              distances themselves).
 
 Each number comes from a fresh process. Time: median of --repeats runs after a warm-up (CUDA:
 CUDA events). Peak extra memory, from another process: the peak over one forward+backward (after
@@ -61,7 +62,7 @@ def _make_case(name: str, n: int, num_bins: int, dtype: torch.dtype, device: str
     embeddings = torch.randn(n, EMBEDDING_DIM, generator=g).to(device=device, dtype=dtype)
     embeddings.requires_grad_()
     if name == "fastap_emb":
-        loss_fn = fastap.APLoss(num_bins=num_bins)
+        loss_fn = fastap.FastAPLoss(num_bins=num_bins)
     else:
         from pytorch_metric_learning.losses import FastAPLoss
 
@@ -217,7 +218,7 @@ def main() -> None:
     )
     header = "| N | fastap.ap_loss | reference.ap_loss | speed-up |"
     if pml:
-        header += " fastap.APLoss (emb) | PML FastAPLoss (emb) | speed-up |"
+        header += " fastap.FastAPLoss (emb) | PML FastAPLoss (emb) | speed-up |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     rows = []

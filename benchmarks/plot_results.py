@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 SERIES = [
     ("fastap", "fastap.ap_loss (scores)", "C0", "-"),
     ("reference", "reference.ap_loss (scores, N x Q x M)", "C1", "-"),
-    ("fastap_emb", "fastap.APLoss (embeddings)", "C0", "--"),
+    ("fastap_emb", "fastap.FastAPLoss (embeddings)", "C0", "--"),
     ("pml", "PML FastAPLoss (embeddings)", "C3", "--"),
 ]
 

@@ -4,13 +4,23 @@ Public API:
     average_precision(scores, relevance=None, *, labels, ref_labels, num_bins, score_range,
                       ignore, exclude_self) -> [N] AP_Q per query
     ap_loss(<same>, query_weights=None) -> scalar 1 - weighted mAP_Q
-    APLoss(num_bins=20, score_range=(-1, 1)): nn.Module on embeddings, called like PML losses
+    APLoss(num_bins=20, score_range=(-1, 1), variant="ap_q"): nn.Module on embeddings, called
+        like pytorch-metric-learning losses; FastAPLoss(num_bins=10): FastAP, likewise
+    fastap.compat: APLoss / TAPLoss with the authors' call signature
     fastap.reference: the same math in plain PyTorch (oracle and baseline)
 """
 
-from fastap import reference
-from fastap.functional import ap_loss, average_precision
-from fastap.losses import APLoss
+from fastap import compat, reference
+from fastap.functional import VARIANTS, ap_loss, average_precision
+from fastap.losses import APLoss, FastAPLoss
 
-__all__ = ["APLoss", "ap_loss", "average_precision", "reference"]
+__all__ = [
+    "VARIANTS",
+    "APLoss",
+    "FastAPLoss",
+    "ap_loss",
+    "average_precision",
+    "compat",
+    "reference",
+]
 __version__ = "0.1.0"

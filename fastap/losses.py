@@ -1,35 +1,66 @@
-"""nn.Module front ends of the AP loss."""
+"""nn.Module front ends called the way pytorch-metric-learning losses are called:
+``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from fastap.functional import DEFAULT_NUM_BINS, DEFAULT_SCORE_RANGE, ap_loss
+from fastap.functional import (
+    DEFAULT_NUM_BINS,
+    DEFAULT_SCORE_RANGE,
+    VARIANTS,
+    average_precision_and_validity,
+)
 
 
-class APLoss(torch.nn.Module):
-    """The listwise AP_Q loss on embeddings, called like a pytorch-metric-learning loss.
+def miner_weights(indices_tuple, num_queries: int, using_ref: bool, device) -> torch.Tensor:
+    """Per-query weights from a miner's output, as pytorch-metric-learning computes them: each
+    query's number of appearances in the tuples (only as anchor when a reference set is used),
+    divided by the largest such number. No tuple (or only empty ones): all ones.
 
-    ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``
-
-    Scores are cosine similarities of the L2-normalised embeddings. Without ``ref_emb`` the batch
-    is its own database: each embedding is a query ranked against all the others (its
-    self-match is excluded). With ``ref_emb`` [M, D] and ``ref_labels`` [M], every embedding is a
-    query ranked against the reference set.
-
-    Args:
-        num_bins: Q >= 2 (default 20).
-        score_range: (lo, hi) of the bins (default (-1, 1), the range of cosine similarity).
+    indices_tuple: (anchors, positives, negatives) or (anchors1, positives, anchors2, negatives),
+    1-D integer tensors of batch indices.
     """
+    if indices_tuple is None:
+        return torch.ones(num_queries, device=device)
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError(
+            "fastap: indices_tuple must be (anchors, positives, negatives) or "
+            "(anchors1, positives, anchors2, negatives)"
+        )
+    for t in indices_tuple:
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point():
+            raise TypeError("fastap: indices_tuple must hold 1-D integer tensors")
+    if all(t.numel() == 0 for t in indices_tuple):
+        return torch.ones(num_queries, device=device)
+    if using_ref:
+        anchors = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[::2]
+        indices = torch.cat([t.to(device) for t in anchors])
+    else:
+        indices = torch.cat([t.to(device) for t in indices_tuple])
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_queries):
+        raise ValueError(f"fastap: indices_tuple holds indices outside [0, {num_queries})")
+    counts = torch.bincount(indices.long(), minlength=num_queries).float()
+    return counts / counts.max().clamp_min(1)
 
-    def __init__(self, num_bins: int = DEFAULT_NUM_BINS, score_range=DEFAULT_SCORE_RANGE):
-        super().__init__()
-        self.num_bins = num_bins
-        self.score_range = tuple(score_range)
 
-    def extra_repr(self) -> str:
-        return f"num_bins={self.num_bins}, score_range={self.score_range}"
+def _check_embeddings(t, name: str, owner: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{owner}: {name} must be 2-D (batch x dim), got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{owner}: {name} must be floating point, got {t.dtype}")
+
+
+class _EmbeddingAPLoss(torch.nn.Module):
+    """Shared call logic: embeddings -> cosine scores -> per-query AP -> PML-style reduction:
+    the mean of w_i (1 - AP_i) over the queries that have a positive, w from indices_tuple."""
+
+    num_bins: int
+    score_range: tuple[float, float]
+    variant: str
 
     def forward(
         self,
@@ -39,43 +70,97 @@ class APLoss(torch.nn.Module):
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if indices_tuple is not None:
-            raise NotImplementedError("fastap.APLoss: indices_tuple is not supported yet")
-        _check_embeddings(embeddings, "embeddings")
-        queries = F.normalize(embeddings, dim=1)
+        owner = f"fastap.{type(self).__name__}"
+        _check_embeddings(embeddings, "embeddings", owner)
         if ref_emb is None:
             if ref_labels is not None:
-                raise ValueError("fastap.APLoss: ref_labels was given without ref_emb")
-            scores = queries @ queries.T
-            return ap_loss(
-                scores,
-                labels=labels,
-                num_bins=self.num_bins,
-                score_range=self.score_range,
-                exclude_self=True,
-            )
-        _check_embeddings(ref_emb, "ref_emb")
-        if ref_labels is None:
-            raise ValueError("fastap.APLoss: ref_emb needs ref_labels (one label per row)")
-        if ref_emb.shape[1] != embeddings.shape[1]:
-            raise ValueError(
-                "fastap.APLoss: embeddings and ref_emb must have the same dimension, got "
-                f"{embeddings.shape[1]} and {ref_emb.shape[1]}"
-            )
-        scores = queries @ F.normalize(ref_emb, dim=1).T
-        return ap_loss(
-            scores,
+                raise ValueError(f"{owner}: ref_labels was given without ref_emb")
+            database, database_labels = embeddings, None
+        else:
+            _check_embeddings(ref_emb, "ref_emb", owner)
+            if ref_labels is None:
+                raise ValueError(f"{owner}: ref_emb needs ref_labels (one label per row)")
+            if ref_emb.shape[1] != embeddings.shape[1]:
+                raise ValueError(
+                    f"{owner}: embeddings and ref_emb must have the same dimension, got "
+                    f"{embeddings.shape[1]} and {ref_emb.shape[1]}"
+                )
+            database, database_labels = ref_emb, ref_labels
+        cosine = F.normalize(embeddings, dim=1) @ F.normalize(database, dim=1).T
+        ap, has_positive = average_precision_and_validity(
+            cosine,
             labels=labels,
-            ref_labels=ref_labels,
+            ref_labels=database_labels,
             num_bins=self.num_bins,
             score_range=self.score_range,
+            exclude_self=ref_emb is None,
+            variant=self.variant,
         )
+        weights = miner_weights(indices_tuple, ap.shape[0], ref_emb is not None, ap.device)
+        valid = has_positive.to(ap.dtype)
+        count = valid.sum()
+        total = (valid * weights.to(ap.dtype) * (1 - ap)).sum()
+        return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
-def _check_embeddings(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"fastap.APLoss: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"fastap.APLoss: {name} must be 2-D (batch x dim), got {list(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"fastap.APLoss: {name} must be floating point, got {t.dtype}")
+class APLoss(_EmbeddingAPLoss):
+    """The listwise AP loss on embeddings (Revaud et al. 2019), pytorch-metric-learning style.
+
+    ``loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``
+
+    Scores are cosine similarities of the L2-normalised embeddings. Without ``ref_emb`` the batch
+    is its own database: each embedding is a query ranked against all the others (its self-match
+    excluded). With ``ref_emb`` [M, D] and ``ref_labels`` [M] each embedding is a query ranked
+    against that reference set. ``indices_tuple`` (a miner's pairs or triplets) weights the
+    queries as pytorch-metric-learning does. The loss is the mean of w_i (1 - AP_i) over the
+    queries that have a positive (w_i = 1 without a miner), 0 if there is none.
+
+    Args:
+        num_bins: Q >= 2 (default 20).
+        score_range: (lo, hi) of the bins (default (-1, 1), the range of cosine similarity).
+        variant: "ap_q" (default), "tie_aware" or "tie_aware_simplified".
+    """
+
+    def __init__(
+        self,
+        num_bins: int = DEFAULT_NUM_BINS,
+        score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
+        variant: str = "ap_q",
+    ):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"fastap.APLoss: variant must be one of {VARIANTS}, got {variant!r}")
+        self.num_bins = num_bins
+        self.score_range = tuple(score_range)
+        self.variant = variant
+
+    def extra_repr(self) -> str:
+        return f"num_bins={self.num_bins}, score_range={self.score_range}, variant={self.variant!r}"
+
+
+class FastAPLoss(_EmbeddingAPLoss):
+    """FastAP (Cakir et al., CVPR 2019) with pytorch-metric-learning's semantics and call.
+
+    Squared Euclidean distances d of the L2-normalised embeddings, in [0, 4], are binned into
+    ``num_bins + 1`` triangular bins centred at 4 l / num_bins (smaller distance = higher rank);
+    self-pairs are excluded and queries without positives dropped. Since d = 2 - 2 cos is an
+    affine function of the cosine similarity, and triangular binning commutes with affine maps,
+    this is exactly AP_Q on cosine scores over (-1, 1) with num_bins + 1 bins: it runs on the same
+    fused kernels without forming the distance matrix. Unlike pytorch-metric-learning's
+    FastAPLoss, ``ref_emb``/``ref_labels`` are supported.
+
+    Args:
+        num_bins: number of bin intervals (default 10, as in pytorch-metric-learning).
+    """
+
+    def __init__(self, num_bins: int = 10):
+        super().__init__()
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+            raise ValueError(f"fastap.FastAPLoss: num_bins must be an int >= 1, got {num_bins!r}")
+        self.fast_ap_bins = num_bins
+        self.num_bins = num_bins + 1
+        self.score_range = (-1.0, 1.0)
+        self.variant = "ap_q"
+
+    def extra_repr(self) -> str:
+        return f"num_bins={self.fast_ap_bins}"

@@ -92,11 +92,23 @@ def test_ap_loss_module_errors():
     loss = fastap.APLoss()
     e = torch.randn(6, 3)
     labels = torch.arange(6) % 2
-    with pytest.raises(NotImplementedError, match="indices_tuple"):
-        loss(e, labels, indices_tuple=(L4, L4, L4))
+    with pytest.raises(ValueError, match="indices_tuple must be"):
+        loss(e, labels, indices_tuple=(L4, L4))
+    with pytest.raises(TypeError, match="1-D integer tensors"):
+        loss(e, labels, indices_tuple=(L4.float(), L4, L4))
+    with pytest.raises(ValueError, match="outside"):
+        loss(e, labels, indices_tuple=(L4 + 5, L4, L4))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        fastap.APLoss(variant="fast")
+    with pytest.raises(ValueError, match="num_bins must be an int >= 1"):
+        fastap.FastAPLoss(num_bins=0)
+    with pytest.raises(ValueError, match="ret must be"):
+        fastap.compat.APLoss()(torch.rand(3, 4), torch.rand(3, 4) > 0.5, ret="mAP")
     with pytest.raises(ValueError, match="ref_emb needs ref_labels"):
         loss(e, labels, ref_emb=torch.randn(3, 3))
     with pytest.raises(ValueError, match="same dimension"):
         loss(e, labels, ref_emb=torch.randn(3, 4), ref_labels=torch.arange(3))
+    with pytest.raises(ValueError, match="ref_labels was given without ref_emb"):
+        loss(e, labels, ref_labels=labels)
     with pytest.raises(ValueError, match="embeddings must be 2-D"):
         loss(torch.randn(6), labels)

@@ -1,0 +1,69 @@
+"""Drop-in replacements with the call signature of the authors' loss modules (Revaud et al.,
+"Learning with Average Precision", ICCV 2019, dirtorch's ``APLoss`` and ``TAPLoss``):
+
+    loss = APLoss(nq=25, min=0, max=1)(x, label, qw=None, ret='1-mAP')
+
+``x`` [N, M] scores, ``label`` [N, M] 0/1 relevance. Same defaults and the same values wherever
+theirs is defined; they run on fastap's fused kernels instead of N x Q x M tensors. Where theirs
+gives NaN (a query without positives) these give a finite answer: such a query has AP 0 with
+``ret='AP'`` and is left out of the mean with ``ret='1-mAP'``. With query weights ``qw`` the loss
+is, as theirs, ``1 - mean(qw * AP)`` (over the queries with a positive).
+
+They live here because ``fastap.APLoss`` is the pytorch-metric-learning-style module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastap._validation import check_query_weights
+from fastap.functional import average_precision_and_validity
+
+
+class APLoss(torch.nn.Module):
+    """Quantized AP loss with the authors' signature: ``nq`` bins over ``[min, max]``."""
+
+    variant = "ap_q"
+
+    def __init__(self, nq: int = 25, min: float = 0, max: float = 1):
+        super().__init__()
+        self.nq = nq
+        self.min = min
+        self.max = max
+
+    def extra_repr(self) -> str:
+        return f"nq={self.nq}, min={self.min}, max={self.max}"
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor, qw=None, ret: str = "1-mAP"):
+        if ret not in ("1-mAP", "AP"):
+            raise ValueError(f"fastap.compat: ret must be '1-mAP' or 'AP', got {ret!r}")
+        if ret == "AP" and qw is not None:
+            raise ValueError("fastap.compat: qw (query weights) only applies to ret='1-mAP'")
+        ap, has_positive = average_precision_and_validity(
+            x,
+            label,
+            num_bins=self.nq,
+            score_range=(self.min, self.max),
+            variant=self.variant,
+        )
+        if ret == "AP":
+            return ap
+        if qw is not None:
+            ap = ap * check_query_weights(qw, x).to(ap.dtype)
+        valid = has_positive.to(ap.dtype)
+        count = valid.sum()
+        mean_ap = (valid * ap).sum() / count.clamp_min(1)
+        return torch.where(count > 0, 1 - mean_ap, torch.zeros_like(mean_ap))
+
+
+class TAPLoss(APLoss):
+    """Tie-aware AP loss with the authors' signature (``simplified`` picks their simplified
+    formula)."""
+
+    def __init__(self, nq: int = 25, min: float = 0, max: float = 1, simplified: bool = False):
+        super().__init__(nq=nq, min=min, max=max)
+        self.simplified = simplified
+        self.variant = "tie_aware_simplified" if simplified else "tie_aware"
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, simplified={self.simplified}"

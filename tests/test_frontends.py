@@ -1,0 +1,160 @@
+"""Drop-in front ends: the authors' signature (fastap.compat), pytorch-metric-learning's
+(fastap.APLoss, fastap.FastAPLoss), miner weights, and autocast."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastap
+from fastap import reference
+from fastap.losses import miner_weights
+from fastap.testing import random_problem
+
+
+def authors_style_problem(seed=0, n=9, m=40):
+    """Scores in the authors' default range [0, 1] (a little beyond it too) and 0/1 labels."""
+    problem = random_problem(
+        n, m, num_bins=25, score_range=(0.0, 1.0), relevance_form="dense", seed=seed
+    )
+    problem.relevance[:, 0] = True  # every query has a positive: their loss is defined
+    return problem.scores, problem.relevance.float()
+
+
+@pytest.mark.parametrize(
+    "module,variant",
+    [
+        (fastap.compat.APLoss(), "ap_q"),
+        (fastap.compat.TAPLoss(), "tie_aware"),
+        (fastap.compat.TAPLoss(simplified=True), "tie_aware_simplified"),
+    ],
+)
+def test_compat_matches_their_definition(device, module, variant):
+    x, label = authors_style_problem()
+    qw = torch.rand(x.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected_ap = reference.average_precision(
+        x, label, num_bins=25, score_range=(0.0, 1.0), variant=variant
+    )
+    ap = module(x.to(device), label.to(device), ret="AP")
+    torch.testing.assert_close(ap.cpu(), expected_ap, rtol=0, atol=1e-12)
+    # Theirs: 1 - mean(AP), and with query weights 1 - mean(qw * AP).
+    loss = module(x.to(device), label.to(device))
+    torch.testing.assert_close(loss.cpu(), 1 - expected_ap.mean(), rtol=0, atol=1e-12)
+    weighted = module(x.to(device), label.to(device), qw=qw.to(device))
+    torch.testing.assert_close(weighted.cpu(), 1 - (qw * expected_ap).mean(), rtol=0, atol=1e-12)
+
+
+def test_compat_defaults_and_nan_free_query():
+    module = fastap.compat.TAPLoss()
+    assert (module.nq, module.min, module.max, module.simplified) == (25, 0, 1, False)
+    x, label = authors_style_problem(n=4)
+    label[2] = 0  # no positive: the authors' loss is NaN here
+    x.requires_grad_()
+    ap = module(x, label, ret="AP")
+    assert ap[2] == 0 and torch.isfinite(ap).all()
+    loss = fastap.compat.APLoss()(x, label)
+    keep = torch.tensor([0, 1, 3])
+    expected = reference.average_precision(x.detach(), label, num_bins=25, score_range=(0.0, 1.0))
+    torch.testing.assert_close(loss.detach(), 1 - expected[keep].mean(), rtol=0, atol=1e-12)
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad[2].eq(0).all()
+
+
+def test_fastap_equals_ap_q_on_negated_squared_distances():
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (40,), generator=g)
+    loss = fastap.FastAPLoss(num_bins=10)(embeddings, labels)
+    unit = F.normalize(embeddings, dim=1)
+    negated_distance = -(torch.cdist(unit, unit) ** 2)
+    expected = reference.ap_loss(
+        negated_distance, labels=labels, num_bins=11, score_range=(-4.0, 0.0), exclude_self=True
+    )
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_bins", [5, 10, 30])
+@pytest.mark.parametrize("with_miner", [False, True])
+def test_fastap_parity_with_pytorch_metric_learning(num_bins, with_miner):
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+    g = torch.Generator().manual_seed(num_bins)
+    embeddings = torch.randn(96, 16, generator=g)
+    labels = torch.randint(0, 12, (96,), generator=g)
+    indices_tuple = None
+    if with_miner:
+        indices_tuple = pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")(
+            embeddings, labels
+        )
+        assert indices_tuple[0].numel() > 0
+    ours_in = embeddings.clone().requires_grad_()
+    theirs_in = embeddings.clone().requires_grad_()
+    ours = fastap.FastAPLoss(num_bins=num_bins)(ours_in, labels, indices_tuple)
+    theirs = pml_losses.FastAPLoss(num_bins=num_bins)(theirs_in, labels, indices_tuple)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_miner_weights_follow_pytorch_metric_learning():
+    a, p, n = torch.tensor([0, 0, 1]), torch.tensor([2, 3, 2]), torch.tensor([4, 4, 5])
+    # Appearances: 0:2, 1:1, 2:2, 3:1, 4:2, 5:1, 6:0 -> divided by the largest (2).
+    weights = miner_weights((a, p, n), 7, using_ref=False, device="cpu")
+    assert weights.tolist() == [1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 0.0]
+    # With a reference set only anchors count; pairs (a1, p, a2, n) use a1 and a2.
+    pairs = (torch.tensor([0, 1]), torch.tensor([5, 5]), torch.tensor([1]), torch.tensor([6]))
+    assert miner_weights(pairs, 3, using_ref=True, device="cpu").tolist() == [0.5, 1.0, 0.0]
+    assert miner_weights(None, 3, False, "cpu").tolist() == [1.0, 1.0, 1.0]
+    empty = (torch.tensor([], dtype=torch.long),) * 3
+    assert miner_weights(empty, 2, False, "cpu").tolist() == [1.0, 1.0]
+
+
+def test_aploss_with_miner_and_reference_set(device):
+    g = torch.Generator().manual_seed(3)
+    queries = torch.randn(12, 6, generator=g, dtype=torch.float64).to(device)
+    database = torch.randn(30, 6, generator=g, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 3, (12,), generator=g).to(device)
+    ref_labels = torch.randint(0, 3, (30,), generator=g).to(device)
+    triplets = (torch.tensor([0, 0, 5]), torch.tensor([1, 2, 3]), torch.tensor([7, 8, 9]))
+    loss = fastap.APLoss(variant="tie_aware")(queries, labels, triplets, database, ref_labels)
+    scores = F.normalize(queries, dim=1) @ F.normalize(database, dim=1).T
+    ap = reference.average_precision(
+        scores.cpu(), labels=labels.cpu(), ref_labels=ref_labels.cpu(), variant="tie_aware"
+    )
+    weights = torch.zeros(12, dtype=torch.float64)
+    weights[0], weights[5] = 1.0, 0.5  # anchors only: 0 twice, 5 once
+    valid = (labels.cpu()[:, None] == ref_labels.cpu()[None]).any(1)
+    expected = (weights * (1 - ap))[valid].mean()
+    torch.testing.assert_close(loss.cpu(), expected, rtol=0, atol=1e-12)
+
+
+def test_autocast_cpu_bfloat16():
+    """Under autocast the cosine scores come out in bf16; the histograms accumulate in fp32 and
+    the loss is fp32, close to the fp32 loss."""
+    g = torch.Generator().manual_seed(4)
+    embeddings = torch.randn(64, 32, generator=g, requires_grad=True)
+    labels = torch.randint(0, 6, (64,), generator=g)
+    for loss_fn in (fastap.APLoss(), fastap.FastAPLoss(), fastap.APLoss(variant="tie_aware")):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(embeddings, labels)
+        assert loss.dtype == torch.float32
+        (grad,) = torch.autograd.grad(loss, embeddings)
+        exact = loss_fn(embeddings, labels)
+        (exact_grad,) = torch.autograd.grad(exact, embeddings)
+        assert abs(loss.item() - exact.item()) < 0.02
+        assert torch.isfinite(grad).all()
+        assert F.cosine_similarity(grad.flatten(), exact_grad.flatten(), dim=0) > 0.9
+
+
+@pytest.mark.cuda
+def test_autocast_cuda():
+    embeddings = torch.randn(64, 32, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 6, (64,), device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype):
+            loss = fastap.APLoss()(embeddings, labels)
+        assert loss.dtype == torch.float32
+        (grad,) = torch.autograd.grad(loss, embeddings)
+        assert torch.isfinite(grad).all()
+        exact = fastap.APLoss()(embeddings, labels)
+        assert abs(loss.item() - exact.item()) < 0.02
