@@ -70,6 +70,10 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.5", "numpy"],
-    extras_require={"test": ["pytest", "hypothesis", "ruff", "ninja"]},
+    # pytorch-metric-learning: the FastAPLoss parity tests (skipped where it is not installed)
+    extras_require={
+        "test": ["pytest", "hypothesis", "ruff", "ninja", "pytorch-metric-learning"],
+        "bench": ["matplotlib", "pytorch-metric-learning"],
+    },
     zip_safe=False,
 )
