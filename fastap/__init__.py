@@ -8,9 +8,11 @@ Public API:
         like pytorch-metric-learning losses; FastAPLoss(num_bins=10): FastAP, likewise
     fastap.compat: APLoss / TAPLoss with the authors' call signature
     fastap.reference: the same math in plain PyTorch (oracle and baseline)
+    fastap.train.multistage_backward: batches larger than fit through the model at once
+    fastap.distributed.DistributedAPLoss, fastap.memory.CrossBatchMemory: larger databases
 """
 
-from fastap import compat, reference
+from fastap import compat, distributed, memory, reference, train
 from fastap.functional import VARIANTS, ap_loss, average_precision
 from fastap.losses import APLoss, FastAPLoss
 
@@ -21,6 +23,9 @@ __all__ = [
     "ap_loss",
     "average_precision",
     "compat",
+    "distributed",
+    "memory",
     "reference",
+    "train",
 ]
 __version__ = "0.1.0"

@@ -86,21 +86,47 @@ class _EmbeddingAPLoss(torch.nn.Module):
                     f"{embeddings.shape[1]} and {ref_emb.shape[1]}"
                 )
             database, database_labels = ref_emb, ref_labels
-        cosine = F.normalize(embeddings, dim=1) @ F.normalize(database, dim=1).T
+        weights = miner_weights(
+            indices_tuple, embeddings.shape[0], ref_emb is not None, embeddings.device
+        )
+        per_query, valid = self.per_query_loss(
+            embeddings, database, labels, database_labels, exclude_self=ref_emb is None
+        )
+        return mean_over_valid(per_query * weights.to(per_query), valid)
+
+    def per_query_loss(
+        self,
+        queries: torch.Tensor,
+        database: torch.Tensor,
+        labels: torch.Tensor,
+        ref_labels: torch.Tensor | None,
+        *,
+        exclude_self: bool = False,
+        ignore: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 - AP_i [N], has_positive [N]) of the queries ranked against the database by cosine
+        similarity: the building block that the distributed and cross-batch-memory helpers share.
+        """
+        cosine = F.normalize(queries, dim=1) @ F.normalize(database, dim=1).T
         ap, has_positive = average_precision_and_validity(
             cosine,
             labels=labels,
-            ref_labels=database_labels,
+            ref_labels=ref_labels,
             num_bins=self.num_bins,
             score_range=self.score_range,
-            exclude_self=ref_emb is None,
+            ignore=ignore,
+            exclude_self=exclude_self,
             variant=self.variant,
         )
-        weights = miner_weights(indices_tuple, ap.shape[0], ref_emb is not None, ap.device)
-        valid = has_positive.to(ap.dtype)
-        count = valid.sum()
-        total = (valid * weights.to(ap.dtype) * (1 - ap)).sum()
-        return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+        return 1 - ap, has_positive
+
+
+def mean_over_valid(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over the entries where `valid`; 0 (with a zero gradient) if none."""
+    mask = valid.to(values.dtype)
+    count = mask.sum()
+    total = (mask * values).sum()
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
 class APLoss(_EmbeddingAPLoss):

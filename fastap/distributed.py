@@ -1,0 +1,90 @@
+"""Distributed training: rank each process's queries against the descriptors of every process.
+
+Uses torch.distributed's own collectives (NCCL on GPUs, gloo on CPU) through the autograd-aware
+``torch.distributed.nn.functional.all_gather``: the gradient of every gathered descriptor flows
+back to the process that owns it, summed over the processes whose losses used it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather as _all_gather_with_grad
+
+from fastap.losses import APLoss, _EmbeddingAPLoss
+
+
+def gather_embeddings(
+    embeddings: torch.Tensor, labels: torch.Tensor, group=None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All processes' embeddings and labels, in rank order, with gradients to their owners.
+
+    Args:
+        embeddings: [B_r, D] this process's embeddings (B_r may differ between processes).
+        labels: [B_r] integer labels.
+    Returns:
+        (all_embeddings [sum B_r, D], all_labels [sum B_r], offset): ``offset`` is where this
+        process's rows start in the gathered tensors.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("fastap: torch.distributed is not initialised (init_process_group)")
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    size = torch.tensor([embeddings.shape[0]], device=embeddings.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    largest = max(sizes)
+    pad = largest - embeddings.shape[0]
+    # Collectives need equal shapes: pad to the largest batch, then drop the padding.
+    padded = F.pad(embeddings, (0, 0, 0, pad))
+    padded_labels = F.pad(labels, (0, pad))
+    gathered = _all_gather_with_grad(padded, group=group)
+    gathered_labels = [torch.empty_like(padded_labels) for _ in range(world)]
+    dist.all_gather(gathered_labels, padded_labels.contiguous(), group=group)
+    all_embeddings = torch.cat([g[:s] for g, s in zip(gathered, sizes)])
+    all_labels = torch.cat([g[:s] for g, s in zip(gathered_labels, sizes)])
+    return all_embeddings, all_labels, sum(sizes[:rank])
+
+
+class DistributedAPLoss(torch.nn.Module):
+    """A fastap embedding loss over the global batch, computed where the data are.
+
+    Each process ranks its own B_r embeddings (queries) against the embeddings of all processes
+    (each query's own entry excluded) with ``loss`` (default ``fastap.APLoss()``; any of
+    ``fastap.APLoss``/``fastap.FastAPLoss`` with their settings) and returns its share of the
+    global loss: the sum over its queries with a positive of (1 - AP_i), divided by the number of
+    such queries in the whole global batch. The shares add up to the single-process loss of the
+    global batch, ``loss(all_embeddings, all_labels)``, and after backward the gradient of each
+    embedding is that of the global loss (all_gather's backward sums it over processes).
+    DistributedDataParallel averages parameter gradients over processes, i.e. divides that
+    gradient by the world size: multiply the loss by ``dist.get_world_size()`` (or the learning
+    rate) to undo that.
+
+    Memory per process: a B_r x sum(B_r) score matrix, and a bool mask of that size marking each
+    query's own column.
+    """
+
+    def __init__(self, loss: _EmbeddingAPLoss | None = None, group=None):
+        super().__init__()
+        self.loss = APLoss() if loss is None else loss
+        if not isinstance(self.loss, _EmbeddingAPLoss):
+            raise TypeError("fastap: loss must be a fastap embedding loss (APLoss, FastAPLoss)")
+        self.group = group
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        all_embeddings, all_labels, offset = gather_embeddings(embeddings, labels, self.group)
+        own = torch.arange(embeddings.shape[0], device=embeddings.device)
+        ignore = torch.zeros(
+            embeddings.shape[0], all_embeddings.shape[0], dtype=torch.bool, device=own.device
+        )
+        ignore[own, own + offset] = True
+        per_query, valid = self.loss.per_query_loss(
+            embeddings, all_embeddings, labels, all_labels, ignore=ignore
+        )
+        mask = valid.to(per_query.dtype)
+        count = mask.sum().detach()
+        dist.all_reduce(count, group=self.group)
+        share = (mask * per_query).sum() / count.clamp_min(1)
+        return torch.where(count > 0, share, torch.zeros_like(share))

@@ -1,0 +1,101 @@
+"""Cross-batch memory: past descriptors as extra database entries for a fastap loss."""
+
+from __future__ import annotations
+
+import torch
+
+from fastap.losses import APLoss, _EmbeddingAPLoss, mean_over_valid
+
+
+class CrossBatchMemory(torch.nn.Module):
+    """A first-in first-out memory of the last ``size`` descriptors and labels, used as extra
+    database entries (Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020).
+
+    ``loss = CrossBatchMemory(fastap.APLoss(), size=4096)(embeddings, labels)`` ranks each
+    embedding of the batch against the batch itself (its own entry excluded) and the memory, with
+    the given fastap embedding loss (its bins, range and variant), then enqueues the batch.
+    Gradients flow into the current batch only: the memory holds detached copies, which is what
+    makes it cheap (and what makes old entries slightly stale as the model moves).
+
+    Memory: ``size`` x D descriptors (in the dtype and on the device of the first batch) and
+    ``size`` int64 labels, allocated on the first call; a batch of B embeddings costs a
+    B x (B + size) score matrix. A batch larger than ``size`` keeps only its last ``size`` rows.
+    """
+
+    def __init__(self, loss: _EmbeddingAPLoss | None = None, size: int = 4096):
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"fastap: size must be a positive int, got {size!r}")
+        self.loss = APLoss() if loss is None else loss
+        if not isinstance(self.loss, _EmbeddingAPLoss):
+            raise TypeError("fastap: loss must be a fastap embedding loss (APLoss, FastAPLoss)")
+        self.size = size
+        self.register_buffer("embeddings", torch.empty(0), persistent=True)
+        self.register_buffer("labels", torch.empty(0, dtype=torch.long), persistent=True)
+        self.filled = 0  # entries in use
+        self.next = 0  # where the next entry goes
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, filled={self.filled}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The buffers are sized on the first batch: size them from the checkpoint before loading.
+        for name in ("embeddings", "labels"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                current = getattr(self, name)
+                setattr(self, name, current.new_empty(saved.shape, dtype=saved.dtype))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def get_extra_state(self) -> dict:
+        return {"filled": self.filled, "next": self.next}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.filled, self.next = int(state["filled"]), int(state["next"])
+
+    def reset(self) -> None:
+        self.filled = 0
+        self.next = 0
+
+    def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [filled, D], labels [filled]) currently held, oldest first."""
+        if self.filled < self.size:
+            return self.embeddings[: self.filled], self.labels[: self.filled]
+        order = (
+            torch.arange(self.next, self.next + self.size, device=self.labels.device) % self.size
+        )
+        return self.embeddings[order], self.labels[order]
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add detached copies of a batch, dropping the oldest entries beyond ``size``."""
+        if self.embeddings.numel() == 0:
+            self.embeddings = embeddings.new_empty(self.size, embeddings.shape[1])
+            self.labels = labels.new_empty(self.size, dtype=torch.long)
+        if embeddings.shape[1:] != self.embeddings.shape[1:]:
+            raise ValueError(
+                f"fastap: embeddings have dimension {embeddings.shape[1]}, the memory holds "
+                f"{self.embeddings.shape[1]}"
+            )
+        embeddings, labels = embeddings[-self.size :], labels[-self.size :]
+        slots = torch.arange(self.next, self.next + len(labels), device=labels.device) % self.size
+        self.embeddings[slots.to(self.embeddings.device)] = embeddings.detach().to(self.embeddings)
+        self.labels[slots.to(self.labels.device)] = labels.to(self.labels)
+        self.next = (self.next + len(labels)) % self.size
+        self.filled = min(self.size, self.filled + len(labels))
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        stored, stored_labels = self.contents()
+        stored = stored.to(embeddings)
+        database = torch.cat([embeddings, stored])
+        database_labels = torch.cat([labels.long(), stored_labels.to(labels.device)])
+        batch = torch.arange(embeddings.shape[0], device=embeddings.device)
+        ignore = torch.zeros(
+            embeddings.shape[0], database.shape[0], dtype=torch.bool, device=embeddings.device
+        )
+        ignore[batch, batch] = True  # a query is not its own positive
+        per_query, valid = self.loss.per_query_loss(
+            embeddings, database, labels, database_labels, ignore=ignore
+        )
+        self.enqueue(embeddings, labels)
+        return mean_over_valid(per_query, valid)

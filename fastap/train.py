@@ -1,0 +1,152 @@
+"""Multi-stage backpropagation: a listwise loss over a batch larger than fits through the model
+at once (Revaud et al. 2019, section 4.2).
+
+1. Compute every descriptor chunk by chunk without a graph.
+2. Compute the loss on all descriptors and its gradient with respect to them.
+3. Recompute each chunk with a graph and backpropagate the stored gradient of its descriptors.
+
+Memory: the model's activations for one chunk, plus the descriptors of the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+
+_BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+def _split(inputs, chunk_size: int):
+    if isinstance(inputs, torch.Tensor):
+        return [(chunk,) for chunk in inputs.split(chunk_size)]
+    if isinstance(inputs, Sequence) and inputs and all(isinstance(t, torch.Tensor) for t in inputs):
+        sizes = {t.shape[0] for t in inputs}
+        if len(sizes) != 1:
+            raise ValueError(f"fastap: the inputs must share their first dimension, got {sizes}")
+        return list(zip(*(t.split(chunk_size) for t in inputs)))
+    raise TypeError("fastap: inputs must be a tensor or a sequence of tensors (batch first)")
+
+
+def _devices_of(chunks) -> list[int]:
+    devices = {t.device.index for chunk in chunks for t in chunk if t.is_cuda}
+    return sorted(d for d in devices if d is not None)
+
+
+@contextlib.contextmanager
+def _random_state(state, devices):
+    """Run the block with the CPU (and CUDA) random state set to `state`, restoring afterwards."""
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        for device, cuda_state in zip(devices, state[1]):
+            torch.cuda.set_rng_state(cuda_state, device)
+        yield
+
+
+def multistage_backward(
+    model: torch.nn.Module,
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    preserve_rng_state: bool = True,
+) -> torch.Tensor:
+    """Backpropagate ``loss_fn(model(inputs))`` through ``model`` chunk by chunk.
+
+    Leaves on the parameters the ``.grad`` of a plain full-batch ``loss.backward()`` (added to
+    what is already there, so gradient accumulation works as usual; call
+    ``optimizer.zero_grad()`` yourself), up to float rounding, when the model's output for a
+    sample does not depend on the other samples of its chunk (see BatchNorm below).
+
+    Args:
+        model: maps a chunk of inputs to descriptors [chunk, D].
+        inputs: [B, ...] tensor, or a sequence of tensors that share their first dimension (each
+            chunk is passed as ``model(*chunk)``).
+        loss_fn: maps all descriptors [B, D] to a scalar loss (capture the labels in it, e.g.
+            ``lambda d: fastap.APLoss()(d, labels)``).
+        chunk_size: samples per forward pass (stages 1 and 3).
+        autocast_dtype: run the model under ``torch.autocast`` with this dtype (the loss is
+            computed on the descriptors upcast to float32).
+        scaler: a ``torch.amp.GradScaler`` for fp16: the loss is scaled before its backward, so
+            the parameter gradients come out scaled as ``scaler.step`` expects.
+        preserve_rng_state: replay each chunk's random state in stage 3 so that dropout and other
+            random layers see the same masks as in stage 1 (as torch.utils.checkpoint does).
+    Returns:
+        The loss (detached).
+
+    BatchNorm in training mode normalises each chunk with the chunk's statistics, so the
+    descriptors (and gradients) are those of a chunked forward, not of one full-batch forward.
+    Running statistics are updated once per chunk (stage 3 only; stage 1 leaves them as they
+    were). The usual remedy for retrieval fine-tuning is to freeze BatchNorm:
+    :func:`freeze_batchnorm`.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"fastap: chunk_size must be a positive int, got {chunk_size!r}")
+    chunks = _split(inputs, chunk_size)
+    if not chunks:
+        raise ValueError("fastap: inputs is empty")
+    devices = _devices_of(chunks)
+    device_type = "cuda" if devices else "cpu"
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=autocast_dtype)
+
+    # Stage 1: descriptors without a graph; keep each chunk's random state for stage 3 and leave
+    # the BatchNorm running statistics untouched (stage 3 updates them).
+    saved_buffers = {
+        name: buffer.clone()
+        for module_name, module in model.named_modules()
+        if isinstance(module, _BATCHNORM)
+        for name, buffer in (
+            (f"{module_name}.{n}", b) for n, b in module.named_buffers(recurse=False)
+        )
+    }
+    states, outputs = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            if preserve_rng_state:
+                states.append(
+                    (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+                )
+            with autocast():
+                outputs.append(model(*chunk))
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in saved_buffers.items():
+            buffers[name].copy_(value)
+
+    # Stage 2: the loss and its gradient with respect to every descriptor.
+    descriptors = torch.cat(outputs)
+    if descriptors.dtype in (torch.float16, torch.bfloat16):
+        descriptors = descriptors.float()  # the loss on fp32 descriptors under autocast
+    descriptors.requires_grad_()
+    loss = loss_fn(descriptors)
+    if loss.dim() != 0:
+        raise ValueError(f"fastap: loss_fn must return a scalar, got shape {list(loss.shape)}")
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    grads = descriptors.grad.split([len(o) for o in outputs])
+
+    # Stage 3: recompute each chunk with a graph and backpropagate its descriptors' gradient.
+    for index, (chunk, grad) in enumerate(zip(chunks, grads)):
+        replay = _random_state(states[index], devices) if preserve_rng_state else None
+        with replay or contextlib.nullcontext(), autocast():
+            output = model(*chunk)
+        output.backward(grad.to(output.dtype))
+    return loss.detach()
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Put every BatchNorm layer in eval mode (running statistics, not updated) and stop the
+    gradients of its affine parameters; the rest of the model keeps its mode. Call it after
+    ``model.train()``, which would switch them back. Returns the model."""
+    for module in model.modules():
+        if isinstance(module, _BATCHNORM):
+            module.eval()
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(False)
+    return model

@@ -1,0 +1,85 @@
+"""Two processes on gloo: the shares of the distributed loss add up to the single-process loss
+of the global batch, and gradients (of the embeddings, and of a DDP model) equal its gradients."""
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastap
+from fastap.distributed import DistributedAPLoss, gather_embeddings
+
+WORLD = 2
+SIZES = [6, 9]  # uneven on purpose
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(sum(SIZES), 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (sum(SIZES),), generator=g)
+    return embeddings, labels
+
+
+def model():
+    torch.manual_seed(3)
+    return torch.nn.Linear(5, 8).double()
+
+
+def worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        embeddings, labels = global_batch()
+        start = sum(SIZES[:rank])
+        mine = slice(start, start + SIZES[rank])
+        gathered, gathered_labels, offset = gather_embeddings(embeddings[mine], labels[mine])
+        assert offset == start and torch.equal(gathered, embeddings)
+        assert torch.equal(gathered_labels, labels)
+
+        local = embeddings[mine].clone().requires_grad_()
+        share = DistributedAPLoss(fastap.APLoss(num_bins=15, variant="tie_aware"))(
+            local, labels[mine]
+        )
+        share.backward()
+
+        ddp = torch.nn.parallel.DistributedDataParallel(model())
+        ddp_loss = DistributedAPLoss(fastap.FastAPLoss(num_bins=12))(
+            ddp(embeddings[mine]), labels[mine]
+        )
+        (ddp_loss * dist.get_world_size()).backward()  # undo DDP's averaging over processes
+        torch.save(
+            {
+                "share": share.detach(),
+                "grad": local.grad,
+                "ddp_share": ddp_loss.detach(),
+                "ddp_grads": [p.grad for p in ddp.parameters()],
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_the_global_batch(tmp_path):
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    embeddings, labels = global_batch()
+    embeddings.requires_grad_()
+    expected = fastap.APLoss(num_bins=15, variant="tie_aware")(embeddings, labels)
+    expected.backward()
+    total = sum(r["share"] for r in results)
+    torch.testing.assert_close(total, expected.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.cat([r["grad"] for r in results]), embeddings.grad, rtol=0, atol=1e-12
+    )
+
+    net = model()
+    expected = fastap.FastAPLoss(num_bins=12)(net(embeddings.detach()), labels)
+    expected.backward()
+    torch.testing.assert_close(
+        sum(r["ddp_share"] for r in results), expected.detach(), rtol=0, atol=1e-12
+    )
+    for rank_result in results:  # DDP leaves the same averaged gradients on every process
+        for ours, ref in zip(rank_result["ddp_grads"], [p.grad for p in net.parameters()]):
+            torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)

@@ -1,0 +1,57 @@
+"""Cross-batch memory: FIFO contents, size bound, and the loss against a direct computation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastap
+from fastap import reference
+from fastap.memory import CrossBatchMemory
+
+
+def test_fifo_and_bound():
+    memory = CrossBatchMemory(size=5)
+    for start in (0, 3, 6):
+        memory.enqueue(
+            torch.arange(start, start + 3.0)[:, None].repeat(1, 2), torch.arange(3) + start
+        )
+    embeddings, labels = memory.contents()
+    assert labels.tolist() == [4, 5, 6, 7, 8]  # the oldest four (0..3) were dropped
+    assert embeddings[:, 0].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
+    memory.enqueue(torch.zeros(7, 2), torch.arange(100, 107))  # larger than the memory
+    assert memory.contents()[1].tolist() == [102, 103, 104, 105, 106]
+    with pytest.raises(ValueError, match="dimension"):
+        memory.enqueue(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+
+
+def test_loss_against_direct_computation_and_state_dict():
+    g = torch.Generator().manual_seed(0)
+    memory = CrossBatchMemory(fastap.APLoss(num_bins=15), size=20)
+    past = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    past_labels = torch.randint(0, 3, (12,), generator=g)
+    memory(past, past_labels)
+    batch = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (9,), generator=g)
+    loss = memory(batch, labels)
+
+    database = torch.cat([batch, past])
+    scores = F.normalize(batch, dim=1) @ F.normalize(database, dim=1).T
+    ignore = torch.zeros(9, 21, dtype=torch.bool)
+    ignore[torch.arange(9), torch.arange(9)] = True
+    expected = reference.ap_loss(
+        scores,
+        labels=labels,
+        ref_labels=torch.cat([labels, past_labels]),
+        num_bins=15,
+        ignore=ignore,
+    )
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss, batch)
+    (expected_grad,) = torch.autograd.grad(expected, batch)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+    assert memory.filled == 20 and memory.contents()[1].tolist()[-9:] == labels.tolist()
+
+    restored = CrossBatchMemory(fastap.APLoss(num_bins=15), size=20)
+    restored.load_state_dict(memory.state_dict())
+    for a, b in zip(restored.contents(), memory.contents()):
+        assert torch.equal(a, b)

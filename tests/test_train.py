@@ -1,0 +1,122 @@
+"""Multi-stage backpropagation: the gradients of a plain backward, chunk by chunk."""
+
+import pytest
+import torch
+
+import fastap
+from fastap.train import freeze_batchnorm, multistage_backward
+
+
+def small_cnn(dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(dropout),
+        torch.nn.Conv2d(8, 8, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 16),
+    ).double()
+
+
+def batch(size=23):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(size, 3, 12, 12, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (size,), generator=g)
+    return images, labels
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_equals_full_batch_backward_with_frozen_batchnorm():
+    images, labels = batch()
+    loss_fn = fastap.APLoss()
+    full_model = freeze_batchnorm(small_cnn())
+    full_loss = loss_fn(full_model(images), labels)
+    full_loss.backward()
+
+    model = freeze_batchnorm(small_cnn())
+    loss = multistage_backward(model, images, lambda d: loss_fn(d, labels), chunk_size=5)
+    torch.testing.assert_close(loss, full_loss.detach(), rtol=0, atol=1e-12)
+    expected = grads(full_model)
+    # Weights and biases of the two convolutions and the linear layer; BatchNorm is frozen.
+    assert len(expected) == 6 and full_model[1].weight.grad is None
+    for ours, ref in zip(grads(model), expected):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_dropout_and_batchnorm_in_training_mode_equal_a_chunked_forward():
+    """With random layers and batch statistics the reference is one backward through the same
+    chunks: same dropout masks (random state replayed), same per-chunk statistics, and running
+    statistics updated once per chunk."""
+    images, labels = batch()
+    loss_fn = fastap.APLoss(variant="tie_aware")
+    reference_model = small_cnn(dropout=0.3)
+    torch.manual_seed(7)
+    descriptors = torch.cat([reference_model(chunk) for chunk in images.split(6)])
+    reference_loss = loss_fn(descriptors, labels)
+    reference_loss.backward()
+
+    model = small_cnn(dropout=0.3)
+    torch.manual_seed(7)
+    loss = multistage_backward(model, images, lambda d: loss_fn(d, labels), chunk_size=6)
+    torch.testing.assert_close(loss, reference_loss.detach(), rtol=0, atol=1e-12)
+    for ours, ref in zip(grads(model), grads(reference_model)):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    for ours, ref in zip(model.buffers(), reference_model.buffers()):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_gradients_accumulate_and_tuple_inputs():
+    images, labels = batch(10)
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = freeze_batchnorm(small_cnn())
+
+        def forward(self, x, scale):
+            return self.net(x) * scale[:, None]
+
+    model = TwoInputs()
+    scale = torch.linspace(0.5, 1.5, 10, dtype=torch.float64)
+    loss_fn = fastap.APLoss()
+    multistage_backward(model, (images, scale), lambda d: loss_fn(d, labels), chunk_size=4)
+    once = grads(model)
+    multistage_backward(model, (images, scale), lambda d: loss_fn(d, labels), chunk_size=3)
+    for twice, single in zip(grads(model), once):
+        torch.testing.assert_close(twice, 2 * single, rtol=0, atol=1e-12)
+
+
+def test_autocast_bfloat16_cpu():
+    images, labels = batch()
+    loss_fn = fastap.APLoss()
+    model = freeze_batchnorm(small_cnn()).float()
+    multistage_backward(
+        model, images.float(), lambda d: loss_fn(d, labels), 8, autocast_dtype=torch.bfloat16
+    )
+    low = grads(model)
+    exact_model = freeze_batchnorm(small_cnn()).float()
+    multistage_backward(exact_model, images.float(), lambda d: loss_fn(d, labels), 8)
+    for ours, ref in zip(low, grads(exact_model)):
+        assert torch.isfinite(ours).all()
+        cosine = torch.nn.functional.cosine_similarity(ours.flatten(), ref.flatten(), dim=0)
+        assert cosine > 0.95
+
+
+def test_bad_arguments():
+    model = small_cnn()
+    images, _ = batch(4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        multistage_backward(model, images, lambda d: d.sum(), chunk_size=0)
+    with pytest.raises(ValueError, match="scalar"):
+        multistage_backward(model, images, lambda d: d, chunk_size=2)
+    with pytest.raises(TypeError, match="inputs must be"):
+        multistage_backward(model, [1, 2], lambda d: d.sum(), chunk_size=2)
+    with pytest.raises(ValueError, match="share their first dimension"):
+        multistage_backward(model, (images, images[:2]), lambda d: d.sum(), chunk_size=2)
