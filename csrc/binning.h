@@ -70,7 +70,7 @@ FASTAP_HOST_DEVICE bool is_finite(T x) {
 // Which candidates are positives and which are ignored for one query row. Exactly one of
 // `dense_relevance` (row of an N x M 0/1 byte matrix) and `ref_labels` (M labels compared with the
 // query's label) is set; `ignore_row` (row of an N x M byte matrix) and `self_column` (the
-// diagonal, or -1) remove candidates from the row entirely.
+// query's own candidate, or -1) remove candidates from the row entirely.
 struct RowRelevance {
   const uint8_t* dense_relevance;
   const int64_t* ref_labels;
@@ -92,7 +92,8 @@ struct RelevanceArgs {
   const int64_t* labels;           // N or nullptr
   const int64_t* ref_labels;       // M or nullptr
   const uint8_t* ignore;           // N x M or nullptr
-  bool exclude_self;
+  bool exclude_self;               // candidate i + self_offset is query i itself
+  int64_t self_offset;
 
   FASTAP_HOST_DEVICE RowRelevance row(int64_t i, int64_t num_candidates) const {
     RowRelevance r;
@@ -101,7 +102,7 @@ struct RelevanceArgs {
     r.ref_labels = ref_labels;
     r.query_label = labels != nullptr ? labels[i] : 0;
     r.ignore_row = ignore != nullptr ? ignore + offset : nullptr;
-    r.self_column = exclude_self ? i : -1;
+    r.self_column = exclude_self ? i + self_offset : -1;
     return r;
   }
 };

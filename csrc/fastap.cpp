@@ -14,13 +14,14 @@ TORCH_LIBRARY(fastap, m) {
   // [lo, hi]: n[i, k] over all non-ignored candidates, p[i, k] over the positives among them.
   // Returns (n, p, positives): n and p N x num_bins, float64 for float64 scores and float32
   // otherwise; positives [N] int64, the exact number of non-ignored positives of each query.
+  // exclude_self removes candidate i + self_offset from query i's row (the query itself).
   m.def(
       "soft_histogram(Tensor scores, Tensor? relevance, Tensor? labels, Tensor? ref_labels, "
-      "Tensor? ignore, bool exclude_self, int num_bins, float lo, float hi) "
+      "Tensor? ignore, bool exclude_self, int num_bins, float lo, float hi, int self_offset=0) "
       "-> (Tensor, Tensor, Tensor)");
   // dL/dscores (N x M, the dtype of scores) from dL/dn and dL/dp (N x num_bins each).
   m.def(
       "soft_histogram_backward(Tensor grad_n, Tensor grad_p, Tensor scores, Tensor? relevance, "
       "Tensor? labels, Tensor? ref_labels, Tensor? ignore, bool exclude_self, int num_bins, "
-      "float lo, float hi) -> Tensor");
+      "float lo, float hi, int self_offset=0) -> Tensor");
 }

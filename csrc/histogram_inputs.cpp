@@ -45,6 +45,7 @@ RelevanceArgs HistogramInputs::relevance_args() const {
   args.ref_labels = ref_labels.defined() ? ref_labels.const_data_ptr<int64_t>() : nullptr;
   args.ignore = ignore.defined() ? static_cast<const uint8_t*>(ignore.const_data_ptr()) : nullptr;
   args.exclude_self = exclude_self;
+  args.self_offset = self_offset;
   return args;
 }
 
@@ -53,7 +54,8 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
                                        const std::optional<at::Tensor>& labels,
                                        const std::optional<at::Tensor>& ref_labels,
                                        const std::optional<at::Tensor>& ignore, bool exclude_self,
-                                       int64_t num_bins, double lo, double hi) {
+                                       int64_t num_bins, double lo, double hi,
+                                       int64_t self_offset) {
   TORCH_CHECK_VALUE(scores.dim() == 2, "fastap: scores must be 2-D (queries x candidates), got shape ",
                     scores.sizes());
   const auto dtype = scores.scalar_type();
@@ -69,6 +71,7 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
   HistogramInputs in;
   in.scores = scores.contiguous();
   in.exclude_self = exclude_self;
+  in.self_offset = self_offset;
   in.num_bins = num_bins;
   in.lo = lo;
   in.hi = hi;
@@ -101,8 +104,10 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
     check_matrix_mask(*ignore, scores, "ignore");
     in.ignore = ignore->contiguous();
   }
-  TORCH_CHECK_VALUE(!exclude_self || n == m,
-                    "fastap: exclude_self needs a square scores matrix, got shape ", scores.sizes());
+  TORCH_CHECK_VALUE(self_offset >= 0, "fastap: self_offset must be >= 0, got ", self_offset);
+  TORCH_CHECK_VALUE(!exclude_self || n + self_offset <= m,
+                    "fastap: exclude_self needs candidate i + self_offset for every query i: ",
+                    n, " queries + offset ", self_offset, " > ", m, " candidates");
   return in;
 }
 

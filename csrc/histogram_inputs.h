@@ -23,6 +23,7 @@ struct HistogramInputs {
   at::Tensor ref_labels;  // M int64, or undefined
   at::Tensor ignore;      // N x M bool/uint8, or undefined
   bool exclude_self;
+  int64_t self_offset;  // with exclude_self, candidate i + self_offset is query i itself
   int64_t num_bins;
   double lo;
   double hi;
@@ -42,7 +43,8 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
                                        const std::optional<at::Tensor>& labels,
                                        const std::optional<at::Tensor>& ref_labels,
                                        const std::optional<at::Tensor>& ignore, bool exclude_self,
-                                       int64_t num_bins, double lo, double hi);
+                                       int64_t num_bins, double lo, double hi,
+                                       int64_t self_offset);
 
 // Checks grad_n / grad_p against the inputs and returns the backward's per-row slope table,
 // N x 2 x (Q - 1) in the histogram dtype: table[i][c][k] = (g_c[k] - g_c[k + 1]) / delta with

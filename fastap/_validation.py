@@ -35,6 +35,7 @@ class HistogramArgs:
     num_bins: int
     lo: float
     hi: float
+    self_offset: int = 0  # resolved: with exclude_self, candidate i + self_offset is query i
 
 
 def _check_tensor(value, name: str) -> torch.Tensor:
@@ -96,7 +97,15 @@ def check_bins(num_bins, score_range) -> tuple[int, float, float]:
 
 
 def check_histogram_args(
-    scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range
+    scores,
+    relevance,
+    labels,
+    ref_labels,
+    ignore,
+    exclude_self,
+    num_bins,
+    score_range,
+    self_offset=None,
 ) -> HistogramArgs:
     scores = _check_tensor(scores, "scores")
     if scores.dim() != 2:
@@ -111,11 +120,24 @@ def check_histogram_args(
     num_bins, lo, hi = check_bins(num_bins, score_range)
     if not isinstance(exclude_self, bool):
         raise TypeError(f"fastap: exclude_self must be a bool, got {type(exclude_self).__name__}")
-    if exclude_self and num_queries != num_candidates:
-        raise ValueError(
-            "fastap: exclude_self needs a square scores matrix (the candidates are the queries), "
-            f"got shape {list(scores.shape)}"
-        )
+    if self_offset is None:
+        if exclude_self and num_queries != num_candidates:
+            raise ValueError(
+                "fastap: exclude_self needs a square scores matrix (the candidates are the "
+                f"queries), got shape {list(scores.shape)}; give self_offset when the queries "
+                "are a slice of the candidates"
+            )
+        self_offset = 0
+    else:
+        if isinstance(self_offset, bool) or not isinstance(self_offset, int) or self_offset < 0:
+            raise TypeError(f"fastap: self_offset must be an int >= 0, got {self_offset!r}")
+        if not exclude_self:
+            raise ValueError("fastap: self_offset only applies with exclude_self=True")
+        if num_queries + self_offset > num_candidates:
+            raise ValueError(
+                "fastap: exclude_self with self_offset needs candidate i + self_offset for every "
+                f"query i, got shape {list(scores.shape)} and self_offset {self_offset}"
+            )
 
     if (relevance is None) == (labels is None):
         raise ValueError(
@@ -142,7 +164,7 @@ def check_histogram_args(
     if ignore is not None:
         ignore = _check_mask(ignore, "ignore", scores)
     return HistogramArgs(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi
+        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi, self_offset
     )
 
 

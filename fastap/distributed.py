@@ -62,8 +62,7 @@ class DistributedAPLoss(torch.nn.Module):
     gradient by the world size: multiply the loss by ``dist.get_world_size()`` (or the learning
     rate) to undo that.
 
-    Memory per process: a B_r x sum(B_r) score matrix, and a bool mask of that size marking each
-    query's own column.
+    Memory per process: a B_r x sum(B_r) score matrix.
     """
 
     def __init__(self, loss: _EmbeddingAPLoss | None = None, group=None):
@@ -75,13 +74,9 @@ class DistributedAPLoss(torch.nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         all_embeddings, all_labels, offset = gather_embeddings(embeddings, labels, self.group)
-        own = torch.arange(embeddings.shape[0], device=embeddings.device)
-        ignore = torch.zeros(
-            embeddings.shape[0], all_embeddings.shape[0], dtype=torch.bool, device=own.device
-        )
-        ignore[own, own + offset] = True
+        # Query i of this process is row offset + i of the gathered batch: not its own positive.
         per_query, valid = self.loss.per_query_loss(
-            embeddings, all_embeddings, labels, all_labels, ignore=ignore
+            embeddings, all_embeddings, labels, all_labels, exclude_self=True, self_offset=offset
         )
         mask = valid.to(per_query.dtype)
         count = mask.sum().detach()

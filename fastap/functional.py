@@ -83,10 +83,18 @@ def ap_from_histograms(
 
 
 def _histograms(
-    scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range
+    scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range, self_offset
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = check_histogram_args(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range
+        scores,
+        relevance,
+        labels,
+        ref_labels,
+        ignore,
+        exclude_self,
+        num_bins,
+        score_range,
+        self_offset,
     )
     n, p, positives = ops.soft_histogram(
         args.scores,
@@ -98,6 +106,7 @@ def _histograms(
         args.num_bins,
         args.lo,
         args.hi,
+        args.self_offset,
     )
     raise_if_poisoned(n)
     return n, p, positives
@@ -113,13 +122,22 @@ def average_precision_and_validity(
     score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
     ignore: torch.Tensor | None = None,
     exclude_self: bool = False,
+    self_offset: int | None = None,
     variant: str = "ap_q",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ap [N], has_positive [N] bool): :func:`average_precision` and which queries have one."""
     if variant not in VARIANTS:
         raise ValueError(f"fastap: variant must be one of {VARIANTS}, got {variant!r}")
     n, p, positives = _histograms(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range
+        scores,
+        relevance,
+        labels,
+        ref_labels,
+        ignore,
+        exclude_self,
+        num_bins,
+        score_range,
+        self_offset,
     )
     return ap_from_histograms(n, p, positives, variant)
 
@@ -134,6 +152,7 @@ def average_precision(
     score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
     ignore: torch.Tensor | None = None,
     exclude_self: bool = False,
+    self_offset: int | None = None,
     variant: str = "ap_q",
 ) -> torch.Tensor:
     """Quantized Average Precision (AP_Q, Revaud et al. 2019) of every query, differentiable.
@@ -152,6 +171,9 @@ def average_precision(
         ignore: [N, M] bool (or 0/1): entries that count nowhere (neither as positive nor as
             negative), e.g. junk images.
         exclude_self: ignore the diagonal (in-batch retrieval, the query is also a candidate).
+        self_offset: with ``exclude_self``, query i's own entry is candidate i + self_offset,
+            for queries that are a slice of the candidates (then N + self_offset <= M). Default
+            None: the diagonal of a square matrix.
         variant: "ap_q" (default, the paper's quantized AP), "tie_aware" (AP_T, which treats
             the candidates in one bin as tied) or "tie_aware_simplified"; see docs/design.md.
     Returns:
@@ -171,6 +193,7 @@ def average_precision(
         score_range=score_range,
         ignore=ignore,
         exclude_self=exclude_self,
+        self_offset=self_offset,
         variant=variant,
     )[0]
 
@@ -185,6 +208,7 @@ def ap_loss(
     score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
     ignore: torch.Tensor | None = None,
     exclude_self: bool = False,
+    self_offset: int | None = None,
     variant: str = "ap_q",
     query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -206,6 +230,7 @@ def ap_loss(
         score_range=score_range,
         ignore=ignore,
         exclude_self=exclude_self,
+        self_offset=self_offset,
         variant=variant,
     )
     weights = has_positive.to(ap.dtype)

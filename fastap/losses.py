@@ -102,6 +102,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
         ref_labels: torch.Tensor | None,
         *,
         exclude_self: bool = False,
+        self_offset: int | None = None,
         ignore: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - AP_i [N], has_positive [N]) of the queries ranked against the database by cosine
@@ -116,6 +117,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
             score_range=self.score_range,
             ignore=ignore,
             exclude_self=exclude_self,
+            self_offset=self_offset,
             variant=self.variant,
         )
         return 1 - ap, has_positive

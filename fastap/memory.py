@@ -89,13 +89,9 @@ class CrossBatchMemory(torch.nn.Module):
         stored = stored.to(embeddings)
         database = torch.cat([embeddings, stored])
         database_labels = torch.cat([labels.long(), stored_labels.to(labels.device)])
-        batch = torch.arange(embeddings.shape[0], device=embeddings.device)
-        ignore = torch.zeros(
-            embeddings.shape[0], database.shape[0], dtype=torch.bool, device=embeddings.device
-        )
-        ignore[batch, batch] = True  # a query is not its own positive
+        # The batch comes first in the database: query i's own entry is candidate i.
         per_query, valid = self.loss.per_query_loss(
-            embeddings, database, labels, database_labels, ignore=ignore
+            embeddings, database, labels, database_labels, exclude_self=True, self_offset=0
         )
         self.enqueue(embeddings, labels)
         return mean_over_valid(per_query, valid)

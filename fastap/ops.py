@@ -47,9 +47,8 @@ def histogram_dtype(scores_dtype: torch.dtype) -> torch.dtype:
 if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastap::soft_histogram")
-    def _soft_histogram_fake(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi
-    ):
+    def _soft_histogram_fake(scores, *args, **kwargs):
+        num_bins = args[5] if len(args) > 5 else kwargs["num_bins"]
         shape = (scores.shape[0], num_bins)
         dtype = histogram_dtype(scores.dtype)
         return (
@@ -59,19 +58,7 @@ if _LOAD_ERROR is None:
         )
 
     @torch.library.register_fake("fastap::soft_histogram_backward")
-    def _soft_histogram_backward_fake(
-        grad_n,
-        grad_p,
-        scores,
-        relevance,
-        labels,
-        ref_labels,
-        ignore,
-        exclude_self,
-        num_bins,
-        lo,
-        hi,
-    ):
+    def _soft_histogram_backward_fake(grad_n, grad_p, scores, *args, **kwargs):
         return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
 
@@ -79,44 +66,34 @@ class SoftHistogram(torch.autograd.Function):
     """Soft-binned histograms of each query row's scores, differentiable with respect to scores.
 
     forward(scores [N, M], relevance [N, M] bool/uint8 or None, labels [N] int64 or None,
-    ref_labels [M] int64 or None, ignore [N, M] bool/uint8 or None, exclude_self, num_bins, lo, hi)
-    returns (n, p, positives): n and p [N, num_bins] soft counts of every non-ignored candidate
-    and of the positives; positives [N] int64, the exact number of positives (not differentiable).
-    Arguments are expected to be checked already (see fastap.functional).
+    ref_labels [M] int64 or None, ignore [N, M] bool/uint8 or None, exclude_self, num_bins, lo, hi,
+    self_offset) returns (n, p, positives): n and p [N, num_bins] soft counts of every counted
+    candidate and of the positives; positives [N] int64, the exact number of positives (not
+    differentiable). With exclude_self, candidate i + self_offset is query i itself and counts
+    nowhere. Arguments are expected to be checked already (see fastap.functional).
     """
 
     @staticmethod
-    def forward(ctx, scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi):
+    def forward(ctx, scores, relevance, labels, ref_labels, ignore, *options):
         n, p, positives = torch.ops.fastap.soft_histogram(
-            scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi
+            scores, relevance, labels, ref_labels, ignore, *options
         )
         ctx.save_for_backward(scores, relevance, labels, ref_labels, ignore)
-        ctx.options = (exclude_self, num_bins, lo, hi)
+        ctx.options = options  # exclude_self, num_bins, lo, hi, self_offset
         ctx.mark_non_differentiable(positives)
         return n, p, positives
 
     @staticmethod
     def backward(ctx, grad_n, grad_p, _grad_positives):
         scores, relevance, labels, ref_labels, ignore = ctx.saved_tensors
-        exclude_self, num_bins, lo, hi = ctx.options
         if grad_n is None:
             grad_n = torch.zeros_like(grad_p)
         if grad_p is None:
             grad_p = torch.zeros_like(grad_n)
         grad_scores = torch.ops.fastap.soft_histogram_backward(
-            grad_n,
-            grad_p,
-            scores,
-            relevance,
-            labels,
-            ref_labels,
-            ignore,
-            exclude_self,
-            num_bins,
-            lo,
-            hi,
+            grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, *ctx.options
         )
-        return grad_scores, None, None, None, None, None, None, None, None
+        return (grad_scores, None, None, None, None) + (None,) * len(ctx.options)
 
 
 def soft_histogram(
@@ -129,11 +106,21 @@ def soft_histogram(
     num_bins: int,
     lo: float,
     hi: float,
+    self_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Differentiable (n, p) histograms and the positive counts, from the fused kernels (see
     SoftHistogram)."""
     _require_extension()
     _require_device_kernels(scores)
     return SoftHistogram.apply(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, float(lo), float(hi)
+        scores,
+        relevance,
+        labels,
+        ref_labels,
+        ignore,
+        exclude_self,
+        num_bins,
+        float(lo),
+        float(hi),
+        self_offset,
     )

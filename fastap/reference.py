@@ -17,6 +17,7 @@ def relevance_and_valid(
     ref_labels: torch.Tensor | None = None,
     ignore: torch.Tensor | None = None,
     exclude_self: bool = False,
+    self_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense [N, M] float masks: which entries are positives, and which count at all."""
     if relevance is None:
@@ -26,7 +27,8 @@ def relevance_and_valid(
     if ignore is not None:
         valid &= ~ignore.bool()
     if exclude_self:
-        valid &= ~torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        valid[rows, rows + (self_offset or 0)] = False
     return (relevance != 0).to(scores.dtype), valid.to(scores.dtype)
 
 
@@ -48,11 +50,12 @@ def soft_histogram(
     num_bins: int = 20,
     lo: float = -1.0,
     hi: float = 1.0,
+    self_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n, p, positives): [N, Q] soft counts of all counted candidates and of the positives, and
     [N] the number of counted positives."""
     positive, valid = relevance_and_valid(
-        scores, relevance, labels, ref_labels, ignore, exclude_self
+        scores, relevance, labels, ref_labels, ignore, exclude_self, self_offset
     )
     weights = bin_weights(scores, num_bins, lo, hi) * valid[:, None, :]
     n = weights.sum(-1)
@@ -107,11 +110,20 @@ def average_precision(
     score_range: tuple[float, float] = (-1.0, 1.0),
     ignore: torch.Tensor | None = None,
     exclude_self: bool = False,
+    self_offset: int | None = None,
     variant: str = "ap_q",
 ) -> torch.Tensor:
     """Per-query AP, as :func:`fastap.average_precision`."""
     histograms = soft_histogram(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, *score_range
+        scores,
+        relevance,
+        labels,
+        ref_labels,
+        ignore,
+        exclude_self,
+        num_bins,
+        *score_range,
+        self_offset,
     )
     return ap_from_histograms(*histograms, variant)[0]
 
@@ -126,12 +138,21 @@ def ap_loss(
     score_range: tuple[float, float] = (-1.0, 1.0),
     ignore: torch.Tensor | None = None,
     exclude_self: bool = False,
+    self_offset: int | None = None,
     variant: str = "ap_q",
     query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1 - weighted mean AP over queries with a positive, as :func:`fastap.ap_loss`."""
     histograms = soft_histogram(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, *score_range
+        scores,
+        relevance,
+        labels,
+        ref_labels,
+        ignore,
+        exclude_self,
+        num_bins,
+        *score_range,
+        self_offset,
     )
     ap, has_positive = ap_from_histograms(*histograms, variant)
     weights = has_positive.to(ap.dtype)

@@ -137,3 +137,21 @@ def test_low_precision_gradient(device, dtype):
     torch.testing.assert_close(
         ours.cpu().double() / scale, ref / scale, rtol=tolerance, atol=tolerance
     )
+
+
+def test_self_offset_matches_reference(device):
+    """Queries that are a slice of the candidates: query i is candidate i + self_offset."""
+    problem = random_problem(9, 25, relevance_form="ref_labels", with_ignore=True, seed=13)
+    for offset in (0, 7, 16):
+        results = []
+        for fn, dev in ((fastap.average_precision, device), (reference.average_precision, "cpu")):
+            p = problem.to(dev)
+            scores = p.scores.detach().requires_grad_()
+            kwargs = {**p.kwargs(), "exclude_self": True, "self_offset": offset}
+            ap = fn(scores, p.relevance, **kwargs)
+            (grad,) = torch.autograd.grad(ap.sum(), scores)
+            results.append((ap.detach().cpu(), grad.cpu()))
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
+        own = torch.arange(9)
+        assert results[0][1][own, own + offset].eq(0).all()

@@ -43,6 +43,13 @@ R = torch.rand(4, 5) < 0.5
             "exclude_self needs a square",
         ),
         (lambda: fastap.ap_loss(S, R, exclude_self=1), TypeError, "exclude_self must be a bool"),
+        (lambda: fastap.ap_loss(S, R, self_offset=1), ValueError, "only applies with exclude_self"),
+        (
+            lambda: fastap.ap_loss(S, R, exclude_self=True, self_offset=2),
+            ValueError,
+            "needs candidate i \\+ self_offset",
+        ),
+        (lambda: fastap.ap_loss(S, R, exclude_self=True, self_offset=-1), TypeError, "self_offset"),
         (lambda: fastap.ap_loss(S, R, query_weights=torch.ones(5)), ValueError, "query_weights"),
         (lambda: fastap.ap_loss(S, R, query_weights=-torch.ones(4)), ValueError, "non-negative"),
         (lambda: fastap.ap_loss(S, R, query_weights=torch.ones(4).long()), TypeError, "floating"),

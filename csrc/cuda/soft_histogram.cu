@@ -145,9 +145,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
     const at::Tensor& scores, const std::optional<at::Tensor>& relevance,
     const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& ref_labels,
     const std::optional<at::Tensor>& ignore, bool exclude_self, int64_t num_bins, double lo,
-    double hi) {
+    double hi, int64_t self_offset) {
   const HistogramInputs in = check_histogram_inputs(scores, relevance, labels, ref_labels, ignore,
-                                                    exclude_self, num_bins, lo, hi);
+                                                    exclude_self, num_bins, lo, hi, self_offset);
   const c10::cuda::CUDAGuard device_guard(in.scores.device());
   const auto options = in.scores.options().dtype(in.histogram_dtype());
   at::Tensor n = at::empty({in.num_queries(), num_bins}, options);
@@ -177,9 +177,9 @@ at::Tensor soft_histogram_backward_cuda(
     const at::Tensor& grad_n, const at::Tensor& grad_p, const at::Tensor& scores,
     const std::optional<at::Tensor>& relevance, const std::optional<at::Tensor>& labels,
     const std::optional<at::Tensor>& ref_labels, const std::optional<at::Tensor>& ignore,
-    bool exclude_self, int64_t num_bins, double lo, double hi) {
+    bool exclude_self, int64_t num_bins, double lo, double hi, int64_t self_offset) {
   const HistogramInputs in = check_histogram_inputs(scores, relevance, labels, ref_labels, ignore,
-                                                    exclude_self, num_bins, lo, hi);
+                                                    exclude_self, num_bins, lo, hi, self_offset);
   const c10::cuda::CUDAGuard device_guard(in.scores.device());
   const at::Tensor table = backward_slope_table(in, grad_n, grad_p);
   at::Tensor grad_scores = at::empty_like(in.scores);
