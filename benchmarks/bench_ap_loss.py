@@ -63,6 +63,13 @@ def _make_case(name: str, n: int, num_bins: int, dtype: torch.dtype, device: str
     embeddings.requires_grad_()
     if name == "fastap_emb":
         loss_fn = fastap.FastAPLoss(num_bins=num_bins)
+    elif name == "fastap_aploss_emb":
+        loss_fn = fastap.APLoss(num_bins=num_bins)
+    elif name == "fastap_blocked_emb":
+
+        def loss_fn(embeddings, labels):
+            return fastap.ap_loss_from_embeddings(embeddings, labels=labels, num_bins=num_bins)
+
     else:
         from pytorch_metric_learning.losses import FastAPLoss
 

@@ -8,11 +8,14 @@ Public API:
         like pytorch-metric-learning losses; FastAPLoss(num_bins=10): FastAP, likewise
     fastap.compat: APLoss / TAPLoss with the authors' call signature
     fastap.reference: the same math in plain PyTorch (oracle and baseline)
+    ap_loss_from_embeddings(queries, database=None, *, labels, ...): the loss from embeddings,
+        block by block, without the N x M score matrix
     fastap.train.multistage_backward: batches larger than fit through the model at once
     fastap.distributed.DistributedAPLoss, fastap.memory.CrossBatchMemory: larger databases
 """
 
 from fastap import compat, distributed, memory, reference, train
+from fastap.embeddings import ap_loss_from_embeddings
 from fastap.functional import VARIANTS, ap_loss, average_precision
 from fastap.losses import APLoss, FastAPLoss
 
@@ -21,6 +24,7 @@ __all__ = [
     "APLoss",
     "FastAPLoss",
     "ap_loss",
+    "ap_loss_from_embeddings",
     "average_precision",
     "compat",
     "distributed",

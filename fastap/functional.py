@@ -233,9 +233,19 @@ def ap_loss(
         self_offset=self_offset,
         variant=variant,
     )
+    if query_weights is not None:
+        query_weights = check_query_weights(query_weights, scores)
+    return weighted_loss(ap, has_positive, query_weights)
+
+
+def weighted_loss(
+    ap: torch.Tensor, has_positive: torch.Tensor, query_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1 - sum_i w_i AP_i / sum_i w_i over the queries with a positive (w = 1 by default);
+    0 with a zero gradient when there is none or the weights sum to 0."""
     weights = has_positive.to(ap.dtype)
     if query_weights is not None:
-        weights = weights * check_query_weights(query_weights, scores).to(ap.dtype)
+        weights = weights * query_weights.to(ap.dtype)
     total = weights.sum()
     valid = total > 0
     mean_ap = (weights * ap).sum() / torch.where(valid, total, torch.ones_like(total))

@@ -1,0 +1,236 @@
+"""The AP loss straight from embeddings, without the N x M score matrix in memory.
+
+The histograms of each query only need that query's scores, and the backward only needs two
+small tables per query, so the scores can be computed block of queries by block, binned, and
+thrown away; the backward recomputes each block's scores, turns them into the block's dS with the
+fused backward op, and folds it into dQ = dS @ DB and dDB += dS^T @ Q. Peak extra memory: two
+block x M score tiles plus O((N + M) D + N Q), whatever N and M are.
+
+This path runs on any device with the fused histogram ops (the matrix products are torch's). A
+fused tensor-core CUDA kernel that never writes a score tile to memory is future work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastap._validation import check_bins, check_query_weights, raise_if_poisoned
+from fastap.functional import (
+    DEFAULT_NUM_BINS,
+    DEFAULT_SCORE_RANGE,
+    VARIANTS,
+    ap_from_histograms,
+    weighted_loss,
+)
+
+DEFAULT_BLOCK_BYTES = 32 * 2**20  # one score tile of a block of queries
+
+
+def default_block_size(num_candidates: int, element_size: int = 4) -> int:
+    """Queries per block so that one block x M score tile takes about 32 MB."""
+    return max(1, DEFAULT_BLOCK_BYTES // max(1, num_candidates * element_size))
+
+
+class _BlockedSoftHistogram(torch.autograd.Function):
+    """(n, p, positives) of cosine scores queries @ database.T, block of queries by block.
+
+    forward(queries [N, D], database [M, D] (both already normalised), labels [N] int64,
+    ref_labels [M] int64, exclude_self, self_offset, num_bins, lo, hi, block_size).
+    """
+
+    @staticmethod
+    def forward(ctx, queries, database, labels, ref_labels, *options):
+        exclude_self, self_offset, num_bins, lo, hi, block_size = options
+        histograms = []
+        for start in range(0, queries.shape[0], block_size):
+            block = slice(start, start + block_size)
+            scores = queries[block] @ database.T
+            histograms.append(
+                torch.ops.fastap.soft_histogram(
+                    scores,
+                    None,
+                    labels[block],
+                    ref_labels,
+                    None,
+                    exclude_self,
+                    num_bins,
+                    lo,
+                    hi,
+                    start + self_offset,
+                )
+            )
+            del scores
+        ctx.save_for_backward(queries, database, labels, ref_labels)
+        ctx.options = options
+        n, p, positives = (torch.cat(parts) for parts in zip(*histograms))
+        ctx.mark_non_differentiable(positives)
+        return n, p, positives
+
+    @staticmethod
+    def backward(ctx, grad_n, grad_p, _grad_positives):
+        queries, database, labels, ref_labels = ctx.saved_tensors
+        exclude_self, self_offset, num_bins, lo, hi, block_size = ctx.options
+        if grad_n is None:
+            grad_n = torch.zeros_like(grad_p)
+        if grad_p is None:
+            grad_p = torch.zeros_like(grad_n)
+        grad_queries = torch.empty_like(queries)
+        # Accumulated over blocks: in fp32 at least, in a fixed order (deterministic).
+        grad_database = torch.zeros_like(
+            database, dtype=torch.promote_types(database.dtype, torch.float32)
+        )
+        for start in range(0, queries.shape[0], block_size):
+            block = slice(start, start + block_size)
+            scores = queries[block] @ database.T
+            grad_scores = torch.ops.fastap.soft_histogram_backward(
+                grad_n[block],
+                grad_p[block],
+                scores,
+                None,
+                labels[block],
+                ref_labels,
+                None,
+                exclude_self,
+                num_bins,
+                lo,
+                hi,
+                start + self_offset,
+            )
+            del scores
+            grad_queries[block] = grad_scores @ database
+            grad_database += (grad_scores.T @ queries[block]).to(grad_database.dtype)
+        return (grad_queries, grad_database.to(database.dtype), None, None) + (None,) * 6
+
+
+def _check_embedding_matrix(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"fastap: {name} must be 2-D (rows x dim), got shape {list(t.shape)}")
+    if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise TypeError(f"fastap: {name} must be float32/64 or float16/bfloat16, got {t.dtype}")
+    return t
+
+
+def _check_labels(t, name: str, length: int, device) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"fastap: {name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"fastap: {name} must be 1-D with {length} entries, got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"fastap: {name} is on {t.device} but the embeddings are on {device}")
+    return t.to(torch.int64)
+
+
+def histograms_from_embeddings(
+    queries: torch.Tensor,
+    database: torch.Tensor | None = None,
+    *,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor | None = None,
+    num_bins: int = DEFAULT_NUM_BINS,
+    score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
+    exclude_self: bool | None = None,
+    self_offset: int = 0,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, p, positives) of the cosine scores of the L2-normalised embeddings, blockwise.
+
+    queries [N, D] and database [M, D] (default: the queries; then exclude_self defaults to
+    True); labels [N] and ref_labels [M] (default: labels) integer. With exclude_self, query i's
+    own entry is database row i + self_offset. Differentiable with respect to both embedding sets.
+    """
+    _check_embedding_matrix(queries, "queries")
+    same_set = database is None
+    if same_set:
+        database = queries
+        exclude_self = True if exclude_self is None else exclude_self
+    else:
+        _check_embedding_matrix(database, "database")
+        exclude_self = bool(exclude_self)
+        if database.shape[1] != queries.shape[1] or database.device != queries.device:
+            raise ValueError(
+                "fastap: queries and database must have the same dimension and device, got "
+                f"{list(queries.shape)} on {queries.device} and {list(database.shape)} on "
+                f"{database.device}"
+            )
+    num_bins, lo, hi = check_bins(num_bins, score_range)
+    labels = _check_labels(labels, "labels", queries.shape[0], queries.device)
+    if ref_labels is None:
+        if not same_set:
+            raise ValueError("fastap: a database needs ref_labels (one label per row)")
+        ref_labels = labels
+    else:
+        ref_labels = _check_labels(ref_labels, "ref_labels", database.shape[0], queries.device)
+    if isinstance(self_offset, bool) or not isinstance(self_offset, int) or self_offset < 0:
+        raise TypeError(f"fastap: self_offset must be an int >= 0, got {self_offset!r}")
+    if exclude_self and queries.shape[0] + self_offset > database.shape[0]:
+        raise ValueError(
+            "fastap: exclude_self needs database row i + self_offset for every query i, got "
+            f"{queries.shape[0]} queries, {database.shape[0]} database rows, offset {self_offset}"
+        )
+    if block_size is None:
+        block_size = default_block_size(database.shape[0], queries.element_size())
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"fastap: block_size must be a positive int, got {block_size!r}")
+    unit_queries = F.normalize(queries, dim=1)
+    unit_database = unit_queries if same_set else F.normalize(database, dim=1)
+    n, p, positives = _BlockedSoftHistogram.apply(
+        unit_queries,
+        unit_database,
+        labels,
+        ref_labels,
+        exclude_self,
+        self_offset,
+        num_bins,
+        lo,
+        hi,
+        block_size,
+    )
+    raise_if_poisoned(n)
+    return n, p, positives
+
+
+def ap_loss_from_embeddings(
+    queries: torch.Tensor,
+    database: torch.Tensor | None = None,
+    *,
+    labels: torch.Tensor,
+    ref_labels: torch.Tensor | None = None,
+    num_bins: int = DEFAULT_NUM_BINS,
+    score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
+    exclude_self: bool | None = None,
+    self_offset: int = 0,
+    variant: str = "ap_q",
+    query_weights: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """The AP loss of cosine-similarity retrieval, computed from the embeddings block by block.
+
+    Equal to ``fastap.ap_loss(F.normalize(queries) @ F.normalize(database).T, labels=...,
+    ref_labels=..., ...)`` (same weighting: 1 - the weighted mean AP over the queries with a
+    positive), with gradients for both embedding sets, but never holding more than a
+    ``block_size`` x M tile of scores (default: about 32 MB). Arguments as in
+    :func:`histograms_from_embeddings`, plus ``variant`` and ``query_weights`` as in
+    :func:`fastap.ap_loss`.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"fastap: variant must be one of {VARIANTS}, got {variant!r}")
+    n, p, positives = histograms_from_embeddings(
+        queries,
+        database,
+        labels=labels,
+        ref_labels=ref_labels,
+        num_bins=num_bins,
+        score_range=score_range,
+        exclude_self=exclude_self,
+        self_offset=self_offset,
+        block_size=block_size,
+    )
+    ap, has_positive = ap_from_histograms(n, p, positives, variant)
+    if query_weights is not None:
+        query_weights = check_query_weights(query_weights, n)
+    return weighted_loss(ap, has_positive, query_weights)

@@ -1,0 +1,144 @@
+"""The loss from embeddings (blockwise, no N x M score matrix) against the score-matrix path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastap
+from fastap.embeddings import histograms_from_embeddings
+
+
+def embedding_problem(n, m, d, seed=0, classes=4, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randn(n, d, generator=g, dtype=dtype)
+    database = torch.randn(m, d, generator=g, dtype=dtype)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    ref_labels = torch.randint(0, classes, (m,), generator=g)
+    return queries, database, labels, ref_labels
+
+
+def score_matrix_loss(queries, database, labels, ref_labels, **kwargs):
+    scores = F.normalize(queries, dim=1) @ F.normalize(database, dim=1).T
+    return fastap.ap_loss(scores, labels=labels, ref_labels=ref_labels, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 5), (33, 61, 17), (50, 50, 3)])
+@pytest.mark.parametrize("block_size", [1, 4, 1000])
+@pytest.mark.parametrize("variant", ["ap_q", "tie_aware"])
+def test_equals_score_matrix_path(device, shape, block_size, variant):
+    queries, database, labels, ref_labels = (
+        t.to(device) for t in embedding_problem(*shape, seed=shape[0])
+    )
+    weights = torch.rand(shape[0], dtype=torch.float64, device=device)
+    results = []
+    for fn in (fastap.ap_loss_from_embeddings, score_matrix_loss):
+        q, db = queries.clone().requires_grad_(), database.clone().requires_grad_()
+        extra = {"block_size": block_size} if fn is fastap.ap_loss_from_embeddings else {}
+        loss = fn(
+            q,
+            db,
+            labels=labels,
+            ref_labels=ref_labels,
+            num_bins=15,
+            variant=variant,
+            query_weights=weights,
+            **extra,
+        )
+        loss.backward()
+        results.append((loss.detach(), q.grad, db.grad))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("offset", [None, 0, 5])
+def test_in_batch_and_self_offset(device, offset):
+    queries, database, labels, ref_labels = (
+        t.to(device) for t in embedding_problem(11, 20, 6, seed=2)
+    )
+    if offset is None:  # the batch against itself
+        q = queries.clone().requires_grad_()
+        loss = fastap.ap_loss_from_embeddings(q, labels=labels, block_size=3)
+        (grad,) = torch.autograd.grad(loss, q)
+        q2 = queries.clone().requires_grad_()
+        unit = F.normalize(q2, dim=1)
+        expected = fastap.ap_loss(unit @ unit.T, labels=labels, exclude_self=True)
+        (expected_grad,) = torch.autograd.grad(expected, q2)
+    else:
+        db = database.clone().requires_grad_()
+        loss = fastap.ap_loss_from_embeddings(
+            queries,
+            db,
+            labels=labels,
+            ref_labels=ref_labels,
+            exclude_self=True,
+            self_offset=offset,
+            block_size=4,
+        )
+        (grad,) = torch.autograd.grad(loss, db)
+        db2 = database.clone().requires_grad_()
+        scores = F.normalize(queries, dim=1) @ F.normalize(db2, dim=1).T
+        expected = fastap.ap_loss(
+            scores, labels=labels, ref_labels=ref_labels, exclude_self=True, self_offset=offset
+        )
+        (expected_grad,) = torch.autograd.grad(expected, db2)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+
+
+def test_gradcheck():
+    queries, database, labels, ref_labels = embedding_problem(5, 9, 4, seed=3)
+    q, db = queries.requires_grad_(), database.requires_grad_()
+
+    def loss(a, b):
+        return fastap.ap_loss_from_embeddings(
+            a, b, labels=labels, ref_labels=ref_labels, num_bins=7, block_size=2
+        )
+
+    assert torch.autograd.gradcheck(loss, (q, db), eps=1e-6, atol=1e-7)
+
+
+def test_float32_and_bfloat16(device):
+    queries, database, labels, ref_labels = (
+        t.to(device) for t in embedding_problem(40, 90, 24, seed=4, dtype=torch.float32)
+    )
+    ref = score_matrix_loss(queries.double(), database.double(), labels, ref_labels)
+    ours = fastap.ap_loss_from_embeddings(
+        queries, database, labels=labels, ref_labels=ref_labels, block_size=7
+    )
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-6)
+    low = fastap.ap_loss_from_embeddings(
+        queries.bfloat16(), database.bfloat16(), labels=labels, ref_labels=ref_labels
+    )
+    assert low.dtype == torch.float32 and abs(low.item() - ref.item()) < 0.02
+
+
+def test_histograms_and_errors():
+    queries, database, labels, ref_labels = embedding_problem(6, 8, 3, seed=5)
+    n, p, positives = histograms_from_embeddings(
+        queries, database, labels=labels, ref_labels=ref_labels, num_bins=4
+    )
+    assert n.shape == p.shape == (6, 4) and torch.equal(
+        positives, (labels[:, None] == ref_labels[None]).sum(1)
+    )
+    with pytest.raises(ValueError, match="needs ref_labels"):
+        fastap.ap_loss_from_embeddings(queries, database, labels=labels)
+    with pytest.raises(ValueError, match="same dimension"):
+        fastap.ap_loss_from_embeddings(
+            queries, database[:, :2], labels=labels, ref_labels=ref_labels
+        )
+    with pytest.raises(ValueError, match="block_size"):
+        fastap.ap_loss_from_embeddings(queries, labels=labels, block_size=0)
+    with pytest.raises(ValueError, match="row i \\+ self_offset"):
+        fastap.ap_loss_from_embeddings(
+            queries,
+            database,
+            labels=labels,
+            ref_labels=ref_labels,
+            exclude_self=True,
+            self_offset=3,
+        )
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        fastap.ap_loss_from_embeddings(queries, labels=labels.float())
+    with pytest.raises(ValueError, match="variant"):
+        fastap.ap_loss_from_embeddings(queries, labels=labels, variant="x")
