@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastap.embeddings import histograms_from_embeddings
 from fastap.functional import (
     DEFAULT_NUM_BINS,
     DEFAULT_SCORE_RANGE,
     VARIANTS,
+    ap_from_histograms,
     average_precision_and_validity,
 )
 
@@ -61,6 +63,9 @@ class _EmbeddingAPLoss(torch.nn.Module):
     num_bins: int
     score_range: tuple[float, float]
     variant: str
+    #: Above this many bytes of N x M scores, the loss is computed block by block from the
+    #: embeddings instead of forming the score matrix (slower, a fraction of the memory).
+    score_matrix_limit: int = 2**30
 
     def forward(
         self,
@@ -107,7 +112,24 @@ class _EmbeddingAPLoss(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - AP_i [N], has_positive [N]) of the queries ranked against the database by cosine
         similarity: the building block that the distributed and cross-batch-memory helpers share.
+        Above ``score_matrix_limit`` bytes of scores, computed block by block from the embeddings
+        (the same values, see fastap.ap_loss_from_embeddings).
         """
+        score_bytes = queries.shape[0] * database.shape[0] * max(4, queries.element_size())
+        if ignore is None and score_bytes > self.score_matrix_limit:
+            same_set = database is queries
+            n, p, positives = histograms_from_embeddings(
+                queries,
+                None if same_set else database,
+                labels=labels,
+                ref_labels=None if same_set else ref_labels,
+                num_bins=self.num_bins,
+                score_range=self.score_range,
+                exclude_self=exclude_self,
+                self_offset=self_offset or 0,
+            )
+            ap, has_positive = ap_from_histograms(n, p, positives, self.variant)
+            return 1 - ap, has_positive
         cosine = F.normalize(queries, dim=1) @ F.normalize(database, dim=1).T
         ap, has_positive = average_precision_and_validity(
             cosine,
@@ -147,6 +169,8 @@ class APLoss(_EmbeddingAPLoss):
         num_bins: Q >= 2 (default 20).
         score_range: (lo, hi) of the bins (default (-1, 1), the range of cosine similarity).
         variant: "ap_q" (default), "tie_aware" or "tie_aware_simplified".
+        score_matrix_limit: above this many bytes of N x M scores (default 1 GiB) the loss is
+            computed block by block from the embeddings, never holding the score matrix.
     """
 
     def __init__(
@@ -154,6 +178,7 @@ class APLoss(_EmbeddingAPLoss):
         num_bins: int = DEFAULT_NUM_BINS,
         score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
         variant: str = "ap_q",
+        score_matrix_limit: int = 2**30,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -161,6 +186,7 @@ class APLoss(_EmbeddingAPLoss):
         self.num_bins = num_bins
         self.score_range = tuple(score_range)
         self.variant = variant
+        self.score_matrix_limit = score_matrix_limit
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}, score_range={self.score_range}, variant={self.variant!r}"
@@ -179,10 +205,12 @@ class FastAPLoss(_EmbeddingAPLoss):
 
     Args:
         num_bins: number of bin intervals (default 10, as in pytorch-metric-learning).
+        score_matrix_limit: as for :class:`APLoss`.
     """
 
-    def __init__(self, num_bins: int = 10):
+    def __init__(self, num_bins: int = 10, score_matrix_limit: int = 2**30):
         super().__init__()
+        self.score_matrix_limit = score_matrix_limit
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
             raise ValueError(f"fastap.FastAPLoss: num_bins must be an int >= 1, got {num_bins!r}")
         self.fast_ap_bins = num_bins

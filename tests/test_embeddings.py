@@ -142,3 +142,24 @@ def test_histograms_and_errors():
         fastap.ap_loss_from_embeddings(queries, labels=labels.float())
     with pytest.raises(ValueError, match="variant"):
         fastap.ap_loss_from_embeddings(queries, labels=labels, variant="x")
+
+
+@pytest.mark.parametrize("loss_type", ["APLoss", "FastAPLoss", "memory"])
+def test_modules_switch_to_blocks_above_the_limit(loss_type):
+    """With score_matrix_limit = 0 the modules take the blockwise path: the same values."""
+    queries, database, labels, ref_labels = embedding_problem(14, 21, 5, seed=6)
+    results = []
+    for limit in (2**30, 0):
+        make = fastap.FastAPLoss if loss_type == "FastAPLoss" else fastap.APLoss
+        loss_fn = make(score_matrix_limit=limit)
+        q = queries.clone().requires_grad_()
+        if loss_type == "memory":
+            memory = fastap.memory.CrossBatchMemory(loss_fn, size=30)
+            memory(database, ref_labels)
+            loss = memory(q, labels)
+        else:
+            loss = loss_fn(q, labels) + loss_fn(q, labels, ref_emb=database, ref_labels=ref_labels)
+        (grad,) = torch.autograd.grad(loss, q)
+        results.append((loss.detach(), grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
