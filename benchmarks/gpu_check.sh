@@ -32,8 +32,13 @@ step bench_fp32 bench_fp32.md $PY benchmarks/bench_ap_loss.py --device cuda \
   --json "$OUT/bench_fp32.json"
 step bench_bf16 bench_bf16.md $PY benchmarks/bench_ap_loss.py --device cuda --dtype bfloat16 \
   --sizes 8192 32768 --reference-max 0 --repeats 20 --json "$OUT/bench_bf16.json"
+step variants variants.md $PY benchmarks/bench_variants.py --device cuda --n 8192 --repeats 20
+step embeddings embeddings.md $PY benchmarks/bench_embeddings.py --device cuda --sizes 8192 32768 \
+  --repeats 10
 
 echo
+echo "== variants (fp32, N = 8192) =="; cat "$OUT/variants.md"
+echo "== from embeddings (fp32, D = 128) =="; cat "$OUT/embeddings.md"
 echo "== benchmark (fp32, Q = 20) =="; cat "$OUT/bench_fp32.md"
 echo "== benchmark (bf16, Q = 20) =="; cat "$OUT/bench_bf16.md"
 echo "== summary =="
