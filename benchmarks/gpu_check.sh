@@ -32,11 +32,15 @@ step bench_fp32 bench_fp32.md $PY benchmarks/bench_ap_loss.py --device cuda \
   --json "$OUT/bench_fp32.json"
 step bench_bf16 bench_bf16.md $PY benchmarks/bench_ap_loss.py --device cuda --dtype bfloat16 \
   --sizes 8192 32768 --reference-max 0 --repeats 20 --json "$OUT/bench_bf16.json"
+step kernels kernels.md $PY benchmarks/bench_kernels.py --device cuda --repeats 20 \
+  --shapes 1024x1024 8192x8192 32768x32768 256x1000000 --num-bins 10 20 50 \
+  --dtypes float32 bfloat16 --reference-max 67108864
 step variants variants.md $PY benchmarks/bench_variants.py --device cuda --n 8192 --repeats 20
 step embeddings embeddings.md $PY benchmarks/bench_embeddings.py --device cuda --sizes 8192 32768 \
   --repeats 10
 
 echo
+echo "== kernels =="; cat "$OUT/kernels.md"
 echo "== variants (fp32, N = 8192) =="; cat "$OUT/variants.md"
 echo "== from embeddings (fp32, D = 128) =="; cat "$OUT/embeddings.md"
 echo "== benchmark (fp32, Q = 20) =="; cat "$OUT/bench_fp32.md"

@@ -1,0 +1,128 @@
+"""The fused ops alone: forward, backward and forward+backward time, achieved bandwidth against
+the device's copy bandwidth measured in the same run, and the speed-up over the reference.
+
+Bytes that must move (the floor): the forward reads S (N M s bytes, s = element size) and the
+backward reads S and writes dS (2 N M s), plus the labels (8 (N + M) bytes, negligible). Achieved
+bandwidth = those bytes / time; the copy bandwidth is that of `dst.copy_(src)` on a 1 GiB tensor
+(bytes read + written / time). Timing: CUDA events (or perf_counter on CPU), median of --repeats
+after a warm-up.
+
+    python benchmarks/bench_kernels.py --device cuda --shapes 8192x8192 32768x32768 256x1000000 \
+        --num-bins 10 20 50 --dtypes float32 bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastap
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: str, repeats: int) -> float:
+    """GB/s of a plain device copy (bytes read + written)."""
+    size = 2**28 if device.startswith("cuda") else 2**25  # floats: 1 GiB on GPU, 128 MiB on CPU
+    src = torch.empty(size, device=device)
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def measure_case(scores, labels, ref_labels, q, device, repeats, with_reference):
+    """(fwd, bwd, fwd+bwd, reference fwd+bwd or None) in ms for one problem."""
+    op = torch.ops.fastap
+    hist = op.soft_histogram(scores, None, labels, ref_labels, None, False, q, -1.0, 1.0)
+    grad_n, grad_p = torch.randn_like(hist[0]), torch.randn_like(hist[1])
+
+    def forward():
+        op.soft_histogram(scores, None, labels, ref_labels, None, False, q, -1.0, 1.0)
+
+    def backward():
+        op.soft_histogram_backward(
+            grad_n, grad_p, scores, None, labels, ref_labels, None, False, q, -1.0, 1.0
+        )
+
+    def both(loss_fn=fastap.ap_loss):
+        loss = loss_fn(scores, labels=labels, ref_labels=ref_labels, num_bins=q)
+        torch.autograd.grad(loss, scores)
+
+    reference = None
+    if with_reference:
+        reference = timed(lambda: both(fastap.reference.ap_loss), device, max(1, repeats // 5))
+    return (
+        timed(forward, device, repeats),
+        timed(backward, device, repeats),
+        timed(both, device, repeats),
+        reference,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shapes", nargs="+", default=["1024x1024", "4096x4096"])
+    parser.add_argument("--num-bins", type=int, nargs="+", default=[20])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--reference-max", type=int, default=2**24, help="largest N*M for it")
+    args = parser.parse_args()
+    device = args.device
+    copy = copy_bandwidth(device, args.repeats)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, "
+        f"copy bandwidth {copy:.0f} GB/s; times in ms (median of {args.repeats}); "
+        "GB/s = floor bytes / time"
+    )
+    print(
+        "| N x M | dtype | Q | fwd | bwd | fwd+bwd | fwd+bwd GB/s | % of copy "
+        "| reference | speed-up |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes:
+        n, m = (int(v) for v in shape.split("x"))
+        g = torch.Generator(device="cpu").manual_seed(0)
+        labels = torch.randint(0, max(2, n // 8), (n,), generator=g).to(device)
+        ref_labels = torch.randint(0, max(2, n // 8), (m,), generator=g).to(device)
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            scores = (2 * torch.rand(n, m, device=device) - 1).to(dtype).requires_grad_()
+            for q in args.num_bins:
+                with_reference = n * m <= args.reference_max and dtype != torch.bfloat16
+                fwd, bwd, total, ref = measure_case(
+                    scores, labels, ref_labels, q, device, args.repeats, with_reference
+                )
+                achieved = 3 * n * m * scores.element_size() / total / 1e6
+                ref_cells = "- | -" if ref is None else f"{ref:.2f} | {ref / total:.0f}x"
+                print(
+                    f"| {n} x {m} | {dtype_name} | {q} | {fwd:.3f} | {bwd:.3f} | {total:.3f} | "
+                    f"{achieved:.0f} | {100 * achieved / copy:.0f}% | {ref_cells} |",
+                    flush=True,
+                )
+            del scores
+
+
+if __name__ == "__main__":
+    main()
