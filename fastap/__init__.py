@@ -12,9 +12,10 @@ Public API:
         block by block, without the N x M score matrix
     fastap.train.multistage_backward: batches larger than fit through the model at once
     fastap.distributed.DistributedAPLoss, fastap.memory.CrossBatchMemory: larger databases
+    fastap.metrics: exact mAP, recall@k, mAP@R and the revisited Oxford/Paris protocol
 """
 
-from fastap import compat, distributed, memory, reference, train
+from fastap import compat, distributed, memory, metrics, reference, train
 from fastap.embeddings import ap_loss_from_embeddings
 from fastap.functional import VARIANTS, ap_loss, average_precision
 from fastap.losses import APLoss, FastAPLoss
@@ -29,6 +30,7 @@ __all__ = [
     "compat",
     "distributed",
     "memory",
+    "metrics",
     "reference",
     "train",
 ]

@@ -1,0 +1,700 @@
+"""fastap.metrics: exact AP, embedding retrieval metrics and the revisited Oxford/Paris protocol,
+checked against hand-computed values, brute-force enumeration of tie orders, and straightforward
+loop implementations of the definitions."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastap.metrics import TIES, average_precision, retrieval_metrics, revisited_map
+
+# --------------------------------------------------------------------------------------------
+# helpers: metrics of one explicit ranking, and brute force over the orders of tied entries
+# --------------------------------------------------------------------------------------------
+
+
+def ranking_metrics(rel: list[bool], ks=()) -> tuple[float, list[float], float]:
+    """(AP, [recall@k], mAP@R) of one ranking given as its relevance list, best first."""
+    npos = sum(rel)
+    hits, ap, ap_r = 0, 0.0, 0.0
+    for i, x in enumerate(rel, 1):
+        if x:
+            hits += 1
+            ap += hits / i
+            if i <= npos:
+                ap_r += hits / i
+    recalls = [float(any(rel[:k])) for k in ks]
+    return ap / max(npos, 1), recalls, ap_r / max(npos, 1)
+
+
+def tie_orders(scores: list[float]):
+    """All orders of the indices that sort the scores in non-increasing order."""
+    for perm in itertools.permutations(range(len(scores))):
+        if all(scores[perm[a]] >= scores[perm[a + 1]] for a in range(len(perm) - 1)):
+            yield perm
+
+
+def brute_force(scores: list[float], rel: list[bool], ks=()) -> dict[str, tuple]:
+    """Per tie rule, (AP, [recall@k], mAP@R): the mean over all tie orders ("average"), the
+    minimum ("pessimistic") and the maximum ("optimistic"). All three metrics only grow when a
+    positive moves ahead of a negative, so min and max are the pessimistic and optimistic
+    orders."""
+    results = [ranking_metrics([rel[j] for j in p], ks) for p in tie_orders(scores)]
+    aps = [r[0] for r in results]
+    recalls = [[r[1][j] for r in results] for j in range(len(ks))]
+    ap_rs = [r[2] for r in results]
+    return {
+        "average": (
+            sum(aps) / len(aps),
+            [sum(v) / len(v) for v in recalls],
+            sum(ap_rs) / len(ap_rs),
+        ),
+        "pessimistic": (min(aps), [min(v) for v in recalls], min(ap_rs)),
+        "optimistic": (max(aps), [max(v) for v in recalls], max(ap_rs)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 1. average_precision
+# --------------------------------------------------------------------------------------------
+
+
+def test_ap_hand_computed():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]])
+    rel = torch.tensor([[1, 0, 1, 0, 1]])
+    # positives at ranks 1, 3, 5: (1/1 + 2/3 + 3/5) / 3 = 34/45
+    assert average_precision(scores, rel).item() == pytest.approx(34 / 45, abs=1e-12)
+    # the same ranking with the columns shuffled
+    perm = torch.tensor([3, 0, 4, 2, 1])
+    assert average_precision(scores[:, perm], rel[:, perm]).item() == pytest.approx(34 / 45)
+    # ignoring the negative at rank 2: P P N P -> (1 + 2/2 + 3/4) / 3 = 11/12
+    ignore = torch.tensor([[0, 1, 0, 0, 0]], dtype=torch.bool)
+    assert average_precision(scores, rel, ignore).item() == pytest.approx(11 / 12)
+    # ignoring the positive at rank 3: P N N P -> (1 + 2/4) / 2 = 3/4
+    ignore = torch.tensor([[0, 0, 1, 0, 0]], dtype=torch.bool)
+    assert average_precision(scores, rel, ignore).item() == pytest.approx(3 / 4)
+
+
+def test_ap_query_without_positives_is_zero_and_flagged():
+    scores = torch.tensor([[0.3, 0.2, 0.1], [0.1, 0.2, 0.3], [0.5, 0.4, 0.6]])
+    rel = torch.tensor([[0, 1, 1], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    ignore = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    ap, valid = average_precision(scores, rel, ignore, return_valid=True)
+    # row 0: N P P -> (1/2 + 2/3) / 2 = 7/12; row 1: no positive; row 2: its positive ignored
+    assert ap.tolist() == pytest.approx([7 / 12, 0.0, 0.0])
+    assert valid.tolist() == [True, False, False]
+    assert ap.dtype == torch.float64
+    assert torch.equal(average_precision(scores, rel, ignore), ap)
+
+
+def test_ap_ties_hand_computed():
+    # one tie group of 4 with 2 positives: the 6 placements of the positives give
+    # APs 1, 5/6, 3/4, 7/12, 1/2, 5/12 -> mean 49/72; worst 5/12; best 1
+    scores = torch.ones(1, 4)
+    rel = torch.tensor([[1, 0, 0, 1]])
+    assert average_precision(scores, rel).item() == pytest.approx(49 / 72, abs=1e-12)
+    assert average_precision(scores, rel, ties="pessimistic").item() == pytest.approx(5 / 12)
+    assert average_precision(scores, rel, ties="optimistic").item() == pytest.approx(1.0)
+
+
+def closed_form_group_contribution(c: int, cp: int, before: int, before_pos: int) -> Fraction:
+    """The stated closed form: the expected sum of the precisions at the positives of a tie group
+    of c entries with cp positives, after `before` entries with `before_pos` positives."""
+    if c == 1:
+        return Fraction(cp * (before_pos + 1), before + 1)
+    return Fraction(cp, c) * sum(
+        (before_pos + 1 + Fraction((i - 1) * (cp - 1), c - 1)) / (before + i)
+        for i in range(1, c + 1)
+    )
+
+
+@pytest.mark.parametrize(
+    ("c", "cp", "before", "before_pos"),
+    [(1, 1, 0, 0), (1, 1, 3, 2), (2, 1, 1, 1), (3, 2, 2, 0), (4, 4, 1, 1), (5, 2, 2, 1)],
+)
+def test_tie_group_closed_form_matches_enumeration(c, cp, before, before_pos):
+    """Derivation check: the closed form equals the exact mean over all orders of the group
+    (computed with fractions), and average_precision equals it."""
+    group = [True] * cp + [False] * (c - cp)
+    orders = list(itertools.permutations(group))
+    total = Fraction(0)
+    for order in orders:
+        hits = before_pos
+        for i, x in enumerate(order, 1):
+            if x:
+                hits += 1
+                total += Fraction(hits, before + i)
+    expected = total / len(orders)
+    assert closed_form_group_contribution(c, cp, before, before_pos) == expected
+    # the same through average_precision: `before` distinct higher scores, then the group
+    prefix_rel = [True] * before_pos + [False] * (before - before_pos)
+    scores = torch.tensor([[float(10 + before - j) for j in range(before)] + [1.0] * c])
+    rel = torch.tensor([prefix_rel + group])
+    # the prefix positives hold ranks 1..before_pos: precision 1 each
+    ap = average_precision(scores, rel).item()
+    assert ap == pytest.approx(float((before_pos + expected) / (before_pos + cp)), abs=1e-12)
+
+
+def test_ties_match_brute_force_enumeration():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        m = int(torch.randint(1, 8, (1,), generator=gen))
+        scores = torch.randint(0, 3, (3, m), generator=gen).double()  # many ties
+        rel = torch.rand(3, m, generator=gen) < 0.5
+        ignore = torch.rand(3, m, generator=gen) < 0.2
+        got = {t: average_precision(scores, rel, ignore, ties=t) for t in TIES}
+        for row in range(3):
+            keep = [j for j in range(m) if not ignore[row, j]]
+            row_rel = [bool(rel[row, j]) for j in keep]
+            if not any(row_rel):
+                assert all(got[t][row].item() == 0.0 for t in TIES)
+                continue
+            expected = brute_force([float(scores[row, j]) for j in keep], row_rel)
+            for t in TIES:
+                assert got[t][row].item() == pytest.approx(expected[t][0], abs=1e-12)
+        assert bool((got["pessimistic"] <= got["average"] + 1e-12).all())
+        assert bool((got["average"] <= got["optimistic"] + 1e-12).all())
+
+
+def test_no_ties_all_rules_equal_plain_ap():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(7, 40, generator=gen)
+    rel = torch.rand(7, 40, generator=gen) < 0.3
+    expected = []
+    for row in range(7):
+        order = torch.argsort(scores[row], descending=True)
+        expected.append(ranking_metrics(rel[row, order].tolist())[0])
+    for t in TIES:
+        assert average_precision(scores, rel, ties=t).tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_ap_chunking_and_dtypes_do_not_change_the_result():
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randint(0, 5, (11, 9), generator=gen).float()
+    rel = (torch.rand(11, 9, generator=gen) < 0.4).float()  # 0/1 floats are accepted
+    ignore = torch.rand(11, 9, generator=gen) < 0.1
+    full = average_precision(scores, rel, ignore)
+    for chunk in (1, 2, 4, 11, 100):
+        assert torch.allclose(average_precision(scores, rel, ignore, chunk_size=chunk), full)
+    assert torch.allclose(average_precision(scores.double(), rel.bool(), ignore), full)
+    assert torch.allclose(average_precision(scores.long(), rel.int(), ignore.int()), full)
+
+
+def test_ap_infinite_scores_and_empty_database():
+    scores = torch.tensor([[math.inf, 1.0, -math.inf, -math.inf]])
+    rel = torch.tensor([[0, 1, 1, 0]])
+    # N P {P, N tied at -inf}: average = (1/2 + E[precision of the tied positive]) / 2 with
+    # E = 1/2 * 2/3 + 1/2 * 2/4 = 7/12 -> (1/2 + 7/12) / 2 = 13/24
+    assert average_precision(scores, rel).item() == pytest.approx(13 / 24)
+    ap, valid = average_precision(torch.zeros(3, 0), torch.zeros(3, 0), return_valid=True)
+    assert ap.tolist() == [0.0, 0.0, 0.0] and valid.tolist() == [False, False, False]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. retrieval_metrics
+# --------------------------------------------------------------------------------------------
+
+
+def reference_retrieval(queries, database, labels, ref_labels, ks, exclude_self):
+    """The metrics from the full score matrix, one query at a time (scores without ties)."""
+    scores = F.normalize(queries.double(), dim=1) @ F.normalize(database.double(), dim=1).T
+    sums = {"map": 0.0, "map@r": 0.0, **{f"recall@{k}": 0.0 for k in ks}}
+    count = 0
+    for i in range(scores.shape[0]):
+        cols = [j for j in range(scores.shape[1]) if not (exclude_self and j == i)]
+        cols.sort(key=lambda j: -float(scores[i, j]))
+        rel = [bool(ref_labels[j] == labels[i]) for j in cols]
+        if not any(rel):
+            continue
+        count += 1
+        ap, recalls, ap_r = ranking_metrics(rel, ks)
+        sums["map"] += ap
+        sums["map@r"] += ap_r
+        for k, r in zip(ks, recalls):
+            sums[f"recall@{k}"] += r
+    return {key: value / count for key, value in sums.items()}, count
+
+
+def assert_metrics_close(got: dict, expected: dict, count: int, tol: float = 1e-10):
+    assert got["num_queries"] == count
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=tol), key
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_retrieval_matches_full_matrix_reference(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n, m, d = 13, 17, 5
+    queries = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    database = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (n,), generator=gen)
+    ref_labels = torch.randint(0, 4, (m,), generator=gen)
+    ks = (1, 3, 5)
+    exp_db, cnt_db = reference_retrieval(queries, database, labels, ref_labels, ks, False)
+    exp_self, cnt_self = reference_retrieval(queries, queries, labels, labels, ks, True)
+    exp_incl, cnt_incl = reference_retrieval(queries, queries, labels, labels, ks, False)
+    for chunk in (None, 1, 2, 4, 5, 13, 50):
+        got = retrieval_metrics(
+            queries, database, labels=labels, ref_labels=ref_labels, ks=ks, chunk_size=chunk
+        )
+        assert_metrics_close(got, exp_db, cnt_db)
+        # database=None: the queries are the database, self-matches excluded by default
+        got = retrieval_metrics(queries, labels=labels, ks=ks, chunk_size=chunk)
+        assert_metrics_close(got, exp_self, cnt_self)
+        got = retrieval_metrics(
+            queries,
+            queries,
+            labels=labels,
+            ref_labels=labels,
+            ks=ks,
+            chunk_size=chunk,
+            exclude_self=True,
+        )
+        assert_metrics_close(got, exp_self, cnt_self)
+        # recall alone takes the torch.topk path instead of the full sort
+        got = retrieval_metrics(queries, labels=labels, ks=ks, chunk_size=chunk, metrics="recall")
+        recalls = {key: v for key, v in exp_self.items() if key.startswith("recall")}
+        assert_metrics_close(got, recalls, cnt_self)
+        assert set(got) == {*recalls, "num_queries"}
+        got = retrieval_metrics(queries, labels=labels, ks=ks, chunk_size=chunk, exclude_self=False)
+        assert_metrics_close(got, exp_incl, cnt_incl)
+        # without ties every tie rule gives the same
+        for t in ("pessimistic", "optimistic"):
+            got = retrieval_metrics(queries, labels=labels, ks=ks, chunk_size=chunk, ties=t)
+            assert_metrics_close(got, exp_self, cnt_self)
+
+
+def test_retrieval_float32_and_metric_selection():
+    gen = torch.Generator().manual_seed(3)
+    queries = torch.randn(9, 4, generator=gen)
+    labels = torch.randint(0, 3, (9,), generator=gen)
+    expected, count = reference_retrieval(queries, queries, labels, labels, (1, 2), True)
+    got = retrieval_metrics(queries, labels=labels, ks=(1, 2), chunk_size=4)
+    assert_metrics_close(got, expected, count, tol=1e-6)
+    half = queries.half()
+    expected_half, _ = reference_retrieval(half, half, labels, labels, (2,), True)
+    only = retrieval_metrics(half, labels=labels, ks=(2,), metrics=("recall",))
+    assert list(only) == ["recall@2", "num_queries"]
+    assert only["recall@2"] == pytest.approx(expected_half["recall@2"], abs=1e-6)
+    only = retrieval_metrics(queries, labels=labels, metrics="map_at_r", chunk_size=3)
+    assert list(only) == ["map@r", "num_queries"]
+    assert only["map@r"] == pytest.approx(expected["map@r"], abs=1e-6)
+
+
+def test_retrieval_hand_computed():
+    # Unit vectors at these angles; the cosine order is the order of angular distance.
+    #   A 0 (label 0), B 10 (1), C 30 (0), D 100 (0), E 210 (1)
+    # query A: B C D E  rel 0 1 1 0  AP (1/2 + 2/3)/2 = 7/12  R=2 top2: 0 1 -> (1/2)/2 = 1/4
+    # query B: A C D E  rel 0 0 0 1  AP 1/4                   R=1 top1: 0   -> 0
+    # query C: B A D E  rel 0 1 1 0  AP 7/12                  R=2 -> 1/4
+    # query D: C B A E  rel 1 0 1 0  AP (1 + 2/3)/2 = 5/6     R=2 top2: 1 0 -> 1/2
+    # query E: D A B C  rel 0 0 1 0  AP 1/3                   R=1 -> 0
+    # recall@1: only D hits -> 1/5; recall@3: all but B -> 4/5
+    angles = torch.tensor([0.0, 10.0, 30.0, 100.0, 210.0], dtype=torch.float64) * math.pi / 180
+    emb = torch.stack([angles.cos(), angles.sin()], dim=1)
+    labels = torch.tensor([0, 1, 0, 0, 1])
+    got = retrieval_metrics(emb, labels=labels, ks=(1, 3))
+    assert got["map"] == pytest.approx((7 / 12 + 1 / 4 + 7 / 12 + 5 / 6 + 1 / 3) / 5)
+    assert got["map"] == pytest.approx(31 / 60)
+    assert got["recall@1"] == pytest.approx(1 / 5)
+    assert got["recall@3"] == pytest.approx(4 / 5)
+    assert got["map@r"] == pytest.approx(1 / 5)
+    assert got["num_queries"] == 5
+    assert list(got) == ["map", "recall@1", "recall@3", "map@r", "num_queries"]
+
+
+def test_retrieval_ties_hand_computed():
+    # query e1 (label 0); database: e1 (1), e1 (0), e1 (1), e2 (0)
+    # -> a tie group of 3 at the top holding 1 positive, then a positive at rank 4
+    e1, e2 = torch.eye(2, dtype=torch.float64)
+    database = torch.stack([e1, e1, e1, e2])
+    ref_labels = torch.tensor([1, 0, 1, 0])
+    labels = torch.tensor([0])
+
+    def run(ties):
+        return retrieval_metrics(
+            e1[None], database, labels=labels, ref_labels=ref_labels, ks=(1, 2, 3), ties=ties
+        )
+
+    avg, pes, opt = run("average"), run("pessimistic"), run("optimistic")
+    # recall@1: P(positive first of 3) = 1/3; recall@2: 1 - C(2,2)/C(3,2) = 2/3
+    assert (avg["recall@1"], avg["recall@2"], avg["recall@3"]) == pytest.approx((1 / 3, 2 / 3, 1))
+    assert (pes["recall@1"], pes["recall@2"], pes["recall@3"]) == pytest.approx((0, 0, 1))
+    assert (opt["recall@1"], opt["recall@2"], opt["recall@3"]) == pytest.approx((1, 1, 1))
+    # AP: the group's positive contributes (1/3)(1/1 + 1/2 + 1/3) = 11/18, the last 2/4
+    assert avg["map"] == pytest.approx((11 / 18 + 1 / 2) / 2)
+    assert pes["map"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert opt["map"] == pytest.approx((1 + 1 / 2) / 2)
+    # mAP@R, R = 2: E[P(1) rel(1) + P(2) rel(2)] = 1/3 * 1 + 1/3 * 1/2 = 1/2 -> / 2
+    assert (avg["map@r"], pes["map@r"], opt["map@r"]) == pytest.approx((1 / 4, 0, 1 / 2))
+
+
+def test_retrieval_ties_match_brute_force():
+    # Vectors whose cosines are exact (sums with zeros), so equal scores are exactly equal.
+    a = 1 / math.sqrt(2)
+    pool = torch.tensor(
+        [[1, 0, 0], [0, 1, 0], [0, 0, 1], [a, a, 0], [0, a, a]], dtype=torch.float64
+    )
+    gen = torch.Generator().manual_seed(4)
+    ks = (1, 2, 3)
+    for _ in range(6):
+        emb = pool[torch.randint(0, 5, (7,), generator=gen)]
+        labels = torch.randint(0, 3, (7,), generator=gen)
+        scores = emb @ emb.T  # exactly what the metric sees (normalised rows stay the same)
+        expected = {t: {"map": 0.0, "map@r": 0.0, **{f"recall@{k}": 0.0 for k in ks}} for t in TIES}
+        count = 0
+        for i in range(7):
+            cols = [j for j in range(7) if j != i]
+            rel = [bool(labels[j] == labels[i]) for j in cols]
+            if not any(rel):
+                continue
+            count += 1
+            bf = brute_force([float(scores[i, j]) for j in cols], rel, ks)
+            for t in TIES:
+                expected[t]["map"] += bf[t][0]
+                expected[t]["map@r"] += bf[t][2]
+                for k, r in zip(ks, bf[t][1]):
+                    expected[t][f"recall@{k}"] += r
+        if count == 0:
+            continue
+        for t in TIES:
+            for chunk in (1, 3, None):
+                got = retrieval_metrics(emb, labels=labels, ks=ks, chunk_size=chunk, ties=t)
+                exp = {key: value / count for key, value in expected[t].items()}
+                assert_metrics_close(got, exp, count, tol=1e-12)
+
+
+def test_retrieval_skips_queries_without_positives():
+    gen = torch.Generator().manual_seed(5)
+    queries = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    database = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 2, 0])
+    ref_labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    base = retrieval_metrics(queries, database, labels=labels, ref_labels=ref_labels, ks=(1, 2))
+    assert base["num_queries"] == 5  # label 2 has no positive in the database
+    keep = labels != 2
+    same = retrieval_metrics(
+        queries[keep], database, labels=labels[keep], ref_labels=ref_labels, ks=(1, 2)
+    )
+    assert base == pytest.approx(same, abs=1e-12)
+    # nobody has a positive: NaN metrics, zero queries
+    none = retrieval_metrics(queries, database, labels=labels + 10, ref_labels=ref_labels)
+    assert none["num_queries"] == 0
+    assert all(math.isnan(v) for key, v in none.items() if key != "num_queries")
+    # k beyond the 7 candidates of a query (self excluded) retrieves them all
+    big = retrieval_metrics(database, labels=ref_labels, ks=(1, 7, 50), metrics="recall")
+    assert big["recall@7"] == 1.0 and big["recall@50"] == 1.0 and big["num_queries"] == 8
+    # a single query that is its own database has no candidate: nothing counts
+    single = retrieval_metrics(queries[:1], labels=labels[:1])
+    assert single["num_queries"] == 0 and math.isnan(single["recall@1"])
+    # a lone label in the self-retrieval setting: only its own entry matches, which is excluded
+    lone = retrieval_metrics(queries[:3], labels=torch.tensor([0, 1, 1]), ks=(1,))
+    assert lone["num_queries"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# 3. revisited_map
+# --------------------------------------------------------------------------------------------
+
+HAND_GND = [
+    {"easy": [2, 5], "hard": [7], "junk": [1]},
+    {"easy": [0, 3], "hard": [], "junk": []},
+]
+HAND_RANKING = torch.tensor(
+    [
+        [1, 2, 3, 7, 5, 0, 4, 6, 8, 9],
+        [9, 3, 8, 0, 1, 2, 4, 5, 6, 7],
+    ]
+)
+
+
+def ranking_to_scores(ranking: torch.Tensor) -> torch.Tensor:
+    scores = torch.empty(ranking.shape, dtype=torch.float32)
+    values = torch.arange(ranking.shape[1], 0, -1, dtype=torch.float32)
+    for q in range(ranking.shape[0]):
+        scores[q, ranking[q]] = values
+    return scores
+
+
+def test_revisited_hand_computed():
+    # Query 0, ranking 1 2 3 7 5 0 4 6 8 9 (easy 2 5, hard 7, junk 1):
+    #  Easy   (ignore 1, 7): 2 3 5 0 4 ...  positives at r = 0, 2
+    #         AP = [(1 + 1)/2 + (1/2 + 2/3)/2] / 2 = 19/24; last positive L = 3 (1-based)
+    #         P@1 = 1/1; P@5 = P@10 = 2/min(k, 3) = 2/3
+    #  Medium (ignore 1): 2 3 7 5 0 ...  positives at r = 0, 2, 3
+    #         AP = [1 + (1/2 + 2/3)/2 + (2/3 + 3/4)/2] / 3 = 55/72; L = 4
+    #         P@1 = 1; P@5 = P@10 = 3/4
+    #  Hard   (ignore 1, 2, 5): 3 7 0 ...  positive at r = 1
+    #         AP = (0/1 + 1/2)/2 = 1/4; L = 2: P@1 = 0/1; P@5 = P@10 = 1/2
+    # Query 1, ranking 9 3 8 0 ... (easy 0 3, no hard, no junk):
+    #  Easy = Medium: positives at r = 1, 3: AP = [(0 + 1/2)/2 + (1/3 + 2/4)/2] / 2 = 1/3
+    #         L = 4: P@1 = 0; P@5 = P@10 = 2/4
+    #  Hard: no positive -> skipped
+    expected = {
+        "easy": {"map": (19 / 24 + 1 / 3) / 2, "mp@1": 1 / 2, "mp@5": (2 / 3 + 1 / 2) / 2},
+        "medium": {"map": (55 / 72 + 1 / 3) / 2, "mp@1": 1 / 2, "mp@5": (3 / 4 + 1 / 2) / 2},
+        "hard": {"map": 1 / 4, "mp@1": 0.0, "mp@5": 1 / 2},
+    }
+    for setup in expected:
+        expected[setup]["mp@10"] = expected[setup]["mp@5"]
+    counts = {"easy": 2, "medium": 2, "hard": 1}
+    from_scores = revisited_map(ranking_to_scores(HAND_RANKING), HAND_GND)
+    from_ranking = revisited_map(HAND_RANKING, HAND_GND, is_ranking=True)
+    for got in (from_scores, from_ranking):
+        assert list(got) == ["easy", "medium", "hard"]
+        for setup, values in expected.items():
+            assert list(got[setup]) == ["map", "mp@1", "mp@5", "mp@10", "num_queries"]
+            assert got[setup]["num_queries"] == counts[setup]
+            for key, value in values.items():
+                assert got[setup][key] == pytest.approx(value, abs=1e-12), (setup, key)
+    assert from_scores["easy"]["map"] == pytest.approx(9 / 16)
+    assert from_scores["medium"]["map"] == pytest.approx(79 / 144)
+
+
+def reference_revisited(ranking: list[list[int]], gnd, kappas):
+    """The protocol written as loops: walk each ranking, skip the ignored images."""
+    setups = {
+        "easy": (("easy",), ("junk", "hard")),
+        "medium": (("easy", "hard"), ("junk",)),
+        "hard": (("hard",), ("junk", "easy")),
+    }
+    out = {}
+    for setup, (pos_keys, ign_keys) in setups.items():
+        aps, prs = [], []
+        for q, g in enumerate(gnd):
+            positives = {int(x) for key in pos_keys for x in g[key]}
+            ignored = {int(x) for key in ign_keys for x in g[key]} - positives
+            if not positives:
+                continue
+            ranks, r = [], 0
+            for idx in ranking[q]:
+                if idx in ignored:
+                    continue
+                if idx in positives:
+                    ranks.append(r)
+                r += 1
+            ap = 0.0
+            for j, rank in enumerate(ranks):
+                p0 = 1.0 if rank == 0 else j / rank
+                p1 = (j + 1) / (rank + 1)
+                ap += (p0 + p1) / 2 / len(positives)
+            aps.append(ap)
+            one_based = [x + 1 for x in ranks]
+            row = []
+            for k in kappas:
+                kq = min(max(one_based), k) if one_based else 0
+                row.append(sum(x <= kq for x in one_based) / kq if kq else 0.0)
+            prs.append(row)
+        res = {"map": sum(aps) / len(aps) if aps else math.nan}
+        for j, k in enumerate(kappas):
+            res[f"mp@{k}"] = sum(p[j] for p in prs) / len(prs) if prs else math.nan
+        res["num_queries"] = len(aps)
+        out[setup] = res
+    return out
+
+
+def test_revisited_matches_loop_reference():
+    gen = torch.Generator().manual_seed(6)
+    nq, ndb, kappas = 9, 30, (1, 3, 10)
+    scores = torch.randn(nq, ndb, generator=gen)
+    gnd = []
+    for _ in range(nq):
+        perm = torch.randperm(ndb, generator=gen)
+        sizes = torch.randint(0, 5, (3,), generator=gen).tolist()
+        easy = perm[: sizes[0]]
+        hard = perm[sizes[0] : sizes[0] + sizes[1]].numpy()  # numpy arrays are accepted
+        junk = perm[sizes[0] + sizes[1] : sum(sizes)].tolist()
+        gnd.append({"easy": easy, "hard": hard, "junk": junk})
+    ranking = torch.argsort(scores, dim=1, descending=True)
+    expected = reference_revisited(ranking.tolist(), gnd, kappas)
+    for chunk in (None, 1, 4):
+        for got in (
+            revisited_map(scores, gnd, kappas, chunk_size=chunk),
+            revisited_map(ranking, gnd, kappas, is_ranking=True, chunk_size=chunk),
+        ):
+            for setup, values in expected.items():
+                assert got[setup]["num_queries"] == values["num_queries"]
+                for key, value in values.items():
+                    if math.isnan(value):
+                        assert math.isnan(got[setup][key])
+                    else:
+                        assert got[setup][key] == pytest.approx(value, abs=1e-12), (setup, key)
+    # a partial ranking (top 12): positives beyond it are never retrieved but still count
+    partial = ranking[:, :12]
+    expected = reference_revisited(partial.tolist(), gnd, kappas)
+    got = revisited_map(partial, gnd, kappas, is_ranking=True)
+    for setup, values in expected.items():
+        for key, value in values.items():
+            assert got[setup][key] == pytest.approx(value, abs=1e-12, nan_ok=True), (setup, key)
+
+
+def test_revisited_lists_are_sets_and_positives_win_over_ignored():
+    scores = ranking_to_scores(HAND_RANKING)
+    expected = revisited_map(scores, HAND_GND)
+    # duplicates count once; an index both positive and ignored in a setup is a positive
+    messy = [
+        {"easy": [2, 5, 2], "hard": [7, 7], "junk": [1, 1]},
+        {"easy": [0, 3, 3], "hard": [], "junk": [0]},
+    ]
+    assert revisited_map(scores, messy) == expected
+
+
+def test_revisited_no_hard_images_at_all():
+    gnd = [{"easy": [0], "hard": [], "junk": [2]}]
+    got = revisited_map(torch.tensor([[0.1, 0.9, 0.5]]), gnd, kappas=(1,))
+    # Easy: ranking 1 2 0 -> junk-free 1 0: positive at r = 1: AP = (0 + 1/2)/2 = 1/4
+    assert got["easy"]["map"] == pytest.approx(1 / 4)
+    assert got["easy"]["mp@1"] == 0.0
+    assert got["hard"]["num_queries"] == 0
+    assert math.isnan(got["hard"]["map"]) and math.isnan(got["hard"]["mp@1"])
+
+
+# --------------------------------------------------------------------------------------------
+# devices
+# --------------------------------------------------------------------------------------------
+
+
+def test_hand_examples_on_device(device):
+    """The hand-computed examples above, on every available device (CPU, and CUDA if present)."""
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5], [1.0, 1.0, 1.0, 1.0, 0.0]], device=device)
+    rel = torch.tensor([[1, 0, 1, 0, 1], [1, 0, 0, 1, 0]], device=device)
+    ap, valid = average_precision(scores, rel, return_valid=True)
+    assert ap.device.type == device.type and valid.device.type == device.type
+    assert ap.tolist() == pytest.approx([34 / 45, 49 / 72])
+    pes = average_precision(scores, rel, ties="pessimistic", chunk_size=1)
+    assert pes.tolist() == pytest.approx([34 / 45, 5 / 12])
+
+    angles = torch.tensor([0.0, 10.0, 30.0, 100.0, 210.0], dtype=torch.float64) * math.pi / 180
+    emb = torch.stack([angles.cos(), angles.sin()], dim=1).to(device)
+    labels = torch.tensor([0, 1, 0, 0, 1], device=device)
+    for metrics in (("map", "recall", "map_at_r"), ("recall",)):
+        got = retrieval_metrics(
+            emb.float(), labels=labels, ks=(1, 3), metrics=metrics, chunk_size=2
+        )
+        assert got["recall@1"] == pytest.approx(1 / 5) and got["recall@3"] == pytest.approx(4 / 5)
+    assert got["num_queries"] == 5
+    got = retrieval_metrics(emb, labels=labels, ks=(1, 3))
+    assert (got["map"], got["map@r"]) == pytest.approx((31 / 60, 1 / 5))
+
+    e1, e2 = torch.eye(2, dtype=torch.float64, device=device)
+    got = retrieval_metrics(
+        e1[None],
+        torch.stack([e1, e1, e1, e2]),
+        labels=torch.tensor([0], device=device),
+        ref_labels=torch.tensor([1, 0, 1, 0], device=device),
+        ks=(1, 2),
+    )
+    assert (got["recall@1"], got["recall@2"]) == pytest.approx((1 / 3, 2 / 3))
+    assert (got["map"], got["map@r"]) == pytest.approx((5 / 9, 1 / 4))
+
+    res = revisited_map(ranking_to_scores(HAND_RANKING).to(device), HAND_GND)
+    assert (res["easy"]["map"], res["medium"]["map"]) == pytest.approx((9 / 16, 79 / 144))
+    assert (res["hard"]["map"], res["hard"]["mp@5"]) == pytest.approx((1 / 4, 1 / 2))
+    res = revisited_map(HAND_RANKING.to(device), HAND_GND, is_ranking=True)
+    assert res["easy"]["mp@5"] == pytest.approx(7 / 12)
+
+
+def test_device_mismatch_is_an_error():
+    emb = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="labels"):
+        retrieval_metrics(emb, labels=torch.empty(4, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match="relevance"):
+        average_precision(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bool, device="meta"))
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_average_precision_errors():
+    scores, rel = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="relevance"):
+        average_precision(scores, torch.zeros(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="ignore"):
+        average_precision(scores, rel, torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="ties"):
+        average_precision(scores, rel, ties="random")
+    with pytest.raises(TypeError, match="ties"):
+        average_precision(scores, rel, ties=None)
+    with pytest.raises(ValueError, match="scores"):
+        average_precision(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(TypeError, match="scores"):
+        average_precision([[0.0]], rel)
+    with pytest.raises(ValueError, match="scores"):
+        average_precision(torch.full((2, 3), math.nan), rel)
+    with pytest.raises(ValueError, match="relevance"):
+        average_precision(scores, torch.full((2, 3), 2.0))
+    with pytest.raises(ValueError, match="chunk_size"):
+        average_precision(scores, rel, chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size"):
+        average_precision(scores, rel, chunk_size=1.5)
+
+
+def test_retrieval_metrics_errors():
+    emb, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="ks"):
+        retrieval_metrics(emb, labels=labels, ks=(0,))
+    with pytest.raises(TypeError, match="ks"):
+        retrieval_metrics(emb, labels=labels, ks=(1.5,))
+    with pytest.raises(TypeError, match="ks"):
+        retrieval_metrics(emb, labels=labels, ks=5)
+    with pytest.raises(ValueError, match="ks"):
+        retrieval_metrics(emb, labels=labels, ks=())
+    with pytest.raises(ValueError, match="labels"):
+        retrieval_metrics(emb, labels=labels[:3], ks=(1,))
+    with pytest.raises(TypeError, match="labels"):
+        retrieval_metrics(emb, labels=labels.float(), ks=(1,))
+    with pytest.raises(ValueError, match="database"):
+        retrieval_metrics(emb, torch.randn(5, 2), labels=labels, ref_labels=labels, ks=(1,))
+    with pytest.raises(ValueError, match="ref_labels"):
+        retrieval_metrics(emb, torch.randn(5, 3), labels=labels, ks=(1,))
+    with pytest.raises(ValueError, match="ref_labels"):
+        retrieval_metrics(emb, torch.randn(5, 3), labels=labels, ref_labels=labels, ks=(1,))
+    with pytest.raises(ValueError, match="ref_labels"):
+        retrieval_metrics(emb, labels=labels, ref_labels=labels, ks=(1,))
+    with pytest.raises(ValueError, match="metrics"):
+        retrieval_metrics(emb, labels=labels, ks=(1,), metrics=("ndcg",))
+    with pytest.raises(ValueError, match="exclude_self"):
+        db, ref = torch.randn(5, 3), torch.arange(5)
+        retrieval_metrics(emb, db, labels=labels, ref_labels=ref, ks=(1,), exclude_self=True)
+    with pytest.raises(ValueError, match="ties"):
+        retrieval_metrics(emb, labels=labels, ks=(1,), ties="mean")
+    with pytest.raises(ValueError, match="queries"):
+        retrieval_metrics(emb[:, :, None], labels=labels, ks=(1,))
+    with pytest.raises(TypeError, match="queries"):
+        retrieval_metrics(emb.long(), labels=labels, ks=(1,))
+    with pytest.raises(ValueError, match="queries"):
+        retrieval_metrics(emb * math.nan, labels=labels, ks=(1,))
+    with pytest.raises(ValueError, match="chunk_size"):
+        retrieval_metrics(emb, labels=labels, ks=(1,), chunk_size=-1)
+
+
+def test_revisited_map_errors():
+    scores = ranking_to_scores(HAND_RANKING)
+    with pytest.raises(ValueError, match="ground_truth"):
+        revisited_map(scores, HAND_GND[:1])
+    with pytest.raises(TypeError, match="ground_truth"):
+        revisited_map(scores, HAND_GND[0])
+    with pytest.raises(ValueError, match="junk"):
+        revisited_map(scores, [{"easy": [1], "hard": []}, HAND_GND[1]])
+    with pytest.raises(ValueError, match="ground_truth"):
+        revisited_map(scores, [{"easy": [10], "hard": [], "junk": []}, HAND_GND[1]])
+    with pytest.raises(TypeError, match="ground_truth"):
+        revisited_map(scores, [{"easy": [1.5], "hard": [], "junk": []}, HAND_GND[1]])
+    with pytest.raises(ValueError, match="kappas"):
+        revisited_map(scores, HAND_GND, kappas=(0, 1))
+    with pytest.raises(TypeError, match="kappas"):
+        revisited_map(scores, HAND_GND, kappas=1)
+    with pytest.raises(ValueError, match="scores"):
+        revisited_map(scores[0], HAND_GND)
+    with pytest.raises(TypeError, match="scores"):
+        revisited_map(scores, HAND_GND, is_ranking=True)  # float, not a ranking
+    with pytest.raises(ValueError, match="scores"):
+        revisited_map(torch.tensor([[0, 1, 1], [2, 1, 0]]), HAND_GND, is_ranking=True)
