@@ -31,6 +31,7 @@ import sys
 import time
 
 import torch
+from timing import time_once_ms
 
 EMBEDDING_DIM = 128
 
@@ -104,20 +105,7 @@ def _measure(name, n, num_bins, dtype_name, device, repeats, mode, queue):
             run()
             queue.put({"peak_bytes": _rss_bytes("VmHWM") - before})
             return
-        times = []
-        for _ in range(repeats):
-            if cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                run()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                run()
-                times.append(1e3 * (time.perf_counter() - t0))
+        times = [time_once_ms(run, device) for _ in range(repeats)]
         queue.put({"ms": statistics.median(times), "min_ms": min(times)})
     except torch.OutOfMemoryError:
         queue.put({"error": "out of memory"})

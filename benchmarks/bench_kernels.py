@@ -14,31 +14,12 @@ after a warm-up.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from timing import median_ms
 
 import fastap
-
-
-def timed(fn, device: str, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(samples)
 
 
 def copy_bandwidth(device: str, repeats: int) -> float:
@@ -46,7 +27,7 @@ def copy_bandwidth(device: str, repeats: int) -> float:
     size = 2**28 if device.startswith("cuda") else 2**25  # floats: 1 GiB on GPU, 128 MiB on CPU
     src = torch.empty(size, device=device)
     dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src), device, repeats)
+    ms = median_ms(lambda: dst.copy_(src), device, repeats)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
@@ -70,11 +51,11 @@ def measure_case(scores, labels, ref_labels, q, device, repeats, with_reference)
 
     reference = None
     if with_reference:
-        reference = timed(lambda: both(fastap.reference.ap_loss), device, max(1, repeats // 5))
+        reference = median_ms(lambda: both(fastap.reference.ap_loss), device, max(1, repeats // 5))
     return (
-        timed(forward, device, repeats),
-        timed(backward, device, repeats),
-        timed(both, device, repeats),
+        median_ms(forward, device, repeats),
+        median_ms(backward, device, repeats),
+        median_ms(both, device, repeats),
         reference,
     )
 

@@ -11,30 +11,9 @@ import statistics
 import time
 
 import torch
+from timing import time_once_ms
 
 import fastap
-
-
-def timer(device: str):
-    if device.startswith("cuda"):
-
-        def measure(fn):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-
-    else:
-
-        def measure(fn):
-            t0 = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t0)
-
-    return measure
 
 
 def main() -> None:
@@ -73,13 +52,12 @@ def main() -> None:
         "APLoss ap_q (embeddings)": on_embeddings(fastap.APLoss(args.num_bins)),
         "FastAPLoss (embeddings)": on_embeddings(fastap.FastAPLoss(args.num_bins - 1)),
     }
-    measure = timer(device)
     times = {name: [] for name in cases}
     for fn in cases.values():
         fn()  # warm-up
     for _ in range(args.repeats):
         for name, fn in cases.items():
-            times[name].append(measure(fn))
+            times[name].append(time_once_ms(fn, device))
     print(
         f"# {time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, N = M = {n}, "
         f"Q = {args.num_bins}, D = {args.dim}, fwd+bwd, median of {args.repeats} interleaved runs"

@@ -67,14 +67,17 @@ def _check_mask(value, name: str, scores: torch.Tensor) -> torch.Tensor:
     return t != 0
 
 
-def _check_labels(value, name: str, scores: torch.Tensor, length: int, axis: str) -> torch.Tensor:
+def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, like_name: str):
+    """A 1-D integer label tensor with one label per `per` (`length` of them), on the device of
+    `like` (called `like_name` in the message); returned as int64."""
     t = _check_tensor(value, name)
-    _check_device(t, name, scores)
+    if t.device != like.device:
+        raise ValueError(f"fastap: {name} is on {t.device} but {like_name} is on {like.device}")
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"fastap: {name} must be an integer tensor, got dtype {t.dtype}")
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(
-            f"fastap: {name} must be 1-D with one label per {axis} ({length}), "
+            f"fastap: {name} must be 1-D with one label per {per} ({length}), "
             f"got shape {list(t.shape)}"
         )
     return t.to(torch.int64)
@@ -149,7 +152,9 @@ def check_histogram_args(
             raise ValueError("fastap: ref_labels goes with labels, not with relevance")
         relevance = _check_mask(relevance, "relevance", scores)
     else:
-        labels = _check_labels(labels, "labels", scores, num_queries, "query (row of scores)")
+        labels = check_labels(
+            labels, "labels", num_queries, "query (row of scores)", scores, "scores"
+        )
         if ref_labels is None:
             if num_queries != num_candidates:
                 raise ValueError(
@@ -158,8 +163,13 @@ def check_histogram_args(
                     "pass ref_labels (one label per column of scores)"
                 )
         else:
-            ref_labels = _check_labels(
-                ref_labels, "ref_labels", scores, num_candidates, "candidate (column of scores)"
+            ref_labels = check_labels(
+                ref_labels,
+                "ref_labels",
+                num_candidates,
+                "candidate (column of scores)",
+                scores,
+                "scores",
             )
     if ignore is not None:
         ignore = _check_mask(ignore, "ignore", scores)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastap._validation import check_bins, check_query_weights, raise_if_poisoned
+from fastap._validation import check_bins, check_labels, check_query_weights, raise_if_poisoned
 from fastap.functional import (
     DEFAULT_NUM_BINS,
     DEFAULT_SCORE_RANGE,
@@ -113,18 +113,6 @@ def _check_embedding_matrix(t, name: str) -> torch.Tensor:
     return t
 
 
-def _check_labels(t, name: str, length: int, device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise TypeError(f"fastap: {name} must be an integer tensor, got dtype {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != length:
-        raise ValueError(f"fastap: {name} must be 1-D with {length} entries, got {list(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"fastap: {name} is on {t.device} but the embeddings are on {device}")
-    return t.to(torch.int64)
-
-
 def histograms_from_embeddings(
     queries: torch.Tensor,
     database: torch.Tensor | None = None,
@@ -158,13 +146,15 @@ def histograms_from_embeddings(
                 f"{database.device}"
             )
     num_bins, lo, hi = check_bins(num_bins, score_range)
-    labels = _check_labels(labels, "labels", queries.shape[0], queries.device)
+    labels = check_labels(labels, "labels", queries.shape[0], "query", queries, "queries")
     if ref_labels is None:
         if not same_set:
             raise ValueError("fastap: a database needs ref_labels (one label per row)")
         ref_labels = labels
     else:
-        ref_labels = _check_labels(ref_labels, "ref_labels", database.shape[0], queries.device)
+        ref_labels = check_labels(
+            ref_labels, "ref_labels", database.shape[0], "database row", queries, "queries"
+        )
     if isinstance(self_offset, bool) or not isinstance(self_offset, int) or self_offset < 0:
         raise TypeError(f"fastap: self_offset must be an int >= 0, got {self_offset!r}")
     if exclude_self and queries.shape[0] + self_offset > database.shape[0]:

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from fastap._validation import check_labels
+
 __all__ = ["TIES", "average_precision", "retrieval_metrics", "revisited_map"]
 
 TIES = ("average", "pessimistic", "optimistic")
@@ -127,19 +129,6 @@ def _mask_chunk(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.numel() > 0 and not bool(((t == 0) | (t == 1)).all()):
         raise ValueError(f"fastap: {name} must hold only 0 and 1 (or be a bool tensor)")
     return t != 0
-
-
-def _check_labels(value, name: str, length: int, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
-    t = _tensor(value, name)
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise TypeError(f"fastap: {name} must be an integer tensor, got dtype {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != length:
-        raise ValueError(
-            f"fastap: {name} must be 1-D with one label per row of {ref_name} ({length}), "
-            f"got shape {list(t.shape)}"
-        )
-    _same_device(t, name, ref, ref_name)
-    return t
 
 
 def _check_embeddings(value, name: str) -> torch.Tensor:
@@ -483,7 +472,7 @@ def retrieval_metrics(
     """
     queries = _check_embeddings(queries, "queries")
     n = queries.shape[0]
-    labels = _check_labels(labels, "labels", n, queries, "queries")
+    labels = check_labels(labels, "labels", n, "row of queries", queries, "queries")
     if database is None:
         if ref_labels is not None:
             raise ValueError(
@@ -503,8 +492,8 @@ def retrieval_metrics(
             )
         if ref_labels is None:
             raise ValueError("fastap: ref_labels (one label per database row) is required")
-        ref_labels = _check_labels(
-            ref_labels, "ref_labels", database.shape[0], database, "database"
+        ref_labels = check_labels(
+            ref_labels, "ref_labels", database.shape[0], "row of database", database, "database"
         )
         if exclude_self is None:
             exclude_self = False
