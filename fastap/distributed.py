@@ -1,8 +1,8 @@
 """Distributed training: rank each process's queries against the descriptors of every process.
 
-Uses torch.distributed's own collectives (NCCL on GPUs, gloo on CPU) through the autograd-aware
-``torch.distributed.nn.functional.all_gather``: the gradient of every gathered descriptor flows
-back to the process that owns it, summed over the processes whose losses used it.
+Uses torch.distributed's own collectives (NCCL on GPUs, gloo on CPU): an all_gather whose
+backward all-reduces the gradient of the gathered tensor, so the gradient of every descriptor
+flows back to the process that owns it, summed over the processes whose losses used it.
 """
 
 from __future__ import annotations
@@ -10,9 +10,28 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather as _all_gather_with_grad
 
 from fastap.losses import APLoss, _EmbeddingAPLoss
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenation of every process's (equally shaped) tensor, in rank order. Backward: the
+    gradients of all processes summed (all_reduce), and this process's rows returned."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
 
 
 def gather_embeddings(
@@ -40,7 +59,7 @@ def gather_embeddings(
     # Collectives need equal shapes: pad to the largest batch, then drop the padding.
     padded = F.pad(embeddings, (0, 0, 0, pad))
     padded_labels = F.pad(labels, (0, pad))
-    gathered = _all_gather_with_grad(padded, group=group)
+    gathered = _AllGather.apply(padded, group).split(largest)
     gathered_labels = [torch.empty_like(padded_labels) for _ in range(world)]
     dist.all_gather(gathered_labels, padded_labels.contiguous(), group=group)
     all_embeddings = torch.cat([g[:s] for g, s in zip(gathered, sizes)])

@@ -84,7 +84,11 @@ class CrossBatchMemory(torch.nn.Module):
         self.next = (self.next + len(labels)) % self.size
         self.filled = min(self.size, self.filled + len(labels))
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, enqueue: bool = True
+    ) -> torch.Tensor:
+        """The loss of the batch against itself and the memory; then, with ``enqueue``, the
+        batch joins the memory (pass ``enqueue=False`` to evaluate without changing it)."""
         stored, stored_labels = self.contents()
         stored = stored.to(embeddings)
         database = torch.cat([embeddings, stored])
@@ -93,5 +97,6 @@ class CrossBatchMemory(torch.nn.Module):
         per_query, valid = self.loss.per_query_loss(
             embeddings, database, labels, database_labels, exclude_self=True, self_offset=0
         )
-        self.enqueue(embeddings, labels)
+        if enqueue:
+            self.enqueue(embeddings, labels)
         return mean_over_valid(per_query, valid)

@@ -11,6 +11,7 @@ Memory: the model's activations for one chunk, plus the descriptors of the whole
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -82,6 +83,12 @@ def multistage_backward(
     Running statistics are updated once per chunk (stage 3 only; stage 1 leaves them as they
     were). The usual remedy for retrieval fine-tuning is to freeze BatchNorm:
     :func:`freeze_batchnorm`.
+
+    Dropout and other random layers draw their masks per chunk: with ``preserve_rng_state`` the
+    gradients are exactly those of one backward through the same chunks. Under
+    DistributedDataParallel the gradient all-reduce runs once, with the last chunk (the others
+    run under ``no_sync()``), so processes with different numbers of chunks do not wait on each
+    other.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"fastap: chunk_size must be a positive int, got {chunk_size!r}")
@@ -132,21 +139,34 @@ def multistage_backward(
     grads = descriptors.grad.split([len(o) for o in outputs])
 
     # Stage 3: recompute each chunk with a graph and backpropagate its descriptors' gradient.
+    # Under DistributedDataParallel, gradients are all-reduced once, with the last chunk: every
+    # process then takes part in exactly one reduction whatever its number of chunks.
+    no_sync = getattr(model, "no_sync", None)
     for index, (chunk, grad) in enumerate(zip(chunks, grads)):
         replay = _random_state(states[index], devices) if preserve_rng_state else None
-        with replay or contextlib.nullcontext(), autocast():
-            output = model(*chunk)
-        output.backward(grad.to(output.dtype))
+        last = index == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with sync:
+            with replay or contextlib.nullcontext(), autocast():
+                output = model(*chunk)
+            output.backward(grad.to(output.dtype))
     return loss.detach()
 
 
+def _stay_in_eval(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+    """A frozen BatchNorm's ``train()``: it stays in eval mode."""
+    module.training = False
+    return module
+
+
 def freeze_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """Put every BatchNorm layer in eval mode (running statistics, not updated) and stop the
-    gradients of its affine parameters; the rest of the model keeps its mode. Call it after
-    ``model.train()``, which would switch them back. Returns the model."""
+    """Freeze every BatchNorm layer: eval mode (running statistics used, never updated), which a
+    later ``model.train()`` does not undo, and no gradient for its affine parameters. The rest of
+    the model keeps its mode. Returns the model."""
     for module in model.modules():
         if isinstance(module, _BATCHNORM):
             module.eval()
+            module.train = types.MethodType(_stay_in_eval, module)
             for parameter in module.parameters(recurse=False):
                 parameter.requires_grad_(False)
     return model

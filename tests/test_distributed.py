@@ -2,13 +2,16 @@
 of the global batch, and gradients (of the embeddings, and of a DDP model) equal its gradients."""
 
 import os
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastap
 from fastap.distributed import DistributedAPLoss, gather_embeddings
+from fastap.train import multistage_backward
 
 WORLD = 2
 SIZES = [6, 9]  # uneven on purpose
@@ -47,8 +50,19 @@ def worker(rank, init_file, out_dir):
             ddp(embeddings[mine]), labels[mine]
         )
         (ddp_loss * dist.get_world_size()).backward()  # undo DDP's averaging over processes
+        # Multi-stage under DDP with different numbers of chunks per process (2 and 3): one
+        # gradient all-reduce per step, so nobody waits forever.
+        staged = torch.nn.parallel.DistributedDataParallel(model())
+        loss_fn = DistributedAPLoss(fastap.APLoss(num_bins=9))
+        multistage_backward(
+            staged,
+            embeddings[mine],
+            lambda d: loss_fn(d, labels[mine]) * dist.get_world_size(),
+            chunk_size=4,
+        )
         torch.save(
             {
+                "staged_grads": [p.grad for p in staged.parameters()],
                 "share": share.detach(),
                 "grad": local.grad,
                 "ddp_share": ddp_loss.detach(),
@@ -61,7 +75,15 @@ def worker(rank, init_file, out_dir):
 
 
 def test_two_processes_equal_the_global_batch(tmp_path):
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    context = mp.spawn(
+        worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=False
+    )
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two processes did not finish within 180 s (a collective hung)")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     embeddings, labels = global_batch()
@@ -82,4 +104,10 @@ def test_two_processes_equal_the_global_batch(tmp_path):
     )
     for rank_result in results:  # DDP leaves the same averaged gradients on every process
         for ours, ref in zip(rank_result["ddp_grads"], [p.grad for p in net.parameters()]):
+            torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+    net = model()
+    fastap.APLoss(num_bins=9)(net(embeddings.detach()), labels).backward()
+    for rank_result in results:
+        for ours, ref in zip(rank_result["staged_grads"], [p.grad for p in net.parameters()]):
             torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)

@@ -51,6 +51,11 @@ def test_loss_against_direct_computation_and_state_dict():
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
     assert memory.filled == 20 and memory.contents()[1].tolist()[-9:] == labels.tolist()
 
+    # Evaluating without enqueueing leaves the memory as it was.
+    before = memory.contents()[1].clone()
+    memory(batch.detach(), labels, enqueue=False)
+    assert torch.equal(memory.contents()[1], before)
+
     restored = CrossBatchMemory(fastap.APLoss(num_bins=15), size=20)
     restored.load_state_dict(memory.state_dict())
     for a, b in zip(restored.contents(), memory.contents()):

@@ -109,6 +109,16 @@ def test_autocast_bfloat16_cpu():
         assert cosine > 0.95
 
 
+def test_freeze_batchnorm_survives_train():
+    model = freeze_batchnorm(small_cnn())
+    model.train()
+    assert model.training and not model[1].training and not model[0].weight.grad
+    assert not model[1].weight.requires_grad and model[0].weight.requires_grad
+    before = model[1].running_mean.clone()
+    model(batch(4)[0])
+    assert torch.equal(model[1].running_mean, before)
+
+
 def test_bad_arguments():
     model = small_cnn()
     images, _ = batch(4)
