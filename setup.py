@@ -74,6 +74,8 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "ruff", "ninja", "pytorch-metric-learning"],
         "bench": ["matplotlib", "pytorch-metric-learning"],
+        # examples/train.py: the digits data set and the plot (pillow only for --data)
+        "examples": ["scikit-learn", "matplotlib"],
     },
     zip_safe=False,
 )

@@ -1,0 +1,69 @@
+"""The training example (examples/train.py) runs end to end, writes its plot and report, and
+resumes from its checkpoints instead of training again."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "train.py"
+ROW = re.compile(
+    r"^\| (\w+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+    re.MULTILINE,
+)
+
+
+def run_example(out: Path, *extra: str) -> str:
+    command = [sys.executable, str(EXAMPLE), "--out", str(out), "--batch-size", "128"]
+    result = subprocess.run(
+        [*command, "--loss", "fastap,triplet", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def results(text: str) -> dict[str, tuple[float, ...]]:
+    return {m[0]: tuple(float(v) for v in m[1:]) for m in ROW.findall(text)}
+
+
+def test_train_example_runs_reports_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    first = run_example(out, "--epochs", "1")
+    assert "fastap     epoch   1/1" in first and "triplet    epoch   1/1" in first
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    table = results(report)
+    assert set(table) == {"fastap", "triplet"}
+    for epochs, map_before, map_after, r1_before, r1_after, seconds in table.values():
+        assert epochs == 1
+        assert all(0 < v <= 1 for v in (map_before, map_after, r1_before, r1_after))
+        assert seconds >= 0
+    assert table["fastap"][1] == table["triplet"][1]  # same initial weights: same start
+    assert results(first) == table  # the table printed is the table of the report
+
+    # Same --out, same settings: both losses are finished, nothing is trained again.
+    second = run_example(out, "--epochs", "1")
+    assert second.count("not trained again") == 2
+    assert "epoch   1/1" not in second
+    assert results(second) == table
+
+    # More epochs: each loss resumes after its first epoch and trains only the second.
+    third = run_example(out, "--epochs", "2")
+    assert "fastap: resuming" in third and "after epoch 1/2" in third
+    assert "epoch   1/2" not in third and "epoch   0/2" not in third
+    assert "fastap     epoch   2/2" in third and "triplet    epoch   2/2" in third
+    resumed = results(third)
+    assert {name: row[0] for name, row in resumed.items()} == {"fastap": 2, "triplet": 2}
+    assert {name: row[1] for name, row in resumed.items()} == {
+        name: row[1] for name, row in table.items()
+    }
