@@ -70,9 +70,18 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.5", "numpy"],
-    # pytorch-metric-learning: the FastAPLoss parity tests (skipped where it is not installed)
+    # pytorch-metric-learning: the FastAPLoss parity tests; scikit-learn and matplotlib: the
+    # training example test (each skipped where it is not installed)
     extras_require={
-        "test": ["pytest", "hypothesis", "ruff", "ninja", "pytorch-metric-learning"],
+        "test": [
+            "pytest",
+            "hypothesis",
+            "ruff",
+            "ninja",
+            "pytorch-metric-learning",
+            "scikit-learn",
+            "matplotlib",
+        ],
         "bench": ["matplotlib", "pytorch-metric-learning"],
         # examples/train.py: the digits data set and the plot (pillow only for --data)
         "examples": ["scikit-learn", "matplotlib"],
