@@ -1,6 +1,7 @@
 """Two processes on gloo: the shares of the distributed loss add up to the single-process loss
 of the global batch, and gradients (of the embeddings, and of a DDP model) equal its gradients."""
 
+import gc
 import os
 import time
 
@@ -32,46 +33,50 @@ def model():
 def worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        embeddings, labels = global_batch()
-        start = sum(SIZES[:rank])
-        mine = slice(start, start + SIZES[rank])
-        gathered, gathered_labels, offset = gather_embeddings(embeddings[mine], labels[mine])
-        assert offset == start and torch.equal(gathered, embeddings)
-        assert torch.equal(gathered_labels, labels)
-
-        local = embeddings[mine].clone().requires_grad_()
-        share = DistributedAPLoss(fastap.APLoss(num_bins=15, variant="tie_aware"))(
-            local, labels[mine]
-        )
-        share.backward()
-
-        ddp = torch.nn.parallel.DistributedDataParallel(model())
-        ddp_loss = DistributedAPLoss(fastap.FastAPLoss(num_bins=12))(
-            ddp(embeddings[mine]), labels[mine]
-        )
-        (ddp_loss * dist.get_world_size()).backward()  # undo DDP's averaging over processes
-        # Multi-stage under DDP with different numbers of chunks per process (2 and 3): one
-        # gradient all-reduce per step, so nobody waits forever.
-        staged = torch.nn.parallel.DistributedDataParallel(model())
-        loss_fn = DistributedAPLoss(fastap.APLoss(num_bins=9))
-        multistage_backward(
-            staged,
-            embeddings[mine],
-            lambda d: loss_fn(d, labels[mine]) * dist.get_world_size(),
-            chunk_size=4,
-        )
-        torch.save(
-            {
-                "staged_grads": [p.grad for p in staged.parameters()],
-                "share": share.detach(),
-                "grad": local.grad,
-                "ddp_share": ddp_loss.detach(),
-                "ddp_grads": [p.grad for p in ddp.parameters()],
-            },
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        run_and_save(rank, out_dir)  # returns with its DDP models released
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def run_and_save(rank, out_dir):
+    embeddings, labels = global_batch()
+    start = sum(SIZES[:rank])
+    mine = slice(start, start + SIZES[rank])
+    gathered, gathered_labels, offset = gather_embeddings(embeddings[mine], labels[mine])
+    assert offset == start and torch.equal(gathered, embeddings)
+    assert torch.equal(gathered_labels, labels)
+
+    local = embeddings[mine].clone().requires_grad_()
+    share = DistributedAPLoss(fastap.APLoss(num_bins=15, variant="tie_aware"))(local, labels[mine])
+    share.backward()
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model())
+    ddp_loss = DistributedAPLoss(fastap.FastAPLoss(num_bins=12))(
+        ddp(embeddings[mine]), labels[mine]
+    )
+    (ddp_loss * dist.get_world_size()).backward()  # undo DDP's averaging over processes
+    # Multi-stage under DDP with different numbers of chunks per process (2 and 3): one
+    # gradient all-reduce per step, so nobody waits forever.
+    staged = torch.nn.parallel.DistributedDataParallel(model())
+    loss_fn = DistributedAPLoss(fastap.APLoss(num_bins=9))
+    multistage_backward(
+        staged,
+        embeddings[mine],
+        lambda d: loss_fn(d, labels[mine]) * dist.get_world_size(),
+        chunk_size=4,
+    )
+    torch.save(
+        {
+            "staged_grads": [p.grad for p in staged.parameters()],
+            "share": share.detach(),
+            "grad": local.grad,
+            "ddp_share": ddp_loss.detach(),
+            "ddp_grads": [p.grad for p in ddp.parameters()],
+        },
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 def test_two_processes_equal_the_global_batch(tmp_path):
