@@ -25,9 +25,9 @@ constexpr int64_t kMaxGridY = 65535;
 // candidates, each accumulating a private two-class histogram in shared memory, laid out
 // [class * Q + bin][thread] so that the accumulation has no bank conflicts. At the end of the row,
 // thread k sums bin k over the threads in a fixed order (starting at thread k, which spreads the
-// reads over the banks): no float atomics, bitwise deterministic. The row's positives are counted
-// exactly with one integer shared-memory atomic per thread. A non-finite, non-ignored score makes the row's
-// histograms NaN.
+// reads over the banks): no float atomics, bitwise deterministic. The row's positives are
+// counted exactly with one integer shared-memory atomic per thread. A non-finite, non-ignored
+// score makes the row's histograms NaN.
 template <typename scalar_t, typename acc_t>
 __global__ void soft_histogram_kernel(const scalar_t* __restrict__ scores, RelevanceArgs relevance,
                                       BinGrid<acc_t> grid, int64_t num_queries,
