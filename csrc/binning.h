@@ -7,10 +7,11 @@
 // triangular assignment w_k(s) = max(0, 1 - |clamp(s) - c_k| / delta) of the paper: at most two bins
 // are non-zero and the weights sum to one.
 //
-// Since dt/ds = -1/delta, d(1 - f)/ds = +1/delta and df/ds = -1/delta, so an upstream gradient g
-// (one value per bin) gives dL/ds = (g[k] - g[k + 1]) / delta. It is zero where the loss is flat or has a kink: outside the
-// open range (lo, hi) and at an exact bin centre (f == 0). This matches autograd on the triangle
-// formula (|x|' = 0 at 0, relu' = 0 at 0), which is the pure-PyTorch reference.
+// Since dt/ds = -1/delta, d(1 - f)/ds = +1/delta and df/ds = -1/delta, so an upstream gradient
+// g (one value per bin) gives dL/ds = (g[k] - g[k + 1]) / delta. It is zero where the loss is
+// flat or has a kink: outside the open range (lo, hi) and at an exact bin centre (f == 0). This
+// matches autograd on the triangle formula (|x|' = 0 at 0, relu' = 0 at 0), which is the
+// pure-PyTorch reference.
 #pragma once
 
 #include <cstdint>
