@@ -11,14 +11,16 @@
 # torch/library.h) need only the toolkit's own headers, not cuBLAS/cuSPARSE.
 # Objects are thrown away; nothing is linked or run.
 #
-# Env: PYTHON (python3), NVCC (nvcc), CUDA_ARCH (sm_90), JOBS (nproc),
+# Env: TORCH_VERSION (2.14.1: whose headers), CXX_STD (c++20), CHECK_CPP (0: 1 also checks the
+#      C++ sources), PYTHON (python3), NVCC (nvcc), CUDA_ARCH (sm_90), JOBS (nproc),
 #      FASTAP_CI_CACHE (~/.cache/fastap-ci), NVCC_EXTRA_FLAGS (none).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PY=${PYTHON:-python3}
 NVCC=${NVCC:-nvcc}
-TORCH_VERSION=2.14.1
+TORCH_VERSION=${TORCH_VERSION:-2.14.1}
+CXX_STD=${CXX_STD:-c++20}
 CACHE=${FASTAP_CI_CACHE:-$HOME/.cache/fastap-ci}
 INC=$CACHE/torch-$TORCH_VERSION-include
 STAMP=$INC/.complete
@@ -55,7 +57,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 read -ra extra <<<"${NVCC_EXTRA_FLAGS:-}"
 flags=(
-  -std=c++20 -arch="${CUDA_ARCH:-sm_90}" -O2 -Xcompiler -fPIC
+  -std="$CXX_STD" -arch="${CUDA_ARCH:-sm_90}" -O2 -Xcompiler -fPIC
   -I csrc -I "$INC" -I "$INC/torch/csrc/api/include"
   -I "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("include"))')"
   -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
@@ -92,4 +94,20 @@ for i in "${!files[@]}"; do
   echo; echo "===== nvcc output for ${files[$i]} ====="; cat "$tmp/$i.log"
 done
 echo "total: ${#files[@]} file(s), $failed failed, $(secs $(( $(now_ms) - start )))s"
+
+# CHECK_CPP=1: also check that the C++ sources compile against these headers (syntax only; the
+# real build against the installed torch compiles them anyway).
+if [[ ${CHECK_CPP:-0} == 1 ]]; then
+  for f in csrc/*.cpp csrc/cpu/*.cpp; do
+    if g++ -std="$CXX_STD" -fsyntax-only -fopenmp -I csrc -I "$INC" \
+        -I "$INC/torch/csrc/api/include" \
+        -I "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("include"))')" \
+        -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C "$f"; then
+      echo "OK    $f (g++ -std=$CXX_STD, syntax)"
+    else
+      echo "FAIL  $f (g++ -std=$CXX_STD, syntax)"
+      failed=$(( failed + 1 ))
+    fi
+  done
+fi
 (( failed == 0 ))
