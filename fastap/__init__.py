@@ -16,8 +16,9 @@ Public API:
 """
 
 from fastap import compat, distributed, memory, metrics, reference, train
+from fastap._validation import VARIANTS
 from fastap.embeddings import ap_loss_from_embeddings
-from fastap.functional import VARIANTS, ap_loss, average_precision
+from fastap.functional import ap_loss, average_precision
 from fastap.losses import APLoss, FastAPLoss
 
 __all__ = [

@@ -15,6 +15,13 @@ from dataclasses import dataclass
 import torch
 
 SCORE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+VARIANTS = ("ap_q", "tie_aware", "tie_aware_simplified")
+
+
+def check_variant(variant, owner: str = "fastap") -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"{owner}: variant must be one of {VARIANTS}, got {variant!r}")
+    return variant
 
 
 def checking_values() -> bool:

@@ -15,11 +15,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastap._validation import check_bins, check_labels, check_query_weights, raise_if_poisoned
+from fastap._validation import (
+    check_bins,
+    check_labels,
+    check_query_weights,
+    check_variant,
+    raise_if_poisoned,
+)
 from fastap.functional import (
     DEFAULT_NUM_BINS,
     DEFAULT_SCORE_RANGE,
-    VARIANTS,
     ap_from_histograms,
     weighted_loss,
 )
@@ -207,8 +212,7 @@ def ap_loss_from_embeddings(
     :func:`histograms_from_embeddings`, plus ``variant`` and ``query_weights`` as in
     :func:`fastap.ap_loss`.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"fastap: variant must be one of {VARIANTS}, got {variant!r}")
+    check_variant(variant)
     n, p, positives = histograms_from_embeddings(
         queries,
         database,

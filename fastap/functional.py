@@ -13,6 +13,7 @@ from fastap import ops
 from fastap._validation import (
     check_histogram_args,
     check_query_weights,
+    check_variant,
     raise_if_poisoned,
 )
 
@@ -20,7 +21,6 @@ DEFAULT_NUM_BINS = 20
 DEFAULT_SCORE_RANGE = (-1.0, 1.0)
 
 
-VARIANTS = ("ap_q", "tie_aware", "tie_aware_simplified")
 TIE_AWARE_EPS = 1e-8  # the epsilon of the tie-aware formula, as in the authors' code
 
 
@@ -72,12 +72,10 @@ def ap_from_histograms(
         (ap [N], has_positive [N] bool). A query without positives gets ap = 0 and no gradient.
     """
     positives = num_positives.to(n.dtype)
-    if variant == "ap_q":
+    if check_variant(variant) == "ap_q":
         ap = _ap_quantized(n, p)
-    elif variant in ("tie_aware", "tie_aware_simplified"):
-        ap = _ap_tie_aware(n, p, positives, simplified=variant == "tie_aware_simplified")
     else:
-        raise ValueError(f"fastap: variant must be one of {VARIANTS}, got {variant!r}")
+        ap = _ap_tie_aware(n, p, positives, simplified=variant == "tie_aware_simplified")
     has_positive = positives > 0
     return torch.where(has_positive, ap, torch.zeros_like(ap)), has_positive
 
@@ -126,8 +124,7 @@ def average_precision_and_validity(
     variant: str = "ap_q",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ap [N], has_positive [N] bool): :func:`average_precision` and which queries have one."""
-    if variant not in VARIANTS:
-        raise ValueError(f"fastap: variant must be one of {VARIANTS}, got {variant!r}")
+    check_variant(variant)
     n, p, positives = _histograms(
         scores,
         relevance,

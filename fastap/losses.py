@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastap._validation import check_variant
 from fastap.embeddings import histograms_from_embeddings
 from fastap.functional import (
     DEFAULT_NUM_BINS,
     DEFAULT_SCORE_RANGE,
-    VARIANTS,
     ap_from_histograms,
     average_precision_and_validity,
 )
@@ -181,8 +181,7 @@ class APLoss(_EmbeddingAPLoss):
         score_matrix_limit: int = 2**30,
     ):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"fastap.APLoss: variant must be one of {VARIANTS}, got {variant!r}")
+        check_variant(variant, "fastap.APLoss")
         self.num_bins = num_bins
         self.score_range = tuple(score_range)
         self.variant = variant
