@@ -37,6 +37,16 @@ def default_block_size(num_candidates: int, element_size: int = 4) -> int:
     return max(1, DEFAULT_BLOCK_BYTES // max(1, num_candidates * element_size))
 
 
+def _score_tiles(queries, database, labels, ref_labels, options):
+    """For each block of queries: (rows, its score tile, the ops' arguments after the scores).
+    Each tile is computed when asked for, so only one lives at a time."""
+    exclude_self, self_offset, num_bins, lo, hi, block_size = options
+    for start in range(0, queries.shape[0], block_size):
+        rows = slice(start, start + block_size)
+        op_args = (None, labels[rows], ref_labels, None, exclude_self, num_bins, lo, hi)
+        yield rows, queries[rows] @ database.T, (*op_args, start + self_offset)
+
+
 class _BlockedSoftHistogram(torch.autograd.Function):
     """(n, p, positives) of cosine scores queries @ database.T, block of queries by block.
 
@@ -46,26 +56,10 @@ class _BlockedSoftHistogram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, database, labels, ref_labels, *options):
-        exclude_self, self_offset, num_bins, lo, hi, block_size = options
-        histograms = []
-        for start in range(0, queries.shape[0], block_size):
-            block = slice(start, start + block_size)
-            scores = queries[block] @ database.T
-            histograms.append(
-                torch.ops.fastap.soft_histogram(
-                    scores,
-                    None,
-                    labels[block],
-                    ref_labels,
-                    None,
-                    exclude_self,
-                    num_bins,
-                    lo,
-                    hi,
-                    start + self_offset,
-                )
-            )
-            del scores
+        histograms = [
+            torch.ops.fastap.soft_histogram(scores, *op_args)
+            for _, scores, op_args in _score_tiles(queries, database, labels, ref_labels, options)
+        ]
         ctx.save_for_backward(queries, database, labels, ref_labels)
         ctx.options = options
         n, p, positives = (torch.cat(parts) for parts in zip(*histograms))
@@ -75,7 +69,6 @@ class _BlockedSoftHistogram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_n, grad_p, _grad_positives):
         queries, database, labels, ref_labels = ctx.saved_tensors
-        exclude_self, self_offset, num_bins, lo, hi, block_size = ctx.options
         if grad_n is None:
             grad_n = torch.zeros_like(grad_p)
         if grad_p is None:
@@ -85,26 +78,13 @@ class _BlockedSoftHistogram(torch.autograd.Function):
         grad_database = torch.zeros_like(
             database, dtype=torch.promote_types(database.dtype, torch.float32)
         )
-        for start in range(0, queries.shape[0], block_size):
-            block = slice(start, start + block_size)
-            scores = queries[block] @ database.T
+        tiles = _score_tiles(queries, database, labels, ref_labels, ctx.options)
+        for rows, scores, op_args in tiles:
             grad_scores = torch.ops.fastap.soft_histogram_backward(
-                grad_n[block],
-                grad_p[block],
-                scores,
-                None,
-                labels[block],
-                ref_labels,
-                None,
-                exclude_self,
-                num_bins,
-                lo,
-                hi,
-                start + self_offset,
+                grad_n[rows], grad_p[rows], scores, *op_args
             )
-            del scores
-            grad_queries[block] = grad_scores @ database
-            grad_database += (grad_scores.T @ queries[block]).to(grad_database.dtype)
+            grad_queries[rows] = grad_scores @ database
+            grad_database += (grad_scores.T @ queries[rows]).to(grad_database.dtype)
         return (grad_queries, grad_database.to(database.dtype), None, None) + (None,) * 6
 
 
