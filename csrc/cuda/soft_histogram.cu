@@ -1,4 +1,5 @@
-// CUDA kernels of fastap::soft_histogram and fastap::soft_histogram_backward.
+// CUDA launchers of fastap::soft_histogram and fastap::soft_histogram_backward (the kernels are in
+// soft_histogram_kernels.cuh, the work split in launch_plan.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,133 +13,26 @@
 
 #include "../binning.h"
 #include "../histogram_inputs.h"
+#include "launch_plan.h"
+#include "soft_histogram_kernels.cuh"
 
 namespace fastap {
 namespace {
 
-constexpr int kMaxThreads = 256;
-constexpr int kBackwardThreads = 256;
-constexpr int kBackwardColumnsPerThread = 4;
-constexpr int64_t kMaxGridY = 65535;
-
-// Forward: one block per query row (blocks stride over rows). Threads stride over the row's
-// candidates, each accumulating a private two-class histogram in shared memory, laid out
-// [class * Q + bin][thread] so that the accumulation has no bank conflicts. At the end of the row,
-// thread k sums bin k over the threads in a fixed order (starting at thread k, which spreads the
-// reads over the banks): no float atomics, bitwise deterministic. The row's positives are
-// counted exactly with one integer shared-memory atomic per thread. A non-finite, non-ignored
-// score makes the row's histograms NaN.
-template <typename scalar_t, typename acc_t>
-__global__ void soft_histogram_kernel(const scalar_t* __restrict__ scores, RelevanceArgs relevance,
-                                      BinGrid<acc_t> grid, int64_t num_queries,
-                                      int64_t num_candidates, acc_t* __restrict__ n_out,
-                                      acc_t* __restrict__ p_out,
-                                      int64_t* __restrict__ positives_out) {
-  extern __shared__ __align__(16) unsigned char shared_memory[];
-  acc_t* hist = reinterpret_cast<acc_t*>(shared_memory);
-  __shared__ int poisoned;
-  __shared__ unsigned long long positives;
-  const int num_threads = blockDim.x;
-  const int stride = num_threads;
-  const int tid = threadIdx.x;
-  const int q = grid.last_bin + 1;
-
-  for (int64_t i = blockIdx.x; i < num_queries; i += gridDim.x) {
-    for (int slot = 0; slot < 2 * q; ++slot) hist[slot * stride + tid] = acc_t(0);
-    if (tid == 0) {
-      poisoned = 0;
-      positives = 0;
-    }
-    __syncthreads();
-
-    const scalar_t* row_scores = scores + i * num_candidates;
-    const RowRelevance row = relevance.row(i, num_candidates);
-    unsigned long long thread_positives = 0;
-    for (int64_t j = tid; j < num_candidates; j += num_threads) {
-      if (row.ignored(j)) continue;
-      const bool positive = row.positive(j);
-      thread_positives += positive ? 1 : 0;
-      const acc_t s = static_cast<acc_t>(row_scores[j]);
-      if (!is_finite(s)) {
-        poisoned = 1;
-        continue;
-      }
-      const BinPosition<acc_t> pos = grid.locate(s);
-      acc_t* h = hist + (positive ? q : 0) * stride + tid;
-      h[pos.bin * stride] += acc_t(1) - pos.frac;
-      h[(pos.bin + 1) * stride] += pos.frac;
-    }
-    if (thread_positives != 0) atomicAdd(&positives, thread_positives);  // integer: exact
-    __syncthreads();
-    if (tid == 0) positives_out[i] = static_cast<int64_t>(positives);
-
-    for (int k = tid; k < q; k += num_threads) {
-      acc_t by_class[2] = {acc_t(0), acc_t(0)};
-      for (int c = 0; c < 2; ++c) {
-        const acc_t* h = hist + (c * q + k) * stride;
-        for (int t = 0; t < num_threads; ++t) by_class[c] += h[(t + k) % num_threads];
-      }
-      const acc_t nan = acc_t(NAN);
-      n_out[i * q + k] = poisoned ? nan : by_class[0] + by_class[1];
-      p_out[i * q + k] = poisoned ? nan : by_class[1];
-    }
-    __syncthreads();
-  }
-}
-
-// Backward: a 2-D grid, blockIdx.y strides over query rows and blockIdx.x covers the row's
-// candidates in tiles of kBackwardThreads * kBackwardColumnsPerThread. Each candidate is one
-// lookup in its row's slope table (see backward_slope_table): no accumulation, deterministic.
-template <typename scalar_t, typename acc_t>
-__global__ void soft_histogram_backward_kernel(const scalar_t* __restrict__ scores,
-                                               RelevanceArgs relevance, BinGrid<acc_t> grid,
-                                               int64_t num_queries, int64_t num_candidates,
-                                               const acc_t* __restrict__ table,
-                                               scalar_t* __restrict__ grad_out) {
-  const int slopes = grid.last_bin;
-  const int64_t tile = int64_t{blockDim.x} * kBackwardColumnsPerThread;
-  for (int64_t i = blockIdx.y; i < num_queries; i += gridDim.y) {
-    const scalar_t* row_scores = scores + i * num_candidates;
-    const acc_t* row_table = table + i * 2 * slopes;
-    scalar_t* row_grad = grad_out + i * num_candidates;
-    const RowRelevance row = relevance.row(i, num_candidates);
-    const int64_t first = int64_t{blockIdx.x} * tile + threadIdx.x;
-    for (int u = 0; u < kBackwardColumnsPerThread; ++u) {
-      const int64_t j = first + int64_t{u} * blockDim.x;
-      if (j >= num_candidates) break;
-      acc_t g = acc_t(0);
-      if (!row.ignored(j)) {
-        const acc_t s = static_cast<acc_t>(row_scores[j]);
-        if (!is_finite(s)) {
-          g = acc_t(NAN);
-        } else {
-          const BinPosition<acc_t> pos = grid.locate(s);
-          if (pos.sloped) g = row_table[(row.positive(j) ? slopes : 0) + pos.bin];
-        }
-      }
-      row_grad[j] = static_cast<scalar_t>(g);
-    }
-  }
-}
-
-// Threads per block of the forward: as many as fit the private histograms in shared memory.
+// The launch parameters of the forward on the current device (see ForwardPlan).
 template <typename acc_t>
-int forward_threads(int64_t num_bins, size_t* shared_bytes) {
+ForwardPlan forward_plan(const HistogramInputs& in) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int max_shared = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         device));
-  const size_t per_thread = 2 * static_cast<size_t>(num_bins) * sizeof(acc_t);
-  // One column of 2 * Q accumulators per thread; 64 bytes stay free for the `poisoned` flag.
-  const size_t budget = static_cast<size_t>(max_shared) - 64;
-  int threads = kMaxThreads;
-  while (threads > 32 && threads * per_thread > budget) threads -= 32;
-  *shared_bytes = threads * per_thread;
-  TORCH_CHECK_VALUE(*shared_bytes <= budget, "fastap: num_bins = ", num_bins,
-                    " is too large for the CUDA kernel (at most ", budget / (32 * 2 * sizeof(acc_t)),
+  const ForwardPlan plan = plan_forward(in.num_queries(), in.num_candidates(), in.num_bins,
+                                        sizeof(acc_t), static_cast<size_t>(max_shared));
+  TORCH_CHECK_VALUE(plan.fits, "fastap: num_bins = ", in.num_bins,
+                    " is too large for the CUDA kernel (at most ", plan.max_bins,
                     " bins for this dtype on this GPU)");
-  return threads;
+  return plan;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
@@ -158,17 +52,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_cuda", [&] {
     using acc_t = histogram_t<scalar_t>;
-    size_t shared_bytes = 0;
-    const int threads = forward_threads<acc_t>(num_bins, &shared_bytes);
+    const ForwardPlan plan = forward_plan<acc_t>(in);
+    // Rows of several chunks go through partial histograms (allocated on the current stream).
+    at::Tensor partial_hist, partial_positives;
+    if (plan.chunks_per_row > 1) {
+      partial_hist = at::empty({plan.items, 2, num_bins}, options);
+      partial_positives = at::empty({plan.items}, options.dtype(at::kLong));
+    }
     auto kernel = soft_histogram_kernel<scalar_t, acc_t>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(shared_bytes)));
-    const int64_t blocks = std::min<int64_t>(in.num_queries(), int64_t{1} << 30);
-    kernel<<<static_cast<unsigned>(blocks), threads, shared_bytes, stream>>>(
+                                        static_cast<int>(plan.shared_bytes)));
+    kernel<<<static_cast<unsigned>(plan.blocks), plan.warps_per_block * kWarpSize,
+             plan.shared_bytes, stream>>>(
         in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
-        BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(),
-        n.data_ptr<acc_t>(), p.data_ptr<acc_t>(), positives.data_ptr<int64_t>());
+        BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(), plan.chunk,
+        plan.chunks_per_row, n.data_ptr<acc_t>(), p.data_ptr<acc_t>(),
+        positives.data_ptr<int64_t>(),
+        partial_hist.defined() ? partial_hist.data_ptr<acc_t>() : nullptr,
+        partial_positives.defined() ? partial_positives.data_ptr<int64_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.chunks_per_row > 1) {
+      const int64_t total = in.num_queries() * num_bins;
+      const int64_t blocks =
+          std::min<int64_t>((total + kFinalizeThreads - 1) / kFinalizeThreads, int64_t{1} << 30);
+      soft_histogram_finalize_kernel<acc_t>
+          <<<static_cast<unsigned>(blocks), kFinalizeThreads, 0, stream>>>(
+              partial_hist.const_data_ptr<acc_t>(), partial_positives.const_data_ptr<int64_t>(),
+              in.num_queries(), num_bins, plan.chunks_per_row, n.data_ptr<acc_t>(),
+              p.data_ptr<acc_t>(), positives.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   return {n, p, positives};
 }
@@ -185,9 +98,8 @@ at::Tensor soft_histogram_backward_cuda(
   at::Tensor grad_scores = at::empty_like(in.scores);
   if (in.scores.numel() == 0) return grad_scores;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t tile = int64_t{kBackwardThreads} * kBackwardColumnsPerThread;
-  const dim3 blocks(static_cast<unsigned>((in.num_candidates() + tile - 1) / tile),
-                    static_cast<unsigned>(std::min(in.num_queries(), kMaxGridY)));
+  const BackwardPlan plan = plan_backward(in.num_queries(), in.num_candidates());
+  const dim3 blocks(static_cast<unsigned>(plan.blocks_x), static_cast<unsigned>(plan.blocks_y));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_backward_cuda", [&] {
     using acc_t = histogram_t<scalar_t>;

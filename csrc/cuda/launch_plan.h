@@ -1,0 +1,97 @@
+// How the CUDA kernels of the histogram ops split their work: plain host code with no torch and no
+// CUDA headers, so that the launchers (soft_histogram.cu) and the host emulation of the kernels
+// (tests/emulation) use the same plan.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../binning.h"  // FASTAP_HOST_DEVICE
+
+namespace fastap {
+
+constexpr int kWarpSize = 32;
+
+// Forward. The work is cut into items of one query row and one chunk of at most `chunk`
+// consecutive candidates; one warp bins one item at a time into lane-private histograms in shared
+// memory (2 classes x Q bins x 32 lanes) and reduces them across the lanes in a fixed order. A
+// row of a single chunk writes n, p and positives directly; otherwise each item writes a partial
+// histogram and a second kernel sums a row's partials in chunk order. The chunk length is a
+// constant, not a function of the GPU, so the rounding of the results does not depend on the device.
+constexpr int64_t kForwardChunk = 4096;
+constexpr int kMaxForwardWarps = 8;
+// Shared memory a block aims for: small enough that several blocks share an SM.
+constexpr size_t kForwardSharedTarget = 64 * 1024;
+
+struct ForwardPlan {
+  int64_t chunk;           // candidates per item
+  int64_t chunks_per_row;  // items per query row
+  int64_t items;           // num_queries * chunks_per_row
+  int warps_per_block;
+  int64_t blocks;
+  size_t shared_per_warp;  // bytes
+  size_t shared_bytes;     // per block
+  bool fits;               // false: num_bins is too large for this GPU's shared memory
+  int64_t max_bins;        // the largest num_bins that fits (for the error message)
+};
+
+// Shared memory of one warp: the lane-private histograms, then each lane's positive count and
+// poisoned flag.
+FASTAP_HOST_DEVICE size_t forward_shared_per_warp(int64_t num_bins, size_t acc_bytes) {
+  return 2 * static_cast<size_t>(num_bins) * kWarpSize * acc_bytes +
+         kWarpSize * (sizeof(uint32_t) + sizeof(int32_t));
+}
+
+// `max_shared`: the opt-in shared memory per block of the device. `chunk` (> 0) overrides
+// kForwardChunk (the tests use short chunks to cover the partial-sum path on small inputs).
+inline ForwardPlan plan_forward(int64_t num_queries, int64_t num_candidates, int64_t num_bins,
+                                size_t acc_bytes, size_t max_shared,
+                                int64_t chunk = kForwardChunk) {
+  ForwardPlan plan{};
+  plan.chunk = chunk;
+  plan.chunks_per_row =
+      num_candidates <= chunk ? 1 : (num_candidates + chunk - 1) / chunk;
+  plan.items = num_queries * plan.chunks_per_row;
+  plan.shared_per_warp = forward_shared_per_warp(num_bins, acc_bytes);
+  const size_t fixed = kWarpSize * (sizeof(uint32_t) + sizeof(int32_t));
+  plan.max_bins = max_shared > fixed
+                      ? static_cast<int64_t>((max_shared - fixed) / (2 * kWarpSize * acc_bytes))
+                      : 0;
+  plan.fits = plan.shared_per_warp <= max_shared;
+  int warps = static_cast<int>(kForwardSharedTarget / plan.shared_per_warp);
+  if (warps > kMaxForwardWarps) warps = kMaxForwardWarps;
+  if (warps < 1) warps = 1;
+  while (warps > 1 && warps * plan.shared_per_warp > max_shared) --warps;
+  // Fewer warps than items would leave warps idle (tiny inputs).
+  if (plan.items < warps) warps = plan.items < 1 ? 1 : static_cast<int>(plan.items);
+  plan.warps_per_block = warps;
+  plan.shared_bytes = warps * plan.shared_per_warp;
+  const int64_t blocks = (plan.items + warps - 1) / warps;
+  const int64_t max_blocks = int64_t{1} << 30;  // the warps stride over the items beyond this
+  plan.blocks = blocks < max_blocks ? blocks : max_blocks;
+  return plan;
+}
+
+// Finalize (rows of several chunks): one thread per (row, bin).
+constexpr int kFinalizeThreads = 256;
+
+// Backward: a 2-D grid; blockIdx.y strides over the query rows and blockIdx.x covers a row's
+// candidates in tiles of kBackwardThreads * kBackwardColumnsPerThread.
+constexpr int kBackwardThreads = 256;
+constexpr int kBackwardColumnsPerThread = 4;
+constexpr int64_t kMaxGridY = 65535;
+
+struct BackwardPlan {
+  int64_t blocks_x;
+  int64_t blocks_y;
+};
+
+inline BackwardPlan plan_backward(int64_t num_queries, int64_t num_candidates) {
+  const int64_t tile = int64_t{kBackwardThreads} * kBackwardColumnsPerThread;
+  BackwardPlan plan{};
+  plan.blocks_x = (num_candidates + tile - 1) / tile;
+  plan.blocks_y = num_queries < kMaxGridY ? num_queries : kMaxGridY;
+  return plan;
+}
+
+}  // namespace fastap
