@@ -1,0 +1,137 @@
+// Runs fastap's CUDA kernels on the CPU, for the tests of a machine without a GPU.
+//
+// A launch runs the blocks one after another; the threads of a block are real threads, so that
+// __syncthreads and __syncwarp are real barriers and a kernel that forgets one races (which
+// ThreadSanitizer reports). Shared memory is per block: static __shared__ variables become
+// function statics (one block at a time uses them) and dynamic shared memory is a heap buffer of
+// exactly the launch's size, refilled with garbage before each block, so that AddressSanitizer
+// catches an overflow and a read before write gives a wrong answer. A barrier that not every
+// thread of its block or warp reaches aborts after a timeout instead of hanging.
+//
+// It covers what fastap's kernels use: threadIdx/blockIdx/blockDim/gridDim, __syncthreads,
+// __syncwarp (full mask), static and dynamic shared memory. It is not a model of the GPU's
+// memory ordering or performance.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define FASTAP_DYNAMIC_SHARED(name) unsigned char* name = ::emu::dynamic_shared_memory()
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace emu {
+
+// A reusable barrier for `count` threads that aborts if it waits longer than `timeout`.
+class Barrier {
+ public:
+  explicit Barrier(unsigned count) : count_(count) {}
+  void arrive_and_wait(const char* what) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const uint64_t generation = generation_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(20), [&] { return generation_ != generation; })) {
+      std::fprintf(stderr, "emulation: %s not reached by every thread (divergent barrier)\n", what);
+      std::abort();
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  unsigned count_;
+  unsigned arrived_ = 0;
+  uint64_t generation_ = 0;
+};
+
+struct Launch {
+  dim3 grid, block;
+  std::unique_ptr<unsigned char[]> shared;
+  size_t shared_bytes = 0;
+  std::unique_ptr<Barrier> block_barrier;
+  std::vector<std::unique_ptr<Barrier>> warp_barriers;
+};
+
+inline thread_local dim3 thread_index;
+inline thread_local Barrier* warp_barrier = nullptr;
+inline dim3 block_index;
+inline Launch* current = nullptr;
+
+inline unsigned char* dynamic_shared_memory() { return current->shared.get(); }
+
+// Launches kernel<<<grid, block, shared_bytes>>>(args...) and returns when it has finished.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+            Args... args) {
+  Launch l;
+  l.grid = grid;
+  l.block = block;
+  l.shared_bytes = shared_bytes;
+  l.shared.reset(new unsigned char[shared_bytes > 0 ? shared_bytes : 1]);
+  const unsigned threads = block.x * block.y * block.z;
+  l.block_barrier = std::make_unique<Barrier>(threads);
+  for (unsigned first = 0; first < threads; first += 32) {
+    l.warp_barriers.push_back(std::make_unique<Barrier>(threads - first < 32 ? threads - first : 32));
+  }
+  current = &l;
+  const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      thread_index = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
+      warp_barrier = l.warp_barriers[t / 32].get();
+      for (uint64_t b = 0; b < blocks; ++b) {
+        if (t == 0) {
+          block_index = dim3(static_cast<unsigned>(b % grid.x),
+                             static_cast<unsigned>(b / grid.x % grid.y),
+                             static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y)));
+          std::memset(l.shared.get(), 0xA5, l.shared_bytes);  // garbage, as on a GPU (never null)
+        }
+        l.block_barrier->arrive_and_wait("block start");
+        kernel(args...);
+        l.block_barrier->arrive_and_wait("block end");
+      }
+    });
+  }
+  for (auto& thread : pool) thread.join();
+  current = nullptr;
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::thread_index)
+#define blockIdx (::emu::block_index)
+#define blockDim (::emu::current->block)
+#define gridDim (::emu::current->grid)
+
+inline void __syncthreads() { ::emu::current->block_barrier->arrive_and_wait("__syncthreads"); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) {
+    std::fprintf(stderr, "emulation: __syncwarp with a partial mask is not emulated\n");
+    std::abort();
+  }
+  ::emu::warp_barrier->arrive_and_wait("__syncwarp");
+}

@@ -1,0 +1,158 @@
+// Runs the CUDA kernels of csrc/cuda on the CPU (cuda_host.h) on inputs in raw files, with the
+// launch plan of the real launchers, and writes the outputs as raw files. Driven by
+// tests/test_cuda_emulation.py, which compares the outputs with the CPU op.
+//
+//   run_kernels op=forward|backward dtype=f64|f32|f16|bf16 n=N m=M q=Q lo=.. hi=..
+//               scores=FILE [relevance=FILE | labels=FILE ref_labels=FILE] [ignore=FILE]
+//               exclude_self=0|1 self_offset=K [chunk=C] [max_blocks=B] out=PREFIX
+//               (backward: table=FILE, the N x 2 x (Q - 1) slope table)
+//
+// Outputs: forward PREFIX.n, PREFIX.p (histogram dtype), PREFIX.positives (int64);
+// backward PREFIX.grad (dtype of the scores). Every output starts as garbage (all bits set).
+#include "cuda_host.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <fstream>
+#include <map>
+#include <stdexcept>
+#include <string>
+
+#include "../../csrc/cuda/soft_histogram_kernels.cuh"
+
+namespace {
+
+std::map<std::string, std::string> options;
+
+const std::string& option(const std::string& key) {
+  const auto it = options.find(key);
+  if (it == options.end()) throw std::runtime_error("missing option " + key);
+  return it->second;
+}
+int64_t integer(const std::string& key, int64_t fallback = -1) {
+  return options.count(key) ? std::stoll(option(key)) : fallback;
+}
+
+template <typename T>
+std::vector<T> read(const std::string& key, int64_t count) {
+  std::vector<T> data(static_cast<size_t>(count));
+  std::ifstream file(option(key), std::ios::binary);
+  file.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(count * sizeof(T)));
+  if (!file || file.peek() != EOF) throw std::runtime_error("wrong size of " + key);
+  return data;
+}
+
+template <typename T>
+std::vector<T> garbage(int64_t count) {
+  std::vector<T> data(static_cast<size_t>(count));
+  if (!data.empty()) std::memset(data.data(), 0xFF, data.size() * sizeof(T));
+  return data;
+}
+
+template <typename T>
+void write(const std::string& suffix, const std::vector<T>& data) {
+  std::ofstream file(option("out") + suffix, std::ios::binary);
+  file.write(reinterpret_cast<const char*>(data.data()),
+             static_cast<std::streamsize>(data.size() * sizeof(T)));
+}
+
+constexpr size_t kMaxShared = 227 * 1024;  // H100 / H200 opt-in shared memory per block
+
+template <typename scalar_t, typename acc_t>
+int run() {
+  const int64_t n = integer("n"), m = integer("m"), q = integer("q");
+  const double lo = std::stod(option("lo")), hi = std::stod(option("hi"));
+  const std::vector<scalar_t> scores = read<scalar_t>("scores", n * m);
+  std::vector<uint8_t> relevance, ignore;
+  std::vector<int64_t> labels, ref_labels;
+  fastap::RelevanceArgs args{};
+  if (options.count("relevance")) {
+    relevance = read<uint8_t>("relevance", n * m);
+    args.dense_relevance = relevance.data();
+  } else {
+    labels = read<int64_t>("labels", n);
+    ref_labels = read<int64_t>("ref_labels", m);
+    args.labels = labels.data();
+    args.ref_labels = ref_labels.data();
+  }
+  if (options.count("ignore")) {
+    ignore = read<uint8_t>("ignore", n * m);
+    args.ignore = ignore.data();
+  }
+  args.exclude_self = integer("exclude_self", 0) != 0;
+  args.self_offset = integer("self_offset", 0);
+  const fastap::BinGrid<acc_t> grid(lo, hi, q);
+  const int64_t max_blocks = integer("max_blocks", int64_t{1} << 30);
+
+  if (option("op") == "forward") {
+    const fastap::ForwardPlan plan = fastap::plan_forward(
+        n, m, q, sizeof(acc_t), kMaxShared, integer("chunk", fastap::kForwardChunk));
+    if (!plan.fits) {
+      std::fprintf(stderr, "num_bins too large (at most %lld)\n",
+                   static_cast<long long>(plan.max_bins));
+      return 2;
+    }
+    std::vector<acc_t> n_out = garbage<acc_t>(n * q), p_out = garbage<acc_t>(n * q);
+    std::vector<int64_t> positives = garbage<int64_t>(n);
+    const bool partial = plan.chunks_per_row > 1;
+    std::vector<acc_t> partial_hist = garbage<acc_t>(partial ? plan.items * 2 * q : 0);
+    std::vector<int64_t> partial_positives = garbage<int64_t>(partial ? plan.items : 0);
+    const int64_t blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
+    emu::launch(fastap::soft_histogram_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(blocks)),
+                dim3(plan.warps_per_block * fastap::kWarpSize), plan.shared_bytes, scores.data(),
+                args, grid, n, m, plan.chunk, plan.chunks_per_row, n_out.data(), p_out.data(),
+                positives.data(), partial ? partial_hist.data() : nullptr,
+                partial ? partial_positives.data() : nullptr);
+    if (partial) {
+      const int64_t total = n * q;
+      int64_t finalize_blocks =
+          (total + fastap::kFinalizeThreads - 1) / fastap::kFinalizeThreads;
+      if (finalize_blocks > max_blocks) finalize_blocks = max_blocks;
+      emu::launch(fastap::soft_histogram_finalize_kernel<acc_t>,
+                  dim3(static_cast<unsigned>(finalize_blocks)), dim3(fastap::kFinalizeThreads), 0,
+                  static_cast<const acc_t*>(partial_hist.data()),
+                  static_cast<const int64_t*>(partial_positives.data()), n, q,
+                  plan.chunks_per_row, n_out.data(), p_out.data(), positives.data());
+    }
+    write(".n", n_out);
+    write(".p", p_out);
+    write(".positives", positives);
+    std::printf("chunks_per_row=%lld warps_per_block=%d blocks=%lld\n",
+                static_cast<long long>(plan.chunks_per_row), plan.warps_per_block,
+                static_cast<long long>(blocks));
+  } else {
+    const std::vector<acc_t> table = read<acc_t>("table", n * 2 * (q - 1));
+    std::vector<scalar_t> grad = garbage<scalar_t>(n * m);
+    const fastap::BackwardPlan plan = fastap::plan_backward(n, m);
+    const int64_t blocks_y = plan.blocks_y < max_blocks ? plan.blocks_y : max_blocks;
+    emu::launch(fastap::soft_histogram_backward_kernel<scalar_t, acc_t>,
+                dim3(static_cast<unsigned>(plan.blocks_x), static_cast<unsigned>(blocks_y)),
+                dim3(fastap::kBackwardThreads), 0, scores.data(), args, grid, n, m, table.data(),
+                grad.data());
+    write(".grad", grad);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    for (int a = 1; a < argc; ++a) {
+      const std::string arg = argv[a];
+      const size_t eq = arg.find('=');
+      if (eq == std::string::npos) throw std::runtime_error("expected key=value, got " + arg);
+      options[arg.substr(0, eq)] = arg.substr(eq + 1);
+    }
+    const std::string& dtype = option("dtype");
+    if (dtype == "f64") return run<double, double>();
+    if (dtype == "f32") return run<float, float>();
+    if (dtype == "f16") return run<c10::Half, float>();
+    if (dtype == "bf16") return run<c10::BFloat16, float>();
+    throw std::runtime_error("unknown dtype " + dtype);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "run_kernels: %s\n", e.what());
+    return 1;
+  }
+}

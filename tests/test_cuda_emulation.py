@@ -1,0 +1,234 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by tests/emulation against the CPU op.
+
+The kernels and their launch plan are compiled with g++ for the host (tests/emulation/cuda_host.h
+turns a block into real threads with real barriers), once under AddressSanitizer and
+UndefinedBehaviorSanitizer (out-of-bounds reads and writes, shared memory included) and once under
+ThreadSanitizer (a missing __syncthreads/__syncwarp is a data race). This checks the kernels'
+indexing, chunking, reductions and edge cases on every CI run; the real GPU run is
+tests/test_cuda.py (benchmarks/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.cpp_extension import include_paths
+
+import fastap  # noqa: F401  (loads the ops)
+from fastap.testing import RELEVANCE_FORMS, random_problem
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [
+    ROOT / "tests/emulation/run_kernels.cpp",
+    ROOT / "tests/emulation/cuda_host.h",
+    ROOT / "csrc/binning.h",
+    ROOT / "csrc/cuda/launch_plan.h",
+    ROOT / "csrc/cuda/soft_histogram_kernels.cuh",
+]
+SANITIZERS = {"address": "address,undefined", "thread": "thread"}
+DTYPE_CODES = {
+    torch.float64: "f64",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+}
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+
+@pytest.fixture(scope="session")
+def emulators(tmp_path_factory) -> dict[str, Path]:
+    """The emulation program, built once per session for each sanitizer."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
+    out = tmp_path_factory.mktemp("emulation")
+    binaries = {}
+    for name, flag in SANITIZERS.items():
+        binary = out / f"run_kernels_{name}_{digest}"
+        command = [
+            "g++", "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Werror",
+            "-Wno-unknown-pragmas", f"-fsanitize={flag}", "-fno-sanitize-recover=all",
+            *(f"-I{p}" for p in include_paths()),
+            str(SOURCES[0]), "-o", str(binary),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        binaries[name] = binary
+    return binaries
+
+
+def _write(path: Path, tensor: torch.Tensor) -> str:
+    path.write_bytes(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return str(path)
+
+
+def _read(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
+    data = path.read_bytes()
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+def emulate(binary, tmp_path, problem, op, *, table=None, **options):
+    """Runs one kernel op of the emulation on `problem`; returns its outputs as tensors."""
+    scores = problem.scores
+    n, m = scores.shape
+    lo, hi = problem.score_range
+    args = {
+        "op": op,
+        "dtype": DTYPE_CODES[scores.dtype],
+        "n": n,
+        "m": m,
+        "q": problem.num_bins,
+        "lo": repr(float(lo)),
+        "hi": repr(float(hi)),
+        "scores": _write(tmp_path / "scores", scores),
+        "exclude_self": int(problem.exclude_self),
+        "self_offset": 0,
+        "out": str(tmp_path / "out"),
+        **options,
+    }
+    if problem.relevance is not None:
+        args["relevance"] = _write(tmp_path / "relevance", problem.relevance.to(torch.uint8))
+    else:
+        ref_labels = problem.labels if problem.ref_labels is None else problem.ref_labels
+        args["labels"] = _write(tmp_path / "labels", problem.labels.to(torch.int64))
+        args["ref_labels"] = _write(tmp_path / "ref_labels", ref_labels.to(torch.int64))
+    if problem.ignore is not None:
+        args["ignore"] = _write(tmp_path / "ignore", problem.ignore.to(torch.uint8))
+    if table is not None:
+        args["table"] = _write(tmp_path / "table", table)
+    command = [str(binary), *(f"{k}={v}" for k, v in args.items())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    hist_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    out = tmp_path / "out"
+    if op == "forward":
+        q = problem.num_bins
+        return (
+            _read(out.with_suffix(".n"), hist_dtype, (n, q)),
+            _read(out.with_suffix(".p"), hist_dtype, (n, q)),
+            _read(out.with_suffix(".positives"), torch.int64, (n,)),
+        )
+    return _read(out.with_suffix(".grad"), scores.dtype, (n, m))
+
+
+def op_args(problem):
+    lo, hi = problem.score_range
+    return (
+        problem.relevance,
+        problem.labels,
+        problem.ref_labels,
+        problem.ignore,
+        problem.exclude_self,
+        problem.num_bins,
+        lo,
+        hi,
+    )
+
+
+def slope_table(problem, grad_n, grad_p):
+    """The backward's N x 2 x (Q - 1) table, as csrc/histogram_inputs.cpp computes it."""
+    q = problem.num_bins
+    lo, hi = problem.score_range
+    dtype = torch.float64 if problem.scores.dtype == torch.float64 else torch.float32
+    g_neg = grad_n.to(dtype)
+    g = torch.stack([g_neg, g_neg + grad_p.to(dtype)], 1)
+    return ((g[..., :-1] - g[..., 1:]) * ((q - 1) / (hi - lo))).contiguous()
+
+
+def check_forward(emulated, expected, dtype):
+    n, p, positives = emulated
+    n_cpu, p_cpu, positives_cpu = expected
+    assert torch.equal(positives, positives_cpu)
+    # The CPU op accumulates in fp64; the kernels in the histogram dtype, in another order.
+    tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(n, n_cpu, equal_nan=True, **tol)
+    torch.testing.assert_close(p, p_cpu, equal_nan=True, **tol)
+
+
+def check_both(binary, tmp_path, problem, seed=0, **options):
+    expected = torch.ops.fastap.soft_histogram(problem.scores, *op_args(problem))
+    check_forward(
+        emulate(binary, tmp_path, problem, "forward", **options), expected, problem.scores.dtype
+    )
+    g = torch.Generator().manual_seed(seed)
+    grad_n, grad_p = torch.randn((2, *expected[0].shape), generator=g, dtype=expected[0].dtype)
+    grad_cpu = torch.ops.fastap.soft_histogram_backward(
+        grad_n, grad_p, problem.scores, *op_args(problem)
+    )
+    grad = emulate(
+        binary, tmp_path, problem, "backward", table=slope_table(problem, grad_n, grad_p), **options
+    )
+    # The same table lookup in the same precision: bitwise equal (NaN where the CPU has NaN).
+    assert torch.equal(grad.isnan(), grad_cpu.isnan())
+    assert torch.equal(grad.nan_to_num(), grad_cpu.nan_to_num())
+
+
+SHAPES = [  # (N, M, Q, options): chunk / max_blocks force the partial and grid-stride paths
+    (1, 1, 2, {}),
+    (3, 0, 5, {}),
+    (37, 1000, 20, {}),
+    (37, 1000, 20, {"chunk": 96}),
+    (33, 33, 7, {"chunk": 5, "max_blocks": 2}),
+    (300, 301, 100, {"max_blocks": 3}),
+    (3, 9000, 10, {}),
+]
+
+
+@pytest.mark.parametrize("form", RELEVANCE_FORMS)
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES))
+@pytest.mark.parametrize("n,m,q,options", SHAPES)
+def test_kernels_equal_cpu_op(emulators, tmp_path, form, dtype, n, m, q, options):
+    problem = random_problem(
+        n, m, num_bins=q, relevance_form=form, with_ignore=True, exclude_self=n == m,
+        dtype=dtype, seed=n + m,
+    )  # fmt: skip
+    check_both(emulators["address"], tmp_path, problem, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ties_bin_centres_and_range_ends(emulators, tmp_path, dtype):
+    problem = random_problem(41, 517, num_bins=9, ties=True, dtype=dtype, seed=3)
+    lo, hi = problem.score_range
+    centres = torch.linspace(hi, lo, problem.num_bins, dtype=torch.float64)
+    scores = problem.scores.clone()
+    scores[:, :9] = centres.to(dtype)  # exactly on the bin centres, both ends included
+    scores[:, 9] = lo - 5.0
+    scores[:, 10] = hi + 5.0
+    check_both(emulators["address"], tmp_path, problem.with_scores(scores), chunk=64)
+
+
+@pytest.mark.parametrize("chunk", [4096, 50])
+def test_non_finite_scores_poison_their_row(emulators, tmp_path, chunk):
+    problem = random_problem(6, 333, relevance_form="dense", with_ignore=True, seed=5)
+    scores = problem.scores.clone()
+    scores[1, 7] = float("nan")
+    scores[3, 300] = float("inf")
+    scores[4, 0] = -float("inf")
+    ignore = problem.ignore.clone()
+    ignore[1, 7] = ignore[3, 300] = False
+    ignore[4, 0] = True  # ignored: accepted, no poison
+    problem = problem.with_scores(scores)
+    problem.ignore = ignore
+    check_both(emulators["address"], tmp_path, problem, chunk=chunk)
+    n, p, _ = emulate(emulators["address"], tmp_path, problem, "forward", chunk=chunk)
+    assert n[[1, 3]].isnan().all() and p[[1, 3]].isnan().all()
+    assert n[[0, 2, 4, 5]].isfinite().all()
+
+
+def test_num_bins_beyond_shared_memory_is_refused(emulators, tmp_path):
+    problem = random_problem(2, 3, num_bins=1000, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="num_bins too large"):
+        emulate(emulators["address"], tmp_path, problem, "forward")
+
+
+@pytest.mark.parametrize("options", [{}, {"chunk": 40, "max_blocks": 2}])
+def test_kernels_have_no_data_races(emulators, tmp_path, options):
+    problem = random_problem(19, 301, num_bins=13, relevance_form="labels", with_ignore=True,
+                             dtype=torch.float32, seed=11)  # fmt: skip
+    check_both(emulators["thread"], tmp_path, problem, **options)
