@@ -24,4 +24,17 @@ TORCH_LIBRARY(fastap, m) {
       "soft_histogram_backward(Tensor grad_n, Tensor grad_p, Tensor scores, Tensor? relevance, "
       "Tensor? labels, Tensor? ref_labels, Tensor? ignore, bool exclude_self, int num_bins, "
       "float lo, float hi, int self_offset=0) -> Tensor");
+  // The histograms of the cosine scores queries @ database^T (both already L2-normalised, N x D
+  // and M x D, one floating dtype), with relevance from labels [N] / ref_labels [M] and
+  // exclude_self as above, without the score matrix: the fused kernel of csrc/cuda
+  // (embedding_histogram.cu; CUDA only, fp32 as TF32, bf16, fp16). Returns as soft_histogram.
+  m.def(
+      "embedding_histogram(Tensor queries, Tensor database, Tensor labels, Tensor ref_labels, "
+      "bool exclude_self, int self_offset, int num_bins, float lo, float hi) "
+      "-> (Tensor, Tensor, Tensor)");
+  // (dL/dqueries, dL/ddatabase) from dL/dn and dL/dp, recomputing the scores tile by tile.
+  m.def(
+      "embedding_histogram_backward(Tensor grad_n, Tensor grad_p, Tensor queries, "
+      "Tensor database, Tensor labels, Tensor ref_labels, bool exclude_self, int self_offset, "
+      "int num_bins, float lo, float hi) -> (Tensor, Tensor)");
 }

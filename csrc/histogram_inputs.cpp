@@ -111,22 +111,28 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
   return in;
 }
 
-at::Tensor backward_slope_table(const HistogramInputs& in, const at::Tensor& grad_n,
-                                const at::Tensor& grad_p) {
-  const int64_t q = in.num_bins;
+at::Tensor backward_slope_table(const at::Tensor& like, int64_t num_queries, int64_t num_bins,
+                                double lo, double hi, at::ScalarType dtype,
+                                const at::Tensor& grad_n, const at::Tensor& grad_p) {
+  const int64_t q = num_bins;
   for (const auto* g : {&grad_n, &grad_p}) {
     const char* name = g == &grad_n ? "grad_n" : "grad_p";
-    check_same_device(*g, in.scores, name);
-    TORCH_CHECK_VALUE(g->dim() == 2 && g->size(0) == in.num_queries() && g->size(1) == q,
-                      "fastap: ", name, " must have shape [", in.num_queries(), ", ", q,
-                      "], got ", g->sizes());
+    check_same_device(*g, like, name);
+    TORCH_CHECK_VALUE(g->dim() == 2 && g->size(0) == num_queries && g->size(1) == q,
+                      "fastap: ", name, " must have shape [", num_queries, ", ", q, "], got ",
+                      g->sizes());
   }
-  const double inv_delta = static_cast<double>(q - 1) / (in.hi - in.lo);
-  const auto dtype = in.histogram_dtype();
+  const double inv_delta = static_cast<double>(q - 1) / (hi - lo);
   const at::Tensor g_neg = grad_n.to(dtype);
   const at::Tensor g_pos = g_neg + grad_p.to(dtype);
   const at::Tensor g = at::stack({g_neg, g_pos}, 1);  // N x 2 x Q
   return ((g.narrow(2, 0, q - 1) - g.narrow(2, 1, q - 1)) * inv_delta).contiguous();
+}
+
+at::Tensor backward_slope_table(const HistogramInputs& in, const at::Tensor& grad_n,
+                                const at::Tensor& grad_p) {
+  return backward_slope_table(in.scores, in.num_queries(), in.num_bins, in.lo, in.hi,
+                              in.histogram_dtype(), grad_n, grad_p);
 }
 
 }  // namespace fastap

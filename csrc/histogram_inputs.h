@@ -52,5 +52,9 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
 // dL/ds_ij is then table[i][positive(i, j)][bin(s_ij)] where the binning has a slope, else 0.
 at::Tensor backward_slope_table(const HistogramInputs& in, const at::Tensor& grad_n,
                                 const at::Tensor& grad_p);
+// The same for num_queries rows of num_bins bins on [lo, hi], in `dtype`, on the device of `like`.
+at::Tensor backward_slope_table(const at::Tensor& like, int64_t num_queries, int64_t num_bins,
+                                double lo, double hi, at::ScalarType dtype,
+                                const at::Tensor& grad_n, const at::Tensor& grad_p);
 
 }  // namespace fastap

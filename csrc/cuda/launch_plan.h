@@ -94,4 +94,47 @@ inline BackwardPlan plan_backward(int64_t num_queries, int64_t num_candidates) {
   return plan;
 }
 
+// Fused from-embeddings kernels (embedding_kernels.cuh): a block owns kTileRows rows of one
+// embedding set and walks the other set kTileCols rows per step, kDepthChunk of the embedding
+// dimension at a time; the backward accumulates kAccumulatorWidth gradient columns per block.
+constexpr int kTileRows = 64;
+constexpr int kTileCols = 64;
+constexpr int kDepthChunk = 32;
+constexpr int kEmbeddingThreads = 256;
+constexpr int kAccumulatorWidth = 256;
+// Fewer blocks than this split the walk over the other set into partial results (summed in a
+// fixed order by a second kernel), each at least kMinSplitLength rows long. Constants, not
+// functions of the GPU, so that the rounding does not depend on the device.
+constexpr int64_t kMinEmbeddingBlocks = 512;
+constexpr int64_t kMinSplitLength = 4096;
+
+struct EmbeddingPlan {
+  int64_t own_blocks;    // grid.x: ceil(own_count / kTileRows)
+  int64_t splits;        // grid.y: parts of the other set
+  int64_t split_length;  // rows of the other set per split (a multiple of kTileCols)
+  int64_t depth_blocks;  // grid.z (backward): ceil(depth / kAccumulatorWidth)
+};
+
+// `min_split_length` overrides kMinSplitLength (the tests split short inputs with it).
+inline EmbeddingPlan plan_embedding(int64_t own_count, int64_t stream_count, int64_t depth,
+                                    bool backward, int64_t min_split_length = kMinSplitLength) {
+  EmbeddingPlan plan{};
+  plan.own_blocks = (own_count + kTileRows - 1) / kTileRows;
+  plan.depth_blocks = backward ? (depth + kAccumulatorWidth - 1) / kAccumulatorWidth : 1;
+  if (plan.depth_blocks < 1) plan.depth_blocks = 1;
+  const int64_t blocks = plan.own_blocks * plan.depth_blocks;
+  int64_t splits = 1;
+  if (blocks > 0 && blocks < kMinEmbeddingBlocks && stream_count > min_split_length) {
+    const int64_t wanted = (kMinEmbeddingBlocks + blocks - 1) / blocks;
+    const int64_t most = (stream_count + min_split_length - 1) / min_split_length;
+    splits = wanted < most ? wanted : most;
+  }
+  int64_t length = (stream_count + splits - 1) / splits;
+  length = (length + kTileCols - 1) / kTileCols * kTileCols;
+  if (length < kTileCols) length = kTileCols;
+  plan.split_length = length;
+  plan.splits = stream_count > 0 ? (stream_count + length - 1) / length : 1;
+  return plan;
+}
+
 }  // namespace fastap

@@ -1,0 +1,468 @@
+// The fused CUDA kernels of fastap::embedding_histogram and fastap::embedding_histogram_backward:
+// the soft histograms of the cosine scores queries @ database^T, and the gradients with respect to
+// both embedding sets, computed tile by tile on the tensor cores without ever storing a score.
+// Device code only (no torch, no host API), so that tests/emulation can run it on the CPU; the
+// launchers are in embedding_histogram.cu, the work split in launch_plan.h, the binning math in
+// ../binning.h.
+//
+// Both kernels are built on one step, score_tile: a block owns kTileRows rows of one embedding set
+// ("own") and walks a range of the other set ("stream") kTileCols rows at a time; for each step it
+// computes the kTileRows x kTileCols tile of inner products with WMMA (bf16/fp16 inputs natively,
+// fp32 inputs as TF32) into shared memory. Then
+//   forward:  each thread bins the scores of one own row (a quarter of the step's columns) into
+//             its private histogram in shared memory, reduced in a fixed order at the end;
+//   backward: each score becomes its gradient G (one lookup in the query's slope table, as in
+//             soft_histogram_backward_kernel), stored as a matrix-unit tile, and the block
+//             accumulates own_grad += G @ stream (dQ = G DB for own = queries, dDB = G^T Q for
+//             own = database) in WMMA accumulators, kAccumulatorWidth columns of D per block.
+// No atomics anywhere: every sum has a fixed order, so results are bitwise reproducible.
+#pragma once
+
+#include <cstdint>
+
+#include "../binning.h"
+#include "launch_plan.h"
+
+#ifndef FASTAP_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+// WMMA with bf16 and TF32 needs sm_80; for older architectures the kernels compile to a trap (the
+// launchers refuse such GPUs with a clear error first).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define FASTAP_MMA_UNSUPPORTED 1
+#endif
+
+#ifndef FASTAP_DYNAMIC_SHARED
+#define FASTAP_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace fastap {
+namespace embedding {
+
+namespace wmma = nvcuda::wmma;
+
+// What the matrix unit takes for each input type: the element type of the shared-memory tiles,
+// the WMMA precision tag, the k of one mma (m = n = 16) and the row padding of the tiles (which
+// keeps every fragment 32-byte aligned and spreads rows over the banks).
+template <typename T>
+struct MatrixUnit;
+
+template <>
+struct MatrixUnit<__nv_bfloat16> {
+  using element = __nv_bfloat16;
+  using precision = __nv_bfloat16;
+  static constexpr int kStep = 16;
+  static constexpr int kPad = 8;
+  static __device__ __forceinline__ element from_float(float x) { return __float2bfloat16(x); }
+  template <typename Fragment>
+  static __device__ __forceinline__ void round(Fragment&) {}
+};
+
+template <>
+struct MatrixUnit<__half> {
+  using element = __half;
+  using precision = __half;
+  static constexpr int kStep = 16;
+  static constexpr int kPad = 8;
+  static __device__ __forceinline__ element from_float(float x) { return __float2half(x); }
+  template <typename Fragment>
+  static __device__ __forceinline__ void round(Fragment&) {}
+};
+
+template <>
+struct MatrixUnit<float> {  // TF32: fp32 in memory, rounded to 10 mantissa bits in the fragments
+  using element = float;
+#ifdef FASTAP_MMA_UNSUPPORTED
+  using precision = float;  // never used: the kernels trap before sm_80, which has no TF32
+#else
+  using precision = wmma::precision::tf32;
+#endif
+  static constexpr int kStep = 8;
+  static constexpr int kPad = 4;
+  static __device__ __forceinline__ element from_float(float x) { return x; }
+  template <typename Fragment>
+  static __device__ __forceinline__ void round(Fragment& f) {
+#ifndef FASTAP_MMA_UNSUPPORTED
+    for (int e = 0; e < f.num_elements; ++e) f.x[e] = wmma::__float_to_tf32(f.x[e]);
+#endif
+  }
+};
+
+constexpr int kFragment = 16;                       // m = n of every mma
+constexpr int kTileWarps = kEmbeddingThreads / kWarpSize;  // 8
+constexpr int kRowFragments = kTileRows / kFragment;       // 4
+static_assert(kTileRows == 64 && kTileCols == 64 && kEmbeddingThreads == 256,
+              "the warp layout below assumes 64 x 64 tiles and 8 warps");
+
+// The shared-memory layout of one block (byte offsets, 128-byte aligned), the same on the host.
+template <typename T>
+struct SharedLayout {
+  using element = typename MatrixUnit<T>::element;
+  static constexpr int kDepthLd = kDepthChunk + MatrixUnit<T>::kPad;  // own / stream chunks
+  static constexpr int kScoreLd = kTileRows + 4;                      // scores, column-major
+  static constexpr int kGradLd = kTileCols + MatrixUnit<T>::kPad;     // G, row-major
+  static constexpr int kStreamLd = kAccumulatorWidth + MatrixUnit<T>::kPad;
+
+  static FASTAP_HOST_DEVICE size_t align(size_t bytes) { return (bytes + 127) / 128 * 128; }
+  static FASTAP_HOST_DEVICE size_t own_chunk() { return 0; }
+  static FASTAP_HOST_DEVICE size_t stream_chunk() {
+    return align(own_chunk() + kTileRows * kDepthLd * sizeof(element));
+  }
+  static FASTAP_HOST_DEVICE size_t scores() {
+    return align(stream_chunk() + kTileCols * kDepthLd * sizeof(element));
+  }
+  static FASTAP_HOST_DEVICE size_t labels() {
+    return align(scores() + kTileCols * kScoreLd * sizeof(float));
+  }
+  static FASTAP_HOST_DEVICE size_t step_end() {
+    return align(labels() + kTileCols * sizeof(int64_t));
+  }
+  // Forward: the private histograms [2 * Q][threads], then a positive count and a poisoned flag
+  // per thread.
+  static FASTAP_HOST_DEVICE size_t forward_bytes(int64_t num_bins) {
+    return step_end() + 2 * num_bins * kEmbeddingThreads * sizeof(float) +
+           kEmbeddingThreads * 2 * sizeof(int32_t);
+  }
+  // Backward: G, the step's stream rows (kAccumulatorWidth columns), one 16 x 16 staging tile per
+  // warp for the output.
+  static FASTAP_HOST_DEVICE size_t grad_tile() { return step_end(); }
+  static FASTAP_HOST_DEVICE size_t stream_rows() {
+    return align(grad_tile() + kTileRows * kGradLd * sizeof(element));
+  }
+  static FASTAP_HOST_DEVICE size_t staging() {
+    return align(stream_rows() + kTileCols * kStreamLd * sizeof(element));
+  }
+  static FASTAP_HOST_DEVICE size_t backward_bytes() {
+    return staging() + kTileWarps * kFragment * kFragment * sizeof(float);
+  }
+};
+
+// Copies rows [row0, row0 + rows) x columns [col0, col0 + cols) of the count x depth row-major
+// matrix `source` to `tile` (leading dimension ld), zero outside the matrix.
+template <typename element>
+__device__ __forceinline__ void load_tile(element* tile, int ld, int rows, int cols,
+                                          const element* __restrict__ source, int64_t count,
+                                          int64_t depth, int64_t row0, int64_t col0,
+                                          element zero) {
+  for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
+    const int r = e / cols;
+    const int c = e - r * cols;
+    const int64_t gr = row0 + r;
+    const int64_t gc = col0 + c;
+    tile[r * ld + c] = (gr < count && gc < depth) ? source[gr * depth + gc] : zero;
+  }
+}
+
+// scores[c * kScoreLd + r] = <own[own0 + r], stream[stream0 + c]> (fp32 accumulation), for the
+// kTileRows x kTileCols tile; rows or columns outside the matrices are 0. Warp w computes the
+// 16 x 32 block (row fragment w % 4, column fragments 2 (w / 4) and 2 (w / 4) + 1). Starts and
+// ends with __syncthreads (the caller may reuse the chunk buffers and read the scores after).
+template <typename T>
+__device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t own0,
+                           const T* __restrict__ stream, int64_t stream_count, int64_t stream0,
+                           int64_t depth, unsigned char* shared) {
+  using Unit = MatrixUnit<T>;
+  using Layout = SharedLayout<T>;
+  using element = typename Unit::element;
+  element* own_chunk = reinterpret_cast<element*>(shared + Layout::own_chunk());
+  element* stream_chunk = reinterpret_cast<element*>(shared + Layout::stream_chunk());
+  float* scores = reinterpret_cast<float*>(shared + Layout::scores());
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int row_fragment = warp % kRowFragments;
+  const int col_fragment = 2 * (warp / kRowFragments);
+  const element zero = Unit::from_float(0.0f);
+
+  wmma::fragment<wmma::accumulator, 16, 16, Unit::kStep, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.0f);
+  wmma::fill_fragment(acc[1], 0.0f);
+  for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
+    __syncthreads();  // the previous chunk (or the caller's last use of the buffers) is done
+    load_tile(own_chunk, Layout::kDepthLd, kTileRows, kDepthChunk, own, own_count, depth, own0,
+              k0, zero);
+    load_tile(stream_chunk, Layout::kDepthLd, kTileCols, kDepthChunk, stream, stream_count,
+              depth, stream0, k0, zero);
+    __syncthreads();
+    for (int kk = 0; kk < kDepthChunk; kk += Unit::kStep) {
+      wmma::fragment<wmma::matrix_a, 16, 16, Unit::kStep, typename Unit::precision,
+                     wmma::row_major> a;
+      wmma::load_matrix_sync(a, own_chunk + row_fragment * kFragment * Layout::kDepthLd + kk,
+                             Layout::kDepthLd);
+      Unit::round(a);
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        // B[k][n] = stream[n][k]: the stream chunk read column-major.
+        wmma::fragment<wmma::matrix_b, 16, 16, Unit::kStep, typename Unit::precision,
+                       wmma::col_major> b;
+        wmma::load_matrix_sync(
+            b, stream_chunk + (col_fragment + f) * kFragment * Layout::kDepthLd + kk,
+            Layout::kDepthLd);
+        Unit::round(b);
+        wmma::mma_sync(acc[f], a, b, acc[f]);
+      }
+    }
+  }
+#pragma unroll
+  for (int f = 0; f < 2; ++f) {  // transposed, so that a warp's 32 rows read 32 banks
+    wmma::store_matrix_sync(
+        scores + (col_fragment + f) * kFragment * Layout::kScoreLd + row_fragment * kFragment,
+        acc[f], Layout::kScoreLd, wmma::mem_col_major);
+  }
+  __syncthreads();
+}
+
+// The stream rows [first, last) of split blockIdx.y (see EmbeddingPlan).
+struct StreamRange {
+  int64_t first;
+  int64_t last;
+};
+__device__ __forceinline__ StreamRange stream_range(int64_t stream_count, int64_t split_length) {
+  const int64_t first = int64_t{blockIdx.y} * split_length;
+  const int64_t last = first + split_length < stream_count ? first + split_length : stream_count;
+  return {first, last};
+}
+
+// Forward. Block (x, y) owns queries [64 x, 64 x + 64) and the database rows of split y. Thread t
+// bins the scores of query row t % 64 against columns [16 (t / 64), 16 (t / 64) + 16) of every
+// step. With one split, writes n/p/positives; else partial_hist[(i * splits + y)][class][bin] and
+// partial_positives[i * splits + y] for soft_histogram_finalize_kernel.
+template <typename T>
+__global__ void __launch_bounds__(kEmbeddingThreads)
+    embedding_histogram_kernel(const T* __restrict__ queries, const T* __restrict__ database,
+                               const int64_t* __restrict__ labels,
+                               const int64_t* __restrict__ ref_labels, int64_t num_queries,
+                               int64_t num_database, int64_t depth, bool exclude_self,
+                               int64_t self_offset, BinGrid<float> grid, int64_t split_length,
+                               float* __restrict__ n_out, float* __restrict__ p_out,
+                               int64_t* __restrict__ positives_out,
+                               float* __restrict__ partial_hist,
+                               int64_t* __restrict__ partial_positives) {
+#ifdef FASTAP_MMA_UNSUPPORTED
+  __trap();
+#else
+  using Layout = SharedLayout<T>;
+  FASTAP_DYNAMIC_SHARED(shared);
+  const float* scores = reinterpret_cast<const float*>(shared + Layout::scores());
+  int64_t* step_labels = reinterpret_cast<int64_t*>(shared + Layout::labels());
+  float* hist = reinterpret_cast<float*>(shared + Layout::step_end());
+  const int q = grid.last_bin + 1;
+  int32_t* thread_positives = reinterpret_cast<int32_t*>(hist + 2 * q * kEmbeddingThreads);
+  int32_t* thread_poisoned = thread_positives + kEmbeddingThreads;
+  const int t = static_cast<int>(threadIdx.x);
+  const int r = t % kTileRows;
+  const int part = t / kTileRows;  // 0..3: columns [16 part, 16 part + 16) of each step
+  constexpr int kPartColumns = kTileCols / (kEmbeddingThreads / kTileRows);
+  const int64_t own0 = int64_t{blockIdx.x} * kTileRows;
+  const int64_t i = own0 + r;
+  const bool valid_row = i < num_queries;
+  const int64_t label = valid_row ? labels[i] : 0;
+  const int64_t self_column = exclude_self && valid_row ? i + self_offset : -1;
+  const StreamRange range = stream_range(num_database, split_length);
+
+  for (int slot = 0; slot < 2 * q; ++slot) hist[slot * kEmbeddingThreads + t] = 0.0f;
+  int32_t positives = 0;
+  int32_t poisoned = 0;
+  for (int64_t stream0 = range.first; stream0 < range.last; stream0 += kTileCols) {
+    __syncthreads();  // the previous step's labels and scores are no longer read
+    if (t < kTileCols) step_labels[t] = stream0 + t < num_database ? ref_labels[stream0 + t] : 0;
+    score_tile(queries, num_queries, own0, database, num_database, stream0, depth, shared);
+    if (!valid_row) continue;
+    for (int u = 0; u < kPartColumns; ++u) {
+      const int c = part * kPartColumns + u;
+      const int64_t j = stream0 + c;
+      if (j >= range.last || j == self_column) continue;
+      const bool positive = step_labels[c] == label;
+      positives += positive ? 1 : 0;
+      const float s = scores[c * Layout::kScoreLd + r];
+      if (!is_finite(s)) {
+        poisoned = 1;
+        continue;
+      }
+      const BinPosition<float> pos = grid.locate(s);
+      float* h = hist + ((positive ? q : 0) + pos.bin) * kEmbeddingThreads + t;
+      h[0] += 1.0f - pos.frac;
+      h[kEmbeddingThreads] += pos.frac;
+    }
+  }
+  thread_positives[t] = positives;
+  thread_poisoned[t] = poisoned;
+  __syncthreads();
+
+  // Thread (r, part) sums bins part, part + 4, ... of row r over the four parts, in part order.
+  if (!valid_row) return;
+  constexpr int kParts = kEmbeddingThreads / kTileRows;
+  int32_t row_poisoned = 0;
+  int64_t row_positives = 0;
+  for (int p = 0; p < kParts; ++p) {
+    row_poisoned |= thread_poisoned[p * kTileRows + r];
+    row_positives += thread_positives[p * kTileRows + r];
+  }
+  const int64_t splits = gridDim.y;
+  for (int k = part; k < q; k += kParts) {
+    float negative_sum = 0.0f;
+    float positive_sum = 0.0f;
+    for (int p = 0; p < kParts; ++p) {
+      negative_sum += hist[k * kEmbeddingThreads + p * kTileRows + r];
+      positive_sum += hist[(q + k) * kEmbeddingThreads + p * kTileRows + r];
+    }
+    if (row_poisoned) negative_sum = positive_sum = NAN;
+    if (splits == 1) {
+      n_out[i * q + k] = negative_sum + positive_sum;
+      p_out[i * q + k] = positive_sum;
+    } else {
+      const int64_t item = i * splits + blockIdx.y;
+      partial_hist[(item * 2) * q + k] = negative_sum;
+      partial_hist[(item * 2 + 1) * q + k] = positive_sum;
+    }
+  }
+  if (part == 0) {
+    if (splits == 1) {
+      positives_out[i] = row_positives;
+    } else {
+      partial_positives[i * splits + blockIdx.y] = row_positives;
+    }
+  }
+#endif
+}
+
+// Backward. Block (x, y, z) owns rows [64 x, 64 x + 64) of `own` and columns
+// [kAccumulatorWidth z, ...) of its gradient, and walks the stream rows of split y. kOwnIsQuery:
+// own = queries (grad = dQ = G DB), else own = database (grad = dDB = G^T Q; the query of a
+// score is then its stream row). `table` is the N x 2 x (Q - 1) slope table of
+// backward_slope_table. With one split, writes grad_out (the input dtype); else
+// partial_grad[y][row][d] (fp32) for sum_partials_kernel.
+template <typename T, bool kOwnIsQuery>
+__global__ void __launch_bounds__(kEmbeddingThreads)
+    embedding_histogram_backward_kernel(const T* __restrict__ own, int64_t own_count,
+                                        const T* __restrict__ stream, int64_t stream_count,
+                                        int64_t depth, const int64_t* __restrict__ own_labels,
+                                        const int64_t* __restrict__ stream_labels,
+                                        bool exclude_self, int64_t self_offset,
+                                        BinGrid<float> grid, const float* __restrict__ table,
+                                        int64_t split_length, T* __restrict__ grad_out,
+                                        float* __restrict__ partial_grad) {
+#ifdef FASTAP_MMA_UNSUPPORTED
+  __trap();
+#else
+  using Unit = MatrixUnit<T>;
+  using Layout = SharedLayout<T>;
+  using element = typename Unit::element;
+  FASTAP_DYNAMIC_SHARED(shared);
+  const float* scores = reinterpret_cast<const float*>(shared + Layout::scores());
+  int64_t* step_labels = reinterpret_cast<int64_t*>(shared + Layout::labels());
+  element* grad_tile = reinterpret_cast<element*>(shared + Layout::grad_tile());
+  element* stream_rows = reinterpret_cast<element*>(shared + Layout::stream_rows());
+  float* staging = reinterpret_cast<float*>(shared + Layout::staging());
+  const int t = static_cast<int>(threadIdx.x);
+  const int warp = t / kWarpSize;
+  const int lane = t % kWarpSize;
+  const int r = t % kTileRows;
+  const int part = t / kTileRows;
+  constexpr int kPartColumns = kTileCols / (kEmbeddingThreads / kTileRows);
+  const int slopes = grid.last_bin;
+  const int64_t own0 = int64_t{blockIdx.x} * kTileRows;
+  const int64_t d0 = int64_t{blockIdx.z} * kAccumulatorWidth;
+  const int64_t own_row = own0 + r;
+  const bool valid_row = own_row < own_count;
+  const int64_t own_label = valid_row ? own_labels[own_row] : 0;
+  const element zero = Unit::from_float(0.0f);
+  const StreamRange range = stream_range(stream_count, split_length);
+
+  // Warp w accumulates the 16-row fragment w % 4 of the own rows, and the accumulator columns
+  // [16 f, 16 f + 16) for f = w / 4, w / 4 + 2, ... (kAccumulatorFragments in all).
+  constexpr int kAccumulatorFragments = kAccumulatorWidth / kFragment / 2;
+  const int row_fragment = warp % kRowFragments;
+  const int first_col_fragment = warp / kRowFragments;
+  wmma::fragment<wmma::accumulator, 16, 16, Unit::kStep, float> acc[kAccumulatorFragments];
+#pragma unroll
+  for (int f = 0; f < kAccumulatorFragments; ++f) wmma::fill_fragment(acc[f], 0.0f);
+
+  for (int64_t stream0 = range.first; stream0 < range.last; stream0 += kTileCols) {
+    __syncthreads();  // the previous step's G and stream rows are no longer read
+    if (t < kTileCols) step_labels[t] = stream0 + t < stream_count ? stream_labels[stream0 + t] : 0;
+    load_tile(stream_rows, Layout::kStreamLd, kTileCols, kAccumulatorWidth, stream, stream_count,
+              depth, stream0, d0, zero);
+    score_tile(own, own_count, own0, stream, stream_count, stream0, depth, shared);
+    for (int u = 0; u < kPartColumns; ++u) {
+      const int c = part * kPartColumns + u;
+      const int64_t j = stream0 + c;
+      float g = 0.0f;
+      if (valid_row && j < range.last) {
+        const int64_t query = kOwnIsQuery ? own_row : j;
+        const int64_t candidate = kOwnIsQuery ? j : own_row;
+        if (!(exclude_self && candidate == query + self_offset)) {
+          const float s = scores[c * Layout::kScoreLd + r];
+          if (!is_finite(s)) {
+            g = NAN;
+          } else {
+            const BinPosition<float> pos = grid.locate(s);
+            const bool positive = step_labels[c] == own_label;
+            if (pos.sloped) g = table[query * 2 * slopes + (positive ? slopes : 0) + pos.bin];
+          }
+        }
+      }
+      grad_tile[r * Layout::kGradLd + c] = Unit::from_float(g);
+    }
+    __syncthreads();
+    for (int kk = 0; kk < kTileCols; kk += Unit::kStep) {
+      wmma::fragment<wmma::matrix_a, 16, 16, Unit::kStep, typename Unit::precision,
+                     wmma::row_major> a;
+      wmma::load_matrix_sync(a, grad_tile + row_fragment * kFragment * Layout::kGradLd + kk,
+                             Layout::kGradLd);
+      Unit::round(a);
+#pragma unroll
+      for (int f = 0; f < kAccumulatorFragments; ++f) {  // unrolled: acc stays in registers
+        const int col = (first_col_fragment + 2 * f) * kFragment;
+        if (d0 + col < depth) {  // the same for the whole warp
+          wmma::fragment<wmma::matrix_b, 16, 16, Unit::kStep, typename Unit::precision,
+                         wmma::row_major> b;
+          wmma::load_matrix_sync(b, stream_rows + kk * Layout::kStreamLd + col,
+                                 Layout::kStreamLd);
+          Unit::round(b);
+          wmma::mma_sync(acc[f], a, b, acc[f]);
+        }
+      }
+    }
+  }
+
+  // Each warp writes its fragments through its 16 x 16 staging tile, skipping rows and columns
+  // outside the gradient.
+  float* warp_staging = staging + warp * kFragment * kFragment;
+  const int64_t splits = gridDim.y;
+#pragma unroll
+  for (int f = 0; f < kAccumulatorFragments; ++f) {
+    const int col = (first_col_fragment + 2 * f) * kFragment;
+    if (d0 + col >= depth) continue;
+    wmma::store_matrix_sync(warp_staging, acc[f], kFragment, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < kFragment * kFragment; e += kWarpSize) {
+      const int64_t row = own0 + row_fragment * kFragment + e / kFragment;
+      const int64_t d = d0 + col + e % kFragment;
+      if (row >= own_count || d >= depth) continue;
+      if (splits == 1) {
+        grad_out[row * depth + d] = Unit::from_float(warp_staging[e]);
+      } else {
+        partial_grad[(int64_t{blockIdx.y} * own_count + row) * depth + d] = warp_staging[e];
+      }
+    }
+    __syncwarp();  // the staging tile is reused by the next fragment
+  }
+#endif
+}
+
+// out[e] = sum over the splits s (in order) of partial[s][e], for e < count.
+template <typename T>
+__global__ void sum_partials_kernel(const float* __restrict__ partial, int64_t splits,
+                                    int64_t count, T* __restrict__ out) {
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t e = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; e < count; e += stride) {
+    float sum = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) sum += partial[s * count + e];
+    out[e] = MatrixUnit<T>::from_float(sum);
+  }
+}
+
+}  // namespace embedding
+}  // namespace fastap
