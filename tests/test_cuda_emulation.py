@@ -29,6 +29,8 @@ SOURCES = [
     ROOT / "csrc/binning.h",
     ROOT / "csrc/cuda/launch_plan.h",
     ROOT / "csrc/cuda/soft_histogram_kernels.cuh",
+    ROOT / "tests/emulation/wmma_host.h",
+    ROOT / "csrc/cuda/embedding_kernels.cuh",
 ]
 SANITIZERS = {"address": "address,undefined", "thread": "thread"}
 DTYPE_CODES = {
@@ -147,8 +149,8 @@ def check_forward(emulated, expected, dtype):
     assert torch.equal(positives, positives_cpu)
     # The CPU op accumulates in fp64; the kernels in the histogram dtype, in another order.
     tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(n, n_cpu, equal_nan=True, **tol)
-    torch.testing.assert_close(p, p_cpu, equal_nan=True, **tol)
+    torch.testing.assert_close(n.double(), n_cpu.double(), equal_nan=True, **tol)
+    torch.testing.assert_close(p.double(), p_cpu.double(), equal_nan=True, **tol)
 
 
 def check_both(binary, tmp_path, problem, seed=0, **options):
@@ -232,3 +234,127 @@ def test_kernels_have_no_data_races(emulators, tmp_path, options):
     problem = random_problem(19, 301, num_bins=13, relevance_form="labels", with_ignore=True,
                              dtype=torch.float32, seed=11)  # fmt: skip
     check_both(emulators["thread"], tmp_path, problem, **options)
+
+
+# --- the fused from-embeddings kernels (csrc/cuda/embedding_kernels.cuh) ---------------------------
+
+
+def exact_embeddings(rows, dim, dtype, generator):
+    """Entries k / 8 with |k| <= 2: exact in bf16, fp16 and TF32, and every inner product (and
+    partial sum) is exact in fp32, so the kernels' scores equal the fp64 scores exactly."""
+    values = torch.randint(-2, 3, (rows, dim), generator=generator).to(torch.float64) / 8
+    return values.to(dtype)
+
+
+def emulate_embedding(binary, tmp_path, queries, database, labels, ref_labels, op, *, table=None,
+                      exclude_self=False, self_offset=0, num_bins=20, score_range=(-1.0, 1.0),
+                      **options):  # fmt: skip
+    n, d = queries.shape
+    m = database.shape[0]
+    args = {
+        "op": op,
+        "dtype": DTYPE_CODES[queries.dtype],
+        "n": n,
+        "m": m,
+        "d": d,
+        "q": num_bins,
+        "lo": repr(float(score_range[0])),
+        "hi": repr(float(score_range[1])),
+        "queries": _write(tmp_path / "queries", queries),
+        "database": _write(tmp_path / "database", database),
+        "labels": _write(tmp_path / "labels", labels),
+        "ref_labels": _write(tmp_path / "ref_labels", ref_labels),
+        "exclude_self": int(exclude_self),
+        "self_offset": self_offset,
+        "out": str(tmp_path / "out"),
+        **options,
+    }
+    if table is not None:
+        args["table"] = _write(tmp_path / "table", table)
+    command = [str(binary), *(f"{k}={v}" for k, v in args.items())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "out"
+    if op == "embedding_forward":
+        return (
+            _read(out.with_suffix(".n"), torch.float32, (n, num_bins)),
+            _read(out.with_suffix(".p"), torch.float32, (n, num_bins)),
+            _read(out.with_suffix(".positives"), torch.int64, (n,)),
+        )
+    return (
+        _read(out.with_suffix(".grad_queries"), queries.dtype, (n, d)),
+        _read(out.with_suffix(".grad_database"), database.dtype, (m, d)),
+    )
+
+
+def round_like_matrix_unit(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (fp64) as the kernels feed it to the matrix unit: bf16/fp16, or TF32 for fp32 (10
+    mantissa bits, to nearest with ties away from zero, as cvt.rna.tf32.f32)."""
+    if dtype != torch.float32:
+        return x.to(dtype).double()
+    bits = x.float().view(torch.int32)
+    rounded = torch.bitwise_and(bits + 0x1000, -0x2000)  # 0xffffe000 as int32
+    return rounded.view(torch.float32).double()
+
+
+def check_embedding_kernels(binary, tmp_path, n, m, d, dtype, *, same_set=False, self_offset=0,
+                            num_bins=20, seed=0, **options):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    database = exact_embeddings(m, d, dtype, g)
+    queries = database[self_offset : self_offset + n] if same_set else exact_embeddings(n, d, dtype, g)
+    ref_labels = torch.randint(0, 3, (m,), generator=g)
+    labels = ref_labels[self_offset : self_offset + n] if same_set else torch.randint(0, 3, (n,), generator=g)
+    common = dict(exclude_self=same_set, self_offset=self_offset, num_bins=num_bins)
+
+    scores = queries.double() @ database.double().T  # exact
+    op_args = (None, labels, ref_labels, None, same_set, num_bins, -1.0, 1.0, self_offset)
+    expected = torch.ops.fastap.soft_histogram(scores, *op_args)
+    got = emulate_embedding(
+        binary, tmp_path, queries, database, labels, ref_labels, "embedding_forward",
+        **common, **options,
+    )  # fmt: skip
+    check_forward(got, expected, torch.float32)
+
+    grad_n, grad_p = torch.randn((2, n, num_bins), generator=g)
+    problem = random_problem(1, 2, num_bins=num_bins, dtype=torch.float32)  # bins, range, dtype
+    table = slope_table(problem, grad_n, grad_p)
+    grad_scores = torch.ops.fastap.soft_histogram_backward(
+        grad_n.double(), grad_p.double(), scores, *op_args
+    )
+    grad_scores = round_like_matrix_unit(grad_scores, dtype)  # G as the kernels store it
+    expected_q = grad_scores @ database.double()
+    expected_db = grad_scores.T @ queries.double()
+    grad_q, grad_db = emulate_embedding(
+        binary, tmp_path, queries, database, labels, ref_labels, "embedding_backward",
+        table=table, **common, **options,
+    )  # fmt: skip
+    # fp32 accumulation, then one rounding to the output dtype.
+    for got, want in ((grad_q, expected_q), (grad_db, expected_db)):
+        scale = want.abs().max().clamp_min(1e-30)
+        tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=tol)
+
+
+EMBEDDING_SHAPES = [  # (N, M, D, options)
+    (1, 1, 1, {}),
+    (70, 133, 40, {}),
+    (70, 133, 13, {"min_split": 64}),
+    (65, 300, 300, {"min_split": 100}),  # D > kAccumulatorWidth: two column blocks
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,m,d,options", EMBEDDING_SHAPES)
+def test_embedding_kernels_equal_the_score_matrix_op(emulators, tmp_path, dtype, n, m, d, options):
+    check_embedding_kernels(emulators["address"], tmp_path, n, m, d, dtype, seed=n + d, **options)
+
+
+@pytest.mark.parametrize("options", [{}, {"min_split": 64}])
+def test_embedding_kernels_exclude_self_with_offset(emulators, tmp_path, options):
+    check_embedding_kernels(emulators["address"], tmp_path, 77, 150, 24, torch.bfloat16,
+                            same_set=True, self_offset=9, num_bins=7, **options)  # fmt: skip
+
+
+def test_embedding_kernels_have_no_data_races(emulators, tmp_path):
+    check_embedding_kernels(emulators["thread"], tmp_path, 70, 133, 20, torch.bfloat16,
+                            num_bins=5, min_split=64)  # fmt: skip

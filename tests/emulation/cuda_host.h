@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -67,9 +68,13 @@ class Barrier {
   uint64_t generation_ = 0;
 };
 
+struct AlignedDelete {
+  void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(128)); }
+};
+
 struct Launch {
   dim3 grid, block;
-  std::unique_ptr<unsigned char[]> shared;
+  std::unique_ptr<unsigned char[], AlignedDelete> shared;  // 128-byte aligned, as on a GPU
   size_t shared_bytes = 0;
   std::unique_ptr<Barrier> block_barrier;
   std::vector<std::unique_ptr<Barrier>> warp_barriers;
@@ -90,7 +95,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   l.grid = grid;
   l.block = block;
   l.shared_bytes = shared_bytes;
-  l.shared.reset(new unsigned char[shared_bytes > 0 ? shared_bytes : 1]);
+  l.shared.reset(static_cast<unsigned char*>(
+      ::operator new[](shared_bytes > 0 ? shared_bytes : 1, std::align_val_t(128))));
   const unsigned threads = block.x * block.y * block.z;
   l.block_barrier = std::make_unique<Barrier>(threads);
   for (unsigned first = 0; first < threads; first += 32) {

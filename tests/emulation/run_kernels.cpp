@@ -10,15 +10,14 @@
 // Outputs: forward PREFIX.n, PREFIX.p (histogram dtype), PREFIX.positives (int64);
 // backward PREFIX.grad (dtype of the scores). Every output starts as garbage (all bits set).
 #include "cuda_host.h"
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include "wmma_host.h"
 
 #include <fstream>
 #include <map>
 #include <stdexcept>
 #include <string>
 
+#include "../../csrc/cuda/embedding_kernels.cuh"
 #include "../../csrc/cuda/soft_histogram_kernels.cuh"
 
 namespace {
@@ -135,6 +134,96 @@ int run() {
   return 0;
 }
 
+template <typename T>
+int run_embedding() {
+  namespace emb = fastap::embedding;
+  const int64_t n = integer("n"), m = integer("m"), d = integer("d"), q = integer("q");
+  const double lo = std::stod(option("lo")), hi = std::stod(option("hi"));
+  const std::vector<T> queries = read<T>("queries", n * d);
+  const std::vector<T> database = read<T>("database", m * d);
+  const std::vector<int64_t> labels = read<int64_t>("labels", n);
+  const std::vector<int64_t> ref_labels = read<int64_t>("ref_labels", m);
+  const bool exclude_self = integer("exclude_self", 0) != 0;
+  const int64_t self_offset = integer("self_offset", 0);
+  const int64_t min_split = integer("min_split", fastap::kMinSplitLength);
+  const fastap::BinGrid<float> grid(lo, hi, q);
+  using Layout = emb::SharedLayout<T>;
+
+  if (option("op") == "embedding_forward") {
+    const fastap::EmbeddingPlan plan = fastap::plan_embedding(n, m, d, false, min_split);
+    const size_t shared = Layout::forward_bytes(q);
+    if (shared > kMaxShared) {
+      std::fprintf(stderr, "num_bins too large (%zu bytes of shared memory)\n", shared);
+      return 2;
+    }
+    std::vector<float> n_out = garbage<float>(n * q), p_out = garbage<float>(n * q);
+    std::vector<int64_t> positives = garbage<int64_t>(n);
+    const bool partial = plan.splits > 1;
+    std::vector<float> partial_hist = garbage<float>(partial ? n * plan.splits * 2 * q : 0);
+    std::vector<int64_t> partial_positives = garbage<int64_t>(partial ? n * plan.splits : 0);
+    emu::launch(emb::embedding_histogram_kernel<T>,
+                dim3(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits)),
+                dim3(fastap::kEmbeddingThreads), shared, queries.data(), database.data(),
+                labels.data(), ref_labels.data(), n, m, d, exclude_self, self_offset, grid,
+                plan.split_length, n_out.data(), p_out.data(), positives.data(),
+                partial ? partial_hist.data() : nullptr,
+                partial ? partial_positives.data() : nullptr);
+    if (partial) {
+      const int64_t blocks = (n * q + fastap::kFinalizeThreads - 1) / fastap::kFinalizeThreads;
+      emu::launch(fastap::soft_histogram_finalize_kernel<float>,
+                  dim3(static_cast<unsigned>(blocks)), dim3(fastap::kFinalizeThreads), 0,
+                  static_cast<const float*>(partial_hist.data()),
+                  static_cast<const int64_t*>(partial_positives.data()), n, q, plan.splits,
+                  n_out.data(), p_out.data(), positives.data());
+    }
+    write(".n", n_out);
+    write(".p", p_out);
+    write(".positives", positives);
+    std::printf("splits=%lld split_length=%lld\n", static_cast<long long>(plan.splits),
+                static_cast<long long>(plan.split_length));
+    return 0;
+  }
+
+  const std::vector<float> table = read<float>("table", n * 2 * (q - 1));
+  // The two launches of embedding_histogram_backward_cuda: own = queries, then own = database.
+  auto gradient = [&](auto own_is_query, const std::vector<T>& own, const std::vector<T>& stream,
+                      const std::vector<int64_t>& own_labels,
+                      const std::vector<int64_t>& stream_labels, int64_t own_count,
+                      int64_t stream_count) {
+    constexpr bool kOwnIsQuery = decltype(own_is_query)::value;
+    std::vector<T> grad = garbage<T>(own_count * d);
+    if (own_count == 0 || d == 0) return grad;
+    const fastap::EmbeddingPlan plan =
+        fastap::plan_embedding(own_count, stream_count, d, true, min_split);
+    const bool partial = plan.splits > 1;
+    std::vector<float> partial_grad = garbage<float>(partial ? plan.splits * own_count * d : 0);
+    emu::launch(emb::embedding_histogram_backward_kernel<T, kOwnIsQuery>,
+                dim3(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits),
+                     static_cast<unsigned>(plan.depth_blocks)),
+                dim3(fastap::kEmbeddingThreads), Layout::backward_bytes(), own.data(), own_count,
+                stream.data(), stream_count, d, own_labels.data(), stream_labels.data(),
+                exclude_self, self_offset, grid, table.data(), plan.split_length, grad.data(),
+                partial ? partial_grad.data() : nullptr);
+    if (partial) {
+      const int64_t count = own_count * d;
+      emu::launch(emb::sum_partials_kernel<T>, dim3(static_cast<unsigned>((count + 255) / 256)),
+                  dim3(256), 0, static_cast<const float*>(partial_grad.data()), plan.splits,
+                  count, grad.data());
+    }
+    return grad;
+  };
+  if (n > 0 && m > 0) {
+    write(".grad_queries",
+          gradient(std::true_type{}, queries, database, labels, ref_labels, n, m));
+    write(".grad_database",
+          gradient(std::false_type{}, database, queries, ref_labels, labels, m, n));
+  } else {
+    write(".grad_queries", std::vector<T>(n * d, T(0.0f)));
+    write(".grad_database", std::vector<T>(m * d, T(0.0f)));
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -146,6 +235,12 @@ int main(int argc, char** argv) {
       options[arg.substr(0, eq)] = arg.substr(eq + 1);
     }
     const std::string& dtype = option("dtype");
+    if (option("op").rfind("embedding_", 0) == 0) {
+      if (dtype == "f32") return run_embedding<float>();
+      if (dtype == "f16") return run_embedding<__half>();
+      if (dtype == "bf16") return run_embedding<__nv_bfloat16>();
+      throw std::runtime_error("the fused embedding kernels take f32, f16 or bf16");
+    }
     if (dtype == "f64") return run<double, double>();
     if (dtype == "f32") return run<float, float>();
     if (dtype == "f16") return run<c10::Half, float>();
