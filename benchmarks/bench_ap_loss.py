@@ -33,7 +33,8 @@ import time
 import torch
 from timing import time_once_ms
 
-EMBEDDING_DIM = 128
+# The dimension of the embedding cases (bench_embeddings.py sets it for its child processes).
+EMBEDDING_DIM = int(os.environ.get("FASTAP_BENCH_DIM", "128"))
 
 
 def _rss_bytes(field: str) -> int:
@@ -61,15 +62,31 @@ def _make_case(name: str, n: int, num_bins: int, dtype: torch.dtype, device: str
 
         return run
     embeddings = torch.randn(n, EMBEDDING_DIM, generator=g).to(device=device, dtype=dtype)
+    if name == "gemm_floor":
+        # The four N x N x D products of a from-embeddings forward+backward (scores twice, dQ,
+        # dDB) with torch's matmul (cuBLAS), on an N x N buffer: the matrix-unit floor.
+        other = torch.randn_like(embeddings)
+        buffer = torch.empty(n, n, device=device, dtype=dtype)
+
+        def run():
+            torch.matmul(embeddings, other.T, out=buffer)
+            torch.matmul(embeddings, other.T, out=buffer)
+            torch.matmul(buffer, other)
+            return torch.matmul(buffer.T, embeddings)
+
+        return run
     embeddings.requires_grad_()
     if name == "fastap_emb":
         loss_fn = fastap.FastAPLoss(num_bins=num_bins)
     elif name == "fastap_aploss_emb":
         loss_fn = fastap.APLoss(num_bins=num_bins)
-    elif name == "fastap_blocked_emb":
+    elif name in ("fastap_blocked_emb", "fastap_fused_emb"):
+        backend = "fused" if name == "fastap_fused_emb" else "blockwise"
 
         def loss_fn(embeddings, labels):
-            return fastap.ap_loss_from_embeddings(embeddings, labels=labels, num_bins=num_bins)
+            return fastap.ap_loss_from_embeddings(
+                embeddings, labels=labels, num_bins=num_bins, backend=backend
+            )
 
     else:
         from pytorch_metric_learning.losses import FastAPLoss
@@ -164,7 +181,7 @@ def fmt(result) -> str:
         return result["error"]
     memory = result.get("peak_bytes")
     shown = f"memory: {result['memory_error']}" if memory is None else f"{memory / 2**20:.0f} MB"
-    return f"{result['ms']:.1f} ms, {shown}"
+    return f"{result['ms']:.3g} ms, {shown}"
 
 
 def ratio(slow, fast) -> str:

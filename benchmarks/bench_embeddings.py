@@ -1,15 +1,25 @@
-"""The loss from embeddings: fastap.APLoss (forms the N x N score matrix) against
-fastap.ap_loss_from_embeddings (block by block, no score matrix), forward + backward, D = 128,
-time and peak extra memory, each from a fresh process (see bench_ap_loss.py for the method).
+"""The loss from embeddings, forward + backward: fastap.APLoss (forms the N x N score matrix with
+torch's matmul, then the score-matrix op), ap_loss_from_embeddings blockwise (no score matrix;
+torch's matmul tile by tile) and fused (the tensor-core CUDA kernel, no score anywhere), time and
+peak extra memory, each from a fresh process (see bench_ap_loss.py for the method). On CUDA also
+the floor: the four N x N x D matrix products of a forward+backward with torch's matmul alone.
 
     python benchmarks/bench_embeddings.py --sizes 2048 4096 8192
+    python benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 256 \
+        --sizes 16384 65536
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
-from bench_ap_loss import environment, fmt, measure
+CASES = {
+    "matrix": ("fastap_aploss_emb", "fastap.APLoss (score matrix)"),
+    "blockwise": ("fastap_blocked_emb", "from embeddings, blockwise"),
+    "fused": ("fastap_fused_emb", "from embeddings, fused kernel"),
+    "floor": ("gemm_floor", "4 matmuls (floor)"),
+}
 
 
 def main() -> None:
@@ -18,21 +28,44 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--num-bins", type=int, default=20)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument(
+        "--cases", nargs="+", choices=list(CASES), default=None,
+        help="default: matrix blockwise (CPU); matrix blockwise fused floor (CUDA)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--matrix-max", type=int, default=65536,
+        help="skip the score-matrix case above this N (it needs N^2 scores and their gradient)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
+    os.environ["FASTAP_BENCH_DIM"] = str(args.dim)  # read by the child processes
+    from bench_ap_loss import environment, fmt, measure
+
+    cuda = args.device.startswith("cuda")
+    default = ["matrix", "blockwise", "fused", "floor"] if cuda else ["matrix", "blockwise"]
+    cases = args.cases or default
     env = environment(args.device)
     print(
         f"# {env['date']}, {env['device']}, torch {env['torch']}, commit {env['commit']}, "
-        f"{args.dtype}, Q = {args.num_bins}, D = 128, fwd+bwd, in-batch (N = M)"
+        f"{args.dtype}, Q = {args.num_bins}, D = {args.dim}, fwd+bwd, in-batch (N = M)"
     )
-    print("| N = M | fastap.APLoss (score matrix) | ap_loss_from_embeddings (blocks) |")
-    print("|---|---|---|")
+    print("| N = M | " + " | ".join(CASES[c][1] for c in cases) + " |")
+    print("|---" * (len(cases) + 1) + "|")
     for n in args.sizes:
         common = (n, args.num_bins, args.dtype, args.device, args.repeats, args.timeout)
-        matrix = measure("fastap_aploss_emb", *common)
-        blocked = measure("fastap_blocked_emb", *common)
-        print(f"| {n} | {fmt(matrix)} | {fmt(blocked)} |", flush=True)
+        cells = []
+        for case in cases:
+            if case in ("matrix", "floor") and n > args.matrix_max:
+                cells.append(f"not run (N^2 = {n * n:.2e} scores)")
+                continue
+            result = measure(CASES[case][0], *common)
+            if case == "floor" and "error" not in result:
+                cells.append(f"{result['ms']:.3g} ms")  # its memory is the N x N buffer
+            else:
+                cells.append(fmt(result))
+        print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,38 @@
-"""A small CUDA forward+backward over every relevance form and dtype, for compute-sanitizer."""
+"""Small CUDA forward+backward passes for compute-sanitizer: the score-matrix kernels over every
+relevance form and dtype (rows of one chunk and of several), and the fused from-embeddings
+kernels (one split and several, D above one accumulator block)."""
 
 import torch
 
 import fastap
+from fastap.ops import HAS_FUSED_EMBEDDING_KERNELS
 from fastap.testing import RELEVANCE_FORMS, random_problem
 
 for form in RELEVANCE_FORMS:
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for num_bins in (2, 20, 100):
+        for shape, num_bins in (((37, 37), 2), ((37, 37), 20), ((37, 37), 100), ((5, 9001), 20)):
             problem = random_problem(
-                37,
-                37,
+                *shape,
                 num_bins=num_bins,
                 relevance_form=form,
                 with_ignore=True,
-                exclude_self=True,
+                exclude_self=shape[0] == shape[1],
                 dtype=dtype,
                 seed=num_bins,
             ).to("cuda")
             scores = problem.scores.detach().requires_grad_()
             fastap.ap_loss(scores, problem.relevance, **problem.kwargs()).backward()
+
+if HAS_FUSED_EMBEDDING_KERNELS:
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for n, m, d in ((70, 133, 40), (70, 5000, 13), (65, 300, 300)):
+            queries = torch.randn(n, d, generator=g).to("cuda", dtype).requires_grad_()
+            database = torch.randn(m, d, generator=g).to("cuda", dtype).requires_grad_()
+            labels = torch.randint(0, 3, (n,), generator=g).cuda()
+            ref_labels = torch.randint(0, 3, (m,), generator=g).cuda()
+            fastap.ap_loss_from_embeddings(
+                queries, database, labels=labels, ref_labels=ref_labels, backend="fused"
+            ).backward()
 torch.cuda.synchronize()
 print("sanitizer case done")

@@ -6,8 +6,19 @@ thrown away; the backward recomputes each block's scores, turns them into the bl
 fused backward op, and folds it into dQ = dS @ DB and dDB += dS^T @ Q. Peak extra memory: two
 block x M score tiles plus O((N + M) D + N Q), whatever N and M are.
 
-This path runs on any device with the fused histogram ops (the matrix products are torch's). A
-fused tensor-core CUDA kernel that never writes a score tile to memory is future work.
+Two backends compute this:
+
+- ``"blockwise"`` (any device): the loop above, with torch's matrix products and the score-matrix
+  histogram ops; exact in the dtype of the embeddings.
+- ``"fused"`` (CUDA, compute capability 8.0+, float32/bfloat16/float16): one kernel per pass
+  (fastap::embedding_histogram and its backward) computes the score tiles on the tensor cores and
+  bins them in shared memory, so no score ever reaches memory. float32 embeddings go through the
+  tensor cores as TF32, and the backward feeds each score's gradient to the tensor cores in the
+  embeddings' precision (TF32 / bf16 / fp16).
+
+``backend="auto"`` (the default) takes the fused kernel where it applies, and for float32
+embeddings only when ``torch.backends.cuda.matmul.allow_tf32`` allows TF32 (as torch's own matrix
+products do); otherwise the blockwise path.
 """
 
 from __future__ import annotations
@@ -28,6 +39,14 @@ from fastap.functional import (
     ap_from_histograms,
     weighted_loss,
 )
+from fastap.ops import (
+    HAS_FUSED_EMBEDDING_KERNELS,
+    EmbeddingHistogram,
+    fused_embedding_shared_bytes,
+)
+
+BACKENDS = ("auto", "fused", "blockwise")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 DEFAULT_BLOCK_BYTES = 32 * 2**20  # one score tile of a block of queries
 
@@ -88,6 +107,48 @@ class _BlockedSoftHistogram(torch.autograd.Function):
         return (grad_queries, grad_database.to(database.dtype), None, None) + (None,) * 6
 
 
+def fused_unavailable_reason(
+    queries: torch.Tensor, database: torch.Tensor, num_bins: int
+) -> str | None:
+    """Why the fused CUDA kernel cannot take these embeddings (None: it can)."""
+    if queries.device.type != "cuda":
+        return f"the embeddings are on {queries.device}, not on a CUDA device"
+    if not HAS_FUSED_EMBEDDING_KERNELS:
+        return "this build of fastap has no CUDA kernels"
+    if queries.dtype not in FUSED_DTYPES or database.dtype != queries.dtype:
+        return (
+            "it takes float32, bfloat16 or float16 embeddings of one dtype, got "
+            f"{queries.dtype} and {database.dtype}"
+        )
+    properties = torch.cuda.get_device_properties(queries.device)
+    if properties.major < 8:
+        capability = f"{properties.major}.{properties.minor}"
+        return f"it needs compute capability 8.0 or newer, got {capability}"
+    available = getattr(properties, "shared_memory_per_block_optin", 0)
+    needed = max(fused_embedding_shared_bytes(num_bins, queries.dtype))
+    if available and needed > available:
+        return (
+            f"num_bins={num_bins} needs {needed} bytes of shared memory per block, the GPU "
+            f"has {available}"
+        )
+    return None
+
+
+def _use_fused(backend: str, queries, database, num_bins: int) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"fastap: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "blockwise":
+        return False
+    reason = fused_unavailable_reason(queries, database, num_bins)
+    if backend == "fused":
+        if reason is not None:
+            raise ValueError(f"fastap: backend='fused' is not available: {reason}")
+        return True
+    if reason is not None:
+        return False
+    return queries.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+
+
 def _check_embedding_matrix(t, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -109,12 +170,16 @@ def histograms_from_embeddings(
     exclude_self: bool | None = None,
     self_offset: int = 0,
     block_size: int | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(n, p, positives) of the cosine scores of the L2-normalised embeddings, blockwise.
+    """(n, p, positives) of the cosine scores of the L2-normalised embeddings, without the score
+    matrix.
 
     queries [N, D] and database [M, D] (default: the queries; then exclude_self defaults to
     True); labels [N] and ref_labels [M] (default: labels) integer. With exclude_self, query i's
     own entry is database row i + self_offset. Differentiable with respect to both embedding sets.
+    backend: "auto", "fused" (the tensor-core CUDA kernel) or "blockwise" (block_size queries at
+    a time); see the module docstring.
     """
     _check_embedding_matrix(queries, "queries")
     same_set = database is None
@@ -153,6 +218,20 @@ def histograms_from_embeddings(
         raise ValueError(f"fastap: block_size must be a positive int, got {block_size!r}")
     unit_queries = F.normalize(queries, dim=1)
     unit_database = unit_queries if same_set else F.normalize(database, dim=1)
+    if _use_fused(backend, unit_queries, unit_database, num_bins):
+        n, p, positives = EmbeddingHistogram.apply(
+            unit_queries,
+            unit_database,
+            labels,
+            ref_labels,
+            exclude_self,
+            self_offset,
+            num_bins,
+            lo,
+            hi,
+        )
+        raise_if_poisoned(n)
+        return n, p, positives
     n, p, positives = _BlockedSoftHistogram.apply(
         unit_queries,
         unit_database,
@@ -182,15 +261,16 @@ def ap_loss_from_embeddings(
     variant: str = "ap_q",
     query_weights: torch.Tensor | None = None,
     block_size: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """The AP loss of cosine-similarity retrieval, computed from the embeddings block by block.
 
     Equal to ``fastap.ap_loss(F.normalize(queries) @ F.normalize(database).T, labels=...,
     ref_labels=..., ...)`` (same weighting: 1 - the weighted mean AP over the queries with a
     positive), with gradients for both embedding sets, but never holding more than a
-    ``block_size`` x M tile of scores (default: about 32 MB). Arguments as in
-    :func:`histograms_from_embeddings`, plus ``variant`` and ``query_weights`` as in
-    :func:`fastap.ap_loss`.
+    ``block_size`` x M tile of scores (default: about 32 MB; the fused CUDA kernel holds none).
+    Arguments as in :func:`histograms_from_embeddings`, plus ``variant`` and ``query_weights`` as
+    in :func:`fastap.ap_loss`.
     """
     check_variant(variant)
     n, p, positives = histograms_from_embeddings(
@@ -203,6 +283,7 @@ def ap_loss_from_embeddings(
         exclude_self=exclude_self,
         self_offset=self_offset,
         block_size=block_size,
+        backend=backend,
     )
     ap, has_positive = ap_from_histograms(n, p, positives, variant)
     if query_weights is not None:

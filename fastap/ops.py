@@ -30,6 +30,13 @@ HAS_CUDA_KERNELS = _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dis
 )
 
 
+#: The fused from-embeddings kernels (csrc/cuda/embedding_histogram.cu) are in this build.
+HAS_FUSED_EMBEDDING_KERNELS = (
+    _LOAD_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("fastap::embedding_histogram", "CUDA")
+)
+
+
 def _require_device_kernels(scores: torch.Tensor) -> None:
     if scores.device.type == "cuda" and not HAS_CUDA_KERNELS:
         raise RuntimeError(
@@ -60,6 +67,23 @@ if _LOAD_ERROR is None:
     @torch.library.register_fake("fastap::soft_histogram_backward")
     def _soft_histogram_backward_fake(grad_n, grad_p, scores, *args, **kwargs):
         return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fastap::embedding_histogram")
+    def _embedding_histogram_fake(queries, database, labels, ref_labels, *args, **kwargs):
+        num_bins = args[2] if len(args) > 2 else kwargs["num_bins"]
+        shape = (queries.shape[0], num_bins)
+        return (
+            queries.new_empty(shape, dtype=torch.float32),
+            queries.new_empty(shape, dtype=torch.float32),
+            queries.new_empty((queries.shape[0],), dtype=torch.int64),
+        )
+
+    @torch.library.register_fake("fastap::embedding_histogram_backward")
+    def _embedding_histogram_backward_fake(grad_n, grad_p, queries, database, *args, **kwargs):
+        return (
+            torch.empty_like(queries, memory_format=torch.contiguous_format),
+            torch.empty_like(database, memory_format=torch.contiguous_format),
+        )
 
 
 class SoftHistogram(torch.autograd.Function):
@@ -124,3 +148,59 @@ def soft_histogram(
         float(hi),
         self_offset,
     )
+
+
+class EmbeddingHistogram(torch.autograd.Function):
+    """(n, p, positives) of the cosine scores queries @ database.T from the fused CUDA kernels,
+    which never store a score (fastap::embedding_histogram); differentiable with respect to both
+    embedding sets.
+
+    forward(queries [N, D], database [M, D] (L2-normalised, one of float32/bfloat16/float16),
+    labels [N] int64, ref_labels [M] int64, exclude_self, self_offset, num_bins, lo, hi).
+    Arguments are expected to be checked already (see fastap.embeddings).
+    """
+
+    @staticmethod
+    def forward(ctx, queries, database, labels, ref_labels, *options):
+        n, p, positives = torch.ops.fastap.embedding_histogram(
+            queries, database, labels, ref_labels, *options
+        )
+        ctx.save_for_backward(queries, database, labels, ref_labels)
+        ctx.options = options  # exclude_self, self_offset, num_bins, lo, hi
+        ctx.mark_non_differentiable(positives)
+        return n, p, positives
+
+    @staticmethod
+    def backward(ctx, grad_n, grad_p, _grad_positives):
+        queries, database, labels, ref_labels = ctx.saved_tensors
+        if grad_n is None:
+            grad_n = torch.zeros_like(grad_p)
+        if grad_p is None:
+            grad_p = torch.zeros_like(grad_n)
+        grad_queries, grad_database = torch.ops.fastap.embedding_histogram_backward(
+            grad_n, grad_p, queries, database, labels, ref_labels, *ctx.options
+        )
+        return (grad_queries, grad_database, None, None) + (None,) * len(ctx.options)
+
+
+def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Shared memory per block (forward, backward) of the fused embedding kernels: the formula of
+    SharedLayout in csrc/cuda/embedding_kernels.cuh (tests/test_cuda_emulation.py checks that the
+    two agree)."""
+    element, pad = (4, 4) if dtype == torch.float32 else (2, 8)
+    tile_rows = tile_cols = 64
+    threads, width = 256, 256
+
+    def align(b):
+        return (b + 127) // 128 * 128
+
+    depth_ld = 32 + pad
+    stream_chunk = align(tile_rows * depth_ld * element)
+    scores = align(stream_chunk + tile_cols * depth_ld * element)
+    labels = align(scores + tile_cols * (tile_rows + 4) * 4)
+    step_end = align(labels + tile_cols * 8)
+    forward = step_end + 2 * num_bins * threads * 4 + threads * 2 * 4
+    stream_rows = align(step_end + tile_rows * (tile_cols + pad) * element)
+    staging = align(stream_rows + tile_cols * (width + pad) * element)
+    backward = staging + (threads // 32) * 16 * 16 * 4
+    return forward, backward

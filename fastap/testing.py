@@ -140,3 +140,24 @@ def random_problem(
         problem.ignore = torch.rand(shape, generator=g) < 0.15
     problem.exclude_self = exclude_self and num_queries == num_candidates
     return problem
+
+
+def exact_embeddings(
+    rows: int, dim: int, dtype: torch.dtype, generator: torch.Generator
+) -> torch.Tensor:
+    """Embeddings whose entries are k / 8 with |k| <= 2: exact in bf16, fp16 and TF32, and every
+    inner product (and partial sum) is exact in fp32, so tensor-core scores equal fp64 scores
+    exactly and a fused kernel can be compared with the score-matrix op without tolerance for the
+    scores."""
+    values = torch.randint(-2, 3, (rows, dim), generator=generator).to(torch.float64) / 8
+    return values.to(dtype)
+
+
+def round_like_matrix_unit(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (fp64) as the fused kernels feed it to the tensor cores, back in fp64: bf16 or fp16, or
+    TF32 for fp32 (10 mantissa bits, to nearest with ties away from zero, as cvt.rna.tf32.f32)."""
+    if dtype != torch.float32:
+        return x.to(dtype).double()
+    bits = x.float().view(torch.int32)
+    rounded = torch.bitwise_and(bits + 0x1000, -0x2000)  # 0xffffe000 as int32
+    return rounded.view(torch.float32).double()

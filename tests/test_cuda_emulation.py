@@ -19,8 +19,13 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
 
-import fastap  # noqa: F401  (loads the ops)
-from fastap.testing import RELEVANCE_FORMS, random_problem
+import fastap
+from fastap.testing import (
+    RELEVANCE_FORMS,
+    exact_embeddings,
+    random_problem,
+    round_like_matrix_unit,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [
@@ -236,14 +241,7 @@ def test_kernels_have_no_data_races(emulators, tmp_path, options):
     check_both(emulators["thread"], tmp_path, problem, **options)
 
 
-# --- the fused from-embeddings kernels (csrc/cuda/embedding_kernels.cuh) ---------------------------
-
-
-def exact_embeddings(rows, dim, dtype, generator):
-    """Entries k / 8 with |k| <= 2: exact in bf16, fp16 and TF32, and every inner product (and
-    partial sum) is exact in fp32, so the kernels' scores equal the fp64 scores exactly."""
-    values = torch.randint(-2, 3, (rows, dim), generator=generator).to(torch.float64) / 8
-    return values.to(dtype)
+# --- the fused from-embeddings kernels (csrc/cuda/embedding_kernels.cuh) ---
 
 
 def emulate_embedding(binary, tmp_path, queries, database, labels, ref_labels, op, *, table=None,
@@ -287,23 +285,17 @@ def emulate_embedding(binary, tmp_path, queries, database, labels, ref_labels, o
     )
 
 
-def round_like_matrix_unit(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x (fp64) as the kernels feed it to the matrix unit: bf16/fp16, or TF32 for fp32 (10
-    mantissa bits, to nearest with ties away from zero, as cvt.rna.tf32.f32)."""
-    if dtype != torch.float32:
-        return x.to(dtype).double()
-    bits = x.float().view(torch.int32)
-    rounded = torch.bitwise_and(bits + 0x1000, -0x2000)  # 0xffffe000 as int32
-    return rounded.view(torch.float32).double()
-
-
 def check_embedding_kernels(binary, tmp_path, n, m, d, dtype, *, same_set=False, self_offset=0,
                             num_bins=20, seed=0, **options):  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     database = exact_embeddings(m, d, dtype, g)
-    queries = database[self_offset : self_offset + n] if same_set else exact_embeddings(n, d, dtype, g)
     ref_labels = torch.randint(0, 3, (m,), generator=g)
-    labels = ref_labels[self_offset : self_offset + n] if same_set else torch.randint(0, 3, (n,), generator=g)
+    if same_set:  # the queries are database rows self_offset ... self_offset + n - 1
+        queries = database[self_offset : self_offset + n]
+        labels = ref_labels[self_offset : self_offset + n]
+    else:
+        queries = exact_embeddings(n, d, dtype, g)
+        labels = torch.randint(0, 3, (n,), generator=g)
     common = dict(exclude_self=same_set, self_offset=self_offset, num_bins=num_bins)
 
     scores = queries.double() @ database.double().T  # exact
@@ -358,3 +350,15 @@ def test_embedding_kernels_exclude_self_with_offset(emulators, tmp_path, options
 def test_embedding_kernels_have_no_data_races(emulators, tmp_path):
     check_embedding_kernels(emulators["thread"], tmp_path, 70, 133, 20, torch.bfloat16,
                             num_bins=5, min_split=64)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_python_knows_the_shared_memory_of_the_fused_kernels(emulators, dtype):
+    """fastap.ops.fused_embedding_shared_bytes (which decides whether the fused path fits a GPU)
+    is the formula of SharedLayout in the kernels."""
+    for num_bins in (2, 20, 95):
+        command = [str(emulators["address"]), "op=embedding_layout", f"dtype={DTYPE_CODES[dtype]}",
+                   f"q={num_bins}"]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        forward, backward = map(int, result.stdout.split())
+        assert fastap.ops.fused_embedding_shared_bytes(num_bins, dtype) == (forward, backward)

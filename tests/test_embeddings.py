@@ -163,3 +163,17 @@ def test_modules_switch_to_blocks_above_the_limit(loss_type):
         results.append((loss.detach(), grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
+
+
+def test_backend_argument(device):
+    queries, database, labels, ref_labels = (t.to(device) for t in embedding_problem(9, 11, 4))
+    common = dict(labels=labels, ref_labels=ref_labels, num_bins=7)
+    auto = fastap.ap_loss_from_embeddings(queries, database, **common)
+    blockwise = fastap.ap_loss_from_embeddings(queries, database, backend="blockwise", **common)
+    assert torch.equal(auto, blockwise)  # fp64 never takes the fused kernel
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastap.ap_loss_from_embeddings(queries, database, backend="tensor-core", **common)
+    reason = "float64" if device.type == "cuda" else "not on a CUDA device"
+    with pytest.raises(ValueError, match=f"backend='fused' is not available: .*{reason}"):
+        fastap.ap_loss_from_embeddings(queries, database, backend="fused", **common)
+

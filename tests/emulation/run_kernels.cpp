@@ -137,6 +137,11 @@ int run() {
 template <typename T>
 int run_embedding() {
   namespace emb = fastap::embedding;
+  using Layout = emb::SharedLayout<T>;
+  if (option("op") == "embedding_layout") {  // shared memory per block, for fastap.ops
+    std::printf("%zu %zu\n", Layout::forward_bytes(integer("q")), Layout::backward_bytes());
+    return 0;
+  }
   const int64_t n = integer("n"), m = integer("m"), d = integer("d"), q = integer("q");
   const double lo = std::stod(option("lo")), hi = std::stod(option("hi"));
   const std::vector<T> queries = read<T>("queries", n * d);
@@ -147,7 +152,6 @@ int run_embedding() {
   const int64_t self_offset = integer("self_offset", 0);
   const int64_t min_split = integer("min_split", fastap::kMinSplitLength);
   const fastap::BinGrid<float> grid(lo, hi, q);
-  using Layout = emb::SharedLayout<T>;
 
   if (option("op") == "embedding_forward") {
     const fastap::EmbeddingPlan plan = fastap::plan_embedding(n, m, d, false, min_split);

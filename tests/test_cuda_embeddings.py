@@ -1,0 +1,139 @@
+"""The fused from-embeddings CUDA kernels on a GPU (skipped without one; run by
+benchmarks/gpu_check.sh). tests/test_cuda_emulation.py runs the same kernels on the CPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastap
+from fastap.embeddings import histograms_from_embeddings
+from fastap.ops import HAS_FUSED_EMBEDDING_KERNELS
+from fastap.testing import exact_embeddings, round_like_matrix_unit
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_FUSED_EMBEDDING_KERNELS, reason="no fused CUDA kernels built"),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def exact_problem(n, m, d, dtype, seed, same_set=False, self_offset=0):
+    g = torch.Generator().manual_seed(seed)
+    database = exact_embeddings(m, d, dtype, g)
+    ref_labels = torch.randint(0, 3, (m,), generator=g)
+    if same_set:
+        queries = database[self_offset : self_offset + n]
+        labels = ref_labels[self_offset : self_offset + n]
+    else:
+        queries = exact_embeddings(n, d, dtype, g)
+        labels = torch.randint(0, 3, (n,), generator=g)
+    return queries, database, labels, ref_labels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "n,m,d", [(1, 1, 1), (70, 133, 40), (300, 9000, 13), (65, 300, 300), (4100, 70, 64)]
+)
+def test_fused_ops_equal_the_score_matrix_op(dtype, n, m, d):
+    """Exactly representable embeddings: the tensor cores' scores are the fp64 scores, so the
+    histograms match the CPU op on them to fp32 accumulation, and the gradients match G @ DB with
+    G rounded as the kernels feed it to the tensor cores."""
+    queries, database, labels, ref_labels = exact_problem(n, m, d, dtype, seed=n + d)
+    num_bins = 20
+    scores = queries.double() @ database.double().T
+    op_args = (None, labels, ref_labels, None, False, num_bins, -1.0, 1.0, 0)
+    n_cpu, p_cpu, positives_cpu = torch.ops.fastap.soft_histogram(scores, *op_args)
+    cuda = [t.cuda() for t in (queries, database, labels, ref_labels)]
+    fused_args = (False, 0, num_bins, -1.0, 1.0)
+    n_gpu, p_gpu, positives_gpu = torch.ops.fastap.embedding_histogram(*cuda, *fused_args)
+    assert torch.equal(positives_gpu.cpu(), positives_cpu)
+    torch.testing.assert_close(n_gpu.cpu().double(), n_cpu, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(p_gpu.cpu().double(), p_cpu, rtol=1e-5, atol=1e-4)
+
+    g = torch.Generator().manual_seed(1)
+    grad_n, grad_p = torch.randn((2, n, num_bins), generator=g)
+    grad_scores = torch.ops.fastap.soft_histogram_backward(
+        grad_n.double(), grad_p.double(), scores, *op_args
+    )
+    grad_scores = round_like_matrix_unit(grad_scores, dtype)
+    grad_q, grad_db = torch.ops.fastap.embedding_histogram_backward(
+        grad_n.cuda(), grad_p.cuda(), *cuda, *fused_args
+    )
+    for got, want in ((grad_q, grad_scores @ database.double()),
+                      (grad_db, grad_scores.T @ queries.double())):  # fmt: skip
+        scale = want.abs().max().clamp_min(1e-30)
+        tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+        torch.testing.assert_close(got.cpu().double() / scale, want / scale, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_loss_close_to_the_exact_loss(dtype):
+    """Random embeddings: the loss and the gradients of the fused path against the fp64
+    blockwise path, within the precision of the matrix unit."""
+    g = torch.Generator().manual_seed(0)
+    queries = torch.randn(1000, 96, generator=g)
+    labels = torch.randint(0, 20, (1000,), generator=g)
+    exact = queries.double().requires_grad_()
+    loss = fastap.ap_loss_from_embeddings(exact, labels=labels, backend="blockwise")
+    (grad,) = torch.autograd.grad(loss, exact)
+    fused_in = queries.to(device="cuda", dtype=dtype).requires_grad_()
+    fused = fastap.ap_loss_from_embeddings(fused_in, labels=labels.cuda(), backend="fused")
+    (fused_grad,) = torch.autograd.grad(fused, fused_in)
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    assert abs(fused.item() - loss.item()) < tol
+    cosine = F.cosine_similarity(fused_grad.double().cpu().flatten(), grad.flatten(), dim=0)
+    assert cosine > (0.999 if dtype == torch.float32 else 0.99)
+
+
+def test_fused_self_offset_deterministic_and_compiled():
+    queries, database, labels, ref_labels = (
+        t.cuda() for t in exact_problem(77, 5000, 24, torch.bfloat16, 3, True, 9)
+    )
+
+    def run():
+        q = queries.clone().requires_grad_()
+        db = database.clone().requires_grad_()
+        loss = fastap.ap_loss_from_embeddings(
+            q, db, labels=labels, ref_labels=ref_labels, exclude_self=True, self_offset=9,
+            backend="fused",
+        )  # fmt: skip
+        return (loss.detach(), *torch.autograd.grad(loss, (q, db)))
+
+    first = run()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first, run()))
+    exact = fastap.ap_loss_from_embeddings(
+        queries.double().cpu(), database.double().cpu(), labels=labels.cpu(),
+        ref_labels=ref_labels.cpu(), exclude_self=True, self_offset=9,
+    )  # fmt: skip
+    assert abs(first[0].item() - exact.item()) < 1e-4  # exact scores: only fp32 sums differ
+
+    compiled = torch.compile(
+        lambda q, db: fastap.ap_loss_from_embeddings(
+            q, db, labels=labels, ref_labels=ref_labels, exclude_self=True, self_offset=9,
+            backend="fused",
+        ),
+        fullgraph=True,
+    )  # fmt: skip
+    # The AP formula may be fused differently by inductor: fp32 rounding, nothing more.
+    torch.testing.assert_close(compiled(queries, database), first[0], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_backend_takes_the_fused_kernel(monkeypatch):
+    calls = []
+    original = fastap.ops.EmbeddingHistogram.apply
+    monkeypatch.setattr(
+        fastap.embeddings.EmbeddingHistogram,
+        "apply",
+        lambda *args: calls.append(args[0].dtype) or original(*args),
+    )
+    x = torch.randn(50, 16, device="cuda")
+    labels = torch.randint(0, 3, (50,), device="cuda")
+    histograms_from_embeddings(x.bfloat16(), labels=labels)
+    assert calls == [torch.bfloat16]
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    histograms_from_embeddings(x, labels=labels)  # exact fp32 asked for: blockwise
+    assert calls == [torch.bfloat16]
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    histograms_from_embeddings(x, labels=labels)
+    assert calls == [torch.bfloat16, torch.float32]
