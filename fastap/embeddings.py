@@ -42,6 +42,7 @@ from fastap.functional import (
 from fastap.ops import (
     HAS_FUSED_EMBEDDING_KERNELS,
     EmbeddingHistogram,
+    dense_histogram_grads,
     fused_embedding_shared_bytes,
 )
 
@@ -88,10 +89,7 @@ class _BlockedSoftHistogram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_n, grad_p, _grad_positives):
         queries, database, labels, ref_labels = ctx.saved_tensors
-        if grad_n is None:
-            grad_n = torch.zeros_like(grad_p)
-        if grad_p is None:
-            grad_p = torch.zeros_like(grad_n)
+        grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
         grad_queries = torch.empty_like(queries)
         # Accumulated over blocks: in fp32 at least, in a fixed order (deterministic).
         grad_database = torch.zeros_like(
@@ -219,20 +217,10 @@ def histograms_from_embeddings(
     unit_queries = F.normalize(queries, dim=1)
     unit_database = unit_queries if same_set else F.normalize(database, dim=1)
     if _use_fused(backend, unit_queries, unit_database, num_bins):
-        n, p, positives = EmbeddingHistogram.apply(
-            unit_queries,
-            unit_database,
-            labels,
-            ref_labels,
-            exclude_self,
-            self_offset,
-            num_bins,
-            lo,
-            hi,
-        )
-        raise_if_poisoned(n)
-        return n, p, positives
-    n, p, positives = _BlockedSoftHistogram.apply(
+        function, extra = EmbeddingHistogram, ()
+    else:
+        function, extra = _BlockedSoftHistogram, (block_size,)
+    n, p, positives = function.apply(
         unit_queries,
         unit_database,
         labels,
@@ -242,7 +230,7 @@ def histograms_from_embeddings(
         num_bins,
         lo,
         hi,
-        block_size,
+        *extra,
     )
     raise_if_poisoned(n)
     return n, p, positives

@@ -86,6 +86,15 @@ if _LOAD_ERROR is None:
         )
 
 
+def dense_histogram_grads(grad_n, grad_p):
+    """The incoming gradients of (n, p) as tensors (autograd passes None for an unused output)."""
+    if grad_n is None:
+        grad_n = torch.zeros_like(grad_p)
+    if grad_p is None:
+        grad_p = torch.zeros_like(grad_n)
+    return grad_n, grad_p
+
+
 class SoftHistogram(torch.autograd.Function):
     """Soft-binned histograms of each query row's scores, differentiable with respect to scores.
 
@@ -110,10 +119,7 @@ class SoftHistogram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_n, grad_p, _grad_positives):
         scores, relevance, labels, ref_labels, ignore = ctx.saved_tensors
-        if grad_n is None:
-            grad_n = torch.zeros_like(grad_p)
-        if grad_p is None:
-            grad_p = torch.zeros_like(grad_n)
+        grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
         grad_scores = torch.ops.fastap.soft_histogram_backward(
             grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, *ctx.options
         )
@@ -173,10 +179,7 @@ class EmbeddingHistogram(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_n, grad_p, _grad_positives):
         queries, database, labels, ref_labels = ctx.saved_tensors
-        if grad_n is None:
-            grad_n = torch.zeros_like(grad_p)
-        if grad_p is None:
-            grad_p = torch.zeros_like(grad_n)
+        grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
         grad_queries, grad_database = torch.ops.fastap.embedding_histogram_backward(
             grad_n, grad_p, queries, database, labels, ref_labels, *ctx.options
         )

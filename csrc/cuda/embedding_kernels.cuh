@@ -50,26 +50,25 @@ namespace wmma = nvcuda::wmma;
 template <typename T>
 struct MatrixUnit;
 
-template <>
-struct MatrixUnit<__nv_bfloat16> {
-  using element = __nv_bfloat16;
-  using precision = __nv_bfloat16;
+// bf16 and fp16: the tiles hold the input type, which the matrix unit takes as it is.
+template <typename T>
+struct SixteenBitUnit {
+  using element = T;
+  using precision = T;
   static constexpr int kStep = 16;
   static constexpr int kPad = 8;
-  static __device__ __forceinline__ element from_float(float x) { return __float2bfloat16(x); }
   template <typename Fragment>
   static __device__ __forceinline__ void round(Fragment&) {}
 };
 
 template <>
-struct MatrixUnit<__half> {
-  using element = __half;
-  using precision = __half;
-  static constexpr int kStep = 16;
-  static constexpr int kPad = 8;
+struct MatrixUnit<__nv_bfloat16> : SixteenBitUnit<__nv_bfloat16> {
+  static __device__ __forceinline__ element from_float(float x) { return __float2bfloat16(x); }
+};
+
+template <>
+struct MatrixUnit<__half> : SixteenBitUnit<__half> {
   static __device__ __forceinline__ element from_float(float x) { return __float2half(x); }
-  template <typename Fragment>
-  static __device__ __forceinline__ void round(Fragment&) {}
 };
 
 template <>
