@@ -12,6 +12,7 @@ the floor: the four N x N x D matrix products of a forward+backward with torch's
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 CASES = {
@@ -39,6 +40,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--json", help="also write the results here (for plot_results.py)")
     args = parser.parse_args()
     os.environ["FASTAP_BENCH_DIM"] = str(args.dim)  # read by the child processes
     from bench_ap_loss import environment, fmt, measure
@@ -53,19 +55,26 @@ def main() -> None:
     )
     print("| N = M | " + " | ".join(CASES[c][1] for c in cases) + " |")
     print("|---" * (len(cases) + 1) + "|")
+    rows = []
     for n in args.sizes:
         common = (n, args.num_bins, args.dtype, args.device, args.repeats, args.timeout)
         cells = []
+        rows.append({"n": n})
         for case in cases:
             if case in ("matrix", "floor") and n > args.matrix_max:
                 cells.append(f"not run (N^2 = {n * n:.2e} scores)")
                 continue
             result = measure(CASES[case][0], *common)
+            rows[-1][case] = result
             if case == "floor" and "error" not in result:
                 cells.append(f"{result['ms']:.3g} ms")  # its memory is the N x N buffer
             else:
                 cells.append(fmt(result))
         print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"kind": "embeddings", "env": env, "args": vars(args), "rows": rows}, f,
+                      indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

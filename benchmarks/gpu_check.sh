@@ -49,9 +49,9 @@ step loss 180 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
   --json "$OUT/loss.json"
 step variants 60 variants.md $PY benchmarks/bench_variants.py --device cuda --n 8192 --repeats 20
 step embeddings 240 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
-  --dtype bfloat16 --dim 256 --sizes 16384 65536 --repeats 5 && \
+  --dtype bfloat16 --dim 256 --sizes 16384 65536 --repeats 5 --json $OUT/embeddings_d256.json && \
   $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \
-  --cases blockwise fused --repeats 3"
+  --cases blockwise fused --repeats 3 --json $OUT/embeddings_d128.json"
 
 for table in kernels loss variants embeddings; do
   [[ -s $OUT/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$OUT/$table.md"; }
