@@ -104,6 +104,10 @@ struct SharedLayout {
   static constexpr int kScoreLd = kTileRows + 4;                      // scores, column-major
   static constexpr int kGradLd = kTileCols + MatrixUnit<T>::kPad;     // G, row-major
   static constexpr int kStreamLd = kAccumulatorWidth + MatrixUnit<T>::kPad;
+  // 16-byte rows: the vector loads of load_tile and WMMA's leading-dimension rule.
+  static_assert(kDepthLd * sizeof(element) % 16 == 0 && kGradLd * sizeof(element) % 16 == 0 &&
+                    kStreamLd * sizeof(element) % 16 == 0 && kScoreLd * sizeof(float) % 16 == 0,
+                "tile rows must be multiples of 16 bytes");
 
   static FASTAP_HOST_DEVICE size_t align(size_t bytes) { return (bytes + 127) / 128 * 128; }
   static FASTAP_HOST_DEVICE size_t own_chunk() { return 0; }
@@ -140,12 +144,31 @@ struct SharedLayout {
 };
 
 // Copies rows [row0, row0 + rows) x columns [col0, col0 + cols) of the count x depth row-major
-// matrix `source` to `tile` (leading dimension ld), zero outside the matrix.
+// matrix `source` to `tile` (leading dimension ld), zero outside the matrix. In 16-byte vectors
+// when the rows of `source` allow it (depth a multiple of the vector, aligned base; the caller
+// keeps col0, cols and ld multiples of it): a vector is then entirely inside or outside.
 template <typename element>
 __device__ __forceinline__ void load_tile(element* tile, int ld, int rows, int cols,
                                           const element* __restrict__ source, int64_t count,
                                           int64_t depth, int64_t row0, int64_t col0,
                                           element zero) {
+  constexpr int kVector = 16 / sizeof(element);
+  const bool vectors = depth % kVector == 0 && reinterpret_cast<uintptr_t>(source) % 16 == 0;
+  if (vectors) {
+    const int vector_cols = cols / kVector;
+    for (int e = threadIdx.x; e < rows * vector_cols; e += blockDim.x) {
+      const int r = e / vector_cols;
+      const int c = (e - r * vector_cols) * kVector;
+      const int64_t gr = row0 + r;
+      const int64_t gc = col0 + c;
+      uint4 value = make_uint4(0u, 0u, 0u, 0u);
+      if (gr < count && gc < depth) {
+        value = *reinterpret_cast<const uint4*>(source + gr * depth + gc);
+      }
+      *reinterpret_cast<uint4*>(tile + r * ld + c) = value;
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < rows * cols; e += blockDim.x) {
     const int r = e / cols;
     const int c = e - r * cols;
