@@ -106,3 +106,20 @@ def test_export():
     labels = torch.arange(6) % 2
     exported = torch.export.export(Model(), (scores, labels))
     assert torch.equal(exported.module()(scores, labels), Model()(scores, labels))
+
+
+def test_fused_embedding_op_on_meta_tensors():
+    """The shapes of the fused embedding op (CUDA-only kernels) for torch.compile and export."""
+    queries = torch.empty(7, 5, device="meta", dtype=torch.bfloat16)
+    database = torch.empty(9, 5, device="meta", dtype=torch.bfloat16)
+    labels = torch.empty(7, dtype=torch.long, device="meta")
+    ref_labels = torch.empty(9, dtype=torch.long, device="meta")
+    n, p, positives = torch.ops.fastap.embedding_histogram(
+        queries, database, labels, ref_labels, False, 0, 13, -1.0, 1.0
+    )
+    assert n.shape == p.shape == (7, 13) and n.dtype == torch.float32
+    assert positives.shape == (7,) and positives.dtype == torch.int64
+    grad_q, grad_db = torch.ops.fastap.embedding_histogram_backward(
+        n, p, queries, database, labels, ref_labels, False, 0, 13, -1.0, 1.0
+    )
+    assert grad_q.shape == (7, 5) and grad_db.shape == (9, 5) and grad_q.dtype == torch.bfloat16

@@ -137,3 +137,18 @@ def test_auto_backend_takes_the_fused_kernel(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     histograms_from_embeddings(x, labels=labels)
     assert calls == [torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_opcheck(dtype):
+    queries, database, labels, ref_labels = (
+        t.cuda() for t in exact_problem(37, 70, 24, dtype, seed=2)
+    )
+    args = (queries, database, labels, ref_labels, False, 0, 9, -1.0, 1.0)
+    torch.library.opcheck(torch.ops.fastap.embedding_histogram.default, args)
+    n, p, _ = torch.ops.fastap.embedding_histogram(*args)
+    grad_n, grad_p = torch.randn_like(n), torch.randn_like(p)
+    torch.library.opcheck(
+        torch.ops.fastap.embedding_histogram_backward.default, (grad_n, grad_p, *args)
+    )
+
