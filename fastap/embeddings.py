@@ -122,9 +122,11 @@ def fused_unavailable_reason(
     if properties.major < 8:
         capability = f"{properties.major}.{properties.minor}"
         return f"it needs compute capability 8.0 or newer, got {capability}"
-    available = getattr(properties, "shared_memory_per_block_optin", 0)
+    # torch does not report the opt-in shared memory per block; on every NVIDIA GPU since sm_80
+    # it is the shared memory per SM less the 1 KB reserved per block.
+    available = properties.shared_memory_per_multiprocessor - 1024
     needed = max(fused_embedding_shared_bytes(num_bins, queries.dtype))
-    if available and needed > available:
+    if needed > available:
         return (
             f"num_bins={num_bins} needs {needed} bytes of shared memory per block, the GPU "
             f"has {available}"
