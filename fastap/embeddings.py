@@ -125,7 +125,7 @@ def fused_unavailable_reason(
     # torch does not report the opt-in shared memory per block; on every NVIDIA GPU since sm_80
     # it is the shared memory per SM less the 1 KB reserved per block.
     available = properties.shared_memory_per_multiprocessor - 1024
-    needed = max(fused_embedding_shared_bytes(num_bins, queries.dtype))
+    needed = max(fused_embedding_shared_bytes(num_bins, queries.dtype, queries.shape[1]))
     if needed > available:
         return (
             f"num_bins={num_bins} needs {needed} bytes of shared memory per block, the GPU "

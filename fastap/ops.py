@@ -186,24 +186,32 @@ class EmbeddingHistogram(torch.autograd.Function):
         return (grad_queries, grad_database, None, None) + (None,) * len(ctx.options)
 
 
-def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype) -> tuple[int, int]:
-    """Shared memory per block (forward, backward) of the fused embedding kernels: the formula of
-    SharedLayout in csrc/cuda/embedding_kernels.cuh (tests/test_cuda_emulation.py checks that the
-    two agree)."""
+def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) -> tuple[int, int]:
+    """Shared memory per block (forward, backward) of the fused embedding kernels for embeddings
+    of dimension `depth`: the formula of SharedLayout in csrc/cuda/embedding_kernels.cuh
+    (tests/test_cuda_emulation.py checks that the two agree)."""
     element, pad = (4, 4) if dtype == torch.float32 else (2, 8)
     tile_rows = tile_cols = 64
-    threads, width = 256, 256
+    threads, width, chunk = 256, 256, 32
 
     def align(b):
         return (b + 127) // 128 * 128
 
-    depth_ld = 32 + pad
-    stream_chunk = align(tile_rows * depth_ld * element)
-    scores = align(stream_chunk + tile_cols * depth_ld * element)
-    labels = align(scores + tile_cols * (tile_rows + 4) * 4)
-    step_end = align(labels + tile_cols * 8)
-    forward = step_end + 2 * num_bins * threads * 4 + threads * 2 * 4
-    stream_rows = align(step_end + tile_rows * (tile_cols + pad) * element)
-    staging = align(stream_rows + tile_cols * (width + pad) * element)
-    backward = staging + (threads // 32) * 16 * 16 * 4
-    return forward, backward
+    resident = depth <= width
+    padded = max(chunk, -(-depth // chunk) * chunk)
+    own_ld = (padded if resident else chunk) + pad
+    stream_ld = (padded if resident else width) + pad
+    sizes = []
+    for backward in (False, True):
+        stream_chunk = align(tile_rows * own_ld * element)
+        chunk_bytes = 0 if backward and resident else tile_cols * (chunk + pad) * element
+        scores = align(stream_chunk + chunk_bytes)
+        labels = align(scores + tile_cols * (tile_rows + 4) * 4)
+        step_end = align(labels + tile_cols * 8)
+        if not backward:
+            sizes.append(step_end + 2 * num_bins * threads * 4 + threads * 2 * 4)
+            continue
+        stream_rows = align(step_end + tile_rows * (tile_cols + pad) * element)
+        staging = align(stream_rows + tile_cols * stream_ld * element)
+        sizes.append(staging + (threads // 32) * 16 * 16 * 4)
+    return sizes[0], sizes[1]

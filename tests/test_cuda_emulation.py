@@ -332,7 +332,8 @@ EMBEDDING_SHAPES = [  # (N, M, D, options)
     (1, 1, 1, {}),
     (70, 133, 40, {}),
     (70, 133, 13, {"min_split": 64}),
-    (65, 300, 300, {"min_split": 100}),  # D > kAccumulatorWidth: two column blocks
+    (33, 70, 256, {"min_split": 64}),  # the largest D whose own rows stay in shared memory
+    (65, 300, 300, {"min_split": 100}),  # D > kAccumulatorWidth: chunks, two column blocks
 ]
 
 
@@ -357,9 +358,10 @@ def test_embedding_kernels_have_no_data_races(emulators, tmp_path):
 def test_python_knows_the_shared_memory_of_the_fused_kernels(emulators, dtype):
     """fastap.ops.fused_embedding_shared_bytes (which decides whether the fused path fits a GPU)
     is the formula of SharedLayout in the kernels."""
-    for num_bins in (2, 20, 95):
+    for num_bins, depth in ((2, 1), (20, 128), (20, 256), (95, 257), (7, 1000)):
         command = [str(emulators["address"]), "op=embedding_layout", f"dtype={DTYPE_CODES[dtype]}",
-                   f"q={num_bins}"]  # fmt: skip
+                   f"q={num_bins}", f"d={depth}"]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         forward, backward = map(int, result.stdout.split())
-        assert fastap.ops.fused_embedding_shared_bytes(num_bins, dtype) == (forward, backward)
+        python_formula = fastap.ops.fused_embedding_shared_bytes(num_bins, dtype, depth)
+        assert python_formula == (forward, backward)

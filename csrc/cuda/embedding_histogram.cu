@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_histogram_cuda(
   dispatch_matrix_type(in.queries.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
     auto kernel = embedding::embedding_histogram_kernel<T>;
-    const size_t shared = SharedLayout<T>::forward_bytes(num_bins);
+    const size_t shared = SharedLayout<T>(in.depth, /*backward=*/false).forward_bytes(num_bins);
     allow_shared(kernel, shared, num_bins);
     const dim3 grid(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits));
     kernel<<<grid, kEmbeddingThreads, shared, stream>>>(
@@ -169,7 +169,7 @@ void launch_backward(const at::Tensor& own, const at::Tensor& stream, const at::
     partial = at::empty({plan.splits, own_count, depth}, own.options().dtype(at::kFloat));
   }
   auto kernel = embedding::embedding_histogram_backward_kernel<T, kOwnIsQuery>;
-  const size_t shared = SharedLayout<T>::backward_bytes();
+  const size_t shared = SharedLayout<T>(depth, /*backward=*/true).backward_bytes();
   allow_shared(kernel, shared, num_bins);
   const dim3 blocks(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits),
                     static_cast<unsigned>(plan.depth_blocks));

@@ -96,51 +96,60 @@ constexpr int kRowFragments = kTileRows / kFragment;       // 4
 static_assert(kTileRows == 64 && kTileCols == 64 && kEmbeddingThreads == 256,
               "the warp layout below assumes 64 x 64 tiles and 8 warps");
 
-// The shared-memory layout of one block (byte offsets, 128-byte aligned), the same on the host.
+// The shared-memory layout of one block (byte offsets, 128-byte aligned), computed the same way
+// by the launchers and the kernels. With D <= kAccumulatorWidth ("resident") the block's own rows
+// stay in shared memory for the whole walk (loaded once), and the backward loads each step's
+// stream rows once for both of its products; otherwise both sides come kDepthChunk columns at a
+// time. Resident, the bytes read from L2 per step are the stream tile's only.
 template <typename T>
 struct SharedLayout {
   using element = typename MatrixUnit<T>::element;
-  static constexpr int kDepthLd = kDepthChunk + MatrixUnit<T>::kPad;  // own / stream chunks
-  static constexpr int kScoreLd = kTileRows + 4;                      // scores, column-major
-  static constexpr int kGradLd = kTileCols + MatrixUnit<T>::kPad;     // G, row-major
-  static constexpr int kStreamLd = kAccumulatorWidth + MatrixUnit<T>::kPad;
+  static constexpr int kPad = MatrixUnit<T>::kPad;
+  static constexpr int kChunkLd = kDepthChunk + kPad;  // chunks of kDepthChunk columns
+  static constexpr int kScoreLd = kTileRows + 4;       // scores, column-major
+  static constexpr int kGradLd = kTileCols + kPad;     // G, row-major
   // 16-byte rows: the vector loads of load_tile and WMMA's leading-dimension rule.
-  static_assert(kDepthLd * sizeof(element) % 16 == 0 && kGradLd * sizeof(element) % 16 == 0 &&
-                    kStreamLd * sizeof(element) % 16 == 0 && kScoreLd * sizeof(float) % 16 == 0,
+  static_assert(kChunkLd * sizeof(element) % 16 == 0 && kGradLd * sizeof(element) % 16 == 0 &&
+                    kPad * sizeof(element) % 16 == 0 && kScoreLd * sizeof(float) % 16 == 0,
                 "tile rows must be multiples of 16 bytes");
 
+  bool resident;     // depth <= kAccumulatorWidth
+  int own_cols;      // columns of the own tile: depth rounded up to kDepthChunk, or one chunk
+  int own_ld;
+  int stream_cols;   // backward stream rows: depth rounded up (resident) or kAccumulatorWidth
+  int stream_ld;
+  size_t own, stream_chunk, scores, labels, step_end;  // byte offsets
+  size_t grad_tile, stream_rows, staging, backward_end;
+
   static FASTAP_HOST_DEVICE size_t align(size_t bytes) { return (bytes + 127) / 128 * 128; }
-  static FASTAP_HOST_DEVICE size_t own_chunk() { return 0; }
-  static FASTAP_HOST_DEVICE size_t stream_chunk() {
-    return align(own_chunk() + kTileRows * kDepthLd * sizeof(element));
-  }
-  static FASTAP_HOST_DEVICE size_t scores() {
-    return align(stream_chunk() + kTileCols * kDepthLd * sizeof(element));
-  }
-  static FASTAP_HOST_DEVICE size_t labels() {
-    return align(scores() + kTileCols * kScoreLd * sizeof(float));
-  }
-  static FASTAP_HOST_DEVICE size_t step_end() {
-    return align(labels() + kTileCols * sizeof(int64_t));
+
+  FASTAP_HOST_DEVICE SharedLayout(int64_t depth, bool backward) {
+    const int64_t rounded = (depth + kDepthChunk - 1) / kDepthChunk * kDepthChunk;
+    const int padded = static_cast<int>(rounded < kDepthChunk ? kDepthChunk : rounded);
+    resident = depth <= kAccumulatorWidth;
+    own_cols = resident ? padded : kDepthChunk;
+    own_ld = own_cols + kPad;
+    stream_cols = resident ? padded : kAccumulatorWidth;
+    stream_ld = stream_cols + kPad;
+    const bool stream_chunks = !backward || !resident;
+    own = 0;
+    stream_chunk = align(own + kTileRows * own_ld * sizeof(element));
+    scores = align(stream_chunk + (stream_chunks ? kTileCols * kChunkLd * sizeof(element) : 0));
+    labels = align(scores + kTileCols * kScoreLd * sizeof(float));
+    step_end = align(labels + kTileCols * sizeof(int64_t));
+    grad_tile = step_end;
+    stream_rows = align(grad_tile + kTileRows * kGradLd * sizeof(element));
+    staging = align(stream_rows + kTileCols * stream_ld * sizeof(element));
+    backward_end = staging + kTileWarps * kFragment * kFragment * sizeof(float);
   }
   // Forward: the private histograms [2 * Q][threads], then a positive count and a poisoned flag
   // per thread.
-  static FASTAP_HOST_DEVICE size_t forward_bytes(int64_t num_bins) {
-    return step_end() + 2 * num_bins * kEmbeddingThreads * sizeof(float) +
+  FASTAP_HOST_DEVICE size_t forward_bytes(int64_t num_bins) const {
+    return step_end + 2 * num_bins * kEmbeddingThreads * sizeof(float) +
            kEmbeddingThreads * 2 * sizeof(int32_t);
   }
-  // Backward: G, the step's stream rows (kAccumulatorWidth columns), one 16 x 16 staging tile per
-  // warp for the output.
-  static FASTAP_HOST_DEVICE size_t grad_tile() { return step_end(); }
-  static FASTAP_HOST_DEVICE size_t stream_rows() {
-    return align(grad_tile() + kTileRows * kGradLd * sizeof(element));
-  }
-  static FASTAP_HOST_DEVICE size_t staging() {
-    return align(stream_rows() + kTileCols * kStreamLd * sizeof(element));
-  }
-  static FASTAP_HOST_DEVICE size_t backward_bytes() {
-    return staging() + kTileWarps * kFragment * kFragment * sizeof(float);
-  }
+  // Backward: G, the step's stream rows, one 16 x 16 staging tile per warp for the output.
+  FASTAP_HOST_DEVICE size_t backward_bytes() const { return backward_end; }
 };
 
 // Copies rows [row0, row0 + rows) x columns [col0, col0 + cols) of the count x depth row-major
@@ -180,49 +189,63 @@ __device__ __forceinline__ void load_tile(element* tile, int ld, int rows, int c
 
 // scores[c * kScoreLd + r] = <own[own0 + r], stream[stream0 + c]> (fp32 accumulation), for the
 // kTileRows x kTileCols tile; rows or columns outside the matrices are 0. Warp w computes the
-// 16 x 32 block (row fragment w % 4, column fragments 2 (w / 4) and 2 (w / 4) + 1). Starts and
-// ends with __syncthreads (the caller may reuse the chunk buffers and read the scores after).
+// 16 x 32 block (row fragment w % 4, column fragments 2 (w / 4) and 2 (w / 4) + 1). The own rows
+// come from the resident own tile (layout.resident: the caller loaded it) or chunk by chunk; the
+// stream rows from the caller's stream_rows (stream_resident, backward) or chunk by chunk. Starts
+// and ends with __syncthreads (the caller's loads are then visible, and it may read the scores
+// after).
 template <typename T>
 __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t own0,
                            const T* __restrict__ stream, int64_t stream_count, int64_t stream0,
-                           int64_t depth, unsigned char* shared) {
+                           int64_t depth, unsigned char* shared, const SharedLayout<T>& layout,
+                           bool stream_resident) {
   using Unit = MatrixUnit<T>;
   using Layout = SharedLayout<T>;
   using element = typename Unit::element;
-  element* own_chunk = reinterpret_cast<element*>(shared + Layout::own_chunk());
-  element* stream_chunk = reinterpret_cast<element*>(shared + Layout::stream_chunk());
-  float* scores = reinterpret_cast<float*>(shared + Layout::scores());
+  element* own_tile = reinterpret_cast<element*>(shared + layout.own);
+  element* stream_chunk = reinterpret_cast<element*>(shared + layout.stream_chunk);
+  const element* stream_rows = reinterpret_cast<const element*>(shared + layout.stream_rows);
+  float* scores = reinterpret_cast<float*>(shared + layout.scores);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int row_fragment = warp % kRowFragments;
   const int col_fragment = 2 * (warp / kRowFragments);
   const element zero = Unit::from_float(0.0f);
+  const bool load_own = !layout.resident;
+  const int b_ld = stream_resident ? layout.stream_ld : Layout::kChunkLd;
 
   wmma::fragment<wmma::accumulator, 16, 16, Unit::kStep, float> acc[2];
   wmma::fill_fragment(acc[0], 0.0f);
   wmma::fill_fragment(acc[1], 0.0f);
+  __syncthreads();  // the caller's loads are visible, the previous step's readers are done
   for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
-    __syncthreads();  // the previous chunk (or the caller's last use of the buffers) is done
-    load_tile(own_chunk, Layout::kDepthLd, kTileRows, kDepthChunk, own, own_count, depth, own0,
-              k0, zero);
-    load_tile(stream_chunk, Layout::kDepthLd, kTileCols, kDepthChunk, stream, stream_count,
-              depth, stream0, k0, zero);
-    __syncthreads();
+    if (load_own || !stream_resident) {
+      if (k0 > 0) __syncthreads();  // every warp is done with the previous chunk
+      if (load_own) {
+        load_tile(own_tile, layout.own_ld, kTileRows, kDepthChunk, own, own_count, depth, own0,
+                  k0, zero);
+      }
+      if (!stream_resident) {
+        load_tile(stream_chunk, Layout::kChunkLd, kTileCols, kDepthChunk, stream, stream_count,
+                  depth, stream0, k0, zero);
+      }
+      __syncthreads();
+    }
+    const element* a = own_tile + (load_own ? 0 : k0);
+    const element* b = stream_resident ? stream_rows + k0 : stream_chunk;
     for (int kk = 0; kk < kDepthChunk; kk += Unit::kStep) {
       wmma::fragment<wmma::matrix_a, 16, 16, Unit::kStep, typename Unit::precision,
-                     wmma::row_major> a;
-      wmma::load_matrix_sync(a, own_chunk + row_fragment * kFragment * Layout::kDepthLd + kk,
-                             Layout::kDepthLd);
-      Unit::round(a);
+                     wmma::row_major> a_fragment;
+      wmma::load_matrix_sync(a_fragment, a + row_fragment * kFragment * layout.own_ld + kk,
+                             layout.own_ld);
+      Unit::round(a_fragment);
 #pragma unroll
       for (int f = 0; f < 2; ++f) {
-        // B[k][n] = stream[n][k]: the stream chunk read column-major.
+        // B[k][n] = stream[n][k]: the stream rows read column-major.
         wmma::fragment<wmma::matrix_b, 16, 16, Unit::kStep, typename Unit::precision,
-                       wmma::col_major> b;
-        wmma::load_matrix_sync(
-            b, stream_chunk + (col_fragment + f) * kFragment * Layout::kDepthLd + kk,
-            Layout::kDepthLd);
-        Unit::round(b);
-        wmma::mma_sync(acc[f], a, b, acc[f]);
+                       wmma::col_major> b_fragment;
+        wmma::load_matrix_sync(b_fragment, b + (col_fragment + f) * kFragment * b_ld + kk, b_ld);
+        Unit::round(b_fragment);
+        wmma::mma_sync(acc[f], a_fragment, b_fragment, acc[f]);
       }
     }
   }
@@ -266,9 +289,10 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
 #else
   using Layout = SharedLayout<T>;
   FASTAP_DYNAMIC_SHARED(shared);
-  const float* scores = reinterpret_cast<const float*>(shared + Layout::scores());
-  int64_t* step_labels = reinterpret_cast<int64_t*>(shared + Layout::labels());
-  float* hist = reinterpret_cast<float*>(shared + Layout::step_end());
+  const Layout layout(depth, /*backward=*/false);
+  const float* scores = reinterpret_cast<const float*>(shared + layout.scores);
+  int64_t* step_labels = reinterpret_cast<int64_t*>(shared + layout.labels);
+  float* hist = reinterpret_cast<float*>(shared + layout.step_end);
   const int q = grid.last_bin + 1;
   int32_t* thread_positives = reinterpret_cast<int32_t*>(hist + 2 * q * kEmbeddingThreads);
   int32_t* thread_poisoned = thread_positives + kEmbeddingThreads;
@@ -284,12 +308,18 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
   const StreamRange range = stream_range(num_database, split_length);
 
   for (int slot = 0; slot < 2 * q; ++slot) hist[slot * kEmbeddingThreads + t] = 0.0f;
+  if (layout.resident) {  // the block's queries, once for the whole walk
+    load_tile(reinterpret_cast<typename MatrixUnit<T>::element*>(shared + layout.own),
+              layout.own_ld, kTileRows, layout.own_cols, queries, num_queries, depth, own0, 0,
+              MatrixUnit<T>::from_float(0.0f));
+  }
   int32_t positives = 0;
   int32_t poisoned = 0;
   for (int64_t stream0 = range.first; stream0 < range.last; stream0 += kTileCols) {
     __syncthreads();  // the previous step's labels and scores are no longer read
     if (t < kTileCols) step_labels[t] = stream0 + t < num_database ? ref_labels[stream0 + t] : 0;
-    score_tile(queries, num_queries, own0, database, num_database, stream0, depth, shared);
+    score_tile(queries, num_queries, own0, database, num_database, stream0, depth, shared, layout,
+               /*stream_resident=*/false);
     if (!valid_row) continue;
     for (int u = 0; u < kPartColumns; ++u) {
       const int c = part * kPartColumns + u;
@@ -355,8 +385,10 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
 // score is then its stream row). `table` is the N x 2 x (Q - 1) slope table of
 // backward_slope_table. With one split, writes grad_out (the input dtype); else
 // partial_grad[y][row][d] (fp32) for sum_partials_kernel.
+// Two blocks per SM (their shared memory allows it for bf16/fp16 with D <= 256): at most 128
+// registers per thread.
 template <typename T, bool kOwnIsQuery>
-__global__ void __launch_bounds__(kEmbeddingThreads)
+__global__ void __launch_bounds__(kEmbeddingThreads, 2)
     embedding_histogram_backward_kernel(const T* __restrict__ own, int64_t own_count,
                                         const T* __restrict__ stream, int64_t stream_count,
                                         int64_t depth, const int64_t* __restrict__ own_labels,
@@ -372,11 +404,12 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
   using Layout = SharedLayout<T>;
   using element = typename Unit::element;
   FASTAP_DYNAMIC_SHARED(shared);
-  const float* scores = reinterpret_cast<const float*>(shared + Layout::scores());
-  int64_t* step_labels = reinterpret_cast<int64_t*>(shared + Layout::labels());
-  element* grad_tile = reinterpret_cast<element*>(shared + Layout::grad_tile());
-  element* stream_rows = reinterpret_cast<element*>(shared + Layout::stream_rows());
-  float* staging = reinterpret_cast<float*>(shared + Layout::staging());
+  const Layout layout(depth, /*backward=*/true);
+  const float* scores = reinterpret_cast<const float*>(shared + layout.scores);
+  int64_t* step_labels = reinterpret_cast<int64_t*>(shared + layout.labels);
+  element* grad_tile = reinterpret_cast<element*>(shared + layout.grad_tile);
+  element* stream_rows = reinterpret_cast<element*>(shared + layout.stream_rows);
+  float* staging = reinterpret_cast<float*>(shared + layout.staging);
   const int t = static_cast<int>(threadIdx.x);
   const int warp = t / kWarpSize;
   const int lane = t % kWarpSize;
@@ -400,13 +433,20 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
   wmma::fragment<wmma::accumulator, 16, 16, Unit::kStep, float> acc[kAccumulatorFragments];
 #pragma unroll
   for (int f = 0; f < kAccumulatorFragments; ++f) wmma::fill_fragment(acc[f], 0.0f);
+  if (layout.resident) {  // the block's own rows, once for the whole walk
+    load_tile(reinterpret_cast<element*>(shared + layout.own), layout.own_ld, kTileRows,
+              layout.own_cols, own, own_count, depth, own0, 0, zero);
+  }
 
   for (int64_t stream0 = range.first; stream0 < range.last; stream0 += kTileCols) {
     __syncthreads();  // the previous step's G and stream rows are no longer read
     if (t < kTileCols) step_labels[t] = stream0 + t < stream_count ? stream_labels[stream0 + t] : 0;
-    load_tile(stream_rows, Layout::kStreamLd, kTileCols, kAccumulatorWidth, stream, stream_count,
+    // The step's stream rows, columns [d0, d0 + stream_cols): all of D when resident, so the
+    // scores come from them too.
+    load_tile(stream_rows, layout.stream_ld, kTileCols, layout.stream_cols, stream, stream_count,
               depth, stream0, d0, zero);
-    score_tile(own, own_count, own0, stream, stream_count, stream0, depth, shared);
+    score_tile(own, own_count, own0, stream, stream_count, stream0, depth, shared, layout,
+               /*stream_resident=*/layout.resident);
     for (int u = 0; u < kPartColumns; ++u) {
       const int c = part * kPartColumns + u;
       const int64_t j = stream0 + c;
@@ -440,8 +480,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
         if (d0 + col < depth) {  // the same for the whole warp
           wmma::fragment<wmma::matrix_b, 16, 16, Unit::kStep, typename Unit::precision,
                          wmma::row_major> b;
-          wmma::load_matrix_sync(b, stream_rows + kk * Layout::kStreamLd + col,
-                                 Layout::kStreamLd);
+          wmma::load_matrix_sync(b, stream_rows + kk * layout.stream_ld + col, layout.stream_ld);
           Unit::round(b);
           wmma::mma_sync(acc[f], a, b, acc[f]);
         }

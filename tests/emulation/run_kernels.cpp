@@ -139,7 +139,8 @@ int run_embedding() {
   namespace emb = fastap::embedding;
   using Layout = emb::SharedLayout<T>;
   if (option("op") == "embedding_layout") {  // shared memory per block, for fastap.ops
-    std::printf("%zu %zu\n", Layout::forward_bytes(integer("q")), Layout::backward_bytes());
+    std::printf("%zu %zu\n", Layout(integer("d"), false).forward_bytes(integer("q")),
+                Layout(integer("d"), true).backward_bytes());
     return 0;
   }
   const int64_t n = integer("n"), m = integer("m"), d = integer("d"), q = integer("q");
@@ -155,7 +156,7 @@ int run_embedding() {
 
   if (option("op") == "embedding_forward") {
     const fastap::EmbeddingPlan plan = fastap::plan_embedding(n, m, d, false, min_split);
-    const size_t shared = Layout::forward_bytes(q);
+    const size_t shared = Layout(d, false).forward_bytes(q);
     if (shared > kMaxShared) {
       std::fprintf(stderr, "num_bins too large (%zu bytes of shared memory)\n", shared);
       return 2;
@@ -204,7 +205,8 @@ int run_embedding() {
     emu::launch(emb::embedding_histogram_backward_kernel<T, kOwnIsQuery>,
                 dim3(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits),
                      static_cast<unsigned>(plan.depth_blocks)),
-                dim3(fastap::kEmbeddingThreads), Layout::backward_bytes(), own.data(), own_count,
+                dim3(fastap::kEmbeddingThreads), Layout(d, true).backward_bytes(), own.data(),
+                own_count,
                 stream.data(), stream_count, d, own_labels.data(), stream_labels.data(),
                 exclude_self, self_offset, grid, table.data(), plan.split_length, grad.data(),
                 partial ? partial_grad.data() : nullptr);
