@@ -112,8 +112,10 @@ class _EmbeddingAPLoss(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - AP_i [N], has_positive [N]) of the queries ranked against the database by cosine
         similarity: the building block that the distributed and cross-batch-memory helpers share.
-        Above ``score_matrix_limit`` bytes of scores, computed block by block from the embeddings
-        (the same values, see fastap.ap_loss_from_embeddings).
+        Above ``score_matrix_limit`` bytes of scores, computed from the embeddings without the
+        score matrix (fastap.ap_loss_from_embeddings, backend "auto": the same values in fp32 and
+        fp64; bf16/fp16 embeddings on a GPU take the fused kernel, whose scores are fp32 sums
+        rather than scores rounded to bf16/fp16).
         """
         score_bytes = queries.shape[0] * database.shape[0] * max(4, queries.element_size())
         if ignore is None and score_bytes > self.score_matrix_limit:
@@ -170,7 +172,8 @@ class APLoss(_EmbeddingAPLoss):
         score_range: (lo, hi) of the bins (default (-1, 1), the range of cosine similarity).
         variant: "ap_q" (default), "tie_aware" or "tie_aware_simplified".
         score_matrix_limit: above this many bytes of N x M scores (default 1 GiB) the loss is
-            computed block by block from the embeddings, never holding the score matrix.
+            computed from the embeddings, never holding the score matrix (see
+            fastap.ap_loss_from_embeddings).
     """
 
     def __init__(
