@@ -192,7 +192,7 @@ def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) 
     (tests/test_cuda_emulation.py checks that the two agree)."""
     element, pad = (4, 4) if dtype == torch.float32 else (2, 8)
     tile_rows = tile_cols = 64
-    threads, width, chunk = 256, 256, 32
+    threads, width, chunk = 256, 256, 64
 
     def align(b):
         return (b + 127) // 128 * 128

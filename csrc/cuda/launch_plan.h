@@ -99,7 +99,7 @@ inline BackwardPlan plan_backward(int64_t num_queries, int64_t num_candidates) {
 // dimension at a time; the backward accumulates kAccumulatorWidth gradient columns per block.
 constexpr int kTileRows = 64;
 constexpr int kTileCols = 64;
-constexpr int kDepthChunk = 32;
+constexpr int kDepthChunk = 64;  // fewer load round trips per step (4 at D = 256)
 constexpr int kEmbeddingThreads = 256;
 constexpr int kAccumulatorWidth = 256;
 // Fewer blocks than this split the walk over the other set into partial results (summed in a
