@@ -24,8 +24,10 @@ namespace fastap {
 //
 // Single-chunk rows write n_out / p_out / positives_out; otherwise the item writes
 // partial_hist[item][class][bin] and partial_positives[item] for soft_histogram_finalize_kernel.
+// At most 64 registers per thread, so that registers allow four blocks of 8 warps per SM (as
+// many as the shared memory allows at Q = 20): this kernel waits on memory and needs the warps.
 template <typename scalar_t, typename acc_t>
-__global__ void soft_histogram_kernel(const scalar_t* __restrict__ scores,
+__global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, 4) soft_histogram_kernel(const scalar_t* __restrict__ scores,
                                       RelevanceArgs relevance, BinGrid<acc_t> grid,
                                       int64_t num_queries, int64_t num_candidates, int64_t chunk,
                                       int64_t chunks_per_row, acc_t* __restrict__ n_out,

@@ -32,6 +32,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define __launch_bounds__(...)
 #define FASTAP_DYNAMIC_SHARED(name) unsigned char* name = ::emu::dynamic_shared_memory()
 
 struct dim3 {

@@ -22,7 +22,6 @@
 #include "cuda_host.h"
 
 #define FASTAP_EMULATION 1
-#define __launch_bounds__(...)
 
 using __nv_bfloat16 = c10::BFloat16;
 using __half = c10::Half;
