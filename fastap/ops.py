@@ -201,10 +201,12 @@ def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) 
     padded = max(chunk, -(-depth // chunk) * chunk)
     own_ld = (padded if resident else chunk) + pad
     stream_ld = (padded if resident else width) + pad
+    stages = 2  # chunk slots of the load pipeline
     sizes = []
     for backward in (False, True):
-        stream_chunk = align(tile_rows * own_ld * element)
-        chunk_bytes = 0 if backward and resident else tile_cols * (chunk + pad) * element
+        own_bytes = tile_rows * own_ld * element * (1 if resident else stages)
+        stream_chunk = align(own_bytes)
+        chunk_bytes = 0 if backward and resident else stages * tile_cols * (chunk + pad) * element
         scores = align(stream_chunk + chunk_bytes)
         labels = align(scores + tile_cols * (tile_rows + 4) * 4)
         step_end = align(labels + tile_cols * 8)

@@ -349,9 +349,16 @@ def test_embedding_kernels_exclude_self_with_offset(emulators, tmp_path, options
                             same_set=True, self_offset=9, num_bins=7, **options)  # fmt: skip
 
 
-def test_embedding_kernels_have_no_data_races(emulators, tmp_path):
-    check_embedding_kernels(emulators["thread"], tmp_path, 70, 133, 20, torch.bfloat16,
-                            num_bins=5, min_split=64)  # fmt: skip
+@pytest.mark.parametrize(
+    "n,m,d,dtype,options",
+    [
+        (70, 133, 20, torch.bfloat16, {"min_split": 64}),  # splits, one chunk per step
+        (70, 200, 152, torch.bfloat16, {}),  # several chunks and steps: the cp.async pipeline
+        (65, 130, 300, torch.float32, {}),  # D > 256: own rows in chunks too
+    ],
+)
+def test_embedding_kernels_have_no_data_races(emulators, tmp_path, n, m, d, dtype, options):
+    check_embedding_kernels(emulators["thread"], tmp_path, n, m, d, dtype, num_bins=5, **options)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

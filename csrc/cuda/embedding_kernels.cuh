@@ -26,6 +26,7 @@
 #ifndef FASTAP_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <mma.h>
 #endif
 
@@ -101,6 +102,8 @@ static_assert(kTileRows == 64 && kTileCols == 64 && kEmbeddingThreads == 256,
 // stay in shared memory for the whole walk (loaded once), and the backward loads each step's
 // stream rows once for both of its products; otherwise both sides come kDepthChunk columns at a
 // time. Resident, the bytes read from L2 per step are the stream tile's only.
+constexpr int kStages = 2;  // chunk slots of the load pipeline
+
 template <typename T>
 struct SharedLayout {
   using element = typename MatrixUnit<T>::element;
@@ -118,6 +121,7 @@ struct SharedLayout {
   int own_ld;
   int stream_cols;   // backward stream rows: depth rounded up (resident) or kAccumulatorWidth
   int stream_ld;
+  size_t own_slot, stream_slot;  // bytes of one chunk slot
   size_t own, stream_chunk, scores, labels, step_end;  // byte offsets
   size_t grad_tile, stream_rows, staging, backward_end;
 
@@ -133,8 +137,11 @@ struct SharedLayout {
     stream_ld = stream_cols + kPad;
     const bool stream_chunks = !backward || !resident;
     own = 0;
-    stream_chunk = align(own + kTileRows * own_ld * sizeof(element));
-    scores = align(stream_chunk + (stream_chunks ? kTileCols * kChunkLd * sizeof(element) : 0));
+    // Chunks come in kStages slots (the next one loads while the current one is multiplied).
+    own_slot = static_cast<size_t>(kTileRows) * own_ld * sizeof(element);
+    stream_slot = static_cast<size_t>(kTileCols) * kChunkLd * sizeof(element);
+    stream_chunk = align(own + (resident ? 1 : kStages) * own_slot);
+    scores = align(stream_chunk + (stream_chunks ? kStages * stream_slot : 0));
     labels = align(scores + kTileCols * kScoreLd * sizeof(float));
     step_end = align(labels + kTileCols * sizeof(int64_t));
     grad_tile = step_end;
@@ -155,8 +162,10 @@ struct SharedLayout {
 // Copies rows [row0, row0 + rows) x columns [col0, col0 + cols) of the count x depth row-major
 // matrix `source` to `tile` (leading dimension ld), zero outside the matrix. In 16-byte vectors
 // when the rows of `source` allow it (depth a multiple of the vector, aligned base; the caller
-// keeps col0, cols and ld multiples of it): a vector is then entirely inside or outside.
-template <typename element>
+// keeps col0, cols and ld multiples of it): a vector is then entirely inside or outside. kAsync:
+// the vectors are asynchronous copies (cp.async, zero-filled outside; the caller commits and
+// waits), the scalar fallback stays synchronous.
+template <bool kAsync = false, typename element>
 __device__ __forceinline__ void load_tile(element* tile, int ld, int rows, int cols,
                                           const element* __restrict__ source, int64_t count,
                                           int64_t depth, int64_t row0, int64_t col0,
@@ -170,10 +179,14 @@ __device__ __forceinline__ void load_tile(element* tile, int ld, int rows, int c
       const int c = (e - r * vector_cols) * kVector;
       const int64_t gr = row0 + r;
       const int64_t gc = col0 + c;
-      uint4 value = make_uint4(0u, 0u, 0u, 0u);
-      if (gr < count && gc < depth) {
-        value = *reinterpret_cast<const uint4*>(source + gr * depth + gc);
+      const bool inside = gr < count && gc < depth;
+      if (kAsync) {
+        __pipeline_memcpy_async(tile + r * ld + c, inside ? source + gr * depth + gc : source,
+                                16, inside ? 0 : 16);
+        continue;
       }
+      uint4 value = make_uint4(0u, 0u, 0u, 0u);
+      if (inside) value = *reinterpret_cast<const uint4*>(source + gr * depth + gc);
       *reinterpret_cast<uint4*>(tile + r * ld + c) = value;
     }
     return;
@@ -187,51 +200,82 @@ __device__ __forceinline__ void load_tile(element* tile, int ld, int rows, int c
   }
 }
 
+// Issues the asynchronous loads of chunk `chunk` (columns [64 chunk, 64 chunk + 64)) of the
+// sides that come in chunks, into slot chunk % kStages, and commits them as one group.
+template <typename T>
+__device__ __forceinline__ void issue_chunk(const T* __restrict__ own, int64_t own_count,
+                                           int64_t own0, const T* __restrict__ stream,
+                                           int64_t stream_count, int64_t stream0, int64_t depth,
+                                           unsigned char* shared, const SharedLayout<T>& layout,
+                                           bool stream_resident, int64_t chunk) {
+  using element = typename MatrixUnit<T>::element;
+  using Layout = SharedLayout<T>;
+  const element zero = MatrixUnit<T>::from_float(0.0f);
+  const int64_t slot = chunk % kStages;
+  const int64_t k0 = chunk * kDepthChunk;
+  if (!layout.resident) {
+    load_tile<true>(reinterpret_cast<element*>(shared + layout.own + slot * layout.own_slot),
+                    layout.own_ld, kTileRows, kDepthChunk, own, own_count, depth, own0, k0, zero);
+  }
+  if (!stream_resident) {
+    load_tile<true>(
+        reinterpret_cast<element*>(shared + layout.stream_chunk + slot * layout.stream_slot),
+        Layout::kChunkLd, kTileCols, kDepthChunk, stream, stream_count, depth, stream0, k0, zero);
+  }
+  __pipeline_commit();
+}
+
 // scores[c * kScoreLd + r] = <own[own0 + r], stream[stream0 + c]> (fp32 accumulation), for the
 // kTileRows x kTileCols tile; rows or columns outside the matrices are 0. Warp w computes the
-// 16 x 32 block (row fragment w % 4, column fragments 2 (w / 4) and 2 (w / 4) + 1). The own rows
-// come from the resident own tile (layout.resident: the caller loaded it) or chunk by chunk; the
-// stream rows from the caller's stream_rows (stream_resident, backward) or chunk by chunk. Starts
-// and ends with __syncthreads (the caller's loads are then visible, and it may read the scores
-// after).
+// 16 x 32 block (row fragment w % 4, column fragments 2 (w / 4) and 2 (w / 4) + 1).
+//
+// The own rows come from the resident own tile (layout.resident: the caller loaded it) or chunk
+// by chunk; the stream rows from the caller's stream_rows (stream_resident, backward) or chunk by
+// chunk. Chunks go through a two-slot cp.async pipeline: chunk c + 1 loads while chunk c is
+// multiplied, and chunk 0 of the step must already be issued (issue_chunk(..., 0) before the
+// first step; this function issues the next step's chunk 0, at next_stream0 >= 0, so that it
+// loads while the caller bins). Starts and ends with __syncthreads (the caller's loads are then
+// visible, and it may read the scores after).
 template <typename T>
 __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t own0,
                            const T* __restrict__ stream, int64_t stream_count, int64_t stream0,
                            int64_t depth, unsigned char* shared, const SharedLayout<T>& layout,
-                           bool stream_resident) {
+                           bool stream_resident, int64_t next_stream0) {
   using Unit = MatrixUnit<T>;
   using Layout = SharedLayout<T>;
   using element = typename Unit::element;
-  element* own_tile = reinterpret_cast<element*>(shared + layout.own);
-  element* stream_chunk = reinterpret_cast<element*>(shared + layout.stream_chunk);
+  const element* own_tile = reinterpret_cast<const element*>(shared + layout.own);
+  const element* stream_chunks = reinterpret_cast<const element*>(shared + layout.stream_chunk);
   const element* stream_rows = reinterpret_cast<const element*>(shared + layout.stream_rows);
   float* scores = reinterpret_cast<float*>(shared + layout.scores);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int row_fragment = warp % kRowFragments;
   const int col_fragment = 2 * (warp / kRowFragments);
-  const element zero = Unit::from_float(0.0f);
-  const bool load_own = !layout.resident;
+  const bool chunked = !layout.resident || !stream_resident;
   const int b_ld = stream_resident ? layout.stream_ld : Layout::kChunkLd;
+  const int64_t chunks = (depth + kDepthChunk - 1) / kDepthChunk;
 
   wmma::fragment<wmma::accumulator, 16, 16, Unit::kStep, float> acc[2];
   wmma::fill_fragment(acc[0], 0.0f);
   wmma::fill_fragment(acc[1], 0.0f);
   __syncthreads();  // the caller's loads are visible, the previous step's readers are done
-  for (int64_t k0 = 0; k0 < depth; k0 += kDepthChunk) {
-    if (load_own || !stream_resident) {
-      if (k0 > 0) __syncthreads();  // every warp is done with the previous chunk
-      if (load_own) {
-        load_tile(own_tile, layout.own_ld, kTileRows, kDepthChunk, own, own_count, depth, own0,
-                  k0, zero);
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t slot = chunk % kStages;
+    if (chunked) {
+      if (chunk + 1 < chunks) {  // into the slot that every warp finished with last iteration
+        issue_chunk(own, own_count, own0, stream, stream_count, stream0, depth, shared, layout,
+                    stream_resident, chunk + 1);
+      } else {
+        __pipeline_commit();  // an empty group keeps "all but the newest" meaning chunk `chunk`
       }
-      if (!stream_resident) {
-        load_tile(stream_chunk, Layout::kChunkLd, kTileCols, kDepthChunk, stream, stream_count,
-                  depth, stream0, k0, zero);
-      }
-      __syncthreads();
+      __pipeline_wait_prior(1);  // this thread's copies of chunk `chunk` have landed
+      __syncthreads();           // and everyone's
     }
-    const element* a = own_tile + (load_own ? 0 : k0);
-    const element* b = stream_resident ? stream_rows + k0 : stream_chunk;
+    const int64_t k0 = chunk * kDepthChunk;
+    const element* a = layout.resident ? own_tile + k0 : own_tile + slot * layout.own_slot /
+                                                                        sizeof(element);
+    const element* b = stream_resident ? stream_rows + k0
+                                       : stream_chunks + slot * layout.stream_slot / sizeof(element);
     for (int kk = 0; kk < kDepthChunk; kk += Unit::kStep) {
       wmma::fragment<wmma::matrix_a, 16, 16, Unit::kStep, typename Unit::precision,
                      wmma::row_major> a_fragment;
@@ -248,6 +292,11 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
         wmma::mma_sync(acc[f], a_fragment, b_fragment, acc[f]);
       }
     }
+    if (chunked) __syncthreads();  // every warp is done with this slot before it is refilled
+  }
+  if (chunked && next_stream0 >= 0 && chunks > 0) {  // the next step's first chunk, in slot 0
+    issue_chunk(own, own_count, own0, stream, stream_count, next_stream0, depth, shared, layout,
+                stream_resident, 0);
   }
 #pragma unroll
   for (int f = 0; f < 2; ++f) {  // transposed, so that a warp's 32 rows read 32 banks
@@ -315,11 +364,16 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
   }
   int32_t positives = 0;
   int32_t poisoned = 0;
+  if (range.first < range.last && depth > 0) {  // the first step's first chunk
+    issue_chunk(queries, num_queries, own0, database, num_database, range.first, depth, shared,
+                layout, /*stream_resident=*/false, 0);
+  }
   for (int64_t stream0 = range.first; stream0 < range.last; stream0 += kTileCols) {
     __syncthreads();  // the previous step's labels and scores are no longer read
     if (t < kTileCols) step_labels[t] = stream0 + t < num_database ? ref_labels[stream0 + t] : 0;
+    const int64_t next = stream0 + kTileCols < range.last ? stream0 + kTileCols : -1;
     score_tile(queries, num_queries, own0, database, num_database, stream0, depth, shared, layout,
-               /*stream_resident=*/false);
+               /*stream_resident=*/false, next);
     if (!valid_row) continue;
     for (int u = 0; u < kPartColumns; ++u) {
       const int c = part * kPartColumns + u;
@@ -438,6 +492,10 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
               layout.own_cols, own, own_count, depth, own0, 0, zero);
   }
 
+  if (!layout.resident && range.first < range.last && depth > 0) {  // first step, first chunk
+    issue_chunk(own, own_count, own0, stream, stream_count, range.first, depth, shared, layout,
+                /*stream_resident=*/false, 0);
+  }
   for (int64_t stream0 = range.first; stream0 < range.last; stream0 += kTileCols) {
     __syncthreads();  // the previous step's G and stream rows are no longer read
     if (t < kTileCols) step_labels[t] = stream0 + t < stream_count ? stream_labels[stream0 + t] : 0;
@@ -445,8 +503,9 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     // scores come from them too.
     load_tile(stream_rows, layout.stream_ld, kTileCols, layout.stream_cols, stream, stream_count,
               depth, stream0, d0, zero);
+    const int64_t next = stream0 + kTileCols < range.last ? stream0 + kTileCols : -1;
     score_tile(own, own_count, own0, stream, stream_count, stream0, depth, shared, layout,
-               /*stream_resident=*/layout.resident);
+               /*stream_resident=*/layout.resident, next);
     for (int u = 0; u < kPartColumns; ++u) {
       const int c = part * kPartColumns + u;
       const int64_t j = stream0 + c;

@@ -9,7 +9,8 @@
 // thread of its block or warp reaches aborts after a timeout instead of hanging.
 //
 // It covers what fastap's kernels use: threadIdx/blockIdx/blockDim/gridDim, __syncthreads,
-// __syncwarp (full mask), static and dynamic shared memory. It is not a model of the GPU's
+// __syncwarp (full mask), static and dynamic shared memory, and cp.async through the
+// cuda_pipeline.h primitives (deferred until waited for). It is not a model of the GPU's
 // memory ordering or performance.
 #pragma once
 
@@ -86,6 +87,19 @@ struct Launch {
   std::vector<std::unique_ptr<Barrier>> warp_barriers;
 };
 
+// Asynchronous copies (cp.async through cuda_pipeline.h): the destination turns to garbage when
+// the copy is issued and gets the data only when __pipeline_wait_prior lets the copy complete, so
+// a kernel that reads before it waits reads garbage, and one that refills a buffer that another
+// thread still reads races (ThreadSanitizer), as either could on a GPU.
+struct AsyncCopy {
+  void* destination;
+  const void* source;
+  size_t bytes;   // copied from source
+  size_t zeros;   // then zero-filled
+};
+inline thread_local std::vector<AsyncCopy> open_group;
+inline thread_local std::vector<std::vector<AsyncCopy>> committed_groups;
+
 inline thread_local dim3 thread_index;
 inline thread_local Barrier* warp_barrier = nullptr;
 inline dim3 block_index;
@@ -124,6 +138,13 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
         }
         l.block_barrier->arrive_and_wait("block start");
         kernel(args...);
+        for (const auto& group : committed_groups) {
+          if (!group.empty() || !open_group.empty()) {
+            std::fprintf(stderr, "emulation: asynchronous copies never waited for at block end\n");
+            std::abort();
+          }
+        }
+        committed_groups.clear();
         l.block_barrier->arrive_and_wait("block end");
       }
     });
@@ -146,4 +167,36 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
     std::abort();
   }
   ::emu::warp_barrier->arrive_and_wait("__syncwarp");
+}
+
+inline void __pipeline_memcpy_async(void* destination, const void* source, size_t size,
+                                    size_t zero_fill = 0) {
+  if (size != 4 && size != 8 && size != 16) {
+    std::fprintf(stderr, "emulation: cp.async of %zu bytes\n", size);
+    std::abort();
+  }
+  if (reinterpret_cast<uintptr_t>(destination) % size != 0 ||
+      reinterpret_cast<uintptr_t>(source) % size != 0 || zero_fill > size) {
+    std::fprintf(stderr, "emulation: misaligned cp.async or zero fill beyond its size\n");
+    std::abort();
+  }
+  // The destination is undefined from the issue on: garbage now (a reader that has not finished
+  // with it races, ThreadSanitizer says), the data when waited for.
+  std::memset(destination, 0xA5, size);
+  ::emu::open_group.push_back({destination, source, size - zero_fill, zero_fill});
+}
+inline void __pipeline_commit() {
+  ::emu::committed_groups.push_back(std::move(::emu::open_group));
+  ::emu::open_group.clear();
+}
+inline void __pipeline_wait_prior(size_t pending) {
+  auto& groups = ::emu::committed_groups;
+  while (groups.size() > pending) {
+    for (const auto& copy : groups.front()) {
+      unsigned char* destination = static_cast<unsigned char*>(copy.destination);
+      std::memcpy(destination, copy.source, copy.bytes);
+      std::memset(destination + copy.bytes, 0, copy.zeros);
+    }
+    groups.erase(groups.begin());
+  }
 }
