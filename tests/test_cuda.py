@@ -21,10 +21,17 @@ def both(problem, fn=fastap.average_precision):
     return results
 
 
+def op_args(problem):
+    lo, hi = problem.score_range
+    return (problem.relevance, problem.labels, problem.ref_labels, problem.ignore,
+            problem.exclude_self, problem.num_bins, lo, hi)  # fmt: skip
+
+
 @pytest.mark.parametrize("form", RELEVANCE_FORMS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
-    "shape,num_bins", [((1, 1), 2), ((37, 1000), 20), ((300, 301), 100), ((5, 70000), 10)]
+    "shape,num_bins",
+    [((1, 1), 2), ((37, 1000), 20), ((300, 301), 100), ((5, 70000), 10), ((3, 0), 5)],
 )
 def test_cuda_equals_cpu(form, dtype, shape, num_bins):
     problem = random_problem(
@@ -36,11 +43,30 @@ def test_cuda_equals_cpu(form, dtype, shape, num_bins):
         dtype=dtype,
         seed=shape[0],
     )
+    gpu = problem.to("cuda")
+    # The ops. Forward: CUDA accumulates the histograms in the histogram dtype (fp32 but for fp64
+    # scores), the CPU in fp64, so fp32 histograms agree to fp32 rounding of sums.
+    n, p, positives = torch.ops.fastap.soft_histogram(problem.scores, *op_args(problem))
+    n_gpu, p_gpu, positives_gpu = torch.ops.fastap.soft_histogram(gpu.scores, *op_args(gpu))
+    assert torch.equal(positives_gpu.cpu(), positives)
+    tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(n_gpu.cpu(), n, **tol)
+    torch.testing.assert_close(p_gpu.cpu(), p, **tol)
+    # Backward from the same incoming gradients: the same table lookups, bitwise.
+    grad_n, grad_p = torch.randn_like(n), torch.randn_like(p)
+    grad = torch.ops.fastap.soft_histogram_backward(grad_n, grad_p, problem.scores,
+                                                    *op_args(problem))  # fmt: skip
+    grad_gpu = torch.ops.fastap.soft_histogram_backward(grad_n.cuda(), grad_p.cuda(), gpu.scores,
+                                                        *op_args(gpu))  # fmt: skip
+    assert torch.equal(grad_gpu.cpu(), grad)
+
+    # End to end (AP and its gradient through autograd): the fp32 rounding of the CUDA histograms
+    # goes through the AP formula, whose gradient depends on them.
     (cpu_ap, cpu_grad), (cuda_ap, cuda_grad) = both(problem)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(cuda_ap.double(), cpu_ap.double(), rtol=0, atol=tol)
-    scale = cpu_grad.double().abs().max().clamp_min(1e-30)
-    grad_tol = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
+    scale = cpu_grad.double().abs().max().clamp_min(1e-30) if cpu_grad.numel() else 1.0
+    grad_tol = 1e-12 if dtype == torch.float64 else max(2e-5, 4 * torch.finfo(dtype).eps)
     torch.testing.assert_close(
         cuda_grad.double() / scale, cpu_grad.double() / scale, rtol=0, atol=grad_tol
     )

@@ -40,7 +40,9 @@ def test_fused_ops_equal_the_score_matrix_op(dtype, n, m, d):
     G rounded as the kernels feed it to the tensor cores."""
     queries, database, labels, ref_labels = exact_problem(n, m, d, dtype, seed=n + d)
     num_bins = 20
-    scores = queries.double() @ database.double().T
+    # Exact in fp64, and exactly representable in fp32: the fp32 scores are the kernels' scores,
+    # binned by the CPU op in the same precision (and its backward uses the same fp32 table).
+    scores = (queries.double() @ database.double().T).float()
     op_args = (None, labels, ref_labels, None, False, num_bins, -1.0, 1.0, 0)
     n_cpu, p_cpu, positives_cpu = torch.ops.fastap.soft_histogram(scores, *op_args)
     cuda = [t.cuda() for t in (queries, database, labels, ref_labels)]
@@ -52,10 +54,8 @@ def test_fused_ops_equal_the_score_matrix_op(dtype, n, m, d):
 
     g = torch.Generator().manual_seed(1)
     grad_n, grad_p = torch.randn((2, n, num_bins), generator=g)
-    grad_scores = torch.ops.fastap.soft_histogram_backward(
-        grad_n.double(), grad_p.double(), scores, *op_args
-    )
-    grad_scores = round_like_matrix_unit(grad_scores, dtype)
+    grad_scores = torch.ops.fastap.soft_histogram_backward(grad_n, grad_p, scores, *op_args)
+    grad_scores = round_like_matrix_unit(grad_scores.double(), dtype)
     grad_q, grad_db = torch.ops.fastap.embedding_histogram_backward(
         grad_n.cuda(), grad_p.cuda(), *cuda, *fused_args
     )

@@ -299,7 +299,9 @@ def check_embedding_kernels(binary, tmp_path, n, m, d, dtype, *, same_set=False,
         labels = torch.randint(0, 3, (n,), generator=g)
     common = dict(exclude_self=same_set, self_offset=self_offset, num_bins=num_bins)
 
-    scores = queries.double() @ database.double().T  # exact
+    # Exact in fp64, and exactly representable in fp32: the fp32 scores are the kernels' scores,
+    # binned by the CPU op in the same precision (and its backward uses the same fp32 table).
+    scores = (queries.double() @ database.double().T).float()
     op_args = (None, labels, ref_labels, None, same_set, num_bins, -1.0, 1.0, self_offset)
     expected = torch.ops.fastap.soft_histogram(scores, *op_args)
     got = emulate_embedding(
@@ -311,10 +313,8 @@ def check_embedding_kernels(binary, tmp_path, n, m, d, dtype, *, same_set=False,
     grad_n, grad_p = torch.randn((2, n, num_bins), generator=g)
     problem = random_problem(1, 2, num_bins=num_bins, dtype=torch.float32)  # bins, range, dtype
     table = slope_table(problem, grad_n, grad_p)
-    grad_scores = torch.ops.fastap.soft_histogram_backward(
-        grad_n.double(), grad_p.double(), scores, *op_args
-    )
-    grad_scores = round_like_matrix_unit(grad_scores, dtype)  # G as the kernels store it
+    grad_scores = torch.ops.fastap.soft_histogram_backward(grad_n, grad_p, scores, *op_args)
+    grad_scores = round_like_matrix_unit(grad_scores.double(), dtype)  # G as the kernels store it
     expected_q = grad_scores @ database.double()
     expected_db = grad_scores.T @ queries.double()
     grad_q, grad_db = emulate_embedding(
