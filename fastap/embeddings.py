@@ -146,7 +146,9 @@ def _use_fused(backend: str, queries, database, num_bins: int) -> bool:
         return True
     if reason is not None:
         return False
-    return queries.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    # torch.backends.cuda.matmul.allow_tf32 reads this flag; the direct call is one that
+    # torch.compile folds to a constant (as it does torch.cuda.get_device_properties above).
+    return queries.dtype != torch.float32 or torch._C._get_cublas_allow_tf32()
 
 
 def _check_embedding_matrix(t, name: str) -> torch.Tensor:
