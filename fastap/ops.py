@@ -184,36 +184,3 @@ class EmbeddingHistogram(torch.autograd.Function):
             grad_n, grad_p, queries, database, labels, ref_labels, *ctx.options
         )
         return (grad_queries, grad_database, None, None) + (None,) * len(ctx.options)
-
-
-def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) -> tuple[int, int]:
-    """Shared memory per block (forward, backward) of the fused embedding kernels for embeddings
-    of dimension `depth`: the formula of SharedLayout in csrc/cuda/embedding_kernels.cuh
-    (tests/test_cuda_emulation.py checks that the two agree)."""
-    element, pad = (4, 4) if dtype == torch.float32 else (2, 8)
-    tile_rows = tile_cols = 64
-    threads, width, chunk = 256, 256, 64
-
-    def align(b):
-        return (b + 127) // 128 * 128
-
-    resident = depth <= width
-    padded = max(chunk, -(-depth // chunk) * chunk)
-    own_ld = (padded if resident else chunk) + pad
-    stream_ld = (padded if resident else width) + pad
-    stages = 2  # chunk slots of the load pipeline
-    sizes = []
-    for backward in (False, True):
-        own_bytes = tile_rows * own_ld * element * (1 if resident else stages)
-        stream_chunk = align(own_bytes)
-        chunk_bytes = 0 if backward and resident else stages * tile_cols * (chunk + pad) * element
-        scores = align(stream_chunk + chunk_bytes)
-        labels = align(scores + tile_cols * (tile_rows + 4) * 4)
-        step_end = align(labels + tile_cols * 8)
-        if not backward:
-            sizes.append(step_end + 2 * num_bins * threads * 4 + threads * 2 * 4)
-            continue
-        stream_rows = align(step_end + tile_rows * (tile_cols + pad) * element)
-        staging = align(stream_rows + tile_cols * stream_ld * element)
-        sizes.append(staging + (threads // 32) * 16 * 16 * 4)
-    return sizes[0], sizes[1]

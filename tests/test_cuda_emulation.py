@@ -363,12 +363,12 @@ def test_embedding_kernels_have_no_data_races(emulators, tmp_path, n, m, d, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_python_knows_the_shared_memory_of_the_fused_kernels(emulators, dtype):
-    """fastap.ops.fused_embedding_shared_bytes (which decides whether the fused path fits a GPU)
-    is the formula of SharedLayout in the kernels."""
+    """fastap.embeddings.fused_embedding_shared_bytes (which decides whether the fused path fits
+    a GPU) is the formula of SharedLayout in the kernels."""
     for num_bins, depth in ((2, 1), (20, 128), (20, 256), (95, 257), (7, 1000)):
         command = [str(emulators["address"]), "op=embedding_layout", f"dtype={DTYPE_CODES[dtype]}",
                    f"q={num_bins}", f"d={depth}"]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         forward, backward = map(int, result.stdout.split())
-        python_formula = fastap.ops.fused_embedding_shared_bytes(num_bins, dtype, depth)
+        python_formula = fastap.embeddings.fused_embedding_shared_bytes(num_bins, dtype, depth)
         assert python_formula == (forward, backward)
