@@ -33,6 +33,23 @@ void check_label_vector(const at::Tensor& t, const at::Tensor& scores, const cha
 
 }  // namespace
 
+void check_bins(int64_t num_bins, double lo, double hi) {
+  TORCH_CHECK_VALUE(num_bins >= 2, "fastap: num_bins must be at least 2, got ", num_bins);
+  TORCH_CHECK_VALUE(num_bins <= (int64_t{1} << 20), "fastap: num_bins must be at most 2^20, got ",
+                    num_bins);
+  TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi) && lo < hi,
+                    "fastap: score_range must be finite with lo < hi, got (", lo, ", ", hi, ")");
+}
+
+void check_self_column(bool exclude_self, int64_t self_offset, int64_t num_queries,
+                       int64_t num_candidates) {
+  TORCH_CHECK_VALUE(self_offset >= 0, "fastap: self_offset must be >= 0, got ", self_offset);
+  TORCH_CHECK_VALUE(!exclude_self || num_queries + self_offset <= num_candidates,
+                    "fastap: exclude_self needs candidate i + self_offset for every query i: ",
+                    num_queries, " queries + offset ", self_offset, " > ", num_candidates,
+                    " candidates");
+}
+
 at::ScalarType HistogramInputs::histogram_dtype() const {
   return scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -62,11 +79,7 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                        dtype == at::kBFloat16,
                    "fastap: scores must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK_VALUE(num_bins >= 2, "fastap: num_bins must be at least 2, got ", num_bins);
-  TORCH_CHECK_VALUE(num_bins <= (int64_t{1} << 20), "fastap: num_bins must be at most 2^20, got ",
-                    num_bins);
-  TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi) && lo < hi,
-                    "fastap: score_range must be finite with lo < hi, got (", lo, ", ", hi, ")");
+  check_bins(num_bins, lo, hi);
 
   HistogramInputs in;
   in.scores = scores.contiguous();
@@ -104,10 +117,7 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
     check_matrix_mask(*ignore, scores, "ignore");
     in.ignore = ignore->contiguous();
   }
-  TORCH_CHECK_VALUE(self_offset >= 0, "fastap: self_offset must be >= 0, got ", self_offset);
-  TORCH_CHECK_VALUE(!exclude_self || n + self_offset <= m,
-                    "fastap: exclude_self needs candidate i + self_offset for every query i: ",
-                    n, " queries + offset ", self_offset, " > ", m, " candidates");
+  check_self_column(exclude_self, self_offset, n, m);
   return in;
 }
 

@@ -36,6 +36,12 @@ struct HistogramInputs {
   RelevanceArgs relevance_args() const;
 };
 
+// num_bins in [2, 2^20] and a finite score range with lo < hi.
+void check_bins(int64_t num_bins, double lo, double hi);
+// self_offset >= 0 and, with exclude_self, a candidate i + self_offset for every query i.
+void check_self_column(bool exclude_self, int64_t self_offset, int64_t num_queries,
+                       int64_t num_candidates);
+
 // Checks every argument (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE name the argument) and makes the
 // tensors contiguous. `labels` without `ref_labels` means the candidates are the queries (N == M).
 HistogramInputs check_histogram_inputs(const at::Tensor& scores,

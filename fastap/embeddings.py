@@ -289,7 +289,8 @@ def ap_loss_from_embeddings(
     block_size: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """The AP loss of cosine-similarity retrieval, computed from the embeddings block by block.
+    """The AP loss of cosine-similarity retrieval, computed from the embeddings without the
+    N x M score matrix (``backend``: block by block, or the fused CUDA kernel).
 
     Equal to ``fastap.ap_loss(F.normalize(queries) @ F.normalize(database).T, labels=...,
     ref_labels=..., ...)`` (same weighting: 1 - the weighted mean AP over the queries with a

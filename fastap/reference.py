@@ -100,6 +100,17 @@ def ap_from_histograms(
     return torch.where(has_positive, total / safe, torch.zeros_like(total)), has_positive
 
 
+def _ap_and_validity(
+    scores, relevance, labels, ref_labels, num_bins, score_range, ignore, exclude_self,
+    self_offset, variant,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    histograms = soft_histogram(
+        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, *score_range,
+        self_offset,
+    )  # fmt: skip
+    return ap_from_histograms(*histograms, variant)
+
+
 def average_precision(
     scores: torch.Tensor,
     relevance: torch.Tensor | None = None,
@@ -114,18 +125,10 @@ def average_precision(
     variant: str = "ap_q",
 ) -> torch.Tensor:
     """Per-query AP, as :func:`fastap.average_precision`."""
-    histograms = soft_histogram(
-        scores,
-        relevance,
-        labels,
-        ref_labels,
-        ignore,
-        exclude_self,
-        num_bins,
-        *score_range,
-        self_offset,
-    )
-    return ap_from_histograms(*histograms, variant)[0]
+    return _ap_and_validity(
+        scores, relevance, labels, ref_labels, num_bins, score_range, ignore, exclude_self,
+        self_offset, variant,
+    )[0]  # fmt: skip
 
 
 def ap_loss(
@@ -143,18 +146,10 @@ def ap_loss(
     query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1 - weighted mean AP over queries with a positive, as :func:`fastap.ap_loss`."""
-    histograms = soft_histogram(
-        scores,
-        relevance,
-        labels,
-        ref_labels,
-        ignore,
-        exclude_self,
-        num_bins,
-        *score_range,
-        self_offset,
-    )
-    ap, has_positive = ap_from_histograms(*histograms, variant)
+    ap, has_positive = _ap_and_validity(
+        scores, relevance, labels, ref_labels, num_bins, score_range, ignore, exclude_self,
+        self_offset, variant,
+    )  # fmt: skip
     weights = has_positive.to(ap.dtype)
     if query_weights is not None:
         weights = weights * query_weights.to(ap.dtype)

@@ -7,7 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cuda_runtime.h>
 
 #include "../binning.h"
@@ -56,12 +55,8 @@ EmbeddingInputs check_embedding_inputs(const at::Tensor& queries, const at::Tens
   TORCH_CHECK_VALUE(ref_labels.dim() == 1 && ref_labels.size(0) == database.size(0),
                     "fastap: ref_labels must have one entry per database row, got shape ",
                     ref_labels.sizes());
-  TORCH_CHECK_VALUE(num_bins >= 2, "fastap: num_bins must be at least 2, got ", num_bins);
-  TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi) && lo < hi,
-                    "fastap: score_range must be finite with lo < hi, got (", lo, ", ", hi, ")");
-  TORCH_CHECK_VALUE(self_offset >= 0, "fastap: self_offset must be >= 0, got ", self_offset);
-  TORCH_CHECK_VALUE(!exclude_self || queries.size(0) + self_offset <= database.size(0),
-                    "fastap: exclude_self needs database row i + self_offset for every query i");
+  check_bins(num_bins, lo, hi);
+  check_self_column(exclude_self, self_offset, queries.size(0), database.size(0));
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
                                         queries.get_device()));

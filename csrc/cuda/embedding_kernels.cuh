@@ -116,7 +116,10 @@ struct SharedLayout {
                     kPad * sizeof(element) % 16 == 0 && kScoreLd * sizeof(float) % 16 == 0,
                 "tile rows must be multiples of 16 bytes");
 
-  bool resident;     // depth <= kAccumulatorWidth
+  bool resident;         // depth <= kAccumulatorWidth
+  // Backward and resident: each step's stream rows are loaded whole. Otherwise the stream side
+  // (and, not resident, the own side too) comes in chunks through the cp.async pipeline.
+  bool stream_resident;
   int own_cols;      // columns of the own tile: depth rounded up to kDepthChunk, or one chunk
   int own_ld;
   int stream_cols;   // backward stream rows: depth rounded up (resident) or kAccumulatorWidth
@@ -135,13 +138,13 @@ struct SharedLayout {
     own_ld = own_cols + kPad;
     stream_cols = resident ? padded : kAccumulatorWidth;
     stream_ld = stream_cols + kPad;
-    const bool stream_chunks = !backward || !resident;
+    stream_resident = backward && resident;
     own = 0;
     // Chunks come in kStages slots (the next one loads while the current one is multiplied).
     own_slot = static_cast<size_t>(kTileRows) * own_ld * sizeof(element);
     stream_slot = static_cast<size_t>(kTileCols) * kChunkLd * sizeof(element);
     stream_chunk = align(own + (resident ? 1 : kStages) * own_slot);
-    scores = align(stream_chunk + (stream_chunks ? kStages * stream_slot : 0));
+    scores = align(stream_chunk + (stream_resident ? 0 : kStages * stream_slot));
     labels = align(scores + kTileCols * kScoreLd * sizeof(float));
     step_end = align(labels + kTileCols * sizeof(int64_t));
     grad_tile = step_end;
@@ -207,7 +210,7 @@ __device__ __forceinline__ void issue_chunk(const T* __restrict__ own, int64_t o
                                            int64_t own0, const T* __restrict__ stream,
                                            int64_t stream_count, int64_t stream0, int64_t depth,
                                            unsigned char* shared, const SharedLayout<T>& layout,
-                                           bool stream_resident, int64_t chunk) {
+                                           int64_t chunk) {
   using element = typename MatrixUnit<T>::element;
   using Layout = SharedLayout<T>;
   const element zero = MatrixUnit<T>::from_float(0.0f);
@@ -217,7 +220,7 @@ __device__ __forceinline__ void issue_chunk(const T* __restrict__ own, int64_t o
     load_tile<true>(reinterpret_cast<element*>(shared + layout.own + slot * layout.own_slot),
                     layout.own_ld, kTileRows, kDepthChunk, own, own_count, depth, own0, k0, zero);
   }
-  if (!stream_resident) {
+  if (!layout.stream_resident) {
     load_tile<true>(
         reinterpret_cast<element*>(shared + layout.stream_chunk + slot * layout.stream_slot),
         Layout::kChunkLd, kTileCols, kDepthChunk, stream, stream_count, depth, stream0, k0, zero);
@@ -240,7 +243,7 @@ template <typename T>
 __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t own0,
                            const T* __restrict__ stream, int64_t stream_count, int64_t stream0,
                            int64_t depth, unsigned char* shared, const SharedLayout<T>& layout,
-                           bool stream_resident, int64_t next_stream0) {
+                           int64_t next_stream0) {
   using Unit = MatrixUnit<T>;
   using Layout = SharedLayout<T>;
   using element = typename Unit::element;
@@ -251,7 +254,8 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int row_fragment = warp % kRowFragments;
   const int col_fragment = 2 * (warp / kRowFragments);
-  const bool chunked = !layout.resident || !stream_resident;
+  const bool stream_resident = layout.stream_resident;
+  const bool chunked = !stream_resident;
   const int b_ld = stream_resident ? layout.stream_ld : Layout::kChunkLd;
   const int64_t chunks = (depth + kDepthChunk - 1) / kDepthChunk;
 
@@ -264,7 +268,7 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
     if (chunked) {
       if (chunk + 1 < chunks) {  // into the slot that every warp finished with last iteration
         issue_chunk(own, own_count, own0, stream, stream_count, stream0, depth, shared, layout,
-                    stream_resident, chunk + 1);
+                    chunk + 1);
       } else {
         __pipeline_commit();  // an empty group keeps "all but the newest" meaning chunk `chunk`
       }
@@ -296,7 +300,7 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
   }
   if (chunked && next_stream0 >= 0 && chunks > 0) {  // the next step's first chunk, in slot 0
     issue_chunk(own, own_count, own0, stream, stream_count, next_stream0, depth, shared, layout,
-                stream_resident, 0);
+                0);
   }
 #pragma unroll
   for (int f = 0; f < 2; ++f) {  // transposed, so that a warp's 32 rows read 32 banks
@@ -364,16 +368,16 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
   }
   int32_t positives = 0;
   int32_t poisoned = 0;
-  if (range.first < range.last && depth > 0) {  // the first step's first chunk
+  if (!layout.stream_resident && range.first < range.last && depth > 0) {  // first chunk
     issue_chunk(queries, num_queries, own0, database, num_database, range.first, depth, shared,
-                layout, /*stream_resident=*/false, 0);
+                layout, 0);
   }
   for (int64_t stream0 = range.first; stream0 < range.last; stream0 += kTileCols) {
     __syncthreads();  // the previous step's labels and scores are no longer read
     if (t < kTileCols) step_labels[t] = stream0 + t < num_database ? ref_labels[stream0 + t] : 0;
     const int64_t next = stream0 + kTileCols < range.last ? stream0 + kTileCols : -1;
     score_tile(queries, num_queries, own0, database, num_database, stream0, depth, shared, layout,
-               /*stream_resident=*/false, next);
+               next);
     if (!valid_row) continue;
     for (int u = 0; u < kPartColumns; ++u) {
       const int c = part * kPartColumns + u;
@@ -492,9 +496,8 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
               layout.own_cols, own, own_count, depth, own0, 0, zero);
   }
 
-  if (!layout.resident && range.first < range.last && depth > 0) {  // first step, first chunk
-    issue_chunk(own, own_count, own0, stream, stream_count, range.first, depth, shared, layout,
-                /*stream_resident=*/false, 0);
+  if (!layout.stream_resident && range.first < range.last && depth > 0) {  // first chunk
+    issue_chunk(own, own_count, own0, stream, stream_count, range.first, depth, shared, layout, 0);
   }
   for (int64_t stream0 = range.first; stream0 < range.last; stream0 += kTileCols) {
     __syncthreads();  // the previous step's G and stream rows are no longer read
@@ -504,8 +507,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     load_tile(stream_rows, layout.stream_ld, kTileCols, layout.stream_cols, stream, stream_count,
               depth, stream0, d0, zero);
     const int64_t next = stream0 + kTileCols < range.last ? stream0 + kTileCols : -1;
-    score_tile(own, own_count, own0, stream, stream_count, stream0, depth, shared, layout,
-               /*stream_resident=*/layout.resident, next);
+    score_tile(own, own_count, own0, stream, stream_count, stream0, depth, shared, layout, next);
     for (int u = 0; u < kPartColumns; ++u) {
       const int c = part * kPartColumns + u;
       const int64_t j = stream0 + c;
