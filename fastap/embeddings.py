@@ -104,9 +104,7 @@ class _BlockedSoftHistogram(torch.autograd.Function):
         return (grad_queries, grad_database.to(database.dtype), None, None) + (None,) * 6
 
 
-def fused_embedding_shared_bytes(
-    num_bins: int, dtype: torch.dtype, depth: int
-) -> tuple[int, int]:
+def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) -> tuple[int, int]:
     """Shared memory per block (forward, backward) of the fused embedding kernels for embeddings
     of dimension `depth`: the formula of SharedLayout in csrc/cuda/embedding_kernels.cuh
     (tests/test_cuda_emulation.py checks that the two agree)."""

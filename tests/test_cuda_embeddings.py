@@ -151,4 +151,3 @@ def test_fused_opcheck(dtype):
     torch.library.opcheck(
         torch.ops.fastap.embedding_histogram_backward.default, (grad_n, grad_p, *args)
     )
-

@@ -176,4 +176,3 @@ def test_backend_argument(device):
     reason = "float64" if device.type == "cuda" else "not on a CUDA device"
     with pytest.raises(ValueError, match=f"backend='fused' is not available: .*{reason}"):
         fastap.ap_loss_from_embeddings(queries, database, backend="fused", **common)
-
