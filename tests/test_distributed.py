@@ -89,7 +89,7 @@ def test_two_processes_equal_the_global_batch(tmp_path):
             for process in context.processes:
                 process.kill()
             pytest.fail("the two processes did not finish within 180 s (a collective hung)")
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     embeddings, labels = global_batch()
     embeddings.requires_grad_()

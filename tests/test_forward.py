@@ -162,3 +162,21 @@ def test_positive_counts_are_exact(device, form):
     )
     assert positives.dtype == torch.int64
     assert torch.equal(positives.cpu(), expected.cpu().long())
+
+
+def _subnormals_flushed():
+    # The smallest normal double divided by 1024 is a subnormal, or 0 under flush-to-zero.
+    return 2.2250738585072014e-308 / 1024 == 0.0
+
+
+def test_fastap_keeps_subnormal_floats():
+    """Loading or running the extension must not change the process's floating-point state (a
+    library built with -ffast-math turns on flush-to-zero for everyone when it is loaded)."""
+    assert not _subnormals_flushed(), "subnormals were already flushed when this test started"
+    problem = random_problem(17, 17, relevance_form="labels", seed=5)
+    scores = problem.scores.detach().clone().requires_grad_()
+    fastap.ap_loss(scores, labels=problem.labels, num_bins=10).backward()
+    fastap.ap_loss_from_embeddings(
+        torch.nn.functional.normalize(torch.randn(9, 4), dim=1), labels=torch.arange(9) % 3
+    )
+    assert not _subnormals_flushed()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The test suite against the oldest torch and Python fastap supports (torch 2.5.1, Python 3.9),
+# CPU kernels only.
+#
+# torch 2.5.1's Linux wheel on PyPI is a CUDA build (about 5 GB with its nvidia-* wheels); it
+# runs on a machine without a GPU, and FASTAP_CUDA=0 keeps the build to the C++ kernels (the CUDA
+# sources are compiled against 2.5.1's headers by compile_cuda.sh). The build happens in a copy
+# of the working tree, so the extension built in place for the main torch is left alone.
+# The CPU-emulation tests are skipped: they do not depend on the torch version.
+#
+# Env: TORCH_VERSION (2.5.1), PYTHON (Python 3.9 where found: on PATH or under pyenv; else python3).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+TORCH_VERSION=${TORCH_VERSION:-2.5.1}
+
+python=${PYTHON:-}
+if [[ -z $python ]]; then
+  for candidate in python3.9 "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/3.9*/bin/python3.9; do
+    if "$candidate" -c '' 2>/dev/null; then python=$candidate; break; fi
+  done
+  [[ -n $python ]] || { python=python3; echo "note: no Python 3.9 found, using $python"; }
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$python" -m venv "$work/venv"
+# shellcheck disable=SC1091
+. "$work/venv/bin/activate"
+pip install -q "torch==$TORCH_VERSION" numpy ninja setuptools wheel pytest hypothesis \
+  pytorch-metric-learning
+
+mkdir "$work/src"
+git ls-files -z --cached --others --exclude-standard \
+  | tar --null --ignore-failed-read -cf - -T - | tar -xf - -C "$work/src"
+cd "$work/src"
+FASTAP_CUDA=0 pip install -q --no-build-isolation --no-deps -e .
+python -c 'import sys, torch, fastap; print("Python", sys.version.split()[0], "torch", torch.__version__)'
+HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} python -m pytest -q -p no:cacheprovider \
+  --ignore tests/test_cuda_emulation.py
