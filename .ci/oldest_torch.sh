@@ -11,6 +11,8 @@
 # Env: TORCH_VERSION (2.5.1), PYTHON (Python 3.9 where found: on PATH or under pyenv; else python3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=.ci/lib.sh
+. .ci/lib.sh
 TORCH_VERSION=${TORCH_VERSION:-2.5.1}
 
 python=${PYTHON:-}
@@ -23,15 +25,11 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$python" -m venv "$work/venv"
-# shellcheck disable=SC1091
-. "$work/venv/bin/activate"
+fresh_venv "$python" "$work/venv"
 pip install -q "torch==$TORCH_VERSION" numpy ninja setuptools wheel pytest hypothesis \
   pytorch-metric-learning
 
-mkdir "$work/src"
-git ls-files -z --cached --others --exclude-standard \
-  | tar --null --ignore-failed-read -cf - -T - | tar -xf - -C "$work/src"
+copy_tree "$work/src"
 cd "$work/src"
 FASTAP_CUDA=0 pip install -q --no-build-isolation --no-deps -e .
 python -c 'import sys, torch, fastap; print("Python", sys.version.split()[0], "torch", torch.__version__)'

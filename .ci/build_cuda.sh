@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds the whole extension, CUDA kernels included, against a CUDA build of torch, links it and
+# loads it on this GPU-less machine. This catches what compiling alone cannot: an undefined symbol,
+# a library missing from the link, an op whose CUDA kernel is not registered. The kernels cannot
+# run here: tests/test_cuda_emulation.py runs them on the CPU, benchmarks/gpu_check.sh on a GPU.
+#
+# torch 2.14.1 (the default) and 2.11.0 (the GPU machine's) are CUDA 13.0 builds on PyPI, like the
+# local nvcc; the build happens in a copy of the working tree.
+#
+# Env: TORCH_VERSION (2.14.1), FASTAP_CUDA_ARCH (9.0), CUDA_HOME (the toolkit of the nvcc on PATH),
+#      PYTHON (python3).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=.ci/lib.sh
+. .ci/lib.sh
+TORCH_VERSION=${TORCH_VERSION:-2.14.1}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+if [[ -z ${CUDA_HOME:-} ]]; then
+  # nvcc on PATH may be a wrapper script: ask nvcc itself where its toolkit lies.
+  : >"$work/empty.cu"
+  bin=$(nvcc -dryrun -c "$work/empty.cu" -o "$work/empty.o" 2>&1 | sed -n 's/^#\$ _HERE_=//p')
+  [[ -n $bin ]] || { echo "error: cannot find the CUDA toolkit (set CUDA_HOME)" >&2; exit 1; }
+  CUDA_HOME=$(cd "$bin/.." && pwd)
+fi
+export CUDA_HOME
+echo "CUDA_HOME=$CUDA_HOME"
+
+fresh_venv "${PYTHON:-python3}" "$work/venv"
+pip install -q "torch==$TORCH_VERSION" numpy ninja setuptools wheel pytest hypothesis
+copy_tree "$work/src"
+cd "$work/src"
+FASTAP_CUDA=1 FASTAP_CUDA_ARCH=${FASTAP_CUDA_ARCH:-9.0} MAX_JOBS=${MAX_JOBS:-2} \
+  pip install -q --no-build-isolation --no-deps -e .
+python - <<'PY'
+import torch
+
+import fastap.ops
+
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+if fastap.ops._LOAD_ERROR is not None:
+    raise SystemExit(f"fastap._C did not load: {fastap.ops._LOAD_ERROR}")
+kernels = {
+    "soft_histogram": ("CPU", "CUDA"),
+    "soft_histogram_backward": ("CPU", "CUDA"),
+    "embedding_histogram": ("CUDA",),
+    "embedding_histogram_backward": ("CUDA",),
+}
+missing = [
+    f"fastap::{op} ({key})"
+    for op, keys in kernels.items()
+    for key in keys
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastap::{op}", key)
+]
+if missing:
+    raise SystemExit(f"kernels not registered: {', '.join(missing)}")
+assert fastap.ops.HAS_CUDA_KERNELS and fastap.ops.HAS_FUSED_EMBEDDING_KERNELS
+print("fastap._C loads with every kernel registered:", ", ".join(kernels))
+PY
+# The CPU side of the CUDA build: the same C++ kernels, now beside the CUDA ones.
+HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} python -m pytest -q -p no:cacheprovider \
+  tests/test_forward.py tests/test_compile.py tests/test_errors.py
