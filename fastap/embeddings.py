@@ -137,6 +137,36 @@ def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) 
     return sizes[0], sizes[1]
 
 
+# The opt-in shared memory per block in bytes, by compute capability (the CUDA C++ Programming
+# Guide's table of technical specifications), for torch versions whose device properties report
+# neither shared_memory_per_block_optin nor shared_memory_per_multiprocessor (torch 2.5).
+_OPTIN_SHARED_MEMORY = {
+    (8, 0): 163 * 1024,
+    (8, 6): 99 * 1024,
+    (8, 7): 163 * 1024,
+    (8, 9): 99 * 1024,
+    (9, 0): 227 * 1024,
+    (10, 0): 227 * 1024,
+    (12, 0): 99 * 1024,
+}
+
+
+def max_shared_memory_per_block(properties) -> int:
+    """The most shared memory one block of a kernel may opt in to on the GPU whose
+    torch.cuda.get_device_properties() these are (the limit the fused kernels' launcher checks).
+
+    The field torch reports where it has it; else the shared memory per SM less the 1 KB the GPU
+    keeps per block (equal to it on every NVIDIA GPU since sm_80); else a table by compute
+    capability; else 48 KB, the amount every block may use without opting in."""
+    optin = getattr(properties, "shared_memory_per_block_optin", 0)
+    if optin > 0:
+        return optin
+    per_sm = getattr(properties, "shared_memory_per_multiprocessor", 0)
+    if per_sm > 0:
+        return per_sm - 1024
+    return _OPTIN_SHARED_MEMORY.get((properties.major, properties.minor), 48 * 1024)
+
+
 def fused_unavailable_reason(
     queries: torch.Tensor, database: torch.Tensor, num_bins: int
 ) -> str | None:
@@ -154,9 +184,7 @@ def fused_unavailable_reason(
     if properties.major < 8:
         capability = f"{properties.major}.{properties.minor}"
         return f"it needs compute capability 8.0 or newer, got {capability}"
-    # torch does not report the opt-in shared memory per block; on every NVIDIA GPU since sm_80
-    # it is the shared memory per SM less the 1 KB reserved per block.
-    available = properties.shared_memory_per_multiprocessor - 1024
+    available = max_shared_memory_per_block(properties)
     needed = max(fused_embedding_shared_bytes(num_bins, queries.dtype, queries.shape[1]))
     if needed > available:
         return (

@@ -176,3 +176,28 @@ def test_backend_argument(device):
     reason = "float64" if device.type == "cuda" else "not on a CUDA device"
     with pytest.raises(ValueError, match=f"backend='fused' is not available: .*{reason}"):
         fastap.ap_loss_from_embeddings(queries, database, backend="fused", **common)
+
+
+def test_max_shared_memory_per_block_from_each_torch_version():
+    """The fused kernels' fit check reads what the installed torch reports about the GPU: the
+    opt-in field (newer torch), the per-SM figure, or neither (torch 2.5)."""
+    from types import SimpleNamespace
+
+    from fastap.embeddings import max_shared_memory_per_block
+
+    def gpu(**fields):
+        return max_shared_memory_per_block(SimpleNamespace(major=9, minor=0, **fields))
+
+    # the opt-in field wins over the per-SM figure (values made different to tell them apart)
+    assert gpu(shared_memory_per_block_optin=200000, shared_memory_per_multiprocessor=233472) == (
+        200000
+    )
+    assert gpu(shared_memory_per_multiprocessor=233472) == 232448
+    assert gpu() == 232448
+    assert max_shared_memory_per_block(SimpleNamespace(major=8, minor=0)) == 166912
+    assert max_shared_memory_per_block(SimpleNamespace(major=8, minor=9)) == 101376
+    assert max_shared_memory_per_block(SimpleNamespace(major=11, minor=5)) == 49152
+    # The figure decides the backend: at D = 256 and 20 bins bf16 needs ~113 KB (2 blocks on an
+    # H100's 227 KB, none on an RTX 4090's 99 KB).
+    needed = max(fastap.embeddings.fused_embedding_shared_bytes(20, torch.bfloat16, 256))
+    assert 101376 < needed <= 232448
