@@ -6,14 +6,55 @@ from torch.cuda.is_available(), so a GPU-less build host still builds them. Swit
   FASTAP_CUDA=1   build the CUDA kernels or fail (no toolkit or a CPU-only torch is an error)
   FASTAP_CUDA=0   CPU kernels only
   FASTAP_CUDA_ARCH  e.g. "9.0" or "8.0;9.0" (else TORCH_CUDA_ARCH_LIST, else torch's default)
+  CUDA_HOME       the toolkit (else the one the nvcc on PATH belongs to, as nvcc reports it)
 """
 
 import glob
 import os
+import shutil
+import subprocess
+import tempfile
 
-import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def toolkit_of_nvcc_on_path():
+    """The CUDA toolkit folder of the nvcc on PATH, as nvcc itself reports it, or None.
+
+    torch takes the parent of nvcc's folder as CUDA_HOME when CUDA_HOME is not set; where nvcc is
+    a wrapper script outside its toolkit (/usr/local/bin/nvcc, say) that folder has no CUDA
+    libraries and the link fails (cannot find -lcudart). `nvcc -dryrun` prints where it runs."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or not shutil.which("nvcc"):
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "empty.cu")
+        open(source, "w").close()
+        try:
+            run = subprocess.run(
+                ["nvcc", "-dryrun", "-c", source, "-o", os.path.join(folder, "empty.o")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+    for line in (run.stdout + run.stderr).splitlines():
+        if line.startswith("#$ _HERE_="):
+            return os.path.dirname(os.path.normpath(line.split("=", 1)[1].strip()))
+    return None
+
+
+if os.environ.get("FASTAP_CUDA", "auto").strip().lower() not in ("0", "off", "no", "false"):
+    _toolkit = toolkit_of_nvcc_on_path()
+    if _toolkit:
+        os.environ["CUDA_HOME"] = _toolkit  # read by torch.utils.cpp_extension when imported
+
+import torch  # noqa: E402
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -7,8 +7,8 @@
 # torch 2.14.1 (the default) and 2.11.0 (the GPU machine's) are CUDA 13.0 builds on PyPI, like the
 # local nvcc; the build happens in a copy of the working tree.
 #
-# Env: TORCH_VERSION (2.14.1), FASTAP_CUDA_ARCH (9.0), CUDA_HOME (the toolkit of the nvcc on PATH),
-#      PYTHON (python3).
+# Env: TORCH_VERSION (2.14.1), FASTAP_CUDA_ARCH (9.0), CUDA_HOME (setup.py's default: the toolkit
+#      of the nvcc on PATH), PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=.ci/lib.sh
@@ -17,15 +17,6 @@ TORCH_VERSION=${TORCH_VERSION:-2.14.1}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-if [[ -z ${CUDA_HOME:-} ]]; then
-  # nvcc on PATH may be a wrapper script: ask nvcc itself where its toolkit lies.
-  : >"$work/empty.cu"
-  bin=$(nvcc -dryrun -c "$work/empty.cu" -o "$work/empty.o" 2>&1 | sed -n 's/^#\$ _HERE_=//p')
-  [[ -n $bin ]] || { echo "error: cannot find the CUDA toolkit (set CUDA_HOME)" >&2; exit 1; }
-  CUDA_HOME=$(cd "$bin/.." && pwd)
-fi
-export CUDA_HOME
-echo "CUDA_HOME=$CUDA_HOME"
 
 fresh_venv "${PYTHON:-python3}" "$work/venv"
 pip install -q "torch==$TORCH_VERSION" numpy ninja setuptools wheel pytest hypothesis
