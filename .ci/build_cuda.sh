@@ -5,7 +5,8 @@
 # run here: tests/test_cuda_emulation.py runs them on the CPU, benchmarks/gpu_check.sh on a GPU.
 #
 # torch 2.14.1 (the default) and 2.11.0 (the GPU machine's) are CUDA 13.0 builds on PyPI, like the
-# local nvcc; the build happens in a copy of the working tree.
+# local nvcc. The build happens in the unpacked sdist (.ci/lib.sh), so it also checks that the
+# sdist carries every CUDA source and header.
 #
 # Env: TORCH_VERSION (2.14.1), FASTAP_CUDA_ARCH (9.0), CUDA_HOME (setup.py's default: the toolkit
 #      of the nvcc on PATH), PYTHON (python3).
@@ -20,7 +21,7 @@ trap 'rm -rf "$work"' EXIT
 
 fresh_venv "${PYTHON:-python3}" "$work/venv"
 pip install -q "torch==$TORCH_VERSION" numpy ninja setuptools wheel pytest hypothesis
-copy_tree "$work/src"
+sdist_tree "$work/src"
 cd "$work/src"
 FASTAP_CUDA=1 FASTAP_CUDA_ARCH=${FASTAP_CUDA_ARCH:-9.0} MAX_JOBS=${MAX_JOBS:-2} \
   pip install -q --no-build-isolation --no-deps -e .

@@ -7,10 +7,27 @@ fresh_venv() {
   . "$2/bin/activate"
 }
 
-# copy_tree DEST: the working tree's files (tracked, and untracked but not ignored) copied to DEST,
-# so that a build there leaves the extension built in place for the main torch alone.
-copy_tree() {
+# sdist_tree DEST: the source distribution a user would download, made from the working tree by
+# the active python (which needs torch and setuptools: setup.py imports torch), unpacked at DEST.
+# Builds from it therefore check that the sdist carries everything they need, and a build there
+# leaves the extension built in place for the main torch alone. Fails when a file tracked by git
+# (but the CI scripts) is missing from the sdist, so MANIFEST.in cannot fall behind the tree.
+sdist_tree() {
+  local dist missing
+  dist=$(mktemp -d)
+  # (egg_info in a fresh folder: setuptools would otherwise add the files of an old SOURCES.txt)
+  if ! python setup.py -q egg_info --egg-base "$dist" sdist -d "$dist" >"$dist/log" 2>&1; then
+    cat "$dist/log" >&2
+    return 1
+  fi
   mkdir -p "$1"
-  git ls-files -z --cached --others --exclude-standard \
-    | tar --null --ignore-failed-read -cf - -T - | tar -xf - -C "$1"
+  tar -xzf "$dist"/fastap-*.tar.gz -C "$1" --strip-components=1
+  rm -rf "$dist"
+  missing=$(git ls-files -- . ':!.ci' ':!.gitignore' | while read -r f; do
+    if [[ -e $f && ! -e $1/$f ]]; then echo "  $f"; fi
+  done)
+  if [[ -n $missing ]]; then
+    printf 'error: files missing from the sdist (MANIFEST.in):\n%s\n' "$missing" >&2
+    return 1
+  fi
 }

@@ -4,8 +4,8 @@
 #
 # torch 2.5.1's Linux wheel on PyPI is a CUDA build (about 5 GB with its nvidia-* wheels); it
 # runs on a machine without a GPU, and FASTAP_CUDA=0 keeps the build to the C++ kernels (the CUDA
-# sources are compiled against 2.5.1's headers by compile_cuda.sh). The build happens in a copy
-# of the working tree, so the extension built in place for the main torch is left alone.
+# sources are compiled against 2.5.1's headers by compile_cuda.sh). The build happens in the
+# unpacked sdist (.ci/lib.sh), so the extension built in place for the main torch is left alone.
 # The CPU-emulation tests are skipped: they do not depend on the torch version.
 #
 # Env: TORCH_VERSION (2.5.1), PYTHON (Python 3.9 where found: on PATH or under pyenv; else python3).
@@ -29,7 +29,7 @@ fresh_venv "$python" "$work/venv"
 pip install -q "torch==$TORCH_VERSION" numpy ninja setuptools wheel pytest hypothesis \
   pytorch-metric-learning
 
-copy_tree "$work/src"
+sdist_tree "$work/src"
 cd "$work/src"
 FASTAP_CUDA=0 pip install -q --no-build-isolation --no-deps -e .
 python -c 'import sys, torch, fastap; print("Python", sys.version.split()[0], "torch", torch.__version__)'
