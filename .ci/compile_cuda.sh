@@ -13,7 +13,8 @@
 #
 # Env: TORCH_VERSION (2.14.1: whose headers), CXX_STD (c++20), CHECK_CPP (0: 1 also checks the
 #      C++ sources), PYTHON (python3), NVCC (nvcc), CUDA_ARCH (sm_90), JOBS (nproc),
-#      FASTAP_CI_CACHE (~/.cache/fastap-ci), NVCC_EXTRA_FLAGS (none).
+#      FASTAP_CI_CACHE (~/.cache/fastap-ci), NVCC_EXTRA_FLAGS (none), NO_SPILLS (^soft_histogram:
+#      the kernels, as a regex on the names ptxas_report.py prints, that must not spill).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -63,7 +64,7 @@ flags=(
   -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
-  --expt-relaxed-constexpr "${extra[@]}"
+  --expt-relaxed-constexpr -Xptxas -v "${extra[@]}"
 )
 
 now_ms() { local t=${EPOCHREALTIME//[.,]/}; echo $(( t / 1000 )); }
@@ -87,13 +88,21 @@ for i in "${!files[@]}"; do
 done
 wait
 
-failed=0  # show nvcc's output (errors, warnings) for every file that had any
+failed=0  # show nvcc's output (errors, warnings; not ptxas's report) for every file that had any
+ptxas_report='^ptxas info|^ +[0-9]+ bytes stack frame'
 for i in "${!files[@]}"; do
   [[ -f $tmp/$i.failed ]] && failed=$(( failed + 1 ))
-  [[ -s $tmp/$i.log ]] || continue
-  echo; echo "===== nvcc output for ${files[$i]} ====="; cat "$tmp/$i.log"
+  grep -Evq "$ptxas_report" "$tmp/$i.log" || continue
+  echo; echo "===== nvcc output for ${files[$i]} ====="; grep -Ev "$ptxas_report" "$tmp/$i.log"
 done
 echo "total: ${#files[@]} file(s), $failed failed, $(secs $(( $(now_ms) - start )))s"
+
+# Registers and spills of every kernel; the score-matrix kernels must not spill (NO_SPILLS).
+if (( failed == 0 )); then
+  echo
+  "$PY" .ci/ptxas_report.py "$tmp"/*.log --no-spills "${NO_SPILLS:-^soft_histogram}" ||
+    failed=$(( failed + 1 ))
+fi
 
 # CHECK_CPP=1: also check that the C++ sources compile against these headers (syntax only; the
 # real build against the installed torch compiles them anyway).
