@@ -9,7 +9,7 @@
 # 1 (it stays warm only 30 s) rebuilds nothing, and a fresh one builds in about half a minute
 # (49 s on 2 CPU cores against torch 2.11.0+cu130, the GPU machine's torch, 2026-11-28):
 #
-#   STEPS="build tests kernels embeddings" bash benchmarks/gpu_check.sh            # call 1
+#   STEPS="build smoke tests kernels embeddings" bash benchmarks/gpu_check.sh      # call 1
 #   STEPS="build memcheck racecheck loss variants" bash benchmarks/gpu_check.sh    # call 2
 #   bash benchmarks/gpu_check.sh                                                   # all, in BUDGET
 #
@@ -53,6 +53,13 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cu
   tee -a "$OUT/gpu.txt"
 step build 240 build.log env FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0 MAX_JOBS=16 \
   $PY setup.py build_ext --inplace
+# smoke: the small passes of every kernel, alone. A kernel that faults poisons the CUDA context of
+# every test after it, so when this fails memcheck runs at once (it names the kernel and the
+# address), before the tests.
+step smoke 90 smoke.log $PY benchmarks/sanitizer_case.py
+[[ ${status[-1]:-} == smoke\|ok\|* || " $STEPS " != *" smoke "* ]] || STEPS="$STEPS memcheck"
+step memcheck 120 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \
+  $PY benchmarks/sanitizer_case.py
 step tests 240 tests.log $PY -m pytest -q -rf --maxfail=25 -p no:cacheprovider tests -k cuda \
   --ignore tests/test_cuda_emulation.py
 # Q = 10 / 20 / 50 and both dtypes at 8192^2 (the targets); the other shapes at Q = 20.
@@ -64,8 +71,6 @@ step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --
   --dtype bfloat16 --dim 256 --sizes 16384 65536 --repeats 5 --json $OUT/embeddings_d256.json && \
   $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \
   --cases blockwise fused --repeats 3 --json $OUT/embeddings_d128.json"
-step memcheck 120 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \
-  $PY benchmarks/sanitizer_case.py
 step racecheck 120 racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 \
   $PY benchmarks/sanitizer_case.py
 step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
