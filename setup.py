@@ -16,6 +16,18 @@ import subprocess
 import tempfile
 
 
+def cuda_switch() -> str:
+    """FASTAP_CUDA as "on", "off" or "auto"."""
+    switch = os.environ.get("FASTAP_CUDA", "auto").strip().lower()
+    if switch in ("1", "on", "yes", "true"):
+        return "on"
+    if switch in ("0", "off", "no", "false"):
+        return "off"
+    if switch != "auto":
+        raise RuntimeError(f"FASTAP_CUDA must be 0, 1 or auto, got {switch!r}")
+    return "auto"
+
+
 def toolkit_of_nvcc_on_path():
     """The CUDA toolkit folder of the nvcc on PATH, as nvcc itself reports it, or None.
 
@@ -42,7 +54,7 @@ def toolkit_of_nvcc_on_path():
     return None
 
 
-if os.environ.get("FASTAP_CUDA", "auto").strip().lower() not in ("0", "off", "no", "false"):
+if cuda_switch() != "off":
     _toolkit = toolkit_of_nvcc_on_path()
     if _toolkit:
         os.environ["CUDA_HOME"] = _toolkit  # read by torch.utils.cpp_extension when imported
@@ -60,21 +72,15 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def build_cuda() -> bool:
-    switch = os.environ.get("FASTAP_CUDA", "auto").strip().lower()
+    switch = cuda_switch()
     found = CUDA_HOME is not None and torch.version.cuda is not None
-    if switch in ("1", "on", "yes", "true"):
-        if not found:
-            raise RuntimeError(
-                "FASTAP_CUDA=1 but no CUDA build is possible: "
-                f"CUDA_HOME={CUDA_HOME!r}, torch.version.cuda={torch.version.cuda!r} "
-                "(install a CUDA build of torch and a CUDA toolkit with nvcc)"
-            )
-        return True
-    if switch in ("0", "off", "no", "false"):
-        return False
-    if switch != "auto":
-        raise RuntimeError(f"FASTAP_CUDA must be 0, 1 or auto, got {switch!r}")
-    return found
+    if switch == "on" and not found:
+        raise RuntimeError(
+            "FASTAP_CUDA=1 but no CUDA build is possible: "
+            f"CUDA_HOME={CUDA_HOME!r}, torch.version.cuda={torch.version.cuda!r} "
+            "(install a CUDA build of torch and a CUDA toolkit with nvcc)"
+        )
+    return switch == "on" or (switch == "auto" and found)
 
 
 def extension():

@@ -19,12 +19,8 @@ TORCH_VERSION=${TORCH_VERSION:-2.14.1}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-fresh_venv "${PYTHON:-python3}" "$work/venv"
-pip install -q "torch==$TORCH_VERSION" numpy ninja setuptools wheel pytest hypothesis
-sdist_tree "$work/src"
-cd "$work/src"
-FASTAP_CUDA=1 FASTAP_CUDA_ARCH=${FASTAP_CUDA_ARCH:-9.0} MAX_JOBS=${MAX_JOBS:-2} \
-  pip install -q --no-build-isolation --no-deps -e .
+export FASTAP_CUDA_ARCH=${FASTAP_CUDA_ARCH:-9.0} MAX_JOBS=${MAX_JOBS:-2}
+install_from_sdist "${PYTHON:-python3}" "$work" "$TORCH_VERSION" 1
 python - <<'PY'
 import torch
 

@@ -57,10 +57,11 @@ fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 read -ra extra <<<"${NVCC_EXTRA_FLAGS:-}"
+python_include=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("include"))')
 flags=(
   -std="$CXX_STD" -arch="${CUDA_ARCH:-sm_90}" -O2 -Xcompiler -fPIC
   -I csrc -I "$INC" -I "$INC/torch/csrc/api/include"
-  -I "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("include"))')"
+  -I "$python_include"
   -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
@@ -110,7 +111,7 @@ if [[ ${CHECK_CPP:-0} == 1 ]]; then
   for f in csrc/*.cpp csrc/cpu/*.cpp; do
     if g++ -std="$CXX_STD" -fsyntax-only -fopenmp -I csrc -I "$INC" \
         -I "$INC/torch/csrc/api/include" \
-        -I "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("include"))')" \
+        -I "$python_include" \
         -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C "$f"; then
       echo "OK    $f (g++ -std=$CXX_STD, syntax)"
     else

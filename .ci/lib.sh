@@ -31,3 +31,16 @@ sdist_tree() {
     return 1
   fi
 }
+
+# install_from_sdist PYTHON WORK TORCH_VERSION FASTAP_CUDA [PACKAGE ...]: a fresh environment at
+# WORK/venv with that torch, the build and test tools and the extra packages; fastap built there
+# (FASTAP_CUDA 0 or 1) from the sdist unpacked at WORK/src, which becomes the current folder.
+install_from_sdist() {
+  local python=$1 work=$2 torch_version=$3 cuda=$4
+  shift 4
+  fresh_venv "$python" "$work/venv"
+  pip install -q "torch==$torch_version" numpy ninja setuptools wheel pytest hypothesis "$@"
+  sdist_tree "$work/src"
+  cd "$work/src"
+  FASTAP_CUDA=$cuda pip install -q --no-build-isolation --no-deps -e .
+}

@@ -25,13 +25,7 @@ fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-fresh_venv "$python" "$work/venv"
-pip install -q "torch==$TORCH_VERSION" numpy ninja setuptools wheel pytest hypothesis \
-  pytorch-metric-learning
-
-sdist_tree "$work/src"
-cd "$work/src"
-FASTAP_CUDA=0 pip install -q --no-build-isolation --no-deps -e .
+install_from_sdist "$python" "$work" "$TORCH_VERSION" 0 pytorch-metric-learning
 python -c 'import sys, torch, fastap; print("Python", sys.version.split()[0], "torch", torch.__version__)'
 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} python -m pytest -q -p no:cacheprovider \
   --ignore tests/test_cuda_emulation.py
