@@ -46,19 +46,34 @@ struct BinGrid {
         inv_delta(static_cast<T>(static_cast<double>(num_bins - 1) / (hi_ - lo_))),
         last_bin(static_cast<int32_t>(num_bins - 1)) {}
 
-  // The caller guarantees that s is finite (kernels test is_finite first).
+  // Meant for finite s. A NaN s is located like lo (and +-inf like the end it points to), so
+  // that a branch-free kernel may bin a non-finite score before it discards the row's result.
   FASTAP_HOST_DEVICE BinPosition<T> locate(T s) const {
-    const T clamped = s < lo ? lo : (s > hi ? hi : s);
+    const T clamped = clamp(s);
     const T t = (hi - clamped) * inv_delta;  // in [0, Q - 1] up to rounding
     int32_t k = static_cast<int32_t>(t);     // t >= 0, so truncation is floor
+#ifdef __CUDA_ARCH__
+    k = min(k, last_bin - 1);  // one instruction
+#else
     if (k > last_bin - 1) k = last_bin - 1;
+#endif
     T f = t - static_cast<T>(k);
     if (f > T(1)) f = T(1);                  // rounding at s == lo
     BinPosition<T> pos;
     pos.bin = k;
     pos.frac = f;
-    pos.sloped = (s > lo) && (s < hi) && (f != T(0));
+    // s < hi needs no test of its own: s >= hi is clamped to hi, where t = 0 and so f = 0.
+    pos.sloped = (s > lo) && (f != T(0));
     return pos;
+  }
+
+  // s clamped to [lo, hi]; NaN gives lo. On the GPU two min/max instructions, not branches.
+  FASTAP_HOST_DEVICE T clamp(T s) const {
+#ifdef __CUDA_ARCH__
+    return fmin(fmax(s, lo), hi);  // fmax(NaN, lo) == lo
+#else
+    return s > lo ? (s < hi ? s : hi) : lo;
+#endif
   }
 };
 
@@ -72,6 +87,11 @@ FASTAP_HOST_DEVICE bool is_finite(T x) {
 // `dense_relevance` (row of an N x M 0/1 byte matrix) and `ref_labels` (M labels compared with the
 // query's label) is set; `ignore_row` (row of an N x M byte matrix) and `self_column` (the
 // query's own candidate, or -1) remove candidates from the row entirely.
+//
+// kLabelsOnly (template argument of the tests) promises at compile time that the row has labels
+// and no ignore mask, so that the kernels specialised for that common case carry no test of the
+// other forms; kCheckSelf = false promises that the candidates asked about are not self_column.
+// The index type may be int32 after window().
 struct RowRelevance {
   const uint8_t* dense_relevance;
   const int64_t* ref_labels;
@@ -79,11 +99,28 @@ struct RowRelevance {
   const uint8_t* ignore_row;
   int64_t self_column;
 
-  FASTAP_HOST_DEVICE bool positive(int64_t j) const {
-    return dense_relevance != nullptr ? dense_relevance[j] != 0 : ref_labels[j] == query_label;
+  template <bool kLabelsOnly = false, typename Index = int64_t>
+  FASTAP_HOST_DEVICE bool positive(Index j) const {
+    if (!kLabelsOnly && dense_relevance != nullptr) return dense_relevance[j] != 0;
+    return ref_labels[j] == query_label;
   }
-  FASTAP_HOST_DEVICE bool ignored(int64_t j) const {
-    return j == self_column || (ignore_row != nullptr && ignore_row[j] != 0);
+  template <bool kLabelsOnly = false, bool kCheckSelf = true, typename Index = int64_t>
+  FASTAP_HOST_DEVICE bool ignored(Index j) const {
+    const bool self = kCheckSelf && j == static_cast<Index>(self_column);
+    if (kLabelsOnly) return self;
+    return self || (ignore_row != nullptr && ignore_row[j] != 0);
+  }
+
+  // The same row seen from candidate `begin` on, for the `length` candidates of one chunk: index
+  // o = j - begin, which fits in 32 bits. self_column becomes o's, or -1 outside the chunk.
+  FASTAP_HOST_DEVICE RowRelevance window(int64_t begin, int64_t length) const {
+    RowRelevance w = *this;
+    w.dense_relevance = dense_relevance != nullptr ? dense_relevance + begin : nullptr;
+    w.ref_labels = ref_labels != nullptr ? ref_labels + begin : nullptr;
+    w.ignore_row = ignore_row != nullptr ? ignore_row + begin : nullptr;
+    const int64_t self = self_column - begin;
+    w.self_column = self_column >= 0 && self >= 0 && self < length ? self : -1;
+    return w;
   }
 };
 
@@ -95,6 +132,11 @@ struct RelevanceArgs {
   const uint8_t* ignore;           // N x M or nullptr
   bool exclude_self;               // candidate i + self_offset is query i itself
   int64_t self_offset;
+
+  // Labels and no ignore mask: the case the kernels specialise (kLabelsOnly).
+  FASTAP_HOST_DEVICE bool labels_only() const {
+    return dense_relevance == nullptr && ignore == nullptr;
+  }
 
   FASTAP_HOST_DEVICE RowRelevance row(int64_t i, int64_t num_candidates) const {
     RowRelevance r;

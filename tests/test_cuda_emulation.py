@@ -81,8 +81,9 @@ def _read(path: Path, dtype: torch.dtype, shape) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
-def emulate(binary, tmp_path, problem, op, *, table=None, **options):
-    """Runs one kernel op of the emulation on `problem`; returns its outputs as tensors."""
+def emulate(binary, tmp_path, problem, op, *, table=None, fast=None, **options):
+    """Runs one kernel op of the emulation on `problem`; returns its outputs as tensors. `fast`
+    (True/False): check that the launch picked the fast / the general kernel."""
     scores = problem.scores
     n, m = scores.shape
     lo, hi = problem.score_range
@@ -113,6 +114,8 @@ def emulate(binary, tmp_path, problem, op, *, table=None, **options):
     command = [str(binary), *(f"{k}={v}" for k, v in args.items())]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+    if fast is not None:
+        assert f"fast={int(fast)}" in result.stdout.split(), result.stdout
     hist_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     out = tmp_path / "out"
     if op == "forward":
@@ -199,6 +202,61 @@ def test_kernels_equal_cpu_op(emulators, tmp_path, form, dtype, n, m, q, options
     check_both(emulators["address"], tmp_path, problem, **options)
 
 
+# Labels without an ignore mask, and rows (and forward chunks) of whole 16-byte vectors, take the
+# fast kernels (16-byte loads, no run-time relevance tests); anything else, the general ones.
+# 8 scores fill a vector of bf16 / fp16, 4 of fp32, 2 of fp64. (N, M, Q, chunk)
+FAST_SHAPES = [
+    (1000, 1000, 20, None),  # fast; self exclusion in inner and edge groups
+    (33, 1000, 20, 96),  # fast; several chunks per row: partial histograms
+    (3, 9000, 10, None),  # fast
+    (7, 8, 2, None),  # fast; one vector per row: every group is an edge
+    (40, 1001, 20, None),  # general: rows not of whole vectors
+    (33, 1000, 20, 36),  # forward general for 2-byte scores (chunks not of whole vectors)
+]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES))
+@pytest.mark.parametrize("n,m,q,chunk", FAST_SHAPES)
+def test_fast_kernels_equal_cpu_op(emulators, tmp_path, dtype, n, m, q, chunk):
+    problem = random_problem(
+        n, m, num_bins=q, relevance_form="labels", exclude_self=n == m, dtype=dtype, seed=n + m
+    )
+    vector = 16 // dtype.itemsize
+    backward_fast = m % vector == 0
+    forward_fast = backward_fast and (chunk or 4096) % vector == 0
+    forward_options = {"chunk": chunk} if chunk else {}
+    expected = torch.ops.fastap.soft_histogram(problem.scores, *op_args(problem))
+    emulated = emulate(emulators["address"], tmp_path, problem, "forward", fast=forward_fast,
+                       **forward_options)  # fmt: skip
+    check_forward(emulated, expected, dtype)
+    g = torch.Generator().manual_seed(n)
+    grad_n, grad_p = torch.randn((2, *expected[0].shape), generator=g, dtype=expected[0].dtype)
+    grad_cpu = torch.ops.fastap.soft_histogram_backward(
+        grad_n, grad_p, problem.scores, *op_args(problem)
+    )
+    table = slope_table(problem, grad_n, grad_p)
+    grad = emulate(emulators["address"], tmp_path, problem, "backward", table=table,
+                   fast=backward_fast)  # fmt: skip
+    assert torch.equal(grad.isnan(), grad_cpu.isnan())
+    assert torch.equal(grad.nan_to_num(), grad_cpu.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_kernels_poison_rows_with_non_finite_scores(emulators, tmp_path, dtype):
+    problem = random_problem(6, 328, relevance_form="labels", dtype=dtype, seed=9)
+    problem.exclude_self = True  # query i is candidate i
+    scores = problem.scores.clone()
+    scores[1, 7] = float("nan")
+    scores[3, 300] = float("inf")
+    scores[4, 4] = float("nan")  # its own column, excluded: no poison
+    scores[5, 327] = -float("inf")  # the last vector of the row
+    problem = problem.with_scores(scores)
+    check_both(emulators["address"], tmp_path, problem, fast=True, chunk=64)
+    n, p, _ = emulate(emulators["address"], tmp_path, problem, "forward", fast=True)
+    assert n[[1, 3, 5]].isnan().all() and p[[1, 3, 5]].isnan().all()
+    assert n[[0, 2, 4]].isfinite().all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_ties_bin_centres_and_range_ends(emulators, tmp_path, dtype):
     problem = random_problem(41, 517, num_bins=9, ties=True, dtype=dtype, seed=3)
@@ -239,7 +297,9 @@ def test_num_bins_beyond_shared_memory_is_refused(emulators, tmp_path):
 def test_kernels_have_no_data_races(emulators, tmp_path, options):
     problem = random_problem(19, 301, num_bins=13, relevance_form="labels", with_ignore=True,
                              dtype=torch.float32, seed=11)  # fmt: skip
-    check_both(emulators["thread"], tmp_path, problem, **options)
+    check_both(emulators["thread"], tmp_path, problem, fast=False, **options)
+    fast_problem = random_problem(19, 304, num_bins=13, dtype=torch.float32, seed=11)
+    check_both(emulators["thread"], tmp_path, fast_problem, fast=True, **options)
 
 
 # --- the fused from-embeddings kernels (csrc/cuda/embedding_kernels.cuh) ---

@@ -76,7 +76,8 @@ inline ForwardPlan plan_forward(int64_t num_queries, int64_t num_candidates, int
 constexpr int kFinalizeThreads = 256;
 
 // Backward: a 2-D grid; blockIdx.y strides over the query rows and blockIdx.x covers a row's
-// candidates in tiles of kBackwardThreads * kBackwardColumnsPerThread.
+// candidates in tiles of kBackwardThreads * columns_per_thread (kBackwardColumnsPerThread for the
+// general kernel, more for the fast one: backward_columns() in soft_histogram_kernels.cuh).
 constexpr int kBackwardThreads = 256;
 constexpr int kBackwardColumnsPerThread = 4;
 constexpr int64_t kMaxGridY = 65535;
@@ -86,8 +87,9 @@ struct BackwardPlan {
   int64_t blocks_y;
 };
 
-inline BackwardPlan plan_backward(int64_t num_queries, int64_t num_candidates) {
-  const int64_t tile = int64_t{kBackwardThreads} * kBackwardColumnsPerThread;
+inline BackwardPlan plan_backward(int64_t num_queries, int64_t num_candidates,
+                                  int columns_per_thread = kBackwardColumnsPerThread) {
+  const int64_t tile = int64_t{kBackwardThreads} * columns_per_thread;
   BackwardPlan plan{};
   plan.blocks_x = (num_candidates + tile - 1) / tile;
   plan.blocks_y = num_queries < kMaxGridY ? num_queries : kMaxGridY;

@@ -59,7 +59,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
       partial_hist = at::empty({plan.items, 2, num_bins}, options);
       partial_positives = at::empty({plan.items}, options.dtype(at::kLong));
     }
-    auto kernel = soft_histogram_kernel<scalar_t, acc_t>;
+    const bool fast = fast_path_applies(in.relevance_args(), in.scores.const_data_ptr<scalar_t>(),
+                                        in.num_candidates(), plan.chunk);
+    auto kernel = forward_kernel<scalar_t, acc_t>(fast);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(plan.shared_bytes)));
     kernel<<<static_cast<unsigned>(plan.blocks), plan.warps_per_block * kWarpSize,
@@ -98,12 +100,15 @@ at::Tensor soft_histogram_backward_cuda(
   at::Tensor grad_scores = at::empty_like(in.scores);
   if (in.scores.numel() == 0) return grad_scores;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const BackwardPlan plan = plan_backward(in.num_queries(), in.num_candidates());
-  const dim3 blocks(static_cast<unsigned>(plan.blocks_x), static_cast<unsigned>(plan.blocks_y));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_backward_cuda", [&] {
     using acc_t = histogram_t<scalar_t>;
-    soft_histogram_backward_kernel<scalar_t, acc_t><<<blocks, kBackwardThreads, 0, stream>>>(
+    const bool fast = fast_path_applies(in.relevance_args(), in.scores.const_data_ptr<scalar_t>(),
+                                        in.num_candidates(), /*chunk=*/0);
+    const BackwardPlan plan = plan_backward(in.num_queries(), in.num_candidates(),
+                                            backward_columns<scalar_t>(fast));
+    const dim3 blocks(static_cast<unsigned>(plan.blocks_x), static_cast<unsigned>(plan.blocks_y));
+    backward_kernel<scalar_t, acc_t>(fast)<<<blocks, kBackwardThreads, 0, stream>>>(
         in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
         BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(),
         table.const_data_ptr<acc_t>(), grad_scores.data_ptr<scalar_t>());

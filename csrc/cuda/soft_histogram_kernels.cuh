@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "../binning.h"
 #include "launch_plan.h"
@@ -15,6 +16,156 @@
 
 namespace fastap {
 
+// Two kernels of each op, for each dtype (the launchers pick one with forward_kernel() and
+// backward_kernel(), as tests/emulation does):
+//   fast:    relevance from labels and no ignore mask, and rows of whole 16-byte vectors
+//            (fast_path_applies()): each thread loads 16 bytes of scores at once, and the kernel
+//            holds no test of the other relevance forms;
+//   general: any relevance form (RowRelevance decides at run time), one score per load.
+// Both are branch-free in their inner loops: the loads of a step are issued before the first use,
+// a candidate that does not count is masked, and a non-finite score is binned like any other
+// (locate() keeps it in range) but turns the row's `probe` to NaN, which poisons its result.
+
+// The fast path's vectors: 16 bytes of scores; the forward bins kVectors of them per lane and
+// step (8 candidates, 4 in fp64: the forward is held to 64 registers), the backward
+// kBackwardVectors per thread (16 candidates, which spreads its per-row work thinner).
+template <typename scalar_t>
+struct ScoreVector {
+  static constexpr int kScores = 16 / static_cast<int>(sizeof(scalar_t));
+  static constexpr int kVectors = kScores >= 8 ? 1 : 2;
+  static constexpr int kColumns = kScores * kVectors;  // forward candidates per lane and step
+  static constexpr int kBackwardVectors = 16 / kScores;
+
+  // Score e of a vector loaded as raw bits.
+  template <typename acc_t>
+  static __device__ __forceinline__ acc_t score(const uint4& raw, int e) {
+    scalar_t value;
+    memcpy(&value, reinterpret_cast<const unsigned char*>(&raw) + e * sizeof(scalar_t),
+           sizeof(scalar_t));
+    return static_cast<acc_t>(value);
+  }
+
+  // The kScores labels of a vector's candidates (16-byte aligned), in 16-byte loads, into
+  // label[0 .. kScores); zeros where !inside (nothing is read).
+  static __device__ __forceinline__ void load_labels(const int64_t* __restrict__ labels,
+                                                     bool inside, int64_t* label) {
+#pragma unroll
+    for (int e = 0; e < kScores; e += 2) {
+      const uint4 pair = inside ? *reinterpret_cast<const uint4*>(labels + e)
+                                : make_uint4(0u, 0u, 0u, 0u);
+      memcpy(label + e, &pair, sizeof(pair));
+    }
+  }
+};
+
+// Whether the fast kernels apply: labels without an ignore mask, and every row (and every chunk
+// of `chunk` candidates: the forward plan's; 0 for the backward) starts on a 16-byte boundary and
+// holds whole vectors, and so do the labels of each vector.
+template <typename scalar_t>
+inline bool fast_path_applies(const RelevanceArgs& relevance, const scalar_t* scores,
+                              int64_t num_candidates, int64_t chunk) {
+  constexpr int64_t kScores = ScoreVector<scalar_t>::kScores;
+  return relevance.labels_only() && reinterpret_cast<uintptr_t>(scores) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(relevance.ref_labels) % 16 == 0 &&
+         num_candidates % kScores == 0 && chunk % kScores == 0;
+}
+
+// One lane's histograms while its warp bins an item: bin k of class c (0 negatives, 1 positives)
+// is column[(c * q + k) * 32] (the warp's histograms are [class * Q + bin][lane]). add() puts the
+// weight 1 - f of a candidate into bin k and f into bin k + 1 of its class; it counts the
+// positives exactly, as the sum of the class offsets (positives() divides; at most
+// kForwardChunk / 32 candidates per lane and item keep it in 32 bits), and `probe` turns NaN if
+// a score is not finite (0 * inf and 0 * NaN are NaN). A candidate that does not count is
+// masked: not a branch, the body is a few predicated instructions.
+template <typename acc_t>
+struct LaneHistograms {
+  acc_t* column;
+  int class_stride;  // q * 32
+  uint32_t class_offsets;
+  acc_t probe;
+
+  __device__ __forceinline__ LaneHistograms(acc_t* column_, int q)
+      : column(column_), class_stride(q * kWarpSize), class_offsets(0), probe(acc_t(0)) {}
+
+  __device__ __forceinline__ void add(const BinGrid<acc_t>& grid, acc_t s, bool counted,
+                                      bool positive) {
+    if (!counted) return;
+    const int class_offset = positive ? class_stride : 0;
+    class_offsets += class_offset;
+    probe = fma(s, acc_t(0), probe);
+    const BinPosition<acc_t> pos = grid.locate(s);
+    acc_t* h = reinterpret_cast<acc_t*>(reinterpret_cast<char*>(column) +
+        static_cast<uint32_t>(class_offset + pos.bin * kWarpSize) * sizeof(acc_t));
+    h[0] += acc_t(1) - pos.frac;
+    h[kWarpSize] += pos.frac;
+  }
+  __device__ __forceinline__ uint32_t positives() const { return class_offsets / class_stride; }
+};
+static_assert(kForwardChunk / kWarpSize * (int64_t{1} << 20) < (int64_t{1} << 32),
+              "LaneHistograms::class_offsets holds a chunk's positives times 32 Q in 32 bits "
+              "(Q < 2^15: the shared memory bounds it far lower)");
+
+// General path: bins the candidates o = group + lane + 32 u (u < kBinUnroll) of one item (`scores`
+// and `row` start at the item's first candidate). The warp's group is one call for all its lanes:
+// kEdge (warp-uniform) says that it may reach past `length` or hold the row's own column, which
+// are then tested candidate by candidate; inner groups skip both tests.
+constexpr int kBinUnroll = 4;  // independent loads in flight per lane
+constexpr int kBinGroup = kBinUnroll * kWarpSize;
+
+template <bool kEdge, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void bin_group(const scalar_t* __restrict__ scores,
+                                          const RowRelevance& row, int group, int length,
+                                          const BinGrid<acc_t>& grid,
+                                          LaneHistograms<acc_t>& histograms) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  acc_t s[kBinUnroll];
+  bool counted[kBinUnroll];
+  bool positive[kBinUnroll];
+#pragma unroll
+  for (int u = 0; u < kBinUnroll; ++u) {  // all loads first
+    const int o = group + lane + u * kWarpSize;
+    const bool inside = !kEdge || o < length;
+    counted[u] = inside && !row.template ignored<false, kEdge>(o);
+    positive[u] = inside && row.positive(o);
+    s[u] = inside ? static_cast<acc_t>(scores[o]) : acc_t(0);
+  }
+#pragma unroll
+  for (int u = 0; u < kBinUnroll; ++u) histograms.add(grid, s[u], counted[u], positive[u]);
+}
+
+// Fast path: bins the kColumns candidates of the lane's vectors v = 0 .. kVectors - 1 of a group,
+// `vectors[32 v]` with their labels `labels[32 v kScores + e]` (the caller points both at the
+// lane's first vector of the group). kEdge as above: then only the vectors with 32 v < `remaining`
+// are inside, and the candidate 32 v kScores + e == `self` (relative to the lane's first
+// candidate) is the row's own column.
+template <bool kEdge, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void bin_vector_group(const uint4* __restrict__ vectors,
+                                                 const int64_t* __restrict__ labels,
+                                                 int64_t query_label, int remaining, int self,
+                                                 const BinGrid<acc_t>& grid,
+                                                 LaneHistograms<acc_t>& histograms) {
+  using Vector = ScoreVector<scalar_t>;
+  uint4 raw[Vector::kVectors];
+  int64_t label[Vector::kColumns];
+#pragma unroll
+  for (int v = 0; v < Vector::kVectors; ++v) {  // all loads first
+    const bool inside = !kEdge || v * kWarpSize < remaining;
+    raw[v] = inside ? vectors[v * kWarpSize] : make_uint4(0u, 0u, 0u, 0u);
+    Vector::load_labels(labels + v * kWarpSize * Vector::kScores, inside,
+                        label + v * Vector::kScores);
+  }
+#pragma unroll
+  for (int v = 0; v < Vector::kVectors; ++v) {
+    const bool inside = !kEdge || v * kWarpSize < remaining;
+#pragma unroll
+    for (int e = 0; e < Vector::kScores; ++e) {
+      const bool counted = inside && !(kEdge && v * kWarpSize * Vector::kScores + e == self);
+      const bool positive = label[v * Vector::kScores + e] == query_label;
+      histograms.add(grid, Vector::template score<acc_t>(raw[v], e), counted, positive);
+    }
+  }
+}
+
 // Forward, one item (query row i, candidates [begin, end)) per warp at a time; see ForwardPlan.
 // Each lane bins candidates begin + lane, begin + lane + 32, ... into its own column of the warp's
 // histograms, laid out [class * Q + bin][lane] so that the lanes never share a bank. The lanes
@@ -24,9 +175,10 @@ namespace fastap {
 //
 // Single-chunk rows write n_out / p_out / positives_out; otherwise the item writes
 // partial_hist[item][class][bin] and partial_positives[item] for soft_histogram_finalize_kernel.
+// kFast: the fast path (see the top of this file).
 // At most 64 registers per thread, so that registers allow four blocks of 8 warps per SM (as
 // many as the shared memory allows at Q = 20): this kernel waits on memory and needs the warps.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kFast>
 __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, 4) soft_histogram_kernel(const scalar_t* __restrict__ scores,
                                       RelevanceArgs relevance, BinGrid<acc_t> grid,
                                       int64_t num_queries, int64_t num_candidates, int64_t chunk,
@@ -36,7 +188,6 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, 4) soft_histogra
                                       acc_t* __restrict__ partial_hist,
                                       int64_t* __restrict__ partial_positives) {
   FASTAP_DYNAMIC_SHARED(shared_memory);
-  constexpr int kUnroll = 4;  // independent loads in flight per lane
   const int q = grid.last_bin + 1;
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
@@ -55,37 +206,48 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, 4) soft_histogra
     const int64_t i = item / chunks_per_row;
     const int64_t begin = (item - i * chunks_per_row) * chunk;
     const int64_t end = begin + chunk < num_candidates ? begin + chunk : num_candidates;
+    const int length = static_cast<int>(end - begin);  // <= chunk < 2^31 (plan_forward)
     for (int slot = 0; slot < 2 * q; ++slot) column[slot * kWarpSize] = acc_t(0);
 
-    const scalar_t* row_scores = scores + i * num_candidates;
-    const RowRelevance row = relevance.row(i, num_candidates);
-    uint32_t positives = 0;
-    int32_t poisoned = 0;
-    for (int64_t first = begin + lane; first < end; first += kUnroll * kWarpSize) {
-      acc_t s[kUnroll];
-      bool counted[kUnroll];
-      bool positive[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {  // all loads first
-        const int64_t j = first + u * kWarpSize;
-        counted[u] = j < end && !row.ignored(j);
-        positive[u] = counted[u] && row.positive(j);
-        s[u] = counted[u] ? static_cast<acc_t>(row_scores[j]) : acc_t(0);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (!counted[u]) continue;
-        positives += positive[u] ? 1u : 0u;
-        if (!is_finite(s[u])) {
-          poisoned = 1;
-          continue;
+    const scalar_t* item_scores = scores + i * num_candidates + begin;
+    const RowRelevance row = relevance.row(i, num_candidates).window(begin, length);
+    LaneHistograms<acc_t> histograms(column, q);
+    if (kFast) {  // the item holds whole vectors (fast_path_applies)
+      constexpr int kScores = ScoreVector<scalar_t>::kScores;
+      constexpr int kStep = ScoreVector<scalar_t>::kVectors * kWarpSize;  // vectors per group
+      const int vectors = length / kScores;
+      const int self_vector = row.self_column < 0 ? -1 : static_cast<int>(row.self_column) / kScores;
+      const uint4* lane_vectors = reinterpret_cast<const uint4*>(item_scores) + lane;
+      const int64_t* lane_labels = row.ref_labels + lane * kScores;
+      for (int group = 0; group < vectors; group += kStep) {
+        const bool edge = group + kStep > vectors ||
+                          static_cast<unsigned>(self_vector - group) < static_cast<unsigned>(kStep);
+        if (edge) {
+          const int first = group + lane;  // the lane's first vector
+          bin_vector_group<true, scalar_t>(lane_vectors, lane_labels, row.query_label,
+                                           vectors - first,
+                                           static_cast<int>(row.self_column) - first * kScores,
+                                           grid, histograms);
+        } else {
+          bin_vector_group<false, scalar_t>(lane_vectors, lane_labels, row.query_label, 0, 0, grid,
+                                            histograms);
         }
-        const BinPosition<acc_t> pos = grid.locate(s[u]);
-        acc_t* h = column + ((positive[u] ? q : 0) + pos.bin) * kWarpSize;
-        h[0] += acc_t(1) - pos.frac;
-        h[kWarpSize] += pos.frac;
+        lane_vectors += kStep;
+        lane_labels += kStep * kScores;
+      }
+    } else {
+      for (int group = 0; group < length; group += kBinGroup) {
+        const bool edge = group + kBinGroup > length ||
+                          static_cast<uint64_t>(row.self_column - group) < kBinGroup;
+        if (edge) {
+          bin_group<true>(item_scores, row, group, length, grid, histograms);
+        } else {
+          bin_group<false>(item_scores, row, group, length, grid, histograms);
+        }
       }
     }
+    const uint32_t positives = histograms.positives();
+    const int32_t poisoned = is_finite(histograms.probe) ? 0 : 1;
     lane_positives[lane] = positives;
     lane_poisoned[lane] = poisoned;
     __syncwarp();
@@ -161,38 +323,135 @@ __global__ void soft_histogram_finalize_kernel(const acc_t* __restrict__ partial
 }
 
 // Backward: see BackwardPlan. Each candidate is one lookup in its row's slope table (see
-// backward_slope_table in ../histogram_inputs.h): no accumulation, deterministic.
-template <typename scalar_t, typename acc_t>
-__global__ void soft_histogram_backward_kernel(const scalar_t* __restrict__ scores,
-                                               RelevanceArgs relevance, BinGrid<acc_t> grid,
-                                               int64_t num_queries, int64_t num_candidates,
-                                               const acc_t* __restrict__ table,
-                                               scalar_t* __restrict__ grad_out) {
-  const int slopes = grid.last_bin;
-  const int64_t tile = int64_t{blockDim.x} * kBackwardColumnsPerThread;
-  for (int64_t i = blockIdx.y; i < num_queries; i += gridDim.y) {
-    const scalar_t* row_scores = scores + i * num_candidates;
-    const acc_t* row_table = table + i * 2 * slopes;
-    scalar_t* row_grad = grad_out + i * num_candidates;
-    const RowRelevance row = relevance.row(i, num_candidates);
-    const int64_t first = int64_t{blockIdx.x} * tile + threadIdx.x;
+// backward_slope_table in ../histogram_inputs.h): no accumulation, deterministic. A thread takes
+// backward_columns(kFast) candidates of a row: the general kernel kBackwardColumnsPerThread single
+// scores kBackwardThreads apart, the fast one kBackwardVectors 16-byte vectors kBackwardThreads vectors
+// apart (stored as vectors too). It looks up every candidate (the index is always inside the
+// table) and masks the result. Launched with kBackwardThreads threads per block.
+template <typename scalar_t>
+constexpr int backward_columns(bool fast) {
+  return fast ? ScoreVector<scalar_t>::kBackwardVectors * ScoreVector<scalar_t>::kScores
+              : kBackwardColumnsPerThread;
+}
+
+// dL/ds of one candidate: the slope of its bin where the binning has one, NaN for a non-finite
+// score, 0 if it does not count.
+template <typename acc_t>
+__device__ __forceinline__ acc_t score_gradient(acc_t s, bool counted, bool positive,
+                                                const BinGrid<acc_t>& grid,
+                                                const acc_t* __restrict__ row_table) {
+  const BinPosition<acc_t> pos = grid.locate(s);
+  const acc_t slope = __ldg(row_table + static_cast<uint32_t>((positive ? grid.last_bin : 0) +
+                                                               pos.bin));
+  acc_t g = pos.sloped ? slope : acc_t(0);
+  if (!is_finite(s)) g = acc_t(NAN);
+  return counted ? g : acc_t(0);
+}
+
+// The fast backward for the candidates [tile_begin, tile_begin + 32 kBackwardThreads ...) of one
+// row: thread t takes vectors t + kBackwardThreads v. kSelf (block-uniform): the tile holds the
+// row's own column, `self` (relative to the tile), tested candidate by candidate.
+template <bool kSelf, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void backward_vectors(const scalar_t* __restrict__ tile_scores,
+                                                 const int64_t* __restrict__ tile_labels,
+                                                 int64_t query_label, int self, int vectors,
+                                                 const BinGrid<acc_t>& grid,
+                                                 const acc_t* __restrict__ row_table,
+                                                 scalar_t* __restrict__ tile_grad) {
+  using Vector = ScoreVector<scalar_t>;
+  const int t = static_cast<int>(threadIdx.x);
+  uint4 raw[Vector::kBackwardVectors];
+  int64_t label[Vector::kBackwardVectors * Vector::kScores];
 #pragma unroll
-    for (int u = 0; u < kBackwardColumnsPerThread; ++u) {
-      const int64_t j = first + int64_t{u} * blockDim.x;
-      if (j >= num_candidates) break;
-      acc_t g = acc_t(0);
-      if (!row.ignored(j)) {
-        const acc_t s = static_cast<acc_t>(row_scores[j]);
-        if (!is_finite(s)) {
-          g = acc_t(NAN);
-        } else {
-          const BinPosition<acc_t> pos = grid.locate(s);
-          if (pos.sloped) g = row_table[(row.positive(j) ? slopes : 0) + pos.bin];
-        }
+  for (int v = 0; v < Vector::kBackwardVectors; ++v) {  // all loads first
+    const int x = t + v * kBackwardThreads;
+    const bool inside = x < vectors;
+    raw[v] = inside ? *reinterpret_cast<const uint4*>(tile_scores + x * Vector::kScores)
+                    : make_uint4(0u, 0u, 0u, 0u);
+    Vector::load_labels(tile_labels + x * Vector::kScores, inside, label + v * Vector::kScores);
+  }
+#pragma unroll
+  for (int v = 0; v < Vector::kBackwardVectors; ++v) {
+    const int x = t + v * kBackwardThreads;
+    uint4 out;
+#pragma unroll
+    for (int e = 0; e < Vector::kScores; ++e) {
+      const bool counted = !(kSelf && x * Vector::kScores + e == self);
+      const scalar_t g = static_cast<scalar_t>(
+          score_gradient(Vector::template score<acc_t>(raw[v], e), counted,
+                         label[v * Vector::kScores + e] == query_label, grid, row_table));
+      memcpy(reinterpret_cast<unsigned char*>(&out) + e * sizeof(scalar_t), &g, sizeof(scalar_t));
+    }
+    if (x < vectors) *reinterpret_cast<uint4*>(tile_grad + x * Vector::kScores) = out;
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool kFast>
+__global__ void __launch_bounds__(kBackwardThreads)
+    soft_histogram_backward_kernel(const scalar_t* __restrict__ scores, RelevanceArgs relevance,
+                                   BinGrid<acc_t> grid, int64_t num_queries,
+                                   int64_t num_candidates, const acc_t* __restrict__ table,
+                                   scalar_t* __restrict__ grad_out) {
+  constexpr int kColumns = backward_columns<scalar_t>(kFast);
+  const int64_t tile_begin = int64_t{blockIdx.x} * kBackwardThreads * kColumns;
+  const int64_t tile_length = num_candidates - tile_begin < kBackwardThreads * kColumns
+                                  ? num_candidates - tile_begin
+                                  : kBackwardThreads * kColumns;
+  const int length = static_cast<int>(tile_length);
+  const int t = static_cast<int>(threadIdx.x);
+  for (int64_t i = blockIdx.y; i < num_queries; i += gridDim.y) {
+    const int64_t offset = i * num_candidates + tile_begin;
+    const scalar_t* tile_scores = scores + offset;
+    scalar_t* tile_grad = grad_out + offset;
+    const acc_t* row_table = table + i * 2 * grid.last_bin;
+#ifdef __CUDA_ARCH__
+    // Opaque to the optimiser, so that each lookup is one multiply-add on this pointer rather
+    // than the row offset and the index added again in 64 bits.
+    asm("" : "+l"(row_table));
+#endif
+    const RowRelevance row = relevance.row(i, num_candidates).window(tile_begin, length);
+    if (kFast) {  // whole vectors (fast_path_applies); labels, no ignore mask
+      const int vectors = length / ScoreVector<scalar_t>::kScores;
+      const int self = static_cast<int>(row.self_column);  // -1: not in this tile
+      if (self >= 0) {
+        backward_vectors<true>(tile_scores, row.ref_labels, row.query_label, self, vectors, grid,
+                               row_table, tile_grad);
+      } else {
+        backward_vectors<false>(tile_scores, row.ref_labels, row.query_label, -1, vectors, grid,
+                                row_table, tile_grad);
       }
-      row_grad[j] = static_cast<scalar_t>(g);
+    } else {
+      acc_t s[kColumns];
+      bool counted[kColumns];
+      bool positive[kColumns];
+#pragma unroll
+      for (int u = 0; u < kColumns; ++u) {  // all loads first
+        const int o = t + u * kBackwardThreads;
+        const bool inside = o < length;
+        counted[u] = inside && !row.ignored(o);
+        positive[u] = inside && row.positive(o);
+        s[u] = inside ? static_cast<acc_t>(tile_scores[o]) : acc_t(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kColumns; ++u) {
+        const int o = t + u * kBackwardThreads;
+        const acc_t g = score_gradient(s[u], counted[u], positive[u], grid, row_table);
+        if (o < length) tile_grad[o] = static_cast<scalar_t>(g);
+      }
     }
   }
+}
+
+// The kernel of each op for one call: `fast` from fast_path_applies().
+template <typename scalar_t, typename acc_t>
+auto forward_kernel(bool fast) {
+  return fast ? soft_histogram_kernel<scalar_t, acc_t, true>
+              : soft_histogram_kernel<scalar_t, acc_t, false>;
+}
+template <typename scalar_t, typename acc_t>
+auto backward_kernel(bool fast) {
+  return fast ? soft_histogram_backward_kernel<scalar_t, acc_t, true>
+              : soft_histogram_backward_kernel<scalar_t, acc_t, false>;
 }
 
 }  // namespace fastap

@@ -8,7 +8,7 @@
 // catches an overflow and a read before write gives a wrong answer. A barrier that not every
 // thread of its block or warp reaches aborts after a timeout instead of hanging.
 //
-// It covers what fastap's kernels use: threadIdx/blockIdx/blockDim/gridDim, __syncthreads,
+// It covers what fastap's kernels use: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __ldg,
 // __syncwarp (full mask), static and dynamic shared memory, and cp.async through the
 // cuda_pipeline.h primitives (deferred until waited for). It is not a model of the GPU's
 // memory ordering or performance.
@@ -160,6 +160,10 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
 #define blockDim (::emu::current->block)
 #define gridDim (::emu::current->grid)
 
+template <typename T>
+inline T __ldg(const T* p) {  // the read-only data path: a plain load here
+  return *p;
+}
 inline void __syncthreads() { ::emu::current->block_barrier->arrive_and_wait("__syncthreads"); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   if (mask != 0xffffffffu) {

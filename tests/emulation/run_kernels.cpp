@@ -98,7 +98,8 @@ int run() {
     std::vector<acc_t> partial_hist = garbage<acc_t>(partial ? plan.items * 2 * q : 0);
     std::vector<int64_t> partial_positives = garbage<int64_t>(partial ? plan.items : 0);
     const int64_t blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
-    emu::launch(fastap::soft_histogram_kernel<scalar_t, acc_t>, dim3(static_cast<unsigned>(blocks)),
+    const bool fast = fastap::fast_path_applies(args, scores.data(), m, plan.chunk);
+    emu::launch(fastap::forward_kernel<scalar_t, acc_t>(fast), dim3(static_cast<unsigned>(blocks)),
                 dim3(plan.warps_per_block * fastap::kWarpSize), plan.shared_bytes, scores.data(),
                 args, grid, n, m, plan.chunk, plan.chunks_per_row, n_out.data(), p_out.data(),
                 positives.data(), partial ? partial_hist.data() : nullptr,
@@ -117,19 +118,22 @@ int run() {
     write(".n", n_out);
     write(".p", p_out);
     write(".positives", positives);
-    std::printf("chunks_per_row=%lld warps_per_block=%d blocks=%lld\n",
+    std::printf("fast=%d chunks_per_row=%lld warps_per_block=%d blocks=%lld\n", fast ? 1 : 0,
                 static_cast<long long>(plan.chunks_per_row), plan.warps_per_block,
                 static_cast<long long>(blocks));
   } else {
     const std::vector<acc_t> table = read<acc_t>("table", n * 2 * (q - 1));
     std::vector<scalar_t> grad = garbage<scalar_t>(n * m);
-    const fastap::BackwardPlan plan = fastap::plan_backward(n, m);
+    const bool fast = fastap::fast_path_applies(args, scores.data(), m, 0);
+    const fastap::BackwardPlan plan =
+        fastap::plan_backward(n, m, fastap::backward_columns<scalar_t>(fast));
     const int64_t blocks_y = plan.blocks_y < max_blocks ? plan.blocks_y : max_blocks;
-    emu::launch(fastap::soft_histogram_backward_kernel<scalar_t, acc_t>,
+    emu::launch(fastap::backward_kernel<scalar_t, acc_t>(fast),
                 dim3(static_cast<unsigned>(plan.blocks_x), static_cast<unsigned>(blocks_y)),
                 dim3(fastap::kBackwardThreads), 0, scores.data(), args, grid, n, m, table.data(),
                 grad.data());
     write(".grad", grad);
+    std::printf("fast=%d\n", fast ? 1 : 0);
   }
   return 0;
 }
