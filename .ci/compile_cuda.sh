@@ -11,10 +11,18 @@
 # torch/library.h) need only the toolkit's own headers, not cuBLAS/cuSPARSE.
 # Objects are thrown away; nothing is linked or run.
 #
+# Then the machine code of the score-matrix kernels' inner loops (.ci/sass_report.py): their
+# instructions per candidate, held to SASS_BUDGETS. That needs cuobjdump and nvdisasm, which the
+# local toolkit lacks: they come from PyPI's nvidia-cuda-cuobjdump / -nvdisasm wheels (5 MB,
+# cached like the headers).
+#
 # Env: TORCH_VERSION (2.14.1: whose headers), CXX_STD (c++20), CHECK_CPP (0: 1 also checks the
 #      C++ sources), PYTHON (python3), NVCC (nvcc), CUDA_ARCH (sm_90), JOBS (nproc),
 #      FASTAP_CI_CACHE (~/.cache/fastap-ci), NVCC_EXTRA_FLAGS (none), NO_SPILLS (^soft_histogram:
-#      the kernels, as a regex on the names ptxas_report.py prints, that must not spill).
+#      the kernels, as a regex on the names ptxas_report.py prints, that must not spill),
+#      SASS_REPORT (auto: skipped with a warning when the tools cannot be had; required; 0),
+#      SASS_BUDGETS (REGEX=N items for sass_report.py --budget, separated by ';'; the default
+#      holds the fast kernels of the 2- and 4-byte dtypes).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -51,6 +59,45 @@ EOF
   mv "$stage/x/torch/include" "$INC"
   touch "$STAMP"
   rm -rf "$stage"
+fi
+
+# --- 1b. cuobjdump and nvdisasm for the SASS report (cached) ---
+SASS_REPORT=${SASS_REPORT:-auto}
+sass_tools=""
+if [[ $SASS_REPORT != 0 ]]; then
+  if command -v cuobjdump >/dev/null && command -v nvdisasm >/dev/null; then
+    sass_tools=$(dirname "$(command -v cuobjdump)")
+  else
+    tools=$CACHE/sass-tools
+    if [[ ! -f $tools/.complete ]]; then
+      rm -rf "$tools"
+      mkdir -p "$tools"
+      if "$PY" -m pip download -q --no-deps --no-cache-dir --only-binary=:all: \
+          nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm -d "$tools/dl" 2>"$tools/log"; then
+        "$PY" - "$tools" <<'EOF'
+import glob, os, sys, zipfile
+for wheel in glob.glob(os.path.join(sys.argv[1], "dl", "*.whl")):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if "/bin/" in name and not name.endswith("/"):
+                target = os.path.join(sys.argv[1], "bin", os.path.basename(name))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as out:
+                    out.write(z.read(name))
+                os.chmod(target, 0o755)
+EOF
+        if [[ -x $tools/bin/cuobjdump && -x $tools/bin/nvdisasm ]]; then touch "$tools/.complete"; fi
+      fi
+    fi
+    if [[ -f $tools/.complete ]]; then sass_tools=$tools/bin; fi
+  fi
+  if [[ -z $sass_tools ]]; then
+    if [[ $SASS_REPORT == required ]]; then
+      echo "error: no cuobjdump/nvdisasm for the SASS report" >&2
+      exit 1
+    fi
+    echo "warning: no cuobjdump/nvdisasm: the SASS report is skipped" >&2
+  fi
 fi
 
 # --- 2. compile, flags as torch.utils.cpp_extension passes them for nvcc ---
@@ -103,6 +150,18 @@ if (( failed == 0 )); then
   echo
   "$PY" .ci/ptxas_report.py "$tmp"/*.log --no-spills "${NO_SPILLS:-^soft_histogram}" ||
     failed=$(( failed + 1 ))
+fi
+
+# The score-matrix kernels' hot paths in SASS: instructions per candidate, 16-byte loads.
+if (( failed == 0 )) && [[ -n $sass_tools ]]; then
+  echo
+  default_budgets='soft_histogram_kernel<(float|c10::BFloat16|c10::Half), float, true>=26'
+  default_budgets+=';soft_histogram_backward_kernel<(float|c10::BFloat16|c10::Half), float, true>=30'
+  IFS=';' read -ra budgets <<<"${SASS_BUDGETS:-$default_budgets}"
+  budget_args=()
+  for b in "${budgets[@]}"; do budget_args+=(--budget "$b"); done
+  for o in "$tmp"/*.o; do PATH=$sass_tools:$PATH cuobjdump -sass "$o"; done >"$tmp/sass.txt"
+  "$PY" .ci/sass_report.py "$tmp/sass.txt" "${budget_args[@]}" || failed=$(( failed + 1 ))
 fi
 
 # CHECK_CPP=1: also check that the C++ sources compile against these headers (syntax only; the

@@ -101,14 +101,19 @@ struct RowRelevance {
 
   template <bool kLabelsOnly = false, typename Index = int64_t>
   FASTAP_HOST_DEVICE bool positive(Index j) const {
-    if (!kLabelsOnly && dense_relevance != nullptr) return dense_relevance[j] != 0;
-    return ref_labels[j] == query_label;
+    // Both loads written as "condition ? load : constant", which the GPU compiler turns into
+    // predicated loads rather than branches.
+    const bool dense = !kLabelsOnly && dense_relevance != nullptr;
+    const uint8_t relevant = dense ? dense_relevance[j] : uint8_t{0};
+    const int64_t label = dense ? int64_t{0} : ref_labels[j];
+    return dense ? relevant != 0 : label == query_label;
   }
   template <bool kLabelsOnly = false, bool kCheckSelf = true, typename Index = int64_t>
   FASTAP_HOST_DEVICE bool ignored(Index j) const {
     const bool self = kCheckSelf && j == static_cast<Index>(self_column);
     if (kLabelsOnly) return self;
-    return self || (ignore_row != nullptr && ignore_row[j] != 0);
+    const uint8_t masked = ignore_row != nullptr ? ignore_row[j] : uint8_t{0};
+    return self || masked != 0;
   }
 
   // The same row seen from candidate `begin` on, for the `length` candidates of one chunk: index

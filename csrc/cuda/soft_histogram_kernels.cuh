@@ -16,6 +16,17 @@
 
 namespace fastap {
 
+// Keeps a pointer in registers once computed: on the GPU the optimiser may otherwise recompute
+// it (and the null tests that made it) from the kernel's arguments before every load.
+template <typename T>
+__device__ __forceinline__ void pin(T*& pointer) {
+#ifdef __CUDA_ARCH__
+  asm("" : "+l"(pointer));
+#else
+  (void)pointer;
+#endif
+}
+
 // Two kernels of each op, for each dtype (the launchers pick one with forward_kernel() and
 // backward_kernel(), as tests/emulation does):
 //   fast:    relevance from labels and no ignore mask, and rows of whole 16-byte vectors
@@ -75,8 +86,9 @@ inline bool fast_path_applies(const RelevanceArgs& relevance, const scalar_t* sc
 // weight 1 - f of a candidate into bin k and f into bin k + 1 of its class; it counts the
 // positives exactly, as the sum of the class offsets (positives() divides; at most
 // kForwardChunk / 32 candidates per lane and item keep it in 32 bits), and `probe` turns NaN if
-// a score is not finite (0 * inf and 0 * NaN are NaN). A candidate that does not count is
-// masked: not a branch, the body is a few predicated instructions.
+// a score is not finite (0 * inf and 0 * NaN are NaN). A candidate that does not count adds
+// weight 0 (exactly nothing) rather than branching around the update, so that the inner loops
+// stay straight-line code even where the ignore mask differs from lane to lane.
 template <typename acc_t>
 struct LaneHistograms {
   acc_t* column;
@@ -89,15 +101,15 @@ struct LaneHistograms {
 
   __device__ __forceinline__ void add(const BinGrid<acc_t>& grid, acc_t s, bool counted,
                                       bool positive) {
-    if (!counted) return;
+    const acc_t weight = counted ? acc_t(1) : acc_t(0);
     const int class_offset = positive ? class_stride : 0;
-    class_offsets += class_offset;
-    probe = fma(s, acc_t(0), probe);
-    const BinPosition<acc_t> pos = grid.locate(s);
+    class_offsets += counted ? class_offset : 0;
+    probe = fma(counted ? s : acc_t(0), acc_t(0), probe);
+    const BinPosition<acc_t> pos = grid.locate(s);  // in range even for a non-finite s
     acc_t* h = reinterpret_cast<acc_t*>(reinterpret_cast<char*>(column) +
         static_cast<uint32_t>(class_offset + pos.bin * kWarpSize) * sizeof(acc_t));
-    h[0] += acc_t(1) - pos.frac;
-    h[kWarpSize] += pos.frac;
+    h[0] += weight * (acc_t(1) - pos.frac);  // weight 0 or 1: exact either way
+    h[kWarpSize] += weight * pos.frac;
   }
   __device__ __forceinline__ uint32_t positives() const { return class_offsets / class_stride; }
 };
@@ -179,7 +191,7 @@ __device__ __forceinline__ void bin_vector_group(const uint4* __restrict__ vecto
 // At most 64 registers per thread, so that registers allow four blocks of 8 warps per SM (as
 // many as the shared memory allows at Q = 20): this kernel waits on memory and needs the warps.
 template <typename scalar_t, typename acc_t, bool kFast>
-__global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, 4) soft_histogram_kernel(const scalar_t* __restrict__ scores,
+__global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) soft_histogram_kernel(const scalar_t* __restrict__ scores,
                                       RelevanceArgs relevance, BinGrid<acc_t> grid,
                                       int64_t num_queries, int64_t num_candidates, int64_t chunk,
                                       int64_t chunks_per_row, acc_t* __restrict__ n_out,
@@ -210,7 +222,13 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, 4) soft_histogra
     for (int slot = 0; slot < 2 * q; ++slot) column[slot * kWarpSize] = acc_t(0);
 
     const scalar_t* item_scores = scores + i * num_candidates + begin;
-    const RowRelevance row = relevance.row(i, num_candidates).window(begin, length);
+    RowRelevance row = relevance.row(i, num_candidates).window(begin, length);
+    if (!kFast) {  // computed once per item, not again for every load
+      pin(item_scores);
+      pin(row.dense_relevance);
+      pin(row.ref_labels);
+      pin(row.ignore_row);
+    }
     LaneHistograms<acc_t> histograms(column, q);
     if (kFast) {  // the item holds whole vectors (fast_path_applies)
       constexpr int kScores = ScoreVector<scalar_t>::kScores;

@@ -1,0 +1,127 @@
+"""The machine code of the score-matrix kernels' inner loops: instructions per candidate, from
+the SASS that `cuobjdump -sass` prints for the compiled objects, and a budget that CI holds.
+
+Usage: python .ci/sass_report.py SASS_FILE [--budget REGEX=N ...]
+
+For each kernel the hot path is the basic block (a run of instructions without a branch in or
+out) that bins or looks up the most candidates; each candidate's bin position is one float to
+integer conversion (F2I), so that count is the number of candidates in the block. Reported per
+kernel: the block's size, its candidates, instructions per candidate, and the width of its
+global loads. The inner loops are straight-line code (masked, not branched), so this is what a
+warp executes per step; the per-row and per-group work outside the block is not counted.
+
+Why it matters (docs/design.md, section 5): an H200 issues about 1.0e12 warp instructions per
+second and reads 4.2 TB/s, so a kernel that reads b bytes per candidate stays memory-bound only
+below about 8 b instructions per candidate: 31 for the fp32 forward, 16 for bf16.
+
+--budget REGEX=N fails when a kernel whose name matches REGEX spends more than N instructions
+per candidate on its hot path, or has no such block, or (for names containing `true>`, the fast
+kernels) does not read 16 bytes per load there.
+"""
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+
+FUNCTION = re.compile(r"\n\s*Function : (\S+)\n")
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+TARGET = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
+
+
+def demangle(names):
+    if not names or shutil.which("c++filt") is None:
+        return list(names)
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+    return out.stdout.splitlines()
+
+
+def basic_blocks(instructions):
+    """Splits [(address, text)] at branches and branch targets."""
+    targets = {int(m.group(1), 16) for _, t in instructions if (m := TARGET.search(t))}
+    blocks, current = [], []
+    for k, (address, text) in enumerate(instructions):
+        if address in targets and current:
+            blocks.append(current)
+            current = []
+        current.append(text)
+        if "BRA" in text or "EXIT" in text or "RET" in text:
+            blocks.append(current)
+            current = []
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+def opcode(text):
+    words = text.split()
+    return words[1] if words[0].startswith("@") else words[0]
+
+
+def hot_block(instructions):
+    """(size, candidates, widest global load in bytes) of the block with the most F2I."""
+    best = None
+    for block in basic_blocks(instructions):
+        ops = [opcode(t) for t in block]
+        candidates = sum(op.startswith("F2I") for op in ops)
+        if candidates and (best is None or candidates > best[1]):
+            widths = [int(m.group(1)) // 8 for op in ops if (m := re.match(r"LDG\.E\.(\d+)", op))]
+            best = (len(block), candidates, max(widths, default=4))
+    return best
+
+
+def kernels(sass):
+    parts = FUNCTION.split(sass)
+    names = demangle(parts[1::2])
+    for name, body in zip(names, parts[2::2]):
+        short = re.sub(r"^void |\(.*$", "", name).replace("fastap::", "")
+        yield short, [(int(a, 16), t) for a, t in INSTRUCTION.findall(body)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sass")
+    parser.add_argument("--budget", action="append", default=[], metavar="REGEX=N")
+    args = parser.parse_args()
+    budgets = []
+    for item in args.budget:
+        pattern, _, limit = item.rpartition("=")
+        budgets.append((re.compile(pattern), float(limit)))
+    with open(args.sass) as f:
+        sass = f.read()
+
+    rows, failures, seen = [], [], collections.Counter()
+    for name, instructions in kernels(sass):
+        if "soft_histogram" not in name or "finalize" in name:
+            continue
+        found = hot_block(instructions)
+        seen[name] += 1
+        if seen[name] > 1:  # the same kernel for another architecture
+            continue
+        per = found[0] / found[1] if found else float("nan")
+        rows.append((name, found, per))
+        for pattern, limit in budgets:
+            if not pattern.search(name):
+                continue
+            if found is None:
+                failures.append(f"{name}: no block bins a candidate")
+            elif per > limit:
+                failures.append(f"{name}: {per:.1f} instructions per candidate > {limit:g}")
+            elif "true>" in name and found[2] < 16:
+                failures.append(f"{name}: {found[2]}-byte loads on the hot path, not 16")
+
+    if not rows:
+        failures.append("no score-matrix kernel in the listing")
+    print(f"{'kernel (hot path)':<60} {'instr':>6} {'cands':>6} {'per cand':>9} {'load B':>7}")
+    for name, found, per in sorted(rows):
+        size, candidates, width = found if found else (0, 0, 0)
+        print(f"{name:<60} {size:>6} {candidates:>6} {per:>9.1f} {width:>7}")
+    for line in failures:
+        print(f"FAIL  {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
