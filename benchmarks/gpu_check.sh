@@ -9,7 +9,7 @@
 # 1 (it stays warm only 30 s) rebuilds nothing, and a fresh one builds in about half a minute
 # (49 s on 2 CPU cores against torch 2.11.0+cu130, the GPU machine's torch, 2026-11-28):
 #
-#   STEPS="build smoke tests kernels embeddings" bash benchmarks/gpu_check.sh      # call 1
+#   STEPS="build sass smoke tests kernels embeddings" bash benchmarks/gpu_check.sh # call 1
 #   STEPS="build memcheck racecheck loss variants" bash benchmarks/gpu_check.sh    # call 2
 #   bash benchmarks/gpu_check.sh                                                   # all, in BUDGET
 #
@@ -23,7 +23,7 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"build tests kernels embeddings memcheck racecheck loss variants"}
+STEPS=${STEPS:-"build sass tests kernels embeddings memcheck racecheck loss variants"}
 BUDGET=${BUDGET:-570}  # seconds for the whole call: run it with the device tool's timeout_s=600
 status=()
 
@@ -53,6 +53,10 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cu
   tee -a "$OUT/gpu.txt"
 step build 240 build.log env FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0 MAX_JOBS=16 \
   $PY setup.py build_ext --inplace
+# sass: the score-matrix kernels' instructions per candidate in the extension just built (the
+# figures CI takes from its own compile, here from this machine's build).
+step sass 30 sass.log bash -c "for f in fastap/_C*.so; do cuobjdump -sass \"\$f\"; done \
+  >\"$OUT/sass.txt\" && $PY .ci/sass_report.py \"$OUT/sass.txt\""
 # smoke: the small passes of every kernel, alone. A kernel that faults poisons the CUDA context of
 # every test after it, so when this fails memcheck runs at once (it names the kernel and the
 # address), before the tests.
@@ -66,7 +70,9 @@ step tests 240 tests.log $PY -m pytest -q -rf --maxfail=25 -p no:cacheprovider t
 step kernels 150 kernels.md bash -c "$PY benchmarks/bench_kernels.py --device cuda --repeats 20 \
   --shapes 8192x8192 --num-bins 10 20 50 --dtypes float32 bfloat16 --reference-max 67108864 && \
   $PY benchmarks/bench_kernels.py --device cuda --repeats 20 --reference-max 0 \
-  --shapes 1024x1024 32768x32768 256x1000000 --num-bins 20 --dtypes float32 bfloat16"
+  --shapes 1024x1024 32768x32768 256x1000000 --num-bins 20 --dtypes float32 bfloat16 && \
+  $PY benchmarks/bench_kernels.py --device cuda --repeats 20 --reference-max 0 \
+  --shapes 8192x8192 --num-bins 20 --dtypes float32 bfloat16 --relevance dense"
 step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
   --dtype bfloat16 --dim 256 --sizes 16384 65536 --repeats 5 --json $OUT/embeddings_d256.json && \
   $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \

@@ -1,6 +1,7 @@
 """Small CUDA forward+backward passes for compute-sanitizer: the score-matrix kernels over every
-relevance form and dtype (rows of one chunk and of several), and the fused from-embeddings
-kernels (one split and several, D above one accumulator block)."""
+relevance form and dtype (rows of one chunk and of several; the general kernels, and the fast ones
+for labels without an ignore mask on rows of whole 16-byte vectors), and the fused
+from-embeddings kernels (one split and several, D above one accumulator block)."""
 
 import torch
 
@@ -8,14 +9,17 @@ import fastap
 from fastap.ops import HAS_FUSED_EMBEDDING_KERNELS
 from fastap.testing import RELEVANCE_FORMS, random_problem
 
-for form in RELEVANCE_FORMS:
+GENERAL = (((37, 37), 2), ((37, 37), 20), ((37, 37), 100), ((5, 9001), 20))
+FAST = (((40, 40), 20), ((5, 9000), 20), ((3, 8), 2))  # whole 16-byte vectors per row
+cases = [(form, True, GENERAL) for form in RELEVANCE_FORMS] + [("labels", False, FAST)]
+for form, with_ignore, shapes in cases:
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for shape, num_bins in (((37, 37), 2), ((37, 37), 20), ((37, 37), 100), ((5, 9001), 20)):
+        for shape, num_bins in shapes:
             problem = random_problem(
                 *shape,
                 num_bins=num_bins,
                 relevance_form=form,
-                with_ignore=True,
+                with_ignore=with_ignore,
                 exclude_self=shape[0] == shape[1],
                 dtype=dtype,
                 seed=num_bins,
