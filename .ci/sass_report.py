@@ -42,7 +42,7 @@ def basic_blocks(instructions):
     """Splits [(address, text)] at branches and branch targets."""
     targets = {int(m.group(1), 16) for _, t in instructions if (m := TARGET.search(t))}
     blocks, current = [], []
-    for k, (address, text) in enumerate(instructions):
+    for address, text in instructions:
         if address in targets and current:
             blocks.append(current)
             current = []
