@@ -242,6 +242,28 @@ def test_fast_kernels_equal_cpu_op(emulators, tmp_path, dtype, n, m, q, chunk):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("self_offset,chunk", [(30, None), (1000, 256), (3, 8)])
+def test_fast_kernels_exclude_self_with_offset(emulators, tmp_path, dtype, self_offset, chunk):
+    # Query i's own candidate is i + self_offset (a block of queries against all candidates):
+    # it lands in inner and edge groups, other chunks and other backward tiles than column i.
+    problem = random_problem(5, 1040, relevance_form="labels", dtype=dtype, seed=self_offset)
+    problem.exclude_self = True
+    args = (*op_args(problem), self_offset)
+    expected = torch.ops.fastap.soft_histogram(problem.scores, *args)
+    options = {"self_offset": self_offset, **({"chunk": chunk} if chunk else {})}
+    emulated = emulate(emulators["address"], tmp_path, problem, "forward", fast=True, **options)
+    check_forward(emulated, expected, dtype)
+    g = torch.Generator().manual_seed(1)
+    grad_n, grad_p = torch.randn((2, *expected[0].shape), generator=g, dtype=expected[0].dtype)
+    grad_cpu = torch.ops.fastap.soft_histogram_backward(grad_n, grad_p, problem.scores, *args)
+    grad = emulate(emulators["address"], tmp_path, problem, "backward", fast=True,
+                   table=slope_table(problem, grad_n, grad_p), self_offset=self_offset)  # fmt: skip
+    assert torch.equal(grad, grad_cpu)
+    rows = torch.arange(5)
+    assert (grad[rows, rows + self_offset] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_kernels_poison_rows_with_non_finite_scores(emulators, tmp_path, dtype):
     problem = random_problem(6, 328, relevance_form="labels", dtype=dtype, seed=9)
     problem.exclude_self = True  # query i is candidate i
