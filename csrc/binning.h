@@ -83,6 +83,25 @@ FASTAP_HOST_DEVICE bool is_finite(T x) {
   return (x - x) == T(0);
 }
 
+// dL/ds of one score that counts, from its query's slope table `row_table` (2 x (Q - 1) entries:
+// negatives, then positives; see backward_slope_table in histogram_inputs.h): the slope of the
+// score's bin where the binning has one, else 0; NaN if s is not finite. On the GPU the table is
+// read whatever the score (the index is always in range), so that the code needs no branch; the
+// CPU skips the read where the slope is not used, which is faster there.
+template <typename T>
+FASTAP_HOST_DEVICE T score_gradient(T s, bool positive, const BinGrid<T>& grid,
+                                    const T* row_table) {
+  const BinPosition<T> pos = grid.locate(s);
+  const uint32_t index = static_cast<uint32_t>((positive ? grid.last_bin : 0) + pos.bin);
+#ifdef __CUDA_ARCH__
+  const T slope = __ldg(row_table + index);  // the read-only data path
+  const T g = pos.sloped ? slope : T(0);
+#else
+  const T g = pos.sloped ? row_table[index] : T(0);
+#endif
+  return is_finite(s) ? g : s - s;  // s - s: NaN for NaN and +-inf
+}
+
 // Which candidates are positives and which are ignored for one query row. Exactly one of
 // `dense_relevance` (row of an N x M 0/1 byte matrix) and `ref_labels` (M labels compared with the
 // query's label) is set; `ignore_row` (row of an N x M byte matrix) and `self_column` (the

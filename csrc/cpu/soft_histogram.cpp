@@ -98,16 +98,9 @@ void histogram_backward_rows(const HistogramInputs& in, const hist_t* table, sca
       scalar_t* row_grad = grad_out + i * num_candidates;
       const RowRelevance row = relevance.row(i, num_candidates);
       for (int64_t j = 0; j < num_candidates; ++j) {
-        hist_t g = 0;
-        if (!row.ignored(j)) {
-          const compute_t s = static_cast<compute_t>(row_scores[j]);
-          if (!is_finite(s)) {
-            g = std::numeric_limits<hist_t>::quiet_NaN();
-          } else {
-            const BinPosition<compute_t> pos = grid.locate(s);
-            if (pos.sloped) g = row_table[(row.positive(j) ? slopes : 0) + pos.bin];
-          }
-        }
+        const compute_t s = static_cast<compute_t>(row_scores[j]);
+        const hist_t g =
+            row.ignored(j) ? hist_t(0) : score_gradient(s, row.positive(j), grid, row_table);
         row_grad[j] = static_cast<scalar_t>(g);
       }
     }

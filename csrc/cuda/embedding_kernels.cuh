@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "../binning.h"
+#include "lane_histograms.cuh"
 #include "launch_plan.h"
 
 #ifndef FASTAP_EMULATION
@@ -322,6 +323,49 @@ __device__ __forceinline__ StreamRange stream_range(int64_t stream_count, int64_
   return {first, last};
 }
 
+// Which of a step's kTileCols stream columns count for one thread's own row: those below
+// `length` (the end of the walk), but `self`, the column that pairs the row with itself (-1:
+// none in this step). `edge` is the same for the whole block: false when no row of the block
+// meets either in this step, so that only edge steps test the columns one by one.
+// With exclude_self, `self_first` is the stream row that pairs with the block's first own row
+// (own row o pairs with o + self_offset when own = queries, o - self_offset when own = database;
+// it may be negative), and own row r pairs with self_first + r.
+struct StepColumns {
+  int length;
+  int self;
+  bool edge;
+};
+__device__ __forceinline__ StepColumns step_columns(int64_t stream0, int64_t last,
+                                                    bool exclude_self, int64_t self_first,
+                                                    int r) {
+  StepColumns step;
+  step.length = static_cast<int>(last - stream0 < kTileCols ? last - stream0 : kTileCols);
+  const int64_t self = self_first + r - stream0;
+  step.self = exclude_self && self >= 0 && self < kTileCols ? static_cast<int>(self) : -1;
+  const bool meets_self = exclude_self && self_first < stream0 + kTileCols &&
+                          self_first + kTileRows > stream0;
+  step.edge = step.length < kTileCols || meets_self;
+  return step;
+}
+
+// Forward: bins the thread's kTileCols / 4 scores of one step (columns [16 part, 16 part + 16)
+// of own row r). kEdge: test each column against `step` (StepColumns); else all count.
+template <bool kEdge, typename T>
+__device__ __forceinline__ void bin_step(const float* __restrict__ scores,
+                                         const int64_t* __restrict__ step_labels, int64_t label,
+                                         int part, int r, const StepColumns& step,
+                                         const BinGrid<float>& grid,
+                                         LaneHistograms<float, kEmbeddingThreads, false>& histograms) {
+  using Layout = SharedLayout<T>;
+  constexpr int kPartColumns = kTileCols / (kEmbeddingThreads / kTileRows);
+#pragma unroll
+  for (int u = 0; u < kPartColumns; ++u) {
+    const int c = part * kPartColumns + u;
+    const bool counted = !kEdge || (c < step.length && c != step.self);
+    histograms.add(grid, scores[c * Layout::kScoreLd + r], counted, step_labels[c] == label);
+  }
+}
+
 // Forward. Block (x, y) owns queries [64 x, 64 x + 64) and the database rows of split y. Thread t
 // bins the scores of query row t % 64 against columns [16 (t / 64), 16 (t / 64) + 16) of every
 // step. With one split, writes n/p/positives; else partial_hist[(i * splits + y)][class][bin] and
@@ -347,17 +391,16 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
   int64_t* step_labels = reinterpret_cast<int64_t*>(shared + layout.labels);
   float* hist = reinterpret_cast<float*>(shared + layout.step_end);
   const int q = grid.last_bin + 1;
-  int32_t* thread_positives = reinterpret_cast<int32_t*>(hist + 2 * q * kEmbeddingThreads);
-  int32_t* thread_poisoned = thread_positives + kEmbeddingThreads;
+  uint32_t* thread_positives = reinterpret_cast<uint32_t*>(hist + 2 * q * kEmbeddingThreads);
+  int32_t* thread_poisoned = reinterpret_cast<int32_t*>(thread_positives + kEmbeddingThreads);
   const int t = static_cast<int>(threadIdx.x);
   const int r = t % kTileRows;
   const int part = t / kTileRows;  // 0..3: columns [16 part, 16 part + 16) of each step
-  constexpr int kPartColumns = kTileCols / (kEmbeddingThreads / kTileRows);
   const int64_t own0 = int64_t{blockIdx.x} * kTileRows;
   const int64_t i = own0 + r;
   const bool valid_row = i < num_queries;
   const int64_t label = valid_row ? labels[i] : 0;
-  const int64_t self_column = exclude_self && valid_row ? i + self_offset : -1;
+  const int64_t self_first = own0 + self_offset;  // the stream row of own row 0 (exclude_self)
   const StreamRange range = stream_range(num_database, split_length);
 
   for (int slot = 0; slot < 2 * q; ++slot) hist[slot * kEmbeddingThreads + t] = 0.0f;
@@ -366,8 +409,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
               layout.own_ld, kTileRows, layout.own_cols, queries, num_queries, depth, own0, 0,
               MatrixUnit<T>::from_float(0.0f));
   }
-  int32_t positives = 0;
-  int32_t poisoned = 0;
+  LaneHistograms<float, kEmbeddingThreads, false> histograms(hist + t, q);
   if (!layout.stream_resident && range.first < range.last && depth > 0) {  // first chunk
     issue_chunk(queries, num_queries, own0, database, num_database, range.first, depth, shared,
                 layout, 0);
@@ -378,26 +420,16 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
     const int64_t next = stream0 + kTileCols < range.last ? stream0 + kTileCols : -1;
     score_tile(queries, num_queries, own0, database, num_database, stream0, depth, shared, layout,
                next);
-    if (!valid_row) continue;
-    for (int u = 0; u < kPartColumns; ++u) {
-      const int c = part * kPartColumns + u;
-      const int64_t j = stream0 + c;
-      if (j >= range.last || j == self_column) continue;
-      const bool positive = step_labels[c] == label;
-      positives += positive ? 1 : 0;
-      const float s = scores[c * Layout::kScoreLd + r];
-      if (!is_finite(s)) {
-        poisoned = 1;
-        continue;
-      }
-      const BinPosition<float> pos = grid.locate(s);
-      float* h = hist + ((positive ? q : 0) + pos.bin) * kEmbeddingThreads + t;
-      h[0] += 1.0f - pos.frac;
-      h[kEmbeddingThreads] += pos.frac;
+    if (!valid_row) continue;  // the block's last rows past the queries (nothing to bin)
+    const StepColumns step = step_columns(stream0, range.last, exclude_self, self_first, r);
+    if (step.edge) {
+      bin_step<true, T>(scores, step_labels, label, part, r, step, grid, histograms);
+    } else {
+      bin_step<false, T>(scores, step_labels, label, part, r, step, grid, histograms);
     }
   }
-  thread_positives[t] = positives;
-  thread_poisoned[t] = poisoned;
+  thread_positives[t] = histograms.positives();
+  thread_poisoned[t] = is_finite(histograms.probe) ? 0 : 1;
   __syncthreads();
 
   // Thread (r, part) sums bins part, part + 4, ... of row r over the four parts, in part order.
@@ -437,6 +469,33 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
 #endif
 }
 
+// Backward: the gradients G of the thread's kTileCols / 4 scores of one step (columns
+// [16 part, 16 part + 16) of own row r), into the step's G tile. The query of a score is the own
+// row (kOwnIsQuery; its slope table `own_table`) or the stream row. kEdge as in bin_step; rows
+// past the own set get G = 0.
+template <bool kEdge, typename T, bool kOwnIsQuery>
+__device__ __forceinline__ void gradient_step(
+    const float* __restrict__ scores, const int64_t* __restrict__ step_labels, int64_t own_label,
+    bool valid_row, int part, int r, const StepColumns& step, const BinGrid<float>& grid,
+    const float* __restrict__ own_table, const float* __restrict__ table, int64_t stream0,
+    typename MatrixUnit<T>::element* __restrict__ grad_tile) {
+  using Layout = SharedLayout<T>;
+  constexpr int kPartColumns = kTileCols / (kEmbeddingThreads / kTileRows);
+#pragma unroll
+  for (int u = 0; u < kPartColumns; ++u) {
+    const int c = part * kPartColumns + u;
+    const bool counted = valid_row && (!kEdge || (c < step.length && c != step.self));
+    // A column that does not count reads own_table, which always exists: every load is valid,
+    // so none needs a branch around it (own = database: the query is the stream row).
+    const float* row_table = kOwnIsQuery || !counted
+                                 ? own_table
+                                 : table + (stream0 + c) * 2 * int64_t{grid.last_bin};
+    const float s = scores[c * Layout::kScoreLd + r];
+    const float g = score_gradient(s, step_labels[c] == own_label, grid, row_table);
+    grad_tile[r * Layout::kGradLd + c] = MatrixUnit<T>::from_float(counted ? g : 0.0f);
+  }
+}
+
 // Backward. Block (x, y, z) owns rows [64 x, 64 x + 64) of `own` and columns
 // [kAccumulatorWidth z, ...) of its gradient, and walks the stream rows of split y. kOwnIsQuery:
 // own = queries (grad = dQ = G DB), else own = database (grad = dDB = G^T Q; the query of a
@@ -473,13 +532,17 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
   const int lane = t % kWarpSize;
   const int r = t % kTileRows;
   const int part = t / kTileRows;
-  constexpr int kPartColumns = kTileCols / (kEmbeddingThreads / kTileRows);
   const int slopes = grid.last_bin;
   const int64_t own0 = int64_t{blockIdx.x} * kTileRows;
   const int64_t d0 = int64_t{blockIdx.z} * kAccumulatorWidth;
   const int64_t own_row = own0 + r;
   const bool valid_row = own_row < own_count;
   const int64_t own_label = valid_row ? own_labels[own_row] : 0;
+  // Own = queries: the own row's slope table. Own = database: the first query's, read (and
+  // unused) for the scores that do not count, so that every load is valid.
+  const float* own_table = table + (kOwnIsQuery && valid_row ? own_row : 0) * 2 * slopes;
+  // The stream row that pairs with own row 0 (exclude_self).
+  const int64_t self_first = kOwnIsQuery ? own0 + self_offset : own0 - self_offset;
   const element zero = Unit::from_float(0.0f);
   const StreamRange range = stream_range(stream_count, split_length);
 
@@ -508,25 +571,13 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
               depth, stream0, d0, zero);
     const int64_t next = stream0 + kTileCols < range.last ? stream0 + kTileCols : -1;
     score_tile(own, own_count, own0, stream, stream_count, stream0, depth, shared, layout, next);
-    for (int u = 0; u < kPartColumns; ++u) {
-      const int c = part * kPartColumns + u;
-      const int64_t j = stream0 + c;
-      float g = 0.0f;
-      if (valid_row && j < range.last) {
-        const int64_t query = kOwnIsQuery ? own_row : j;
-        const int64_t candidate = kOwnIsQuery ? j : own_row;
-        if (!(exclude_self && candidate == query + self_offset)) {
-          const float s = scores[c * Layout::kScoreLd + r];
-          if (!is_finite(s)) {
-            g = NAN;
-          } else {
-            const BinPosition<float> pos = grid.locate(s);
-            const bool positive = step_labels[c] == own_label;
-            if (pos.sloped) g = table[query * 2 * slopes + (positive ? slopes : 0) + pos.bin];
-          }
-        }
-      }
-      grad_tile[r * Layout::kGradLd + c] = Unit::from_float(g);
+    const StepColumns step = step_columns(stream0, range.last, exclude_self, self_first, r);
+    if (step.edge) {
+      gradient_step<true, T, kOwnIsQuery>(scores, step_labels, own_label, valid_row, part, r,
+                                          step, grid, own_table, table, stream0, grad_tile);
+    } else {
+      gradient_step<false, T, kOwnIsQuery>(scores, step_labels, own_label, valid_row, part, r,
+                                           step, grid, own_table, table, stream0, grad_tile);
     }
     __syncthreads();
     for (int kk = 0; kk < kTileCols; kk += Unit::kStep) {

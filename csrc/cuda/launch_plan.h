@@ -43,12 +43,14 @@ FASTAP_HOST_DEVICE size_t forward_shared_per_warp(int64_t num_bins, size_t acc_b
 }
 
 // `max_shared`: the opt-in shared memory per block of the device. `chunk` (> 0) overrides
-// kForwardChunk (the tests use short chunks to cover the partial-sum path on small inputs).
+// kForwardChunk (the tests use short chunks to cover the partial-sum path on small inputs); it is
+// held to at most kForwardChunk, which the kernel's 32-bit positive counts rely on.
 inline ForwardPlan plan_forward(int64_t num_queries, int64_t num_candidates, int64_t num_bins,
                                 size_t acc_bytes, size_t max_shared,
                                 int64_t chunk = kForwardChunk) {
   ForwardPlan plan{};
-  plan.chunk = chunk;
+  plan.chunk = chunk < kForwardChunk ? chunk : kForwardChunk;
+  chunk = plan.chunk;
   plan.chunks_per_row =
       num_candidates <= chunk ? 1 : (num_candidates + chunk - 1) / chunk;
   plan.items = num_queries * plan.chunks_per_row;

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "../binning.h"
+#include "lane_histograms.cuh"
 #include "launch_plan.h"
 
 #ifndef FASTAP_DYNAMIC_SHARED
@@ -81,41 +82,10 @@ inline bool fast_path_applies(const RelevanceArgs& relevance, const scalar_t* sc
          num_candidates % kScores == 0 && chunk % kScores == 0;
 }
 
-// One lane's histograms while its warp bins an item: bin k of class c (0 negatives, 1 positives)
-// is column[(c * q + k) * 32] (the warp's histograms are [class * Q + bin][lane]). add() puts the
-// weight 1 - f of a candidate into bin k and f into bin k + 1 of its class; it counts the
-// positives exactly, as the sum of the class offsets (positives() divides; at most
-// kForwardChunk / 32 candidates per lane and item keep it in 32 bits), and `probe` turns NaN if
-// a score is not finite (0 * inf and 0 * NaN are NaN). A candidate that does not count adds
-// weight 0 (exactly nothing) rather than branching around the update, so that the inner loops
-// stay straight-line code even where the ignore mask differs from lane to lane.
-template <typename acc_t>
-struct LaneHistograms {
-  acc_t* column;
-  int class_stride;  // q * 32
-  uint32_t class_offsets;
-  acc_t probe;
-
-  __device__ __forceinline__ LaneHistograms(acc_t* column_, int q)
-      : column(column_), class_stride(q * kWarpSize), class_offsets(0), probe(acc_t(0)) {}
-
-  __device__ __forceinline__ void add(const BinGrid<acc_t>& grid, acc_t s, bool counted,
-                                      bool positive) {
-    const acc_t weight = counted ? acc_t(1) : acc_t(0);
-    const int class_offset = positive ? class_stride : 0;
-    class_offsets += counted ? class_offset : 0;
-    probe = fma(counted ? s : acc_t(0), acc_t(0), probe);
-    const BinPosition<acc_t> pos = grid.locate(s);  // in range even for a non-finite s
-    acc_t* h = reinterpret_cast<acc_t*>(reinterpret_cast<char*>(column) +
-        static_cast<uint32_t>(class_offset + pos.bin * kWarpSize) * sizeof(acc_t));
-    h[0] += weight * (acc_t(1) - pos.frac);  // weight 0 or 1: exact either way
-    h[kWarpSize] += weight * pos.frac;
-  }
-  __device__ __forceinline__ uint32_t positives() const { return class_offsets / class_stride; }
-};
-static_assert(kForwardChunk / kWarpSize * (int64_t{1} << 20) < (int64_t{1} << 32),
-              "LaneHistograms::class_offsets holds a chunk's positives times 32 Q in 32 bits "
-              "(Q < 2^15: the shared memory bounds it far lower)");
+// A lane bins at most kForwardChunk / 32 candidates per item, so its LaneHistograms may count
+// positives by class offsets (kFewCandidates): 2 Q 32 per candidate, Q far below 2^15.
+static_assert(kForwardChunk / kWarpSize * 2 * (int64_t{1} << 15) * kWarpSize < (int64_t{1} << 32),
+              "a lane's positive count times 2 Q 32 must fit in 32 bits");
 
 // General path: bins the candidates o = group + lane + 32 u (u < kBinUnroll) of one item (`scores`
 // and `row` start at the item's first candidate). The warp's group is one call for all its lanes:
@@ -128,7 +98,7 @@ template <bool kEdge, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void bin_group(const scalar_t* __restrict__ scores,
                                           const RowRelevance& row, int group, int length,
                                           const BinGrid<acc_t>& grid,
-                                          LaneHistograms<acc_t>& histograms) {
+                                          LaneHistograms<acc_t, kWarpSize, true>& histograms) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   acc_t s[kBinUnroll];
   bool counted[kBinUnroll];
@@ -155,7 +125,7 @@ __device__ __forceinline__ void bin_vector_group(const uint4* __restrict__ vecto
                                                  const int64_t* __restrict__ labels,
                                                  int64_t query_label, int remaining, int self,
                                                  const BinGrid<acc_t>& grid,
-                                                 LaneHistograms<acc_t>& histograms) {
+                                                 LaneHistograms<acc_t, kWarpSize, true>& histograms) {
   using Vector = ScoreVector<scalar_t>;
   uint4 raw[Vector::kVectors];
   int64_t label[Vector::kColumns];
@@ -218,7 +188,7 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
     const int64_t i = item / chunks_per_row;
     const int64_t begin = (item - i * chunks_per_row) * chunk;
     const int64_t end = begin + chunk < num_candidates ? begin + chunk : num_candidates;
-    const int length = static_cast<int>(end - begin);  // <= chunk < 2^31 (plan_forward)
+    const int length = static_cast<int>(end - begin);  // <= chunk <= kForwardChunk
     for (int slot = 0; slot < 2 * q; ++slot) column[slot * kWarpSize] = acc_t(0);
 
     const scalar_t* item_scores = scores + i * num_candidates + begin;
@@ -229,7 +199,7 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
       pin(row.ref_labels);
       pin(row.ignore_row);
     }
-    LaneHistograms<acc_t> histograms(column, q);
+    LaneHistograms<acc_t, kWarpSize, true> histograms(column, q);
     if (kFast) {  // the item holds whole vectors (fast_path_applies)
       constexpr int kScores = ScoreVector<scalar_t>::kScores;
       constexpr int kStep = ScoreVector<scalar_t>::kVectors * kWarpSize;  // vectors per group
@@ -352,20 +322,6 @@ constexpr int backward_columns(bool fast) {
               : kBackwardColumnsPerThread;
 }
 
-// dL/ds of one candidate: the slope of its bin where the binning has one, NaN for a non-finite
-// score, 0 if it does not count.
-template <typename acc_t>
-__device__ __forceinline__ acc_t score_gradient(acc_t s, bool counted, bool positive,
-                                                const BinGrid<acc_t>& grid,
-                                                const acc_t* __restrict__ row_table) {
-  const BinPosition<acc_t> pos = grid.locate(s);
-  const acc_t slope = __ldg(row_table + static_cast<uint32_t>((positive ? grid.last_bin : 0) +
-                                                               pos.bin));
-  acc_t g = pos.sloped ? slope : acc_t(0);
-  if (!is_finite(s)) g = acc_t(NAN);
-  return counted ? g : acc_t(0);
-}
-
 // The fast backward for the candidates [tile_begin, tile_begin + 32 kBackwardThreads ...) of one
 // row: thread t takes vectors t + kBackwardThreads v. kSelf (block-uniform): the tile holds the
 // row's own column, `self` (relative to the tile), tested candidate by candidate.
@@ -395,9 +351,10 @@ __device__ __forceinline__ void backward_vectors(const scalar_t* __restrict__ ti
 #pragma unroll
     for (int e = 0; e < Vector::kScores; ++e) {
       const bool counted = !(kSelf && x * Vector::kScores + e == self);
-      const scalar_t g = static_cast<scalar_t>(
-          score_gradient(Vector::template score<acc_t>(raw[v], e), counted,
-                         label[v * Vector::kScores + e] == query_label, grid, row_table));
+      const acc_t s = Vector::template score<acc_t>(raw[v], e);
+      const bool positive = label[v * Vector::kScores + e] == query_label;
+      const scalar_t g =
+          static_cast<scalar_t>(counted ? score_gradient(s, positive, grid, row_table) : acc_t(0));
       memcpy(reinterpret_cast<unsigned char*>(&out) + e * sizeof(scalar_t), &g, sizeof(scalar_t));
     }
     if (x < vectors) *reinterpret_cast<uint4*>(tile_grad + x * Vector::kScores) = out;
@@ -453,7 +410,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
 #pragma unroll
       for (int u = 0; u < kColumns; ++u) {
         const int o = t + u * kBackwardThreads;
-        const acc_t g = score_gradient(s[u], counted[u], positive[u], grid, row_table);
+        const acc_t g =
+            counted[u] ? score_gradient(s[u], positive[u], grid, row_table) : acc_t(0);
         if (o < length) tile_grad[o] = static_cast<scalar_t>(g);
       }
     }
