@@ -24,20 +24,13 @@ kernels) does not read 16 bytes per load there.
 import argparse
 import collections
 import re
-import shutil
-import subprocess
 import sys
+
+from ptxas_report import demangle, short  # this folder: run as python .ci/sass_report.py
 
 FUNCTION = re.compile(r"\n\s*Function : (\S+)\n")
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 TARGET = re.compile(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)")
-
-
-def demangle(names):
-    if not names or shutil.which("c++filt") is None:
-        return list(names)
-    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
-    return out.stdout.splitlines()
 
 
 def basic_blocks(instructions):
@@ -78,8 +71,7 @@ def kernels(sass):
     parts = FUNCTION.split(sass)
     names = demangle(parts[1::2])
     for name, body in zip(names, parts[2::2]):
-        short = re.sub(r"^void |\(.*$", "", name).replace("fastap::", "")
-        yield short, [(int(a, 16), t) for a, t in INSTRUCTION.findall(body)]
+        yield short(name), [(int(a, 16), t) for a, t in INSTRUCTION.findall(body)]
 
 
 def main():
