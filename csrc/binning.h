@@ -107,10 +107,10 @@ FASTAP_HOST_DEVICE T score_gradient(T s, bool positive, const BinGrid<T>& grid,
 // query's label) is set; `ignore_row` (row of an N x M byte matrix) and `self_column` (the
 // query's own candidate, or -1) remove candidates from the row entirely.
 //
-// kLabelsOnly (template argument of the tests) promises at compile time that the row has labels
-// and no ignore mask, so that the kernels specialised for that common case carry no test of the
-// other forms; kCheckSelf = false promises that the candidates asked about are not self_column.
-// The index type may be int32 after window().
+// ignored<kLabelsOnly, kCheckSelf>: kLabelsOnly promises at compile time that the row has no
+// ignore mask (the fast CUDA kernels), so that no test of it is compiled in; kCheckSelf = false
+// promises that the candidate asked about is not self_column. The index type may be int32 after
+// window().
 struct RowRelevance {
   const uint8_t* dense_relevance;
   const int64_t* ref_labels;
@@ -118,11 +118,11 @@ struct RowRelevance {
   const uint8_t* ignore_row;
   int64_t self_column;
 
-  template <bool kLabelsOnly = false, typename Index = int64_t>
+  template <typename Index = int64_t>
   FASTAP_HOST_DEVICE bool positive(Index j) const {
     // Both loads written as "condition ? load : constant", which the GPU compiler turns into
     // predicated loads rather than branches.
-    const bool dense = !kLabelsOnly && dense_relevance != nullptr;
+    const bool dense = dense_relevance != nullptr;
     const uint8_t relevant = dense ? dense_relevance[j] : uint8_t{0};
     const int64_t label = dense ? int64_t{0} : ref_labels[j];
     return dense ? relevant != 0 : label == query_label;

@@ -35,8 +35,10 @@ __device__ __forceinline__ void pin(T*& pointer) {
 //            holds no test of the other relevance forms;
 //   general: any relevance form (RowRelevance decides at run time), one score per load.
 // Both are branch-free in their inner loops: the loads of a step are issued before the first use,
-// a candidate that does not count is masked, and a non-finite score is binned like any other
-// (locate() keeps it in range) but turns the row's `probe` to NaN, which poisons its result.
+// a candidate that does not count adds weight 0 (LaneHistograms) or gets a zero gradient, and a
+// non-finite score is binned like any other (locate() keeps it in range) but turns the row's
+// `probe` to NaN, which poisons its result. .ci/sass_report.py counts what that costs per
+// candidate in the compiled code (docs/design.md, section 5).
 
 // The fast path's vectors: 16 bytes of scores; the forward bins kVectors of them per lane and
 // step (8 candidates, 4 in fp64: the forward is held to 64 registers), the backward
