@@ -155,10 +155,12 @@ fi
 # The score-matrix kernels' hot paths in SASS: instructions per candidate, 16-byte loads.
 if (( failed == 0 )) && [[ -n $sass_tools ]]; then
   echo
-  default_budgets='soft_histogram_kernel<(float|c10::BFloat16|c10::Half), float, true>=26'
-  default_budgets+=';soft_histogram_backward_kernel<(float|c10::BFloat16|c10::Half), float, true>=30'
+  # The fast kernels (template arguments <scalar, acc, fast = true, dense = false>) of the 2- and
+  # 4-byte dtypes: a budget each, and 16-byte loads.
+  fast='(float|c10::BFloat16|c10::Half), float, true, false>'
+  default_budgets="soft_histogram_kernel<$fast=26;soft_histogram_backward_kernel<$fast=30"
   IFS=';' read -ra budgets <<<"${SASS_BUDGETS:-$default_budgets}"
-  budget_args=()
+  budget_args=(--wide 'soft_histogram(_backward)?_kernel<.*, true, false>')
   for b in "${budgets[@]}"; do budget_args+=(--budget "$b"); done
   for o in "$tmp"/*.o; do PATH=$sass_tools:$PATH cuobjdump -sass "$o"; done >"$tmp/sass.txt"
   "$PY" .ci/sass_report.py "$tmp/sass.txt" "${budget_args[@]}" || failed=$(( failed + 1 ))

@@ -3,7 +3,7 @@ SASS that `cuobjdump -sass` prints for the compiled objects, and a budget that C
 (The fused embedding kernels are listed too: their hot path is the binning, or the gradient, of
 one step's scores; their matrix products are not counted.)
 
-Usage: python .ci/sass_report.py SASS_FILE [--budget REGEX=N ...]
+Usage: python .ci/sass_report.py SASS_FILE [--budget REGEX=N ...] [--wide REGEX]
 
 For each kernel the hot path is the basic block (a run of instructions without a branch in or
 out) that bins or looks up the most candidates; each candidate's bin position is one float to
@@ -17,8 +17,8 @@ second and reads 4.2 TB/s, so a kernel that reads b bytes per candidate stays me
 below about 8 b instructions per candidate: 31 for the fp32 forward, 16 for bf16.
 
 --budget REGEX=N fails when a kernel whose name matches REGEX spends more than N instructions
-per candidate on its hot path, or has no such block, or (for names containing `true>`, the fast
-kernels) does not read 16 bytes per load there.
+per candidate on its hot path, or has no such block; --wide REGEX fails when a kernel whose name
+matches it (the fast kernels) does not read 16 bytes per load there.
 """
 
 import argparse
@@ -78,7 +78,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sass")
     parser.add_argument("--budget", action="append", default=[], metavar="REGEX=N")
+    parser.add_argument("--wide", metavar="REGEX", help="kernels that must load 16 bytes at once")
     args = parser.parse_args()
+    wide = re.compile(args.wide) if args.wide else None
     budgets = []
     for item in args.budget:
         pattern, _, limit = item.rpartition("=")
@@ -103,8 +105,9 @@ def main():
                 failures.append(f"{name}: no block bins a candidate")
             elif per > limit:
                 failures.append(f"{name}: {per:.1f} instructions per candidate > {limit:g}")
-            elif "true>" in name and found[2] < 16:
-                failures.append(f"{name}: {found[2]}-byte loads on the hot path, not 16")
+        if wide is not None and wide.search(name) and (found is None or found[2] < 16):
+            width = found[2] if found else 0
+            failures.append(f"{name}: {width}-byte loads on the hot path, not 16")
 
     if not rows:
         failures.append("no score-matrix kernel in the listing")

@@ -107,6 +107,8 @@ FASTAP_HOST_DEVICE T score_gradient(T s, bool positive, const BinGrid<T>& grid,
 // query's label) is set; `ignore_row` (row of an N x M byte matrix) and `self_column` (the
 // query's own candidate, or -1) remove candidates from the row entirely.
 //
+// positive<kDense>: false for a row with labels, true for one with a dense relevance matrix,
+// when a kernel is compiled for one form (the CUDA kernels); without it, decided at run time.
 // ignored<kLabelsOnly, kCheckSelf>: kLabelsOnly promises at compile time that the row has no
 // ignore mask (the fast CUDA kernels), so that no test of it is compiled in; kCheckSelf = false
 // promises that the candidate asked about is not self_column. The index type may be int32 after
@@ -118,14 +120,13 @@ struct RowRelevance {
   const uint8_t* ignore_row;
   int64_t self_column;
 
-  template <typename Index = int64_t>
+  FASTAP_HOST_DEVICE bool positive(int64_t j) const {
+    return dense_relevance != nullptr ? positive<true>(j) : positive<false>(j);
+  }
+  template <bool kDense, typename Index>
   FASTAP_HOST_DEVICE bool positive(Index j) const {
-    // Both loads written as "condition ? load : constant", which the GPU compiler turns into
-    // predicated loads rather than branches.
-    const bool dense = dense_relevance != nullptr;
-    const uint8_t relevant = dense ? dense_relevance[j] : uint8_t{0};
-    const int64_t label = dense ? int64_t{0} : ref_labels[j];
-    return dense ? relevant != 0 : label == query_label;
+    if (kDense) return dense_relevance[j] != 0;
+    return ref_labels[j] == query_label;
   }
   template <bool kLabelsOnly = false, bool kCheckSelf = true, typename Index = int64_t>
   FASTAP_HOST_DEVICE bool ignored(Index j) const {

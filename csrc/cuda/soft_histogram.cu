@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
     }
     const bool fast = fast_path_applies(in.relevance_args(), in.scores.const_data_ptr<scalar_t>(),
                                         in.num_candidates(), plan.chunk);
-    auto kernel = forward_kernel<scalar_t, acc_t>(fast);
+    auto kernel = forward_kernel<scalar_t, acc_t>(fast, in.relevance_args());
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(plan.shared_bytes)));
     kernel<<<static_cast<unsigned>(plan.blocks), plan.warps_per_block * kWarpSize,
@@ -108,7 +108,7 @@ at::Tensor soft_histogram_backward_cuda(
     const BackwardPlan plan = plan_backward(in.num_queries(), in.num_candidates(),
                                             backward_columns<scalar_t>(fast));
     const dim3 blocks(static_cast<unsigned>(plan.blocks_x), static_cast<unsigned>(plan.blocks_y));
-    backward_kernel<scalar_t, acc_t>(fast)<<<blocks, kBackwardThreads, 0, stream>>>(
+    backward_kernel<scalar_t, acc_t>(fast, in.relevance_args())<<<blocks, kBackwardThreads, 0, stream>>>(
         in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
         BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(),
         table.const_data_ptr<acc_t>(), grad_scores.data_ptr<scalar_t>());

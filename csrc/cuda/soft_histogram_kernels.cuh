@@ -33,7 +33,8 @@ __device__ __forceinline__ void pin(T*& pointer) {
 //   fast:    relevance from labels and no ignore mask, and rows of whole 16-byte vectors
 //            (fast_path_applies()): each thread loads 16 bytes of scores at once, and the kernel
 //            holds no test of the other relevance forms;
-//   general: any relevance form (RowRelevance decides at run time), one score per load.
+//   general: any relevance form, one score per load; compiled once for labels and once for a
+//            dense relevance matrix (kDense), the ignore mask tested at run time.
 // Both are branch-free in their inner loops: the loads of a step are issued before the first use,
 // a candidate that does not count adds weight 0 (LaneHistograms) or gets a zero gradient, and a
 // non-finite score is binned like any other (locate() keeps it in range) but turns the row's
@@ -96,7 +97,7 @@ static_assert(kForwardChunk / kWarpSize * 2 * (int64_t{1} << 15) * kWarpSize < (
 constexpr int kBinUnroll = 4;  // independent loads in flight per lane
 constexpr int kBinGroup = kBinUnroll * kWarpSize;
 
-template <bool kEdge, typename scalar_t, typename acc_t>
+template <bool kEdge, bool kDense, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void bin_group(const scalar_t* __restrict__ scores,
                                           const RowRelevance& row, int group, int length,
                                           const BinGrid<acc_t>& grid,
@@ -110,7 +111,7 @@ __device__ __forceinline__ void bin_group(const scalar_t* __restrict__ scores,
     const int o = group + lane + u * kWarpSize;
     const bool inside = !kEdge || o < length;
     counted[u] = inside && !row.template ignored<false, kEdge>(o);
-    positive[u] = inside && row.positive(o);
+    positive[u] = inside && row.template positive<kDense>(o);
     s[u] = inside ? static_cast<acc_t>(scores[o]) : acc_t(0);
   }
 #pragma unroll
@@ -162,7 +163,7 @@ __device__ __forceinline__ void bin_vector_group(const uint4* __restrict__ vecto
 // kFast: the fast path (see the top of this file).
 // At most 64 registers per thread, so that registers allow four blocks of 8 warps per SM (as
 // many as the shared memory allows at Q = 20): this kernel waits on memory and needs the warps.
-template <typename scalar_t, typename acc_t, bool kFast>
+template <typename scalar_t, typename acc_t, bool kFast, bool kDense>
 __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) soft_histogram_kernel(const scalar_t* __restrict__ scores,
                                       RelevanceArgs relevance, BinGrid<acc_t> grid,
                                       int64_t num_queries, int64_t num_candidates, int64_t chunk,
@@ -197,8 +198,11 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
     RowRelevance row = relevance.row(i, num_candidates).window(begin, length);
     if (!kFast) {  // computed once per item, not again for every load
       pin(item_scores);
-      pin(row.dense_relevance);
-      pin(row.ref_labels);
+      if (kDense) {
+        pin(row.dense_relevance);
+      } else {
+        pin(row.ref_labels);
+      }
       pin(row.ignore_row);
     }
     LaneHistograms<acc_t, kWarpSize, true> histograms(column, q);
@@ -230,9 +234,9 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
         const bool edge = group + kBinGroup > length ||
                           static_cast<uint64_t>(row.self_column - group) < kBinGroup;
         if (edge) {
-          bin_group<true>(item_scores, row, group, length, grid, histograms);
+          bin_group<true, kDense>(item_scores, row, group, length, grid, histograms);
         } else {
-          bin_group<false>(item_scores, row, group, length, grid, histograms);
+          bin_group<false, kDense>(item_scores, row, group, length, grid, histograms);
         }
       }
     }
@@ -363,7 +367,7 @@ __device__ __forceinline__ void backward_vectors(const scalar_t* __restrict__ ti
   }
 }
 
-template <typename scalar_t, typename acc_t, bool kFast>
+template <typename scalar_t, typename acc_t, bool kFast, bool kDense>
 __global__ void __launch_bounds__(kBackwardThreads)
     soft_histogram_backward_kernel(const scalar_t* __restrict__ scores, RelevanceArgs relevance,
                                    BinGrid<acc_t> grid, int64_t num_queries,
@@ -406,7 +410,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
         const int o = t + u * kBackwardThreads;
         const bool inside = o < length;
         counted[u] = inside && !row.ignored(o);
-        positive[u] = inside && row.positive(o);
+        positive[u] = inside && row.template positive<kDense>(o);
         s[u] = inside ? static_cast<acc_t>(tile_scores[o]) : acc_t(0);
       }
 #pragma unroll
@@ -420,16 +424,20 @@ __global__ void __launch_bounds__(kBackwardThreads)
   }
 }
 
-// The kernel of each op for one call: `fast` from fast_path_applies().
+// The kernel of each op for one call: `fast` from fast_path_applies(), else the general kernel
+// of the call's relevance form.
 template <typename scalar_t, typename acc_t>
-auto forward_kernel(bool fast) {
-  return fast ? soft_histogram_kernel<scalar_t, acc_t, true>
-              : soft_histogram_kernel<scalar_t, acc_t, false>;
+auto forward_kernel(bool fast, const RelevanceArgs& relevance) {
+  return fast                                    ? soft_histogram_kernel<scalar_t, acc_t, true, false>
+         : relevance.dense_relevance != nullptr ? soft_histogram_kernel<scalar_t, acc_t, false, true>
+                                                 : soft_histogram_kernel<scalar_t, acc_t, false, false>;
 }
 template <typename scalar_t, typename acc_t>
-auto backward_kernel(bool fast) {
-  return fast ? soft_histogram_backward_kernel<scalar_t, acc_t, true>
-              : soft_histogram_backward_kernel<scalar_t, acc_t, false>;
+auto backward_kernel(bool fast, const RelevanceArgs& relevance) {
+  return fast ? soft_histogram_backward_kernel<scalar_t, acc_t, true, false>
+         : relevance.dense_relevance != nullptr
+             ? soft_histogram_backward_kernel<scalar_t, acc_t, false, true>
+             : soft_histogram_backward_kernel<scalar_t, acc_t, false, false>;
 }
 
 }  // namespace fastap

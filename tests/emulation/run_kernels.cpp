@@ -99,7 +99,7 @@ int run() {
     std::vector<int64_t> partial_positives = garbage<int64_t>(partial ? plan.items : 0);
     const int64_t blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
     const bool fast = fastap::fast_path_applies(args, scores.data(), m, plan.chunk);
-    emu::launch(fastap::forward_kernel<scalar_t, acc_t>(fast), dim3(static_cast<unsigned>(blocks)),
+    emu::launch(fastap::forward_kernel<scalar_t, acc_t>(fast, args), dim3(static_cast<unsigned>(blocks)),
                 dim3(plan.warps_per_block * fastap::kWarpSize), plan.shared_bytes, scores.data(),
                 args, grid, n, m, plan.chunk, plan.chunks_per_row, n_out.data(), p_out.data(),
                 positives.data(), partial ? partial_hist.data() : nullptr,
@@ -128,7 +128,7 @@ int run() {
     const fastap::BackwardPlan plan =
         fastap::plan_backward(n, m, fastap::backward_columns<scalar_t>(fast));
     const int64_t blocks_y = plan.blocks_y < max_blocks ? plan.blocks_y : max_blocks;
-    emu::launch(fastap::backward_kernel<scalar_t, acc_t>(fast),
+    emu::launch(fastap::backward_kernel<scalar_t, acc_t>(fast, args),
                 dim3(static_cast<unsigned>(plan.blocks_x), static_cast<unsigned>(blocks_y)),
                 dim3(fastap::kBackwardThreads), 0, scores.data(), args, grid, n, m, table.data(),
                 grad.data());
