@@ -109,10 +109,8 @@ FASTAP_HOST_DEVICE T score_gradient(T s, bool positive, const BinGrid<T>& grid,
 //
 // positive<kDense>: false for a row with labels, true for one with a dense relevance matrix,
 // when a kernel is compiled for one form (the CUDA kernels); without it, decided at run time.
-// ignored<kLabelsOnly, kCheckSelf>: kLabelsOnly promises at compile time that the row has no
-// ignore mask (the fast CUDA kernels), so that no test of it is compiled in; kCheckSelf = false
-// promises that the candidate asked about is not self_column. The index type may be int32 after
-// window().
+// ignored<kCheckSelf>: kCheckSelf = false promises that the candidate asked about is not
+// self_column. The index type may be int32 after window().
 struct RowRelevance {
   const uint8_t* dense_relevance;
   const int64_t* ref_labels;
@@ -128,10 +126,9 @@ struct RowRelevance {
     if (kDense) return dense_relevance[j] != 0;
     return ref_labels[j] == query_label;
   }
-  template <bool kLabelsOnly = false, bool kCheckSelf = true, typename Index = int64_t>
+  template <bool kCheckSelf = true, typename Index = int64_t>
   FASTAP_HOST_DEVICE bool ignored(Index j) const {
     const bool self = kCheckSelf && j == static_cast<Index>(self_column);
-    if (kLabelsOnly) return self;
     const uint8_t masked = ignore_row != nullptr ? ignore_row[j] : uint8_t{0};
     return self || masked != 0;
   }
@@ -158,7 +155,7 @@ struct RelevanceArgs {
   bool exclude_self;               // candidate i + self_offset is query i itself
   int64_t self_offset;
 
-  // Labels and no ignore mask: the case the kernels specialise (kLabelsOnly).
+  // Labels and no ignore mask: the case of the fast CUDA kernels.
   FASTAP_HOST_DEVICE bool labels_only() const {
     return dense_relevance == nullptr && ignore == nullptr;
   }

@@ -162,22 +162,27 @@ def check_forward(emulated, expected, dtype):
     torch.testing.assert_close(p.double(), p_cpu.double(), equal_nan=True, **tol)
 
 
-def check_both(binary, tmp_path, problem, seed=0, **options):
-    expected = torch.ops.fastap.soft_histogram(problem.scores, *op_args(problem))
-    check_forward(
-        emulate(binary, tmp_path, problem, "forward", **options), expected, problem.scores.dtype
-    )
+def check_both(
+    binary, tmp_path, problem, seed=0, *, fast=None, backward_fast=None, self_offset=0, **options
+):
+    """Both kernels against the CPU op. `fast` / `backward_fast` (default: `fast`): the kernel
+    each launch must pick (None: either); `self_offset`: query i's own candidate is i + it."""
+    args = (*op_args(problem), self_offset)
+    expected = torch.ops.fastap.soft_histogram(problem.scores, *args)
+    emulated = emulate(binary, tmp_path, problem, "forward", fast=fast, self_offset=self_offset,
+                       **options)  # fmt: skip
+    check_forward(emulated, expected, problem.scores.dtype)
     g = torch.Generator().manual_seed(seed)
     grad_n, grad_p = torch.randn((2, *expected[0].shape), generator=g, dtype=expected[0].dtype)
-    grad_cpu = torch.ops.fastap.soft_histogram_backward(
-        grad_n, grad_p, problem.scores, *op_args(problem)
-    )
+    grad_cpu = torch.ops.fastap.soft_histogram_backward(grad_n, grad_p, problem.scores, *args)
     grad = emulate(
-        binary, tmp_path, problem, "backward", table=slope_table(problem, grad_n, grad_p), **options
-    )
+        binary, tmp_path, problem, "backward", table=slope_table(problem, grad_n, grad_p),
+        fast=fast if backward_fast is None else backward_fast, self_offset=self_offset, **options,
+    )  # fmt: skip
     # The same table lookup in the same precision: bitwise equal (NaN where the CPU has NaN).
     assert torch.equal(grad.isnan(), grad_cpu.isnan())
     assert torch.equal(grad.nan_to_num(), grad_cpu.nan_to_num())
+    return grad
 
 
 SHAPES = [  # (N, M, Q, options): chunk / max_blocks force the partial and grid-stride paths
@@ -224,21 +229,8 @@ def test_fast_kernels_equal_cpu_op(emulators, tmp_path, dtype, n, m, q, chunk):
     vector = 16 // dtype.itemsize
     backward_fast = m % vector == 0
     forward_fast = backward_fast and (chunk or 4096) % vector == 0
-    forward_options = {"chunk": chunk} if chunk else {}
-    expected = torch.ops.fastap.soft_histogram(problem.scores, *op_args(problem))
-    emulated = emulate(emulators["address"], tmp_path, problem, "forward", fast=forward_fast,
-                       **forward_options)  # fmt: skip
-    check_forward(emulated, expected, dtype)
-    g = torch.Generator().manual_seed(n)
-    grad_n, grad_p = torch.randn((2, *expected[0].shape), generator=g, dtype=expected[0].dtype)
-    grad_cpu = torch.ops.fastap.soft_histogram_backward(
-        grad_n, grad_p, problem.scores, *op_args(problem)
-    )
-    table = slope_table(problem, grad_n, grad_p)
-    grad = emulate(emulators["address"], tmp_path, problem, "backward", table=table,
-                   fast=backward_fast)  # fmt: skip
-    assert torch.equal(grad.isnan(), grad_cpu.isnan())
-    assert torch.equal(grad.nan_to_num(), grad_cpu.nan_to_num())
+    check_both(emulators["address"], tmp_path, problem, seed=n, fast=forward_fast,
+               backward_fast=backward_fast, **({"chunk": chunk} if chunk else {}))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -248,17 +240,8 @@ def test_fast_kernels_exclude_self_with_offset(emulators, tmp_path, dtype, self_
     # it lands in inner and edge groups, other chunks and other backward tiles than column i.
     problem = random_problem(5, 1040, relevance_form="labels", dtype=dtype, seed=self_offset)
     problem.exclude_self = True
-    args = (*op_args(problem), self_offset)
-    expected = torch.ops.fastap.soft_histogram(problem.scores, *args)
-    options = {"self_offset": self_offset, **({"chunk": chunk} if chunk else {})}
-    emulated = emulate(emulators["address"], tmp_path, problem, "forward", fast=True, **options)
-    check_forward(emulated, expected, dtype)
-    g = torch.Generator().manual_seed(1)
-    grad_n, grad_p = torch.randn((2, *expected[0].shape), generator=g, dtype=expected[0].dtype)
-    grad_cpu = torch.ops.fastap.soft_histogram_backward(grad_n, grad_p, problem.scores, *args)
-    grad = emulate(emulators["address"], tmp_path, problem, "backward", fast=True,
-                   table=slope_table(problem, grad_n, grad_p), self_offset=self_offset)  # fmt: skip
-    assert torch.equal(grad, grad_cpu)
+    grad = check_both(emulators["address"], tmp_path, problem, seed=1, fast=True,
+                      self_offset=self_offset, **({"chunk": chunk} if chunk else {}))  # fmt: skip
     rows = torch.arange(5)
     assert (grad[rows, rows + self_offset] == 0).all()
 

@@ -48,9 +48,9 @@ FASTAP_HOST_DEVICE size_t forward_shared_per_warp(int64_t num_bins, size_t acc_b
 inline ForwardPlan plan_forward(int64_t num_queries, int64_t num_candidates, int64_t num_bins,
                                 size_t acc_bytes, size_t max_shared,
                                 int64_t chunk = kForwardChunk) {
+  if (chunk > kForwardChunk) chunk = kForwardChunk;
   ForwardPlan plan{};
-  plan.chunk = chunk < kForwardChunk ? chunk : kForwardChunk;
-  chunk = plan.chunk;
+  plan.chunk = chunk;
   plan.chunks_per_row =
       num_candidates <= chunk ? 1 : (num_candidates + chunk - 1) / chunk;
   plan.items = num_queries * plan.chunks_per_row;

@@ -59,14 +59,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
       partial_hist = at::empty({plan.items, 2, num_bins}, options);
       partial_positives = at::empty({plan.items}, options.dtype(at::kLong));
     }
-    const bool fast = fast_path_applies(in.relevance_args(), in.scores.const_data_ptr<scalar_t>(),
+    const RelevanceArgs relevance = in.relevance_args();
+    const bool fast = fast_path_applies(relevance, in.scores.const_data_ptr<scalar_t>(),
                                         in.num_candidates(), plan.chunk);
-    auto kernel = forward_kernel<scalar_t, acc_t>(fast, in.relevance_args());
+    auto kernel = forward_kernel<scalar_t, acc_t>(fast, relevance);
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(plan.shared_bytes)));
     kernel<<<static_cast<unsigned>(plan.blocks), plan.warps_per_block * kWarpSize,
              plan.shared_bytes, stream>>>(
-        in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
+        in.scores.const_data_ptr<scalar_t>(), relevance,
         BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(), plan.chunk,
         plan.chunks_per_row, n.data_ptr<acc_t>(), p.data_ptr<acc_t>(),
         positives.data_ptr<int64_t>(),
@@ -103,13 +104,14 @@ at::Tensor soft_histogram_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_backward_cuda", [&] {
     using acc_t = histogram_t<scalar_t>;
-    const bool fast = fast_path_applies(in.relevance_args(), in.scores.const_data_ptr<scalar_t>(),
+    const RelevanceArgs relevance = in.relevance_args();
+    const bool fast = fast_path_applies(relevance, in.scores.const_data_ptr<scalar_t>(),
                                         in.num_candidates(), /*chunk=*/0);
     const BackwardPlan plan = plan_backward(in.num_queries(), in.num_candidates(),
                                             backward_columns<scalar_t>(fast));
     const dim3 blocks(static_cast<unsigned>(plan.blocks_x), static_cast<unsigned>(plan.blocks_y));
-    backward_kernel<scalar_t, acc_t>(fast, in.relevance_args())<<<blocks, kBackwardThreads, 0, stream>>>(
-        in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
+    backward_kernel<scalar_t, acc_t>(fast, relevance)<<<blocks, kBackwardThreads, 0, stream>>>(
+        in.scores.const_data_ptr<scalar_t>(), relevance,
         BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(),
         table.const_data_ptr<acc_t>(), grad_scores.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

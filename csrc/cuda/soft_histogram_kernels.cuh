@@ -110,7 +110,7 @@ __device__ __forceinline__ void bin_group(const scalar_t* __restrict__ scores,
   for (int u = 0; u < kBinUnroll; ++u) {  // all loads first
     const int o = group + lane + u * kWarpSize;
     const bool inside = !kEdge || o < length;
-    counted[u] = inside && !row.template ignored<false, kEdge>(o);
+    counted[u] = inside && !row.template ignored<kEdge>(o);
     positive[u] = inside && row.template positive<kDense>(o);
     s[u] = inside ? static_cast<acc_t>(scores[o]) : acc_t(0);
   }
@@ -385,11 +385,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
     const scalar_t* tile_scores = scores + offset;
     scalar_t* tile_grad = grad_out + offset;
     const acc_t* row_table = table + i * 2 * grid.last_bin;
-#ifdef __CUDA_ARCH__
-    // Opaque to the optimiser, so that each lookup is one multiply-add on this pointer rather
-    // than the row offset and the index added again in 64 bits.
-    asm("" : "+l"(row_table));
-#endif
+    pin(row_table);  // each lookup one multiply-add on it, not the row offset added again
     const RowRelevance row = relevance.row(i, num_candidates).window(tile_begin, length);
     if (kFast) {  // whole vectors (fast_path_applies); labels, no ignore mask
       const int vectors = length / ScoreVector<scalar_t>::kScores;
