@@ -22,7 +22,7 @@
 #      the kernels, as a regex on the names ptxas_report.py prints, that must not spill),
 #      SASS_REPORT (auto: skipped with a warning when the tools cannot be had; required; 0),
 #      SASS_BUDGETS (REGEX=N items for sass_report.py --budget, separated by ';'; the default
-#      holds the fast kernels of the 2- and 4-byte dtypes).
+#      holds the fast kernels of the 2- and 4-byte dtypes and the fused forward).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -156,9 +156,10 @@ fi
 if (( failed == 0 )) && [[ -n $sass_tools ]]; then
   echo
   # The fast kernels (template arguments <scalar, acc, fast = true, dense = false>) of the 2- and
-  # 4-byte dtypes: a budget each, and 16-byte loads.
+  # 4-byte dtypes: a budget each, and 16-byte loads; and the fused forward's binning.
   fast='(float|c10::BFloat16|c10::Half), float, true, false>'
-  default_budgets="soft_histogram_kernel<$fast=26;soft_histogram_backward_kernel<$fast=30"
+  default_budgets="soft_histogram_kernel<$fast=22;soft_histogram_backward_kernel<$fast=27"
+  default_budgets+=";embedding_histogram_kernel<=25"
   IFS=';' read -ra budgets <<<"${SASS_BUDGETS:-$default_budgets}"
   budget_args=(--wide 'soft_histogram(_backward)?_kernel<.*, true, false>')
   for b in "${budgets[@]}"; do budget_args+=(--budget "$b"); done

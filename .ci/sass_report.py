@@ -7,7 +7,8 @@ Usage: python .ci/sass_report.py SASS_FILE [--budget REGEX=N ...] [--wide REGEX]
 
 For each kernel the hot path is the basic block (a run of instructions without a branch in or
 out) that bins or looks up the most candidates; each candidate's bin position is one float to
-integer conversion (F2I), so that count is the number of candidates in the block. Reported per
+integer conversion (F2I) or one addition rounded down that replaces it (FADD.RM), so that count
+is the number of candidates in the block. Reported per
 kernel: the block's size, its candidates, instructions per candidate, and the width of its
 global loads. The inner loops are straight-line code (masked, not branched), so this is what a
 warp executes per step; the per-row and per-group work outside the block is not counted.
@@ -55,12 +56,18 @@ def opcode(text):
     return words[1] if words[0].startswith("@") else words[0]
 
 
+def is_candidate(op):
+    """One per binned or looked-up candidate: its bin position's float to integer conversion
+    (F2I), or the addition rounded down that takes its place (MagicFloor: FADD.RM, DADD.RM)."""
+    return op.startswith("F2I") or op in ("FADD.RM", "DADD.RM")
+
+
 def hot_block(instructions):
-    """(size, candidates, widest global load in bytes) of the block with the most F2I."""
+    """(size, candidates, widest global load in bytes) of the block with the most candidates."""
     best = None
     for block in basic_blocks(instructions):
         ops = [opcode(t) for t in block]
-        candidates = sum(op.startswith("F2I") for op in ops)
+        candidates = sum(is_candidate(op) for op in ops)
         if candidates and (best is None or candidates > best[1]):
             widths = [int(m.group(1)) // 8 for op in ops if (m := re.match(r"LDG\.E\.(\d+)", op))]
             best = (len(block), candidates, max(widths, default=4))

@@ -1,9 +1,10 @@
 // The soft histogram binning of fastap: the one definition that the CPU and the CUDA kernels share.
 //
 // Q bins cover the score range [lo, hi] with spacing delta = (hi - lo) / (Q - 1). Bin k = 0..Q-1 is
-// centred at c_k = hi - k * delta, so bin 0 is the top of the ranking. A score s, clamped to
-// [lo, hi], has the position t = (hi - clamp(s)) / delta in [0, Q - 1]; with k = floor(t) (at most
-// Q - 2) and f = t - k, it puts the weight 1 - f into bin k and f into bin k + 1. That is exactly the
+// centred at c_k = hi - k * delta, so bin 0 is the top of the ranking. A score s has the position
+// t = (hi - s) / delta clamped to [0, Q - 1] (which is the position of s clamped to [lo, hi]); with
+// k = floor(t) (at most Q - 2) and f = t - k, it puts the weight 1 - f into bin k and f into bin
+// k + 1. That is exactly the
 // triangular assignment w_k(s) = max(0, 1 - |clamp(s) - c_k| / delta) of the paper: at most two bins
 // are non-zero and the weights sum to one.
 //
@@ -38,42 +39,45 @@ struct BinGrid {
   T lo;
   T hi;
   T inv_delta;       // (Q - 1) / (hi - lo)
+  T last;            // Q - 1
   int32_t last_bin;  // Q - 1
 
   BinGrid(double lo_, double hi_, int64_t num_bins)
       : lo(static_cast<T>(lo_)),
         hi(static_cast<T>(hi_)),
         inv_delta(static_cast<T>(static_cast<double>(num_bins - 1) / (hi_ - lo_))),
+        last(static_cast<T>(num_bins - 1)),
         last_bin(static_cast<int32_t>(num_bins - 1)) {}
 
-  // Meant for finite s. A NaN s is located like lo (and +-inf like the end it points to), so
-  // that a branch-free kernel may bin a non-finite score before it discards the row's result.
+  // t in [0, Q - 1]. Clamping the position rather than the score gives the same t for every
+  // finite s (for s in [lo, hi] nothing is clamped; beyond, both give 0 or Q - 1, also where
+  // (hi - lo) / delta rounds above Q - 1), and it bounds f by 1 with no test of its own. A NaN s
+  // is placed like hi (and +-inf like the end it points to), so that a branch-free kernel may
+  // bin a non-finite score before it discards the row's result. On the GPU two min/max
+  // instructions, not branches.
+  FASTAP_HOST_DEVICE T position(T s) const {
+    const T t = (hi - s) * inv_delta;
+#ifdef __CUDA_ARCH__
+    return fmin(fmax(t, T(0)), last);  // fmax(NaN, 0) == 0
+#else
+    return t > T(0) ? (t < last ? t : last) : T(0);
+#endif
+  }
+
   FASTAP_HOST_DEVICE BinPosition<T> locate(T s) const {
-    const T clamped = clamp(s);
-    const T t = (hi - clamped) * inv_delta;  // in [0, Q - 1] up to rounding
-    int32_t k = static_cast<int32_t>(t);     // t >= 0, so truncation is floor
+    const T t = position(s);
+    int32_t k = static_cast<int32_t>(t);  // t >= 0, so truncation is floor
 #ifdef __CUDA_ARCH__
     k = min(k, last_bin - 1);  // one instruction
 #else
     if (k > last_bin - 1) k = last_bin - 1;
 #endif
-    T f = t - static_cast<T>(k);
-    if (f > T(1)) f = T(1);                  // rounding at s == lo
     BinPosition<T> pos;
     pos.bin = k;
-    pos.frac = f;
-    // s < hi needs no test of its own: s >= hi is clamped to hi, where t = 0 and so f = 0.
-    pos.sloped = (s > lo) && (f != T(0));
+    pos.frac = t - static_cast<T>(k);  // in [0, 1]: t <= Q - 1
+    // s < hi needs no test of its own: s >= hi has t = 0 and so f = 0.
+    pos.sloped = (s > lo) && (pos.frac != T(0));
     return pos;
-  }
-
-  // s clamped to [lo, hi]; NaN gives lo. On the GPU two min/max instructions, not branches.
-  FASTAP_HOST_DEVICE T clamp(T s) const {
-#ifdef __CUDA_ARCH__
-    return fmin(fmax(s, lo), hi);  // fmax(NaN, lo) == lo
-#else
-    return s > lo ? (s < hi ? s : hi) : lo;
-#endif
   }
 };
 

@@ -129,7 +129,8 @@ def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) 
         labels = align(scores + tile_cols * (tile_rows + 4) * 4)
         step_end = align(labels + tile_cols * 8)
         if not backward:
-            sizes.append(step_end + 2 * num_bins * threads * 4 + threads * 2 * 4)
+            # the lane histograms: 2 classes x (num_bins + 1) slots (a spare bin per class)
+            sizes.append(step_end + 2 * (num_bins + 1) * threads * 4 + threads * 2 * 4)
             continue
         stream_rows = align(step_end + tile_rows * (tile_cols + pad) * element)
         staging = align(stream_rows + tile_cols * stream_ld * element)

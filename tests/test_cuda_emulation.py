@@ -233,6 +233,20 @@ def test_fast_kernels_equal_cpu_op(emulators, tmp_path, dtype, n, m, q, chunk):
                backward_fast=backward_fast, **({"chunk": chunk} if chunk else {}))  # fmt: skip
 
 
+# The forward counts an item's positives by rounding the mass of its positive histograms to the
+# nearest integer (LaneHistograms in csrc/cuda/lane_histograms.cuh), which is exact while an item
+# holds at most 4096 candidates. Its worst case: full chunks of positives only, piled into few
+# bins (Q = 2) or spread thin (Q = 100), in the fast kernel (labels) and the general one (dense).
+@pytest.mark.parametrize("form", ["labels", "dense"])
+@pytest.mark.parametrize("q", [2, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_positive_count_from_the_histogram_mass_is_exact(emulators, tmp_path, dtype, q, form):
+    problem = random_problem(
+        2, 2 * 4096 + 8, num_bins=q, relevance_form=form, num_classes=1, dtype=dtype, seed=q
+    )
+    check_both(emulators["address"], tmp_path, problem, fast=form == "labels")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("self_offset,chunk", [(30, None), (1000, 256), (3, 8)])
 def test_fast_kernels_exclude_self_with_offset(emulators, tmp_path, dtype, self_offset, chunk):

@@ -153,10 +153,10 @@ struct SharedLayout {
     staging = align(stream_rows + kTileCols * stream_ld * sizeof(element));
     backward_end = staging + kTileWarps * kFragment * kFragment * sizeof(float);
   }
-  // Forward: the private histograms [2 * Q][threads], then a positive count and a poisoned flag
-  // per thread.
+  // Forward: the private histograms [2 * (Q + 1)][threads] (LaneHistograms), then a positive
+  // count and a poisoned flag per thread.
   FASTAP_HOST_DEVICE size_t forward_bytes(int64_t num_bins) const {
-    return step_end + 2 * num_bins * kEmbeddingThreads * sizeof(float) +
+    return step_end + histogram_slots(num_bins) * kEmbeddingThreads * sizeof(float) +
            kEmbeddingThreads * 2 * sizeof(int32_t);
   }
   // Backward: G, the step's stream rows, one 16 x 16 staging tile per warp for the output.
@@ -355,7 +355,7 @@ __device__ __forceinline__ void bin_step(const float* __restrict__ scores,
                                          const int64_t* __restrict__ step_labels, int64_t label,
                                          int part, int r, const StepColumns& step,
                                          const BinGrid<float>& grid,
-                                         LaneHistograms<float, kEmbeddingThreads, false>& histograms) {
+                                         LaneHistograms<float, kEmbeddingThreads, true>& histograms) {
   using Layout = SharedLayout<T>;
   constexpr int kPartColumns = kTileCols / (kEmbeddingThreads / kTileRows);
 #pragma unroll
@@ -391,7 +391,9 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
   int64_t* step_labels = reinterpret_cast<int64_t*>(shared + layout.labels);
   float* hist = reinterpret_cast<float*>(shared + layout.step_end);
   const int q = grid.last_bin + 1;
-  uint32_t* thread_positives = reinterpret_cast<uint32_t*>(hist + 2 * q * kEmbeddingThreads);
+  const int slots = static_cast<int>(histogram_slots(q));
+  const int class_slots = static_cast<int>(histogram_class_slots(q));
+  uint32_t* thread_positives = reinterpret_cast<uint32_t*>(hist + slots * kEmbeddingThreads);
   int32_t* thread_poisoned = reinterpret_cast<int32_t*>(thread_positives + kEmbeddingThreads);
   const int t = static_cast<int>(threadIdx.x);
   const int r = t % kTileRows;
@@ -403,13 +405,13 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
   const int64_t self_first = own0 + self_offset;  // the stream row of own row 0 (exclude_self)
   const StreamRange range = stream_range(num_database, split_length);
 
-  for (int slot = 0; slot < 2 * q; ++slot) hist[slot * kEmbeddingThreads + t] = 0.0f;
+  for (int slot = 0; slot < slots; ++slot) hist[slot * kEmbeddingThreads + t] = 0.0f;
   if (layout.resident) {  // the block's queries, once for the whole walk
     load_tile(reinterpret_cast<typename MatrixUnit<T>::element*>(shared + layout.own),
               layout.own_ld, kTileRows, layout.own_cols, queries, num_queries, depth, own0, 0,
               MatrixUnit<T>::from_float(0.0f));
   }
-  LaneHistograms<float, kEmbeddingThreads, false> histograms(hist + t, q);
+  LaneHistograms<float, kEmbeddingThreads, true> histograms(hist + t, q);
   if (!layout.stream_resident && range.first < range.last && depth > 0) {  // first chunk
     issue_chunk(queries, num_queries, own0, database, num_database, range.first, depth, shared,
                 layout, 0);
@@ -447,7 +449,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
     float positive_sum = 0.0f;
     for (int p = 0; p < kParts; ++p) {
       negative_sum += hist[k * kEmbeddingThreads + p * kTileRows + r];
-      positive_sum += hist[(q + k) * kEmbeddingThreads + p * kTileRows + r];
+      positive_sum += hist[(class_slots + k) * kEmbeddingThreads + p * kTileRows + r];
     }
     if (row_poisoned) negative_sum = positive_sum = NAN;
     if (splits == 1) {

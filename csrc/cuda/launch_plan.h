@@ -14,9 +14,9 @@ constexpr int kWarpSize = 32;
 
 // Forward. The work is cut into items of one query row and one chunk of at most `chunk`
 // consecutive candidates; one warp bins one item at a time into lane-private histograms in shared
-// memory (2 classes x Q bins x 32 lanes) and reduces them across the lanes in a fixed order. A
-// row of a single chunk writes n, p and positives directly; otherwise each item writes a partial
-// histogram and a second kernel sums a row's partials in chunk order. The chunk length is a
+// memory (2 classes x (Q + 1) slots x 32 lanes) and reduces them across the lanes in a fixed
+// order. A row of a single chunk writes n, p and positives directly; otherwise each item writes a
+// partial histogram and a second kernel sums a row's partials in chunk order. The chunk length is a
 // constant, not a function of the GPU, so the rounding of the results does not depend on the device.
 constexpr int64_t kForwardChunk = 4096;
 constexpr int kMaxForwardWarps = 8;
@@ -35,16 +35,24 @@ struct ForwardPlan {
   int64_t max_bins;        // the largest num_bins that fits (for the error message)
 };
 
-// Shared memory of one warp: the lane-private histograms, then each lane's positive count and
+// The slots of one thread's private histograms (LaneHistograms in lane_histograms.cuh): per
+// class the Q bins and a spare one.
+FASTAP_HOST_DEVICE int64_t histogram_class_slots(int64_t num_bins) { return num_bins + 1; }
+FASTAP_HOST_DEVICE int64_t histogram_slots(int64_t num_bins) {
+  return 2 * histogram_class_slots(num_bins);
+}
+
+// Shared memory of one warp: the lane-private histograms, then each lane's positive mass and
 // poisoned flag.
 FASTAP_HOST_DEVICE size_t forward_shared_per_warp(int64_t num_bins, size_t acc_bytes) {
-  return 2 * static_cast<size_t>(num_bins) * kWarpSize * acc_bytes +
-         kWarpSize * (sizeof(uint32_t) + sizeof(int32_t));
+  return static_cast<size_t>(histogram_slots(num_bins)) * kWarpSize * acc_bytes +
+         kWarpSize * (acc_bytes + sizeof(int32_t));
 }
 
 // `max_shared`: the opt-in shared memory per block of the device. `chunk` (> 0) overrides
 // kForwardChunk (the tests use short chunks to cover the partial-sum path on small inputs); it is
-// held to at most kForwardChunk, which the kernel's 32-bit positive counts rely on.
+// held to at most kForwardChunk, which the kernel's count of positives from the histogram mass
+// relies on (LaneHistograms).
 inline ForwardPlan plan_forward(int64_t num_queries, int64_t num_candidates, int64_t num_bins,
                                 size_t acc_bytes, size_t max_shared,
                                 int64_t chunk = kForwardChunk) {
@@ -55,7 +63,8 @@ inline ForwardPlan plan_forward(int64_t num_queries, int64_t num_candidates, int
       num_candidates <= chunk ? 1 : (num_candidates + chunk - 1) / chunk;
   plan.items = num_queries * plan.chunks_per_row;
   plan.shared_per_warp = forward_shared_per_warp(num_bins, acc_bytes);
-  const size_t fixed = kWarpSize * (sizeof(uint32_t) + sizeof(int32_t));
+  // forward_shared_per_warp(q) = 2 (q + 1) 32 acc_bytes + fixed, solved for q.
+  const size_t fixed = kWarpSize * (acc_bytes + sizeof(int32_t)) + 2 * kWarpSize * acc_bytes;
   plan.max_bins = max_shared > fixed
                       ? static_cast<int64_t>((max_shared - fixed) / (2 * kWarpSize * acc_bytes))
                       : 0;

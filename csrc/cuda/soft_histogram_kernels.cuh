@@ -1,10 +1,14 @@
 // The CUDA kernels of fastap::soft_histogram and fastap::soft_histogram_backward: device code only
-// (no torch, no host API), so that tests/emulation can also run them on the CPU. The launchers are
-// in soft_histogram.cu, the work split in launch_plan.h, the binning math in ../binning.h.
+// (no ATen, no host API; of torch only c10's bf16 type), so that tests/emulation can also run them
+// on the CPU. The launchers are in soft_histogram.cu, the work split in launch_plan.h, the binning
+// math in ../binning.h.
 #pragma once
+
+#include <c10/util/BFloat16.h>
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "../binning.h"
 #include "lane_histograms.cuh"
@@ -42,18 +46,30 @@ __device__ __forceinline__ void pin(T*& pointer) {
 // candidate in the compiled code (docs/design.md, section 5).
 
 // The fast path's vectors: 16 bytes of scores; the forward bins kVectors of them per lane and
-// step (8 candidates, 4 in fp64: the forward is held to 64 registers), the backward
+// step (16 candidates in fp16/bf16, 8 in fp32, 4 in fp64): 32 bytes of scores in flight per lane
+// whatever the dtype, since streaming at the memory's rate takes as many bytes in flight in bf16
+// as in fp32 (within the 64 registers the forward is held to). The backward bins
 // kBackwardVectors per thread (16 candidates, which spreads its per-row work thinner).
 template <typename scalar_t>
 struct ScoreVector {
   static constexpr int kScores = 16 / static_cast<int>(sizeof(scalar_t));
-  static constexpr int kVectors = kScores >= 8 ? 1 : 2;
+  static constexpr int kVectors = 2;
   static constexpr int kColumns = kScores * kVectors;  // forward candidates per lane and step
   static constexpr int kBackwardVectors = 16 / kScores;
 
   // Score e of a vector loaded as raw bits.
   template <typename acc_t>
   static __device__ __forceinline__ acc_t score(const uint4& raw, int e) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      // A bf16 is the upper half of a float: one shift or one mask of its 32-bit word (the
+      // generic conversion spends two instructions on the upper element of a word).
+      uint32_t word;
+      memcpy(&word, reinterpret_cast<const unsigned char*>(&raw) + (e / 2) * 4, sizeof(word));
+      const uint32_t bits = e % 2 == 0 ? word << 16 : word & 0xffff0000u;
+      float value;
+      memcpy(&value, &bits, sizeof(value));
+      return static_cast<acc_t>(value);
+    }
     scalar_t value;
     memcpy(&value, reinterpret_cast<const unsigned char*>(&raw) + e * sizeof(scalar_t),
            sizeof(scalar_t));
@@ -85,10 +101,13 @@ inline bool fast_path_applies(const RelevanceArgs& relevance, const scalar_t* sc
          num_candidates % kScores == 0 && chunk % kScores == 0;
 }
 
-// A lane bins at most kForwardChunk / 32 candidates per item, so its LaneHistograms may count
-// positives by class offsets (kFewCandidates): 2 Q 32 per candidate, Q far below 2^15.
-static_assert(kForwardChunk / kWarpSize * 2 * (int64_t{1} << 15) * kWarpSize < (int64_t{1} << 32),
-              "a lane's positive count times 2 Q 32 must fit in 32 bits");
+// The forward takes an item's positive count from its positive histogram's mass, which is exact
+// for items of at most 4096 candidates (LaneHistograms).
+static_assert(kForwardChunk <= 4096, "the positive mass of an item must round to its count");
+
+// The forward's lane histograms: positives counted from the mass.
+template <typename acc_t>
+using WarpHistograms = LaneHistograms<acc_t, kWarpSize, false>;
 
 // General path: bins the candidates o = group + lane + 32 u (u < kBinUnroll) of one item (`scores`
 // and `row` start at the item's first candidate). The warp's group is one call for all its lanes:
@@ -101,7 +120,7 @@ template <bool kEdge, bool kDense, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void bin_group(const scalar_t* __restrict__ scores,
                                           const RowRelevance& row, int group, int length,
                                           const BinGrid<acc_t>& grid,
-                                          LaneHistograms<acc_t, kWarpSize, true>& histograms) {
+                                          WarpHistograms<acc_t>& histograms) {
   const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
   acc_t s[kBinUnroll];
   bool counted[kBinUnroll];
@@ -128,7 +147,7 @@ __device__ __forceinline__ void bin_vector_group(const uint4* __restrict__ vecto
                                                  const int64_t* __restrict__ labels,
                                                  int64_t query_label, int remaining, int self,
                                                  const BinGrid<acc_t>& grid,
-                                                 LaneHistograms<acc_t, kWarpSize, true>& histograms) {
+                                                 WarpHistograms<acc_t>& histograms) {
   using Vector = ScoreVector<scalar_t>;
   uint4 raw[Vector::kVectors];
   int64_t label[Vector::kColumns];
@@ -153,10 +172,12 @@ __device__ __forceinline__ void bin_vector_group(const uint4* __restrict__ vecto
 
 // Forward, one item (query row i, candidates [begin, end)) per warp at a time; see ForwardPlan.
 // Each lane bins candidates begin + lane, begin + lane + 32, ... into its own column of the warp's
-// histograms, laid out [class * Q + bin][lane] so that the lanes never share a bank. The lanes
-// then split the bins: lane k sums bin k over the 32 columns in a fixed order (starting at column
-// k, again one bank per lane). No float atomics: bitwise deterministic. The positives are counted
-// exactly (integers). A non-finite, non-ignored score makes the item's histograms NaN.
+// histograms, laid out [class * (Q + 1) + bin][lane] so that the lanes never share a bank. The
+// lanes then split the bins: lane k sums bin k over the 32 columns in a fixed order (starting at
+// column k, again one bank per lane). No float atomics: bitwise deterministic. The positives are
+// counted exactly: the item's positive mass, summed in a fixed order, rounded to the nearest
+// integer (LaneHistograms says why that is exact). A non-finite, non-ignored score makes the
+// item's histograms NaN.
 //
 // Single-chunk rows write n_out / p_out / positives_out; otherwise the item writes
 // partial_hist[item][class][bin] and partial_positives[item] for soft_histogram_finalize_kernel.
@@ -179,9 +200,11 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
   const int warps_per_block = static_cast<int>(blockDim.x) / kWarpSize;
   unsigned char* warp_memory =
       shared_memory + warp * forward_shared_per_warp(q, sizeof(acc_t));
-  acc_t* hist = reinterpret_cast<acc_t*>(warp_memory);  // [2 * q][32]
-  uint32_t* lane_positives = reinterpret_cast<uint32_t*>(hist + 2 * q * kWarpSize);
-  int32_t* lane_poisoned = reinterpret_cast<int32_t*>(lane_positives + kWarpSize);
+  const int slots = static_cast<int>(histogram_slots(q));
+  const int class_slots = static_cast<int>(histogram_class_slots(q));
+  acc_t* hist = reinterpret_cast<acc_t*>(warp_memory);  // [slots][32]
+  acc_t* lane_mass = hist + slots * kWarpSize;           // each lane's share of the positive mass
+  int32_t* lane_poisoned = reinterpret_cast<int32_t*>(lane_mass + kWarpSize);
   acc_t* column = hist + lane;
   const int64_t items = num_queries * chunks_per_row;
   const int64_t item_stride = int64_t{gridDim.x} * warps_per_block;
@@ -192,7 +215,7 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
     const int64_t begin = (item - i * chunks_per_row) * chunk;
     const int64_t end = begin + chunk < num_candidates ? begin + chunk : num_candidates;
     const int length = static_cast<int>(end - begin);  // <= chunk <= kForwardChunk
-    for (int slot = 0; slot < 2 * q; ++slot) column[slot * kWarpSize] = acc_t(0);
+    for (int slot = 0; slot < slots; ++slot) column[slot * kWarpSize] = acc_t(0);
 
     const scalar_t* item_scores = scores + i * num_candidates + begin;
     RowRelevance row = relevance.row(i, num_candidates).window(begin, length);
@@ -205,7 +228,7 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
       }
       pin(row.ignore_row);
     }
-    LaneHistograms<acc_t, kWarpSize, true> histograms(column, q);
+    WarpHistograms<acc_t> histograms(column, q);
     if (kFast) {  // the item holds whole vectors (fast_path_applies)
       constexpr int kScores = ScoreVector<scalar_t>::kScores;
       constexpr int kStep = ScoreVector<scalar_t>::kVectors * kWarpSize;  // vectors per group
@@ -240,22 +263,16 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
         }
       }
     }
-    const uint32_t positives = histograms.positives();
-    const int32_t poisoned = is_finite(histograms.probe) ? 0 : 1;
-    lane_positives[lane] = positives;
-    lane_poisoned[lane] = poisoned;
+    lane_poisoned[lane] = is_finite(histograms.probe) ? 0 : 1;
     __syncwarp();
 
-    int64_t item_positives = 0;
     int32_t item_poisoned = 0;
-    for (int l = 0; l < kWarpSize; ++l) {  // same address for all lanes: a broadcast
-      item_positives += lane_positives[l];
-      item_poisoned |= lane_poisoned[l];
-    }
+    for (int l = 0; l < kWarpSize; ++l) item_poisoned |= lane_poisoned[l];  // a broadcast
     const bool single_chunk = chunks_per_row == 1;
+    acc_t mass = acc_t(0);  // the positive mass of this lane's bins
     for (int k = lane; k < q; k += kWarpSize) {
       const acc_t* negatives = hist + k * kWarpSize;
-      const acc_t* positives_hist = hist + (q + k) * kWarpSize;
+      const acc_t* positives_hist = hist + (class_slots + k) * kWarpSize;
       acc_t negative_sum = acc_t(0);
       acc_t positive_sum = acc_t(0);
       for (int l = 0; l < kWarpSize; ++l) {
@@ -263,6 +280,7 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
         negative_sum += negatives[source];
         positive_sum += positives_hist[source];
       }
+      mass += positive_sum;
       if (item_poisoned) negative_sum = positive_sum = acc_t(NAN);
       if (single_chunk) {
         n_out[i * q + k] = negative_sum + positive_sum;
@@ -272,7 +290,13 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
         partial_hist[(item * 2 + 1) * q + k] = positive_sum;
       }
     }
+    lane_mass[lane] = mass;
+    __syncwarp();
     if (lane == 0) {
+      acc_t item_mass = acc_t(0);
+      for (int l = 0; l < kWarpSize; ++l) item_mass += lane_mass[l];
+      // Within 0.1 of the count (LaneHistograms), and never negative: round to nearest.
+      const int64_t item_positives = static_cast<int64_t>(item_mass + acc_t(0.5));
       if (single_chunk) {
         positives_out[i] = item_positives;
       } else {

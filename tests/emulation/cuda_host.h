@@ -9,9 +9,10 @@
 // thread of its block or warp reaches aborts after a timeout instead of hanging.
 //
 // It covers what fastap's kernels use: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __ldg,
-// __syncwarp (full mask), static and dynamic shared memory, and cp.async through the
-// cuda_pipeline.h primitives (deferred until waited for). It is not a model of the GPU's
-// memory ordering or performance.
+// __fadd_rd and __dadd_rd, __syncwarp (full mask), static and dynamic shared memory (and addresses
+// in it: __cvta_generic_to_shared, __cvta_shared_to_generic), and cp.async
+// through the cuda_pipeline.h primitives (deferred until waited for). It is not a model of the
+// GPU's memory ordering or performance.
 #pragma once
 
 #include <chrono>
@@ -107,6 +108,27 @@ inline Launch* current = nullptr;
 
 inline unsigned char* dynamic_shared_memory() { return current->shared.get(); }
 
+// Shared memory addresses (__cvta_generic_to_shared): the dynamic shared memory's offsets plus a
+// reserved first KB, as on a GPU; an address outside the launch's shared memory aborts.
+constexpr size_t kSharedReserved = 1024;
+inline size_t shared_address(const void* pointer) {
+  const unsigned char* byte = static_cast<const unsigned char*>(pointer);
+  const unsigned char* base = dynamic_shared_memory();
+  if (byte < base || byte > base + current->shared_bytes) {
+    std::fprintf(stderr, "emulation: __cvta_generic_to_shared of a pointer outside shared memory\n");
+    std::abort();
+  }
+  return kSharedReserved + static_cast<size_t>(byte - base);
+}
+inline void* shared_pointer(size_t address) {
+  if (address < kSharedReserved || address - kSharedReserved >= current->shared_bytes) {
+    std::fprintf(stderr, "emulation: shared address %zu outside the launch's %zu bytes\n", address,
+                 current->shared_bytes);
+    std::abort();
+  }
+  return dynamic_shared_memory() + (address - kSharedReserved);
+}
+
 // Launches kernel<<<grid, block, shared_bytes>>>(args...) and returns when it has finished.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
@@ -164,6 +186,20 @@ template <typename T>
 inline T __ldg(const T* p) {  // the read-only data path: a plain load here
   return *p;
 }
+// a + b rounded toward -inf (the GPU's add.rm): the sum rounded to nearest, stepped down one ulp
+// where that rounded up, which the exact error of the sum (TwoSum) tells.
+template <typename T>
+inline T add_round_down(T a, T b) {
+  const T sum = a + b;
+  const T b_part = sum - a;
+  const T error = (a - (sum - b_part)) + (b - b_part);  // a + b == sum + error exactly
+  return error < T(0) ? std::nextafter(sum, -INFINITY) : sum;
+}
+inline size_t __cvta_generic_to_shared(const void* pointer) { return ::emu::shared_address(pointer); }
+inline void* __cvta_shared_to_generic(size_t address) { return ::emu::shared_pointer(address); }
+inline float __fadd_rd(float a, float b) { return add_round_down(a, b); }
+inline double __dadd_rd(double a, double b) { return add_round_down(a, b); }
+
 inline void __syncthreads() { ::emu::current->block_barrier->arrive_and_wait("__syncthreads"); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   if (mask != 0xffffffffu) {
