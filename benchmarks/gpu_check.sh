@@ -10,7 +10,7 @@
 # (49 s on 2 CPU cores against torch 2.11.0+cu130, the GPU machine's torch, 2026-11-28):
 #
 #   STEPS="build sass smoke tests kernels embeddings" bash benchmarks/gpu_check.sh # call 1
-#   STEPS="build memcheck racecheck loss variants" bash benchmarks/gpu_check.sh    # call 2
+#   STEPS="build memcheck racecheck profile loss variants" bash benchmarks/gpu_check.sh # call 2
 #   bash benchmarks/gpu_check.sh                                                   # all, in BUDGET
 #
 # The tests step runs the tests that touch CUDA (test_cuda*.py and every [cuda] parameter); CI
@@ -23,7 +23,7 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"build sass tests kernels embeddings memcheck racecheck loss variants"}
+STEPS=${STEPS:-"build sass tests kernels profile embeddings memcheck racecheck loss variants"}
 BUDGET=${BUDGET:-570}  # seconds for the whole call: run it with the device tool's timeout_s=600
 status=()
 
@@ -73,6 +73,15 @@ step kernels 150 kernels.md bash -c "$PY benchmarks/bench_kernels.py --device cu
   --shapes 1024x1024 32768x32768 256x1000000 --num-bins 20 --dtypes float32 bfloat16 && \
   $PY benchmarks/bench_kernels.py --device cuda --repeats 20 --reference-max 0 \
   --shapes 8192x8192 --num-bins 20 --dtypes float32 bfloat16 --relevance dense"
+# profile: Nsight Compute over the four fast kernels of the 8192^2 case (forward and backward,
+# fp32 then bf16; benchmarks/profile_case.py): which of issue, shared/L1 and DRAM binds, against
+# the model of docs/design.md, section 5. --clock-control none leaves the GPU's clocks alone.
+step profile 150 profile.log bash -c "ncu --clock-control none --print-kernel-base demangled \
+  --kernel-name regex:'soft_histogram(_backward)?_kernel' --launch-skip 4 --launch-count 4 \
+  --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+  --section Occupancy --section LaunchStats --section InstructionStats --section WarpStateStats \
+  --csv --page details --log-file $OUT/profile.csv $PY benchmarks/profile_case.py && \
+  $PY benchmarks/profile_table.py $OUT/profile.csv | tee $OUT/profile.md"
 step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
   --dtype bfloat16 --dim 256 --sizes 16384 65536 --repeats 5 --json $OUT/embeddings_d256.json && \
   $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \
@@ -84,7 +93,7 @@ step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
   --json "$OUT/loss.json"
 step variants 60 variants.md $PY benchmarks/bench_variants.py --device cuda --n 8192 --repeats 20
 
-for table in kernels loss variants embeddings; do
+for table in kernels profile loss variants embeddings; do
   [[ -s $OUT/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$OUT/$table.md"; }
 done
 echo

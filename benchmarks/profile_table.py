@@ -1,0 +1,84 @@
+"""Condenses Nsight Compute's CSV (`ncu --csv --page details`, the `profile` step of
+benchmarks/gpu_check.sh over benchmarks/profile_case.py) into one row per kernel: time, the
+throughput of DRAM, of L1/shared memory and of the SM as a share of their peaks, how busy the
+issue slots were, occupancy, registers, and the warp instructions executed per 32 candidates,
+which is what .ci/sass_report.py predicts from the SASS (its hot block plus the work around it).
+Whichever unit sits near 100% binds (docs/design.md, section 5, says which we expect).
+
+Usage: python benchmarks/profile_table.py PROFILE_CSV [--candidates N_TIMES_M]
+"""
+
+import argparse
+import csv
+import io
+import sys
+
+# (column, metric name in ncu's details page)
+COLUMNS = (
+    ("us", "Duration"),
+    ("DRAM %", "DRAM Throughput"),
+    ("L1/shared %", "L1/TEX Cache Throughput"),
+    ("SM %", "Compute (SM) Throughput"),
+    ("issue busy %", "Issue Slots Busy"),
+    ("occupancy %", "Achieved Occupancy"),
+    ("regs", "Registers Per Thread"),
+)
+TIME_UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def kernels(rows):
+    """{launch id: (kernel name, {metric: (unit, value)})} in launch order."""
+    found = {}
+    for row in rows:
+        metrics = found.setdefault(row["ID"], (row["Kernel Name"], {}))[1]
+        metrics[row["Metric Name"]] = (row.get("Metric Unit", ""), row["Metric Value"])
+    return found
+
+
+DTYPES = (("BFloat16", "bf16"), ("Half", "fp16"), ("double", "fp64"), ("float", "fp32"))
+
+
+def short(name: str) -> str:
+    op = "backward" if "backward" in name else "forward"
+    dtype = next((label for key, label in DTYPES if key in name), "?")
+    path = "fast" if ", true, false>" in name else "general"
+    return f"{op} {dtype} {path}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv")
+    parser.add_argument("--candidates", type=float, default=8192.0 * 8192.0)
+    args = parser.parse_args()
+    with open(args.csv) as f:
+        text = f.read()
+    start = text.find('"ID"')  # ncu may print its own lines before the table
+    if start < 0:
+        print(text[-2000:])
+        print("no ncu table in the file", file=sys.stderr)
+        return 1
+    found = kernels(csv.DictReader(io.StringIO(text[start:])))
+    header = ["kernel", *(c for c, _ in COLUMNS), "instr / 32 cand"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, metrics in found.values():
+        cells = [short(name)]
+        for _, metric in COLUMNS:
+            unit, value = metrics.get(metric, ("", ""))
+            if not value:
+                cells.append("-")
+                continue
+            scale = TIME_UNITS.get(unit, 1.0) if metric == "Duration" else 1.0
+            cells.append(f"{number(value) * scale:.1f}")
+        executed = metrics.get("Executed Instructions", ("", ""))[1]
+        cells.append(f"{number(executed) / (args.candidates / 32):.1f}" if executed else "-")
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

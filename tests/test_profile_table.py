@@ -1,0 +1,59 @@
+"""benchmarks/profile_table.py, which condenses Nsight Compute's CSV in the GPU check, on a CSV
+of ncu's details-page format written here (the GPU machine is the only place ncu runs)."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_table.py"
+FORWARD = "void fastap::soft_histogram_kernel<c10::BFloat16, float, true, false>(...)"
+BACKWARD = "void fastap::soft_histogram_backward_kernel<float, float, true, false>(...)"
+
+
+def write_profile(path, launches):
+    fields = ["ID", "Process ID", "Kernel Name", "Section Name", "Metric Name", "Metric Unit",
+              "Metric Value"]  # fmt: skip
+    with open(path, "w", newline="") as f:
+        f.write("==PROF== Connected to process 1234\n")  # ncu's own lines come first
+        writer = csv.DictWriter(f, fieldnames=fields, quoting=csv.QUOTE_ALL)
+        writer.writeheader()
+        for launch_id, (name, metrics) in enumerate(launches):
+            for metric, (unit, value) in metrics.items():
+                writer.writerow({"ID": launch_id, "Process ID": 1234, "Kernel Name": name,
+                                 "Section Name": "s", "Metric Name": metric, "Metric Unit": unit,
+                                 "Metric Value": value})  # fmt: skip
+
+
+def run(path, candidates):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(path), "--candidates", str(candidates)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return result
+
+
+def test_one_row_per_kernel_in_launch_order(tmp_path):
+    path = tmp_path / "profile.csv"
+    write_profile(path, [
+        (FORWARD, {"Duration": ("msecond", "0.05"), "DRAM Throughput": ("%", "61.5"),
+                   "L1/TEX Cache Throughput": ("%", "92.25"), "Executed Instructions":
+                   ("inst", "1,600")}),
+        (BACKWARD, {"Duration": ("usecond", "130.0"), "Registers Per Thread": ("", "40")}),
+    ])  # fmt: skip
+    result = run(path, 64 * 32)  # 64 groups of 32 candidates
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1].split(" | ")[:4] == ["| forward bf16 fast", "50.0", "61.5", "92.2"]
+    assert rows[1].rstrip(" |").endswith("25.0")  # 1600 instructions / 64 groups of 32
+    backward = [cell.strip() for cell in rows[2].strip("| ").split(" | ")]
+    assert backward[0] == "backward fp32 fast"
+    assert backward[1] == "130.0" and backward[7] == "40.0" and backward[8] == "-"
+
+
+def test_a_file_without_the_table_fails_and_shows_its_end(tmp_path):
+    path = tmp_path / "profile.csv"
+    path.write_text("==ERROR== the profiler could not connect\n")
+    result = run(path, 1)
+    assert result.returncode == 1
+    assert "could not connect" in result.stdout and "no ncu table" in result.stderr
