@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "../binning.h"
 #include "launch_plan.h"  // histogram_class_slots
@@ -17,29 +18,20 @@ namespace fastap {
 // of `magic` plus floor(t), and (magic + t) - magic is floor(t) as a float. One addition, on the
 // FMA pipe, instead of F2I and I2F on the slower conversion pipe.
 template <typename T>
-struct MagicFloor;
+struct MagicFloor {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "float or double");
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  static constexpr T kMagic = sizeof(T) == 4 ? T(8388608.0) : T(4503599627370496.0);  // 2^23, 2^52
 
-template <>
-struct MagicFloor<float> {
-  static constexpr float kMagic = 8388608.0f;  // 2^23
-  static __device__ __forceinline__ float add_down(float t, float magic) {
-    return __fadd_rd(t, magic);
+  static __device__ __forceinline__ T add_down(T t, T magic) {
+    if constexpr (sizeof(T) == 4) {
+      return __fadd_rd(t, magic);
+    } else {
+      return __dadd_rd(t, magic);
+    }
   }
-  static __device__ __forceinline__ uint32_t low_word(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof(bits));
-    return bits;
-  }
-};
-
-template <>
-struct MagicFloor<double> {
-  static constexpr double kMagic = 4503599627370496.0;  // 2^52
-  static __device__ __forceinline__ double add_down(double t, double magic) {
-    return __dadd_rd(t, magic);
-  }
-  static __device__ __forceinline__ uint32_t low_word(double x) {
-    uint64_t bits;
+  static __device__ __forceinline__ uint32_t low_word(T x) {
+    Bits bits;
     memcpy(&bits, &x, sizeof(bits));
     return static_cast<uint32_t>(bits);
   }
