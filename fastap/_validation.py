@@ -2,14 +2,16 @@
 the argument, before any kernel runs.
 
 Checks of shapes, dtypes and devices cost nothing and always run. Checks of values (relevance and
-ignore entries other than 0/1, negative or non-finite query weights) read the data, so they run in
-eager mode only; under torch.compile they are skipped (values are then taken as documented:
-nonzero relevance is a positive, nonzero ignore ignores).
+ignore entries other than 0/1, negative or non-finite query weights, non-finite scores) read the
+data, so they run in eager mode only, and can be turned off there with set_value_checks(False);
+under torch.compile they are skipped (values are then taken as documented: nonzero relevance is a
+positive, nonzero ignore ignores, a query with a non-finite score has AP NaN).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +26,40 @@ def check_variant(variant, owner: str = "fastap") -> str:
     return variant
 
 
+_value_checks = threading.local()  # .enabled, per thread like torch's grad mode; default on
+
+
 def checking_values() -> bool:
-    """Whether data-dependent checks run (eager mode) or not (while torch.compile traces)."""
-    return not torch.compiler.is_compiling()
+    """Whether data-dependent checks run: in eager mode unless set_value_checks(False) turned them
+    off in this thread; never while torch.compile traces."""
+    return not torch.compiler.is_compiling() and getattr(_value_checks, "enabled", True)
+
+
+class set_value_checks:
+    """Turns fastap's checks of input values on or off in this thread: ``set_value_checks(False)``
+    on its own sets the mode, and ``with set_value_checks(False): ...`` sets it for the block and
+    restores the previous mode after (like ``torch.set_grad_enabled``).
+
+    The checks (non-finite scores, relevance and ignore entries other than 0/1, negative or
+    non-finite query weights) read values back to the host: on CUDA one synchronisation with the
+    device per call, which stalls an eager training loop's queue of launches and cannot happen
+    inside CUDA graph capture. Without them the answers are those under torch.compile: a query
+    that holds a non-finite, counted score has AP NaN (so the loss is NaN), nonzero relevance is a
+    positive, nonzero ignore ignores, and query weights are used as given. Shapes, dtypes and
+    devices are always checked (that costs nothing).
+    """
+
+    def __init__(self, mode: bool) -> None:
+        if not isinstance(mode, bool):
+            raise TypeError(f"fastap: set_value_checks(mode): mode must be a bool, got {mode!r}")
+        self.previous = getattr(_value_checks, "enabled", True)
+        _value_checks.enabled = mode
+
+    def __enter__(self) -> set_value_checks:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        _value_checks.enabled = self.previous
 
 
 @dataclass

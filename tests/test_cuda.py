@@ -98,6 +98,41 @@ def test_cuda_deterministic_and_graph_capture():
     torch.testing.assert_close(loss.detach(), first[0], rtol=1e-6, atol=1e-6)
 
 
+def test_cuda_eager_graph_capture_without_value_checks():
+    # Eager CUDA graph capture (torch.cuda.graph) allows no host synchronisation, which the checks
+    # of input values need; set_value_checks(False) leaves them out, and the replayed loss and
+    # gradient follow new scores copied into the captured input.
+    problem = random_problem(64, 1000, dtype=torch.float32).to("cuda")
+    static = problem.scores.detach().clone().requires_grad_()
+
+    def step():
+        loss = fastap.ap_loss(static, problem.relevance, **problem.kwargs())
+        loss.backward()
+        return loss
+
+    with fastap.set_value_checks(False):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capturing stream, as torch asks
+            for _ in range(2):
+                static.grad = None
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        static.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = step()
+    fresh = random_problem(64, 1000, dtype=torch.float32, seed=1).scores.to("cuda")
+    with torch.no_grad():
+        static.copy_(fresh)
+    graph.replay()
+    expected_scores = fresh.clone().requires_grad_()
+    expected = fastap.ap_loss(expected_scores, problem.relevance, **problem.kwargs())
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    torch.testing.assert_close(static.grad, expected_scores.grad, rtol=0, atol=0)
+
+
 def test_cuda_large_num_bins_error_is_clear():
     scores = torch.rand(4, 5, device="cuda")
     with pytest.raises(ValueError, match="num_bins"):

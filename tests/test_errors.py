@@ -82,6 +82,55 @@ def test_non_finite_scores(device, bad):
     assert torch.isfinite(loss) and torch.isfinite(scores.grad).all() and scores.grad[2, 3] == 0
 
 
+def test_value_checks_off_give_the_compiled_answers(device):
+    # set_value_checks(False) skips the checks that read values (a host sync on CUDA); then a
+    # query with a non-finite score has AP NaN and the others are untouched, relevance entries
+    # other than 0/1 are positives and query weights are used as given.
+    scores = torch.rand(4, 5, device=device)
+    clean = fastap.average_precision(scores, R.to(device))
+    scores[2, 3] = float("nan")
+    with fastap.set_value_checks(False) as mode:
+        assert isinstance(mode, fastap.set_value_checks)
+        ap = fastap.average_precision(scores, R.to(device))
+        assert torch.isnan(ap[2])
+        torch.testing.assert_close(ap[[0, 1, 3]], clean[[0, 1, 3]], rtol=0, atol=0)
+        twos = fastap.average_precision(S.to(device), R.to(device).float() * 2)
+        torch.testing.assert_close(twos, fastap.average_precision(S.to(device), R.to(device)))
+        weights = torch.tensor([1.0, -1.0, 1.0, 1.0], device=device)
+        assert torch.isfinite(fastap.ap_loss(S.to(device), R.to(device), query_weights=weights))
+    with pytest.raises(ValueError, match=r"NaN or infinity .*query row 2"):  # restored
+        fastap.average_precision(scores, R.to(device))
+    fastap.set_value_checks(False)  # on its own: sets the mode until set back
+    try:
+        assert torch.isnan(fastap.ap_loss(scores, R.to(device)))
+    finally:
+        fastap.set_value_checks(True)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        fastap.ap_loss(scores, R.to(device))
+
+
+def test_value_checks_mode_is_per_thread_and_a_bool():
+    import threading
+
+    scores = S.clone()
+    scores[0, 0] = float("inf")
+    errors = []
+
+    def other_thread():
+        try:
+            fastap.ap_loss(scores, R)
+        except ValueError as e:
+            errors.append(e)
+
+    with fastap.set_value_checks(False):
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1  # the other thread still checks
+    with pytest.raises(TypeError, match="mode must be a bool"):
+        fastap.set_value_checks(0)
+
+
 def test_direct_op_calls_are_checked():
     with pytest.raises(ValueError, match="exactly one of relevance"):
         torch.ops.fastap.soft_histogram(S, None, None, None, None, False, 20, -1.0, 1.0)
