@@ -84,7 +84,7 @@ def build_cuda() -> bool:
 
 
 def extension():
-    sources = ["csrc/fastap.cpp", "csrc/histogram_inputs.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx_flags = ["-O3", "-fopenmp"]
     if not build_cuda():
         return CppExtension(

@@ -91,7 +91,8 @@ step racecheck 120 racecheck.log compute-sanitizer --tool racecheck --error-exit
 step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
   --sizes 8192 32768 --reference-max 8192 --repeats 20 --reference-repeats 5 \
   --json "$OUT/loss.json"
-step variants 60 variants.md $PY benchmarks/bench_variants.py --device cuda --n 8192 --repeats 20
+step variants 90 variants.md bash -c "$PY benchmarks/bench_variants.py --device cuda --n 8192 \
+  --repeats 20 && $PY benchmarks/bench_ap_formula.py --device cuda --rows 8192 65536"
 
 for table in kernels profile loss variants embeddings; do
   [[ -s $OUT/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$OUT/$table.md"; }

@@ -24,6 +24,14 @@ TORCH_LIBRARY(fastap, m) {
       "soft_histogram_backward(Tensor grad_n, Tensor grad_p, Tensor scores, Tensor? relevance, "
       "Tensor? labels, Tensor? ref_labels, Tensor? ignore, bool exclude_self, int num_bins, "
       "float lo, float hi, int self_offset=0) -> Tensor");
+  // Per query row, the AP of the variant ('ap_q', 'tie_aware', 'tie_aware_simplified') from its
+  // histograms n, p [N, Q] (float32 or float64) and exact positive counts [N]: [N] in the dtype
+  // of n, 0 for a query without positives. The formula is ap_formula.h.
+  m.def("ap_from_histograms(Tensor n, Tensor p, Tensor positives, str variant) -> Tensor");
+  // (dL/dn, dL/dp) from dL/dap [N].
+  m.def(
+      "ap_from_histograms_backward(Tensor grad_ap, Tensor n, Tensor p, Tensor positives, "
+      "str variant) -> (Tensor, Tensor)");
   // The histograms of the cosine scores queries @ database^T (both already L2-normalised, N x D
   // and M x D, one floating dtype), with relevance from labels [N] / ref_labels [M] and
   // exclude_self as above, without the score matrix: the fused kernel of csrc/cuda

@@ -21,42 +21,6 @@ DEFAULT_NUM_BINS = 20
 DEFAULT_SCORE_RANGE = (-1.0, 1.0)
 
 
-TIE_AWARE_EPS = 1e-8  # the epsilon of the tie-aware formula, as in the authors' code
-
-
-def _safe(denominator: torch.Tensor) -> torch.Tensor:
-    """The denominator where it is positive, else 1 (keeps 0/0 terms at 0, gradients finite)."""
-    return torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-
-
-def _ap_quantized(n, p):
-    """AP_Q = sum_k (P_k / N_k) * p_k / Npos, Npos = P_{Q-1} (the soft count of positives)."""
-    cum_n = n.cumsum(-1)
-    cum_p = p.cumsum(-1)
-    # Bins with N_k = 0 also have p_k = 0; dividing by 1 there keeps values and gradients finite.
-    return (cum_p / _safe(cum_n) * p).sum(-1) / _safe(cum_p[:, -1])
-
-
-def _shifted(cumulative):
-    """C_{k-1}: the cumulative sum up to the bin before (0 before bin 0)."""
-    return torch.nn.functional.pad(cumulative[:, :-1], (1, 0))
-
-
-def _ap_tie_aware(n, p, num_positives, simplified: bool):
-    """AP_T of Revaud et al. (tie-aware: a bin's candidates are all tied), exact or simplified,
-    with the hard count of positives as the denominator, as in the authors' code."""
-    cum_n, cum_p = n.cumsum(-1), p.cumsum(-1)
-    prev_n, prev_p = _shifted(cum_n), _shifted(cum_p)
-    if simplified:
-        per_bin = p * (prev_p + cum_p + 1) / (prev_n + cum_n + 1)
-    else:
-        eps = TIE_AWARE_EPS
-        ratio = (p - 1).clamp(min=0) / ((n - 1).clamp(min=0) + eps)
-        spread = (prev_p + 1 - ratio * (prev_n + 1)) * torch.log((cum_n + 1) / (prev_n + 1))
-        per_bin = p * (n * ratio + spread) / (n + eps)
-    return per_bin.sum(-1) / _safe(num_positives)
-
-
 def ap_from_histograms(
     n: torch.Tensor, p: torch.Tensor, num_positives: torch.Tensor, variant: str = "ap_q"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,13 +35,8 @@ def ap_from_histograms(
     Returns:
         (ap [N], has_positive [N] bool). A query without positives gets ap = 0 and no gradient.
     """
-    positives = num_positives.to(n.dtype)
-    if check_variant(variant) == "ap_q":
-        ap = _ap_quantized(n, p)
-    else:
-        ap = _ap_tie_aware(n, p, positives, simplified=variant == "tie_aware_simplified")
-    has_positive = positives > 0
-    return torch.where(has_positive, ap, torch.zeros_like(ap)), has_positive
+    ap = ops.ap_from_histograms(n, p, num_positives, check_variant(variant))
+    return ap, num_positives > 0
 
 
 def _histograms(

@@ -85,6 +85,16 @@ if _LOAD_ERROR is None:
             torch.empty_like(database, memory_format=torch.contiguous_format),
         )
 
+    @torch.library.register_fake("fastap::ap_from_histograms")
+    def _ap_from_histograms_fake(n, p, positives, variant):
+        return n.new_empty((n.shape[0],))
+
+    @torch.library.register_fake("fastap::ap_from_histograms_backward")
+    def _ap_from_histograms_backward_fake(grad_ap, n, p, positives, variant):
+        return torch.empty_like(n, memory_format=torch.contiguous_format), torch.empty_like(
+            p, memory_format=torch.contiguous_format
+        )
+
 
 def dense_histogram_grads(grad_n, grad_p):
     """The incoming gradients of (n, p) as tensors (autograd passes None for an unused output)."""
@@ -184,3 +194,36 @@ class EmbeddingHistogram(torch.autograd.Function):
             grad_n, grad_p, queries, database, labels, ref_labels, *ctx.options
         )
         return (grad_queries, grad_database, None, None) + (None,) * len(ctx.options)
+
+
+class ApFromHistograms(torch.autograd.Function):
+    """Per-query AP of a loss variant from the histograms (fastap::ap_from_histograms: one
+    kernel for the O(N Q) formula instead of some fifty small tensor ops), differentiable with
+    respect to n and p.
+
+    forward(n [N, Q], p [N, Q] (float32 or float64), positives [N] (exact counts), variant)
+    returns ap [N], 0 for a query without positives (no gradient). The formulas are those of
+    fastap.reference.ap_from_histograms (csrc/ap_formula.h).
+    """
+
+    @staticmethod
+    def forward(ctx, n, p, positives, variant):
+        ctx.save_for_backward(n, p, positives)
+        ctx.variant = variant
+        return torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
+
+    @staticmethod
+    def backward(ctx, grad_ap):
+        n, p, positives = ctx.saved_tensors
+        grad_n, grad_p = torch.ops.fastap.ap_from_histograms_backward(
+            grad_ap, n, p, positives, ctx.variant
+        )
+        return grad_n, grad_p, None, None
+
+
+def ap_from_histograms(
+    n: torch.Tensor, p: torch.Tensor, positives: torch.Tensor, variant: str
+) -> torch.Tensor:
+    """Differentiable per-query AP from the histograms (see ApFromHistograms)."""
+    _require_extension()
+    return ApFromHistograms.apply(n, p, positives, variant)

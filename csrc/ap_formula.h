@@ -1,0 +1,152 @@
+// The AP of one query row from its soft histograms, and its gradient: the O(Q) formula that every
+// loss variant applies after the O(M) binning, written once for the CPU op and the CUDA kernel
+// (csrc/cpu/ap_formula.cpp, csrc/cuda/ap_formula.cu). No torch.
+//
+// Row inputs: n[k] (soft count of the counted candidates in bin k, bin 0 the top of the ranking),
+// p[k] (of the positives), `positives` (the exact count). With N_k = n[0] + ... + n[k] and
+// P_k = p[0] + ... + p[k] (N_{-1} = P_{-1} = 0):
+//   quantized (AP_Q):          sum_k (P_k / N_k) p[k] / P_{Q-1}
+//   tie-aware simplified:      sum_k p[k] (P_{k-1} + P_k + 1) / (N_{k-1} + N_k + 1) / positives
+//   tie-aware (AP_T, exact):   sum_k p[k] (n[k] r_k + (P_{k-1} + 1 - r_k (N_{k-1} + 1))
+//                                  log((N_k + 1) / (N_{k-1} + 1))) / (n[k] + eps) / positives,
+//                              r_k = relu(p[k] - 1) / (relu(n[k] - 1) + eps), eps = 1e-8,
+// and 0 for a row without positives (which then gets no gradient). A denominator N_k or P_{Q-1}
+// that is 0 is taken as 1 (its bins hold nothing, so the term is 0 and stays differentiable).
+// These are the formulas of fastap.reference.ap_from_histograms, whose autograd gradient the
+// backward below reproduces (relu: no gradient at 0); tests/test_ap_formula.py compares both.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "binning.h"  // FASTAP_HOST_DEVICE
+
+namespace fastap {
+
+enum class ApVariant : int32_t { kQuantized = 0, kTieAware = 1, kTieAwareSimplified = 2 };
+
+constexpr double kTieAwareEps = 1e-8;  // as in the authors' code
+
+template <typename T>
+FASTAP_HOST_DEVICE T positive_or_one(T x) {
+  return x > T(0) ? x : T(1);
+}
+
+// One bin's term of a tie-aware variant and its partial derivatives with respect to p[k], n[k],
+// P_{k-1}, P_k, N_{k-1} and N_k (the backward needs them; the forward only the value).
+template <typename T>
+struct TieAwareTerm {
+  T value, d_p, d_n, d_prev_p, d_cum_p, d_prev_n, d_cum_n;
+
+  FASTAP_HOST_DEVICE TieAwareTerm(bool simplified, T p, T n, T prev_p, T cum_p, T prev_n,
+                                  T cum_n) {
+    if (simplified) {
+      const T a = prev_p + cum_p + T(1);
+      const T b = prev_n + cum_n + T(1);
+      value = p * a / b;
+      d_p = a / b;
+      d_prev_p = d_cum_p = p / b;
+      d_prev_n = d_cum_n = -p * a / (b * b);
+      d_n = T(0);
+      return;
+    }
+    const T eps = static_cast<T>(kTieAwareEps);
+    const T above = p - T(1) > T(0) ? p - T(1) : T(0);
+    const T below = (n - T(1) > T(0) ? n - T(1) : T(0)) + eps;
+    const T ratio = above / below;
+    const T within = n * ratio;  // the bin's own ties
+    const T start = prev_p + T(1) - ratio * (prev_n + T(1));
+    const T growth = (cum_n + T(1)) / (prev_n + T(1));
+    const T log_growth = std::log(growth);
+    const T spread = start * log_growth;
+    const T u = within + spread;
+    const T norm = n + eps;
+    value = p * u / norm;
+    // Backward through the same expressions.
+    const T d_u = p / norm;
+    d_p = u / norm;
+    d_n = -p * u / (norm * norm) + d_u * ratio;
+    T d_ratio = d_u * n;
+    const T d_start = d_u * log_growth;
+    const T d_growth = d_u * start / growth;
+    d_prev_p = d_start;
+    d_ratio -= d_start * (prev_n + T(1));
+    d_cum_n = d_growth / (prev_n + T(1));
+    d_prev_n = -d_start * ratio - d_growth * (cum_n + T(1)) / ((prev_n + T(1)) * (prev_n + T(1)));
+    d_cum_p = T(0);
+    if (p - T(1) > T(0)) d_p += d_ratio / below;
+    if (n - T(1) > T(0)) d_n -= d_ratio * above / (below * below);
+  }
+};
+
+// AP of one row (n and p: q bins each). Accumulates in T.
+template <typename T>
+FASTAP_HOST_DEVICE T ap_row(const T* n, const T* p, int64_t q, T positives, ApVariant variant) {
+  if (!(positives > T(0))) return T(0);
+  T cum_n = T(0), cum_p = T(0), total = T(0);
+  for (int64_t k = 0; k < q; ++k) {
+    const T prev_n = cum_n, prev_p = cum_p;
+    cum_n += n[k];
+    cum_p += p[k];
+    if (variant == ApVariant::kQuantized) {
+      total += cum_p / positive_or_one(cum_n) * p[k];
+    } else {
+      total += TieAwareTerm<T>(variant == ApVariant::kTieAwareSimplified, p[k], n[k], prev_p,
+                               cum_p, prev_n, cum_n).value;
+    }
+  }
+  const T denominator = variant == ApVariant::kQuantized ? cum_p : positives;
+  return total / positive_or_one(denominator);
+}
+
+// grad_n[k] = g dAP/dn[k] and grad_p[k] = g dAP/dp[k] of one row; zero without positives. The
+// output arrays first hold N_k and P_k (computed forward), which the reverse sweep then replaces
+// by the gradients (bin k reads N_k and N_{k-1} before it writes bin k).
+template <typename T>
+FASTAP_HOST_DEVICE void ap_row_backward(T g, const T* n, const T* p, int64_t q, T positives,
+                                        ApVariant variant, T* grad_n, T* grad_p) {
+  if (!(positives > T(0))) g = T(0);
+  const bool quantized = variant == ApVariant::kQuantized;
+  T cum_n = T(0), cum_p = T(0), total = T(0);
+  for (int64_t k = 0; k < q; ++k) {
+    cum_n += n[k];
+    cum_p += p[k];
+    grad_n[k] = cum_n;
+    grad_p[k] = cum_p;
+    if (quantized) total += cum_p / positive_or_one(cum_n) * p[k];
+  }
+  const T denominator = quantized ? cum_p : positives;
+  const T d_total = g / positive_or_one(denominator);
+  // AP_Q divides by P_{Q-1}, which depends on every p[k].
+  const T d_last_cum_p = quantized && cum_p > T(0) ? -g * total / (cum_p * cum_p) : T(0);
+  T sum_n = T(0), sum_p = T(0);      // sum over j >= k of dAP/dN_j, dAP/dP_j
+  T carry_n = T(0), carry_p = T(0);  // bin k + 1's derivative by N_k, P_k (its "previous")
+  for (int64_t k = q - 1; k >= 0; --k) {
+    const T cn = grad_n[k], cp = grad_p[k];
+    const T prev_n = k > 0 ? grad_n[k - 1] : T(0);
+    const T prev_p = k > 0 ? grad_p[k - 1] : T(0);
+    T d_cum_n, d_cum_p, d_n, d_p;
+    if (quantized) {
+      const T safe_n = positive_or_one(cn);
+      d_p = d_total * cp / safe_n;
+      d_n = T(0);
+      d_cum_p = d_total * p[k] / safe_n + (k == q - 1 ? d_last_cum_p : T(0));
+      d_cum_n = cn > T(0) ? -d_total * cp * p[k] / (safe_n * safe_n) : T(0);
+    } else {
+      const TieAwareTerm<T> term(variant == ApVariant::kTieAwareSimplified, p[k], n[k], prev_p,
+                                 cp, prev_n, cn);
+      d_p = d_total * term.d_p;
+      d_n = d_total * term.d_n;
+      d_cum_p = d_total * term.d_cum_p + carry_p;
+      d_cum_n = d_total * term.d_cum_n + carry_n;
+      carry_p = d_total * term.d_prev_p;
+      carry_n = d_total * term.d_prev_n;
+    }
+    sum_n += d_cum_n;
+    sum_p += d_cum_p;
+    grad_n[k] = sum_n + d_n;
+    grad_p[k] = sum_p + d_p;
+  }
+}
+
+}  // namespace fastap

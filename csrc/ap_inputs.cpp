@@ -1,0 +1,49 @@
+#include "ap_inputs.h"
+
+namespace fastap {
+
+ApVariant parse_ap_variant(const std::string& variant) {
+  if (variant == "ap_q") return ApVariant::kQuantized;
+  if (variant == "tie_aware") return ApVariant::kTieAware;
+  if (variant == "tie_aware_simplified") return ApVariant::kTieAwareSimplified;
+  TORCH_CHECK_VALUE(false, "fastap: variant must be one of ('ap_q', 'tie_aware', "
+                    "'tie_aware_simplified'), got '", variant, "'");
+  return ApVariant::kQuantized;  // not reached
+}
+
+ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Tensor& positives,
+                         const std::string& variant, const at::Tensor& grad_ap) {
+  TORCH_CHECK_VALUE(n.dim() == 2, "fastap: n must be 2-D (queries x bins), got shape ", n.sizes());
+  TORCH_CHECK_TYPE(n.scalar_type() == at::kFloat || n.scalar_type() == at::kDouble,
+                   "fastap: n must be float32 or float64, got ", n.scalar_type());
+  TORCH_CHECK_VALUE(p.sizes() == n.sizes(), "fastap: p must have the shape of n ", n.sizes(),
+                    ", got ", p.sizes());
+  TORCH_CHECK_TYPE(p.scalar_type() == n.scalar_type(), "fastap: p must have the dtype of n (",
+                   n.scalar_type(), "), got ", p.scalar_type());
+  const int64_t rows = n.size(0);
+  TORCH_CHECK_VALUE(positives.dim() == 1 && positives.size(0) == rows,
+                    "fastap: positives must be 1-D with one count per query (", rows,
+                    "), got shape ", positives.sizes());
+  TORCH_CHECK_TYPE(!positives.is_complex() && positives.scalar_type() != at::kBool,
+                   "fastap: positives must be an integer or floating count, got ",
+                   positives.scalar_type());
+  for (const auto* t : {&p, &positives, &grad_ap}) {
+    if (!t->defined()) continue;
+    const char* name = t == &p ? "p" : t == &positives ? "positives" : "grad_ap";
+    TORCH_CHECK_VALUE(t->device() == n.device(), "fastap: ", name, " is on ", t->device(),
+                      " but n is on ", n.device());
+  }
+  ApInputs in;
+  in.variant = parse_ap_variant(variant);
+  in.n = n.contiguous();
+  in.p = p.contiguous();
+  in.positives = positives.to(n.scalar_type()).contiguous();
+  if (grad_ap.defined()) {
+    TORCH_CHECK_VALUE(grad_ap.dim() == 1 && grad_ap.size(0) == rows,
+                      "fastap: grad_ap must have shape [", rows, "], got ", grad_ap.sizes());
+    in.grad_ap = grad_ap.to(n.scalar_type()).contiguous();
+  }
+  return in;
+}
+
+}  // namespace fastap

@@ -1,0 +1,33 @@
+// Host-side argument handling of fastap::ap_from_histograms and its backward, shared by the CPU
+// and CUDA implementations: checks that name the argument, and the contiguous copies the kernels
+// read. The formula itself is in ap_formula.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "ap_formula.h"
+
+namespace fastap {
+
+// One call's inputs, checked: n and p [N, Q] contiguous float32/float64 of one dtype and device;
+// positives [N] in that dtype; grad_ap [N] in that dtype (backward only).
+struct ApInputs {
+  at::Tensor n;
+  at::Tensor p;
+  at::Tensor positives;
+  at::Tensor grad_ap;
+  ApVariant variant;
+
+  int64_t num_queries() const { return n.size(0); }
+  int64_t num_bins() const { return n.size(1); }
+};
+
+ApVariant parse_ap_variant(const std::string& variant);
+
+// grad_ap undefined for the forward.
+ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Tensor& positives,
+                         const std::string& variant, const at::Tensor& grad_ap = at::Tensor());
+
+}  // namespace fastap

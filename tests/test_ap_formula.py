@@ -1,0 +1,145 @@
+"""fastap::ap_from_histograms and its backward (csrc/ap_formula.h: the O(N Q) formula of every
+variant in one kernel) against the bin-by-bin formulas of fastap.reference and their autograd
+gradients, on random histograms with empty bins, rows without positives and both dtypes."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastap
+from fastap import reference
+from fastap.ops import ApFromHistograms
+
+VARIANTS = fastap.VARIANTS
+
+
+def random_histograms(rows, bins, seed, dtype=torch.float64, device="cpu"):
+    """Histograms as the binning makes them: each positive spreads mass 1 over the bins, so p sums
+    to the exact count of positives (0 to 3, some rows 0); n = p plus the negatives' mass; some
+    bins empty, the leading ones included."""
+    g = torch.Generator().manual_seed(seed)
+    positives = torch.randint(0, 4, (rows,), generator=g)
+    empty = torch.rand(rows, bins, generator=g) < 0.3
+    empty[:, 0] |= torch.rand(rows, generator=g) < 0.5
+    empty[:, -1] = False  # somewhere to put the mass
+    shares = torch.rand(rows, bins, generator=g, dtype=torch.float64).masked_fill(empty, 0)
+    p = shares / shares.sum(1, keepdim=True) * positives[:, None]
+    negatives = torch.rand(rows, bins, generator=g, dtype=torch.float64).masked_fill(empty, 0)
+    n = p + 2 * negatives
+    return n.to(device, dtype), p.to(device, dtype), positives.to(device)
+
+
+def reference_with_grads(n, p, positives, variant, grad_ap):
+    n = n.detach().clone().requires_grad_()
+    p = p.detach().clone().requires_grad_()
+    ap, _ = reference.ap_from_histograms(n, p, positives, variant)
+    grad_n, grad_p = torch.autograd.grad(ap, (n, p), grad_ap)
+    return ap.detach(), grad_n, grad_p
+
+
+def check_against_reference(n, p, positives, variant, seed=0, tol=1e-10):
+    g = torch.Generator().manual_seed(seed)
+    grad_ap = torch.randn(n.shape[0], generator=g, dtype=n.dtype).to(n.device)
+    ap = torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
+    grad_n, grad_p = torch.ops.fastap.ap_from_histograms_backward(grad_ap, n, p, positives, variant)
+    expected = reference_with_grads(n, p, positives, variant, grad_ap)
+    for got, want in zip((ap, grad_n, grad_p), expected):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("rows,bins", [(1, 2), (9, 7), (33, 20), (5, 101)])
+def test_equals_reference_and_its_autograd(device, variant, rows, bins):
+    check_against_reference(*random_histograms(rows, bins, seed=bins, device=device), variant)
+
+
+@given(
+    rows=st.integers(0, 6),
+    bins=st.integers(2, 40),
+    seed=st.integers(0, 2**16),
+    variant=st.sampled_from(VARIANTS),
+)
+def test_equals_reference_property(rows, bins, seed, variant):
+    check_against_reference(*random_histograms(rows, bins, seed), variant, seed=seed)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float32_close_to_float64(device, variant):
+    n, p, positives = random_histograms(40, 20, seed=3, device=device)
+    ap64 = torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
+    ap32 = torch.ops.fastap.ap_from_histograms(n.float(), p.float(), positives, variant)
+    assert ap32.dtype == torch.float32
+    torch.testing.assert_close(ap32.double(), ap64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rows_without_positives_give_zero_and_no_gradient(variant):
+    n, p, positives = random_histograms(6, 9, seed=5)
+    positives[::2] = 0
+    ap = torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
+    grad_n, grad_p = torch.ops.fastap.ap_from_histograms_backward(
+        torch.ones(6, dtype=n.dtype), n, p, positives, variant
+    )
+    assert (ap[::2] == 0).all() and (grad_n[::2] == 0).all() and (grad_p[::2] == 0).all()
+    assert (ap[1::2] != 0).any()
+
+
+def test_hand_computed_quantized():
+    # Two bins: n = (2, 2), p = (1, 1): AP_Q = (1/2 * 1 + 2/4 * 1) / 2 = 0.5. With p = (2, 0):
+    # (2/2 * 2) / 2 = 1.
+    n = torch.tensor([[2.0, 2.0], [2.0, 2.0]], dtype=torch.float64)
+    p = torch.tensor([[1.0, 1.0], [2.0, 0.0]], dtype=torch.float64)
+    ap = torch.ops.fastap.ap_from_histograms(n, p, torch.tensor([2, 2]), "ap_q")
+    torch.testing.assert_close(ap, torch.tensor([0.5, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradcheck(variant):
+    g = torch.Generator().manual_seed(7)
+    # Away from the formula's kinks (n or p exactly 1, empty bins).
+    n = (1.5 + torch.rand(4, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    p = n.detach() * (0.6 + 0.3 * torch.rand(4, 6, generator=g, dtype=torch.float64))
+    p.requires_grad_()
+    positives = torch.tensor([3, 1, 0, 5])
+    assert torch.autograd.gradcheck(
+        lambda a, b: ApFromHistograms.apply(a, b, positives, variant), (n, p)
+    )
+
+
+def test_opcheck(device):
+    n, p, positives = random_histograms(7, 5, seed=2, dtype=torch.float32, device=device)
+    for variant in VARIANTS:
+        args = (n, p, positives, variant)
+        torch.library.opcheck(torch.ops.fastap.ap_from_histograms.default, args)
+        grad_ap = torch.randn(7, device=device)
+        torch.library.opcheck(
+            torch.ops.fastap.ap_from_histograms_backward.default,
+            (grad_ap, n, p, positives, variant),
+        )
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.rand(3), torch.rand(3), torch.ones(3), "ap_q"), ValueError, "n must be 2-D"),
+        ((torch.rand(3, 4), torch.rand(3, 5), torch.ones(3), "ap_q"), ValueError, "p must have"),
+        (
+            (torch.rand(3, 4), torch.rand(3, 4).double(), torch.ones(3), "ap_q"),
+            TypeError,
+            "p must have the dtype",
+        ),
+        ((torch.rand(3, 4).half(),) * 2 + (torch.ones(3), "ap_q"), TypeError, "float32 or float64"),
+        ((torch.rand(3, 4), torch.rand(3, 4), torch.ones(2), "ap_q"), ValueError, "positives"),
+        ((torch.rand(3, 4), torch.rand(3, 4), torch.ones(3), "map"), ValueError, "variant"),
+    ],
+)
+def test_bad_arguments_are_named(args, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.fastap.ap_from_histograms(*args)
+
+
+def test_backward_checks_grad_ap():
+    n, p = torch.rand(3, 4), torch.rand(3, 4)
+    with pytest.raises(ValueError, match="grad_ap must have shape"):
+        torch.ops.fastap.ap_from_histograms_backward(torch.ones(4), n, p, torch.ones(3), "ap_q")
