@@ -4,9 +4,8 @@
 // centred at c_k = hi - k * delta, so bin 0 is the top of the ranking. A score s has the position
 // t = (hi - s) / delta clamped to [0, Q - 1] (which is the position of s clamped to [lo, hi]); with
 // k = floor(t) (at most Q - 2) and f = t - k, it puts the weight 1 - f into bin k and f into bin
-// k + 1. That is exactly the
-// triangular assignment w_k(s) = max(0, 1 - |clamp(s) - c_k| / delta) of the paper: at most two bins
-// are non-zero and the weights sum to one.
+// k + 1. That is exactly the triangular assignment w_k(s) = max(0, 1 - |clamp(s) - c_k| / delta)
+// of the paper: at most two bins are non-zero and the weights sum to one.
 //
 // Since dt/ds = -1/delta, d(1 - f)/ds = +1/delta and df/ds = -1/delta, so an upstream gradient
 // g (one value per bin) gives dL/ds = (g[k] - g[k + 1]) / delta. It is zero where the loss is
