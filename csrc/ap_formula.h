@@ -81,8 +81,9 @@ struct TieAwareTerm {
 
 // AP of one row (n and p: q bins each). Accumulates in T.
 template <typename T>
-FASTAP_HOST_DEVICE T ap_row(const T* n, const T* p, int64_t q, T positives, ApVariant variant) {
-  if (!(positives > T(0))) return T(0);
+FASTAP_HOST_DEVICE T ap_row(const T* n, const T* p, int64_t q, int64_t positives,
+                            ApVariant variant) {
+  if (positives <= 0) return T(0);
   T cum_n = T(0), cum_p = T(0), total = T(0);
   for (int64_t k = 0; k < q; ++k) {
     const T prev_n = cum_n, prev_p = cum_p;
@@ -95,7 +96,7 @@ FASTAP_HOST_DEVICE T ap_row(const T* n, const T* p, int64_t q, T positives, ApVa
                                cum_p, prev_n, cum_n).value;
     }
   }
-  const T denominator = variant == ApVariant::kQuantized ? cum_p : positives;
+  const T denominator = variant == ApVariant::kQuantized ? cum_p : static_cast<T>(positives);
   return total / positive_or_one(denominator);
 }
 
@@ -103,9 +104,9 @@ FASTAP_HOST_DEVICE T ap_row(const T* n, const T* p, int64_t q, T positives, ApVa
 // output arrays first hold N_k and P_k (computed forward), which the reverse sweep then replaces
 // by the gradients (bin k reads N_k and N_{k-1} before it writes bin k).
 template <typename T>
-FASTAP_HOST_DEVICE void ap_row_backward(T g, const T* n, const T* p, int64_t q, T positives,
+FASTAP_HOST_DEVICE void ap_row_backward(T g, const T* n, const T* p, int64_t q, int64_t positives,
                                         ApVariant variant, T* grad_n, T* grad_p) {
-  if (!(positives > T(0))) g = T(0);
+  if (positives <= 0) g = T(0);
   const bool quantized = variant == ApVariant::kQuantized;
   T cum_n = T(0), cum_p = T(0), total = T(0);
   for (int64_t k = 0; k < q; ++k) {
@@ -115,7 +116,7 @@ FASTAP_HOST_DEVICE void ap_row_backward(T g, const T* n, const T* p, int64_t q, 
     grad_p[k] = cum_p;
     if (quantized) total += cum_p / positive_or_one(cum_n) * p[k];
   }
-  const T denominator = quantized ? cum_p : positives;
+  const T denominator = quantized ? cum_p : static_cast<T>(positives);
   const T d_total = g / positive_or_one(denominator);
   // AP_Q divides by P_{Q-1}, which depends on every p[k].
   const T d_last_cum_p = quantized && cum_p > T(0) ? -g * total / (cum_p * cum_p) : T(0);

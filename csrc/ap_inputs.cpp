@@ -37,7 +37,9 @@ ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Ten
   in.variant = parse_ap_variant(variant);
   in.n = n.contiguous();
   in.p = p.contiguous();
-  in.positives = positives.to(n.scalar_type()).contiguous();
+  // Counts: floating ones are rounded to the nearest integer (int64 input is taken as it is).
+  in.positives =
+      (positives.is_floating_point() ? positives.round() : positives).to(at::kLong).contiguous();
   if (grad_ap.defined()) {
     TORCH_CHECK_VALUE(grad_ap.dim() == 1 && grad_ap.size(0) == rows,
                       "fastap: grad_ap must have shape [", rows, "], got ", grad_ap.sizes());

@@ -12,7 +12,8 @@
 namespace fastap {
 
 // One call's inputs, checked: n and p [N, Q] contiguous float32/float64 of one dtype and device;
-// positives [N] in that dtype; grad_ap [N] in that dtype (backward only).
+// positives [N] int64 (as the histogram ops give them: no conversion then; floating counts are
+// rounded); grad_ap [N] in the dtype of n (backward only).
 struct ApInputs {
   at::Tensor n;
   at::Tensor p;

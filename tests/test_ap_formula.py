@@ -143,3 +143,12 @@ def test_backward_checks_grad_ap():
     n, p = torch.rand(3, 4), torch.rand(3, 4)
     with pytest.raises(ValueError, match="grad_ap must have shape"):
         torch.ops.fastap.ap_from_histograms_backward(torch.ones(4), n, p, torch.ones(3), "ap_q")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_floating_counts_are_rounded(variant):
+    n, p, positives = random_histograms(8, 6, seed=9)
+    expected = torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
+    for counts in (positives.float() + 0.3, positives.double() - 0.3, positives.int()):
+        got = torch.ops.fastap.ap_from_histograms(n, p, counts, variant)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

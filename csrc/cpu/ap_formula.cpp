@@ -28,7 +28,7 @@ at::Tensor ap_from_histograms_cpu(const at::Tensor& n, const at::Tensor& p,
   AT_DISPATCH_FLOATING_TYPES(in.n.scalar_type(), "fastap_ap_from_histograms_cpu", [&] {
     const scalar_t* n_data = in.n.const_data_ptr<scalar_t>();
     const scalar_t* p_data = in.p.const_data_ptr<scalar_t>();
-    const scalar_t* counts = in.positives.const_data_ptr<scalar_t>();
+    const int64_t* counts = in.positives.const_data_ptr<int64_t>();
     scalar_t* out = ap.data_ptr<scalar_t>();
     at::parallel_for(0, in.num_queries(), rows_grain(q), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> ap_from_histograms_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(in.n.scalar_type(), "fastap_ap_from_histograms_backward_cpu", [&] {
     const scalar_t* n_data = in.n.const_data_ptr<scalar_t>();
     const scalar_t* p_data = in.p.const_data_ptr<scalar_t>();
-    const scalar_t* counts = in.positives.const_data_ptr<scalar_t>();
+    const int64_t* counts = in.positives.const_data_ptr<int64_t>();
     const scalar_t* g = in.grad_ap.const_data_ptr<scalar_t>();
     scalar_t* gn = grad_n.data_ptr<scalar_t>();
     scalar_t* gp = grad_p.data_ptr<scalar_t>();

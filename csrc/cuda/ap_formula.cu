@@ -20,7 +20,7 @@ namespace fastap {
 
 template <typename T>
 __global__ void ap_rows_kernel(const T* __restrict__ n, const T* __restrict__ p,
-                               const T* __restrict__ positives, int64_t rows, int64_t q,
+                               const int64_t* __restrict__ positives, int64_t rows, int64_t q,
                                ApVariant variant, T* __restrict__ ap) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < rows; i += stride) {
@@ -30,7 +30,7 @@ __global__ void ap_rows_kernel(const T* __restrict__ n, const T* __restrict__ p,
 
 template <typename T>
 __global__ void ap_rows_backward_kernel(const T* __restrict__ grad_ap, const T* __restrict__ n,
-                                        const T* __restrict__ p, const T* __restrict__ positives,
+                                        const T* __restrict__ p, const int64_t* __restrict__ positives,
                                         int64_t rows, int64_t q, ApVariant variant,
                                         T* __restrict__ grad_n, T* __restrict__ grad_p) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
@@ -59,7 +59,7 @@ at::Tensor ap_from_histograms_cuda(const at::Tensor& n, const at::Tensor& p,
   AT_DISPATCH_FLOATING_TYPES(in.n.scalar_type(), "fastap_ap_from_histograms_cuda", [&] {
     ap_rows_kernel<scalar_t><<<row_blocks(in.num_queries()), kApThreads, 0, stream>>>(
         in.n.const_data_ptr<scalar_t>(), in.p.const_data_ptr<scalar_t>(),
-        in.positives.const_data_ptr<scalar_t>(), in.num_queries(), in.num_bins(), in.variant,
+        in.positives.const_data_ptr<int64_t>(), in.num_queries(), in.num_bins(), in.variant,
         ap.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor> ap_from_histograms_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES(in.n.scalar_type(), "fastap_ap_from_histograms_backward_cuda", [&] {
     ap_rows_backward_kernel<scalar_t><<<row_blocks(in.num_queries()), kApThreads, 0, stream>>>(
         in.grad_ap.const_data_ptr<scalar_t>(), in.n.const_data_ptr<scalar_t>(),
-        in.p.const_data_ptr<scalar_t>(), in.positives.const_data_ptr<scalar_t>(),
+        in.p.const_data_ptr<scalar_t>(), in.positives.const_data_ptr<int64_t>(),
         in.num_queries(), in.num_bins(), in.variant, grad_n.data_ptr<scalar_t>(),
         grad_p.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
