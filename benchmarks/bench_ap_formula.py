@@ -1,6 +1,6 @@
 """The O(N Q) part of the loss, AP from the histograms, forward + backward: the fused op
 (fastap::ap_from_histograms, one kernel each way) against the same formulas as vectorised
-PyTorch operations (cumsum, where, division: some fifty small kernels with their autograd), the
+PyTorch operations (cumsum, where, division: some thirty small kernels with their autograd), the
 way fastap computed it before the op. On a GPU the difference is mostly launch overhead.
 
     python benchmarks/bench_ap_formula.py --device cpu --rows 8192

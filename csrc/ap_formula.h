@@ -32,22 +32,38 @@ FASTAP_HOST_DEVICE T positive_or_one(T x) {
   return x > T(0) ? x : T(1);
 }
 
-// One bin's term of a tie-aware variant and its partial derivatives with respect to p[k], n[k],
-// P_{k-1}, P_k, N_{k-1} and N_k (the backward needs them; the forward only the value).
+// The AP formula's divisor: P_{Q-1} for AP_Q, the exact count of positives for the tie-aware
+// variants (as 1 where it is 0).
 template <typename T>
-struct TieAwareTerm {
+FASTAP_HOST_DEVICE T ap_denominator(ApVariant variant, T last_cum_p, int64_t positives) {
+  const T divisor = variant == ApVariant::kQuantized ? last_cum_p : static_cast<T>(positives);
+  return positive_or_one(divisor);
+}
+
+// Bin k's term of the sum, from p[k], n[k], P_{k-1}, P_k, N_{k-1} and N_k, and its partial
+// derivatives by each of them (the backward needs them; the forward only the value, and the
+// compiler drops the rest there).
+template <typename T>
+struct BinTerm {
   T value, d_p, d_n, d_prev_p, d_cum_p, d_prev_n, d_cum_n;
 
-  FASTAP_HOST_DEVICE TieAwareTerm(bool simplified, T p, T n, T prev_p, T cum_p, T prev_n,
-                                  T cum_n) {
-    if (simplified) {
+  FASTAP_HOST_DEVICE BinTerm(ApVariant variant, T p, T n, T prev_p, T cum_p, T prev_n, T cum_n) {
+    d_n = d_prev_p = d_prev_n = T(0);
+    if (variant == ApVariant::kQuantized) {  // (P_k / N_k) p[k]
+      const T safe_n = positive_or_one(cum_n);
+      value = cum_p / safe_n * p;
+      d_p = cum_p / safe_n;
+      d_cum_p = p / safe_n;
+      d_cum_n = cum_n > T(0) ? -cum_p * p / (safe_n * safe_n) : T(0);
+      return;
+    }
+    if (variant == ApVariant::kTieAwareSimplified) {
       const T a = prev_p + cum_p + T(1);
       const T b = prev_n + cum_n + T(1);
       value = p * a / b;
       d_p = a / b;
       d_prev_p = d_cum_p = p / b;
       d_prev_n = d_cum_n = -p * a / (b * b);
-      d_n = T(0);
       return;
     }
     const T eps = static_cast<T>(kTieAwareEps);
@@ -89,15 +105,9 @@ FASTAP_HOST_DEVICE T ap_row(const T* n, const T* p, int64_t q, int64_t positives
     const T prev_n = cum_n, prev_p = cum_p;
     cum_n += n[k];
     cum_p += p[k];
-    if (variant == ApVariant::kQuantized) {
-      total += cum_p / positive_or_one(cum_n) * p[k];
-    } else {
-      total += TieAwareTerm<T>(variant == ApVariant::kTieAwareSimplified, p[k], n[k], prev_p,
-                               cum_p, prev_n, cum_n).value;
-    }
+    total += BinTerm<T>(variant, p[k], n[k], prev_p, cum_p, prev_n, cum_n).value;
   }
-  const T denominator = variant == ApVariant::kQuantized ? cum_p : static_cast<T>(positives);
-  return total / positive_or_one(denominator);
+  return total / ap_denominator(variant, cum_p, positives);
 }
 
 // grad_n[k] = g dAP/dn[k] and grad_p[k] = g dAP/dp[k] of one row; zero without positives. The
@@ -110,15 +120,15 @@ FASTAP_HOST_DEVICE void ap_row_backward(T g, const T* n, const T* p, int64_t q, 
   const bool quantized = variant == ApVariant::kQuantized;
   T cum_n = T(0), cum_p = T(0), total = T(0);
   for (int64_t k = 0; k < q; ++k) {
+    const T prev_n = cum_n, prev_p = cum_p;
     cum_n += n[k];
     cum_p += p[k];
     grad_n[k] = cum_n;
     grad_p[k] = cum_p;
-    if (quantized) total += cum_p / positive_or_one(cum_n) * p[k];
+    // Only AP_Q's divisor depends on the histograms, and so needs the sum.
+    if (quantized) total += BinTerm<T>(variant, p[k], n[k], prev_p, cum_p, prev_n, cum_n).value;
   }
-  const T denominator = quantized ? cum_p : static_cast<T>(positives);
-  const T d_total = g / positive_or_one(denominator);
-  // AP_Q divides by P_{Q-1}, which depends on every p[k].
+  const T d_total = g / ap_denominator(variant, cum_p, positives);
   const T d_last_cum_p = quantized && cum_p > T(0) ? -g * total / (cum_p * cum_p) : T(0);
   T sum_n = T(0), sum_p = T(0);      // sum over j >= k of dAP/dN_j, dAP/dP_j
   T carry_n = T(0), carry_p = T(0);  // bin k + 1's derivative by N_k, P_k (its "previous")
@@ -126,27 +136,13 @@ FASTAP_HOST_DEVICE void ap_row_backward(T g, const T* n, const T* p, int64_t q, 
     const T cn = grad_n[k], cp = grad_p[k];
     const T prev_n = k > 0 ? grad_n[k - 1] : T(0);
     const T prev_p = k > 0 ? grad_p[k - 1] : T(0);
-    T d_cum_n, d_cum_p, d_n, d_p;
-    if (quantized) {
-      const T safe_n = positive_or_one(cn);
-      d_p = d_total * cp / safe_n;
-      d_n = T(0);
-      d_cum_p = d_total * p[k] / safe_n + (k == q - 1 ? d_last_cum_p : T(0));
-      d_cum_n = cn > T(0) ? -d_total * cp * p[k] / (safe_n * safe_n) : T(0);
-    } else {
-      const TieAwareTerm<T> term(variant == ApVariant::kTieAwareSimplified, p[k], n[k], prev_p,
-                                 cp, prev_n, cn);
-      d_p = d_total * term.d_p;
-      d_n = d_total * term.d_n;
-      d_cum_p = d_total * term.d_cum_p + carry_p;
-      d_cum_n = d_total * term.d_cum_n + carry_n;
-      carry_p = d_total * term.d_prev_p;
-      carry_n = d_total * term.d_prev_n;
-    }
-    sum_n += d_cum_n;
-    sum_p += d_cum_p;
-    grad_n[k] = sum_n + d_n;
-    grad_p[k] = sum_p + d_p;
+    const BinTerm<T> term(variant, p[k], n[k], prev_p, cp, prev_n, cn);
+    sum_n += d_total * term.d_cum_n + carry_n;
+    sum_p += d_total * term.d_cum_p + carry_p + (k == q - 1 ? d_last_cum_p : T(0));
+    carry_n = d_total * term.d_prev_n;
+    carry_p = d_total * term.d_prev_p;
+    grad_n[k] = sum_n + d_total * term.d_n;
+    grad_p[k] = sum_p + d_total * term.d_p;
   }
 }
 

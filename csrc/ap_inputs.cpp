@@ -1,5 +1,7 @@
 #include "ap_inputs.h"
 
+#include "histogram_inputs.h"  // check_same_device
+
 namespace fastap {
 
 ApVariant parse_ap_variant(const std::string& variant) {
@@ -27,12 +29,9 @@ ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Ten
   TORCH_CHECK_TYPE(!positives.is_complex() && positives.scalar_type() != at::kBool,
                    "fastap: positives must be an integer or floating count, got ",
                    positives.scalar_type());
-  for (const auto* t : {&p, &positives, &grad_ap}) {
-    if (!t->defined()) continue;
-    const char* name = t == &p ? "p" : t == &positives ? "positives" : "grad_ap";
-    TORCH_CHECK_VALUE(t->device() == n.device(), "fastap: ", name, " is on ", t->device(),
-                      " but n is on ", n.device());
-  }
+  check_same_device(p, "p", n, "n");
+  check_same_device(positives, "positives", n, "n");
+  if (grad_ap.defined()) check_same_device(grad_ap, "grad_ap", n, "n");
   ApInputs in;
   in.variant = parse_ap_variant(variant);
   in.n = n.contiguous();

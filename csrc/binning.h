@@ -38,14 +38,12 @@ struct BinGrid {
   T lo;
   T hi;
   T inv_delta;       // (Q - 1) / (hi - lo)
-  T last;            // Q - 1
   int32_t last_bin;  // Q - 1
 
   BinGrid(double lo_, double hi_, int64_t num_bins)
       : lo(static_cast<T>(lo_)),
         hi(static_cast<T>(hi_)),
         inv_delta(static_cast<T>(static_cast<double>(num_bins - 1) / (hi_ - lo_))),
-        last(static_cast<T>(num_bins - 1)),
         last_bin(static_cast<int32_t>(num_bins - 1)) {}
 
   // t in [0, Q - 1]. Clamping the position rather than the score gives the same t for every
@@ -57,8 +55,9 @@ struct BinGrid {
   FASTAP_HOST_DEVICE T position(T s) const {
     const T t = (hi - s) * inv_delta;
 #ifdef __CUDA_ARCH__
-    return fmin(fmax(t, T(0)), last);  // fmax(NaN, 0) == 0
+    return fmin(fmax(t, T(0)), static_cast<T>(last_bin));  // fmax(NaN, 0) == 0
 #else
+    const T last = static_cast<T>(last_bin);
     return t > T(0) ? (t < last ? t : last) : T(0);
 #endif
   }

@@ -9,13 +9,9 @@ bool is_byte_mask(const at::Tensor& t) {
   return t.scalar_type() == at::kBool || t.scalar_type() == at::kByte;
 }
 
-void check_same_device(const at::Tensor& t, const at::Tensor& scores, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == scores.device(), "fastap: ", name, " is on ", t.device(),
-                    " but scores is on ", scores.device());
-}
 
 void check_matrix_mask(const at::Tensor& t, const at::Tensor& scores, const char* name) {
-  check_same_device(t, scores, name);
+  check_same_device(t, name, scores, "scores");
   TORCH_CHECK_TYPE(is_byte_mask(t), "fastap: ", name, " must be bool or uint8, got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.sizes() == scores.sizes(), "fastap: ", name, " must have the shape of scores ",
@@ -24,7 +20,7 @@ void check_matrix_mask(const at::Tensor& t, const at::Tensor& scores, const char
 
 void check_label_vector(const at::Tensor& t, const at::Tensor& scores, const char* name,
                         int64_t expected) {
-  check_same_device(t, scores, name);
+  check_same_device(t, name, scores, "scores");
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "fastap: ", name, " must be int64, got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == expected, "fastap: ", name,
@@ -32,6 +28,12 @@ void check_label_vector(const at::Tensor& t, const at::Tensor& scores, const cha
 }
 
 }  // namespace
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& like,
+                       const char* like_name) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), "fastap: ", name, " is on ", t.device(), " but ",
+                    like_name, " is on ", like.device());
+}
 
 void check_bins(int64_t num_bins, double lo, double hi) {
   TORCH_CHECK_VALUE(num_bins >= 2, "fastap: num_bins must be at least 2, got ", num_bins);
@@ -127,7 +129,7 @@ at::Tensor backward_slope_table(const at::Tensor& like, int64_t num_queries, int
   const int64_t q = num_bins;
   for (const auto* g : {&grad_n, &grad_p}) {
     const char* name = g == &grad_n ? "grad_n" : "grad_p";
-    check_same_device(*g, like, name);
+    check_same_device(*g, name, like, "scores");
     TORCH_CHECK_VALUE(g->dim() == 2 && g->size(0) == num_queries && g->size(1) == q,
                       "fastap: ", name, " must have shape [", num_queries, ", ", q, "], got ",
                       g->sizes());

@@ -36,6 +36,9 @@ struct HistogramInputs {
   RelevanceArgs relevance_args() const;
 };
 
+// t on the device of `like` (the message names both).
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& like,
+                       const char* like_name);
 // num_bins in [2, 2^20] and a finite score range with lo < hi.
 void check_bins(int64_t num_bins, double lo, double hi);
 // self_offset >= 0 and, with exclude_self, a candidate i + self_offset for every query i.

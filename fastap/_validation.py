@@ -26,13 +26,19 @@ def check_variant(variant, owner: str = "fastap") -> str:
     return variant
 
 
-_value_checks = threading.local()  # .enabled, per thread like torch's grad mode; default on
+class _ValueChecks(threading.local):
+    """The mode of set_value_checks, per thread like torch's grad mode."""
+
+    enabled = True
+
+
+_value_checks = _ValueChecks()
 
 
 def checking_values() -> bool:
     """Whether data-dependent checks run: in eager mode unless set_value_checks(False) turned them
     off in this thread; never while torch.compile traces."""
-    return not torch.compiler.is_compiling() and getattr(_value_checks, "enabled", True)
+    return not torch.compiler.is_compiling() and _value_checks.enabled
 
 
 class set_value_checks:
@@ -52,7 +58,7 @@ class set_value_checks:
     def __init__(self, mode: bool) -> None:
         if not isinstance(mode, bool):
             raise TypeError(f"fastap: set_value_checks(mode): mode must be a bool, got {mode!r}")
-        self.previous = getattr(_value_checks, "enabled", True)
+        self.previous = _value_checks.enabled
         _value_checks.enabled = mode
 
     def __enter__(self) -> set_value_checks:

@@ -198,7 +198,7 @@ class EmbeddingHistogram(torch.autograd.Function):
 
 class ApFromHistograms(torch.autograd.Function):
     """Per-query AP of a loss variant from the histograms (fastap::ap_from_histograms: one
-    kernel for the O(N Q) formula instead of some fifty small tensor ops), differentiable with
+    kernel for the O(N Q) formula instead of some thirty small tensor ops), differentiable with
     respect to n and p.
 
     forward(n [N, Q], p [N, Q] (float32 or float64), positives [N] (exact counts), variant)

@@ -1,7 +1,7 @@
 // CUDA kernels of fastap::ap_from_histograms and fastap::ap_from_histograms_backward: one thread
 // per query row applies the row formula of ../ap_formula.h (the same code as the CPU op). The
 // work is O(N Q), tiny next to the histogram kernels; the point is one launch instead of the
-// fifty small tensor operations that the formula takes in PyTorch.
+// thirty small tensor operations that the formula takes in PyTorch.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -30,9 +30,10 @@ __global__ void ap_rows_kernel(const T* __restrict__ n, const T* __restrict__ p,
 
 template <typename T>
 __global__ void ap_rows_backward_kernel(const T* __restrict__ grad_ap, const T* __restrict__ n,
-                                        const T* __restrict__ p, const int64_t* __restrict__ positives,
-                                        int64_t rows, int64_t q, ApVariant variant,
-                                        T* __restrict__ grad_n, T* __restrict__ grad_p) {
+                                        const T* __restrict__ p,
+                                        const int64_t* __restrict__ positives, int64_t rows,
+                                        int64_t q, ApVariant variant, T* __restrict__ grad_n,
+                                        T* __restrict__ grad_p) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < rows; i += stride) {
     ap_row_backward(grad_ap[i], n + i * q, p + i * q, q, positives[i], variant, grad_n + i * q,

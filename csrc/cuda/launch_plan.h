@@ -63,11 +63,10 @@ inline ForwardPlan plan_forward(int64_t num_queries, int64_t num_candidates, int
       num_candidates <= chunk ? 1 : (num_candidates + chunk - 1) / chunk;
   plan.items = num_queries * plan.chunks_per_row;
   plan.shared_per_warp = forward_shared_per_warp(num_bins, acc_bytes);
-  // forward_shared_per_warp(q) = 2 (q + 1) 32 acc_bytes + fixed, solved for q.
-  const size_t fixed = kWarpSize * (acc_bytes + sizeof(int32_t)) + 2 * kWarpSize * acc_bytes;
-  plan.max_bins = max_shared > fixed
-                      ? static_cast<int64_t>((max_shared - fixed) / (2 * kWarpSize * acc_bytes))
-                      : 0;
+  // forward_shared_per_warp is affine in num_bins: solve it for the largest that fits.
+  const size_t fixed = forward_shared_per_warp(0, acc_bytes);
+  const size_t per_bin = forward_shared_per_warp(1, acc_bytes) - fixed;
+  plan.max_bins = max_shared > fixed ? static_cast<int64_t>((max_shared - fixed) / per_bin) : 0;
   plan.fits = plan.shared_per_warp <= max_shared;
   int warps = static_cast<int>(kForwardSharedTarget / plan.shared_per_warp);
   if (warps > kMaxForwardWarps) warps = kMaxForwardWarps;
