@@ -8,7 +8,17 @@ import fastap
 S = torch.rand(4, 5)
 L4 = torch.arange(4)
 L5 = torch.arange(5)
-R = torch.rand(4, 5) < 0.5
+# Fixed, not drawn: every query has a positive and a negative, so a test that spoils one query's
+# scores sees a defined AP change rather than the no-positive answer (AP 0, loss term left out).
+R = torch.tensor(
+    [
+        [1, 0, 0, 1, 0],
+        [0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [1, 0, 0, 0, 1],
+    ],
+    dtype=torch.bool,
+)
 
 
 @pytest.mark.parametrize(
