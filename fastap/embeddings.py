@@ -134,7 +134,8 @@ def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) 
             continue
         stream_rows = align(step_end + tile_rows * (tile_cols + pad) * element)
         staging = align(stream_rows + tile_cols * stream_ld * element)
-        sizes.append(staging + (threads // 32) * 16 * 16 * 4)
+        own_labels = align(staging + (threads // 32) * 16 * 16 * 4)
+        sizes.append(own_labels + tile_rows * 8)
     return sizes[0], sizes[1]
 
 

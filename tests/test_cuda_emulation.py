@@ -28,14 +28,12 @@ from fastap.testing import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# The program first, then every header it may include (their bytes name the binary).
 SOURCES = [
     ROOT / "tests/emulation/run_kernels.cpp",
-    ROOT / "tests/emulation/cuda_host.h",
-    ROOT / "csrc/binning.h",
-    ROOT / "csrc/cuda/launch_plan.h",
-    ROOT / "csrc/cuda/soft_histogram_kernels.cuh",
-    ROOT / "tests/emulation/wmma_host.h",
-    ROOT / "csrc/cuda/embedding_kernels.cuh",
+    *sorted((ROOT / "tests/emulation").glob("*.h")),
+    *sorted((ROOT / "csrc").rglob("*.h")),
+    *sorted((ROOT / "csrc").rglob("*.cuh")),
 ]
 SANITIZERS = {"address": "address,undefined", "thread": "thread"}
 DTYPE_CODES = {

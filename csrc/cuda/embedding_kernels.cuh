@@ -19,10 +19,12 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../binning.h"
 #include "lane_histograms.cuh"
 #include "launch_plan.h"
+#include "pin.cuh"
 
 #ifndef FASTAP_EMULATION
 #include <cuda_bf16.h>
@@ -110,8 +112,10 @@ struct SharedLayout {
   using element = typename MatrixUnit<T>::element;
   static constexpr int kPad = MatrixUnit<T>::kPad;
   static constexpr int kChunkLd = kDepthChunk + kPad;  // chunks of kDepthChunk columns
-  static constexpr int kScoreLd = kTileRows + 4;       // scores, column-major
-  static constexpr int kGradLd = kTileCols + kPad;     // G, row-major
+  // The score tile and G are square (kTileRows = kTileCols), so one leading dimension serves
+  // both of their layouts (see score_tile and the backward kernel).
+  static constexpr int kScoreLd = kTileRows + 4;       // scores
+  static constexpr int kGradLd = kTileCols + kPad;     // G
   // 16-byte rows: the vector loads of load_tile and WMMA's leading-dimension rule.
   static_assert(kChunkLd * sizeof(element) % 16 == 0 && kGradLd * sizeof(element) % 16 == 0 &&
                     kPad * sizeof(element) % 16 == 0 && kScoreLd * sizeof(float) % 16 == 0,
@@ -127,7 +131,7 @@ struct SharedLayout {
   int stream_ld;
   size_t own_slot, stream_slot;  // bytes of one chunk slot
   size_t own, stream_chunk, scores, labels, step_end;  // byte offsets
-  size_t grad_tile, stream_rows, staging, backward_end;
+  size_t grad_tile, stream_rows, staging, own_labels, backward_end;
 
   static FASTAP_HOST_DEVICE size_t align(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
@@ -151,7 +155,8 @@ struct SharedLayout {
     grad_tile = step_end;
     stream_rows = align(grad_tile + kTileRows * kGradLd * sizeof(element));
     staging = align(stream_rows + kTileCols * stream_ld * sizeof(element));
-    backward_end = staging + kTileWarps * kFragment * kFragment * sizeof(float);
+    own_labels = align(staging + kTileWarps * kFragment * kFragment * sizeof(float));
+    backward_end = own_labels + kTileRows * sizeof(int64_t);
   }
   // Forward: the private histograms [2 * (Q + 1)][threads] (LaneHistograms), then a positive
   // count and a poisoned flag per thread.
@@ -159,7 +164,8 @@ struct SharedLayout {
     return step_end + histogram_slots(num_bins) * kEmbeddingThreads * sizeof(float) +
            kEmbeddingThreads * 2 * sizeof(int32_t);
   }
-  // Backward: G, the step's stream rows, one 16 x 16 staging tile per warp for the output.
+  // Backward: G, the step's stream rows, one 16 x 16 staging tile per warp for the output, the
+  // labels of the block's own rows.
   FASTAP_HOST_DEVICE size_t backward_bytes() const { return backward_end; }
 };
 
@@ -229,8 +235,11 @@ __device__ __forceinline__ void issue_chunk(const T* __restrict__ own, int64_t o
   __pipeline_commit();
 }
 
-// scores[c * kScoreLd + r] = <own[own0 + r], stream[stream0 + c]> (fp32 accumulation), for the
-// kTileRows x kTileCols tile; rows or columns outside the matrices are 0. Warp w computes the
+// scores[c * kScoreLd + r] (kRowMajor: scores[r * kScoreLd + c]) = <own[own0 + r],
+// stream[stream0 + c]> (fp32 accumulation), for the kTileRows x kTileCols tile; rows or columns
+// outside the matrices are 0. The layout follows the readers: a warp whose lanes take 32 own rows
+// of one column reads the column-major tile, one whose lanes take 32 columns of one row the
+// row-major tile, each without bank conflicts. Warp w computes the
 // 16 x 32 block (row fragment w % 4, column fragments 2 (w / 4) and 2 (w / 4) + 1).
 //
 // The own rows come from the resident own tile (layout.resident: the caller loaded it) or chunk
@@ -240,7 +249,7 @@ __device__ __forceinline__ void issue_chunk(const T* __restrict__ own, int64_t o
 // first step; this function issues the next step's chunk 0, at next_stream0 >= 0, so that it
 // loads while the caller bins). Starts and ends with __syncthreads (the caller's loads are then
 // visible, and it may read the scores after).
-template <typename T>
+template <typename T, bool kRowMajor = false>
 __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t own0,
                            const T* __restrict__ stream, int64_t stream_count, int64_t stream0,
                            int64_t depth, unsigned char* shared, const SharedLayout<T>& layout,
@@ -304,10 +313,16 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
                 0);
   }
 #pragma unroll
-  for (int f = 0; f < 2; ++f) {  // transposed, so that a warp's 32 rows read 32 banks
-    wmma::store_matrix_sync(
-        scores + (col_fragment + f) * kFragment * Layout::kScoreLd + row_fragment * kFragment,
-        acc[f], Layout::kScoreLd, wmma::mem_col_major);
+  for (int f = 0; f < 2; ++f) {
+    const int row = row_fragment * kFragment;
+    const int col = (col_fragment + f) * kFragment;
+    if (kRowMajor) {
+      wmma::store_matrix_sync(scores + row * Layout::kScoreLd + col, acc[f], Layout::kScoreLd,
+                              wmma::mem_row_major);
+    } else {
+      wmma::store_matrix_sync(scores + col * Layout::kScoreLd + row, acc[f], Layout::kScoreLd,
+                              wmma::mem_col_major);
+    }
   }
   __syncthreads();
 }
@@ -471,30 +486,77 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
 #endif
 }
 
-// Backward: the gradients G of the thread's kTileCols / 4 scores of one step (columns
-// [16 part, 16 part + 16) of own row r), into the step's G tile. The query of a score is the own
-// row (kOwnIsQuery; its slope table `own_table`) or the stream row. kEdge as in bin_step; rows
-// past the own set get G = 0.
-template <bool kEdge, typename T, bool kOwnIsQuery>
-__device__ __forceinline__ void gradient_step(
-    const float* __restrict__ scores, const int64_t* __restrict__ step_labels, int64_t own_label,
-    bool valid_row, int part, int r, const StepColumns& step, const BinGrid<float>& grid,
-    const float* __restrict__ own_table, const float* __restrict__ table, int64_t stream0,
+// Backward: the gradient G of every score of one step, into the step's G tile, with G = 0 for
+// the scores that do not count (kEdge as in bin_step; own rows past the own set). Each score
+// costs one lookup in its query's slope table, a load from global memory (L1), and a warp's
+// lookup is served one cache line at a time: so the 32 lanes of a warp take 32 scores of one
+// query, whose table spans a few lines, and never 32 queries, whose tables would be 32 lines
+// (the first version, own = queries: up to 32 times the L1 wavefronts of this mapping).
+//
+// Own = queries (dQ = G DB): the query is the own row. Warp w takes own rows
+// [8 w, 8 w + 8), lane l columns l and l + 32 of each: the scores are read from the row-major
+// tile (score_tile<T, true>) and G is written row-major, both 32 consecutive words per warp.
+template <bool kEdge, typename T>
+__device__ __forceinline__ void query_rows_gradient_step(
+    const float* __restrict__ scores, const int64_t* __restrict__ step_labels,
+    const int64_t* __restrict__ own_labels, int own_rows, int64_t stream0, int64_t last,
+    bool exclude_self, int64_t self_first, const BinGrid<float>& grid,
+    const float* __restrict__ block_table,
     typename MatrixUnit<T>::element* __restrict__ grad_tile) {
   using Layout = SharedLayout<T>;
-  constexpr int kPartColumns = kTileCols / (kEmbeddingThreads / kTileRows);
+  constexpr int kRowsPerWarp = kTileRows / kTileWarps;
+  constexpr int kLaneColumns = kTileCols / kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  int64_t column_label[kLaneColumns];
 #pragma unroll
-  for (int u = 0; u < kPartColumns; ++u) {
+  for (int v = 0; v < kLaneColumns; ++v) column_label[v] = step_labels[lane + v * kWarpSize];
+#pragma unroll
+  for (int j = 0; j < kRowsPerWarp; ++j) {
+    const int r = warp * kRowsPerWarp + j;  // the same for the whole warp
+    const bool valid_row = r < own_rows;
+    const int64_t label = own_labels[r];  // shared memory, one broadcast
+    // A row past the own set reads the block's first table (which exists) and writes 0.
+    const float* row_table = block_table + (valid_row ? r : 0) * 2 * grid.last_bin;
+    pin(row_table);  // each lookup one multiply-add on it
+    const StepColumns step = step_columns(stream0, last, exclude_self, self_first, r);
+#pragma unroll
+    for (int v = 0; v < kLaneColumns; ++v) {
+      const int c = lane + v * kWarpSize;
+      const bool counted = valid_row && (!kEdge || (c < step.length && c != step.self));
+      const float s = scores[r * Layout::kScoreLd + c];
+      const float g = score_gradient(s, column_label[v] == label, grid, row_table);
+      grad_tile[r * Layout::kGradLd + c] = MatrixUnit<T>::from_float(counted ? g : 0.0f);
+    }
+  }
+}
+
+// Own = database (dDB = G^T Q): the query is the stream row. Thread t takes own row r = t % 64
+// and columns [16 part, 16 part + 16), part = t / 64, so a warp's lanes share each column (one
+// query); the scores are read from the column-major tile and G is written column-major
+// (grad_tile[c * kGradLd + r]), both 32 consecutive elements per warp.
+template <bool kEdge, typename T>
+__device__ __forceinline__ void database_rows_gradient_step(
+    const float* __restrict__ scores, const int64_t* __restrict__ step_labels, int64_t own_label,
+    bool valid_row, int part, int r, const StepColumns& step, const BinGrid<float>& grid,
+    const float* __restrict__ step_table, typename MatrixUnit<T>::element* __restrict__ grad_tile) {
+  using Layout = SharedLayout<T>;
+  constexpr int kPartColumns = kTileCols / (kEmbeddingThreads / kTileRows);
+  const int table_stride = 2 * grid.last_bin;
+  // The table of column c, stepped by one table per column: an address that depends on the step,
+  // where c * table_stride alone would be hoisted out of the walk as 16 registers (and spilled).
+  const float* column_table = step_table + part * kPartColumns * table_stride;
+  pin(column_table);
+#pragma unroll
+  for (int u = 0; u < kPartColumns; ++u, column_table += table_stride) {
     const int c = part * kPartColumns + u;
     const bool counted = valid_row && (!kEdge || (c < step.length && c != step.self));
-    // A column that does not count reads own_table, which always exists: every load is valid,
-    // so none needs a branch around it (own = database: the query is the stream row).
-    const float* row_table = kOwnIsQuery || !counted
-                                 ? own_table
-                                 : table + (stream0 + c) * 2 * int64_t{grid.last_bin};
+    // Past the walk's end a column has no table: it reads the step's first one (which always
+    // exists), so every load is valid and none needs a branch around it.
+    const float* row_table = kEdge && c >= step.length ? step_table : column_table;
     const float s = scores[c * Layout::kScoreLd + r];
     const float g = score_gradient(s, step_labels[c] == own_label, grid, row_table);
-    grad_tile[r * Layout::kGradLd + c] = MatrixUnit<T>::from_float(counted ? g : 0.0f);
+    grad_tile[c * Layout::kGradLd + r] = MatrixUnit<T>::from_float(counted ? g : 0.0f);
   }
 }
 
@@ -532,17 +594,19 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
   const int t = static_cast<int>(threadIdx.x);
   const int warp = t / kWarpSize;
   const int lane = t % kWarpSize;
-  const int r = t % kTileRows;
+  const int r = t % kTileRows;  // own = database: the thread's own row (see the gradient steps)
   const int part = t / kTileRows;
-  const int slopes = grid.last_bin;
   const int64_t own0 = int64_t{blockIdx.x} * kTileRows;
   const int64_t d0 = int64_t{blockIdx.z} * kAccumulatorWidth;
   const int64_t own_row = own0 + r;
   const bool valid_row = own_row < own_count;
   const int64_t own_label = valid_row ? own_labels[own_row] : 0;
-  // Own = queries: the own row's slope table. Own = database: the first query's, read (and
-  // unused) for the scores that do not count, so that every load is valid.
-  const float* own_table = table + (kOwnIsQuery && valid_row ? own_row : 0) * 2 * slopes;
+  int64_t* block_labels = reinterpret_cast<int64_t*>(shared + layout.own_labels);
+  if (kOwnIsQuery && t < kTileRows) block_labels[t] = own_label;  // read by every lane of a row
+  // Own = queries: the slope tables of the block's rows start at the first one's.
+  const float* block_table = table + (kOwnIsQuery ? own0 : 0) * 2 * int64_t{grid.last_bin};
+  const int own_rows =
+      static_cast<int>(own_count - own0 < kTileRows ? own_count - own0 : kTileRows);
   // The stream row that pairs with own row 0 (exclude_self).
   const int64_t self_first = kOwnIsQuery ? own0 + self_offset : own0 - self_offset;
   const element zero = Unit::from_float(0.0f);
@@ -572,20 +636,39 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     load_tile(stream_rows, layout.stream_ld, kTileCols, layout.stream_cols, stream, stream_count,
               depth, stream0, d0, zero);
     const int64_t next = stream0 + kTileCols < range.last ? stream0 + kTileCols : -1;
-    score_tile(own, own_count, own0, stream, stream_count, stream0, depth, shared, layout, next);
+    score_tile<T, kOwnIsQuery>(own, own_count, own0, stream, stream_count, stream0, depth,
+                               shared, layout, next);
     const StepColumns step = step_columns(stream0, range.last, exclude_self, self_first, r);
-    if (step.edge) {
-      gradient_step<true, T, kOwnIsQuery>(scores, step_labels, own_label, valid_row, part, r,
-                                          step, grid, own_table, table, stream0, grad_tile);
+    if (kOwnIsQuery) {
+      if (step.edge) {  // block-uniform
+        query_rows_gradient_step<true, T>(scores, step_labels, block_labels, own_rows, stream0,
+                                          range.last, exclude_self, self_first, grid,
+                                          block_table, grad_tile);
+      } else {
+        query_rows_gradient_step<false, T>(scores, step_labels, block_labels, own_rows, stream0,
+                                           range.last, exclude_self, self_first, grid,
+                                           block_table, grad_tile);
+      }
     } else {
-      gradient_step<false, T, kOwnIsQuery>(scores, step_labels, own_label, valid_row, part, r,
-                                           step, grid, own_table, table, stream0, grad_tile);
+      const float* step_table = table + stream0 * 2 * int64_t{grid.last_bin};
+      pin(step_table);  // each lookup one multiply-add on it
+      if (step.edge) {
+        database_rows_gradient_step<true, T>(scores, step_labels, own_label, valid_row, part, r,
+                                             step, grid, step_table, grad_tile);
+      } else {
+        database_rows_gradient_step<false, T>(scores, step_labels, own_label, valid_row, part, r,
+                                              step, grid, step_table, grad_tile);
+      }
     }
     __syncthreads();
+    // G is row-major for own = queries, column-major for own = database (the gradient steps).
+    using GradLayout = std::conditional_t<kOwnIsQuery, wmma::row_major, wmma::col_major>;
     for (int kk = 0; kk < kTileCols; kk += Unit::kStep) {
-      wmma::fragment<wmma::matrix_a, 16, 16, Unit::kStep, typename Unit::precision,
-                     wmma::row_major> a;
-      wmma::load_matrix_sync(a, grad_tile + row_fragment * kFragment * Layout::kGradLd + kk,
+      wmma::fragment<wmma::matrix_a, 16, 16, Unit::kStep, typename Unit::precision, GradLayout> a;
+      const int a_row = row_fragment * kFragment;
+      wmma::load_matrix_sync(a,
+                             kOwnIsQuery ? grad_tile + a_row * Layout::kGradLd + kk
+                                         : grad_tile + kk * Layout::kGradLd + a_row,
                              Layout::kGradLd);
       Unit::round(a);
 #pragma unroll

@@ -13,6 +13,7 @@
 #include "../binning.h"
 #include "lane_histograms.cuh"
 #include "launch_plan.h"
+#include "pin.cuh"
 
 #ifndef FASTAP_DYNAMIC_SHARED
 // The kernel's dynamic shared memory as an `unsigned char*` named `name`.
@@ -20,17 +21,6 @@
 #endif
 
 namespace fastap {
-
-// Keeps a pointer in registers once computed: on the GPU the optimiser may otherwise recompute
-// it (and the null tests that made it) from the kernel's arguments before every load.
-template <typename T>
-__device__ __forceinline__ void pin(T*& pointer) {
-#ifdef __CUDA_ARCH__
-  asm("" : "+l"(pointer));
-#else
-  (void)pointer;
-#endif
-}
 
 // Two kernels of each op, for each dtype (the launchers pick one with forward_kernel() and
 // backward_kernel(), as tests/emulation does):
