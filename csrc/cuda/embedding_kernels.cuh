@@ -94,6 +94,55 @@ struct MatrixUnit<float> {  // TF32: fp32 in memory, rounded to 10 mantissa bits
   }
 };
 
+// wmma::load_matrix_sync of an operand tile that lies in shared memory. For bf16 and TF32 the
+// load is spelled out in PTX with the .shared state space: nvcc infers that space for fp16 (and
+// emits ldmatrix) but not for bf16 and TF32, whose API loads go through generic addressing (for
+// bf16 four 32-bit generic loads where ldmatrix takes one). Same instruction, shape, layout and
+// destination registers (the fragment's four 32-bit words) as the API's own load.
+#if defined(__CUDA_ARCH__) && !defined(FASTAP_MMA_UNSUPPORTED)
+#define FASTAP_WMMA_LOAD_SHARED(instruction)                                              \
+  asm volatile(instruction " {%0, %1, %2, %3}, [%4], %5;"                                 \
+               : "=r"(word[0]), "=r"(word[1]), "=r"(word[2]), "=r"(word[3])                  \
+               : "r"(address), "r"(ld)                                                     \
+               : "memory")
+#endif
+template <typename Use, int K, typename Precision, typename Layout, typename P>
+__device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, K, Precision, Layout>& f,
+                                             const P* pointer, unsigned ld) {
+#if defined(__CUDA_ARCH__) && !defined(FASTAP_MMA_UNSUPPORTED)
+  constexpr bool kBf16 = std::is_same_v<Precision, __nv_bfloat16>;
+  constexpr bool kTf32 = std::is_same_v<Precision, wmma::precision::tf32>;
+  if constexpr (kBf16 || kTf32) {
+    static_assert(sizeof(f.x) == 4 * sizeof(uint32_t), "four 32-bit registers per lane");
+    static_assert(std::is_same_v<Use, wmma::matrix_a> || std::is_same_v<Use, wmma::matrix_b>);
+    constexpr bool kA = std::is_same_v<Use, wmma::matrix_a>;
+    constexpr bool kRow = std::is_same_v<Layout, wmma::row_major>;
+    uint32_t* word = reinterpret_cast<uint32_t*>(&f.x[0]);
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+    if constexpr (kBf16 && kA && kRow) {
+      FASTAP_WMMA_LOAD_SHARED("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16");
+    } else if constexpr (kBf16 && kA) {
+      FASTAP_WMMA_LOAD_SHARED("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16");
+    } else if constexpr (kBf16 && kRow) {
+      FASTAP_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16");
+    } else if constexpr (kBf16) {
+      FASTAP_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16");
+    } else if constexpr (kA && kRow) {
+      FASTAP_WMMA_LOAD_SHARED("wmma.load.a.sync.aligned.row.m16n16k8.shared.tf32");
+    } else if constexpr (kA) {
+      FASTAP_WMMA_LOAD_SHARED("wmma.load.a.sync.aligned.col.m16n16k8.shared.tf32");
+    } else if constexpr (kRow) {
+      FASTAP_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.row.m16n16k8.shared.tf32");
+    } else {
+      FASTAP_WMMA_LOAD_SHARED("wmma.load.b.sync.aligned.col.m16n16k8.shared.tf32");
+    }
+    return;
+  }
+#endif
+  wmma::load_matrix_sync(f, pointer, ld);
+}
+#undef FASTAP_WMMA_LOAD_SHARED
+
 constexpr int kFragment = 16;                       // m = n of every mma
 constexpr int kTileWarps = kEmbeddingThreads / kWarpSize;  // 8
 constexpr int kRowFragments = kTileRows / kFragment;       // 4
@@ -293,7 +342,7 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
     for (int kk = 0; kk < kDepthChunk; kk += Unit::kStep) {
       wmma::fragment<wmma::matrix_a, 16, 16, Unit::kStep, typename Unit::precision,
                      wmma::row_major> a_fragment;
-      wmma::load_matrix_sync(a_fragment, a + row_fragment * kFragment * layout.own_ld + kk,
+      load_operand(a_fragment, a + row_fragment * kFragment * layout.own_ld + kk,
                              layout.own_ld);
       Unit::round(a_fragment);
 #pragma unroll
@@ -301,7 +350,7 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
         // B[k][n] = stream[n][k]: the stream rows read column-major.
         wmma::fragment<wmma::matrix_b, 16, 16, Unit::kStep, typename Unit::precision,
                        wmma::col_major> b_fragment;
-        wmma::load_matrix_sync(b_fragment, b + (col_fragment + f) * kFragment * b_ld + kk, b_ld);
+        load_operand(b_fragment, b + (col_fragment + f) * kFragment * b_ld + kk, b_ld);
         Unit::round(b_fragment);
         wmma::mma_sync(acc[f], a_fragment, b_fragment, acc[f]);
       }
@@ -612,14 +661,24 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
   const element zero = Unit::from_float(0.0f);
   const StreamRange range = stream_range(stream_count, split_length);
 
-  // Warp w accumulates the 16-row fragment w % 4 of the own rows, and the accumulator columns
-  // [16 f, 16 f + 16) for f = w / 4, w / 4 + 2, ... (kAccumulatorFragments in all).
-  constexpr int kAccumulatorFragments = kAccumulatorWidth / kFragment / 2;
-  const int row_fragment = warp % kRowFragments;
-  const int first_col_fragment = warp / kRowFragments;
-  wmma::fragment<wmma::accumulator, 16, 16, Unit::kStep, float> acc[kAccumulatorFragments];
+  // Warp w accumulates the own rows of row fragments 2 (w % 2) and 2 (w % 2) + 1 (32 rows) times
+  // the accumulator column fragments w / 2 + 4 f (16 columns each, f < kWarpColFragments): per k
+  // of a step it loads 2 fragments of G and up to 4 of the stream rows for up to 8 products, 21
+  // flops per byte of shared memory (a 16-row warp tile: 1 and 8 for 8, 14 flops per byte).
+  // The columns interleave so that all eight warps have work for any D of at least 64.
+  constexpr int kWarpRowFragments = 2;
+  constexpr int kRowGroups = kRowFragments / kWarpRowFragments;             // 2
+  constexpr int kColGroups = kTileWarps / kRowGroups;                       // 4
+  constexpr int kWarpColFragments = kAccumulatorWidth / kFragment / kColGroups;  // 4
+  const int first_row_fragment = kWarpRowFragments * (warp % kRowGroups);
+  const int first_col_fragment = warp / kRowGroups;
+  wmma::fragment<wmma::accumulator, 16, 16, Unit::kStep, float>
+      acc[kWarpRowFragments][kWarpColFragments];
 #pragma unroll
-  for (int f = 0; f < kAccumulatorFragments; ++f) wmma::fill_fragment(acc[f], 0.0f);
+  for (int i = 0; i < kWarpRowFragments; ++i) {
+#pragma unroll
+    for (int f = 0; f < kWarpColFragments; ++f) wmma::fill_fragment(acc[i][f], 0.0f);
+  }
   if (layout.resident) {  // the block's own rows, once for the whole walk
     load_tile(reinterpret_cast<element*>(shared + layout.own), layout.own_ld, kTileRows,
               layout.own_cols, own, own_count, depth, own0, 0, zero);
@@ -664,22 +723,27 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     // G is row-major for own = queries, column-major for own = database (the gradient steps).
     using GradLayout = std::conditional_t<kOwnIsQuery, wmma::row_major, wmma::col_major>;
     for (int kk = 0; kk < kTileCols; kk += Unit::kStep) {
-      wmma::fragment<wmma::matrix_a, 16, 16, Unit::kStep, typename Unit::precision, GradLayout> a;
-      const int a_row = row_fragment * kFragment;
-      wmma::load_matrix_sync(a,
-                             kOwnIsQuery ? grad_tile + a_row * Layout::kGradLd + kk
-                                         : grad_tile + kk * Layout::kGradLd + a_row,
-                             Layout::kGradLd);
-      Unit::round(a);
+      wmma::fragment<wmma::matrix_a, 16, 16, Unit::kStep, typename Unit::precision, GradLayout>
+          a[kWarpRowFragments];
 #pragma unroll
-      for (int f = 0; f < kAccumulatorFragments; ++f) {  // unrolled: acc stays in registers
-        const int col = (first_col_fragment + 2 * f) * kFragment;
+      for (int i = 0; i < kWarpRowFragments; ++i) {
+        const int a_row = (first_row_fragment + i) * kFragment;
+        load_operand(a[i],
+                     kOwnIsQuery ? grad_tile + a_row * Layout::kGradLd + kk
+                                 : grad_tile + kk * Layout::kGradLd + a_row,
+                     Layout::kGradLd);
+        Unit::round(a[i]);
+      }
+#pragma unroll
+      for (int f = 0; f < kWarpColFragments; ++f) {  // unrolled: acc stays in registers
+        const int col = (first_col_fragment + kColGroups * f) * kFragment;
         if (d0 + col < depth) {  // the same for the whole warp
           wmma::fragment<wmma::matrix_b, 16, 16, Unit::kStep, typename Unit::precision,
                          wmma::row_major> b;
-          wmma::load_matrix_sync(b, stream_rows + kk * layout.stream_ld + col, layout.stream_ld);
+          load_operand(b, stream_rows + kk * layout.stream_ld + col, layout.stream_ld);
           Unit::round(b);
-          wmma::mma_sync(acc[f], a, b, acc[f]);
+#pragma unroll
+          for (int i = 0; i < kWarpRowFragments; ++i) wmma::mma_sync(acc[i][f], a[i], b, acc[i][f]);
         }
       }
     }
@@ -690,13 +754,15 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
   float* warp_staging = staging + warp * kFragment * kFragment;
   const int64_t splits = gridDim.y;
 #pragma unroll
-  for (int f = 0; f < kAccumulatorFragments; ++f) {
-    const int col = (first_col_fragment + 2 * f) * kFragment;
+  for (int fragment = 0; fragment < kWarpRowFragments * kWarpColFragments; ++fragment) {
+    const int i = fragment / kWarpColFragments;
+    const int f = fragment % kWarpColFragments;
+    const int col = (first_col_fragment + kColGroups * f) * kFragment;
     if (d0 + col >= depth) continue;
-    wmma::store_matrix_sync(warp_staging, acc[f], kFragment, wmma::mem_row_major);
+    wmma::store_matrix_sync(warp_staging, acc[i][f], kFragment, wmma::mem_row_major);
     __syncwarp();
     for (int e = lane; e < kFragment * kFragment; e += kWarpSize) {
-      const int64_t row = own0 + row_fragment * kFragment + e / kFragment;
+      const int64_t row = own0 + (first_row_fragment + i) * kFragment + e / kFragment;
       const int64_t d = d0 + col + e % kFragment;
       if (row >= own_count || d >= depth) continue;
       if (splits == 1) {
