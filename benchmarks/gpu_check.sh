@@ -74,14 +74,21 @@ step kernels 150 kernels.md bash -c "$PY benchmarks/bench_kernels.py --device cu
   $PY benchmarks/bench_kernels.py --device cuda --repeats 20 --reference-max 0 \
   --shapes 8192x8192 --num-bins 20 --dtypes float32 bfloat16 --relevance dense"
 # profile: Nsight Compute over the four fast kernels of the 8192^2 case (forward and backward,
-# fp32 then bf16; benchmarks/profile_case.py): which of issue, shared/L1 and DRAM binds, against
-# the model of docs/design.md, section 5. --clock-control none leaves the GPU's clocks alone.
-step profile 150 profile.log bash -c "ncu --clock-control none --print-kernel-base demangled \
+# fp32 then bf16), then the three fused kernels at 16384^2, D = 256, bf16
+# (benchmarks/profile_case.py): which of issue, shared/L1 and DRAM binds, against the model of
+# docs/design.md, sections 3b and 5. --clock-control none leaves the GPU's clocks alone.
+NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis \
+  --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+  --section InstructionStats --section WarpStateStats --csv --page details"
+step profile 240 profile.log bash -c "ncu --clock-control none --print-kernel-base demangled \
   --kernel-name regex:'soft_histogram(_backward)?_kernel' --launch-skip 4 --launch-count 4 \
-  --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-  --section Occupancy --section LaunchStats --section InstructionStats --section WarpStateStats \
-  --csv --page details --log-file $OUT/profile.csv $PY benchmarks/profile_case.py && \
-  $PY benchmarks/profile_table.py $OUT/profile.csv | tee $OUT/profile.md"
+  $NCU_SECTIONS --log-file $OUT/profile.csv $PY benchmarks/profile_case.py && \
+  $PY benchmarks/profile_table.py $OUT/profile.csv | tee $OUT/profile.md && \
+  ncu --clock-control none --print-kernel-base demangled \
+  --kernel-name regex:'embedding_histogram(_backward)?_kernel' --launch-skip 3 --launch-count 3 \
+  $NCU_SECTIONS --log-file $OUT/profile_fused.csv $PY benchmarks/profile_case.py --embeddings && \
+  $PY benchmarks/profile_table.py $OUT/profile_fused.csv --candidates 268435456 \
+  | tee -a $OUT/profile.md"
 step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
   --dtype bfloat16 --dim 256 --sizes 16384 65536 --repeats 5 --json $OUT/embeddings_d256.json && \
   $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \

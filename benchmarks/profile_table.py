@@ -39,12 +39,23 @@ def kernels(rows):
     return found
 
 
-DTYPES = (("BFloat16", "bf16"), ("Half", "fp16"), ("double", "fp64"), ("float", "fp32"))
+DTYPES = (
+    ("BFloat16", "bf16"),
+    ("bfloat16", "bf16"),
+    ("Half", "fp16"),
+    ("half", "fp16"),
+    ("double", "fp64"),
+    ("float", "fp32"),
+)
 
 
 def short(name: str) -> str:
-    op = "backward" if "backward" in name else "forward"
     dtype = next((label for key, label in DTYPES if key in name), "?")
+    if "embedding_histogram" in name:  # the fused kernels: <dtype> or <dtype, own is query>
+        if "backward" not in name:
+            return f"fused forward {dtype}"
+        return f"fused backward {dtype} {'dQ' if ', true>' in name else 'dDB'}"
+    op = "backward" if "backward" in name else "forward"
     path = "fast" if ", true, false>" in name else "general"
     return f"{op} {dtype} {path}"
 

@@ -57,3 +57,18 @@ def test_a_file_without_the_table_fails_and_shows_its_end(tmp_path):
     result = run(path, 1)
     assert result.returncode == 1
     assert "could not connect" in result.stdout and "no ncu table" in result.stderr
+
+
+def test_fused_kernels_are_named_by_pass(tmp_path):
+    path = tmp_path / "profile.csv"
+    names = [
+        "void fastap::embedding::embedding_histogram_kernel<__nv_bfloat16>(...)",
+        "void fastap::embedding::embedding_histogram_backward_kernel<__nv_bfloat16, true>(...)",
+        "void fastap::embedding::embedding_histogram_backward_kernel<float, false>(...)",
+    ]
+    write_profile(path, [(name, {"Duration": ("usecond", "1.0")}) for name in names])
+    result = run(path, 32)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("| ")]
+    expected = ["fused forward bf16", "fused backward bf16 dQ", "fused backward fp32 dDB"]
+    assert rows[1:] == [f"| {name}" for name in expected]
