@@ -162,7 +162,7 @@ if (( failed == 0 )) && [[ -n $sass_tools ]]; then
   default_budgets+=";embedding_histogram_kernel<=25;embedding_histogram_backward_kernel<=33"
   IFS=';' read -ra budgets <<<"${SASS_BUDGETS:-$default_budgets}"
   budget_args=(--wide 'soft_histogram(_backward)?_kernel<.*, true, false>')
-  budget_args+=(--no-generic-loads 'embedding_histogram')
+  budget_args+=(--no-generic-access 'embedding_histogram')
   for b in "${budgets[@]}"; do budget_args+=(--budget "$b"); done
   for o in "$tmp"/*.o; do PATH=$sass_tools:$PATH cuobjdump -sass "$o"; done >"$tmp/sass.txt"
   "$PY" .ci/sass_report.py "$tmp/sass.txt" "${budget_args[@]}" || failed=$(( failed + 1 ))

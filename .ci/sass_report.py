@@ -19,11 +19,11 @@ below about 8 b instructions per candidate: 31 for the fp32 forward, 16 for bf16
 
 --budget REGEX=N fails when a kernel whose name matches REGEX spends more than N instructions
 per candidate on its hot path, or has no such block; --wide REGEX fails when a kernel whose name
-matches it (the fast kernels) does not read 16 bytes per load there; --no-generic-loads REGEX
-fails when a kernel whose name matches it loads through generic addresses (LD) anywhere: the
-fused kernels read their matrix operands from shared memory, which LDS / LDSM do in one
-instruction per 4 or 16 bytes a lane, and which a generic load reaches only after an address
-space test (docs/design.md, section 3b).
+matches it (the fast kernels) does not read 16 bytes per load there; --no-generic-access REGEX
+fails when a kernel whose name matches it loads or stores through generic addresses (LD, ST)
+anywhere: the fused kernels keep their matrix operands and score tiles in shared memory, which
+LDS / LDSM / STS reach directly (LDSM: 16 bytes a lane in one instruction), and a generic access
+only after an address space test (docs/design.md, section 3b).
 """
 
 import argparse
@@ -90,10 +90,10 @@ def main():
     parser.add_argument("sass")
     parser.add_argument("--budget", action="append", default=[], metavar="REGEX=N")
     parser.add_argument("--wide", metavar="REGEX", help="kernels that must load 16 bytes at once")
-    parser.add_argument("--no-generic-loads", metavar="REGEX", help="kernels without LD")
+    parser.add_argument("--no-generic-access", metavar="REGEX", help="kernels without LD, ST")
     args = parser.parse_args()
     wide = re.compile(args.wide) if args.wide else None
-    no_generic = re.compile(args.no_generic_loads) if args.no_generic_loads else None
+    no_generic = re.compile(args.no_generic_access) if args.no_generic_access else None
     budgets = []
     for item in args.budget:
         pattern, _, limit = item.rpartition("=")
@@ -119,9 +119,9 @@ def main():
             elif per > limit:
                 failures.append(f"{name}: {per:.1f} instructions per candidate > {limit:g}")
         if no_generic is not None and no_generic.search(name):
-            generic = sum(opcode(t).split(".")[0] == "LD" for _, t in instructions)
+            generic = sum(opcode(t).split(".")[0] in ("LD", "ST") for _, t in instructions)
             if generic:
-                failures.append(f"{name}: {generic} generic loads (LD), not LDS / LDSM")
+                failures.append(f"{name}: {generic} generic loads or stores (LD, ST)")
         if wide is not None and wide.search(name) and (found is None or found[2] < 16):
             width = found[2] if found else 0
             failures.append(f"{name}: {width}-byte loads on the hot path, not 16")

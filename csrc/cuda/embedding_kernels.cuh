@@ -143,6 +143,37 @@ __device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, K, Prec
 }
 #undef FASTAP_WMMA_LOAD_SHARED
 
+// wmma::store_matrix_sync of an fp32 accumulator into shared memory. For the TF32 shape
+// (m16n16k8) the store is spelled out with the .shared state space, which nvcc infers for
+// m16n16k16 but not for it (generic stores otherwise); same instruction as the API's.
+#if defined(__CUDA_ARCH__) && !defined(FASTAP_MMA_UNSUPPORTED)
+#define FASTAP_WMMA_STORE_SHARED(instruction)                                             \
+  asm volatile(instruction " [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;"                 \
+               :                                                                         \
+               : "r"(address), "f"(f.x[0]), "f"(f.x[1]), "f"(f.x[2]), "f"(f.x[3]),         \
+                 "f"(f.x[4]), "f"(f.x[5]), "f"(f.x[6]), "f"(f.x[7]), "r"(ld)               \
+               : "memory")
+#endif
+template <int K>
+__device__ __forceinline__ void store_accumulator(
+    float* pointer, const wmma::fragment<wmma::accumulator, 16, 16, K, float>& f, unsigned ld,
+    wmma::layout_t layout) {
+#if defined(__CUDA_ARCH__) && !defined(FASTAP_MMA_UNSUPPORTED)
+  if constexpr (K == 8) {
+    static_assert(sizeof(f.x) == 8 * sizeof(float), "eight fp32 registers per lane");
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+    if (layout == wmma::mem_row_major) {
+      FASTAP_WMMA_STORE_SHARED("wmma.store.d.sync.aligned.row.m16n16k8.shared.f32");
+    } else {
+      FASTAP_WMMA_STORE_SHARED("wmma.store.d.sync.aligned.col.m16n16k8.shared.f32");
+    }
+    return;
+  }
+#endif
+  wmma::store_matrix_sync(pointer, f, ld, layout);
+}
+#undef FASTAP_WMMA_STORE_SHARED
+
 constexpr int kFragment = 16;                       // m = n of every mma
 constexpr int kTileWarps = kEmbeddingThreads / kWarpSize;  // 8
 constexpr int kRowFragments = kTileRows / kFragment;       // 4
@@ -366,11 +397,11 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
     const int row = row_fragment * kFragment;
     const int col = (col_fragment + f) * kFragment;
     if (kRowMajor) {
-      wmma::store_matrix_sync(scores + row * Layout::kScoreLd + col, acc[f], Layout::kScoreLd,
-                              wmma::mem_row_major);
+      store_accumulator(scores + row * Layout::kScoreLd + col, acc[f], Layout::kScoreLd,
+                        wmma::mem_row_major);
     } else {
-      wmma::store_matrix_sync(scores + col * Layout::kScoreLd + row, acc[f], Layout::kScoreLd,
-                              wmma::mem_col_major);
+      store_accumulator(scores + col * Layout::kScoreLd + row, acc[f], Layout::kScoreLd,
+                        wmma::mem_col_major);
     }
   }
   __syncthreads();
@@ -759,7 +790,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     const int f = fragment % kWarpColFragments;
     const int col = (first_col_fragment + kColGroups * f) * kFragment;
     if (d0 + col >= depth) continue;
-    wmma::store_matrix_sync(warp_staging, acc[i][f], kFragment, wmma::mem_row_major);
+    store_accumulator(warp_staging, acc[i][f], kFragment, wmma::mem_row_major);
     __syncwarp();
     for (int e = lane; e < kFragment * kFragment; e += kWarpSize) {
       const int64_t row = own0 + (first_row_fragment + i) * kFragment + e / kFragment;
