@@ -729,7 +729,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     score_tile<T, kOwnIsQuery>(own, own_count, own0, stream, stream_count, stream0, depth,
                                shared, layout, next);
     const StepColumns step = step_columns(stream0, range.last, exclude_self, self_first, r);
-    if (kOwnIsQuery) {
+    if constexpr (kOwnIsQuery) {
       if (step.edge) {  // block-uniform
         query_rows_gradient_step<true, T>(scores, step_labels, block_labels, own_rows, stream0,
                                           range.last, exclude_self, self_first, grid,
