@@ -83,12 +83,13 @@ NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis \
 step profile 240 profile.log bash -c "ncu --clock-control none --print-kernel-base demangled \
   --kernel-name regex:'soft_histogram(_backward)?_kernel' --launch-skip 4 --launch-count 4 \
   $NCU_SECTIONS --log-file $OUT/profile.csv $PY benchmarks/profile_case.py && \
-  $PY benchmarks/profile_table.py $OUT/profile.csv | tee $OUT/profile.md && \
+  $PY benchmarks/profile_table.py $OUT/profile.csv --title 'score-matrix op, 8192^2, Q = 20' \
+  | tee $OUT/profile.md && \
   ncu --clock-control none --print-kernel-base demangled \
   --kernel-name regex:'embedding_histogram(_backward)?_kernel' --launch-skip 3 --launch-count 3 \
   $NCU_SECTIONS --log-file $OUT/profile_fused.csv $PY benchmarks/profile_case.py --embeddings && \
   $PY benchmarks/profile_table.py $OUT/profile_fused.csv --candidates 268435456 \
-  | tee -a $OUT/profile.md"
+  --title 'fused from embeddings, 16384^2, D = 256, bf16, Q = 20' | tee -a $OUT/profile.md"
 step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
   --dtype bfloat16 --dim 256 --sizes 16384 65536 --repeats 5 --json $OUT/embeddings_d256.json && \
   $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \

@@ -5,7 +5,7 @@ issue slots were, occupancy, registers, and the warp instructions executed per 3
 which is what .ci/sass_report.py predicts from the SASS (its hot block plus the work around it).
 Whichever unit sits near 100% binds (docs/design.md, section 5, says which we expect).
 
-Usage: python benchmarks/profile_table.py PROFILE_CSV [--candidates N_TIMES_M]
+Usage: python benchmarks/profile_table.py PROFILE_CSV [--candidates N_TIMES_M] [--title TEXT]
 """
 
 import argparse
@@ -64,6 +64,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv")
     parser.add_argument("--candidates", type=float, default=8192.0 * 8192.0)
+    parser.add_argument("--title", help="a heading printed above the table")
     args = parser.parse_args()
     with open(args.csv) as f:
         text = f.read()
@@ -73,6 +74,8 @@ def main() -> int:
         print("no ncu table in the file", file=sys.stderr)
         return 1
     found = kernels(csv.DictReader(io.StringIO(text[start:])))
+    if args.title:
+        print(f"### {args.title}")
     header = ["kernel", *(c for c, _ in COLUMNS), "instr / 32 cand"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -25,9 +25,9 @@ def write_profile(path, launches):
                                  "Metric Value": value})  # fmt: skip
 
 
-def run(path, candidates):
+def run(path, candidates, *extra):
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(path), "--candidates", str(candidates)],
+        [sys.executable, str(SCRIPT), str(path), "--candidates", str(candidates), *extra],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     return result
@@ -67,8 +67,9 @@ def test_fused_kernels_are_named_by_pass(tmp_path):
         "void fastap::embedding::embedding_histogram_backward_kernel<float, false>(...)",
     ]
     write_profile(path, [(name, {"Duration": ("usecond", "1.0")}) for name in names])
-    result = run(path, 32)
+    result = run(path, 32, "--title", "fused, 64^2")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "### fused, 64^2"
     rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("| ")]
     expected = ["fused forward bf16", "fused backward bf16 dQ", "fused backward fp32 dDB"]
     assert rows[1:] == [f"| {name}" for name in expected]
