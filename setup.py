@@ -6,6 +6,7 @@ from torch.cuda.is_available(), so a GPU-less build host still builds them. Swit
   FASTAP_CUDA=1   build the CUDA kernels or fail (no toolkit or a CPU-only torch is an error)
   FASTAP_CUDA=0   CPU kernels only
   FASTAP_CUDA_ARCH  e.g. "9.0" or "8.0;9.0" (else TORCH_CUDA_ARCH_LIST, else torch's default)
+  FASTAP_NVCC_FLAGS  more nvcc flags, separated by spaces (e.g. "-lineinfo" for a profile)
   CUDA_HOME       the toolkit (else the one the nvcc on PATH belongs to, as nvcc reports it)
 """
 
@@ -83,6 +84,11 @@ def build_cuda() -> bool:
     return switch == "on" or (switch == "auto" and found)
 
 
+def nvcc_extra_flags() -> list:
+    """FASTAP_NVCC_FLAGS, split on whitespace."""
+    return os.environ.get("FASTAP_NVCC_FLAGS", "").split()
+
+
 def extension():
     sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx_flags = ["-O3", "-fopenmp"]
@@ -100,7 +106,10 @@ def extension():
         "fastap._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", *nvcc_extra_flags()],
+        },
         extra_link_args=["-fopenmp"],
     )
 

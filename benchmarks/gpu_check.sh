@@ -14,7 +14,8 @@
 #   bash benchmarks/gpu_check.sh                                                   # all, in BUDGET
 #
 # The tests step runs the tests that touch CUDA (test_cuda*.py and every [cuda] parameter); CI
-# runs the rest on the CPU. Every step has its own time limit, so that one hang cannot eat the
+# runs the rest on the CPU; when a fused test fails, the api_access step rebuilds with WMMA's own
+# operand loads and reruns the fused tests (see below). Every step has its own time limit, so that one hang cannot eat the
 # budget, and the steps together stay within BUDGET seconds (570); the summary says which steps
 # passed, failed, timed out (exit 124) or were skipped for want of time.
 set -uo pipefail
@@ -66,6 +67,18 @@ step memcheck 120 memcheck.log compute-sanitizer --tool memcheck --error-exitcod
   $PY benchmarks/sanitizer_case.py
 step tests 240 tests.log $PY -m pytest -q -rf --maxfail=25 -p no:cacheprovider tests -k cuda \
   --ignore tests/test_cuda_emulation.py
+# api_access: only when a fused test failed. The fused kernels load their bf16 and TF32 operands
+# with a PTX spelling of WMMA's loads (csrc/cuda/embedding_kernels.cuh, load_operand), the one
+# part of them that the CPU emulation cannot run; this rebuilds with the API's own loads and
+# reruns the fused tests, so that one call tells whether that spelling is at fault. The steps
+# after it then measure the rebuilt extension (the summary says so).
+if grep -q '^FAILED tests/test_cuda_embeddings' "$OUT/tests.log" 2>/dev/null; then
+  STEPS="$STEPS api_access"
+fi
+step api_access 200 api_access.log bash -c "FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_ACCESS \
+  FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0 MAX_JOBS=16 $PY setup.py build_ext --inplace && \
+  { grep -rqs -- -DFASTAP_WMMA_API_ACCESS build || { echo 'the rebuild lost the flag'; exit 1; }; } \
+  && $PY -m pytest -q -rf -p no:cacheprovider tests/test_cuda_embeddings.py"
 # Q = 10 / 20 / 50 and both dtypes at 8192^2 (the targets); the other shapes at Q = 20.
 step kernels 150 kernels.md bash -c "$PY benchmarks/bench_kernels.py --device cuda --repeats 20 \
   --shapes 8192x8192 --num-bins 10 20 50 --dtypes float32 bfloat16 --reference-max 67108864 && \

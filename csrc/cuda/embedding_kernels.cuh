@@ -98,8 +98,15 @@ struct MatrixUnit<float> {  // TF32: fp32 in memory, rounded to 10 mantissa bits
 // load is spelled out in PTX with the .shared state space: nvcc infers that space for fp16 (and
 // emits ldmatrix) but not for bf16 and TF32, whose API loads go through generic addressing (for
 // bf16 four 32-bit generic loads where ldmatrix takes one). Same instruction, shape, layout and
-// destination registers (the fragment's four 32-bit words) as the API's own load.
-#if defined(__CUDA_ARCH__) && !defined(FASTAP_MMA_UNSUPPORTED)
+// destination registers (the fragment's four 32-bit words) as the API's own load; in the SASS
+// the bf16 kernels' ldmatrix forms (LDSM.16.M88 / MT88) per HMMA are those that nvcc derives
+// from the API for fp16. -DFASTAP_WMMA_API_ACCESS builds the API's loads and stores instead
+// (FASTAP_NVCC_FLAGS, setup.py): the fallback of benchmarks/gpu_check.sh, which tells on the GPU
+// whether a wrong fused result comes from this spelling.
+#if defined(__CUDA_ARCH__) && !defined(FASTAP_MMA_UNSUPPORTED) && !defined(FASTAP_WMMA_API_ACCESS)
+#define FASTAP_WMMA_SHARED_PTX 1
+#endif
+#ifdef FASTAP_WMMA_SHARED_PTX
 #define FASTAP_WMMA_LOAD_SHARED(instruction)                                              \
   asm volatile(instruction " {%0, %1, %2, %3}, [%4], %5;"                                 \
                : "=r"(word[0]), "=r"(word[1]), "=r"(word[2]), "=r"(word[3])                  \
@@ -109,7 +116,7 @@ struct MatrixUnit<float> {  // TF32: fp32 in memory, rounded to 10 mantissa bits
 template <typename Use, int K, typename Precision, typename Layout, typename P>
 __device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, K, Precision, Layout>& f,
                                              const P* pointer, unsigned ld) {
-#if defined(__CUDA_ARCH__) && !defined(FASTAP_MMA_UNSUPPORTED)
+#ifdef FASTAP_WMMA_SHARED_PTX
   constexpr bool kBf16 = std::is_same_v<Precision, __nv_bfloat16>;
   constexpr bool kTf32 = std::is_same_v<Precision, wmma::precision::tf32>;
   if constexpr (kBf16 || kTf32) {
@@ -146,7 +153,7 @@ __device__ __forceinline__ void load_operand(wmma::fragment<Use, 16, 16, K, Prec
 // wmma::store_matrix_sync of an fp32 accumulator into shared memory. For the TF32 shape
 // (m16n16k8) the store is spelled out with the .shared state space, which nvcc infers for
 // m16n16k16 but not for it (generic stores otherwise); same instruction as the API's.
-#if defined(__CUDA_ARCH__) && !defined(FASTAP_MMA_UNSUPPORTED)
+#ifdef FASTAP_WMMA_SHARED_PTX
 #define FASTAP_WMMA_STORE_SHARED(instruction)                                             \
   asm volatile(instruction " [%0], {%1, %2, %3, %4, %5, %6, %7, %8}, %9;"                 \
                :                                                                         \
@@ -158,7 +165,7 @@ template <int K>
 __device__ __forceinline__ void store_accumulator(
     float* pointer, const wmma::fragment<wmma::accumulator, 16, 16, K, float>& f, unsigned ld,
     wmma::layout_t layout) {
-#if defined(__CUDA_ARCH__) && !defined(FASTAP_MMA_UNSUPPORTED)
+#ifdef FASTAP_WMMA_SHARED_PTX
   if constexpr (K == 8) {
     static_assert(sizeof(f.x) == 8 * sizeof(float), "eight fp32 registers per lane");
     const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
