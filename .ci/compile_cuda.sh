@@ -145,6 +145,17 @@ for i in "${!files[@]}"; do
 done
 echo "total: ${#files[@]} file(s), $failed failed, $(secs $(( $(now_ms) - start )))s"
 
+# The standalone GPU programs of benchmarks/ (no torch), built as gpu_check.sh builds them.
+for f in benchmarks/*.cu; do
+  if "$NVCC" -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -c "$f" -o "$tmp/standalone.o" \
+      >"$tmp/standalone.log" 2>&1; then
+    echo "OK    $f (standalone, sm_90a)"
+  else
+    echo "FAIL  $f (standalone, sm_90a)"; cat "$tmp/standalone.log"
+    failed=$(( failed + 1 ))
+  fi
+done
+
 # Registers and spills of every kernel; the score-matrix kernels must not spill (NO_SPILLS).
 if (( failed == 0 )); then
   echo

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: build fastap against the GPU machine's torch with the CUDA kernels, run the CUDA
 # tests, compute-sanitizer memcheck and racecheck on a small case, and the CUDA benchmarks; logs
-# and JSON go to $OUT, a short table is printed last.
+# and JSON go to $OUT (the logs as one archive), a short table is printed last.
 #
 # A session has about 15 minutes of GPU time, start-up included, and 10 minutes per call, so the
 # steps come in two calls of about 5 minutes each (estimates, not yet measured), the most
@@ -10,21 +10,26 @@
 # (49 s on 2 CPU cores against torch 2.11.0+cu130, the GPU machine's torch, 2026-11-28):
 #
 #   STEPS="build sass smoke tests kernels embeddings" bash benchmarks/gpu_check.sh # call 1
-#   STEPS="build memcheck racecheck profile loss variants" bash benchmarks/gpu_check.sh # call 2
+#   STEPS="build memcheck racecheck probe profile loss variants" \
+#     bash benchmarks/gpu_check.sh                                                 # call 2
 #   bash benchmarks/gpu_check.sh                                                   # all, in BUDGET
 #
 # The tests step runs the tests that touch CUDA (test_cuda*.py and every [cuda] parameter); CI
 # runs the rest on the CPU; when a fused test fails, the api_access step rebuilds with WMMA's own
-# operand loads and reruns the fused tests (see below). Every step has its own time limit, so that one hang cannot eat the
-# budget, and the steps together stay within BUDGET seconds (570); the summary says which steps
-# passed, failed, timed out (exit 124) or were skipped for want of time.
+# operand loads and reruns the fused tests (see below). Every step has its own time limit, so
+# that one hang cannot eat the budget, and the steps together stay within BUDGET seconds (570);
+# the summary says which steps passed, failed, timed out (exit 124) or were skipped for want of
+# time.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
+# The device tool brings back at most 8 files from $OUT: the logs go to $LOGS and come back as one
+# archive, $OUT/logs.tar.gz, beside the JSON results and summary.md (the tables and the summary).
+LOGS=$(mktemp -d /tmp/gpu_check.XXXXXX)
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"build sass tests kernels profile embeddings memcheck racecheck loss variants"}
+STEPS=${STEPS:-"build sass tests kernels probe profile embeddings memcheck racecheck loss variants"}
 BUDGET=${BUDGET:-570}  # seconds for the whole call: run it with the device tool's timeout_s=600
 status=()
 
@@ -41,23 +46,23 @@ step() {  # step NAME SECONDS LOG COMMAND...: run if selected, keep the log, not
   fi
   (( limit > left - 5 )) && limit=$((left - 5))
   local start=$SECONDS rc=0
-  timeout "$limit" "$@" >"$OUT/$log" 2>&1 || rc=$?
+  timeout "$limit" "$@" >"$LOGS/$log" 2>&1 || rc=$?
   local result=ok
   (( rc == 124 )) && result="TIMEOUT(${limit}s)"
   (( rc != 0 && rc != 124 )) && result="FAILED($rc)"
   status+=("$name|$result|$((SECONDS - start)) s|$log")
-  echo "== $name: $result in $((SECONDS - start)) s"; tail -3 "$OUT/$log"
+  echo "== $name: $result in $((SECONDS - start)) s"; tail -3 "$LOGS/$log"
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOGS/gpu.txt"
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' |
-  tee -a "$OUT/gpu.txt"
+  tee -a "$LOGS/gpu.txt"
 step build 240 build.log env FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0 MAX_JOBS=16 \
   $PY setup.py build_ext --inplace
 # sass: the score-matrix kernels' instructions per candidate in the extension just built (the
 # figures CI takes from its own compile, here from this machine's build).
 step sass 30 sass.log bash -c "for f in fastap/_C*.so; do cuobjdump -sass \"\$f\"; done \
-  >\"$OUT/sass.txt\" && $PY .ci/sass_report.py \"$OUT/sass.txt\""
+  >\"$LOGS/sass.txt\" && $PY .ci/sass_report.py \"$LOGS/sass.txt\""
 # smoke: the small passes of every kernel, alone. A kernel that faults poisons the CUDA context of
 # every test after it, so when this fails memcheck runs at once (it names the kernel and the
 # address), before the tests.
@@ -72,12 +77,12 @@ step tests 240 tests.log $PY -m pytest -q -rf --maxfail=25 -p no:cacheprovider t
 # part of them that the CPU emulation cannot run; this rebuilds with the API's own loads and
 # reruns the fused tests, so that one call tells whether that spelling is at fault. The steps
 # after it then measure the rebuilt extension (the summary says so).
-if grep -q '^FAILED tests/test_cuda_embeddings' "$OUT/tests.log" 2>/dev/null; then
+if grep -q '^FAILED tests/test_cuda_embeddings' "$LOGS/tests.log" 2>/dev/null; then
   STEPS="$STEPS api_access"
 fi
 step api_access 200 api_access.log bash -c "FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_ACCESS \
   FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0 MAX_JOBS=16 $PY setup.py build_ext --inplace && \
-  { grep -rqs -- -DFASTAP_WMMA_API_ACCESS build || { echo 'the rebuild lost the flag'; exit 1; }; } \
+  { grep -rqs -- -DFASTAP_WMMA_API_ACCESS build || { echo 'rebuilt without the flag'; exit 1; }; } \
   && $PY -m pytest -q -rf -p no:cacheprovider tests/test_cuda_embeddings.py"
 # Q = 10 / 20 / 50 and both dtypes at 8192^2 (the targets); the other shapes at Q = 20.
 step kernels 150 kernels.md bash -c "$PY benchmarks/bench_kernels.py --device cuda --repeats 20 \
@@ -86,6 +91,10 @@ step kernels 150 kernels.md bash -c "$PY benchmarks/bench_kernels.py --device cu
   --shapes 1024x1024 32768x32768 256x1000000 --num-bins 20 --dtypes float32 bfloat16 && \
   $PY benchmarks/bench_kernels.py --device cuda --repeats 20 --reference-max 0 \
   --shapes 8192x8192 --num-bins 20 --dtypes float32 bfloat16 --relevance dense"
+# probe: the matrix paths on the fused kernels' tile shapes (benchmarks/mma_probe.cu): WMMA
+# against wgmma, each checked exactly and timed, against the shared-memory count of design.md §5.
+step probe 60 probe.md bash -c "nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a \
+  benchmarks/mma_probe.cu -o $LOGS/mma_probe && $LOGS/mma_probe"
 # profile: Nsight Compute over the four fast kernels of the 8192^2 case (forward and backward,
 # fp32 then bf16), then the three fused kernels at 16384^2, D = 256, bf16
 # (benchmarks/profile_case.py): which of issue, shared/L1 and DRAM binds, against the model of
@@ -95,14 +104,14 @@ NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis \
   --section InstructionStats --section WarpStateStats --csv --page details"
 step profile 240 profile.log bash -c "ncu --clock-control none --print-kernel-base demangled \
   --kernel-name regex:'soft_histogram(_backward)?_kernel' --launch-skip 4 --launch-count 4 \
-  $NCU_SECTIONS --log-file $OUT/profile.csv $PY benchmarks/profile_case.py && \
-  $PY benchmarks/profile_table.py $OUT/profile.csv --title 'score-matrix op, 8192^2, Q = 20' \
-  | tee $OUT/profile.md && \
+  $NCU_SECTIONS --log-file $LOGS/profile.csv $PY benchmarks/profile_case.py && \
+  $PY benchmarks/profile_table.py $LOGS/profile.csv --title 'score-matrix op, 8192^2, Q = 20' \
+  | tee $LOGS/profile.md && \
   ncu --clock-control none --print-kernel-base demangled \
   --kernel-name regex:'embedding_histogram(_backward)?_kernel' --launch-skip 3 --launch-count 3 \
-  $NCU_SECTIONS --log-file $OUT/profile_fused.csv $PY benchmarks/profile_case.py --embeddings && \
-  $PY benchmarks/profile_table.py $OUT/profile_fused.csv --candidates 268435456 \
-  --title 'fused from embeddings, 16384^2, D = 256, bf16, Q = 20' | tee -a $OUT/profile.md"
+  $NCU_SECTIONS --log-file $LOGS/profile_fused.csv $PY benchmarks/profile_case.py --embeddings && \
+  $PY benchmarks/profile_table.py $LOGS/profile_fused.csv --candidates 268435456 \
+  --title 'fused from embeddings, 16384^2, D = 256, bf16, Q = 20' | tee -a $LOGS/profile.md"
 step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
   --dtype bfloat16 --dim 256 --sizes 16384 65536 --repeats 5 --json $OUT/embeddings_d256.json && \
   $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \
@@ -115,8 +124,9 @@ step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
 step variants 90 variants.md bash -c "$PY benchmarks/bench_variants.py --device cuda --n 8192 \
   --repeats 20 && $PY benchmarks/bench_ap_formula.py --device cuda --rows 8192 65536"
 
-for table in kernels profile loss variants embeddings; do
-  [[ -s $OUT/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$OUT/$table.md"; }
+{
+for table in kernels probe profile loss variants embeddings; do
+  [[ -s $LOGS/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$LOGS/$table.md"; }
 done
 echo
 echo "== summary =="
@@ -124,3 +134,5 @@ printf '%-11s %-16s %-7s %s\n' step result time log
 for s in "${status[@]}"; do
   IFS='|' read -r a b c d <<<"$s"; printf '%-11s %-16s %-7s %s\n' "$a" "$b" "$c" "$d"
 done
+} | tee "$OUT/summary.md"
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" --exclude mma_probe .

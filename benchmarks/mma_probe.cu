@@ -1,0 +1,372 @@
+// The H200's two matrix paths on the fused kernels' tile shapes: what rate the score product of
+// csrc/cuda/embedding_kernels.cuh can reach, before a kernel is written for it.
+//
+// docs/design.md, section 5, counts the fused kernels as bound by the shared-memory data path
+// (128 bytes per cycle per SM): with WMMA (mma.sync) every operand is loaded from shared memory
+// into registers (ldmatrix), and a warp's 16 x 32 tile reads 1.5 KB per k of 16, 10.7 flops per
+// byte, about 360 TFLOP/s on 132 SMs at 1.98 GHz. It names two ways past: 32 x 32 warp tiles
+// (64 x 128 block tiles, 16 flops per byte) and Hopper's wgmma, whose warpgroup of 4 warps reads
+// a 64 x 16 slice of A and an N x 16 slice of B from shared memory per instruction (21, 32 and
+// 43 flops per byte at N = 32, 64 and 128). This program measures each, with the operands
+// resident in shared memory (no global traffic, as in the fused kernels with D <= 256): a block of
+// 256 threads multiplies a 64 x D tile by a C x D tile (D = 256), `repeats` times, 2 blocks per SM
+// where they fit. Each variant is first checked against the product computed on the host (small
+// integers: exact), and the wgmma variants so check our reading of the PTX ISA's shared-memory
+// matrix layout and descriptor, which the CPU emulation of the kernels cannot.
+//
+// Build and run (benchmarks/gpu_check.sh, step `probe`):
+//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a benchmarks/mma_probe.cu -o mma_probe
+//   ./mma_probe [repeats]
+// Prints a Markdown table; exits 1 when a check fails, 2 on a CUDA error.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace {
+
+constexpr int kDepth = 256;   // D, the k of the score product
+constexpr int kRows = 64;     // own rows of a block (kTileRows of the fused kernels)
+constexpr int kThreads = 256;
+
+#define PROBE_CHECK(call)                                                                     \
+  do {                                                                                        \
+    cudaError_t error_ = (call);                                                              \
+    if (error_ != cudaSuccess) {                                                              \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,                      \
+                   cudaGetErrorString(error_));                                               \
+      std::exit(2);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+// The test matrices: small integers, so that every product and sum is exact in bf16/fp16 and fp32.
+float a_value(int r, int k) { return static_cast<float>((r * 131 + k * 71) % 17 - 8); }
+float b_value(int c, int k) { return static_cast<float>((c * 37 + k * 113) % 15 - 7); }
+
+// ---------------------------------------------------------------------------------------------
+// WMMA (mma.sync through ldmatrix), fp16 so that nvcc emits ldmatrix from the API (the fused
+// kernels spell out the same loads for bf16; fp16 and bf16 run at the same rate). Warps in a
+// kWarpRows x (8 / kWarpRows) grid; with C = 64 and 4 warp rows each warp holds a 16 x 32 tile
+// (the fused kernels' score product), with C = 128 and 2 warp rows 32 x 32.
+template <int kCols, int kWarpRows>
+__global__ void __launch_bounds__(kThreads) wmma_product(const __half* a, const __half* b,
+                                                        float* out, int repeats) {
+  using namespace nvcuda;
+  constexpr int kLd = kDepth + 8;  // padded rows: ldmatrix without bank conflicts
+  constexpr int kWarpCols = kThreads / 32 / kWarpRows;
+  constexpr int kFragRows = kRows / kWarpRows / 16;
+  constexpr int kFragCols = kCols / kWarpCols / 16;
+  extern __shared__ __align__(128) unsigned char shared[];
+  __half* sa = reinterpret_cast<__half*>(shared);
+  __half* sb = sa + kRows * kLd;
+  for (int e = threadIdx.x; e < kRows * kDepth; e += kThreads) {
+    sa[e / kDepth * kLd + e % kDepth] = a[e];
+  }
+  for (int e = threadIdx.x; e < kCols * kDepth; e += kThreads) {
+    sb[e / kDepth * kLd + e % kDepth] = b[e];
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32;
+  const int row0 = (warp % kWarpRows) * kFragRows * 16;
+  const int col0 = (warp / kWarpRows) * kFragCols * 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kFragRows][kFragCols];
+  for (int i = 0; i < kFragRows; ++i) {
+    for (int j = 0; j < kFragCols; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  }
+  for (int repeat = 0; repeat < repeats; ++repeat) {
+#pragma unroll 4
+    for (int k = 0; k < kDepth; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[kFragRows];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[kFragCols];
+#pragma unroll
+      for (int i = 0; i < kFragRows; ++i) {
+        wmma::load_matrix_sync(fa[i], sa + (row0 + 16 * i) * kLd + k, kLd);
+      }
+#pragma unroll
+      for (int j = 0; j < kFragCols; ++j) {
+        wmma::load_matrix_sync(fb[j], sb + (col0 + 16 * j) * kLd + k, kLd);
+      }
+#pragma unroll
+      for (int i = 0; i < kFragRows; ++i) {
+#pragma unroll
+        for (int j = 0; j < kFragCols; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      }
+    }
+  }
+  float* block_out = out + static_cast<size_t>(blockIdx.x) * kRows * kCols;
+  for (int i = 0; i < kFragRows; ++i) {
+    for (int j = 0; j < kFragCols; ++j) {
+      wmma::store_matrix_sync(block_out + (row0 + 16 * i) * kCols + col0 + 16 * j, acc[i][j],
+                              kCols, wmma::mem_row_major);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// wgmma (sm_90a): two warpgroups, each multiplying the 64 x D tile A by its own kN x D half of B.
+// Both operands K-major in the canonical layout without swizzle: 8 x 8 core matrices of 8 rows of
+// 16 bytes, stored contiguously (128 B); the D / 8 core matrices of 8 rows follow one another
+// along k (leading-dimension byte offset 128), and groups of 8 rows are D * 16 bytes apart
+// (stride-dimension byte offset). Element (r, k) is at byte
+//   (r / 8) * D * 16 + (k / 8) * 128 + (r % 8) * 16 + (k % 8) * 2.
+__host__ __device__ constexpr int canonical_offset(int r, int k) {
+  return (r / 8) * kDepth * 16 + (k / 8) * 128 + (r % 8) * 16 + (k % 8) * 2;
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The matrix descriptor: start address, leading- and stride-dimension byte offsets (each >> 4),
+// base offset 0, no swizzle.
+__device__ __forceinline__ uint64_t descriptor(const void* shared_pointer) {
+  const uint64_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared_pointer));
+  return ((address & 0x3ffff) >> 4) | (uint64_t{128 >> 4} << 16) |
+         (uint64_t{(kDepth * 16) >> 4} << 32);
+}
+
+// D (+)= A B for a 64 x kN x 16 step; the accumulators d[kN / 2] of this thread are, for
+// register e, row 16 (warp % 4) + lane / 4 + 8 ((e % 4) / 2), column 8 (e / 4) + 2 (lane % 4) +
+// e % 2 of the warpgroup's 64 x kN tile.
+template <int kN>
+__device__ void wgmma_bf16(float (&d)[kN / 2], uint64_t a, uint64_t b, int accumulate);
+
+#define PROBE_ACC8(i)                                                                         \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+template <>
+__device__ __forceinline__ void wgmma_bf16<32>(float (&d)[16], uint64_t a, uint64_t b,
+                                               int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "%16, %17, p, 1, 1, 0, 0;\n}\n"
+      : PROBE_ACC8(0), PROBE_ACC8(8)
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_bf16<64>(float (&d)[32], uint64_t a, uint64_t b,
+                                               int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"
+      : PROBE_ACC8(0), PROBE_ACC8(8), PROBE_ACC8(16), PROBE_ACC8(24)
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+template <>
+__device__ __forceinline__ void wgmma_bf16<128>(float (&d)[64], uint64_t a, uint64_t b,
+                                                int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      : PROBE_ACC8(0), PROBE_ACC8(8), PROBE_ACC8(16), PROBE_ACC8(24), PROBE_ACC8(32),
+        PROBE_ACC8(40), PROBE_ACC8(48), PROBE_ACC8(56)
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+#undef PROBE_ACC8
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+template <int kN>
+__global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a,
+                                                         const __nv_bfloat16* b, float* out,
+                                                         int repeats) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kCols = 2 * kN;
+  extern __shared__ __align__(128) unsigned char shared[];
+  unsigned char* sa = shared;
+  unsigned char* sb = shared + kRows * kDepth * 2;
+  for (int e = threadIdx.x; e < kRows * kDepth; e += kThreads) {
+    *reinterpret_cast<__nv_bfloat16*>(sa + canonical_offset(e / kDepth, e % kDepth)) = a[e];
+  }
+  for (int e = threadIdx.x; e < kCols * kDepth; e += kThreads) {
+    *reinterpret_cast<__nv_bfloat16*>(sb + canonical_offset(e / kDepth, e % kDepth)) = b[e];
+  }
+  // Ordinary stores read next by the tensor cores (the async proxy): a proxy fence in every
+  // writing thread, then the barrier.
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  const int group = threadIdx.x / 128;  // the warpgroup: columns [kN group, kN group + kN)
+  const unsigned char* group_b = sb + canonical_offset(kN * group, 0);
+  float d[kN / 2];
+  for (int e = 0; e < kN / 2; ++e) d[e] = 0.0f;
+  for (int repeat = 0; repeat < repeats; ++repeat) {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int k = 0; k < kDepth; k += 16) {
+      // k / 8 core matrices along k: 128 bytes each.
+      wgmma_bf16<kN>(d, descriptor(sa + k / 8 * 128), descriptor(group_b + k / 8 * 128), 1);
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  }
+  const int warp = (threadIdx.x % 128) / 32;
+  const int lane = threadIdx.x % 32;
+  float* block_out = out + static_cast<size_t>(blockIdx.x) * kRows * kCols;
+  for (int e = 0; e < kN / 2; ++e) {
+    const int row = 16 * warp + lane / 4 + 8 * ((e % 4) / 2);
+    const int col = kN * group + 8 * (e / 4) + 2 * (lane % 4) + e % 2;
+    block_out[row * kCols + col] = d[e];
+  }
+#else
+  __trap();  // built without sm_90a
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+struct Variant {
+  const char* name;
+  int cols;                 // C: the block tile is 64 x C
+  double flops_per_byte;    // operand bytes through the shared-memory path, per the model
+  const void* kernel;
+  size_t shared_bytes;
+  bool bf16;                // else fp16 (the WMMA variants)
+};
+
+template <typename Element>
+std::vector<Element> host_matrix(int rows, bool is_a) {
+  std::vector<Element> m(static_cast<size_t>(rows) * kDepth);
+  for (int r = 0; r < rows; ++r) {
+    for (int k = 0; k < kDepth; ++k) {
+      const float v = is_a ? a_value(r, k) : b_value(r, k);
+      m[static_cast<size_t>(r) * kDepth + k] = Element(v);
+    }
+  }
+  return m;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int repeats = argc > 1 ? std::atoi(argv[1]) : 2000;
+  int device = 0, sms = 0, clock_khz = 0, major = 0, minor = 0;
+  PROBE_CHECK(cudaGetDevice(&device));
+  PROBE_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  PROBE_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  PROBE_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device) != cudaSuccess) {
+    clock_khz = 1980000;
+    (void)cudaGetLastError();
+  }
+  cudaDeviceProp prop{};
+  PROBE_CHECK(cudaGetDeviceProperties(&prop, device));
+  const bool hopper = major == 9 && minor == 0;
+  const double clock_hz = clock_khz * 1e3;
+  std::printf("# mma_probe: %s, %d SMs, %.2f GHz (max clock), D = %d, %d repeats\n", prop.name,
+              sms, clock_hz * 1e-9, kDepth, repeats);
+
+  const size_t wmma_ld = kDepth + 8;
+  const Variant variants[] = {
+      {"WMMA fp16, 16 x 32 warp tiles", 64, 16.0 * 32 * 16 * 2 / (3 * 16 * 16 * 2),
+       reinterpret_cast<const void*>(&wmma_product<64, 4>), (64 + 64) * wmma_ld * 2, false},
+      {"WMMA fp16, 32 x 32 warp tiles", 128, 32.0 * 32 * 16 * 2 / (4 * 16 * 16 * 2),
+       reinterpret_cast<const void*>(&wmma_product<128, 2>), (64 + 128) * wmma_ld * 2, false},
+      {"wgmma bf16, m64n32 per warpgroup", 64, 64.0 * 32 * 16 * 2 / ((64 + 32) * 16 * 2),
+       reinterpret_cast<const void*>(&wgmma_product<32>), (64 + 64) * kDepth * 2, true},
+      {"wgmma bf16, m64n64 per warpgroup", 128, 64.0 * 64 * 16 * 2 / ((64 + 64) * 16 * 2),
+       reinterpret_cast<const void*>(&wgmma_product<64>), (64 + 128) * kDepth * 2, true},
+      {"wgmma bf16, m64n128 per warpgroup", 256, 64.0 * 128 * 16 * 2 / ((64 + 128) * 16 * 2),
+       reinterpret_cast<const void*>(&wgmma_product<128>), (64 + 256) * kDepth * 2, true},
+  };
+
+  const int max_cols = 256;
+  const auto a16 = host_matrix<__half>(kRows, true);
+  const auto b16 = host_matrix<__half>(max_cols, false);
+  const auto a_bf = host_matrix<__nv_bfloat16>(kRows, true);
+  const auto b_bf = host_matrix<__nv_bfloat16>(max_cols, false);
+  void *d_a16, *d_b16, *d_abf, *d_bbf;
+  PROBE_CHECK(cudaMalloc(&d_a16, a16.size() * 2));
+  PROBE_CHECK(cudaMalloc(&d_b16, b16.size() * 2));
+  PROBE_CHECK(cudaMalloc(&d_abf, a_bf.size() * 2));
+  PROBE_CHECK(cudaMalloc(&d_bbf, b_bf.size() * 2));
+  PROBE_CHECK(cudaMemcpy(d_a16, a16.data(), a16.size() * 2, cudaMemcpyHostToDevice));
+  PROBE_CHECK(cudaMemcpy(d_b16, b16.data(), b16.size() * 2, cudaMemcpyHostToDevice));
+  PROBE_CHECK(cudaMemcpy(d_abf, a_bf.data(), a_bf.size() * 2, cudaMemcpyHostToDevice));
+  PROBE_CHECK(cudaMemcpy(d_bbf, b_bf.data(), b_bf.size() * 2, cudaMemcpyHostToDevice));
+
+  std::printf("\n| variant | block tile | blocks/SM | check | TFLOP/s | shared-path cap |\n");
+  std::printf("|---|---|---|---|---|---|\n");
+  bool all_ok = true;
+  for (const Variant& v : variants) {
+    if (v.bf16 && !hopper) {
+      std::printf("| %s | 64 x %d | - | skipped (needs sm_90) | - | - |\n", v.name, v.cols);
+      continue;
+    }
+    PROBE_CHECK(cudaFuncSetAttribute(v.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     static_cast<int>(v.shared_bytes)));
+    int per_sm = 0;
+    PROBE_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, v.kernel, kThreads,
+                                                              v.shared_bytes));
+    per_sm = std::min(per_sm, 2);
+    const int blocks = per_sm * sms;
+    float* d_out = nullptr;
+    const size_t out_count = static_cast<size_t>(blocks) * kRows * v.cols;
+    PROBE_CHECK(cudaMalloc(&d_out, out_count * sizeof(float)));
+    const void* a = v.bf16 ? d_abf : d_a16;
+    const void* b = v.bf16 ? d_bbf : d_b16;
+    auto launch = [&](int count, int reps) {
+      void* args[] = {const_cast<void**>(&a), const_cast<void**>(&b), &d_out, &reps};
+      PROBE_CHECK(cudaLaunchKernel(v.kernel, dim3(count), dim3(kThreads), args, v.shared_bytes,
+                                   nullptr));
+      PROBE_CHECK(cudaGetLastError());
+    };
+    // The check: one block, one pass, against the host product.
+    launch(1, 1);
+    PROBE_CHECK(cudaDeviceSynchronize());
+    std::vector<float> got(static_cast<size_t>(kRows) * v.cols);
+    PROBE_CHECK(cudaMemcpy(got.data(), d_out, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    double worst = 0.0;
+    for (int r = 0; r < kRows; ++r) {
+      for (int c = 0; c < v.cols; ++c) {
+        double expected = 0.0;
+        for (int k = 0; k < kDepth; ++k) expected += a_value(r, k) * b_value(c, k);
+        worst = std::max(worst, std::fabs(expected - got[static_cast<size_t>(r) * v.cols + c]));
+      }
+    }
+    const bool ok = worst == 0.0;
+    all_ok = all_ok && ok;
+    // The rate: every block, `repeats` passes; the median of 5 after a warm-up.
+    launch(blocks, repeats);
+    cudaEvent_t start, stop;
+    PROBE_CHECK(cudaEventCreate(&start));
+    PROBE_CHECK(cudaEventCreate(&stop));
+    std::vector<float> ms;
+    for (int t = 0; t < 5; ++t) {
+      PROBE_CHECK(cudaEventRecord(start));
+      launch(blocks, repeats);
+      PROBE_CHECK(cudaEventRecord(stop));
+      PROBE_CHECK(cudaEventSynchronize(stop));
+      float elapsed = 0.0f;
+      PROBE_CHECK(cudaEventElapsedTime(&elapsed, start, stop));
+      ms.push_back(elapsed);
+    }
+    std::sort(ms.begin(), ms.end());
+    const double flops = 2.0 * kRows * v.cols * kDepth * static_cast<double>(repeats) * blocks;
+    const double tflops = flops / (ms[2] * 1e-3) * 1e-12;
+    const double cap = v.flops_per_byte * 128.0 * sms * clock_hz * 1e-12;
+    std::printf("| %s | 64 x %d | %d | %s | %.0f | %.0f (%.1f flop/B) |\n", v.name, v.cols,
+                per_sm, ok ? "exact" : "WRONG", tflops, cap, v.flops_per_byte);
+    if (!ok) std::printf("  max |error| %.3g\n", worst);
+    PROBE_CHECK(cudaEventDestroy(start));
+    PROBE_CHECK(cudaEventDestroy(stop));
+    PROBE_CHECK(cudaFree(d_out));
+  }
+  std::printf("\nshared-path cap: 128 B per cycle per SM times the operand bytes per flop of the "
+              "variant (docs/design.md, section 5); the tensor cores' own peak is about "
+              "%.0f TFLOP/s (4096 bf16 flops per cycle per SM).\n",
+              4096.0 * sms * clock_hz * 1e-12);
+  std::printf("%s\n", all_ok ? "mma_probe: every check exact" : "mma_probe: a check FAILED");
+  return all_ok ? 0 : 1;
+}
