@@ -7,7 +7,9 @@
 // byte, about 360 TFLOP/s on 132 SMs at 1.98 GHz. It names two ways past: 32 x 32 warp tiles
 // (64 x 128 block tiles, 16 flops per byte) and Hopper's wgmma, whose warpgroup of 4 warps reads
 // a 64 x 16 slice of A and an N x 16 slice of B from shared memory per instruction (21, 32 and
-// 43 flops per byte at N = 32, 64 and 128). This program measures each, with the operands
+// 43 flops per byte at N = 32, 64 and 128), and the backward's gradient product with wgmma, its B
+// (the stream rows) read transposed from the layout the score product reads. This program
+// measures each, with the operands
 // resident in shared memory (no global traffic, as in the fused kernels with D <= 256): a block of
 // 256 threads multiplies a 64 x D tile by a C x D tile (D = 256), `repeats` times, 2 blocks per SM
 // where they fit. Each variant is first checked against the product computed on the host (small
@@ -16,7 +18,7 @@
 //
 // Build and run (benchmarks/gpu_check.sh, step `probe`):
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a benchmarks/mma_probe.cu -o mma_probe
-//   ./mma_probe [repeats]
+//   ./mma_probe [repeats]   (./mma_probe --host: the layout check alone, no GPU; CI runs it)
 // Prints a Markdown table; exits 1 when a check fails, 2 on a CUDA error.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,6 +30,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -116,53 +119,77 @@ __global__ void __launch_bounds__(kThreads) wmma_product(const __half* a, const 
 // along k (leading-dimension byte offset 128), and groups of 8 rows are D * 16 bytes apart
 // (stride-dimension byte offset). Element (r, k) is at byte
 //   (r / 8) * D * 16 + (k / 8) * 128 + (r % 8) * 16 + (k % 8) * 2.
-__host__ __device__ constexpr int canonical_offset(int r, int k) {
-  return (r / 8) * kDepth * 16 + (k / 8) * 128 + (r % 8) * 16 + (k % 8) * 2;
+__host__ __device__ constexpr int canonical_offset(int r, int k, int depth = kDepth) {
+  return (r / 8) * depth * 16 + (k / 8) * 128 + (r % 8) * 16 + (k % 8) * 2;
+}
+
+// What a descriptor holds, before its encoding: the operand's byte offset in its tile, and its
+// leading- and stride-dimension byte offsets. One function per operand of each product, used by
+// the kernels and by the host emulation (--host), which reads the operands back through the PTX
+// ISA's canonical layouts:
+//   K-major, no swizzle, element (m, k): offset + (m / 8) stride + (m % 8) 16 + (k / 8) leading
+//     + (k % 8) 2 bytes ("((8,m),(T,2k)):((1T,SBO),(1,LBO))");
+//   MN-major, no swizzle, element (k, n): offset + (n / 8) stride + (n % 8) 2 + (k / 8) leading
+//     + (k % 8) 16 bytes ("((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))").
+struct Operand {
+  int offset;
+  int leading;
+  int stride;
+};
+// The score product at k: A the 64 own rows, B warpgroup g's kN stream rows, both K-major.
+__host__ __device__ constexpr Operand score_a(int k) { return {k / 8 * 128, 128, kDepth * 16}; }
+__host__ __device__ constexpr Operand score_b(int g, int n, int k) {
+  return {canonical_offset(n * g, 0) + k / 8 * 128, 128, kDepth * 16};
+}
+// The gradient product at stream row s: A = G (64 x 64, K-major), B = the stream rows read
+// MN-major from the score product's layout, warpgroup g's 128 columns.
+constexpr int kStream = 64;  // stream rows of a step: the k of the gradient product
+__host__ __device__ constexpr Operand gradient_a(int s) {
+  return {s / 8 * 128, 128, kStream * 16};
+}
+__host__ __device__ constexpr Operand gradient_b(int g, int s) {
+  return {canonical_offset(s, 128 * g), kDepth * 16, 128};
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The matrix descriptor: start address, leading- and stride-dimension byte offsets (each >> 4),
 // base offset 0, no swizzle.
-__device__ __forceinline__ uint64_t descriptor(const void* shared_pointer) {
-  const uint64_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared_pointer));
-  return ((address & 0x3ffff) >> 4) | (uint64_t{128 >> 4} << 16) |
-         (uint64_t{(kDepth * 16) >> 4} << 32);
+__device__ __forceinline__ uint64_t descriptor(const unsigned char* tile, Operand operand) {
+  const uint64_t address =
+      static_cast<uint32_t>(__cvta_generic_to_shared(tile + operand.offset));
+  return ((address & 0x3ffff) >> 4) | (uint64_t(operand.leading >> 4) << 16) |
+         (uint64_t(operand.stride >> 4) << 32);
 }
 
-// D (+)= A B for a 64 x kN x 16 step; the accumulators d[kN / 2] of this thread are, for
-// register e, row 16 (warp % 4) + lane / 4 + 8 ((e % 4) / 2), column 8 (e / 4) + 2 (lane % 4) +
-// e % 2 of the warpgroup's 64 x kN tile.
-template <int kN>
-__device__ void wgmma_bf16(float (&d)[kN / 2], uint64_t a, uint64_t b, int accumulate);
 
 #define PROBE_ACC8(i)                                                                         \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
-template <>
-__device__ __forceinline__ void wgmma_bf16<32>(float (&d)[16], uint64_t a, uint64_t b,
+template <int kTransposeB>
+__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t a, uint64_t b,
                                                int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-      "%16, %17, p, 1, 1, 0, 0;\n}\n"
+      "%16, %17, p, 1, 1, 0, %19;\n}\n"
       : PROBE_ACC8(0), PROBE_ACC8(8)
-      : "l"(a), "l"(b), "r"(accumulate));
+      : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeB));
 }
-template <>
-__device__ __forceinline__ void wgmma_bf16<64>(float (&d)[32], uint64_t a, uint64_t b,
+template <int kTransposeB>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint64_t b,
                                                int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, 0, 0;\n}\n"
+      "%32, %33, p, 1, 1, 0, %35;\n}\n"
       : PROBE_ACC8(0), PROBE_ACC8(8), PROBE_ACC8(16), PROBE_ACC8(24)
-      : "l"(a), "l"(b), "r"(accumulate));
+      : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeB));
 }
-template <>
-__device__ __forceinline__ void wgmma_bf16<128>(float (&d)[64], uint64_t a, uint64_t b,
+template <int kTransposeB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b,
                                                 int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -171,12 +198,24 @@ __device__ __forceinline__ void wgmma_bf16<128>(float (&d)[64], uint64_t a, uint
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
       "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      "%64, %65, p, 1, 1, 0, %67;\n}\n"
       : PROBE_ACC8(0), PROBE_ACC8(8), PROBE_ACC8(16), PROBE_ACC8(24), PROBE_ACC8(32),
         PROBE_ACC8(40), PROBE_ACC8(48), PROBE_ACC8(56)
-      : "l"(a), "l"(b), "r"(accumulate));
+      : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeB));
 }
 #undef PROBE_ACC8
+// D (+)= A B for a 64 x kN x 16 step; the accumulators d[kN / 2] of this thread are, for
+// register e, row 16 (warp % 4) + lane / 4 + 8 ((e % 4) / 2), column 8 (e / 4) + 2 (lane % 4) +
+// e % 2 of the warpgroup's 64 x kN tile. kTransposeB: B is MN-major (k rows of n contiguous
+// elements), else K-major (n rows of k contiguous elements); A is K-major.
+template <int kN, int kTransposeB = 0>
+__device__ __forceinline__ void wgmma_bf16(float (&d)[kN / 2], uint64_t a, uint64_t b,
+                                           int accumulate) {
+  static_assert(kN == 32 || kN == 64 || kN == 128, "the shapes spelled out above");
+  if constexpr (kN == 32) wgmma_m64n32k16<kTransposeB>(d, a, b, accumulate);
+  if constexpr (kN == 64) wgmma_m64n64k16<kTransposeB>(d, a, b, accumulate);
+  if constexpr (kN == 128) wgmma_m64n128k16<kTransposeB>(d, a, b, accumulate);
+}
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 template <int kN>
@@ -199,7 +238,6 @@ __global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
   const int group = threadIdx.x / 128;  // the warpgroup: columns [kN group, kN group + kN)
-  const unsigned char* group_b = sb + canonical_offset(kN * group, 0);
   float d[kN / 2];
   for (int e = 0; e < kN / 2; ++e) d[e] = 0.0f;
   for (int repeat = 0; repeat < repeats; ++repeat) {
@@ -207,7 +245,7 @@ __global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a
 #pragma unroll
     for (int k = 0; k < kDepth; k += 16) {
       // k / 8 core matrices along k: 128 bytes each.
-      wgmma_bf16<kN>(d, descriptor(sa + k / 8 * 128), descriptor(group_b + k / 8 * 128), 1);
+      wgmma_bf16<kN>(d, descriptor(sa, score_a(k)), descriptor(sb, score_b(group, kN, k)), 1);
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
@@ -225,6 +263,55 @@ __global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a
 #endif
 }
 
+// The backward's gradient product, own_grad (64 x D) += G (64 x 64) times the step's 64 stream
+// rows (64 x D), with B read MN-major from the very layout that the score product reads K-major
+// (the same 128-byte core matrices: 8 stream rows of 8 consecutive elements; the leading offset
+// now steps 8 stream rows, D * 16 bytes, and the stride offset 8 columns, 128 bytes), so that one
+// shared copy of the stream rows would serve both products. Warpgroup g computes columns
+// [128 g, 128 g + 128) of the 64 x 256 result; G is A[r][s] = a[r][s], s < 64.
+__global__ void __launch_bounds__(kThreads) wgmma_gradient_product(const __nv_bfloat16* a,
+                                                                   const __nv_bfloat16* b,
+                                                                   float* out, int repeats) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kN = 128;
+  extern __shared__ __align__(128) unsigned char shared[];
+  unsigned char* sg = shared;
+  unsigned char* sb = shared + kRows * kStream * 2;
+  for (int e = threadIdx.x; e < kRows * kStream; e += kThreads) {
+    const int r = e / kStream, s = e % kStream;
+    *reinterpret_cast<__nv_bfloat16*>(sg + canonical_offset(r, s, kStream)) = a[r * kDepth + s];
+  }
+  for (int e = threadIdx.x; e < kStream * kDepth; e += kThreads) {
+    *reinterpret_cast<__nv_bfloat16*>(sb + canonical_offset(e / kDepth, e % kDepth)) = b[e];
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  const int group = threadIdx.x / 128;
+  float d[kN / 2];
+  for (int e = 0; e < kN / 2; ++e) d[e] = 0.0f;
+  for (int repeat = 0; repeat < repeats; ++repeat) {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < kStream; s += 16) {
+      wgmma_bf16<kN, 1>(d, descriptor(sg, gradient_a(s)), descriptor(sb, gradient_b(group, s)),
+                        1);
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  }
+  const int warp = (threadIdx.x % 128) / 32;
+  const int lane = threadIdx.x % 32;
+  float* block_out = out + static_cast<size_t>(blockIdx.x) * kRows * kDepth;
+  for (int e = 0; e < kN / 2; ++e) {
+    const int row = 16 * warp + lane / 4 + 8 * ((e % 4) / 2);
+    const int col = kN * group + 8 * (e / 4) + 2 * (lane % 4) + e % 2;
+    block_out[row * kDepth + col] = d[e];
+  }
+#else
+  __trap();  // built without sm_90a
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 struct Variant {
   const char* name;
@@ -233,6 +320,7 @@ struct Variant {
   const void* kernel;
   size_t shared_bytes;
   bool bf16;                // else fp16 (the WMMA variants)
+  bool gradient = false;    // the gradient product: 64 x D = (64 x 64) (64 x D)
 };
 
 template <typename Element>
@@ -247,10 +335,106 @@ std::vector<Element> host_matrix(int rows, bool is_a) {
   return m;
 }
 
+// --host: the wgmma variants emulated on the host, without a GPU: the tiles filled as the kernels
+// fill them, every operand of every step read back through its Operand and the canonical layouts
+// (the comment above Operand), each product compared with the plain one. This checks the kernels'
+// bookkeeping (offsets, steps, the warpgroups' halves) against the PTX ISA's layouts as written
+// there; the GPU run checks that reading itself.
+class HostTile {
+ public:
+  explicit HostTile(size_t bytes) : bytes_(bytes) {}
+  void put(int offset, float v) {
+    const __nv_bfloat16 x(v);
+    std::memcpy(&bytes_.at(offset), &x, 2);
+  }
+  float k_major(const Operand& o, int m, int k) const {  // element (m, k) of the 16-wide step
+    return at(o.offset + m / 8 * o.stride + m % 8 * 16 + k / 8 * o.leading + k % 8 * 2);
+  }
+  float mn_major(const Operand& o, int k, int n) const {  // element (k, n) of the step
+    return at(o.offset + n / 8 * o.stride + n % 8 * 2 + k / 8 * o.leading + k % 8 * 16);
+  }
+
+ private:
+  float at(int offset) const {
+    __nv_bfloat16 x;
+    std::memcpy(&x, &bytes_.at(offset), 2);
+    return __bfloat162float(x);
+  }
+  std::vector<unsigned char> bytes_;
+};
+
+bool encodable(const Operand& o) {  // a descriptor holds each byte offset >> 4 in 14 bits
+  const auto fits = [](int bytes) { return bytes >= 0 && bytes % 16 == 0 && bytes < (1 << 18); };
+  return fits(o.offset) && fits(o.leading) && fits(o.stride);
+}
+
+bool host_check_score(int n) {  // wgmma_product<n>
+  HostTile a(kRows * kDepth * 2), b(2 * n * kDepth * 2);
+  for (int e = 0; e < kRows * kDepth; ++e) {
+    a.put(canonical_offset(e / kDepth, e % kDepth), a_value(e / kDepth, e % kDepth));
+  }
+  for (int e = 0; e < 2 * n * kDepth; ++e) {
+    b.put(canonical_offset(e / kDepth, e % kDepth), b_value(e / kDepth, e % kDepth));
+  }
+  bool ok = true;
+  for (int g = 0; g < 2; ++g) {
+    for (int r = 0; r < kRows; ++r) {
+      for (int c = 0; c < n; ++c) {
+        double got = 0.0, expected = 0.0;
+        for (int k = 0; k < kDepth; k += 16) {
+          ok = ok && encodable(score_a(k)) && encodable(score_b(g, n, k));
+          for (int kk = 0; kk < 16; ++kk) {
+            got += a.k_major(score_a(k), r, kk) * b.k_major(score_b(g, n, k), c, kk);
+            expected += a_value(r, k + kk) * b_value(n * g + c, k + kk);
+          }
+        }
+        ok = ok && got == expected;
+      }
+    }
+  }
+  return ok;
+}
+
+bool host_check_gradient() {  // wgmma_gradient_product
+  HostTile a(kRows * kStream * 2), b(kStream * kDepth * 2);
+  for (int r = 0; r < kRows; ++r) {
+    for (int s = 0; s < kStream; ++s) a.put(canonical_offset(r, s, kStream), a_value(r, s));
+  }
+  for (int e = 0; e < kStream * kDepth; ++e) {
+    b.put(canonical_offset(e / kDepth, e % kDepth), b_value(e / kDepth, e % kDepth));
+  }
+  bool ok = true;
+  for (int g = 0; g < 2; ++g) {
+    for (int r = 0; r < kRows; ++r) {
+      for (int c = 0; c < 128; ++c) {
+        double got = 0.0, expected = 0.0;
+        for (int s = 0; s < kStream; s += 16) {
+          ok = ok && encodable(gradient_a(s)) && encodable(gradient_b(g, s));
+          for (int kk = 0; kk < 16; ++kk) {
+            got += a.k_major(gradient_a(s), r, kk) * b.mn_major(gradient_b(g, s), kk, c);
+            expected += a_value(r, s + kk) * b_value(s + kk, 128 * g + c);
+          }
+        }
+        ok = ok && got == expected;
+      }
+    }
+  }
+  return ok;
+}
+
+bool host_check() {
+  const bool ok = host_check_score(32) && host_check_score(64) && host_check_score(128) &&
+                  host_check_gradient();
+  std::printf("host emulation of the wgmma variants' layouts: %s\n", ok ? "exact" : "WRONG");
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--host") == 0) return host_check() ? 0 : 1;
   const int repeats = argc > 1 ? std::atoi(argv[1]) : 2000;
+  if (!host_check()) return 1;
   int device = 0, sms = 0, clock_khz = 0, major = 0, minor = 0;
   PROBE_CHECK(cudaGetDevice(&device));
   PROBE_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -279,6 +463,10 @@ int main(int argc, char** argv) {
        reinterpret_cast<const void*>(&wgmma_product<64>), (64 + 128) * kDepth * 2, true},
       {"wgmma bf16, m64n128 per warpgroup", 256, 64.0 * 128 * 16 * 2 / ((64 + 128) * 16 * 2),
        reinterpret_cast<const void*>(&wgmma_product<128>), (64 + 256) * kDepth * 2, true},
+      {"wgmma bf16, gradient product, B transposed", 64,
+       64.0 * 128 * 16 * 2 / ((64 + 128) * 16 * 2),
+       reinterpret_cast<const void*>(&wgmma_gradient_product), (64 * 64 + 64 * kDepth) * 2, true,
+       true},
   };
 
   const int max_cols = 256;
@@ -312,7 +500,8 @@ int main(int argc, char** argv) {
     per_sm = std::min(per_sm, 2);
     const int blocks = per_sm * sms;
     float* d_out = nullptr;
-    const size_t out_count = static_cast<size_t>(blocks) * kRows * v.cols;
+    const int out_cols = v.gradient ? kDepth : v.cols;  // the gradient product: 64 x D
+    const size_t out_count = static_cast<size_t>(blocks) * kRows * out_cols;
     PROBE_CHECK(cudaMalloc(&d_out, out_count * sizeof(float)));
     const void* a = v.bf16 ? d_abf : d_a16;
     const void* b = v.bf16 ? d_bbf : d_b16;
@@ -325,14 +514,18 @@ int main(int argc, char** argv) {
     // The check: one block, one pass, against the host product.
     launch(1, 1);
     PROBE_CHECK(cudaDeviceSynchronize());
-    std::vector<float> got(static_cast<size_t>(kRows) * v.cols);
+    std::vector<float> got(static_cast<size_t>(kRows) * out_cols);
     PROBE_CHECK(cudaMemcpy(got.data(), d_out, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
     double worst = 0.0;
     for (int r = 0; r < kRows; ++r) {
-      for (int c = 0; c < v.cols; ++c) {
+      for (int c = 0; c < out_cols; ++c) {
         double expected = 0.0;
-        for (int k = 0; k < kDepth; ++k) expected += a_value(r, k) * b_value(c, k);
-        worst = std::max(worst, std::fabs(expected - got[static_cast<size_t>(r) * v.cols + c]));
+        if (v.gradient) {  // sum over the 64 stream rows s of G[r][s] stream[s][c]
+          for (int s = 0; s < v.cols; ++s) expected += a_value(r, s) * b_value(s, c);
+        } else {  // sum over k of own[r][k] stream[c][k]
+          for (int k = 0; k < kDepth; ++k) expected += a_value(r, k) * b_value(c, k);
+        }
+        worst = std::max(worst, std::fabs(expected - got[static_cast<size_t>(r) * out_cols + c]));
       }
     }
     const bool ok = worst == 0.0;
@@ -356,8 +549,11 @@ int main(int argc, char** argv) {
     const double flops = 2.0 * kRows * v.cols * kDepth * static_cast<double>(repeats) * blocks;
     const double tflops = flops / (ms[2] * 1e-3) * 1e-12;
     const double cap = v.flops_per_byte * 128.0 * sms * clock_hz * 1e-12;
-    std::printf("| %s | 64 x %d | %d | %s | %.0f | %.0f (%.1f flop/B) |\n", v.name, v.cols,
-                per_sm, ok ? "exact" : "WRONG", tflops, cap, v.flops_per_byte);
+    char tile[32];
+    std::snprintf(tile, sizeof(tile), v.gradient ? "64 x %d, k = %d" : "64 x %d%.0d", out_cols,
+                  v.gradient ? v.cols : 0);
+    std::printf("| %s | %s | %d | %s | %.0f | %.0f (%.1f flop/B) |\n", v.name, tile, per_sm,
+                ok ? "exact" : "WRONG", tflops, cap, v.flops_per_byte);
     if (!ok) std::printf("  max |error| %.3g\n", worst);
     PROBE_CHECK(cudaEventDestroy(start));
     PROBE_CHECK(cudaEventDestroy(stop));
