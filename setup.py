@@ -5,7 +5,8 @@ The C++ (CPU) kernels are always built. The CUDA kernels are built when a CUDA t
 from torch.cuda.is_available(), so a GPU-less build host still builds them. Switches:
   FASTAP_CUDA=1   build the CUDA kernels or fail (no toolkit or a CPU-only torch is an error)
   FASTAP_CUDA=0   CPU kernels only
-  FASTAP_CUDA_ARCH  e.g. "9.0" or "8.0;9.0" (else TORCH_CUDA_ARCH_LIST, else torch's default)
+  FASTAP_CUDA_ARCH  e.g. "9.0" or "8.0;9.0" (else TORCH_CUDA_ARCH_LIST, else torch's default);
+                  "9.0a" also builds the fused forward's wgmma path (FASTAP_WGMMA=1 picks it)
   FASTAP_NVCC_FLAGS  more nvcc flags, separated by spaces (e.g. "-lineinfo" for a profile)
   CUDA_HOME       the toolkit (else the one the nvcc on PATH belongs to, as nvcc reports it)
 """
@@ -85,8 +86,13 @@ def build_cuda() -> bool:
 
 
 def nvcc_extra_flags() -> list:
-    """FASTAP_NVCC_FLAGS, split on whitespace."""
-    return os.environ.get("FASTAP_NVCC_FLAGS", "").split()
+    """FASTAP_NVCC_FLAGS, split on whitespace; and FASTAP_BUILD_WGMMA where the architectures
+    include 9.0a (the fused forward's wgmma path, csrc/cuda/wgmma.cuh)."""
+    flags = os.environ.get("FASTAP_NVCC_FLAGS", "").split()
+    arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";")
+    if any(arch.strip().startswith("9.0a") for arch in arches):
+        flags.append("-DFASTAP_BUILD_WGMMA")
+    return flags
 
 
 def extension():

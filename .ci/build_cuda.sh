@@ -8,7 +8,7 @@
 # local nvcc. The build happens in the unpacked sdist (.ci/lib.sh), so it also checks that the
 # sdist carries every CUDA source and header.
 #
-# Env: TORCH_VERSION (2.14.1), FASTAP_CUDA_ARCH (9.0), CUDA_HOME (setup.py's default: the toolkit
+# Env: TORCH_VERSION (2.14.1), FASTAP_CUDA_ARCH (9.0a), CUDA_HOME (setup.py's default: the toolkit
 #      of the nvcc on PATH), PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,7 +19,9 @@ TORCH_VERSION=${TORCH_VERSION:-2.14.1}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-export FASTAP_CUDA_ARCH=${FASTAP_CUDA_ARCH:-9.0} MAX_JOBS=${MAX_JOBS:-2}
+# 9.0a as on the GPU machine (benchmarks/gpu_check.sh): the sm_90a image, the wgmma forward
+# included (.ci/compile_cuda.sh compiles plain sm_90).
+export FASTAP_CUDA_ARCH=${FASTAP_CUDA_ARCH:-9.0a} MAX_JOBS=${MAX_JOBS:-2}
 install_from_sdist "${PYTHON:-python3}" "$work" "$TORCH_VERSION" 1
 python - <<'PY'
 import torch
@@ -34,6 +36,7 @@ kernels = {
     "soft_histogram_backward": ("CPU", "CUDA"),
     "embedding_histogram": ("CUDA",),
     "embedding_histogram_backward": ("CUDA",),
+    "embedding_histogram_uses_wgmma": ("CUDA",),
 }
 missing = [
     f"fastap::{op} ({key})"

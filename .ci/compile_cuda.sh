@@ -180,6 +180,31 @@ if (( failed == 0 )) && [[ -n $sass_tools ]]; then
   "$PY" .ci/sass_report.py "$tmp/sass.txt" "${budget_args[@]}" || failed=$(( failed + 1 ))
 fi
 
+# The fused kernels again for sm_90a, where the forward's score product may run on wgmma
+# (csrc/cuda/wgmma.cuh; benchmarks/gpu_check.sh builds for 9.0a): the wgmma kernels must compile
+# without spills, hold HGMMA, reach shared memory without generic accesses, and bin within the
+# budget of their WMMA twins.
+if (( failed == 0 )) && [[ -n $sass_tools ]]; then
+  echo
+  hopper=()
+  for flag in "${flags[@]}"; do [[ $flag == -arch=* ]] || hopper+=("$flag"); done
+  hopper+=(-gencode arch=compute_90a,code=sm_90a -DFASTAP_BUILD_WGMMA)
+  if "$NVCC" "${hopper[@]}" -c csrc/cuda/embedding_histogram.cu -o "$tmp/hopper.o" \
+      >"$tmp/hopper.log" 2>&1; then
+    echo "OK    csrc/cuda/embedding_histogram.cu (sm_90a)"
+    "$PY" .ci/ptxas_report.py "$tmp/hopper.log" --no-spills 'embedding_histogram_kernel<.*, true>' |
+      grep -E '^kernel|embedding_histogram_kernel' || failed=$(( failed + 1 ))
+    PATH=$sass_tools:$PATH cuobjdump -sass "$tmp/hopper.o" >"$tmp/hopper.sass"
+    "$PY" .ci/sass_report.py "$tmp/hopper.sass" --budget 'embedding_histogram_kernel<=25' \
+      --no-generic-access embedding_histogram \
+      --require 'embedding_histogram_kernel<.*, true>=HGMMA' | grep -E '^kernel|histogram_kernel' ||
+      failed=$(( failed + 1 ))
+  else
+    echo "FAIL  csrc/cuda/embedding_histogram.cu (sm_90a)"; cat "$tmp/hopper.log"
+    failed=$(( failed + 1 ))
+  fi
+fi
+
 # CHECK_CPP=1: also check that the C++ sources compile against these headers (syntax only; the
 # real build against the installed torch compiles them anyway).
 if [[ ${CHECK_CPP:-0} == 1 ]]; then

@@ -4,6 +4,7 @@ SASS that `cuobjdump -sass` prints for the compiled objects, and a budget that C
 one step's scores; their matrix products are not counted.)
 
 Usage: python .ci/sass_report.py SASS_FILE [--budget REGEX=N ...] [--wide REGEX]
+       [--no-generic-access REGEX] [--require REGEX=OPCODE ...]
 
 For each kernel the hot path is the basic block (a run of instructions without a branch in or
 out) that bins or looks up the most candidates; each candidate's bin position is one float to
@@ -23,7 +24,9 @@ matches it (the fast kernels) does not read 16 bytes per load there; --no-generi
 fails when a kernel whose name matches it loads or stores through generic addresses (LD, ST)
 anywhere: the fused kernels keep their matrix operands and score tiles in shared memory, which
 LDS / LDSM / STS reach directly (LDSM: 16 bytes a lane in one instruction), and a generic access
-only after an address space test (docs/design.md, section 3b).
+only after an address space test (docs/design.md, section 3b); --require REGEX=OPCODE fails
+when a kernel whose name matches REGEX has no instruction of that opcode (HGMMA: the wgmma path
+of the fused forward, built for sm_90a), or when no kernel matches.
 """
 
 import argparse
@@ -91,7 +94,12 @@ def main():
     parser.add_argument("--budget", action="append", default=[], metavar="REGEX=N")
     parser.add_argument("--wide", metavar="REGEX", help="kernels that must load 16 bytes at once")
     parser.add_argument("--no-generic-access", metavar="REGEX", help="kernels without LD, ST")
+    parser.add_argument("--require", action="append", default=[], metavar="REGEX=OPCODE")
     args = parser.parse_args()
+    required = []
+    for item in args.require:
+        pattern, _, op = item.rpartition("=")
+        required.append([re.compile(pattern), op, 0])  # the last: kernels that matched
     wide = re.compile(args.wide) if args.wide else None
     no_generic = re.compile(args.no_generic_access) if args.no_generic_access else None
     budgets = []
@@ -122,12 +130,20 @@ def main():
             generic = sum(opcode(t).split(".")[0] in ("LD", "ST") for _, t in instructions)
             if generic:
                 failures.append(f"{name}: {generic} generic loads or stores (LD, ST)")
+        for need in required:
+            if need[0].search(name):
+                need[2] += 1
+                if not any(opcode(t).split(".")[0] == need[1] for _, t in instructions):
+                    failures.append(f"{name}: no {need[1]} instruction")
         if wide is not None and wide.search(name) and (found is None or found[2] < 16):
             width = found[2] if found else 0
             failures.append(f"{name}: {width}-byte loads on the hot path, not 16")
 
     if not rows:
         failures.append("no score-matrix kernel in the listing")
+    for pattern, op, matched in required:
+        if not matched:
+            failures.append(f"no kernel matches {pattern.pattern} (which must have {op})")
     print(f"{'kernel (hot path)':<66} {'instr':>6} {'cands':>6} {'per cand':>9} {'load B':>7}")
     for name, found, per in sorted(rows):
         size, candidates, width = found if found else (0, 0, 0)

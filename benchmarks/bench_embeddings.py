@@ -2,7 +2,9 @@
 torch's matmul, then the score-matrix op), ap_loss_from_embeddings blockwise (no score matrix;
 torch's matmul tile by tile) and fused (the tensor-core CUDA kernel, no score anywhere), time and
 peak extra memory, each from a fresh process (see bench_ap_loss.py for the method). On CUDA also
-the floor: the four N x N x D matrix products of a forward+backward with torch's matmul alone.
+the floor: the four N x N x D matrix products of a forward+backward with torch's matmul alone,
+and the fused kernel with its forward's scores on Hopper's wgmma (FASTAP_WGMMA=1; needs a build
+for 9.0a on an H100/H200, else "not run").
 
     python benchmarks/bench_embeddings.py --sizes 2048 4096 8192
     python benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 256 \
@@ -19,8 +21,23 @@ CASES = {
     "matrix": ("fastap_aploss_emb", "fastap.APLoss (score matrix)"),
     "blockwise": ("fastap_blocked_emb", "from embeddings, blockwise"),
     "fused": ("fastap_fused_emb", "from embeddings, fused kernel"),
+    "fused_wgmma": ("fastap_fused_emb", "fused, wgmma forward"),
     "floor": ("gemm_floor", "4 matmuls (floor)"),
 }
+
+
+def wgmma_available(device: str, dtype: str, dim: int) -> bool:
+    """Whether the fused forward would take the wgmma path with FASTAP_WGMMA=1."""
+    import torch
+
+    import fastap
+
+    os.environ["FASTAP_WGMMA"] = "1"
+    try:
+        probe = torch.zeros(1, dim, device=device, dtype=getattr(torch, dtype))
+        return fastap.embeddings.fused_forward_uses_wgmma(probe)
+    finally:
+        os.environ.pop("FASTAP_WGMMA", None)
 
 
 def main() -> None:
@@ -32,7 +49,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument(
         "--cases", nargs="+", choices=list(CASES), default=None,
-        help="default: matrix blockwise (CPU); matrix blockwise fused floor (CUDA)",
+        help="default: matrix blockwise (CPU); matrix blockwise fused fused_wgmma floor (CUDA)",
     )  # fmt: skip
     parser.add_argument(
         "--matrix-max", type=int, default=65536,
@@ -46,7 +63,8 @@ def main() -> None:
     from bench_ap_loss import environment, fmt, measure
 
     cuda = args.device.startswith("cuda")
-    default = ["matrix", "blockwise", "fused", "floor"] if cuda else ["matrix", "blockwise"]
+    default = ["matrix", "blockwise", "fused", "fused_wgmma", "floor"]
+    default = default if cuda else ["matrix", "blockwise"]
     cases = args.cases or default
     env = environment(args.device)
     print(
@@ -64,7 +82,13 @@ def main() -> None:
             if case in ("matrix", "floor") and n > args.matrix_max:
                 cells.append(f"not run (N^2 = {n * n:.2e} scores)")
                 continue
+            if case == "fused_wgmma":
+                if not wgmma_available(args.device, args.dtype, args.dim):
+                    cells.append("not run (no wgmma path: FASTAP_CUDA_ARCH=9.0a, sm_90)")
+                    continue
+                os.environ["FASTAP_WGMMA"] = "1"  # read by the child process
             result = measure(CASES[case][0], *common)
+            os.environ.pop("FASTAP_WGMMA", None)
             rows[-1][case] = result
             if case == "floor" and "error" not in result:
                 cells.append(f"{result['ms']:.3g} ms")  # its memory is the N x N buffer

@@ -57,7 +57,7 @@ step() {  # step NAME SECONDS LOG COMMAND...: run if selected, keep the log, not
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOGS/gpu.txt"
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' |
   tee -a "$LOGS/gpu.txt"
-step build 240 build.log env FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0 MAX_JOBS=16 \
+step build 240 build.log env FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0a MAX_JOBS=16 \
   $PY setup.py build_ext --inplace
 # sass: the score-matrix kernels' instructions per candidate in the extension just built (the
 # figures CI takes from its own compile, here from this machine's build).
@@ -81,7 +81,7 @@ if grep -q '^FAILED tests/test_cuda_embeddings' "$LOGS/tests.log" 2>/dev/null; t
   STEPS="$STEPS api_access"
 fi
 step api_access 200 api_access.log bash -c "FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_ACCESS \
-  FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0 MAX_JOBS=16 $PY setup.py build_ext --inplace && \
+  FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0a MAX_JOBS=16 $PY setup.py build_ext --inplace && \
   { grep -rqs -- -DFASTAP_WMMA_API_ACCESS build || { echo 'rebuilt without the flag'; exit 1; }; } \
   && $PY -m pytest -q -rf -p no:cacheprovider tests/test_cuda_embeddings.py"
 # Q = 10 / 20 / 50 and both dtypes at 8192^2 (the targets); the other shapes at Q = 20.

@@ -45,4 +45,8 @@ TORCH_LIBRARY(fastap, m) {
       "embedding_histogram_backward(Tensor grad_n, Tensor grad_p, Tensor queries, "
       "Tensor database, Tensor labels, Tensor ref_labels, bool exclude_self, int self_offset, "
       "int num_bins, float lo, float hi) -> (Tensor, Tensor)");
+  // Whether embedding_histogram on these queries (CUDA) computes its scores with Hopper's wgmma
+  // rather than WMMA: FASTAP_WGMMA=1, bf16/fp16, D <= 256, a build and GPU for sm_90a. A
+  // diagnostic for the tests and benchmarks.
+  m.def("embedding_histogram_uses_wgmma(Tensor queries) -> bool");
 }

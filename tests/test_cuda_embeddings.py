@@ -66,6 +66,33 @@ def test_fused_ops_equal_the_score_matrix_op(dtype, n, m, d):
         torch.testing.assert_close(got.cpu().double() / scale, want / scale, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (70, 133, 40), (300, 9000, 13), (129, 700, 256)])
+def test_fused_forward_on_wgmma_equals_the_wmma_forward(monkeypatch, dtype, n, m, d):
+    """FASTAP_WGMMA=1 in a build for 9.0a on an H100/H200 (skipped elsewhere): the forward's
+    scores from wgmma. Exactly representable embeddings make every score exact on either path,
+    so the histograms equal the WMMA path's bit for bit, and the score-matrix op's."""
+    queries, database, labels, ref_labels = exact_problem(n, m, d, dtype, seed=n + d)
+    cuda = [t.cuda() for t in (queries, database, labels, ref_labels)]
+    fused_args = (False, 0, 20, -1.0, 1.0)
+    monkeypatch.delenv("FASTAP_WGMMA", raising=False)
+    assert not fastap.embeddings.fused_forward_uses_wgmma(cuda[0])
+    wmma = torch.ops.fastap.embedding_histogram(*cuda, *fused_args)
+    monkeypatch.setenv("FASTAP_WGMMA", "1")
+    if not fastap.embeddings.fused_forward_uses_wgmma(cuda[0]):
+        pytest.skip("no wgmma path in this build or on this GPU (FASTAP_CUDA_ARCH=9.0a, sm_90)")
+    wgmma = torch.ops.fastap.embedding_histogram(*cuda, *fused_args)
+    for got, want in zip(wgmma, wmma):
+        assert torch.equal(got, want)
+    scores = (queries.double() @ database.double().T).float()
+    n_cpu, p_cpu, positives_cpu = torch.ops.fastap.soft_histogram(
+        scores, None, labels, ref_labels, None, False, 20, -1.0, 1.0, 0
+    )
+    assert torch.equal(wgmma[2].cpu(), positives_cpu)
+    torch.testing.assert_close(wgmma[0].cpu().double(), n_cpu, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(wgmma[1].cpu().double(), p_cpu, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_loss_close_to_the_exact_loss(dtype):
     """Random embeddings: the loss and the gradients of the fused path against the fp64

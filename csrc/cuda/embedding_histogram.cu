@@ -7,6 +7,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
 #include <cuda_runtime.h>
 
 #include "../binning.h"
@@ -19,6 +22,43 @@ namespace fastap {
 namespace {
 
 using embedding::SharedLayout;
+
+// The wgmma forward (score_tile_wgmma) is compiled only into builds whose architectures include
+// 9.0a (setup.py then defines FASTAP_BUILD_WGMMA); every other build is as if it did not exist.
+#ifdef FASTAP_BUILD_WGMMA
+// 1 in a kernel image built for sm_90a (wgmma.cuh's FASTAP_HAS_WGMMA), 0 in any other: read from
+// the image that the device loaded, which is the one its kernels run.
+#ifdef FASTAP_HAS_WGMMA
+__device__ int image_has_wgmma = 1;
+#else
+__device__ int image_has_wgmma = 0;
+#endif
+#endif
+
+// Whether the fused forward computes its scores with wgmma (score_tile_wgmma) rather than WMMA:
+// only on request (FASTAP_WGMMA=1: the path has not been measured on a GPU yet), for bf16/fp16
+// with D <= kAccumulatorWidth, where the current device's kernel image was built for sm_90a
+// (FASTAP_CUDA_ARCH=9.0a); otherwise WMMA, as without the request. Asking the image costs one
+// synchronous copy, once per device and process.
+bool use_wgmma(at::ScalarType dtype, int64_t depth, int device) {
+#ifndef FASTAP_BUILD_WGMMA
+  return false;
+#else
+  const char* request = std::getenv("FASTAP_WGMMA");
+  if (request == nullptr || std::strcmp(request, "1") != 0) return false;
+  if (dtype == at::kFloat || depth > kAccumulatorWidth) return false;
+  static std::mutex mutex;
+  static int known[64];  // 0 unknown, 1 no, 2 yes
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (device < 0 || device >= 64) return false;
+  if (known[device] == 0) {
+    int value = 0;
+    C10_CUDA_CHECK(cudaMemcpyFromSymbol(&value, image_has_wgmma, sizeof(value)));
+    known[device] = value != 0 ? 2 : 1;
+  }
+  return known[device] == 2;
+#endif
+}
 
 struct EmbeddingInputs {
   at::Tensor queries;     // N x D, contiguous
@@ -119,9 +159,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_histogram_cuda(
     partial_hist = at::empty({n * plan.splits, 2, num_bins}, options);
     partial_positives = at::empty({n * plan.splits}, options.dtype(at::kLong));
   }
+  const bool wgmma = use_wgmma(in.queries.scalar_type(), in.depth, queries.get_device());
   dispatch_matrix_type(in.queries.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
     auto kernel = embedding::embedding_histogram_kernel<T>;
+#ifdef FASTAP_BUILD_WGMMA
+    if constexpr (!std::is_same_v<T, float>) {
+      if (wgmma) kernel = embedding::embedding_histogram_kernel<T, true>;
+    }
+#endif
     const size_t shared = SharedLayout<T>(in.depth, /*backward=*/false).forward_bytes(num_bins);
     allow_shared(kernel, shared, num_bins);
     const dim3 grid(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits));
@@ -212,11 +258,19 @@ std::tuple<at::Tensor, at::Tensor> embedding_histogram_backward_cuda(
   return {grad_queries, grad_database};
 }
 
+bool embedding_histogram_uses_wgmma_cuda(const at::Tensor& queries) {
+  TORCH_CHECK_VALUE(queries.dim() == 2, "fastap: queries must be 2-D, got shape ",
+                    queries.sizes());
+  const c10::cuda::CUDAGuard device_guard(queries.device());
+  return use_wgmma(queries.scalar_type(), queries.size(1), queries.get_device());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastap, CUDA, m) {
   m.impl("embedding_histogram", &embedding_histogram_cuda);
   m.impl("embedding_histogram_backward", &embedding_histogram_backward_cuda);
+  m.impl("embedding_histogram_uses_wgmma", &embedding_histogram_uses_wgmma_cuda);
 }
 
 }  // namespace fastap

@@ -25,6 +25,7 @@
 #include "lane_histograms.cuh"
 #include "launch_plan.h"
 #include "pin.cuh"
+#include "wgmma.cuh"
 
 #ifndef FASTAP_EMULATION
 #include <cuda_bf16.h>
@@ -256,14 +257,26 @@ struct SharedLayout {
   FASTAP_HOST_DEVICE size_t backward_bytes() const { return backward_end; }
 };
 
+// Where element (r, c) of a shared-memory tile lives: row-major with leading dimension ld (WMMA's
+// operands, the padding spreads the rows over the banks), or, with canonical = the tile's columns
+// (a multiple of 8), in wgmma's canonical K-major layout of 8 x 8 core matrices (wgmma.cuh).
+struct TileLayout {
+  int ld;
+  int canonical = 0;
+  __device__ __forceinline__ int index(int r, int c) const {
+    return canonical > 0 ? wgmma::canonical_index(r, c, canonical) : r * ld + c;
+  }
+};
+
 // Copies rows [row0, row0 + rows) x columns [col0, col0 + cols) of the count x depth row-major
-// matrix `source` to `tile` (leading dimension ld), zero outside the matrix. In 16-byte vectors
+// matrix `source` to `tile` (laid out as `layout`), zero outside the matrix. In 16-byte vectors
 // when the rows of `source` allow it (depth a multiple of the vector, aligned base; the caller
-// keeps col0, cols and ld multiples of it): a vector is then entirely inside or outside. kAsync:
-// the vectors are asynchronous copies (cp.async, zero-filled outside; the caller commits and
-// waits), the scalar fallback stays synchronous.
+// keeps col0, cols and ld multiples of it): a vector is then entirely inside or outside, and 8
+// consecutive elements of a row are 16 contiguous bytes in either layout. kAsync: the vectors
+// are asynchronous copies (cp.async, zero-filled outside; the caller commits and waits), the
+// scalar fallback stays synchronous.
 template <bool kAsync = false, typename element>
-__device__ __forceinline__ void load_tile(element* tile, int ld, int rows, int cols,
+__device__ __forceinline__ void load_tile(element* tile, TileLayout layout, int rows, int cols,
                                           const element* __restrict__ source, int64_t count,
                                           int64_t depth, int64_t row0, int64_t col0,
                                           element zero) {
@@ -278,13 +291,13 @@ __device__ __forceinline__ void load_tile(element* tile, int ld, int rows, int c
       const int64_t gc = col0 + c;
       const bool inside = gr < count && gc < depth;
       if (kAsync) {
-        __pipeline_memcpy_async(tile + r * ld + c, inside ? source + gr * depth + gc : source,
-                                16, inside ? 0 : 16);
+        __pipeline_memcpy_async(tile + layout.index(r, c),
+                                inside ? source + gr * depth + gc : source, 16, inside ? 0 : 16);
         continue;
       }
       uint4 value = make_uint4(0u, 0u, 0u, 0u);
       if (inside) value = *reinterpret_cast<const uint4*>(source + gr * depth + gc);
-      *reinterpret_cast<uint4*>(tile + r * ld + c) = value;
+      *reinterpret_cast<uint4*>(tile + layout.index(r, c)) = value;
     }
     return;
   }
@@ -293,13 +306,14 @@ __device__ __forceinline__ void load_tile(element* tile, int ld, int rows, int c
     const int c = e - r * cols;
     const int64_t gr = row0 + r;
     const int64_t gc = col0 + c;
-    tile[r * ld + c] = (gr < count && gc < depth) ? source[gr * depth + gc] : zero;
+    tile[layout.index(r, c)] = (gr < count && gc < depth) ? source[gr * depth + gc] : zero;
   }
 }
 
 // Issues the asynchronous loads of chunk `chunk` (columns [64 chunk, 64 chunk + 64)) of the
-// sides that come in chunks, into slot chunk % kStages, and commits them as one group.
-template <typename T>
+// sides that come in chunks, into slot chunk % kStages, and commits them as one group. kWgmma:
+// the stream chunk in wgmma's canonical layout (the own rows are then resident).
+template <typename T, bool kWgmma = false>
 __device__ __forceinline__ void issue_chunk(const T* __restrict__ own, int64_t own_count,
                                            int64_t own0, const T* __restrict__ stream,
                                            int64_t stream_count, int64_t stream0, int64_t depth,
@@ -312,12 +326,14 @@ __device__ __forceinline__ void issue_chunk(const T* __restrict__ own, int64_t o
   const int64_t k0 = chunk * kDepthChunk;
   if (!layout.resident) {
     load_tile<true>(reinterpret_cast<element*>(shared + layout.own + slot * layout.own_slot),
-                    layout.own_ld, kTileRows, kDepthChunk, own, own_count, depth, own0, k0, zero);
+                    {layout.own_ld}, kTileRows, kDepthChunk, own, own_count, depth, own0, k0,
+                    zero);
   }
   if (!layout.stream_resident) {
     load_tile<true>(
         reinterpret_cast<element*>(shared + layout.stream_chunk + slot * layout.stream_slot),
-        Layout::kChunkLd, kTileCols, kDepthChunk, stream, stream_count, depth, stream0, k0, zero);
+        {Layout::kChunkLd, kWgmma ? kDepthChunk : 0}, kTileCols, kDepthChunk, stream,
+        stream_count, depth, stream0, k0, zero);
   }
   __pipeline_commit();
 }
@@ -414,6 +430,77 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
   __syncthreads();
 }
 
+// score_tile on Hopper's wgmma (wgmma.cuh): the same tile, contract and pipeline, for bf16/fp16
+// with resident own rows (D <= kAccumulatorWidth) and chunked stream rows, both in the canonical
+// layout (the caller loads the own tile with TileLayout{ld, own_cols}, issue_chunk<T, true> the
+// chunks). Warpgroup g (threads [128 g, 128 g + 128)) computes columns [32 g, 32 g + 32) of the
+// tile, all 64 rows, one wgmma.m64n32k16 per k of 16, and writes its accumulators to the score
+// tile. Every writer of an operand fences it for the tensor cores before the barrier that
+// precedes their reads, and each chunk's wgmmas have finished before its slot is refilled.
+template <typename T, bool kRowMajor = false>
+__device__ void score_tile_wgmma(const T* __restrict__ own, int64_t own_count, int64_t own0,
+                                 const T* __restrict__ stream, int64_t stream_count,
+                                 int64_t stream0, int64_t depth, unsigned char* shared,
+                                 const SharedLayout<T>& layout, int64_t next_stream0) {
+#ifdef FASTAP_HAS_WGMMA
+  using Layout = SharedLayout<T>;
+  using element = typename MatrixUnit<T>::element;
+  static_assert(kTileRows == wgmma::kRows && kTileCols == 2 * wgmma::kCols &&
+                    kEmbeddingThreads == 2 * wgmma::kGroupThreads,
+                "two warpgroups, each a 64 x 32 half of the tile");
+  const element* own_tile = reinterpret_cast<const element*>(shared + layout.own);
+  const element* stream_chunks = reinterpret_cast<const element*>(shared + layout.stream_chunk);
+  float* scores = reinterpret_cast<float*>(shared + layout.scores);
+  const int group = static_cast<int>(threadIdx.x) / wgmma::kGroupThreads;
+  const int group_warp = static_cast<int>(threadIdx.x) % wgmma::kGroupThreads / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int64_t chunks = (depth + kDepthChunk - 1) / kDepthChunk;
+
+  float acc[wgmma::kRows * wgmma::kCols / wgmma::kGroupThreads];
+#pragma unroll
+  for (float& a : acc) a = 0.0f;
+  wgmma::fence_operands();  // the caller's stores of the own tile
+  __syncthreads();  // the caller's loads are visible, the previous step's readers are done
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t slot = chunk % kStages;
+    if (chunk + 1 < chunks) {  // into the slot that every warp finished with last iteration
+      issue_chunk<T, true>(own, own_count, own0, stream, stream_count, stream0, depth, shared,
+                           layout, chunk + 1);
+    } else {
+      __pipeline_commit();  // an empty group keeps "all but the newest" meaning chunk `chunk`
+    }
+    __pipeline_wait_prior(1);   // this thread's copies of chunk `chunk` have landed
+    wgmma::fence_operands();    // and are visible to the tensor cores
+    __syncthreads();            // and everyone's
+    const element* a = own_tile + wgmma::canonical_index(0, chunk * kDepthChunk, layout.own_cols);
+    const element* b = stream_chunks + slot * layout.stream_slot / sizeof(element) +
+                       wgmma::canonical_index(wgmma::kCols * group, 0, kDepthChunk);
+    wgmma::begin();
+#pragma unroll
+    for (int kk = 0; kk < kDepthChunk; kk += wgmma::kStep) {
+      wgmma::mma_m64n32k16(acc, a + wgmma::canonical_index(0, kk, layout.own_cols),
+                           layout.own_cols, b + wgmma::canonical_index(0, kk, kDepthChunk),
+                           kDepthChunk);
+    }
+    wgmma::commit_and_wait();
+    __syncthreads();  // every warpgroup is done with this slot before it is refilled
+  }
+  if (next_stream0 >= 0 && chunks > 0) {  // the next step's first chunk, in slot 0
+    issue_chunk<T, true>(own, own_count, own0, stream, stream_count, next_stream0, depth, shared,
+                         layout, 0);
+  }
+#pragma unroll
+  for (int e = 0; e < static_cast<int>(sizeof(acc) / sizeof(acc[0])); ++e) {
+    const int row = wgmma::accumulator_row(group_warp, lane, e);
+    const int col = wgmma::kCols * group + wgmma::accumulator_col(lane, e);
+    scores[kRowMajor ? row * Layout::kScoreLd + col : col * Layout::kScoreLd + row] = acc[e];
+  }
+  __syncthreads();
+#else
+  __trap();  // not built for sm_90a: the launchers never choose this path then
+#endif
+}
+
 // The stream rows [first, last) of split blockIdx.y (see EmbeddingPlan).
 struct StreamRange {
   int64_t first;
@@ -471,8 +558,9 @@ __device__ __forceinline__ void bin_step(const float* __restrict__ scores,
 // Forward. Block (x, y) owns queries [64 x, 64 x + 64) and the database rows of split y. Thread t
 // bins the scores of query row t % 64 against columns [16 (t / 64), 16 (t / 64) + 16) of every
 // step. With one split, writes n/p/positives; else partial_hist[(i * splits + y)][class][bin] and
-// partial_positives[i * splits + y] for soft_histogram_finalize_kernel.
-template <typename T>
+// partial_positives[i * splits + y] for soft_histogram_finalize_kernel. kWgmma: the scores from
+// score_tile_wgmma (bf16/fp16, D <= kAccumulatorWidth, built for sm_90a; else a trap).
+template <typename T, bool kWgmma = false>
 __global__ void __launch_bounds__(kEmbeddingThreads)
     embedding_histogram_kernel(const T* __restrict__ queries, const T* __restrict__ database,
                                const int64_t* __restrict__ labels,
@@ -508,22 +596,28 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
   const StreamRange range = stream_range(num_database, split_length);
 
   for (int slot = 0; slot < slots; ++slot) hist[slot * kEmbeddingThreads + t] = 0.0f;
+  if (kWgmma && !layout.resident) __trap();  // the launchers never ask for this
   if (layout.resident) {  // the block's queries, once for the whole walk
     load_tile(reinterpret_cast<typename MatrixUnit<T>::element*>(shared + layout.own),
-              layout.own_ld, kTileRows, layout.own_cols, queries, num_queries, depth, own0, 0,
-              MatrixUnit<T>::from_float(0.0f));
+              {layout.own_ld, kWgmma ? layout.own_cols : 0}, kTileRows, layout.own_cols, queries,
+              num_queries, depth, own0, 0, MatrixUnit<T>::from_float(0.0f));
   }
   LaneHistograms<float, kEmbeddingThreads, true> histograms(hist + t, q);
   if (!layout.stream_resident && range.first < range.last && depth > 0) {  // first chunk
-    issue_chunk(queries, num_queries, own0, database, num_database, range.first, depth, shared,
-                layout, 0);
+    issue_chunk<T, kWgmma>(queries, num_queries, own0, database, num_database, range.first, depth,
+                           shared, layout, 0);
   }
   for (int64_t stream0 = range.first; stream0 < range.last; stream0 += kTileCols) {
     __syncthreads();  // the previous step's labels and scores are no longer read
     if (t < kTileCols) step_labels[t] = stream0 + t < num_database ? ref_labels[stream0 + t] : 0;
     const int64_t next = stream0 + kTileCols < range.last ? stream0 + kTileCols : -1;
-    score_tile(queries, num_queries, own0, database, num_database, stream0, depth, shared, layout,
-               next);
+    if constexpr (kWgmma) {
+      score_tile_wgmma(queries, num_queries, own0, database, num_database, stream0, depth, shared,
+                       layout, next);
+    } else {
+      score_tile(queries, num_queries, own0, database, num_database, stream0, depth, shared,
+                 layout, next);
+    }
     if (!valid_row) continue;  // the block's last rows past the queries (nothing to bin)
     const StepColumns step = step_columns(stream0, range.last, exclude_self, self_first, r);
     if (step.edge) {
@@ -718,7 +812,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     for (int f = 0; f < kWarpColFragments; ++f) wmma::fill_fragment(acc[i][f], 0.0f);
   }
   if (layout.resident) {  // the block's own rows, once for the whole walk
-    load_tile(reinterpret_cast<element*>(shared + layout.own), layout.own_ld, kTileRows,
+    load_tile(reinterpret_cast<element*>(shared + layout.own), {layout.own_ld}, kTileRows,
               layout.own_cols, own, own_count, depth, own0, 0, zero);
   }
 
@@ -730,8 +824,8 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     if (t < kTileCols) step_labels[t] = stream0 + t < stream_count ? stream_labels[stream0 + t] : 0;
     // The step's stream rows, columns [d0, d0 + stream_cols): all of D when resident, so the
     // scores come from them too.
-    load_tile(stream_rows, layout.stream_ld, kTileCols, layout.stream_cols, stream, stream_count,
-              depth, stream0, d0, zero);
+    load_tile(stream_rows, {layout.stream_ld}, kTileCols, layout.stream_cols, stream,
+              stream_count, depth, stream0, d0, zero);
     const int64_t next = stream0 + kTileCols < range.last ? stream0 + kTileCols : -1;
     score_tile<T, kOwnIsQuery>(own, own_count, own0, stream, stream_count, stream0, depth,
                                shared, layout, next);

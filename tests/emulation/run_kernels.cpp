@@ -11,6 +11,7 @@
 // backward PREFIX.grad (dtype of the scores). Every output starts as garbage (all bits set).
 #include "cuda_host.h"
 #include "wmma_host.h"
+#include "wgmma_host.h"
 
 #include <fstream>
 #include <map>
@@ -170,7 +171,18 @@ int run_embedding() {
     const bool partial = plan.splits > 1;
     std::vector<float> partial_hist = garbage<float>(partial ? n * plan.splits * 2 * q : 0);
     std::vector<int64_t> partial_positives = garbage<int64_t>(partial ? n * plan.splits : 0);
-    emu::launch(emb::embedding_histogram_kernel<T>,
+    // wgmma=1: the score product on wgmma (bf16/fp16, D <= kAccumulatorWidth), as the launcher
+    // picks it on a GPU built for sm_90a.
+    auto kernel = emb::embedding_histogram_kernel<T>;
+    if (integer("wgmma", 0) != 0) {
+      if constexpr (std::is_same_v<T, float>) {
+        throw std::runtime_error("the wgmma path takes bf16 or fp16");
+      } else {
+        if (d > fastap::kAccumulatorWidth) throw std::runtime_error("the wgmma path needs D <= 256");
+        kernel = emb::embedding_histogram_kernel<T, true>;
+      }
+    }
+    emu::launch(kernel,
                 dim3(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits)),
                 dim3(fastap::kEmbeddingThreads), shared, queries.data(), database.data(),
                 labels.data(), ref_labels.data(), n, m, d, exclude_self, self_offset, grid,
