@@ -14,7 +14,8 @@
 // 256 threads multiplies a 64 x D tile by a C x D tile (D = 256), `repeats` times, 2 blocks per SM
 // where they fit. Each variant is first checked against the product computed on the host (small
 // integers: exact), and the wgmma variants so check our reading of the PTX ISA's shared-memory
-// matrix layout and descriptor, which the CPU emulation of the kernels cannot.
+// matrix layout and descriptor, which the CPU emulation of the kernels cannot: the m64n32 variant
+// runs the fused forward's own wrapper, layout and accumulator map (csrc/cuda/wgmma.cuh).
 //
 // Build and run (benchmarks/gpu_check.sh, step `probe`):
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a benchmarks/mma_probe.cu -o mma_probe
@@ -33,7 +34,13 @@
 #include <cstring>
 #include <vector>
 
+// The kernels' own layout and accumulator helpers (csrc/cuda/wgmma.cuh), so that this probe checks
+// on the GPU the very functions the fused forward uses.
+#include "../csrc/cuda/wgmma.cuh"
+
 namespace {
+
+namespace wgmma = fastap::embedding::wgmma;
 
 constexpr int kDepth = 256;   // D, the k of the score product
 constexpr int kRows = 64;     // own rows of a block (kTileRows of the fused kernels)
@@ -120,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) wmma_product(const __half* a, const 
 // (stride-dimension byte offset). Element (r, k) is at byte
 //   (r / 8) * D * 16 + (k / 8) * 128 + (r % 8) * 16 + (k % 8) * 2.
 __host__ __device__ constexpr int canonical_offset(int r, int k, int depth = kDepth) {
-  return (r / 8) * depth * 16 + (k / 8) * 128 + (r % 8) * 16 + (k % 8) * 2;
+  return 2 * wgmma::canonical_index(r, k, depth);  // bytes of 16-bit elements
 }
 
 // What a descriptor holds, before its encoding: the operand's byte offset in its tile, and its
@@ -166,17 +173,6 @@ __device__ __forceinline__ uint64_t descriptor(const unsigned char* tile, Operan
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
       "+f"(d[i + 6]), "+f"(d[i + 7])
 template <int kTransposeB>
-__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint64_t a, uint64_t b,
-                                               int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-      "%16, %17, p, 1, 1, 0, %19;\n}\n"
-      : PROBE_ACC8(0), PROBE_ACC8(8)
-      : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeB));
-}
-template <int kTransposeB>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], uint64_t a, uint64_t b,
                                                int accumulate) {
   asm volatile(
@@ -204,6 +200,19 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
       : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeB));
 }
 #undef PROBE_ACC8
+
+// Warpgroup `group`'s 64 x kN accumulators into columns [kN group, kN group + kN) of the
+// row-major `out` (leading dimension ld), by the fragment layout of wgmma.cuh.
+template <int kN>
+__device__ void store_accumulators(const float (&d)[kN / 2], float* out, int ld, int group) {
+  const int warp = (threadIdx.x % 128) / 32;
+  const int lane = threadIdx.x % 32;
+  for (int e = 0; e < kN / 2; ++e) {
+    const int row = wgmma::accumulator_row(warp, lane, e);
+    const int col = kN * group + wgmma::accumulator_col(lane, e);
+    out[row * ld + col] = d[e];
+  }
+}
 // D (+)= A B for a 64 x kN x 16 step; the accumulators d[kN / 2] of this thread are, for
 // register e, row 16 (warp % 4) + lane / 4 + 8 ((e % 4) / 2), column 8 (e / 4) + 2 (lane % 4) +
 // e % 2 of the warpgroup's 64 x kN tile. kTransposeB: B is MN-major (k rows of n contiguous
@@ -211,8 +220,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uin
 template <int kN, int kTransposeB = 0>
 __device__ __forceinline__ void wgmma_bf16(float (&d)[kN / 2], uint64_t a, uint64_t b,
                                            int accumulate) {
-  static_assert(kN == 32 || kN == 64 || kN == 128, "the shapes spelled out above");
-  if constexpr (kN == 32) wgmma_m64n32k16<kTransposeB>(d, a, b, accumulate);
+  static_assert(kN == 64 || kN == 128, "the shapes spelled out above (32: wgmma.cuh's)");
   if constexpr (kN == 64) wgmma_m64n64k16<kTransposeB>(d, a, b, accumulate);
   if constexpr (kN == 128) wgmma_m64n128k16<kTransposeB>(d, a, b, accumulate);
 }
@@ -244,20 +252,19 @@ __global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a
     asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
     for (int k = 0; k < kDepth; k += 16) {
-      // k / 8 core matrices along k: 128 bytes each.
-      wgmma_bf16<kN>(d, descriptor(sa, score_a(k)), descriptor(sb, score_b(group, kN, k)), 1);
+      if constexpr (kN == wgmma::kCols) {  // the fused forward's own wrapper (wgmma.cuh)
+        using bf16 = __nv_bfloat16;
+        wgmma::mma_m64n32k16(d, reinterpret_cast<const bf16*>(sa + score_a(k).offset), kDepth,
+                             reinterpret_cast<const bf16*>(sb + score_b(group, kN, k).offset),
+                             kDepth);
+      } else {
+        wgmma_bf16<kN>(d, descriptor(sa, score_a(k)), descriptor(sb, score_b(group, kN, k)), 1);
+      }
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   }
-  const int warp = (threadIdx.x % 128) / 32;
-  const int lane = threadIdx.x % 32;
-  float* block_out = out + static_cast<size_t>(blockIdx.x) * kRows * kCols;
-  for (int e = 0; e < kN / 2; ++e) {
-    const int row = 16 * warp + lane / 4 + 8 * ((e % 4) / 2);
-    const int col = kN * group + 8 * (e / 4) + 2 * (lane % 4) + e % 2;
-    block_out[row * kCols + col] = d[e];
-  }
+  store_accumulators<kN>(d, out + static_cast<size_t>(blockIdx.x) * kRows * kCols, kCols, group);
 #else
   __trap();  // built without sm_90a
 #endif
@@ -299,14 +306,8 @@ __global__ void __launch_bounds__(kThreads) wgmma_gradient_product(const __nv_bf
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   }
-  const int warp = (threadIdx.x % 128) / 32;
-  const int lane = threadIdx.x % 32;
-  float* block_out = out + static_cast<size_t>(blockIdx.x) * kRows * kDepth;
-  for (int e = 0; e < kN / 2; ++e) {
-    const int row = 16 * warp + lane / 4 + 8 * ((e % 4) / 2);
-    const int col = kN * group + 8 * (e / 4) + 2 * (lane % 4) + e % 2;
-    block_out[row * kDepth + col] = d[e];
-  }
+  store_accumulators<kN>(d, out + static_cast<size_t>(blockIdx.x) * kRows * kDepth, kDepth,
+                         group);
 #else
   __trap();  // built without sm_90a
 #endif
@@ -457,7 +458,8 @@ int main(int argc, char** argv) {
        reinterpret_cast<const void*>(&wmma_product<64, 4>), (64 + 64) * wmma_ld * 2, false},
       {"WMMA fp16, 32 x 32 warp tiles", 128, 32.0 * 32 * 16 * 2 / (4 * 16 * 16 * 2),
        reinterpret_cast<const void*>(&wmma_product<128, 2>), (64 + 128) * wmma_ld * 2, false},
-      {"wgmma bf16, m64n32 per warpgroup", 64, 64.0 * 32 * 16 * 2 / ((64 + 32) * 16 * 2),
+      {"wgmma bf16, m64n32 per warpgroup (the fused forward's)", 64,
+       64.0 * 32 * 16 * 2 / ((64 + 32) * 16 * 2),
        reinterpret_cast<const void*>(&wgmma_product<32>), (64 + 64) * kDepth * 2, true},
       {"wgmma bf16, m64n64 per warpgroup", 128, 64.0 * 64 * 16 * 2 / ((64 + 64) * 16 * 2),
        reinterpret_cast<const void*>(&wgmma_product<64>), (64 + 128) * kDepth * 2, true},
