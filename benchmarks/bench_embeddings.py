@@ -35,7 +35,7 @@ def wgmma_available(device: str, dtype: str, dim: int) -> bool:
     os.environ["FASTAP_WGMMA"] = "1"
     try:
         probe = torch.zeros(1, dim, device=device, dtype=getattr(torch, dtype))
-        return fastap.embeddings.fused_forward_uses_wgmma(probe)
+        return fastap.embeddings.fused_uses_wgmma(probe)
     finally:
         os.environ.pop("FASTAP_WGMMA", None)
 

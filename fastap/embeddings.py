@@ -196,11 +196,12 @@ def fused_unavailable_reason(
     return None
 
 
-def fused_forward_uses_wgmma(queries: torch.Tensor) -> bool:
-    """Whether the fused forward computes these queries' scores with Hopper's wgmma instead of
-    WMMA (docs/design.md, section 3b): only with FASTAP_WGMMA=1 in the environment, for bfloat16
-    or float16 embeddings of dimension <= 256, in a build for compute capability 9.0a
-    (FASTAP_CUDA_ARCH=9.0a) on such a GPU. A diagnostic: the results are the same either way."""
+def fused_uses_wgmma(queries: torch.Tensor) -> bool:
+    """Whether the fused kernels compute their matrix products for these embeddings with
+    Hopper's wgmma instead of WMMA (docs/design.md, section 3b): only with FASTAP_WGMMA=1 in the
+    environment, for bfloat16 or float16 embeddings of dimension <= 256, in a build for compute
+    capability 9.0a (FASTAP_CUDA_ARCH=9.0a) on such a GPU. A diagnostic: the histograms are the
+    same either way, the gradients within the rounding of fp32 sums taken in another order."""
     if queries.device.type != "cuda" or not HAS_FUSED_EMBEDDING_KERNELS or queries.dim() != 2:
         return False
     return bool(torch.ops.fastap.embedding_histogram_uses_wgmma(queries))

@@ -68,29 +68,51 @@ def test_fused_ops_equal_the_score_matrix_op(dtype, n, m, d):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,m,d", [(1, 1, 1), (70, 133, 40), (300, 9000, 13), (129, 700, 256)])
-def test_fused_forward_on_wgmma_equals_the_wmma_forward(monkeypatch, dtype, n, m, d):
-    """FASTAP_WGMMA=1 in a build for 9.0a on an H100/H200 (skipped elsewhere): the forward's
-    scores from wgmma. Exactly representable embeddings make every score exact on either path,
-    so the histograms equal the WMMA path's bit for bit, and the score-matrix op's."""
+def test_fused_ops_on_wgmma_equal_the_wmma_ops(monkeypatch, dtype, n, m, d):
+    """FASTAP_WGMMA=1 in a build for 9.0a on an H100/H200 (skipped elsewhere): both products on
+    wgmma. Exactly representable embeddings make every score exact on either path, so the
+    histograms equal the WMMA path's bit for bit (and the score-matrix op's); the gradients are
+    fp32 sums of the same products in another order: equal to the WMMA path's and to G @ DB within
+    one rounding of the output dtype."""
     queries, database, labels, ref_labels = exact_problem(n, m, d, dtype, seed=n + d)
     cuda = [t.cuda() for t in (queries, database, labels, ref_labels)]
-    fused_args = (False, 0, 20, -1.0, 1.0)
+    num_bins = 20
+    fused_args = (False, 0, num_bins, -1.0, 1.0)
+    g = torch.Generator().manual_seed(1)
+    grad_n, grad_p = torch.randn((2, n, num_bins), generator=g)
+
+    def run():
+        histograms = torch.ops.fastap.embedding_histogram(*cuda, *fused_args)
+        grads = torch.ops.fastap.embedding_histogram_backward(
+            grad_n.cuda(), grad_p.cuda(), *cuda, *fused_args
+        )
+        return histograms, grads
+
     monkeypatch.delenv("FASTAP_WGMMA", raising=False)
-    assert not fastap.embeddings.fused_forward_uses_wgmma(cuda[0])
-    wmma = torch.ops.fastap.embedding_histogram(*cuda, *fused_args)
+    assert not fastap.embeddings.fused_uses_wgmma(cuda[0])
+    wmma_histograms, wmma_grads = run()
     monkeypatch.setenv("FASTAP_WGMMA", "1")
-    if not fastap.embeddings.fused_forward_uses_wgmma(cuda[0]):
+    if not fastap.embeddings.fused_uses_wgmma(cuda[0]):
         pytest.skip("no wgmma path in this build or on this GPU (FASTAP_CUDA_ARCH=9.0a, sm_90)")
-    wgmma = torch.ops.fastap.embedding_histogram(*cuda, *fused_args)
-    for got, want in zip(wgmma, wmma):
+    histograms, grads = run()
+    for got, want in zip(histograms, wmma_histograms):
         assert torch.equal(got, want)
     scores = (queries.double() @ database.double().T).float()
-    n_cpu, p_cpu, positives_cpu = torch.ops.fastap.soft_histogram(
-        scores, None, labels, ref_labels, None, False, 20, -1.0, 1.0, 0
-    )
-    assert torch.equal(wgmma[2].cpu(), positives_cpu)
-    torch.testing.assert_close(wgmma[0].cpu().double(), n_cpu, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(wgmma[1].cpu().double(), p_cpu, rtol=1e-5, atol=1e-4)
+    op_args = (None, labels, ref_labels, None, False, num_bins, -1.0, 1.0, 0)
+    n_cpu, p_cpu, positives_cpu = torch.ops.fastap.soft_histogram(scores, *op_args)
+    assert torch.equal(histograms[2].cpu(), positives_cpu)
+    torch.testing.assert_close(histograms[0].cpu().double(), n_cpu, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(histograms[1].cpu().double(), p_cpu, rtol=1e-5, atol=1e-4)
+
+    grad_scores = torch.ops.fastap.soft_histogram_backward(grad_n, grad_p, scores, *op_args)
+    grad_scores = round_like_matrix_unit(grad_scores.double(), dtype)
+    wants = (grad_scores @ database.double(), grad_scores.T @ queries.double())
+    for got, wmma, want in zip(grads, wmma_grads, wants):
+        scale = want.abs().max().clamp_min(1e-30)
+        tol = torch.finfo(dtype).eps
+        torch.testing.assert_close(got.cpu().double() / scale, want / scale, rtol=0, atol=tol)
+        torch.testing.assert_close(got.double() / scale.cuda(), wmma.double() / scale.cuda(),
+                                   rtol=0, atol=2 * tol)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

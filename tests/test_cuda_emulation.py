@@ -440,17 +440,17 @@ def test_embedding_kernels_have_no_data_races(emulators, tmp_path, n, m, d, dtyp
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,m,d,options", [s for s in EMBEDDING_SHAPES if s[2] <= 256])
-def test_embedding_forward_on_wgmma_equals_the_score_matrix_op(emulators, tmp_path, dtype, n, m,
+def test_embedding_kernels_on_wgmma_equal_the_score_matrix_op(emulators, tmp_path, dtype, n, m,
                                                               d, options):  # fmt: skip
-    """The forward with its scores from wgmma (score_tile_wgmma, emulated by
-    tests/emulation/wgmma_host.h: descriptors decoded as the PTX ISA describes them, operands
-    read when issued and again when waited for)."""
+    """Both kernels with their products on wgmma (score_tile_wgmma and the backward's gradient
+    product, emulated by tests/emulation/wgmma_host.h: descriptors decoded as the PTX ISA
+    describes them, operands read when issued and again when waited for)."""
     check_embedding_kernels(emulators["address"], tmp_path, n, m, d, dtype, seed=n + d, wgmma=1,
                             **options)  # fmt: skip
 
 
 @pytest.mark.parametrize("options", [{}, {"min_split": 64}])
-def test_embedding_forward_on_wgmma_exclude_self_and_races(emulators, tmp_path, options):
+def test_embedding_kernels_on_wgmma_exclude_self_and_races(emulators, tmp_path, options):
     check_embedding_kernels(emulators["thread"], tmp_path, 70, 200, 152, torch.bfloat16,
                             same_set=True, self_offset=9, num_bins=5, wgmma=1,
                             **options)  # fmt: skip

@@ -35,7 +35,8 @@ __device__ int image_has_wgmma = 0;
 #endif
 #endif
 
-// Whether the fused forward computes its scores with wgmma (score_tile_wgmma) rather than WMMA:
+// Whether the fused kernels compute their products with wgmma (score_tile_wgmma, and the
+// backward's gradient product) rather than WMMA:
 // only on request (FASTAP_WGMMA=1: the path has not been measured on a GPU yet), for bf16/fp16
 // with D <= kAccumulatorWidth, where the current device's kernel image was built for sm_90a
 // (FASTAP_CUDA_ARCH=9.0a); otherwise WMMA, as without the request. Asking the image costs one
@@ -210,6 +211,13 @@ void launch_backward(const at::Tensor& own, const at::Tensor& stream, const at::
     partial = at::empty({plan.splits, own_count, depth}, own.options().dtype(at::kFloat));
   }
   auto kernel = embedding::embedding_histogram_backward_kernel<T, kOwnIsQuery>;
+#ifdef FASTAP_BUILD_WGMMA
+  if constexpr (!std::is_same_v<T, float>) {
+    if (use_wgmma(own.scalar_type(), depth, own.get_device())) {
+      kernel = embedding::embedding_histogram_backward_kernel<T, kOwnIsQuery, true>;
+    }
+  }
+#endif
   const size_t shared = SharedLayout<T>(depth, /*backward=*/true).backward_bytes();
   allow_shared(kernel, shared, num_bins);
   const dim3 blocks(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits),

@@ -431,9 +431,10 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
 }
 
 // score_tile on Hopper's wgmma (wgmma.cuh): the same tile, contract and pipeline, for bf16/fp16
-// with resident own rows (D <= kAccumulatorWidth) and chunked stream rows, both in the canonical
-// layout (the caller loads the own tile with TileLayout{ld, own_cols}, issue_chunk<T, true> the
-// chunks). Warpgroup g (threads [128 g, 128 g + 128)) computes columns [32 g, 32 g + 32) of the
+// with resident own rows (D <= kAccumulatorWidth), both sides in the canonical layout: the stream
+// rows chunk by chunk (the forward: issue_chunk<T, true>) or resident (the backward: the caller
+// loads them with TileLayout{ld, stream_cols}), the own tile loaded with TileLayout{ld,
+// own_cols}. Warpgroup g (threads [128 g, 128 g + 128)) computes columns [32 g, 32 g + 32) of the
 // tile, all 64 rows, one wgmma.m64n32k16 per k of 16, and writes its accumulators to the score
 // tile. Every writer of an operand fences it for the tensor cores before the barrier that
 // precedes their reads, and each chunk's wgmmas have finished before its slot is refilled.
@@ -459,9 +460,27 @@ __device__ void score_tile_wgmma(const T* __restrict__ own, int64_t own_count, i
   float acc[wgmma::kRows * wgmma::kCols / wgmma::kGroupThreads];
 #pragma unroll
   for (float& a : acc) a = 0.0f;
-  wgmma::fence_operands();  // the caller's stores of the own tile
+  wgmma::fence_operands();  // the caller's stores of the own tile (and stream rows)
   __syncthreads();  // the caller's loads are visible, the previous step's readers are done
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+  if (layout.stream_resident) {  // the backward: the step's stream rows are all of D already
+    const element* stream_rows = reinterpret_cast<const element*>(shared + layout.stream_rows);
+    const element* b = stream_rows + wgmma::canonical_index(wgmma::kCols * group, 0,
+                                                            layout.stream_cols);
+    // One batch per 64 columns, its wgmmas unrolled: a branch or a loop of run-time length
+    // between them makes ptxas wait for each before the next (C7519).
+    for (int k0 = 0; k0 < layout.own_cols; k0 += kDepthChunk) {
+      wgmma::begin();
+#pragma unroll
+      for (int k = k0; k < k0 + kDepthChunk; k += wgmma::kStep) {
+        wgmma::mma_m64n32k16(acc, own_tile + wgmma::canonical_index(0, k, layout.own_cols),
+                             layout.own_cols,
+                             b + wgmma::canonical_index(0, k, layout.stream_cols),
+                             layout.stream_cols);
+      }
+      wgmma::commit_and_wait();
+    }
+  }
+  for (int64_t chunk = 0; chunk < (layout.stream_resident ? 0 : chunks); ++chunk) {
     const int64_t slot = chunk % kStages;
     if (chunk + 1 < chunks) {  // into the slot that every warp finished with last iteration
       issue_chunk<T, true>(own, own_count, own0, stream, stream_count, stream0, depth, shared,
@@ -485,7 +504,7 @@ __device__ void score_tile_wgmma(const T* __restrict__ own, int64_t own_count, i
     wgmma::commit_and_wait();
     __syncthreads();  // every warpgroup is done with this slot before it is refilled
   }
-  if (next_stream0 >= 0 && chunks > 0) {  // the next step's first chunk, in slot 0
+  if (!layout.stream_resident && next_stream0 >= 0 && chunks > 0) {  // the next step's chunk 0
     issue_chunk<T, true>(own, own_count, own0, stream, stream_count, next_stream0, depth, shared,
                          layout, 0);
   }
@@ -677,7 +696,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
 // Own = queries (dQ = G DB): the query is the own row. Warp w takes own rows
 // [8 w, 8 w + 8), lane l columns l and l + 32 of each: the scores are read from the row-major
 // tile (score_tile<T, true>) and G is written row-major, both 32 consecutive words per warp.
-template <bool kEdge, typename T>
+template <bool kEdge, typename T, bool kCanonicalG = false>
 __device__ __forceinline__ void query_rows_gradient_step(
     const float* __restrict__ scores, const int64_t* __restrict__ step_labels,
     const int64_t* __restrict__ own_labels, int own_rows, int64_t stream0, int64_t last,
@@ -707,7 +726,9 @@ __device__ __forceinline__ void query_rows_gradient_step(
       const bool counted = valid_row && (!kEdge || (c < step.length && c != step.self));
       const float s = scores[r * Layout::kScoreLd + c];
       const float g = score_gradient(s, column_label[v] == label, grid, row_table);
-      grad_tile[r * Layout::kGradLd + c] = MatrixUnit<T>::from_float(counted ? g : 0.0f);
+      const int index = kCanonicalG ? wgmma::canonical_index(r, c, kTileCols)
+                                    : r * Layout::kGradLd + c;
+      grad_tile[index] = MatrixUnit<T>::from_float(counted ? g : 0.0f);
     }
   }
 }
@@ -716,7 +737,7 @@ __device__ __forceinline__ void query_rows_gradient_step(
 // and columns [16 part, 16 part + 16), part = t / 64, so a warp's lanes share each column (one
 // query); the scores are read from the column-major tile and G is written column-major
 // (grad_tile[c * kGradLd + r]), both 32 consecutive elements per warp.
-template <bool kEdge, typename T>
+template <bool kEdge, typename T, bool kCanonicalG = false>
 __device__ __forceinline__ void database_rows_gradient_step(
     const float* __restrict__ scores, const int64_t* __restrict__ step_labels, int64_t own_label,
     bool valid_row, int part, int r, const StepColumns& step, const BinGrid<float>& grid,
@@ -737,7 +758,9 @@ __device__ __forceinline__ void database_rows_gradient_step(
     const float* row_table = kEdge && c >= step.length ? step_table : column_table;
     const float s = scores[c * Layout::kScoreLd + r];
     const float g = score_gradient(s, step_labels[c] == own_label, grid, row_table);
-    grad_tile[c * Layout::kGradLd + r] = MatrixUnit<T>::from_float(counted ? g : 0.0f);
+    const int index = kCanonicalG ? wgmma::canonical_index(r, c, kTileCols)
+                                  : c * Layout::kGradLd + r;
+    grad_tile[index] = MatrixUnit<T>::from_float(counted ? g : 0.0f);
   }
 }
 
@@ -748,8 +771,11 @@ __device__ __forceinline__ void database_rows_gradient_step(
 // backward_slope_table. With one split, writes grad_out (the input dtype); else
 // partial_grad[y][row][d] (fp32) for sum_partials_kernel.
 // Two blocks per SM (their shared memory allows it for bf16/fp16 with D <= 256): at most 128
-// registers per thread.
-template <typename T, bool kOwnIsQuery>
+// registers per thread. kWgmma (bf16/fp16, D <= kAccumulatorWidth, built for sm_90a; else a
+// trap): both products on wgmma, from one canonical copy of the step's stream rows (K-major for
+// the scores, MN-major for the gradient product) and G in the canonical layout; warpgroup g
+// accumulates gradient columns [128 g, 128 g + 128) as two 64-column halves in registers.
+template <typename T, bool kOwnIsQuery, bool kWgmma = false>
 __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     embedding_histogram_backward_kernel(const T* __restrict__ own, int64_t own_count,
                                         const T* __restrict__ stream, int64_t stream_count,
@@ -811,9 +837,20 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
 #pragma unroll
     for (int f = 0; f < kWarpColFragments; ++f) wmma::fill_fragment(acc[i][f], 0.0f);
   }
+  // kWgmma: warpgroup g's accumulators of gradient columns [128 g + 64 j, 128 g + 64 j + 64).
+  constexpr int kHalves = kAccumulatorWidth / 2 / wgmma::kGradCols;  // 2
+  float grad_acc[kWgmma ? kHalves : 1][kWgmma ? wgmma::kGradCols / 2 : 1];
+#pragma unroll
+  for (auto& half : grad_acc) {
+#pragma unroll
+    for (float& a : half) a = 0.0f;
+  }
+  const int group = t / wgmma::kGroupThreads;
+  if (kWgmma && !layout.resident) __trap();  // the launchers never ask for this
   if (layout.resident) {  // the block's own rows, once for the whole walk
-    load_tile(reinterpret_cast<element*>(shared + layout.own), {layout.own_ld}, kTileRows,
-              layout.own_cols, own, own_count, depth, own0, 0, zero);
+    load_tile(reinterpret_cast<element*>(shared + layout.own),
+              {layout.own_ld, kWgmma ? layout.own_cols : 0}, kTileRows, layout.own_cols, own,
+              own_count, depth, own0, 0, zero);
   }
 
   if (!layout.stream_resident && range.first < range.last && depth > 0) {  // first chunk
@@ -824,32 +861,63 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     if (t < kTileCols) step_labels[t] = stream0 + t < stream_count ? stream_labels[stream0 + t] : 0;
     // The step's stream rows, columns [d0, d0 + stream_cols): all of D when resident, so the
     // scores come from them too.
-    load_tile(stream_rows, {layout.stream_ld}, kTileCols, layout.stream_cols, stream,
-              stream_count, depth, stream0, d0, zero);
+    load_tile(stream_rows, {layout.stream_ld, kWgmma ? layout.stream_cols : 0}, kTileCols,
+              layout.stream_cols, stream, stream_count, depth, stream0, d0, zero);
     const int64_t next = stream0 + kTileCols < range.last ? stream0 + kTileCols : -1;
-    score_tile<T, kOwnIsQuery>(own, own_count, own0, stream, stream_count, stream0, depth,
-                               shared, layout, next);
+    if constexpr (kWgmma) {
+      score_tile_wgmma<T, kOwnIsQuery>(own, own_count, own0, stream, stream_count, stream0,
+                                       depth, shared, layout, next);
+    } else {
+      score_tile<T, kOwnIsQuery>(own, own_count, own0, stream, stream_count, stream0, depth,
+                                 shared, layout, next);
+    }
     const StepColumns step = step_columns(stream0, range.last, exclude_self, self_first, r);
     if constexpr (kOwnIsQuery) {
       if (step.edge) {  // block-uniform
-        query_rows_gradient_step<true, T>(scores, step_labels, block_labels, own_rows, stream0,
-                                          range.last, exclude_self, self_first, grid,
-                                          block_table, grad_tile);
+        query_rows_gradient_step<true, T, kWgmma>(scores, step_labels, block_labels, own_rows,
+                                                  stream0, range.last, exclude_self, self_first,
+                                                  grid, block_table, grad_tile);
       } else {
-        query_rows_gradient_step<false, T>(scores, step_labels, block_labels, own_rows, stream0,
-                                           range.last, exclude_self, self_first, grid,
-                                           block_table, grad_tile);
+        query_rows_gradient_step<false, T, kWgmma>(scores, step_labels, block_labels, own_rows,
+                                                   stream0, range.last, exclude_self, self_first,
+                                                   grid, block_table, grad_tile);
       }
     } else {
       const float* step_table = table + stream0 * 2 * int64_t{grid.last_bin};
       pin(step_table);  // each lookup one multiply-add on it
       if (step.edge) {
-        database_rows_gradient_step<true, T>(scores, step_labels, own_label, valid_row, part, r,
-                                             step, grid, step_table, grad_tile);
+        database_rows_gradient_step<true, T, kWgmma>(scores, step_labels, own_label, valid_row,
+                                                     part, r, step, grid, step_table, grad_tile);
       } else {
-        database_rows_gradient_step<false, T>(scores, step_labels, own_label, valid_row, part, r,
-                                              step, grid, step_table, grad_tile);
+        database_rows_gradient_step<false, T, kWgmma>(scores, step_labels, own_label, valid_row,
+                                                      part, r, step, grid, step_table,
+                                                      grad_tile);
       }
+    }
+    if constexpr (kWgmma) {
+#ifdef FASTAP_HAS_WGMMA
+      wgmma::fence_operands();  // G, for the tensor cores
+      __syncthreads();
+      // own_grad[r][d] += sum over the step's stream rows s of G[r][s] stream[s][d]: G K-major
+      // (64 x 64), the stream rows MN-major, 64 columns per wgmma, skipping the halves past the
+      // tile's columns (warpgroup-uniform).
+#pragma unroll
+      for (int j = 0; j < kHalves; ++j) {
+        const int col0 = (kHalves * group + j) * wgmma::kGradCols;
+        if (col0 >= layout.stream_cols) continue;
+        wgmma::begin();
+#pragma unroll
+        for (int s = 0; s < kTileCols; s += wgmma::kStep) {
+          const element* g = grad_tile + wgmma::canonical_index(0, s, kTileCols);
+          const element* b = stream_rows + wgmma::canonical_index(s, col0, layout.stream_cols);
+          wgmma::mma_m64n64k16_bt(grad_acc[j], g, kTileCols, b, layout.stream_cols);
+        }
+        wgmma::commit_and_wait();
+      }
+#else
+      __trap();  // not built for sm_90a: the launchers never choose this path then
+#endif
+      continue;  // the next step's barrier orders the reuse of G and the stream rows
     }
     __syncthreads();
     // G is row-major for own = queries, column-major for own = database (the gradient steps).
@@ -881,10 +949,29 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     }
   }
 
+  const int64_t splits = gridDim.y;
+  if constexpr (kWgmma) {  // each thread writes its accumulators (once per block: not coalesced)
+    const int group_warp = warp % (wgmma::kGroupThreads / kWarpSize);
+#pragma unroll
+    for (int j = 0; j < kHalves; ++j) {
+      const int col0 = (kHalves * group + j) * wgmma::kGradCols;
+#pragma unroll
+      for (int e = 0; e < wgmma::kGradCols / 2; ++e) {
+        const int64_t row = own0 + wgmma::accumulator_row(group_warp, lane, e);
+        const int64_t d = d0 + col0 + wgmma::accumulator_col(lane, e);
+        if (row >= own_count || d >= depth) continue;
+        if (splits == 1) {
+          grad_out[row * depth + d] = Unit::from_float(grad_acc[j][e]);
+        } else {
+          partial_grad[(int64_t{blockIdx.y} * own_count + row) * depth + d] = grad_acc[j][e];
+        }
+      }
+    }
+    return;
+  }
   // Each warp writes its fragments through its 16 x 16 staging tile, skipping rows and columns
   // outside the gradient.
   float* warp_staging = staging + warp * kFragment * kFragment;
-  const int64_t splits = gridDim.y;
 #pragma unroll
   for (int fragment = 0; fragment < kWarpRowFragments * kWarpColFragments; ++fragment) {
     const int i = fragment / kWarpColFragments;

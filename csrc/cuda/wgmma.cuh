@@ -34,7 +34,8 @@ namespace wgmma {
 
 constexpr int kGroupThreads = 128;  // a warpgroup
 constexpr int kRows = 64;           // m of one wgmma: a warpgroup's rows
-constexpr int kCols = 32;           // n of the wgmma used here
+constexpr int kCols = 32;           // n of the score product's wgmma
+constexpr int kGradCols = 64;       // n of the gradient product's wgmma
 constexpr int kStep = 16;           // k of one wgmma (16-bit operands)
 
 // Element (row, k) of a canonical K-major tile of `depth` (a multiple of 8) columns, in elements.
@@ -50,12 +51,22 @@ __host__ __device__ constexpr int accumulator_col(int lane, int e) {
   return 8 * (e / 4) + 2 * (lane % 4) + e % 2;
 }
 
-// The 64-bit matrix descriptor of a K-major operand slice that starts at the shared-memory byte
-// address `address`, in a tile of `depth` columns: start, leading and stride byte offsets (each
-// >> 4, 14 bits), base offset 0, no swizzle.
+// The 64-bit matrix descriptor of an operand slice that starts at the shared-memory byte address
+// `address`: start, leading and stride byte offsets (each >> 4, 14 bits), base offset 0, no
+// swizzle. K-major (descriptor), in a canonical tile of `depth` columns: the leading offset steps
+// to the next core matrix along k (128 bytes), the stride offset to the next 8 rows
+// (depth * 16). MN-major (descriptor_mn: B read transposed, its k the tile's rows and its n the
+// tile's columns, "((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))" in the ISA), in the same tile: the
+// leading offset steps to the next 8 rows (k), the stride offset to the next 8 columns (n).
+__host__ __device__ constexpr uint64_t encode(uint32_t address, int leading, int stride) {
+  return ((address & 0x3ffffu) >> 4) | (static_cast<uint64_t>(leading >> 4) << 16) |
+         (static_cast<uint64_t>(stride >> 4) << 32);
+}
 __host__ __device__ constexpr uint64_t descriptor(uint32_t address, int depth) {
-  return ((address & 0x3ffffu) >> 4) | (uint64_t{128 >> 4} << 16) |
-         (static_cast<uint64_t>((depth * 16) >> 4) << 32);
+  return encode(address, 128, depth * 16);
+}
+__host__ __device__ constexpr uint64_t descriptor_mn(uint32_t address, int depth) {
+  return encode(address, depth * 16, 128);
 }
 
 #ifndef FASTAP_EMULATION
@@ -104,6 +115,39 @@ __device__ __forceinline__ void mma_m64n32k16(float (&d)[16], const T* a, int a_
   }
 }
 #undef FASTAP_WGMMA_M64N32K16
+
+// d += A B for one k step of the backward's gradient product: A the 64 x 16 slice at `a` of a
+// canonical tile of a_depth columns (K-major: G), B the 16 x 64 slice at `b` of a canonical tile
+// of b_depth columns read MN-major (16 stream rows, 64 of their columns), d this thread's 32
+// accumulators of the 64 x 64 result (accumulator_row/col with e < 32).
+#define FASTAP_WGMMA_M64N64K16_BT(type)                                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." type "." type " "                \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "      \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, "  \
+               "%31}, %32, %33, p, 1, 1, 0, 1;\n}\n"                                          \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),      \
+                 "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),    \
+                 "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),             \
+                 "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),             \
+                 "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]),             \
+                 "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])              \
+               : "l"(a_desc), "l"(b_desc), "n"(1))
+template <typename T>
+__device__ __forceinline__ void mma_m64n64k16_bt(float (&d)[32], const T* a, int a_depth,
+                                                 const T* b, int b_depth) {
+  const uint64_t a_desc =
+      descriptor(static_cast<uint32_t>(__cvta_generic_to_shared(a)), a_depth);
+  const uint64_t b_desc =
+      descriptor_mn(static_cast<uint32_t>(__cvta_generic_to_shared(b)), b_depth);
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    FASTAP_WGMMA_M64N64K16_BT("bf16");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "wgmma here takes bf16 or fp16");
+    FASTAP_WGMMA_M64N64K16_BT("f16");
+  }
+}
+#undef FASTAP_WGMMA_M64N64K16_BT
 #endif  // FASTAP_HAS_WGMMA
 #endif  // !FASTAP_EMULATION
 

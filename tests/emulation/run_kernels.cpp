@@ -158,6 +158,12 @@ int run_embedding() {
   const int64_t self_offset = integer("self_offset", 0);
   const int64_t min_split = integer("min_split", fastap::kMinSplitLength);
   const fastap::BinGrid<float> grid(lo, hi, q);
+  // wgmma=1: the products on wgmma (bf16/fp16, D <= kAccumulatorWidth), as the launchers pick
+  // them on a GPU built for sm_90a.
+  const bool wgmma = integer("wgmma", 0) != 0;
+  if (wgmma && (std::is_same_v<T, float> || d > fastap::kAccumulatorWidth)) {
+    throw std::runtime_error("the wgmma path takes bf16 or fp16 with D <= 256");
+  }
 
   if (option("op") == "embedding_forward") {
     const fastap::EmbeddingPlan plan = fastap::plan_embedding(n, m, d, false, min_split);
@@ -171,16 +177,9 @@ int run_embedding() {
     const bool partial = plan.splits > 1;
     std::vector<float> partial_hist = garbage<float>(partial ? n * plan.splits * 2 * q : 0);
     std::vector<int64_t> partial_positives = garbage<int64_t>(partial ? n * plan.splits : 0);
-    // wgmma=1: the score product on wgmma (bf16/fp16, D <= kAccumulatorWidth), as the launcher
-    // picks it on a GPU built for sm_90a.
     auto kernel = emb::embedding_histogram_kernel<T>;
-    if (integer("wgmma", 0) != 0) {
-      if constexpr (std::is_same_v<T, float>) {
-        throw std::runtime_error("the wgmma path takes bf16 or fp16");
-      } else {
-        if (d > fastap::kAccumulatorWidth) throw std::runtime_error("the wgmma path needs D <= 256");
-        kernel = emb::embedding_histogram_kernel<T, true>;
-      }
+    if constexpr (!std::is_same_v<T, float>) {
+      if (wgmma) kernel = emb::embedding_histogram_kernel<T, true>;
     }
     emu::launch(kernel,
                 dim3(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits)),
@@ -218,7 +217,13 @@ int run_embedding() {
         fastap::plan_embedding(own_count, stream_count, d, true, min_split);
     const bool partial = plan.splits > 1;
     std::vector<float> partial_grad = garbage<float>(partial ? plan.splits * own_count * d : 0);
-    emu::launch(emb::embedding_histogram_backward_kernel<T, kOwnIsQuery>,
+    auto kernel = emb::embedding_histogram_backward_kernel<T, kOwnIsQuery>;
+    if (wgmma) {  // both products on wgmma, as the launcher picks them on sm_90a
+      if constexpr (!std::is_same_v<T, float>) {
+        kernel = emb::embedding_histogram_backward_kernel<T, kOwnIsQuery, true>;
+      }
+    }
+    emu::launch(kernel,
                 dim3(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits),
                      static_cast<unsigned>(plan.depth_blocks)),
                 dim3(fastap::kEmbeddingThreads), Layout(d, true).backward_bytes(), own.data(),

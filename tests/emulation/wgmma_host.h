@@ -1,9 +1,10 @@
 // Hopper's wgmma (csrc/cuda/wgmma.cuh) on the CPU, for cuda_host.h.
 //
-// mma_m64n32k16 encodes its descriptors as the GPU code does, and the emulation decodes them the
-// way the PTX ISA describes (start address, leading and stride byte offsets, each >> 4 in 14 bits;
-// K-major canonical layout without swizzle), so a wrong descriptor or layout gives wrong results
-// here too. Each thread computes the accumulator elements that the ISA assigns to it
+// mma_m64n32k16 and mma_m64n64k16_bt encode their descriptors as the GPU code does, and the
+// emulation decodes them the way the PTX ISA describes (start address, leading and stride byte
+// offsets, each >> 4 in 14 bits; K-major or MN-major canonical layouts without swizzle), so a
+// wrong descriptor or layout gives wrong results here too. Each thread computes the accumulator
+// elements that the ISA assigns to it
 // (accumulator_row/col). The multiplication is asynchronous as on the GPU: the accumulators change
 // only at commit_and_wait, and the operands are read both when a wgmma is issued and when it is
 // waited for; the two must agree, since the tensor cores may read them at any moment in between
@@ -26,14 +27,16 @@ namespace embedding {
 namespace wgmma {
 namespace emulated {
 
-using Products = void (*)(uint64_t a_desc, uint64_t b_desc, float (&out)[16]);
+constexpr int kMaxAccumulators = 32;
+using Products = void (*)(uint64_t a_desc, uint64_t b_desc, float* out);
 
 struct Pending {
   float* d;
+  int count;  // accumulators
   uint64_t a_desc;
   uint64_t b_desc;
   Products products;
-  float issued[16];
+  float issued[kMaxAccumulators];
 };
 inline thread_local std::vector<Pending> batch;
 inline thread_local bool begun = false;
@@ -43,29 +46,42 @@ inline thread_local bool begun = false;
   std::abort();
 }
 
-// Element (row, k) of the K-major operand that `desc` describes.
-template <typename T>
-float element(uint64_t desc, int row, int k) {
+// Element (mn, k) of the operand that `desc` describes, K-major or (kMnMajor) MN-major.
+template <typename T, bool kMnMajor = false>
+float element(uint64_t desc, int mn, int k) {
   const size_t start = (desc & 0x3fffu) << 4;
   const size_t leading = ((desc >> 16) & 0x3fffu) << 4;
   const size_t stride = ((desc >> 32) & 0x3fffu) << 4;
   if ((desc >> 49) != 0) fail("base offset or swizzle bits set in a no-swizzle descriptor");
-  const size_t address = start + row / 8 * stride + row % 8 * 16 + k / 8 * leading + k % 8 * 2;
+  const size_t address =
+      kMnMajor ? start + mn / 8 * stride + mn % 8 * 2 + k / 8 * leading + k % 8 * 16
+               : start + mn / 8 * stride + mn % 8 * 16 + k / 8 * leading + k % 8 * 2;
   return static_cast<float>(*static_cast<const T*>(__cvta_shared_to_generic(address)));
 }
 
-// This thread's 16 sums over k of A[row][k] B[col][k] for one m64n32k16.
-template <typename T>
-void products(uint64_t a_desc, uint64_t b_desc, float (&out)[16]) {
+// This thread's kN / 2 sums over k of A[row][k] B[k][col] for one m64nNk16 (B K-major: stored
+// as B^T's rows; kMnMajor: as B's rows).
+template <typename T, int kN, bool kMnMajor>
+void products(uint64_t a_desc, uint64_t b_desc, float* out) {
   const int warp = static_cast<int>(::emu::thread_index.x) % kGroupThreads / 32;
   const int lane = static_cast<int>(::emu::thread_index.x) % 32;
-  for (int e = 0; e < 16; ++e) {
+  for (int e = 0; e < kN / 2; ++e) {
     const int row = accumulator_row(warp, lane, e);
     const int col = accumulator_col(lane, e);
     float sum = 0.0f;
-    for (int k = 0; k < kStep; ++k) sum += element<T>(a_desc, row, k) * element<T>(b_desc, col, k);
+    for (int k = 0; k < kStep; ++k) {
+      sum += element<T>(a_desc, row, k) * element<T, kMnMajor>(b_desc, col, k);
+    }
     out[e] = sum;
   }
+}
+
+template <typename T, int kN, bool kMnMajor>
+void issue(float* d, uint64_t a_desc, uint64_t b_desc) {
+  if (!begun) fail("mma_async without wgmma.fence (begin) first");
+  Pending p{d, kN / 2, a_desc, b_desc, &products<T, kN, kMnMajor>, {}};
+  p.products(p.a_desc, p.b_desc, p.issued);
+  batch.push_back(p);
 }
 
 }  // namespace emulated
@@ -76,22 +92,26 @@ inline void begin() { emulated::begun = true; }
 
 template <typename T>
 void mma_m64n32k16(float (&d)[16], const T* a, int a_depth, const T* b, int b_depth) {
-  if (!emulated::begun) emulated::fail("mma_async without wgmma.fence (begin) first");
-  emulated::Pending p{d, descriptor(static_cast<uint32_t>(__cvta_generic_to_shared(a)), a_depth),
-                      descriptor(static_cast<uint32_t>(__cvta_generic_to_shared(b)), b_depth),
-                      &emulated::products<T>, {}};
-  p.products(p.a_desc, p.b_desc, p.issued);
-  emulated::batch.push_back(p);
+  emulated::issue<T, 32, false>(
+      d, descriptor(static_cast<uint32_t>(__cvta_generic_to_shared(a)), a_depth),
+      descriptor(static_cast<uint32_t>(__cvta_generic_to_shared(b)), b_depth));
+}
+
+template <typename T>
+void mma_m64n64k16_bt(float (&d)[32], const T* a, int a_depth, const T* b, int b_depth) {
+  emulated::issue<T, 64, true>(
+      d, descriptor(static_cast<uint32_t>(__cvta_generic_to_shared(a)), a_depth),
+      descriptor_mn(static_cast<uint32_t>(__cvta_generic_to_shared(b)), b_depth));
 }
 
 inline void commit_and_wait() {
   for (emulated::Pending& p : emulated::batch) {
-    float waited[16];
+    float waited[emulated::kMaxAccumulators];
     p.products(p.a_desc, p.b_desc, waited);
-    if (std::memcmp(waited, p.issued, sizeof(waited)) != 0) {
+    if (std::memcmp(waited, p.issued, p.count * sizeof(float)) != 0) {
       emulated::fail("an operand changed while its wgmma was in flight");
     }
-    for (int e = 0; e < 16; ++e) p.d[e] += waited[e];
+    for (int e = 0; e < p.count; ++e) p.d[e] += waited[e];
   }
   emulated::batch.clear();
   emulated::begun = false;
