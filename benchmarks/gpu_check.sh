@@ -97,8 +97,9 @@ step probe 60 probe.md bash -c "nvcc -O3 -std=c++17 -gencode arch=compute_90a,co
   benchmarks/mma_probe.cu -o $LOGS/mma_probe && $LOGS/mma_probe"
 # profile: Nsight Compute over the four fast kernels of the 8192^2 case (forward and backward,
 # fp32 then bf16), then the three fused kernels at 16384^2, D = 256, bf16
-# (benchmarks/profile_case.py): which of issue, shared/L1 and DRAM binds, against the model of
-# docs/design.md, sections 3b and 5. --clock-control none leaves the GPU's clocks alone.
+# (benchmarks/profile_case.py), then those on wgmma: which of issue, shared/L1 and DRAM binds,
+# against the model of docs/design.md, sections 3b and 5. --clock-control none leaves the GPU's
+# clocks alone.
 NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis \
   --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
   --section InstructionStats --section WarpStateStats --csv --page details"
@@ -111,7 +112,12 @@ step profile 240 profile.log bash -c "ncu --clock-control none --print-kernel-ba
   --kernel-name regex:'embedding_histogram(_backward)?_kernel' --launch-skip 3 --launch-count 3 \
   $NCU_SECTIONS --log-file $LOGS/profile_fused.csv $PY benchmarks/profile_case.py --embeddings && \
   $PY benchmarks/profile_table.py $LOGS/profile_fused.csv --candidates 268435456 \
-  --title 'fused from embeddings, 16384^2, D = 256, bf16, Q = 20' | tee -a $LOGS/profile.md"
+  --title 'fused from embeddings, 16384^2, D = 256, bf16, Q = 20' | tee -a $LOGS/profile.md && \
+  FASTAP_WGMMA=1 ncu --clock-control none --print-kernel-base demangled \
+  --kernel-name regex:'embedding_histogram(_backward)?_kernel' --launch-skip 3 --launch-count 3 \
+  $NCU_SECTIONS --log-file $LOGS/profile_wgmma.csv $PY benchmarks/profile_case.py --embeddings && \
+  $PY benchmarks/profile_table.py $LOGS/profile_wgmma.csv --candidates 268435456 \
+  --title 'the same on wgmma (FASTAP_WGMMA=1)' | tee -a $LOGS/profile.md"
 step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
   --dtype bfloat16 --dim 256 --sizes 16384 65536 --repeats 5 --json $OUT/embeddings_d256.json && \
   $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \

@@ -51,10 +51,15 @@ DTYPES = (
 
 def short(name: str) -> str:
     dtype = next((label for key, label in DTYPES if key in name), "?")
-    if "embedding_histogram" in name:  # the fused kernels: <dtype> or <dtype, own is query>
+    if "embedding_histogram" in name:
+        # the fused kernels: <dtype[, wgmma]> and <dtype, own is query[, wgmma]>
+        args = name[name.index("<") + 1 : name.index(">")].split(", ")
         if "backward" not in name:
-            return f"fused forward {dtype}"
-        return f"fused backward {dtype} {'dQ' if ', true>' in name else 'dDB'}"
+            wgmma = len(args) > 1 and args[1] == "true"
+            return f"fused forward {dtype}" + (" (wgmma)" if wgmma else "")
+        wgmma = len(args) > 2 and args[2] == "true"
+        own = "dQ" if len(args) > 1 and args[1] == "true" else "dDB"
+        return f"fused backward {dtype} {own}" + (" (wgmma)" if wgmma else "")
     op = "backward" if "backward" in name else "forward"
     path = "fast" if ", true, false>" in name else "general"
     return f"{op} {dtype} {path}"

@@ -61,15 +61,26 @@ def test_a_file_without_the_table_fails_and_shows_its_end(tmp_path):
 
 def test_fused_kernels_are_named_by_pass(tmp_path):
     path = tmp_path / "profile.csv"
+    kernel = "void fastap::embedding::embedding_histogram"
     names = [
-        "void fastap::embedding::embedding_histogram_kernel<__nv_bfloat16>(...)",
-        "void fastap::embedding::embedding_histogram_backward_kernel<__nv_bfloat16, true>(...)",
-        "void fastap::embedding::embedding_histogram_backward_kernel<float, false>(...)",
+        f"{kernel}_kernel<__nv_bfloat16, false>(...)",
+        f"{kernel}_backward_kernel<__nv_bfloat16, true, false>(...)",
+        f"{kernel}_backward_kernel<float, false, false>(...)",
+        f"{kernel}_kernel<__half, true>(...)",
+        f"{kernel}_backward_kernel<__nv_bfloat16, true, true>(...)",
+        f"{kernel}_backward_kernel<__nv_bfloat16, false, true>(...)",
     ]
     write_profile(path, [(name, {"Duration": ("usecond", "1.0")}) for name in names])
     result = run(path, 32, "--title", "fused, 64^2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "### fused, 64^2"
     rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("| ")]
-    expected = ["fused forward bf16", "fused backward bf16 dQ", "fused backward fp32 dDB"]
+    expected = [
+        "fused forward bf16",
+        "fused backward bf16 dQ",
+        "fused backward fp32 dDB",
+        "fused forward fp16 (wgmma)",
+        "fused backward bf16 dQ (wgmma)",
+        "fused backward bf16 dDB (wgmma)",
+    ]
     assert rows[1:] == [f"| {name}" for name in expected]
