@@ -1,7 +1,10 @@
 """Small CUDA forward+backward passes for compute-sanitizer: the score-matrix kernels over every
 relevance form and dtype (rows of one chunk and of several; the general kernels, and the fast ones
 for labels without an ignore mask on rows of whole 16-byte vectors), and the fused
-from-embeddings kernels (one split and several, D above one accumulator block)."""
+from-embeddings kernels (one split and several, D above one accumulator block), also on wgmma
+where the build has it."""
+
+import os
 
 import torch
 
@@ -27,10 +30,11 @@ for form, with_ignore, shapes in cases:
             scores = problem.scores.detach().requires_grad_()
             fastap.ap_loss(scores, problem.relevance, **problem.kwargs()).backward()
 
-if HAS_FUSED_EMBEDDING_KERNELS:
+
+def fused_cases(dtypes, shapes):
     g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for n, m, d in ((70, 133, 40), (70, 5000, 13), (65, 300, 300)):
+    for dtype in dtypes:
+        for n, m, d in shapes:
             queries = torch.randn(n, d, generator=g).to("cuda", dtype).requires_grad_()
             database = torch.randn(m, d, generator=g).to("cuda", dtype).requires_grad_()
             labels = torch.randint(0, 3, (n,), generator=g).cuda()
@@ -38,5 +42,17 @@ if HAS_FUSED_EMBEDDING_KERNELS:
             fastap.ap_loss_from_embeddings(
                 queries, database, labels=labels, ref_labels=ref_labels, backend="fused"
             ).backward()
+
+
+if HAS_FUSED_EMBEDDING_KERNELS:
+    fused_cases((torch.float32, torch.bfloat16, torch.float16),
+                ((70, 133, 40), (70, 5000, 13), (65, 300, 300)))  # fmt: skip
+    # The same kernels on wgmma where this build and GPU have them (FASTAP_CUDA_ARCH=9.0a).
+    os.environ["FASTAP_WGMMA"] = "1"
+    probe = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
+    if fastap.embeddings.fused_uses_wgmma(probe):
+        fused_cases((torch.bfloat16, torch.float16), ((70, 133, 40), (70, 5000, 256)))
+        print("fused kernels on wgmma: run")
+    del os.environ["FASTAP_WGMMA"]
 torch.cuda.synchronize()
 print("sanitizer case done")
