@@ -3,8 +3,8 @@ torch's matmul, then the score-matrix op), ap_loss_from_embeddings blockwise (no
 torch's matmul tile by tile) and fused (the tensor-core CUDA kernel, no score anywhere), time and
 peak extra memory, each from a fresh process (see bench_ap_loss.py for the method). On CUDA also
 the floor: the four N x N x D matrix products of a forward+backward with torch's matmul alone,
-and the fused kernel with its forward's scores on Hopper's wgmma (FASTAP_WGMMA=1; needs a build
-for 9.0a on an H100/H200, else "not run").
+and the fused kernels with their products on Hopper's wgmma (FASTAP_WGMMA=1; needs a build for
+9.0a on an H100/H200, else "not run").
 
     python benchmarks/bench_embeddings.py --sizes 2048 4096 8192
     python benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 256 \
@@ -21,7 +21,7 @@ CASES = {
     "matrix": ("fastap_aploss_emb", "fastap.APLoss (score matrix)"),
     "blockwise": ("fastap_blocked_emb", "from embeddings, blockwise"),
     "fused": ("fastap_fused_emb", "from embeddings, fused kernel"),
-    "fused_wgmma": ("fastap_fused_emb", "fused, wgmma forward"),
+    "fused_wgmma": ("fastap_fused_emb", "fused, on wgmma"),
     "floor": ("gemm_floor", "4 matmuls (floor)"),
 }
 

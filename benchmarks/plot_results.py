@@ -25,7 +25,7 @@ SERIES = {
         ("matrix", "fastap.APLoss (score matrix)", "C1", "-"),
         ("blockwise", "from embeddings, blockwise", "C2", "--"),
         ("fused", "from embeddings, fused kernel", "C0", "-"),
-        ("fused_wgmma", "fused, wgmma forward", "C4", "-."),
+        ("fused_wgmma", "fused, on wgmma", "C4", "-."),
         ("floor", "4 matmuls (floor)", "k", ":"),
     ],
 }
