@@ -27,7 +27,7 @@ CASES = {
 
 
 def wgmma_available(device: str, dtype: str, dim: int) -> bool:
-    """Whether the fused forward would take the wgmma path with FASTAP_WGMMA=1."""
+    """Whether the fused kernels would take the wgmma path with FASTAP_WGMMA=1."""
     import torch
 
     import fastap
