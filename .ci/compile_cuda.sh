@@ -134,8 +134,8 @@ start=$(now_ms)
 hopper=()
 for flag in "${flags[@]}"; do [[ $flag == -arch=* ]] || hopper+=("$flag"); done
 hopper+=(-gencode arch=compute_90a,code=sm_90a -DFASTAP_BUILD_WGMMA)
-( "$NVCC" "${hopper[@]}" -c csrc/cuda/embedding_histogram.cu -o "$tmp/hopper.o" \
-    >"$tmp/hopper.log" 2>&1 || touch "$tmp/hopper.failed" ) &
+( "$NVCC" "${hopper[@]}" -c csrc/cuda/embedding_histogram.cu -o "$tmp/hopper.obj" \
+    >"$tmp/hopper.ptxas" 2>&1 || touch "$tmp/hopper.failed" ) &
 for i in "${!files[@]}"; do
   while (( $(jobs -rp | wc -l) >= ${JOBS:-$(nproc)} )); do wait -n || true; done
   compile "$i" "${files[$i]}" &
@@ -150,7 +150,7 @@ for i in "${!files[@]}"; do
   echo; echo "===== nvcc output for ${files[$i]} ====="; grep -Ev "$ptxas_report" "$tmp/$i.log"
 done
 if [[ -f $tmp/hopper.failed ]]; then
-  echo "FAIL  csrc/cuda/embedding_histogram.cu (sm_90a)"; cat "$tmp/hopper.log"
+  echo "FAIL  csrc/cuda/embedding_histogram.cu (sm_90a)"; cat "$tmp/hopper.ptxas"
   failed=$(( failed + 1 ))
 else
   echo "OK    csrc/cuda/embedding_histogram.cu (sm_90a)"
@@ -199,15 +199,15 @@ fi
 if (( failed == 0 )) && [[ -n $sass_tools ]]; then
   echo
   wgmma_kernels='embedding_histogram(_backward)?_kernel<.*, true>'
-  "$PY" .ci/ptxas_report.py "$tmp/hopper.log" --no-spills "$wgmma_kernels" |
-    grep -E '^kernel|, true>' || failed=$(( failed + 1 ))
-  PATH=$sass_tools:$PATH cuobjdump -sass "$tmp/hopper.o" >"$tmp/hopper.sass"
+  "$PY" .ci/ptxas_report.py "$tmp/hopper.ptxas" --no-spills "$wgmma_kernels" |
+    grep -E '^kernel|embedding::' || failed=$(( failed + 1 ))
+  PATH=$sass_tools:$PATH cuobjdump -sass "$tmp/hopper.obj" >"$tmp/hopper.sass"
   "$PY" .ci/sass_report.py "$tmp/hopper.sass" --budget 'embedding_histogram_kernel<=25' \
     --no-generic-access embedding_histogram \
     --require "$wgmma_kernels=HGMMA" | grep -E '^kernel|, true>' || failed=$(( failed + 1 ))
   # C7519: ptxas made each wgmma wait for the last (a branch or a loop between them)
-  if grep -q C7519 "$tmp/hopper.log"; then
-    echo "FAIL  ptxas serialised wgmma (C7519):"; grep C7519 "$tmp/hopper.log" | head -3
+  if grep -q C7519 "$tmp/hopper.ptxas"; then
+    echo "FAIL  ptxas serialised wgmma (C7519):"; grep C7519 "$tmp/hopper.ptxas" | head -3
     failed=$(( failed + 1 ))
   fi
 fi

@@ -162,10 +162,8 @@ __host__ __device__ constexpr Operand gradient_b(int g, int s) {
 // The matrix descriptor: start address, leading- and stride-dimension byte offsets (each >> 4),
 // base offset 0, no swizzle.
 __device__ __forceinline__ uint64_t descriptor(const unsigned char* tile, Operand operand) {
-  const uint64_t address =
-      static_cast<uint32_t>(__cvta_generic_to_shared(tile + operand.offset));
-  return ((address & 0x3ffff) >> 4) | (uint64_t(operand.leading >> 4) << 16) |
-         (uint64_t(operand.stride >> 4) << 32);
+  const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(tile + operand.offset));
+  return wgmma::encode(address, operand.leading, operand.stride);
 }
 
 
@@ -243,13 +241,13 @@ __global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a
   }
   // Ordinary stores read next by the tensor cores (the async proxy): a proxy fence in every
   // writing thread, then the barrier.
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  wgmma::fence_operands();
   __syncthreads();
   const int group = threadIdx.x / 128;  // the warpgroup: columns [kN group, kN group + kN)
   float d[kN / 2];
   for (int e = 0; e < kN / 2; ++e) d[e] = 0.0f;
   for (int repeat = 0; repeat < repeats; ++repeat) {
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    wgmma::begin();
 #pragma unroll
     for (int k = 0; k < kDepth; k += 16) {
       if constexpr (kN == wgmma::kCols) {  // the fused forward's own wrapper (wgmma.cuh)
@@ -261,8 +259,7 @@ __global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a
         wgmma_bf16<kN>(d, descriptor(sa, score_a(k)), descriptor(sb, score_b(group, kN, k)), 1);
       }
     }
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    wgmma::commit_and_wait();
   }
   store_accumulators<kN>(d, out + static_cast<size_t>(blockIdx.x) * kRows * kCols, kCols, group);
 #else
@@ -291,20 +288,19 @@ __global__ void __launch_bounds__(kThreads) wgmma_gradient_product(const __nv_bf
   for (int e = threadIdx.x; e < kStream * kDepth; e += kThreads) {
     *reinterpret_cast<__nv_bfloat16*>(sb + canonical_offset(e / kDepth, e % kDepth)) = b[e];
   }
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  wgmma::fence_operands();
   __syncthreads();
   const int group = threadIdx.x / 128;
   float d[kN / 2];
   for (int e = 0; e < kN / 2; ++e) d[e] = 0.0f;
   for (int repeat = 0; repeat < repeats; ++repeat) {
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    wgmma::begin();
 #pragma unroll
     for (int s = 0; s < kStream; s += 16) {
       wgmma_bf16<kN, 1>(d, descriptor(sg, gradient_a(s)), descriptor(sb, gradient_b(group, s)),
                         1);
     }
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    wgmma::commit_and_wait();
   }
   store_accumulators<kN>(d, out + static_cast<size_t>(blockIdx.x) * kRows * kDepth, kDepth,
                          group);

@@ -438,6 +438,24 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
 // tile, all 64 rows, one wgmma.m64n32k16 per k of 16, and writes its accumulators to the score
 // tile. Every writer of an operand fences it for the tensor cores before the barrier that
 // precedes their reads, and each chunk's wgmmas have finished before its slot is refilled.
+#ifdef FASTAP_HAS_WGMMA
+// acc += A B^T over one chunk of kDepthChunk columns: A the 64 own rows at `a` (a canonical tile of
+// a_depth columns), B the warpgroup's 32 stream rows at `b` (b_depth columns), as one batch of
+// unrolled wgmmas, waited for: a branch or a loop of run-time length between the wgmmas of a
+// batch makes ptxas wait for each before the next (C7519).
+template <typename element>
+__device__ __forceinline__ void score_chunk_wgmma(float (&acc)[16], const element* a, int a_depth,
+                                                  const element* b, int b_depth) {
+  wgmma::begin();
+#pragma unroll
+  for (int k = 0; k < kDepthChunk; k += wgmma::kStep) {
+    wgmma::mma_m64n32k16(acc, a + wgmma::canonical_index(0, k, a_depth), a_depth,
+                         b + wgmma::canonical_index(0, k, b_depth), b_depth);
+  }
+  wgmma::commit_and_wait();
+}
+#endif
+
 template <typename T, bool kRowMajor = false>
 __device__ void score_tile_wgmma(const T* __restrict__ own, int64_t own_count, int64_t own0,
                                  const T* __restrict__ stream, int64_t stream_count,
@@ -466,47 +484,34 @@ __device__ void score_tile_wgmma(const T* __restrict__ own, int64_t own_count, i
     const element* stream_rows = reinterpret_cast<const element*>(shared + layout.stream_rows);
     const element* b = stream_rows + wgmma::canonical_index(wgmma::kCols * group, 0,
                                                             layout.stream_cols);
-    // One batch per 64 columns, its wgmmas unrolled: a branch or a loop of run-time length
-    // between them makes ptxas wait for each before the next (C7519).
     for (int k0 = 0; k0 < layout.own_cols; k0 += kDepthChunk) {
-      wgmma::begin();
-#pragma unroll
-      for (int k = k0; k < k0 + kDepthChunk; k += wgmma::kStep) {
-        wgmma::mma_m64n32k16(acc, own_tile + wgmma::canonical_index(0, k, layout.own_cols),
-                             layout.own_cols,
-                             b + wgmma::canonical_index(0, k, layout.stream_cols),
-                             layout.stream_cols);
+      score_chunk_wgmma(acc, own_tile + wgmma::canonical_index(0, k0, layout.own_cols),
+                        layout.own_cols, b + wgmma::canonical_index(0, k0, layout.stream_cols),
+                        layout.stream_cols);
+    }
+  } else {  // the forward: chunk by chunk through the cp.async pipeline
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const int64_t slot = chunk % kStages;
+      if (chunk + 1 < chunks) {  // into the slot that every warp finished with last iteration
+        issue_chunk<T, true>(own, own_count, own0, stream, stream_count, stream0, depth, shared,
+                             layout, chunk + 1);
+      } else {
+        __pipeline_commit();  // an empty group keeps "all but the newest" meaning chunk `chunk`
       }
-      wgmma::commit_and_wait();
+      __pipeline_wait_prior(1);  // this thread's copies of chunk `chunk` have landed
+      wgmma::fence_operands();   // and are visible to the tensor cores
+      __syncthreads();           // and everyone's
+      const element* b = stream_chunks + slot * layout.stream_slot / sizeof(element) +
+                         wgmma::canonical_index(wgmma::kCols * group, 0, kDepthChunk);
+      score_chunk_wgmma(
+          acc, own_tile + wgmma::canonical_index(0, chunk * kDepthChunk, layout.own_cols),
+          layout.own_cols, b, kDepthChunk);
+      __syncthreads();  // every warpgroup is done with this slot before it is refilled
     }
-  }
-  for (int64_t chunk = 0; chunk < (layout.stream_resident ? 0 : chunks); ++chunk) {
-    const int64_t slot = chunk % kStages;
-    if (chunk + 1 < chunks) {  // into the slot that every warp finished with last iteration
-      issue_chunk<T, true>(own, own_count, own0, stream, stream_count, stream0, depth, shared,
-                           layout, chunk + 1);
-    } else {
-      __pipeline_commit();  // an empty group keeps "all but the newest" meaning chunk `chunk`
+    if (next_stream0 >= 0 && chunks > 0) {  // the next step's first chunk, in slot 0
+      issue_chunk<T, true>(own, own_count, own0, stream, stream_count, next_stream0, depth,
+                           shared, layout, 0);
     }
-    __pipeline_wait_prior(1);   // this thread's copies of chunk `chunk` have landed
-    wgmma::fence_operands();    // and are visible to the tensor cores
-    __syncthreads();            // and everyone's
-    const element* a = own_tile + wgmma::canonical_index(0, chunk * kDepthChunk, layout.own_cols);
-    const element* b = stream_chunks + slot * layout.stream_slot / sizeof(element) +
-                       wgmma::canonical_index(wgmma::kCols * group, 0, kDepthChunk);
-    wgmma::begin();
-#pragma unroll
-    for (int kk = 0; kk < kDepthChunk; kk += wgmma::kStep) {
-      wgmma::mma_m64n32k16(acc, a + wgmma::canonical_index(0, kk, layout.own_cols),
-                           layout.own_cols, b + wgmma::canonical_index(0, kk, kDepthChunk),
-                           kDepthChunk);
-    }
-    wgmma::commit_and_wait();
-    __syncthreads();  // every warpgroup is done with this slot before it is refilled
-  }
-  if (!layout.stream_resident && next_stream0 >= 0 && chunks > 0) {  // the next step's chunk 0
-    issue_chunk<T, true>(own, own_count, own0, stream, stream_count, next_stream0, depth, shared,
-                         layout, 0);
   }
 #pragma unroll
   for (int e = 0; e < static_cast<int>(sizeof(acc) / sizeof(acc[0])); ++e) {
