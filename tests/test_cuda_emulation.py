@@ -48,10 +48,11 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 @pytest.fixture(scope="session")
 def emulators(tmp_path_factory) -> dict[str, Path]:
-    """The emulation program, built once per session for each sanitizer."""
+    """The emulation program, built once per session for each sanitizer (the builds in
+    parallel)."""
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
     out = tmp_path_factory.mktemp("emulation")
-    binaries = {}
+    builds = {}
     for name, flag in SANITIZERS.items():
         binary = out / f"run_kernels_{name}_{digest}"
         command = [
@@ -61,8 +62,11 @@ def emulators(tmp_path_factory) -> dict[str, Path]:
             *(f"-I{p}" for p in include_paths()),
             str(SOURCES[0]), "-o", str(binary),
         ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
+        builds[name] = (binary, subprocess.Popen(command, stderr=subprocess.PIPE, text=True))
+    binaries = {}
+    for name, (binary, build) in builds.items():
+        _, stderr = build.communicate()
+        assert build.returncode == 0, stderr
         binaries[name] = binary
     return binaries
 

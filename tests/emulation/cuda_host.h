@@ -15,9 +15,14 @@
 // GPU's memory ordering or performance.
 #pragma once
 
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <chrono>
+#include <climits>
 #include <cmath>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -25,7 +30,6 @@
 #include <cstring>
 #include <memory>
 #include <new>
-#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -49,31 +53,42 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 
 namespace emu {
 
-// A reusable barrier for `count` threads that aborts if it waits longer than `timeout`.
+// A reusable barrier for `count` threads that aborts if it waits longer than `timeout`. The
+// arrivals count on an atomic and the waiters sleep on the generation's futex, so a release wakes
+// each waiter once (no mutex for all of them to queue on after a condition variable's wake-up);
+// the acquire-release atomics are what orders the threads' memory, for ThreadSanitizer too.
 class Barrier {
  public:
   explicit Barrier(unsigned count) : count_(count) {}
   void arrive_and_wait(const char* what) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const uint64_t generation = generation_;
-    if (++arrived_ == count_) {
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
+    const uint32_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == count_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.store(generation + 1, std::memory_order_release);
+      futex(FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr);
       return;
     }
-    if (!cv_.wait_for(lock, std::chrono::seconds(20), [&] { return generation_ != generation; })) {
-      std::fprintf(stderr, "emulation: %s not reached by every thread (divergent barrier)\n", what);
-      std::abort();
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (generation_.load(std::memory_order_acquire) == generation) {
+      const timespec slice{1, 0};  // wakes up now and then to check the deadline
+      futex(FUTEX_WAIT_PRIVATE, generation, &slice);
+      if (generation_.load(std::memory_order_acquire) == generation &&
+          std::chrono::steady_clock::now() > deadline) {
+        std::fprintf(stderr, "emulation: %s not reached by every thread (divergent barrier)\n",
+                     what);
+        std::abort();
+      }
     }
   }
 
  private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  unsigned count_;
-  unsigned arrived_ = 0;
-  uint64_t generation_ = 0;
+  void futex(int op, uint32_t value, const timespec* timeout) {
+    static_assert(sizeof(generation_) == sizeof(uint32_t));
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation_), op, value, timeout, nullptr, 0);
+  }
+  const unsigned count_;
+  std::atomic<unsigned> arrived_{0};
+  std::atomic<uint32_t> generation_{0};
 };
 
 struct AlignedDelete {
