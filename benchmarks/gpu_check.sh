@@ -19,7 +19,8 @@
 # operand loads and reruns the fused tests (see below). Every step has its own time limit, so
 # that one hang cannot eat the budget, and the steps together stay within BUDGET seconds (570);
 # the summary says which steps passed, failed, timed out (exit 124) or were skipped for want of
-# time.
+# time. The fused kernels' wgmma path, never run on a GPU before, is tried first in a step of its
+# own (smoke_wgmma); if it faults or hangs there, the steps after it leave it out (see below).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/out}
@@ -53,6 +54,31 @@ step() {  # step NAME SECONDS LOG COMMAND...: run if selected, keep the log, not
   status+=("$name|$result|$((SECONDS - start)) s|$log")
   echo "== $name: $result in $((SECONDS - start)) s"; tail -3 "$LOGS/$log"
 }
+selected() {  # selected NAME...: whether any of these steps is in STEPS
+  local name
+  for name in "$@"; do [[ " $STEPS " == *" $name "* ]] && return 0; done
+  return 1
+}
+
+# The wgmma path (FASTAP_WGMMA=1 on the sm_90a build) alone, once, before any step that would run
+# it: WGMMA becomes ok, failed (an error or a fault: memcheck_wgmma then names it) or off (a hang,
+# or no time left), and only with ok do the later steps run it. A hang costs this step's limit
+# instead of every step's that runs the fused kernels on wgmma.
+WGMMA=unknown
+wgmma_check() {
+  [[ $WGMMA == unknown ]] || return 0
+  local steps=$STEPS
+  STEPS="$STEPS smoke_wgmma"
+  step smoke_wgmma 60 smoke_wgmma.log $PY benchmarks/sanitizer_case.py --wgmma only
+  STEPS=$steps
+  case ${status[-1]:-} in
+    smoke_wgmma\|ok\|*) WGMMA=ok ;;
+    smoke_wgmma\|FAILED*) WGMMA=failed ;;
+    *) WGMMA=off ;;
+  esac
+  [[ $WGMMA == ok ]] || echo "== wgmma path: $WGMMA; the steps after this leave it out"
+}
+wgmma_runs() { [[ $WGMMA == ok ]] && echo with || echo without; }  # sanitizer_case.py --wgmma
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOGS/gpu.txt"
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' |
@@ -66,12 +92,18 @@ step sass 30 sass.log bash -c "for f in fastap/_C*.so; do cuobjdump -sass \"\$f\
 # smoke: the small passes of every kernel, alone. A kernel that faults poisons the CUDA context of
 # every test after it, so when this fails memcheck runs at once (it names the kernel and the
 # address), before the tests.
-step smoke 90 smoke.log $PY benchmarks/sanitizer_case.py
+step smoke 90 smoke.log $PY benchmarks/sanitizer_case.py --wgmma without
 [[ ${status[-1]:-} == smoke\|ok\|* || " $STEPS " != *" smoke "* ]] || STEPS="$STEPS memcheck"
+if selected smoke memcheck tests profile embeddings racecheck; then wgmma_check; fi
+[[ $WGMMA != failed ]] || STEPS="$STEPS memcheck_wgmma"
 step memcheck 120 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \
-  $PY benchmarks/sanitizer_case.py
-step tests 240 tests.log $PY -m pytest -q -rf --maxfail=25 -p no:cacheprovider tests -k cuda \
-  --ignore tests/test_cuda_emulation.py
+  $PY benchmarks/sanitizer_case.py --wgmma "$(wgmma_runs)"
+step memcheck_wgmma 90 memcheck_wgmma.log compute-sanitizer --tool memcheck --error-exitcode 1 \
+  $PY benchmarks/sanitizer_case.py --wgmma only
+cuda_tests=cuda
+[[ $WGMMA == ok ]] || cuda_tests="cuda and not wgmma"
+step tests 240 tests.log $PY -m pytest -q -rf --maxfail=25 -p no:cacheprovider tests \
+  -k "$cuda_tests" --ignore tests/test_cuda_emulation.py
 # api_access: only when a fused test failed. The fused kernels load their bf16 and TF32 operands
 # with a PTX spelling of WMMA's loads (csrc/cuda/embedding_kernels.cuh, load_operand), the one
 # part of them that the CPU emulation cannot run; this rebuilds with the API's own loads and
@@ -112,18 +144,22 @@ step profile 240 profile.log bash -c "ncu --clock-control none --print-kernel-ba
   --kernel-name regex:'embedding_histogram(_backward)?_kernel' --launch-skip 3 --launch-count 3 \
   $NCU_SECTIONS --log-file $LOGS/profile_fused.csv $PY benchmarks/profile_case.py --embeddings && \
   $PY benchmarks/profile_table.py $LOGS/profile_fused.csv --candidates 268435456 \
-  --title 'fused from embeddings, 16384^2, D = 256, bf16, Q = 20' | tee -a $LOGS/profile.md && \
-  FASTAP_WGMMA=1 ncu --clock-control none --print-kernel-base demangled \
-  --kernel-name regex:'embedding_histogram(_backward)?_kernel' --launch-skip 3 --launch-count 3 \
-  $NCU_SECTIONS --log-file $LOGS/profile_wgmma.csv $PY benchmarks/profile_case.py --embeddings && \
-  $PY benchmarks/profile_table.py $LOGS/profile_wgmma.csv --candidates 268435456 \
-  --title 'the same on wgmma (FASTAP_WGMMA=1)' | tee -a $LOGS/profile.md"
+  --title 'fused from embeddings, 16384^2, D = 256, bf16, Q = 20' | tee -a $LOGS/profile.md \
+  $([[ $WGMMA == ok ]] && echo "&& FASTAP_WGMMA=1 ncu --clock-control none \
+  --print-kernel-base demangled --kernel-name regex:'embedding_histogram(_backward)?_kernel' \
+  --launch-skip 3 --launch-count 3 $NCU_SECTIONS --log-file $LOGS/profile_wgmma.csv \
+  $PY benchmarks/profile_case.py --embeddings && $PY benchmarks/profile_table.py \
+  $LOGS/profile_wgmma.csv --candidates 268435456 --title 'the same on wgmma (FASTAP_WGMMA=1)' \
+  | tee -a $LOGS/profile.md")"
+fused_cases="matrix blockwise fused fused_wgmma floor"
+[[ $WGMMA == ok ]] || fused_cases="matrix blockwise fused floor"
 step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
-  --dtype bfloat16 --dim 256 --sizes 16384 65536 --repeats 5 --json $OUT/embeddings_d256.json && \
+  --dtype bfloat16 --dim 256 --sizes 16384 65536 --cases $fused_cases --repeats 5 \
+  --json $OUT/embeddings_d256.json && \
   $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \
   --cases blockwise fused --repeats 3 --json $OUT/embeddings_d128.json"
 step racecheck 120 racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 \
-  $PY benchmarks/sanitizer_case.py
+  $PY benchmarks/sanitizer_case.py --wgmma "$(wgmma_runs)"
 step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
   --sizes 8192 32768 --reference-max 8192 --repeats 20 --reference-repeats 5 \
   --json "$OUT/loss.json"
@@ -136,9 +172,9 @@ for table in kernels probe profile loss variants embeddings; do
 done
 echo
 echo "== summary =="
-printf '%-11s %-16s %-7s %s\n' step result time log
+printf '%-15s %-16s %-7s %s\n' step result time log
 for s in "${status[@]}"; do
-  IFS='|' read -r a b c d <<<"$s"; printf '%-11s %-16s %-7s %s\n' "$a" "$b" "$c" "$d"
+  IFS='|' read -r a b c d <<<"$s"; printf '%-15s %-16s %-7s %s\n' "$a" "$b" "$c" "$d"
 done
 } | tee "$OUT/summary.md"
 tar -czf "$OUT/logs.tar.gz" -C "$LOGS" --exclude mma_probe .

@@ -2,8 +2,13 @@
 relevance form and dtype (rows of one chunk and of several; the general kernels, and the fast ones
 for labels without an ignore mask on rows of whole 16-byte vectors), and the fused
 from-embeddings kernels (one split and several, D above one accumulator block), also on wgmma
-where the build has it."""
+where the build has it.
 
+--wgmma without leaves the wgmma passes out and --wgmma only runs them alone, so that
+benchmarks/gpu_check.sh can try the wgmma path (the one part never run on a GPU before) in a step
+of its own, and keep a fault or a hang there from costing the other steps."""
+
+import argparse
 import os
 
 import torch
@@ -14,21 +19,24 @@ from fastap.testing import RELEVANCE_FORMS, random_problem
 
 GENERAL = (((37, 37), 2), ((37, 37), 20), ((37, 37), 100), ((5, 9001), 20))
 FAST = (((40, 40), 20), ((5, 9000), 20), ((3, 8), 2))  # whole 16-byte vectors per row
-cases = [(form, True, GENERAL) for form in RELEVANCE_FORMS] + [("labels", False, FAST)]
-for form, with_ignore, shapes in cases:
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        for shape, num_bins in shapes:
-            problem = random_problem(
-                *shape,
-                num_bins=num_bins,
-                relevance_form=form,
-                with_ignore=with_ignore,
-                exclude_self=shape[0] == shape[1],
-                dtype=dtype,
-                seed=num_bins,
-            ).to("cuda")
-            scores = problem.scores.detach().requires_grad_()
-            fastap.ap_loss(scores, problem.relevance, **problem.kwargs()).backward()
+
+
+def score_matrix_cases():
+    cases = [(form, True, GENERAL) for form in RELEVANCE_FORMS] + [("labels", False, FAST)]
+    for form, with_ignore, shapes in cases:
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for shape, num_bins in shapes:
+                problem = random_problem(
+                    *shape,
+                    num_bins=num_bins,
+                    relevance_form=form,
+                    with_ignore=with_ignore,
+                    exclude_self=shape[0] == shape[1],
+                    dtype=dtype,
+                    seed=num_bins,
+                ).to("cuda")
+                scores = problem.scores.detach().requires_grad_()
+                fastap.ap_loss(scores, problem.relevance, **problem.kwargs()).backward()
 
 
 def fused_cases(dtypes, shapes):
@@ -44,15 +52,38 @@ def fused_cases(dtypes, shapes):
             ).backward()
 
 
-if HAS_FUSED_EMBEDDING_KERNELS:
-    fused_cases((torch.float32, torch.bfloat16, torch.float16),
-                ((70, 133, 40), (70, 5000, 13), (65, 300, 300)))  # fmt: skip
-    # The same kernels on wgmma where this build and GPU have them (FASTAP_CUDA_ARCH=9.0a).
+def wgmma_cases() -> None:
+    """The fused kernels on wgmma, where this build and GPU have them (FASTAP_CUDA_ARCH=9.0a)."""
     os.environ["FASTAP_WGMMA"] = "1"
-    probe = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
-    if fastap.embeddings.fused_uses_wgmma(probe):
+    try:
+        probe = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
+        if not (HAS_FUSED_EMBEDDING_KERNELS and fastap.embeddings.fused_uses_wgmma(probe)):
+            print("fused kernels on wgmma: not in this build or on this GPU")
+            return
         fused_cases((torch.bfloat16, torch.float16), ((70, 133, 40), (70, 5000, 256)))
+        torch.cuda.synchronize()
         print("fused kernels on wgmma: run")
-    del os.environ["FASTAP_WGMMA"]
-torch.cuda.synchronize()
-print("sanitizer case done")
+    finally:
+        del os.environ["FASTAP_WGMMA"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Small CUDA passes of every kernel.")
+    parser.add_argument(
+        "--wgmma", choices=("with", "without", "only"), default="with",
+        help="run the fused kernels' wgmma passes too (default), leave them out, or run only them",
+    )  # fmt: skip
+    args = parser.parse_args()
+    if args.wgmma != "only":
+        score_matrix_cases()
+        if HAS_FUSED_EMBEDDING_KERNELS:
+            fused_cases((torch.float32, torch.bfloat16, torch.float16),
+                        ((70, 133, 40), (70, 5000, 13), (65, 300, 300)))  # fmt: skip
+    if args.wgmma != "without":
+        wgmma_cases()
+    torch.cuda.synchronize()
+    print("sanitizer case done")
+
+
+if __name__ == "__main__":
+    main()
