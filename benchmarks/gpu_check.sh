@@ -93,17 +93,20 @@ step sass 30 sass.log bash -c "for f in fastap/_C*.so; do cuobjdump -sass \"\$f\
 # every test after it, so when this fails memcheck runs at once (it names the kernel and the
 # address), before the tests.
 step smoke 90 smoke.log $PY benchmarks/sanitizer_case.py --wgmma without
-[[ ${status[-1]:-} == smoke\|ok\|* || " $STEPS " != *" smoke "* ]] || STEPS="$STEPS memcheck"
+# (On a hang, memcheck would only hang too; the log ends with the stacks of the pass it hung in.)
+[[ ${status[-1]:-} != smoke\|FAILED* ]] || STEPS="$STEPS memcheck"
 if selected smoke memcheck tests profile embeddings racecheck; then wgmma_check; fi
 [[ $WGMMA != failed ]] || STEPS="$STEPS memcheck_wgmma"
 step memcheck 120 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY benchmarks/sanitizer_case.py --wgmma "$(wgmma_runs)"
 step memcheck_wgmma 90 memcheck_wgmma.log compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY benchmarks/sanitizer_case.py --wgmma only
+# A test still running after FASTAP_TEST_TIMEOUT seconds ends the run with every thread's stack,
+# which names it (tests/conftest.py; --capture=sys lets that reach the log).
 cuda_tests=cuda
 [[ $WGMMA == ok ]] || cuda_tests="cuda and not wgmma"
-step tests 240 tests.log $PY -m pytest -q -rf --maxfail=25 -p no:cacheprovider tests \
-  -k "$cuda_tests" --ignore tests/test_cuda_emulation.py
+step tests 240 tests.log env FASTAP_TEST_TIMEOUT=90 $PY -m pytest -q -rf --maxfail=25 \
+  --capture=sys -p no:cacheprovider tests -k "$cuda_tests" --ignore tests/test_cuda_emulation.py
 # api_access: only when a fused test failed. The fused kernels load their bf16 and TF32 operands
 # with a PTX spelling of WMMA's loads (csrc/cuda/embedding_kernels.cuh, load_operand), the one
 # part of them that the CPU emulation cannot run; this rebuilds with the API's own loads and
@@ -115,7 +118,8 @@ fi
 step api_access 200 api_access.log bash -c "FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_ACCESS \
   FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0a MAX_JOBS=16 $PY setup.py build_ext --inplace && \
   { grep -rqs -- -DFASTAP_WMMA_API_ACCESS build || { echo 'rebuilt without the flag'; exit 1; }; } \
-  && $PY -m pytest -q -rf -p no:cacheprovider tests/test_cuda_embeddings.py -k 'not wgmma'"
+  && FASTAP_TEST_TIMEOUT=90 $PY -m pytest -q -rf --capture=sys -p no:cacheprovider \
+  tests/test_cuda_embeddings.py -k 'not wgmma'"
 # Q = 10 / 20 / 50 and both dtypes at 8192^2 (the targets); the other shapes at Q = 20.
 step kernels 150 kernels.md bash -c "$PY benchmarks/bench_kernels.py --device cuda --repeats 20 \
   --shapes 8192x8192 --num-bins 10 20 50 --dtypes float32 bfloat16 --reference-max 67108864 && \

@@ -9,7 +9,9 @@ benchmarks/gpu_check.sh can try the wgmma path (the one part never run on a GPU 
 of its own, and keep a fault or a hang there from costing the other steps."""
 
 import argparse
+import faulthandler
 import os
+import signal
 
 import torch
 
@@ -74,12 +76,20 @@ def main() -> None:
         help="run the fused kernels' wgmma passes too (default), leave them out, or run only them",
     )  # fmt: skip
     args = parser.parse_args()
+    # Stopped by a time limit (a kernel that never returns): the stack of every thread first, so
+    # that the log says which pass it was in.
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     if args.wgmma != "only":
+        print("score-matrix kernels", flush=True)
         score_matrix_cases()
+        torch.cuda.synchronize()
         if HAS_FUSED_EMBEDDING_KERNELS:
+            print("fused kernels", flush=True)
             fused_cases((torch.float32, torch.bfloat16, torch.float16),
                         ((70, 133, 40), (70, 5000, 13), (65, 300, 300)))  # fmt: skip
+            torch.cuda.synchronize()
     if args.wgmma != "without":
+        print("fused kernels on wgmma", flush=True)
         wgmma_cases()
     torch.cuda.synchronize()
     print("sanitizer case done")

@@ -1,4 +1,6 @@
+import faulthandler
 import os
+import sys
 import zlib
 
 import pytest
@@ -25,6 +27,22 @@ def _seeded_rng(request):
     # FASTAP_TEST_SEED=k draws other numbers (a sweep over k finds tests that pass by luck).
     salt = os.environ.get("FASTAP_TEST_SEED", "")
     torch.manual_seed(zlib.crc32((salt + request.node.nodeid).encode()))
+
+
+@pytest.fixture(autouse=True)
+def _time_limit():
+    # FASTAP_TEST_TIMEOUT=s (benchmarks/gpu_check.sh sets it): a test still running after s seconds
+    # (a kernel that never returns) prints every thread's stack, which names the test, and ends
+    # the run, instead of holding the whole GPU step until its limit.
+    seconds = float(os.environ.get("FASTAP_TEST_TIMEOUT", "0"))
+    if seconds <= 0:
+        yield
+        return
+    faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(params=DEVICES)
