@@ -59,10 +59,12 @@ namespace emu {
 // the acquire-release atomics are what orders the threads' memory, for ThreadSanitizer too.
 class Barrier {
  public:
-  explicit Barrier(unsigned count) : count_(count) {}
+  explicit Barrier(unsigned count, void (*completion)() = nullptr)
+      : count_(count), completion_(completion) {}
   void arrive_and_wait(const char* what) {
     const uint32_t generation = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == count_) {
+      if (completion_ != nullptr) completion_();  // every other thread is waiting
       arrived_.store(0, std::memory_order_relaxed);
       generation_.store(generation + 1, std::memory_order_release);
       futex(FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr);
@@ -87,6 +89,7 @@ class Barrier {
     syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation_), op, value, timeout, nullptr, 0);
   }
   const unsigned count_;
+  void (*const completion_)();
   std::atomic<unsigned> arrived_{0};
   std::atomic<uint32_t> generation_{0};
 };
@@ -99,6 +102,11 @@ struct Launch {
   dim3 grid, block;
   std::unique_ptr<unsigned char[], AlignedDelete> shared;  // 128-byte aligned, as on a GPU
   size_t shared_bytes = 0;
+  // What the async proxy (wgmma's operand reads) sees of shared memory: a copy that
+  // __syncthreads brings up to date only when every thread of the block has fenced
+  // (fence.proxy.async) since the barrier before, with no cp.async landed after its fence.
+  std::unique_ptr<unsigned char[]> async_view;
+  std::atomic<unsigned> fenced_threads{0};
   std::unique_ptr<Barrier> block_barrier;
   std::vector<std::unique_ptr<Barrier>> warp_barriers;
 };
@@ -120,6 +128,26 @@ inline thread_local dim3 thread_index;
 inline thread_local Barrier* warp_barrier = nullptr;
 inline dim3 block_index;
 inline Launch* current = nullptr;
+
+// The async proxy (see Launch::async_view): this thread's fence.proxy.async since the last
+// __syncthreads, and whether a cp.async of its landed after its last fence.
+inline thread_local bool fenced_for_async_proxy = false;
+inline thread_local bool copied_since_fence = false;
+inline void fence_async_proxy() {
+  fenced_for_async_proxy = true;
+  copied_since_fence = false;
+}
+inline void arrive_for_async_proxy() {
+  if (fenced_for_async_proxy && !copied_since_fence) current->fenced_threads.fetch_add(1);
+  fenced_for_async_proxy = false;
+}
+inline void publish_to_async_proxy() {  // a block barrier's completion
+  Launch& l = *current;
+  if (l.fenced_threads.load() == l.block.x * l.block.y * l.block.z) {
+    std::memcpy(l.async_view.get(), l.shared.get(), l.shared_bytes);
+  }
+  l.fenced_threads.store(0);
+}
 
 inline unsigned char* dynamic_shared_memory() { return current->shared.get(); }
 
@@ -143,6 +171,11 @@ inline void* shared_pointer(size_t address) {
   }
   return dynamic_shared_memory() + (address - kSharedReserved);
 }
+// The byte at a shared address as the async proxy sees it.
+inline const unsigned char* async_proxy_pointer(size_t address) {
+  const unsigned char* generic = static_cast<const unsigned char*>(shared_pointer(address));
+  return current->async_view.get() + (generic - dynamic_shared_memory());
+}
 
 // Launches kernel<<<grid, block, shared_bytes>>>(args...) and returns when it has finished.
 template <typename... Params, typename... Args>
@@ -154,8 +187,9 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   l.shared_bytes = shared_bytes;
   l.shared.reset(static_cast<unsigned char*>(
       ::operator new[](shared_bytes > 0 ? shared_bytes : 1, std::align_val_t(128))));
+  l.async_view.reset(new unsigned char[shared_bytes > 0 ? shared_bytes : 1]);
   const unsigned threads = block.x * block.y * block.z;
-  l.block_barrier = std::make_unique<Barrier>(threads);
+  l.block_barrier = std::make_unique<Barrier>(threads, &publish_to_async_proxy);
   for (unsigned first = 0; first < threads; first += 32) {
     l.warp_barriers.push_back(std::make_unique<Barrier>(threads - first < 32 ? threads - first : 32));
   }
@@ -167,6 +201,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
       thread_index = dim3(t % block.x, t / block.x % block.y, t / (block.x * block.y));
       warp_barrier = l.warp_barriers[t / 32].get();
       for (uint64_t b = 0; b < blocks; ++b) {
+        fenced_for_async_proxy = copied_since_fence = false;
         if (t == 0) {
           block_index = dim3(static_cast<unsigned>(b % grid.x),
                              static_cast<unsigned>(b / grid.x % grid.y),
@@ -215,7 +250,10 @@ inline void* __cvta_shared_to_generic(size_t address) { return ::emu::shared_poi
 inline float __fadd_rd(float a, float b) { return add_round_down(a, b); }
 inline double __dadd_rd(double a, double b) { return add_round_down(a, b); }
 
-inline void __syncthreads() { ::emu::current->block_barrier->arrive_and_wait("__syncthreads"); }
+inline void __syncthreads() {
+  ::emu::arrive_for_async_proxy();
+  ::emu::current->block_barrier->arrive_and_wait("__syncthreads");
+}
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   if (mask != 0xffffffffu) {
     std::fprintf(stderr, "emulation: __syncwarp with a partial mask is not emulated\n");
@@ -251,6 +289,7 @@ inline void __pipeline_wait_prior(size_t pending) {
       unsigned char* destination = static_cast<unsigned char*>(copy.destination);
       std::memcpy(destination, copy.source, copy.bytes);
       std::memset(destination + copy.bytes, 0, copy.zeros);
+      ::emu::copied_since_fence = true;
     }
     groups.erase(groups.begin());
   }

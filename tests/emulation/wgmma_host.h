@@ -9,7 +9,10 @@
 // only at commit_and_wait, and the operands are read both when a wgmma is issued and when it is
 // waited for; the two must agree, since the tensor cores may read them at any moment in between
 // (an operand written after the barrier, or refilled before the wait, aborts). A wgmma issued
-// without begin() first (wgmma.fence) aborts as well.
+// without begin() first (wgmma.fence) aborts as well. The tensor cores read through the async
+// proxy: at issue the operands must also equal what cuda_host.h's async view of shared memory
+// holds, which a __syncthreads updates only when every thread fenced (fence_operands) since the
+// barrier before and after its last cp.async landed; a missing fence aborts.
 #pragma once
 
 #include <cstdint>
@@ -46,8 +49,9 @@ inline thread_local bool begun = false;
   std::abort();
 }
 
-// Element (mn, k) of the operand that `desc` describes, K-major or (kMnMajor) MN-major.
-template <typename T, bool kMnMajor = false>
+// Element (mn, k) of the operand that `desc` describes, K-major or (kMnMajor) MN-major, as the
+// generic proxy (the threads' own loads) or (kAsyncProxy) the tensor cores see it.
+template <typename T, bool kMnMajor = false, bool kAsyncProxy = false>
 float element(uint64_t desc, int mn, int k) {
   const size_t start = (desc & 0x3fffu) << 4;
   const size_t leading = ((desc >> 16) & 0x3fffu) << 4;
@@ -56,12 +60,17 @@ float element(uint64_t desc, int mn, int k) {
   const size_t address =
       kMnMajor ? start + mn / 8 * stride + mn % 8 * 2 + k / 8 * leading + k % 8 * 16
                : start + mn / 8 * stride + mn % 8 * 16 + k / 8 * leading + k % 8 * 2;
-  return static_cast<float>(*static_cast<const T*>(__cvta_shared_to_generic(address)));
+  T value;
+  std::memcpy(&value,
+              kAsyncProxy ? ::emu::async_proxy_pointer(address) : __cvta_shared_to_generic(address),
+              sizeof(T));
+  return static_cast<float>(value);
 }
 
 // This thread's kN / 2 sums over k of A[row][k] B[k][col] for one m64nNk16 (B K-major: stored
-// as B^T's rows; kMnMajor: as B's rows).
-template <typename T, int kN, bool kMnMajor>
+// as B^T's rows; kMnMajor: as B's rows), from the operands as the generic or the async proxy
+// sees them.
+template <typename T, int kN, bool kMnMajor, bool kAsyncProxy = false>
 void products(uint64_t a_desc, uint64_t b_desc, float* out) {
   const int warp = static_cast<int>(::emu::thread_index.x) % kGroupThreads / 32;
   const int lane = static_cast<int>(::emu::thread_index.x) % 32;
@@ -70,7 +79,8 @@ void products(uint64_t a_desc, uint64_t b_desc, float* out) {
     const int col = accumulator_col(lane, e);
     float sum = 0.0f;
     for (int k = 0; k < kStep; ++k) {
-      sum += element<T>(a_desc, row, k) * element<T, kMnMajor>(b_desc, col, k);
+      sum += element<T, false, kAsyncProxy>(a_desc, row, k) *
+             element<T, kMnMajor, kAsyncProxy>(b_desc, col, k);
     }
     out[e] = sum;
   }
@@ -81,12 +91,18 @@ void issue(float* d, uint64_t a_desc, uint64_t b_desc) {
   if (!begun) fail("mma_async without wgmma.fence (begin) first");
   Pending p{d, kN / 2, a_desc, b_desc, &products<T, kN, kMnMajor>, {}};
   p.products(p.a_desc, p.b_desc, p.issued);
+  float seen[kMaxAccumulators];
+  products<T, kN, kMnMajor, true>(a_desc, b_desc, seen);
+  if (std::memcmp(seen, p.issued, p.count * sizeof(float)) != 0) {
+    fail("an operand changed without a fence.proxy.async by every thread before the barrier "
+         "(the tensor cores would read a stale value)");
+  }
   batch.push_back(p);
 }
 
 }  // namespace emulated
 
-inline void fence_operands() {}
+inline void fence_operands() { ::emu::fence_async_proxy(); }
 
 inline void begin() { emulated::begun = true; }
 
