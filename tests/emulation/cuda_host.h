@@ -11,8 +11,9 @@
 // It covers what fastap's kernels use: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __ldg,
 // __fadd_rd and __dadd_rd, __syncwarp (full mask), static and dynamic shared memory (and addresses
 // in it: __cvta_generic_to_shared, __cvta_shared_to_generic), and cp.async
-// through the cuda_pipeline.h primitives (deferred until waited for). It is not a model of the
-// GPU's memory ordering or performance.
+// through the cuda_pipeline.h primitives (deferred until waited for), and the async proxy's view
+// of shared memory that wgmma reads (wgmma_host.h). It is not otherwise a model of the GPU's
+// memory ordering, nor of its performance.
 #pragma once
 
 #include <linux/futex.h>
