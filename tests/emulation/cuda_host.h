@@ -54,7 +54,7 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 
 namespace emu {
 
-// A reusable barrier for `count` threads that aborts if it waits longer than `timeout`. The
+// A reusable barrier for `count` threads that aborts if it waits longer than 20 s. The
 // arrivals count on an atomic and the waiters sleep on the generation's futex, so a release wakes
 // each waiter once (no mutex for all of them to queue on after a condition variable's wake-up);
 // the acquire-release atomics are what orders the threads' memory, for ThreadSanitizer too.
@@ -189,6 +189,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   l.shared.reset(static_cast<unsigned char*>(
       ::operator new[](shared_bytes > 0 ? shared_bytes : 1, std::align_val_t(128))));
   l.async_view.reset(new unsigned char[shared_bytes > 0 ? shared_bytes : 1]);
+  std::memset(l.async_view.get(), 0x5A, shared_bytes);  // unlike the generic garbage (0xA5)
   const unsigned threads = block.x * block.y * block.z;
   l.block_barrier = std::make_unique<Barrier>(threads, &publish_to_async_proxy);
   for (unsigned first = 0; first < threads; first += 32) {

@@ -49,28 +49,26 @@ inline thread_local bool begun = false;
   std::abort();
 }
 
-// Element (mn, k) of the operand that `desc` describes, K-major or (kMnMajor) MN-major, as the
-// generic proxy (the threads' own loads) or (kAsyncProxy) the tensor cores see it.
-template <typename T, bool kMnMajor = false, bool kAsyncProxy = false>
-float element(uint64_t desc, int mn, int k) {
+// The shared address of element (mn, k) of the operand that `desc` describes, K-major or
+// (kMnMajor) MN-major.
+template <typename T, bool kMnMajor = false>
+size_t element_address(uint64_t desc, int mn, int k) {
   const size_t start = (desc & 0x3fffu) << 4;
   const size_t leading = ((desc >> 16) & 0x3fffu) << 4;
   const size_t stride = ((desc >> 32) & 0x3fffu) << 4;
   if ((desc >> 49) != 0) fail("base offset or swizzle bits set in a no-swizzle descriptor");
-  const size_t address =
-      kMnMajor ? start + mn / 8 * stride + mn % 8 * 2 + k / 8 * leading + k % 8 * 16
-               : start + mn / 8 * stride + mn % 8 * 16 + k / 8 * leading + k % 8 * 2;
-  T value;
-  std::memcpy(&value,
-              kAsyncProxy ? ::emu::async_proxy_pointer(address) : __cvta_shared_to_generic(address),
-              sizeof(T));
-  return static_cast<float>(value);
+  return kMnMajor ? start + mn / 8 * stride + mn % 8 * 2 + k / 8 * leading + k % 8 * 16
+                  : start + mn / 8 * stride + mn % 8 * 16 + k / 8 * leading + k % 8 * 2;
+}
+template <typename T, bool kMnMajor = false>
+float element(uint64_t desc, int mn, int k) {
+  const size_t address = element_address<T, kMnMajor>(desc, mn, k);
+  return static_cast<float>(*static_cast<const T*>(__cvta_shared_to_generic(address)));
 }
 
 // This thread's kN / 2 sums over k of A[row][k] B[k][col] for one m64nNk16 (B K-major: stored
-// as B^T's rows; kMnMajor: as B's rows), from the operands as the generic or the async proxy
-// sees them.
-template <typename T, int kN, bool kMnMajor, bool kAsyncProxy = false>
+// as B^T's rows; kMnMajor: as B's rows).
+template <typename T, int kN, bool kMnMajor>
 void products(uint64_t a_desc, uint64_t b_desc, float* out) {
   const int warp = static_cast<int>(::emu::thread_index.x) % kGroupThreads / 32;
   const int lane = static_cast<int>(::emu::thread_index.x) % 32;
@@ -79,24 +77,42 @@ void products(uint64_t a_desc, uint64_t b_desc, float* out) {
     const int col = accumulator_col(lane, e);
     float sum = 0.0f;
     for (int k = 0; k < kStep; ++k) {
-      sum += element<T, false, kAsyncProxy>(a_desc, row, k) *
-             element<T, kMnMajor, kAsyncProxy>(b_desc, col, k);
+      sum += element<T>(a_desc, row, k) * element<T, kMnMajor>(b_desc, col, k);
     }
     out[e] = sum;
   }
+}
+
+// Whether every operand element that this thread's products read holds the same bytes for the
+// async proxy (the tensor cores) as for the threads: else a writer did not fence it.
+template <typename T, int kN, bool kMnMajor>
+bool visible_to_async_proxy(uint64_t a_desc, uint64_t b_desc) {
+  const auto same = [](size_t address) {
+    return std::memcmp(::emu::async_proxy_pointer(address), __cvta_shared_to_generic(address),
+                       sizeof(T)) == 0;
+  };
+  const int warp = static_cast<int>(::emu::thread_index.x) % kGroupThreads / 32;
+  const int lane = static_cast<int>(::emu::thread_index.x) % 32;
+  for (int e = 0; e < kN / 2; ++e) {
+    for (int k = 0; k < kStep; ++k) {
+      if (!same(element_address<T>(a_desc, accumulator_row(warp, lane, e), k)) ||
+          !same(element_address<T, kMnMajor>(b_desc, accumulator_col(lane, e), k))) {
+        return false;
+      }
+    }
+  }
+  return true;
 }
 
 template <typename T, int kN, bool kMnMajor>
 void issue(float* d, uint64_t a_desc, uint64_t b_desc) {
   if (!begun) fail("mma_async without wgmma.fence (begin) first");
   Pending p{d, kN / 2, a_desc, b_desc, &products<T, kN, kMnMajor>, {}};
-  p.products(p.a_desc, p.b_desc, p.issued);
-  float seen[kMaxAccumulators];
-  products<T, kN, kMnMajor, true>(a_desc, b_desc, seen);
-  if (std::memcmp(seen, p.issued, p.count * sizeof(float)) != 0) {
+  if (!visible_to_async_proxy<T, kN, kMnMajor>(a_desc, b_desc)) {
     fail("an operand changed without a fence.proxy.async by every thread before the barrier "
          "(the tensor cores would read a stale value)");
   }
+  p.products(p.a_desc, p.b_desc, p.issued);
   batch.push_back(p);
 }
 
