@@ -34,9 +34,17 @@ STEPS=${STEPS:-"build sass tests kernels probe profile embeddings memcheck racec
 BUDGET=${BUDGET:-570}  # seconds for the whole call: run it with the device tool's timeout_s=600
 status=()
 
-step() {  # step NAME SECONDS LOG COMMAND...: run if selected, keep the log, note the outcome
+selected() {  # selected NAME...: whether any of these steps is in STEPS
+  local name
+  for name in "$@"; do [[ " $STEPS " == *" $name "* ]] && return 0; done
+  return 1
+}
+step() {  # step NAME SECONDS LOG COMMAND...: run_step if selected
+  selected "$1" || return 0
+  run_step "$@"
+}
+run_step() {  # run_step NAME SECONDS LOG COMMAND...: run, keep the log, note the outcome
   local name=$1 limit=$2 log=$3; shift 3
-  [[ " $STEPS " == *" $name "* ]] || return 0
   # Never past the call's budget: a step gets at most what is left of it, and none is started
   # with under 20 s left, so that the summary is printed before the device tool's limit.
   local left=$((BUDGET - SECONDS))
@@ -54,11 +62,6 @@ step() {  # step NAME SECONDS LOG COMMAND...: run if selected, keep the log, not
   status+=("$name|$result|$((SECONDS - start)) s|$log")
   echo "== $name: $result in $((SECONDS - start)) s"; tail -3 "$LOGS/$log"
 }
-selected() {  # selected NAME...: whether any of these steps is in STEPS
-  local name
-  for name in "$@"; do [[ " $STEPS " == *" $name "* ]] && return 0; done
-  return 1
-}
 
 # The wgmma path (FASTAP_WGMMA=1 on the sm_90a build) alone, once, before any step that would run
 # it: WGMMA becomes ok, failed (an error or a fault: memcheck_wgmma then names it) or off (a hang,
@@ -67,10 +70,7 @@ selected() {  # selected NAME...: whether any of these steps is in STEPS
 WGMMA=unknown
 wgmma_check() {
   [[ $WGMMA == unknown ]] || return 0
-  local steps=$STEPS
-  STEPS="$STEPS smoke_wgmma"
-  step smoke_wgmma 60 smoke_wgmma.log $PY benchmarks/sanitizer_case.py --wgmma only
-  STEPS=$steps
+  run_step smoke_wgmma 60 smoke_wgmma.log $PY benchmarks/sanitizer_case.py --wgmma only
   case ${status[-1]:-} in
     smoke_wgmma\|ok\|*) WGMMA=ok ;;
     smoke_wgmma\|FAILED*) WGMMA=failed ;;

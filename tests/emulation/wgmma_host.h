@@ -60,27 +60,34 @@ size_t element_address(uint64_t desc, int mn, int k) {
   return kMnMajor ? start + mn / 8 * stride + mn % 8 * 2 + k / 8 * leading + k % 8 * 16
                   : start + mn / 8 * stride + mn % 8 * 16 + k / 8 * leading + k % 8 * 2;
 }
-template <typename T, bool kMnMajor = false>
-float element(uint64_t desc, int mn, int k) {
-  const size_t address = element_address<T, kMnMajor>(desc, mn, k);
+template <typename T>
+float element(size_t address) {
   return static_cast<float>(*static_cast<const T*>(__cvta_shared_to_generic(address)));
 }
 
-// This thread's kN / 2 sums over k of A[row][k] B[k][col] for one m64nNk16 (B K-major: stored
-// as B^T's rows; kMnMajor: as B's rows).
-template <typename T, int kN, bool kMnMajor>
-void products(uint64_t a_desc, uint64_t b_desc, float* out) {
+// Calls visit(e, a, b) for each accumulator e of this thread and each k of one m64nNk16, with
+// the shared addresses of A[row][k] and of B's element (col, k) (B K-major: stored as B^T's rows;
+// kMnMajor: as B's rows), row and col those of e.
+template <typename T, int kN, bool kMnMajor, typename Visit>
+void for_each_operand_pair(uint64_t a_desc, uint64_t b_desc, Visit&& visit) {
   const int warp = static_cast<int>(::emu::thread_index.x) % kGroupThreads / 32;
   const int lane = static_cast<int>(::emu::thread_index.x) % 32;
   for (int e = 0; e < kN / 2; ++e) {
     const int row = accumulator_row(warp, lane, e);
     const int col = accumulator_col(lane, e);
-    float sum = 0.0f;
     for (int k = 0; k < kStep; ++k) {
-      sum += element<T>(a_desc, row, k) * element<T, kMnMajor>(b_desc, col, k);
+      visit(e, element_address<T>(a_desc, row, k), element_address<T, kMnMajor>(b_desc, col, k));
     }
-    out[e] = sum;
   }
+}
+
+// This thread's kN / 2 sums over k of A[row][k] B[k][col] for one m64nNk16.
+template <typename T, int kN, bool kMnMajor>
+void products(uint64_t a_desc, uint64_t b_desc, float* out) {
+  for (int e = 0; e < kN / 2; ++e) out[e] = 0.0f;
+  for_each_operand_pair<T, kN, kMnMajor>(a_desc, b_desc, [&](int e, size_t a, size_t b) {
+    out[e] += element<T>(a) * element<T>(b);
+  });
 }
 
 // Whether every operand element that this thread's products read holds the same bytes for the
@@ -91,17 +98,11 @@ bool visible_to_async_proxy(uint64_t a_desc, uint64_t b_desc) {
     return std::memcmp(::emu::async_proxy_pointer(address), __cvta_shared_to_generic(address),
                        sizeof(T)) == 0;
   };
-  const int warp = static_cast<int>(::emu::thread_index.x) % kGroupThreads / 32;
-  const int lane = static_cast<int>(::emu::thread_index.x) % 32;
-  for (int e = 0; e < kN / 2; ++e) {
-    for (int k = 0; k < kStep; ++k) {
-      if (!same(element_address<T>(a_desc, accumulator_row(warp, lane, e), k)) ||
-          !same(element_address<T, kMnMajor>(b_desc, accumulator_col(lane, e), k))) {
-        return false;
-      }
-    }
-  }
-  return true;
+  bool visible = true;
+  for_each_operand_pair<T, kN, kMnMajor>(a_desc, b_desc, [&](int, size_t a, size_t b) {
+    visible = visible && same(a) && same(b);
+  });
+  return visible;
 }
 
 template <typename T, int kN, bool kMnMajor>
