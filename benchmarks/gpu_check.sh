@@ -3,24 +3,33 @@
 # tests, compute-sanitizer memcheck and racecheck on a small case, and the CUDA benchmarks; logs
 # and JSON go to $OUT (the logs as one archive), a short table is printed last.
 #
-# A session has about 15 minutes of GPU time, start-up included, and 10 minutes per call, so the
-# steps come in two calls of about 5 minutes each (estimates, not yet measured), the most
-# important first. Both calls build: the build is incremental, so a machine still warm from call
-# 1 (it stays warm only 30 s) rebuilds nothing, and a fresh one builds in about half a minute
-# (49 s on 2 CPU cores against torch 2.11.0+cu130, the GPU machine's torch, 2026-11-28):
+# A session has 15 minutes of GPU time in all (900 s: the machine's start, a minute or two,
+# included, and every idle second while it is held), at most 10 minutes a call, and a machine
+# stays warm only 30 s after a call. So the steps come in two calls, the first with what the
+# issues need most (correctness on the GPU, then the figures of their targets), the second,
+# issued at once after the first (so that the machine is still warm and the build is kept), with
+# the rest in whatever time is left (call 1's reply says it: lease.budget_left_s):
 #
-#   STEPS="build sass smoke tests probe kernels embeddings" \
-#     bash benchmarks/gpu_check.sh                                                 # call 1
-#   STEPS="build memcheck racecheck profile loss variants" bash benchmarks/gpu_check.sh # call 2
-#   bash benchmarks/gpu_check.sh                                                   # all, in BUDGET
+#   bash benchmarks/gpu_check.sh 1                  # device run, timeout_s=540: BUDGET 510 s
+#   WGMMA=<call 1's smoke_wgmma> bash benchmarks/gpu_check.sh 2 <budget_left_s - 60>
+#                                                   # device run, timeout_s=<budget_left_s - 40>
+#   bash benchmarks/gpu_check.sh                    # every step, in BUDGET (570 s)
+#
+# Call 1: build, smoke, smoke_wgmma, tests, kernels, embeddings, variants; call 2: build (nothing
+# to do on the warm machine), memcheck, racecheck, sass, probe, loss, profile. STEPS (names, in any
+# order) picks steps by hand; they always run in this file's order. A step gets at most what is
+# left of BUDGET, so the steps that do not fit are skipped, last first. The build takes about half
+# a minute on a fresh machine (49 s on 2 CPU cores against torch 2.11.0+cu130, the GPU machine's
+# torch, 2026-11-28); the other steps' times are estimates until the first GPU run.
 #
 # The tests step runs the tests that touch CUDA (test_cuda*.py and every [cuda] parameter); CI
 # runs the rest on the CPU; when a fused test fails, the api_access step rebuilds with WMMA's own
 # operand loads and reruns the fused tests (see below). Every step has its own time limit, so
-# that one hang cannot eat the budget, and the steps together stay within BUDGET seconds (570);
-# the summary says which steps passed, failed, timed out (exit 124) or were skipped for want of
-# time. The fused kernels' wgmma path, never run on a GPU before, is tried first in a step of its
-# own (smoke_wgmma); if it faults or hangs there, the steps after it leave it out (see below).
+# that one hang cannot eat the budget; the summary says which steps passed, failed, timed out
+# (exit 124) or were skipped for want of time. The fused kernels' wgmma path, never run on a GPU
+# before, is tried first in a step of its own (smoke_wgmma); if it faults or hangs there, the
+# steps after it leave it out (see below). WGMMA=ok|failed|off hands that step's outcome from
+# call 1 to call 2, which then does not try it again.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/out}
@@ -30,8 +39,16 @@ mkdir -p "$OUT"
 LOGS=$(mktemp -d /tmp/gpu_check.XXXXXX)
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-"build sass tests kernels probe profile embeddings memcheck racecheck loss variants"}
-BUDGET=${BUDGET:-570}  # seconds for the whole call: run it with the device tool's timeout_s=600
+CALL=${1:-all}
+case $CALL in
+  1) STEPS=${STEPS:-"build smoke tests kernels embeddings variants"} BUDGET=${BUDGET:-510} ;;
+  2) STEPS=${STEPS:-"build memcheck racecheck sass probe loss profile"} BUDGET=${2:-${BUDGET:-300}} ;;
+  all) STEPS=${STEPS:-"build sass smoke memcheck racecheck tests kernels embeddings variants probe loss profile"}
+       BUDGET=${BUDGET:-570} ;;  # run it with the device tool's timeout_s=600
+  *) echo "usage: $0 [1 | 2 [BUDGET] | all]" >&2; exit 2 ;;
+esac
+[[ $BUDGET =~ ^[0-9]+$ ]] || { echo "error: BUDGET must be whole seconds, not '$BUDGET'" >&2; exit 2; }
+echo "gpu_check: call $CALL, steps: $STEPS; budget $BUDGET s"
 status=()
 
 selected() {  # selected NAME...: whether any of these steps is in STEPS
@@ -67,7 +84,11 @@ run_step() {  # run_step NAME SECONDS LOG COMMAND...: run, keep the log, note th
 # it: WGMMA becomes ok, failed (an error or a fault: memcheck_wgmma then names it) or off (a hang,
 # or no time left), and only with ok do the later steps run it. A hang costs this step's limit
 # instead of every step's that runs the fused kernels on wgmma.
-WGMMA=unknown
+WGMMA=${WGMMA:-unknown}
+case $WGMMA in
+  unknown | ok | failed | off) ;;
+  *) echo "error: WGMMA must be ok, failed or off (smoke_wgmma's outcome), not '$WGMMA'" >&2; exit 2 ;;
+esac
 wgmma_check() {
   [[ $WGMMA == unknown ]] || return 0
   run_step smoke_wgmma 60 smoke_wgmma.log $PY benchmarks/sanitizer_case.py --wgmma only
@@ -101,6 +122,8 @@ step memcheck 120 memcheck.log compute-sanitizer --tool memcheck --error-exitcod
   $PY benchmarks/sanitizer_case.py --wgmma "$(wgmma_runs)"
 step memcheck_wgmma 90 memcheck_wgmma.log compute-sanitizer --tool memcheck --error-exitcode 1 \
   $PY benchmarks/sanitizer_case.py --wgmma only
+step racecheck 120 racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 \
+  $PY benchmarks/sanitizer_case.py --wgmma "$(wgmma_runs)"
 # A test still running after FASTAP_TEST_TIMEOUT seconds ends the run with every thread's stack,
 # which names it (tests/conftest.py; --capture=sys lets that reach the log).
 cuda_tests=cuda
@@ -127,10 +150,23 @@ step kernels 150 kernels.md bash -c "$PY benchmarks/bench_kernels.py --device cu
   --shapes 1024x1024 32768x32768 256x1000000 --num-bins 20 --dtypes float32 bfloat16 && \
   $PY benchmarks/bench_kernels.py --device cuda --repeats 20 --reference-max 0 \
   --shapes 8192x8192 --num-bins 20 --dtypes float32 bfloat16 --relevance dense"
+fused_cases="matrix blockwise fused fused_wgmma floor"
+[[ $WGMMA == ok ]] || fused_cases="matrix blockwise fused floor"
+step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
+  --dtype bfloat16 --dim 256 --sizes 16384 65536 --cases $fused_cases --repeats 5 \
+  --json $OUT/embeddings_d256.json && \
+  $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \
+  --cases blockwise fused --repeats 3 --json $OUT/embeddings_d128.json"
+step variants 90 variants.md bash -c "$PY benchmarks/bench_variants.py --device cuda --n 8192 \
+  --repeats 20 && $PY benchmarks/bench_ap_formula.py --device cuda --rows 8192 65536"
+
 # probe: the matrix paths on the fused kernels' tile shapes (benchmarks/mma_probe.cu): WMMA
 # against wgmma, each checked exactly and timed, against the shared-memory count of design.md §5.
 step probe 60 probe.md bash -c "nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a \
   benchmarks/mma_probe.cu -o $LOGS/mma_probe && $LOGS/mma_probe"
+step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
+  --sizes 8192 32768 --reference-max 8192 --repeats 20 --reference-repeats 5 \
+  --json "$OUT/loss.json"
 # profile: Nsight Compute over the four fast kernels of the 8192^2 case (forward and backward,
 # fp32 then bf16), then the three fused kernels at 16384^2, D = 256, bf16
 # (benchmarks/profile_case.py), then those on wgmma: which of issue, shared/L1 and DRAM binds,
@@ -155,27 +191,13 @@ step profile 240 profile.log bash -c "ncu --clock-control none --print-kernel-ba
   $PY benchmarks/profile_case.py --embeddings && $PY benchmarks/profile_table.py \
   $LOGS/profile_wgmma.csv --candidates 268435456 --title 'the same on wgmma (FASTAP_WGMMA=1)' \
   | tee -a $LOGS/profile.md")"
-fused_cases="matrix blockwise fused fused_wgmma floor"
-[[ $WGMMA == ok ]] || fused_cases="matrix blockwise fused floor"
-step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
-  --dtype bfloat16 --dim 256 --sizes 16384 65536 --cases $fused_cases --repeats 5 \
-  --json $OUT/embeddings_d256.json && \
-  $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \
-  --cases blockwise fused --repeats 3 --json $OUT/embeddings_d128.json"
-step racecheck 120 racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 \
-  $PY benchmarks/sanitizer_case.py --wgmma "$(wgmma_runs)"
-step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
-  --sizes 8192 32768 --reference-max 8192 --repeats 20 --reference-repeats 5 \
-  --json "$OUT/loss.json"
-step variants 90 variants.md bash -c "$PY benchmarks/bench_variants.py --device cuda --n 8192 \
-  --repeats 20 && $PY benchmarks/bench_ap_formula.py --device cuda --rows 8192 65536"
 
 {
 for table in kernels probe profile loss variants embeddings; do
   [[ -s $LOGS/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$LOGS/$table.md"; }
 done
 echo
-echo "== summary =="
+echo "== summary (call $CALL; wgmma path: $WGMMA) =="
 printf '%-15s %-16s %-7s %s\n' step result time log
 for s in "${status[@]}"; do
   IFS='|' read -r a b c d <<<"$s"; printf '%-15s %-16s %-7s %s\n' "$a" "$b" "$c" "$d"
