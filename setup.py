@@ -129,6 +129,7 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["fastap", "fastap.*"]),
+    package_data={"fastap": ["py.typed"]},  # typed (PEP 561)
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.5", "numpy"],
@@ -139,6 +140,7 @@ setup(
             "pytest",
             "hypothesis",
             "ruff",
+            "mypy",
             "ninja",
             "pytorch-metric-learning",
             "scikit-learn",

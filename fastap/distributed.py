@@ -51,9 +51,9 @@ def gather_embeddings(
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     size = torch.tensor([embeddings.shape[0]], device=embeddings.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    sizes = [int(s) for s in sizes]
+    gathered_sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(gathered_sizes, size, group=group)
+    sizes = [int(s) for s in gathered_sizes]
     largest = max(sizes)
     pad = largest - embeddings.shape[0]
     # Collectives need equal shapes: pad to the largest batch, then drop the padding.

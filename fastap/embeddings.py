@@ -258,7 +258,7 @@ def histograms_from_embeddings(
     """
     _check_embedding_matrix(queries, "queries")
     same_set = database is None
-    if same_set:
+    if database is None:
         database = queries
         exclude_self = True if exclude_self is None else exclude_self
     else:
@@ -293,6 +293,8 @@ def histograms_from_embeddings(
         raise ValueError(f"fastap: block_size must be a positive int, got {block_size!r}")
     unit_queries = F.normalize(queries, dim=1)
     unit_database = unit_queries if same_set else F.normalize(database, dim=1)
+    function: type[torch.autograd.Function]
+    extra: tuple[int, ...]
     if _use_fused(backend, unit_queries, unit_database, num_bins):
         function, extra = EmbeddingHistogram, ()
     else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastap._validation import check_variant
+from fastap._validation import check_bins, check_variant
 from fastap.embeddings import histograms_from_embeddings
 from fastap.functional import (
     DEFAULT_NUM_BINS,
@@ -185,8 +185,8 @@ class APLoss(_EmbeddingAPLoss):
     ):
         super().__init__()
         check_variant(variant, "fastap.APLoss")
-        self.num_bins = num_bins
-        self.score_range = tuple(score_range)
+        self.num_bins, lo, hi = check_bins(num_bins, score_range)  # bad bins fail here, not later
+        self.score_range = (lo, hi)
         self.variant = variant
         self.score_matrix_limit = score_matrix_limit
 

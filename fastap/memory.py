@@ -30,6 +30,8 @@ class CrossBatchMemory(torch.nn.Module):
         if not isinstance(self.loss, _EmbeddingAPLoss):
             raise TypeError("fastap: loss must be a fastap embedding loss (APLoss, FastAPLoss)")
         self.size = size
+        self.embeddings: torch.Tensor
+        self.labels: torch.Tensor
         self.register_buffer("embeddings", torch.empty(0), persistent=True)
         self.register_buffer("labels", torch.empty(0, dtype=torch.long), persistent=True)
         self.filled = 0  # entries in use

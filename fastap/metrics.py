@@ -218,6 +218,7 @@ def _ap_sums(
             )
             total[idx] = sub_total
             if top is not None:
+                assert sub_top is not None  # a cutoff gives both
                 top[idx] = sub_top
     return total, top
 
@@ -575,6 +576,7 @@ def retrieval_metrics(
             if want_map:
                 total_map += (total / denom)[counted].sum()
             if want_map_r:
+                assert top is not None  # a cutoff was given
                 total_map_r += (top / denom)[counted].sum()
         elif want_recall and num_candidates > 0:
             kth = torch.topk(scores, max(ks_eff), dim=1).values

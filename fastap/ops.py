@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 try:
-    from fastap import _C  # noqa: F401  (loading the library registers the operators)
+    from fastap import _C  # type: ignore[attr-defined]  # noqa: F401  (registers the operators)
 
     _LOAD_ERROR: Exception | None = None
 except ImportError as error:  # pragma: no cover - only without a build

@@ -21,6 +21,7 @@ def relevance_and_valid(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense [N, M] float masks: which entries are positives, and which count at all."""
     if relevance is None:
+        assert labels is not None, "relevance or labels"
         candidates = labels if ref_labels is None else ref_labels
         relevance = labels[:, None] == candidates[None, :]
     valid = torch.ones_like(scores, dtype=torch.bool)
@@ -104,10 +105,10 @@ def _ap_and_validity(
     scores, relevance, labels, ref_labels, num_bins, score_range, ignore, exclude_self,
     self_offset, variant,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    lo, hi = score_range
     histograms = soft_histogram(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, *score_range,
-        self_offset,
-    )  # fmt: skip
+        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi, self_offset
+    )
     return ap_from_histograms(*histograms, variant)
 
 

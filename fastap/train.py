@@ -136,7 +136,10 @@ def multistage_backward(
     if loss.dim() != 0:
         raise ValueError(f"fastap: loss_fn must return a scalar, got shape {list(loss.shape)}")
     (scaler.scale(loss) if scaler is not None else loss).backward()
-    grads = descriptors.grad.split([len(o) for o in outputs])
+    # A loss that does not reach the descriptors (loss_fn ignores them) gives them no gradient:
+    # zero, so that every chunk still takes part in stage 3 (and in DDP's one reduction).
+    grad = descriptors.grad if descriptors.grad is not None else torch.zeros_like(descriptors)
+    grads = grad.split([len(o) for o in outputs])
 
     # Stage 3: recompute each chunk with a graph and backpropagate its descriptors' gradient.
     # Under DistributedDataParallel, gradients are all-reduced once, with the last chunk: every
@@ -166,7 +169,7 @@ def freeze_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, _BATCHNORM):
             module.eval()
-            module.train = types.MethodType(_stay_in_eval, module)
+            module.train = types.MethodType(_stay_in_eval, module)  # type: ignore[method-assign]
             for parameter in module.parameters(recurse=False):
                 parameter.requires_grad_(False)
     return model

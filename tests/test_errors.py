@@ -166,6 +166,12 @@ def test_ap_loss_module_errors():
         loss(e, labels, indices_tuple=(L4 + 5, L4, L4))
     with pytest.raises(ValueError, match="variant must be one of"):
         fastap.APLoss(variant="fast")
+    with pytest.raises(ValueError, match="num_bins must be at least 2"):
+        fastap.APLoss(num_bins=1)
+    with pytest.raises(TypeError, match="score_range must be a pair"):
+        fastap.APLoss(score_range=(0.0, 0.5, 1.0))
+    with pytest.raises(ValueError, match="lo < hi"):
+        fastap.APLoss(score_range=(1, 0))
     with pytest.raises(ValueError, match="num_bins must be an int >= 1"):
         fastap.FastAPLoss(num_bins=0)
     with pytest.raises(ValueError, match="ret must be"):

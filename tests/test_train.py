@@ -109,6 +109,17 @@ def test_autocast_bfloat16_cpu():
         assert cosine > 0.95
 
 
+def test_loss_that_ignores_the_descriptors_gives_zero_gradients():
+    # A loss that never reaches the descriptors leaves them without a .grad: each chunk then
+    # backpropagates zeros (every chunk still runs stage 3, as DDP's one reduction needs).
+    model = small_cnn()
+    images, _ = batch(7)
+    constant = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    loss = multistage_backward(model, images, lambda d: constant * 2, chunk_size=3)
+    assert loss.item() == 0.5 and constant.grad.item() == 2.0
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
 def test_freeze_batchnorm_survives_train():
     model = freeze_batchnorm(small_cnn())
     model.train()
