@@ -15,6 +15,9 @@
 #                                                   # device run, timeout_s=<budget_left_s - 40>
 #   bash benchmarks/gpu_check.sh                    # every step, in BUDGET (570 s)
 #
+# Before call 1, here: bash benchmarks/gpu_wheels.sh (the peer pytorch-metric-learning, as a
+# wheel in .whl/, which both calls carry: carry [".whl"]).
+#
 # Call 1: build, smoke, smoke_wgmma, tests, kernels, embeddings, variants; call 2: build (nothing
 # to do on the warm machine), memcheck, racecheck, sass, probe, loss, profile. STEPS (names, in any
 # order) picks steps by hand; they always run in this file's order. A step gets at most what is
@@ -102,6 +105,16 @@ wgmma_check() {
 wgmma_runs() { [[ $WGMMA == ok ]] && echo with || echo without; }  # sanitizer_case.py --wgmma
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOGS/gpu.txt"
+# The wheels that benchmarks/gpu_wheels.sh downloaded here and the device call carried (.whl/):
+# installed beside the machine's packages, never over them (--no-deps).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  site=$(mktemp -d /tmp/gpu_check_site.XXXXXX)
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl &&
+    export PYTHONPATH=$PYTHONPATH:$site && echo "carried wheels: $(cd .whl && echo *.whl)" |
+    tee -a "$LOGS/gpu.txt"
+else
+  echo "no carried wheels (.whl/): the peers' rows and tests are skipped" | tee -a "$LOGS/gpu.txt"
+fi
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' |
   tee -a "$LOGS/gpu.txt"
 step build 240 build.log env FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0a MAX_JOBS=16 \
