@@ -6,7 +6,9 @@
 // function statics (one block at a time uses them) and dynamic shared memory is a heap buffer of
 // exactly the launch's size, refilled with garbage before each block, so that AddressSanitizer
 // catches an overflow and a read before write gives a wrong answer. A barrier that not every
-// thread of its block or warp reaches aborts after a timeout instead of hanging.
+// thread of its block or warp reaches aborts after a timeout instead of hanging. A launch beyond
+// sm_90's limits (grid, block or dynamic shared memory size, or an empty grid) aborts, as it
+// fails on a GPU.
 //
 // It covers what fastap's kernels use: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __ldg,
 // __fadd_rd and __dadd_rd, __syncwarp (full mask), static and dynamic shared memory (and addresses
@@ -178,10 +180,36 @@ inline const unsigned char* async_proxy_pointer(size_t address) {
   return current->async_view.get() + (generic - dynamic_shared_memory());
 }
 
+// The launch limits of sm_90 (the CUDA C++ Programming Guide's table of compute capabilities): a
+// launch beyond one fails on the GPU ("invalid configuration argument"), so it aborts here too.
+constexpr uint64_t kMaxGridX = (uint64_t{1} << 31) - 1;
+constexpr unsigned kMaxGridYZ = 65535;
+constexpr unsigned kMaxBlockThreads = 1024;
+constexpr size_t kMaxDynamicShared = 227 * 1024;  // per block, opted in
+
+inline void check_launch(dim3 grid, dim3 block, size_t shared_bytes) {
+  const uint64_t threads = uint64_t{block.x} * block.y * block.z;
+  const char* problem =
+      grid.x == 0 || grid.y == 0 || grid.z == 0 ? "an empty grid"
+      : grid.x > kMaxGridX                       ? "gridDim.x above 2^31 - 1"
+      : grid.y > kMaxGridYZ || grid.z > kMaxGridYZ ? "gridDim.y or .z above 65535"
+      : threads == 0 || threads > kMaxBlockThreads ? "a block of 0 or more than 1024 threads"
+      : block.z > 64                              ? "blockDim.z above 64"
+      : shared_bytes > kMaxDynamicShared          ? "more than 227 KB of dynamic shared memory"
+                                                  : nullptr;
+  if (problem != nullptr) {
+    std::fprintf(stderr, "emulation: launch with %s (grid %u x %u x %u, block %u x %u x %u, "
+                 "%zu bytes of shared memory)\n", problem, grid.x, grid.y, grid.z, block.x,
+                 block.y, block.z, shared_bytes);
+    std::abort();
+  }
+}
+
 // Launches kernel<<<grid, block, shared_bytes>>>(args...) and returns when it has finished.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
             Args... args) {
+  check_launch(grid, block, shared_bytes);
   Launch l;
   l.grid = grid;
   l.block = block;
