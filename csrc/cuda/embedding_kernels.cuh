@@ -517,6 +517,7 @@ __device__ void score_tile_wgmma(const T* __restrict__ own, int64_t own_count, i
   for (int e = 0; e < static_cast<int>(sizeof(acc) / sizeof(acc[0])); ++e) {
     const int row = wgmma::accumulator_row(group_warp, lane, e);
     const int col = wgmma::kCols * group + wgmma::accumulator_col(lane, e);
+    // Column-major: no bank conflict; row-major (the dQ pass): 2-way (design.md, section 3b).
     scores[kRowMajor ? row * Layout::kScoreLd + col : col * Layout::kScoreLd + row] = acc[e];
   }
   __syncthreads();
@@ -701,6 +702,8 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
 // Own = queries (dQ = G DB): the query is the own row. Warp w takes own rows
 // [8 w, 8 w + 8), lane l columns l and l + 32 of each: the scores are read from the row-major
 // tile (score_tile<T, true>) and G is written row-major, both 32 consecutive words per warp.
+// kCanonicalG (wgmma): G goes to the canonical layout instead, where a warp's 64 bytes of one row
+// fall in 4 banks, a 4-way conflict (docs/design.md, section 3b).
 template <bool kEdge, typename T, bool kCanonicalG = false>
 __device__ __forceinline__ void query_rows_gradient_step(
     const float* __restrict__ scores, const int64_t* __restrict__ step_labels,
@@ -741,7 +744,9 @@ __device__ __forceinline__ void query_rows_gradient_step(
 // Own = database (dDB = G^T Q): the query is the stream row. Thread t takes own row r = t % 64
 // and columns [16 part, 16 part + 16), part = t / 64, so a warp's lanes share each column (one
 // query); the scores are read from the column-major tile and G is written column-major
-// (grad_tile[c * kGradLd + r]), both 32 consecutive elements per warp.
+// (grad_tile[c * kGradLd + r]), both 32 consecutive elements per warp. kCanonicalG (wgmma): the
+// canonical layout instead, where a warp's 32 rows of one column are a 4-way conflict (rows r,
+// r + 8, r + 16 and r + 24 share a bank; docs/design.md, section 3b).
 template <bool kEdge, typename T, bool kCanonicalG = false>
 __device__ __forceinline__ void database_rows_gradient_step(
     const float* __restrict__ scores, const int64_t* __restrict__ step_labels, int64_t own_label,
