@@ -15,6 +15,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 
@@ -95,16 +96,35 @@ def nvcc_extra_flags() -> list:
     return flags
 
 
+def host_compiler_flags() -> tuple:
+    """(compile flags, link flags) of the C++ compiler for this platform.
+
+    The CPU kernels split their rows with at::parallel_for, which runs in parallel only where the
+    extension is compiled with the OpenMP of torch's own parallel backend: -fopenmp with gcc
+    (Linux, what CI builds), /openmp with MSVC (Windows). Apple's clang has no -fopenmp; there,
+    and where torch's backend is not OpenMP, the build goes without it and the CPU kernels run on
+    one thread (same results)."""
+    msvc = sys.platform == "win32"
+    compile_flags, link_flags = (["/O2"] if msvc else ["-O3"]), []
+    openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    if openmp and sys.platform != "darwin":
+        compile_flags.append("/openmp" if msvc else "-fopenmp")
+        link_flags += [] if msvc else ["-fopenmp"]
+    else:
+        print("fastap: no OpenMP: the CPU kernels will run on one thread", file=sys.stderr)
+    return compile_flags, link_flags
+
+
 def extension():
     sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx_flags = ["-O3", "-fopenmp"]
+    cxx_flags, link_flags = host_compiler_flags()
     if not build_cuda():
         return CppExtension(
             "fastap._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     if os.environ.get("FASTAP_CUDA_ARCH"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["FASTAP_CUDA_ARCH"]
@@ -116,7 +136,7 @@ def extension():
             "cxx": cxx_flags,
             "nvcc": ["-O3", "--expt-relaxed-constexpr", *nvcc_extra_flags()],
         },
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
 
 
