@@ -1,0 +1,98 @@
+"""The docs against the code: the README's one-screen example prints exactly what the README
+shows under it, examples/quickstart.py trains (held-out mAP rises well above its start), and the
+signatures and defaults that docs/api.md shows are the functions' own."""
+
+import ast
+import contextlib
+import inspect
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import fastap
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+API = ROOT / "docs" / "api.md"
+
+
+def example_and_output() -> tuple[str, str]:
+    section = README.read_text(encoding="utf-8").split("\n## Example\n", 1)[1]
+    found = re.search(r"```python\n(.*?)```\s*\nprints\s*\n\s*```\n(.*?)```", section, re.S)
+    assert found, "README.md: the Example section needs a python block, 'prints', and the output"
+    return found.group(1), found.group(2)
+
+
+def test_readme_example_prints_its_documented_output():
+    code, expected = example_and_output()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, f"{README.name} (Example)", "exec"), {"__name__": "__main__"})
+    assert printed.getvalue() == expected
+
+
+def test_quickstart_trains():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--steps", "100"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    held_out = [float(v) for v in re.findall(r"held-out mAP ([\d.]+)", result.stdout)]
+    assert len(held_out) == 2, result.stdout  # before training and after step 100
+    assert held_out[0] < 0.2 and held_out[1] > 0.5, result.stdout
+
+
+def api_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", API.read_text(encoding="utf-8"), re.S)
+
+
+def resolve(dotted: str):
+    obj = fastap
+    for part in dotted.split(".")[1:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+SIGNATURES = [
+    found.groups()
+    for block in api_blocks()
+    if (found := re.match(r"(fastap(?:\.\w+)+)\((.*)\)\s*->", block, re.S)) and "<" not in block
+]
+
+
+@pytest.mark.parametrize("name,params", SIGNATURES, ids=[name for name, _ in SIGNATURES])
+def test_api_md_signatures_are_the_functions(name, params):
+    # "fastap.f(a, b=1, *, c) -> T" in the docs: the same parameters, kinds and defaults as f.
+    params = re.sub(r"#.*", "", params)
+    documented = inspect.signature(_function_of(f"def f({params}): pass"))
+    real = inspect.signature(resolve(name))
+    shown = [(p.name, p.kind, p.default) for p in documented.parameters.values()]
+    assert shown == [(p.name, p.kind, p.default) for p in real.parameters.values()], name
+
+
+def _function_of(source: str):
+    namespace: dict = {}
+    exec(compile(source, str(API), "exec"), namespace)
+    return namespace["f"]
+
+
+def test_api_md_constructor_defaults_are_the_classes():
+    # "fastap.APLoss(num_bins=20, ...)": every keyword shown is that parameter's default.
+    checked = 0
+    for block in api_blocks():
+        for node in ast.walk(ast.parse(block) if "->" not in block else ast.Module([], [])):
+            if not (isinstance(node, ast.Call) and ast.unparse(node.func).startswith("fastap.")):
+                continue
+            defaults = inspect.signature(resolve(ast.unparse(node.func))).parameters
+            for keyword in node.keywords:
+                shown = ast.literal_eval(keyword.value)
+                assert defaults[keyword.arg].default == shown, (ast.unparse(node), keyword.arg)
+                checked += 1
+    assert checked >= 8  # APLoss, FastAPLoss, compat.APLoss and compat.TAPLoss
