@@ -96,3 +96,43 @@ def test_api_md_constructor_defaults_are_the_classes():
                 assert defaults[keyword.arg].default == shown, (ast.unparse(node), keyword.arg)
                 checked += 1
     assert checked >= 8  # APLoss, FastAPLoss, compat.APLoss and compat.TAPLoss
+
+
+def _dotted(node) -> str | None:
+    """'fastap.metrics.mean_average_precision' for such an attribute chain, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def test_docs_calls_use_parameters_that_exist():
+    # Every call of a fastap function or class in the python blocks of the README and docs/
+    # (those that parse: the signature blocks above do not) passes only keywords it takes.
+    checked = 0
+    for path in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
+            try:
+                tree = ast.parse(block)
+            except SyntaxError:
+                continue
+            imported = {
+                alias.asname or alias.name: f"{node.module}.{alias.name}"
+                for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastap")
+                for alias in node.names
+            }
+            for node in ast.walk(tree):
+                name = _dotted(node.func) if isinstance(node, ast.Call) else None
+                if name is None:
+                    continue
+                head = name.split(".")[0]
+                name = imported[head] + name[len(head) :] if head in imported else name
+                if not name.startswith("fastap."):
+                    continue
+                params = inspect.signature(resolve(name)).parameters
+                for keyword in node.keywords:
+                    assert keyword.arg in params, f"{path.name}: {name} takes no {keyword.arg}"
+                    checked += 1
+    assert checked >= 20
