@@ -1,6 +1,7 @@
 #include "histogram_inputs.h"
 
 #include <cmath>
+#include <limits>
 
 namespace fastap {
 namespace {
@@ -35,12 +36,19 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
                     like_name, " is on ", like.device());
 }
 
-void check_bins(int64_t num_bins, double lo, double hi) {
+void check_bins(int64_t num_bins, double lo, double hi, bool float_grid) {
   TORCH_CHECK_VALUE(num_bins >= 2, "fastap: num_bins must be at least 2, got ", num_bins);
   TORCH_CHECK_VALUE(num_bins <= (int64_t{1} << 20), "fastap: num_bins must be at most 2^20, got ",
                     num_bins);
   TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi) && lo < hi,
                     "fastap: score_range must be finite with lo < hi, got (", lo, ", ", hi, ")");
+  const double most = std::numeric_limits<float>::max();
+  TORCH_CHECK_VALUE(!float_grid || (std::abs(lo) <= most && std::abs(hi) <= most &&
+                                    hi - lo <= most && (num_bins - 1) / (hi - lo) <= most),
+                    "fastap: score_range (", lo, ", ", hi, ") with ", num_bins,
+                    " bins does not fit float32, in which float32, float16 and bfloat16 scores "
+                    "are binned: |lo|, |hi|, hi - lo and (num_bins - 1) / (hi - lo) must be at "
+                    "most 3.4e38 (float64 scores are binned in float64)");
 }
 
 void check_self_column(bool exclude_self, int64_t self_offset, int64_t num_queries,
@@ -81,7 +89,7 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                        dtype == at::kBFloat16,
                    "fastap: scores must be float32, float64, float16 or bfloat16, got ", dtype);
-  check_bins(num_bins, lo, hi);
+  check_bins(num_bins, lo, hi, /*float_grid=*/dtype != at::kDouble);
 
   HistogramInputs in;
   in.scores = scores.contiguous();

@@ -39,8 +39,11 @@ struct HistogramInputs {
 // t on the device of `like` (the message names both).
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& like,
                        const char* like_name);
-// num_bins in [2, 2^20] and a finite score range with lo < hi.
-void check_bins(int64_t num_bins, double lo, double hi);
+// num_bins in [2, 2^20] and a finite score range with lo < hi. float_grid: the scores are binned
+// in float32 (float32, float16 and bfloat16 scores; the fused kernels): lo, hi, hi - lo and the
+// bin scale (Q - 1) / (hi - lo) must then be finite in float32 too, or the binning would meet
+// infinities where the reference (float64) does not.
+void check_bins(int64_t num_bins, double lo, double hi, bool float_grid);
 // self_offset >= 0 and, with exclude_self, a candidate i + self_offset for every query i.
 void check_self_column(bool exclude_self, int64_t self_offset, int64_t num_queries,
                        int64_t num_candidates);

@@ -129,7 +129,12 @@ def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, li
     return t.to(torch.int64)
 
 
-def check_bins(num_bins, score_range) -> tuple[int, float, float]:
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_bins(num_bins, score_range, dtype: torch.dtype | None = None) -> tuple[int, float, float]:
+    """(num_bins, lo, hi), checked. With the dtype of the scores (or embeddings): all but float64
+    are binned in float32, where lo, hi, hi - lo and (num_bins - 1) / (hi - lo) must be finite."""
     if isinstance(num_bins, bool) or not isinstance(num_bins, int):
         raise TypeError(f"fastap: num_bins must be an int, got {type(num_bins).__name__}")
     if num_bins < 2:
@@ -142,6 +147,14 @@ def check_bins(num_bins, score_range) -> tuple[int, float, float]:
         ) from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"fastap: score_range must be finite with lo < hi, got ({lo}, {hi})")
+    if dtype is not None and dtype != torch.float64:
+        extremes = (abs(lo), abs(hi), hi - lo, (num_bins - 1) / (hi - lo))
+        if max(extremes) > FLOAT32_MAX:
+            raise ValueError(
+                f"fastap: score_range ({lo}, {hi}) with {num_bins} bins does not fit float32, in "
+                f"which {dtype} scores are binned: |lo|, |hi|, hi - lo and (num_bins - 1) / "
+                "(hi - lo) must be at most 3.4e38 (float64 scores are binned in float64)"
+            )
     return num_bins, lo, hi
 
 
@@ -166,7 +179,7 @@ def check_histogram_args(
             f"fastap: scores must be float32, float64, float16 or bfloat16, got {scores.dtype}"
         )
     num_queries, num_candidates = scores.shape
-    num_bins, lo, hi = check_bins(num_bins, score_range)
+    num_bins, lo, hi = check_bins(num_bins, score_range, scores.dtype)
     if not isinstance(exclude_self, bool):
         raise TypeError(f"fastap: exclude_self must be a bool, got {type(exclude_self).__name__}")
     if self_offset is None:

@@ -270,7 +270,7 @@ def histograms_from_embeddings(
                 f"{list(queries.shape)} on {queries.device} and {list(database.shape)} on "
                 f"{database.device}"
             )
-    num_bins, lo, hi = check_bins(num_bins, score_range)
+    num_bins, lo, hi = check_bins(num_bins, score_range, queries.dtype)
     labels = check_labels(labels, "labels", queries.shape[0], "query", queries, "queries")
     if ref_labels is None:
         if not same_set:

@@ -141,6 +141,25 @@ def test_value_checks_mode_is_per_thread_and_a_bool():
         fastap.set_value_checks(0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("score_range", [(-3e38, 3e38), (0.0, 1e-38), (-1e39, 0.0), (0.0, 4e38)])
+def test_score_range_must_fit_float32_below_float64(dtype, score_range):
+    # Scores other than float64 are binned in float32: a range whose ends, width or bin scale
+    # overflow it would bin against infinities (float64 scores take it and match the reference).
+    scores = S.to(dtype)
+    with pytest.raises(ValueError, match="does not fit float32"):
+        fastap.average_precision(scores, R, score_range=score_range)
+    with pytest.raises(ValueError, match="does not fit float32"):
+        torch.ops.fastap.soft_histogram(scores, R, None, None, None, False, 20, *score_range)
+    embeddings = torch.randn(4, 3).to(dtype)
+    with pytest.raises(ValueError, match="does not fit float32"):
+        fastap.ap_loss_from_embeddings(embeddings, labels=L4 % 2, score_range=score_range)
+    wide = S.double() * score_range[1] + score_range[0] * (1 - S.double())
+    ours = fastap.average_precision(wide, R, score_range=score_range)
+    theirs = fastap.reference.average_precision(wide, R, score_range=score_range)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
 def test_direct_op_calls_are_checked():
     with pytest.raises(ValueError, match="exactly one of relevance"):
         torch.ops.fastap.soft_histogram(S, None, None, None, None, False, 20, -1.0, 1.0)

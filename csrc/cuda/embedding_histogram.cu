@@ -96,7 +96,7 @@ EmbeddingInputs check_embedding_inputs(const at::Tensor& queries, const at::Tens
   TORCH_CHECK_VALUE(ref_labels.dim() == 1 && ref_labels.size(0) == database.size(0),
                     "fastap: ref_labels must have one entry per database row, got shape ",
                     ref_labels.sizes());
-  check_bins(num_bins, lo, hi);
+  check_bins(num_bins, lo, hi, /*float_grid=*/true);
   check_self_column(exclude_self, self_offset, queries.size(0), database.size(0));
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
