@@ -2,6 +2,8 @@
 shows under it, examples/quickstart.py trains (held-out mAP rises well above its start), and the
 signatures and defaults that docs/api.md shows are the functions' own."""
 
+from __future__ import annotations
+
 import ast
 import contextlib
 import inspect
