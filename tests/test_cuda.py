@@ -142,3 +142,28 @@ def test_cuda_large_num_bins_error_is_clear():
             ref_labels=torch.arange(5, device="cuda") % 2,
             num_bins=100000,
         )
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_device_runs_there_with_the_same_results():
+    # Inputs on cuda:1 while cuda:0 is current: every op runs on cuda:1 (its device guard) and
+    # gives what cuda:0 gives, bitwise (the work split depends on the sizes only).
+    problem = random_problem(37, 4099, dtype=torch.float32, with_ignore=True)
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(300, 64, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    results = []
+    for index in (0, 1):
+        device = torch.device("cuda", index)
+        p = problem.to(device)
+        scores = p.scores.detach().requires_grad_()
+        loss = fastap.ap_loss(scores, p.relevance, **p.kwargs())
+        loss.backward()
+        e = embeddings.to(device).requires_grad_()
+        fused = fastap.ap_loss_from_embeddings(e, labels=labels.to(device), backend="auto")
+        fused.backward()
+        assert {t.device for t in (loss, scores.grad, fused, e.grad)} == {device}
+        results.append([t.cpu() for t in (loss, scores.grad, fused, e.grad)])
+        assert torch.cuda.current_device() == 0
+    for on_0, on_1 in zip(*results):
+        assert torch.equal(on_0, on_1)
