@@ -174,6 +174,30 @@ def test_no_ties_all_rules_equal_plain_ap():
         assert average_precision(scores, rel, ties=t).tolist() == pytest.approx(expected, abs=1e-12)
 
 
+def test_scikit_learn_agrees():
+    # An outside oracle: scikit-learn's average_precision_score is the plain AP without ties; in a
+    # tie group it gives every positive the precision at the group's end, between the pessimistic
+    # and the optimistic orders.
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    gen = torch.Generator().manual_seed(3)
+    rel = torch.rand(9, 57, generator=gen) < 0.3
+    rel[:, 0] = True
+    for scores, tied in ((torch.rand(9, 57, generator=gen, dtype=torch.float64), False),
+                         (torch.randint(0, 6, (9, 57), generator=gen).double(), True)):  # fmt: skip
+        theirs = torch.tensor(
+            [sklearn_metrics.average_precision_score(rel[i].numpy(), scores[i].numpy())
+             for i in range(9)], dtype=torch.float64,
+        )  # fmt: skip
+        ours = {t: average_precision(scores, rel, ties=t) for t in TIES}
+        if not tied:
+            for t in TIES:
+                torch.testing.assert_close(ours[t], theirs, rtol=0, atol=1e-12)
+        else:
+            assert bool((ours["pessimistic"] <= theirs + 1e-12).all())
+            assert bool((theirs <= ours["optimistic"] + 1e-12).all())
+            assert not torch.allclose(ours["average"], theirs)  # a different rule
+
+
 def test_ap_chunking_and_dtypes_do_not_change_the_result():
     gen = torch.Generator().manual_seed(2)
     scores = torch.randint(0, 5, (11, 9), generator=gen).float()
