@@ -1,5 +1,6 @@
 """fastap.metrics: exact AP, embedding retrieval metrics and the revisited Oxford/Paris protocol,
-checked against hand-computed values, brute-force enumeration of tie orders, and straightforward
+checked against hand-computed values, brute-force enumeration of tie orders, outside oracles
+(scikit-learn, pytorch-metric-learning), and straightforward
 loop implementations of the definitions."""
 
 from __future__ import annotations
@@ -392,6 +393,34 @@ def test_retrieval_ties_match_brute_force():
                 got = retrieval_metrics(emb, labels=labels, ks=ks, chunk_size=chunk, ties=t)
                 exp = {key: value / count for key, value in expected[t].items()}
                 assert_metrics_close(got, exp, count, tol=1e-12)
+
+
+def test_retrieval_agrees_with_pytorch_metric_learning():
+    # An outside oracle: pytorch-metric-learning's AccuracyCalculator (exact cosine k-NN, no
+    # faiss) gives the same precision@1 (our recall@1) and MAP@R, in-batch (self excluded) and
+    # against a reference set. float64 embeddings: no ties, whose order the two could break apart.
+    accuracy = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    inference = pytest.importorskip("pytorch_metric_learning.utils.inference")
+    distances = pytest.importorskip("pytorch_metric_learning.distances")
+    calculator = accuracy.AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        k="max_bin_count",
+        knn_func=inference.CustomKNN(distances.CosineSimilarity()),
+    )
+    gen = torch.Generator().manual_seed(5)
+    queries = torch.randn(150, 12, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 6, (150,), generator=gen)
+    database = torch.randn(230, 12, generator=gen, dtype=torch.float64)
+    ref_labels = torch.randint(0, 6, (230,), generator=gen)
+    for theirs, ours in (
+        (calculator.get_accuracy(queries, labels),
+         retrieval_metrics(queries, labels=labels, ks=(1,), metrics=("recall", "map_at_r"))),
+        (calculator.get_accuracy(queries, labels, database, ref_labels, False),
+         retrieval_metrics(queries, database, labels=labels, ref_labels=ref_labels, ks=(1,),
+                           metrics=("recall", "map_at_r"))),
+    ):  # fmt: skip
+        assert ours["recall@1"] == pytest.approx(theirs["precision_at_1"], abs=1e-12)
+        assert ours["map@r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-12)
 
 
 def test_retrieval_skips_queries_without_positives():
