@@ -413,9 +413,10 @@ def test_retrieval_agrees_with_pytorch_metric_learning():
     database = torch.randn(230, 12, generator=gen, dtype=torch.float64)
     ref_labels = torch.randint(0, 6, (230,), generator=gen)
     for theirs, ours in (
-        (calculator.get_accuracy(queries, labels),
+        (calculator.get_accuracy(query=queries, query_labels=labels),
          retrieval_metrics(queries, labels=labels, ks=(1,), metrics=("recall", "map_at_r"))),
-        (calculator.get_accuracy(queries, labels, database, ref_labels, False),
+        (calculator.get_accuracy(query=queries, query_labels=labels, reference=database,
+                                 reference_labels=ref_labels, ref_includes_query=False),
          retrieval_metrics(queries, database, labels=labels, ref_labels=ref_labels, ks=(1,),
                            metrics=("recall", "map_at_r"))),
     ):  # fmt: skip
