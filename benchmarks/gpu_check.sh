@@ -19,11 +19,12 @@
 # wheel in .whl/, which both calls carry: carry [".whl"]).
 #
 # Call 1: build, smoke, smoke_wgmma, tests, kernels, embeddings, variants; call 2: build (nothing
-# to do on the warm machine), memcheck, racecheck, sass, probe, loss, profile. STEPS (names, in any
-# order) picks steps by hand; they always run in this file's order. A step gets at most what is
-# left of BUDGET, so the steps that do not fit are skipped, last first. The build takes about half
-# a minute on a fresh machine (49 s on 2 CPU cores against torch 2.11.0+cu130, the GPU machine's
-# torch, 2026-11-28); the other steps' times are estimates until the first GPU run.
+# to do on the warm machine), sass, memcheck, racecheck, example, probe, loss, profile. STEPS
+# (names, in any order) picks steps by hand; they always run in this file's order. A step gets at
+# most what is left of BUDGET, so the steps that do not fit are skipped, last first. The build
+# takes about half a minute on a fresh machine (49 s on 2 CPU cores against torch 2.11.0+cu130,
+# the GPU machine's torch, 2026-11-28); the other steps' times are estimates until the first GPU
+# run.
 #
 # The tests step runs the tests that touch CUDA (test_cuda*.py and every [cuda] parameter); CI
 # runs the rest on the CPU; when a fused test fails, the api_access step rebuilds with WMMA's own
@@ -44,9 +45,12 @@ export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
 CALL=${1:-all}
 case $CALL in
-  1) STEPS=${STEPS:-"build smoke tests kernels embeddings variants"} BUDGET=${BUDGET:-510} ;;
-  2) STEPS=${STEPS:-"build memcheck racecheck sass probe loss profile"} BUDGET=${2:-${BUDGET:-300}} ;;
-  all) STEPS=${STEPS:-"build sass smoke memcheck racecheck tests kernels embeddings variants probe loss profile"}
+  1) STEPS=${STEPS:-"build smoke tests kernels embeddings variants"}
+     BUDGET=${BUDGET:-510} ;;
+  2) STEPS=${STEPS:-"build memcheck racecheck sass example probe loss profile"}
+     BUDGET=${2:-${BUDGET:-300}} ;;
+  all) STEPS=${STEPS:-"build sass smoke memcheck racecheck tests kernels embeddings variants \
+example probe loss profile"}
        BUDGET=${BUDGET:-570} ;;  # run it with the device tool's timeout_s=600
   *) echo "usage: $0 [1 | 2 [BUDGET] | all]" >&2; exit 2 ;;
 esac
@@ -173,6 +177,10 @@ step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --
 step variants 90 variants.md bash -c "$PY benchmarks/bench_variants.py --device cuda --n 8192 \
   --repeats 20 && $PY benchmarks/bench_ap_formula.py --device cuda --rows 8192 65536"
 
+# example: the reference training example end to end on the GPU, 5 epochs of each fastap loss
+# (APLoss, its tie-aware variant, cross-batch memory; multi-stage backward), its report last.
+step example 90 example.md $PY examples/train.py --device cuda --epochs 5 \
+  --loss fastap,tie_aware,fastap_xbm --out "$(mktemp -d /tmp/gpu_check_train.XXXXXX)"
 # probe: the matrix paths on the fused kernels' tile shapes (benchmarks/mma_probe.cu): WMMA
 # against wgmma, each checked exactly and timed, against the shared-memory count of design.md §5.
 step probe 60 probe.md bash -c "nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a \
@@ -206,7 +214,7 @@ step profile 240 profile.log bash -c "ncu --clock-control none --print-kernel-ba
   | tee -a $LOGS/profile.md")"
 
 {
-for table in kernels probe profile loss variants embeddings; do
+for table in kernels probe profile loss variants embeddings example; do
   [[ -s $LOGS/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$LOGS/$table.md"; }
 done
 echo
