@@ -109,7 +109,8 @@ def host_compiler_flags() -> tuple:
     openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
     if openmp and sys.platform != "darwin":
         compile_flags.append("/openmp" if msvc else "-fopenmp")
-        link_flags += [] if msvc else ["-fopenmp"]
+        if not msvc:
+            link_flags.append("-fopenmp")
     else:
         print("fastap: no OpenMP: the CPU kernels will run on one thread", file=sys.stderr)
     return compile_flags, link_flags

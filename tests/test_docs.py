@@ -51,8 +51,8 @@ def test_quickstart_trains():
     assert held_out[0] < 0.2 and held_out[1] > 0.5, result.stdout
 
 
-def api_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", API.read_text(encoding="utf-8"), re.S)
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
 
 
 def resolve(dotted: str):
@@ -64,7 +64,7 @@ def resolve(dotted: str):
 
 SIGNATURES = [
     found.groups()
-    for block in api_blocks()
+    for block in python_blocks(API)
     if (found := re.match(r"(fastap(?:\.\w+)+)\((.*)\)\s*->", block, re.S)) and "<" not in block
 ]
 
@@ -72,24 +72,21 @@ SIGNATURES = [
 @pytest.mark.parametrize("name,params", SIGNATURES, ids=[name for name, _ in SIGNATURES])
 def test_api_md_signatures_are_the_functions(name, params):
     # "fastap.f(a, b=1, *, c) -> T" in the docs: the same parameters, kinds and defaults as f.
-    params = re.sub(r"#.*", "", params)
-    documented = inspect.signature(_function_of(f"def f({params}): pass"))
-    real = inspect.signature(resolve(name))
-    shown = [(p.name, p.kind, p.default) for p in documented.parameters.values()]
-    assert shown == [(p.name, p.kind, p.default) for p in real.parameters.values()], name
-
-
-def _function_of(source: str):
     namespace: dict = {}
-    exec(compile(source, str(API), "exec"), namespace)
-    return namespace["f"]
+    exec(compile(f"def f({re.sub(r'#.*', '', params)}): pass", str(API), "exec"), namespace)
+    documented = inspect.signature(namespace["f"]).parameters.values()
+    real = inspect.signature(resolve(name)).parameters.values()
+    shown = [(p.name, p.kind, p.default) for p in documented]
+    assert shown == [(p.name, p.kind, p.default) for p in real], name
 
 
 def test_api_md_constructor_defaults_are_the_classes():
     # "fastap.APLoss(num_bins=20, ...)": every keyword shown is that parameter's default.
     checked = 0
-    for block in api_blocks():
-        for node in ast.walk(ast.parse(block) if "->" not in block else ast.Module([], [])):
+    for block in python_blocks(API):
+        if "->" in block:  # a signature block (the test above), not code
+            continue
+        for node in ast.walk(ast.parse(block)):
             if not (isinstance(node, ast.Call) and ast.unparse(node.func).startswith("fastap.")):
                 continue
             defaults = inspect.signature(resolve(ast.unparse(node.func))).parameters
@@ -114,7 +111,7 @@ def test_docs_calls_use_parameters_that_exist():
     # (those that parse: the signature blocks above do not) passes only keywords it takes.
     checked = 0
     for path in [README, *sorted((ROOT / "docs").glob("*.md"))]:
-        for block in re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
+        for block in python_blocks(path):
             try:
                 tree = ast.parse(block)
             except SyntaxError:
