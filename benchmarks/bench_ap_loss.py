@@ -9,11 +9,11 @@ Two kinds of rows:
               called: fastap.FastAPLoss vs PML's FastAPLoss, same num_bins (both compute the
               distances themselves).
 
-Each number comes from a fresh process. Time: median of --repeats runs after a warm-up (CUDA:
-CUDA events). Peak extra memory, from another process: the peak over one forward+backward (after
-the warm-up) minus what was allocated before it. CPU: the peak resident set, reset through
-/proc/self/clear_refs, with glibc told to map each large allocation on its own; CUDA:
-torch.cuda.max_memory_allocated.
+Each case runs in a fresh process. Time: median of --repeats runs after a warm-up (CUDA: CUDA
+events). Peak extra memory: the peak over one more forward+backward minus what was allocated
+before it. CUDA: torch.cuda.max_memory_allocated, reset after the timing runs, in the same
+process; CPU: the peak resident set, reset through /proc/self/clear_refs, in a process of its own
+with glibc told to map each large allocation on its own.
 
     python benchmarks/bench_ap_loss.py --device cpu --sizes 512 1024 2048 4096
     python benchmarks/bench_ap_loss.py --device cuda --sizes 1024 4096 8192 16384 32768
@@ -79,7 +79,16 @@ def _make_case(name: str, n: int, num_bins: int, dtype: torch.dtype, device: str
     if name == "fastap_emb":
         loss_fn = fastap.FastAPLoss(num_bins=num_bins)
     elif name == "fastap_aploss_emb":
-        loss_fn = fastap.APLoss(num_bins=num_bins)
+        # The score-matrix path at every N (by default APLoss leaves it above 1 GiB of scores).
+        loss_fn = fastap.APLoss(num_bins=num_bins, score_matrix_limit=2**62)
+    elif name == "reference_emb":
+
+        def loss_fn(embeddings, labels):
+            unit = torch.nn.functional.normalize(embeddings, dim=1)
+            scores = unit @ unit.T  # as fastap.APLoss computes them
+            return fastap.reference.ap_loss(
+                scores, labels=labels, num_bins=num_bins, exclude_self=True
+            )
     elif name in ("fastap_blocked_emb", "fastap_fused_emb"):
         backend = "fused" if name == "fastap_fused_emb" else "blockwise"
 
@@ -99,35 +108,37 @@ def _make_case(name: str, n: int, num_bins: int, dtype: torch.dtype, device: str
     return run
 
 
-def _measure(name, n, num_bins, dtype_name, device, repeats, mode, queue):
-    """In a fresh process: mode "time" gives the median and min of `repeats` runs after a warm-up,
-    mode "memory" the peak extra bytes of one run after a warm-up."""
+def _measure(name, n, num_bins, dtype_name, device, repeats, modes, queue):
+    """In a fresh process, after a warm-up: "time" in `modes` gives the median and min of
+    `repeats` runs, "memory" the peak extra bytes of one more run."""
+    result = {}
     try:
         torch.manual_seed(0)
         run = _make_case(name, n, num_bins, getattr(torch, dtype_name), device)
         cuda = device.startswith("cuda")
         run()  # warm-up: lazy initialisation counts neither as time nor as the op's memory
-        if mode == "memory" and cuda:
+        if "time" in modes:
+            times = [time_once_ms(run, device) for _ in range(repeats)]
+            result.update(ms=statistics.median(times), min_ms=min(times))
+        if "memory" in modes and cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             run()
             torch.cuda.synchronize()
-            queue.put({"peak_bytes": torch.cuda.max_memory_allocated() - before})
-            return
-        if mode == "memory":
+            result["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+        elif "memory" in modes:
             before = _rss_bytes("VmRSS")
             with open("/proc/self/clear_refs", "w") as clear_refs:
                 clear_refs.write("5")  # reset the peak resident set size
             run()
-            queue.put({"peak_bytes": _rss_bytes("VmHWM") - before})
-            return
-        times = [time_once_ms(run, device) for _ in range(repeats)]
-        queue.put({"ms": statistics.median(times), "min_ms": min(times)})
+            result["peak_bytes"] = _rss_bytes("VmHWM") - before
     except torch.OutOfMemoryError:
-        queue.put({"error": "out of memory"})
+        result["error" if "ms" not in result else "memory_error"] = "out of memory"
     except Exception as error:  # reported in the table, never hidden
-        queue.put({"error": f"{type(error).__name__}: {error}"[:80]})
+        message = f"{type(error).__name__}: {error}"[:80]
+        result["error" if "ms" not in result else "memory_error"] = message
+    queue.put(result)
 
 
 def _in_child(args, timeout, env):
@@ -155,14 +166,18 @@ def _in_child(args, timeout, env):
 
 
 def measure(name, n, num_bins, dtype_name, device, repeats, timeout):
-    """Time and peak memory of one case, each from its own fresh process."""
+    """Time and peak memory of one case, from a fresh process: on CUDA the same one (the
+    allocator's peak is reset between them), on the CPU two, because the resident set of the
+    timing runs would stay in the memory run's."""
     common = (name, n, num_bins, dtype_name, device, repeats)
-    timing = _in_child((*common, "time"), timeout, {})
+    if device.startswith("cuda"):
+        return _in_child((*common, ("time", "memory")), timeout, {})
+    timing = _in_child((*common, ("time",)), timeout, {})
     if "error" in timing:
         return timing
     # For the memory run, every allocation of 64 KiB or more gets its own mapping, returned on
     # free, so that the resident set follows the live tensors instead of glibc's reused heap.
-    memory = _in_child((*common, "memory"), timeout, {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)})
+    memory = _in_child((*common, ("memory",)), timeout, {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)})
     if "error" in memory:
         return {**timing, "memory_error": memory["error"]}
     return {**timing, **memory}

@@ -4,7 +4,9 @@ torch's matmul tile by tile) and fused (the tensor-core CUDA kernel, no score an
 peak extra memory, each from a fresh process (see bench_ap_loss.py for the method). On CUDA also
 the floor: the four N x N x D matrix products of a forward+backward with torch's matmul alone,
 and the fused kernels with their products on Hopper's wgmma (FASTAP_WGMMA=1; needs a build for
-9.0a on an H100/H200, else "not run").
+9.0a on an H100/H200, else "not run"). The peers, on request (--cases ... reference pml): the
+reference (the authors' N x Q x N formulation, on the score matrix) and pytorch-metric-learning's
+FastAPLoss, up to --peer-max. A case that runs out of memory is not run at larger N.
 
     python benchmarks/bench_embeddings.py --sizes 2048 4096 8192
     python benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 256 \
@@ -23,7 +25,10 @@ CASES = {
     "fused": ("fastap_fused_emb", "from embeddings, fused kernel"),
     "fused_wgmma": ("fastap_fused_emb", "fused, on wgmma"),
     "floor": ("gemm_floor", "4 matmuls (floor)"),
+    "reference": ("reference_emb", "reference (score matrix, N x Q x N)"),
+    "pml": ("pml", "PML FastAPLoss"),
 }
+PEERS = ("reference", "pml")
 
 
 def wgmma_available(device: str, dtype: str, dim: int) -> bool:
@@ -55,12 +60,15 @@ def main() -> None:
         "--matrix-max", type=int, default=65536,
         help="skip the score-matrix case above this N (it needs N^2 scores and their gradient)",
     )  # fmt: skip
+    parser.add_argument(
+        "--peer-max", type=int, default=32768, help="skip the peers' cases above this N"
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--json", help="also write the results here (for plot_results.py)")
     args = parser.parse_args()
     os.environ["FASTAP_BENCH_DIM"] = str(args.dim)  # read by the child processes
-    from bench_ap_loss import environment, fmt, measure
+    from bench_ap_loss import environment, fmt, have_pml, measure
 
     cuda = args.device.startswith("cuda")
     default = ["matrix", "blockwise", "fused", "fused_wgmma", "floor"]
@@ -74,6 +82,7 @@ def main() -> None:
     print("| N = M | " + " | ".join(CASES[c][1] for c in cases) + " |")
     print("|---" * (len(cases) + 1) + "|")
     rows = []
+    out_of_memory = {}  # case -> the smallest N at which it ran out of memory
     for n in args.sizes:
         common = (n, args.num_bins, args.dtype, args.device, args.repeats, args.timeout)
         cells = []
@@ -81,6 +90,12 @@ def main() -> None:
         for case in cases:
             if case in ("matrix", "floor") and n > args.matrix_max:
                 cells.append(f"not run (N^2 = {n * n:.2e} scores)")
+                continue
+            if case in PEERS and (n > args.peer_max or (case == "pml" and not have_pml())):
+                cells.append("not run (--peer-max)" if n > args.peer_max else "not installed")
+                continue
+            if case in out_of_memory:
+                cells.append(f"not run (out of memory at N = {out_of_memory[case]})")
                 continue
             if case == "fused_wgmma":
                 if not wgmma_available(args.device, args.dtype, args.dim):
@@ -90,15 +105,17 @@ def main() -> None:
             result = measure(CASES[case][0], *common)
             os.environ.pop("FASTAP_WGMMA", None)
             rows[-1][case] = result
+            if "out of memory" in result.get("error", ""):
+                out_of_memory[case] = n
             if case == "floor" and "error" not in result:
                 cells.append(f"{result['ms']:.3g} ms")  # its memory is the N x N buffer
             else:
                 cells.append(fmt(result))
         print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"kind": "embeddings", "env": env, "args": vars(args), "rows": rows}, f,
-                      indent=1)  # fmt: skip
+        if args.json:  # after every row, so that a later row's hang or fault loses only itself
+            with open(args.json, "w") as f:
+                json.dump({"kind": "embeddings", "env": env, "args": vars(args), "rows": rows},
+                          f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,26 +1,36 @@
-"""The fused ops alone: forward, backward and forward+backward time, achieved bandwidth against
-the device's copy bandwidth measured in the same run, and the speed-up over the reference.
+"""The score-matrix op: forward, backward and forward+backward time, peak memory, achieved
+bandwidth against the device's copy bandwidth measured in the same run, and the speed-up over the
+reference.
 
 Bytes that must move (the floor): the forward reads S (N M s bytes, s = element size) and the
 backward reads S and writes dS (2 N M s), plus the labels (8 (N + M) bytes, negligible), or with
 --relevance dense an N x M bool relevance matrix read by both (2 N M bytes more). Labels take the
 fast CUDA kernels (16-byte loads) when rows hold whole 16-byte vectors; a dense matrix takes the
-general ones (docs/design.md, section 3). Achieved
-bandwidth = those bytes / time; the copy bandwidth is that of `dst.copy_(src)` on a 1 GiB tensor
-(bytes read + written / time). Timing: CUDA events (or perf_counter on CPU), median of --repeats
-after a warm-up.
+general ones (docs/design.md, section 3). Achieved bandwidth = those bytes / device time (below);
+the copy bandwidth is that of `dst.copy_(src)` on a 1 GiB tensor (bytes read + written / time).
+Timing: CUDA events (or perf_counter on CPU), median of --repeats after a warm-up.
 
     python benchmarks/bench_kernels.py --device cuda --shapes 8192x8192 32768x32768 256x1000000 \
         --num-bins 10 20 50 --dtypes float32 bfloat16
+
+Columns: fwd and bwd time the two ops alone; loss, fastap.ap_loss forward and backward through
+autograd, one call between two events (what a training step sees: host overhead and the value
+checks' host sync included); device, the same back to back without the value checks (the
+device's time when the host keeps ahead of it), from which the bandwidth is taken; peak, the
+extra memory of one loss call (CUDA), beside the size of dS; reference, one call of the
+pure-PyTorch reference's loss ("out of memory" where it does not fit), and its speed-up over loss.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import json
+import os
+import statistics
 
 import torch
-from timing import median_ms
+from bench_ap_loss import environment
+from timing import median_ms, time_once_ms
 
 import fastap
 
@@ -34,9 +44,37 @@ def copy_bandwidth(device: str, repeats: int) -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
+def back_to_back_ms(fn, device: str, repeats: int, calls: int = 20) -> float:
+    """Milliseconds per call of `calls` calls issued back to back between one pair of CUDA events
+    (median of `repeats` such runs, after a warm-up): the device's time per call whenever the host
+    issues the calls faster than the device runs them."""
+    fn()
+    runs = [time_once_ms(lambda: [fn() for _ in range(calls)], device) for _ in range(repeats)]
+    return statistics.median(runs) / calls
+
+
+def peak_extra_bytes(fn, device: str) -> int | None:
+    """The CUDA allocator's peak over one call of fn minus what was allocated before it (None on
+    the CPU: bench_ap_loss.py measures the CPU's resident set)."""
+    if not device.startswith("cuda"):
+        return None
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def measure_case(scores, relevance, labels, ref_labels, q, device, repeats, with_reference):
-    """(fwd, bwd, fwd+bwd, reference fwd+bwd or None) in ms for one problem: relevance from
-    `labels`/`ref_labels`, or from the dense `relevance` matrix when it is not None."""
+    """The times in ms of one problem (relevance from `labels`/`ref_labels`, or from the dense
+    `relevance` matrix when it is not None): fwd and bwd (the two ops alone), loss (fastap.ap_loss
+    forward and backward through autograd, one call between two events: what a training step
+    sees, host overhead and the value checks' host sync included), loss_device (the same without
+    the value checks, back to back: the device's time), reference (the pure-PyTorch reference's
+    loss, one call; None when not run, "out of memory" when it did not fit); and peak_bytes, the
+    extra memory of one loss call."""
     op = torch.ops.fastap
     if relevance is not None:
         labels = ref_labels = None
@@ -50,19 +88,31 @@ def measure_case(scores, relevance, labels, ref_labels, q, device, repeats, with
     def backward():
         op.soft_histogram_backward(grad_n, grad_p, scores, *op_args)
 
-    def both(loss_fn=fastap.ap_loss):
-        loss = loss_fn(scores, relevance, labels=labels, ref_labels=ref_labels, num_bins=q)
-        torch.autograd.grad(loss, scores)
+    def loss(loss_fn=fastap.ap_loss):
+        value = loss_fn(scores, relevance, labels=labels, ref_labels=ref_labels, num_bins=q)
+        return torch.autograd.grad(value, scores)
 
-    reference = None
+    def unchecked_loss():
+        with fastap.set_value_checks(False):
+            loss()
+
+    result = {
+        "fwd": median_ms(forward, device, repeats),
+        "bwd": median_ms(backward, device, repeats),
+        "loss": median_ms(loss, device, repeats),
+        "loss_device": back_to_back_ms(unchecked_loss, device, max(1, repeats // 4)),
+        "peak_bytes": peak_extra_bytes(loss, device),
+        "reference": None,
+    }
     if with_reference:
-        reference = median_ms(lambda: both(fastap.reference.ap_loss), device, max(1, repeats // 5))
-    return (
-        median_ms(forward, device, repeats),
-        median_ms(backward, device, repeats),
-        median_ms(both, device, repeats),
-        reference,
-    )
+        try:
+            result["reference"] = median_ms(
+                lambda: loss(fastap.reference.ap_loss), device, max(1, repeats // 5)
+            )
+        except torch.OutOfMemoryError:
+            result["reference"] = "out of memory"
+            torch.cuda.empty_cache()
+    return result
 
 
 def main() -> None:
@@ -74,20 +124,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--reference-max", type=int, default=2**24, help="largest N*M for it")
     parser.add_argument("--relevance", nargs="+", default=["labels"], choices=["labels", "dense"])
+    parser.add_argument(
+        "--json", help="also write the rows here, after each one, after the rows it holds already"
+    )  # fmt: skip
     args = parser.parse_args()
     device = args.device
     copy = copy_bandwidth(device, args.repeats)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    env = {**environment(device), "device": name, "copy_gb_s": copy}
     print(
-        f"# {time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, "
-        f"copy bandwidth {copy:.0f} GB/s; times in ms (median of {args.repeats}); "
-        "GB/s = floor bytes / time"
+        f"# {env['date']}, {name}, torch {torch.__version__}, copy bandwidth {copy:.0f} GB/s; "
+        f"times in ms (median of {args.repeats}); fwd, bwd: the ops alone; loss: fastap.ap_loss "
+        "forward+backward, one call (host overhead and the value checks' sync included); "
+        "device: the same back to back without the checks; GB/s = floor bytes / device; "
+        "peak: extra memory of one loss call, against dS; reference: one call, speed-up over loss"
     )
     print(
-        "| N x M | relevance | dtype | Q | fwd | bwd | fwd+bwd | fwd+bwd GB/s | % of copy "
-        "| reference | speed-up |"
+        "| N x M | relevance | dtype | Q | fwd | bwd | loss | device | GB/s | % of copy "
+        "| peak MB (dS MB) | reference | speed-up |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    if args.json and os.path.exists(args.json):  # several runs, one file (benchmarks/gpu_check.sh)
+        with open(args.json) as f:
+            rows = json.load(f)["rows"]
     for shape in args.shapes:
         n, m = (int(v) for v in shape.split("x"))
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -102,21 +162,35 @@ def main() -> None:
                 scores = (2 * torch.rand(n, m, device=device) - 1).to(dtype).requires_grad_()
                 for q in args.num_bins:
                     with_reference = n * m <= args.reference_max and dtype != torch.bfloat16
-                    fwd, bwd, total, ref = measure_case(
+                    r = measure_case(
                         scores, relevance, labels, ref_labels, q, device, args.repeats,
                         with_reference,
                     )  # fmt: skip
                     floor_bytes = (
                         n * m * (3 * scores.element_size() + (2 if relevance is not None else 0))
                     )
-                    achieved = floor_bytes / total / 1e6
-                    ref_cells = "- | -" if ref is None else f"{ref:.2f} | {ref / total:.0f}x"
+                    achieved = floor_bytes / r["loss_device"] / 1e6
+                    ref = r["reference"]
+                    ref_cells = {
+                        None: "- | -", "out of memory": "out of memory | -"
+                    }.get(ref, "") or f"{ref:.2f} | {ref / r['loss']:.0f}x"  # fmt: skip
+                    grad_mb = n * m * scores.element_size() / 2**20
+                    peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
                     print(
-                        f"| {n} x {m} | {form} | {dtype_name} | {q} | {fwd:.3f} | {bwd:.3f} | "
-                        f"{total:.3f} | {achieved:.0f} | {100 * achieved / copy:.0f}% | "
+                        f"| {n} x {m} | {form} | {dtype_name} | {q} | {r['fwd']:.3f} | "
+                        f"{r['bwd']:.3f} | {r['loss']:.3f} | {r['loss_device']:.3f} | "
+                        f"{achieved:.0f} | {100 * achieved / copy:.0f}% | {peak} ({grad_mb:.0f}) | "
                         f"{ref_cells} |",
                         flush=True,
                     )
+                    rows.append(
+                        {"n": n, "m": m, "relevance": form, "dtype": dtype_name, "num_bins": q,
+                         "floor_bytes": floor_bytes, **r}
+                    )  # fmt: skip
+                    if args.json:
+                        with open(args.json, "w") as f:
+                            json.dump({"kind": "kernels", "env": env, "args": vars(args),
+                                       "rows": rows}, f, indent=1)  # fmt: skip
                 del scores
             del relevance
 

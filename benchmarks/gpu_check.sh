@@ -18,21 +18,22 @@
 # Before call 1, here: bash benchmarks/gpu_wheels.sh (the peer pytorch-metric-learning, as a
 # wheel in .whl/, which both calls carry: carry [".whl"]).
 #
-# Call 1: build, smoke, smoke_wgmma, tests, kernels, embeddings, variants; call 2: build (nothing
-# to do on the warm machine), sass, memcheck, racecheck, example, probe, loss, profile. STEPS
-# (names, in any order) picks steps by hand; they always run in this file's order. A step gets at
-# most what is left of BUDGET, so the steps that do not fit are skipped, last first. The build
-# takes about half a minute on a fresh machine (49 s on 2 CPU cores against torch 2.11.0+cu130,
-# the GPU machine's torch, 2026-11-28); the other steps' times are estimates until the first GPU
-# run.
+# Call 1: build, smoke, smoke_wgmma, tests, tests_wgmma, kernels, variants, embeddings; call 2:
+# build (nothing to do on the warm machine), memcheck, racecheck, loss, example, sass, probe,
+# profile. STEPS (names, in any order) picks steps by hand; they always run in this file's order.
+# A step gets at most what is left of BUDGET, so the steps that do not fit are skipped, last
+# first; summary.md and logs.tar.gz are rewritten after every step. The build takes about half a
+# minute on a fresh machine (49 s on 2 CPU cores against torch 2.11.0+cu130, the GPU machine's
+# torch, 2026-11-28); the other steps' times are estimates until the first GPU run.
 #
-# The tests step runs the tests that touch CUDA (test_cuda*.py and every [cuda] parameter); CI
-# runs the rest on the CPU; when a fused test fails, the api_access step rebuilds with WMMA's own
-# operand loads and reruns the fused tests (see below). Every step has its own time limit, so
-# that one hang cannot eat the budget; the summary says which steps passed, failed, timed out
-# (exit 124) or were skipped for want of time. The fused kernels' wgmma path, never run on a GPU
-# before, is tried first in a step of its own (smoke_wgmma); if it faults or hangs there, the
-# steps after it leave it out (see below). WGMMA=ok|failed|off hands that step's outcome from
+# The tests step runs the tests that touch CUDA (test_cuda*.py and every [cuda] parameter; the
+# wgmma path's in tests_wgmma); CI runs the rest on the CPU; when a fused test fails, the
+# api_access step rebuilds with WMMA's own operand loads and reruns the fused tests (see below).
+# Every step has its own time limit, so that one hang cannot eat the budget; the summary says
+# which steps passed, failed, timed out or were skipped for want of time. A step of several
+# benchmark commands runs them all even when one fails. The fused kernels' wgmma path, never run
+# on a GPU before, is tried first in a step of its own (smoke_wgmma); if it faults or hangs there,
+# the steps after it leave it out (see below). WGMMA=ok|failed|off hands that step's outcome from
 # call 1 to call 2, which then does not try it again.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -45,18 +46,36 @@ export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
 CALL=${1:-all}
 case $CALL in
-  1) STEPS=${STEPS:-"build smoke tests kernels embeddings variants"}
+  1) STEPS=${STEPS:-"build smoke tests kernels variants embeddings"}
      BUDGET=${BUDGET:-510} ;;
-  2) STEPS=${STEPS:-"build memcheck racecheck sass example probe loss profile"}
+  2) STEPS=${STEPS:-"build memcheck racecheck loss example sass probe profile"}
      BUDGET=${2:-${BUDGET:-300}} ;;
-  all) STEPS=${STEPS:-"build sass smoke memcheck racecheck tests kernels embeddings variants \
-example probe loss profile"}
+  all) STEPS=${STEPS:-"build smoke memcheck racecheck tests kernels variants embeddings loss \
+example sass probe profile"}
        BUDGET=${BUDGET:-570} ;;  # run it with the device tool's timeout_s=600
   *) echo "usage: $0 [1 | 2 [BUDGET] | all]" >&2; exit 2 ;;
 esac
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "error: BUDGET must be whole seconds, not '$BUDGET'" >&2; exit 2; }
 echo "gpu_check: call $CALL, steps: $STEPS; budget $BUDGET s"
 status=()
+
+# report: the tables and the summary into $OUT/summary.md, the logs into $OUT/logs.tar.gz; after
+# every step, so that what was measured comes back even if the device tool ends the call.
+report() {
+  {
+  for table in kernels variants embeddings loss example probe profile; do
+    [[ -s $LOGS/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$LOGS/$table.md"; }
+  done
+  echo
+  echo "== summary (call $CALL; wgmma path: ${WGMMA:-unknown}) =="
+  printf '%-15s %-16s %-7s %s\n' step result time log
+  local s a b c d
+  for s in "${status[@]}"; do
+    IFS='|' read -r a b c d <<<"$s"; printf '%-15s %-16s %-7s %s\n' "$a" "$b" "$c" "$d"
+  done
+  } >"$OUT/summary.md"
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" --exclude mma_probe .
+}
 
 selected() {  # selected NAME...: whether any of these steps is in STEPS
   local name
@@ -79,13 +98,36 @@ run_step() {  # run_step NAME SECONDS LOG COMMAND...: run, keep the log, note th
   fi
   (( limit > left - 5 )) && limit=$((left - 5))
   local start=$SECONDS rc=0
-  timeout "$limit" "$@" >"$LOGS/$log" 2>&1 || rc=$?
+  # Through bash, so that a command may be one of the functions exported below; -k: a step that
+  # ignores the TERM at its limit is killed 10 s later.
+  timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" >"$LOGS/$log" 2>&1 || rc=$?
   local result=ok
-  (( rc == 124 )) && result="TIMEOUT(${limit}s)"
-  (( rc != 0 && rc != 124 )) && result="FAILED($rc)"
+  (( rc == 124 || rc == 137 )) && result="TIMEOUT(${limit}s)"
+  (( rc != 0 && rc != 124 && rc != 137 )) && result="FAILED($rc)"
   status+=("$name|$result|$((SECONDS - start)) s|$log")
   echo "== $name: $result in $((SECONDS - start)) s"; tail -3 "$LOGS/$log"
+  report
 }
+# every COMMAND...: run each (a string for bash), all of them even when one fails; fails if any
+# did, so that one case's failure does not cost the other cases their figures.
+every() {
+  local command rc=0
+  for command in "$@"; do bash -c "$command" || rc=1; done
+  return $rc
+}
+# The sanitizers see every allocation only without torch's caching allocator (which would hide an
+# overrun that stays inside one of its pooled blocks).
+sanitize() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 1 "$@"; }
+# The tests that touch CUDA (test_cuda*.py and every [cuda] parameter; CI runs the rest on the
+# CPU). A test still running after FASTAP_TEST_TIMEOUT seconds ends the run with every thread's
+# stack, which names it (tests/conftest.py; --capture=sys lets that reach the log).
+pytest_cuda() {
+  FASTAP_TEST_TIMEOUT=90 $PY -m pytest -q -rf --maxfail=25 --capture=sys -p no:cacheprovider \
+    tests --ignore tests/test_cuda_emulation.py "$@"
+}
+export -f every sanitize pytest_cuda
+export PY
+trap 'report; exit 143' TERM INT
 
 # The wgmma path (FASTAP_WGMMA=1 on the sm_90a build) alone, once, before any step that would run
 # it: WGMMA becomes ok, failed (an error or a fault: memcheck_wgmma then names it) or off (a hang,
@@ -123,10 +165,6 @@ $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cu
   tee -a "$LOGS/gpu.txt"
 step build 240 build.log env FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0a MAX_JOBS=16 \
   $PY setup.py build_ext --inplace
-# sass: the score-matrix kernels' instructions per candidate in the extension just built (the
-# figures CI takes from its own compile, here from this machine's build).
-step sass 30 sass.log bash -c "for f in fastap/_C*.so; do cuobjdump -sass \"\$f\"; done \
-  >\"$LOGS/sass.txt\" && $PY .ci/sass_report.py \"$LOGS/sass.txt\""
 # smoke: the small passes of every kernel, alone. A kernel that faults poisons the CUDA context of
 # every test after it, so when this fails memcheck runs at once (it names the kernel and the
 # address), before the tests.
@@ -134,25 +172,26 @@ step smoke 90 smoke.log $PY benchmarks/sanitizer_case.py --wgmma without
 # (On a hang, memcheck would only hang too; the log ends with the stacks of the pass it hung in.)
 [[ ${status[-1]:-} != smoke\|FAILED* ]] || STEPS="$STEPS memcheck"
 if selected smoke memcheck tests profile embeddings racecheck; then wgmma_check; fi
-[[ $WGMMA != failed ]] || STEPS="$STEPS memcheck_wgmma"
-step memcheck 120 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 \
+# memcheck_wgmma names the fault of a smoke_wgmma that failed in this call (not again in call 2,
+# which is handed WGMMA=failed).
+[[ $WGMMA != failed || ${status[*]} != *smoke_wgmma* ]] || STEPS="$STEPS memcheck_wgmma"
+step memcheck 120 memcheck.log sanitize --tool memcheck \
   $PY benchmarks/sanitizer_case.py --wgmma "$(wgmma_runs)"
-step memcheck_wgmma 90 memcheck_wgmma.log compute-sanitizer --tool memcheck --error-exitcode 1 \
+step memcheck_wgmma 90 memcheck_wgmma.log sanitize --tool memcheck \
   $PY benchmarks/sanitizer_case.py --wgmma only
-step racecheck 120 racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 \
+step racecheck 120 racecheck.log sanitize --tool racecheck \
   $PY benchmarks/sanitizer_case.py --wgmma "$(wgmma_runs)"
-# A test still running after FASTAP_TEST_TIMEOUT seconds ends the run with every thread's stack,
-# which names it (tests/conftest.py; --capture=sys lets that reach the log).
-cuda_tests=cuda
-[[ $WGMMA == ok ]] || cuda_tests="cuda and not wgmma"
-step tests 240 tests.log env FASTAP_TEST_TIMEOUT=90 $PY -m pytest -q -rf --maxfail=25 \
-  --capture=sys -p no:cacheprovider tests -k "$cuda_tests" --ignore tests/test_cuda_emulation.py
+# tests: every test that touches CUDA; the wgmma path's in a process of their own after the
+# others (tests_wgmma), so that a fault there cannot fail the rest.
+step tests 240 tests.log pytest_cuda -k "cuda and not wgmma"
+if selected tests && [[ $WGMMA == ok ]]; then STEPS="$STEPS tests_wgmma"; fi
+step tests_wgmma 90 tests_wgmma.log pytest_cuda -k "cuda and wgmma"
 # api_access: only when a fused test failed. The fused kernels load their bf16 and TF32 operands
 # with a PTX spelling of WMMA's loads (csrc/cuda/embedding_kernels.cuh, load_operand), the one
 # part of them that the CPU emulation cannot run; this rebuilds with the API's own loads and
 # reruns the fused tests, so that one call tells whether that spelling is at fault. The steps
 # after it then measure the rebuilt extension (the summary says so).
-if grep '^FAILED tests/test_cuda_embeddings' "$LOGS/tests.log" 2>/dev/null | grep -qv wgmma; then
+if grep -q '^FAILED tests/test_cuda_embeddings' "$LOGS/tests.log" 2>/dev/null; then
   STEPS="$STEPS api_access"
 fi
 step api_access 200 api_access.log bash -c "FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_ACCESS \
@@ -160,34 +199,47 @@ step api_access 200 api_access.log bash -c "FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_
   { grep -rqs -- -DFASTAP_WMMA_API_ACCESS build || { echo 'rebuilt without the flag'; exit 1; }; } \
   && FASTAP_TEST_TIMEOUT=90 $PY -m pytest -q -rf --capture=sys -p no:cacheprovider \
   tests/test_cuda_embeddings.py -k 'not wgmma'"
-# Q = 10 / 20 / 50 and both dtypes at 8192^2 (the targets); the other shapes at Q = 20.
-step kernels 150 kernels.md bash -c "$PY benchmarks/bench_kernels.py --device cuda --repeats 20 \
-  --shapes 8192x8192 --num-bins 10 20 50 --dtypes float32 bfloat16 --reference-max 67108864 && \
-  $PY benchmarks/bench_kernels.py --device cuda --repeats 20 --reference-max 0 \
-  --shapes 1024x1024 32768x32768 256x1000000 --num-bins 20 --dtypes float32 bfloat16 && \
-  $PY benchmarks/bench_kernels.py --device cuda --repeats 20 --reference-max 0 \
-  --shapes 8192x8192 --num-bins 20 --dtypes float32 bfloat16 --relevance dense"
-fused_cases="matrix blockwise fused fused_wgmma floor"
-[[ $WGMMA == ok ]] || fused_cases="matrix blockwise fused floor"
-step embeddings 200 embeddings.md bash -c "$PY benchmarks/bench_embeddings.py --device cuda \
-  --dtype bfloat16 --dim 256 --sizes 16384 65536 --cases $fused_cases --repeats 5 \
-  --json $OUT/embeddings_d256.json && \
-  $PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --sizes 262144 \
-  --cases blockwise fused --repeats 3 --json $OUT/embeddings_d128.json"
-step variants 90 variants.md bash -c "$PY benchmarks/bench_variants.py --device cuda --n 8192 \
-  --repeats 20 && $PY benchmarks/bench_ap_formula.py --device cuda --rows 8192 65536"
-
+# kernels: Q = 10 / 20 / 50 and both dtypes at 8192^2 (the targets); N = M = 1024 ... 32768 and
+# 256 x 1,000,000 at Q = 20, with the reference (fp32) tried up to 32768^2, where it runs out of
+# memory; dense relevance at 8192^2. Each command adds its rows to kernels.json, and runs even if
+# one before it failed.
+kernels="$PY benchmarks/bench_kernels.py --device cuda --repeats 20 --json $OUT/kernels.json"
+step kernels 150 kernels.md every \
+  "$kernels --shapes 8192x8192 --num-bins 10 20 50 --dtypes float32 bfloat16" \
+  "$kernels --shapes 1024x1024 4096x4096 16384x16384 32768x32768 256x1000000 --num-bins 20 \
+    --dtypes float32 bfloat16 --reference-max 1073741824" \
+  "$kernels --shapes 8192x8192 --num-bins 20 --dtypes float32 bfloat16 --relevance dense \
+    --reference-max 0"
+step variants 90 variants.md every \
+  "$PY benchmarks/bench_variants.py --device cuda --n 8192 --repeats 20" \
+  "$PY benchmarks/bench_ap_formula.py --device cuda --rows 8192 65536"
+# embeddings: the fused kernels against the score-matrix path, blockwise, the four products'
+# floor and the peers (who run out of memory on the way) at D = 256, then the 262144 target at
+# D = 128; wgmma last in each row. Each row is in the JSON as soon as it is measured.
+fused_cases="matrix blockwise fused floor reference pml fused_wgmma"
+[[ $WGMMA == ok ]] || fused_cases="matrix blockwise fused floor reference pml"
+step embeddings 240 embeddings.md every \
+  "$PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 256 --timeout 90 \
+    --sizes 16384 32768 65536 --cases $fused_cases --repeats 5 --json $OUT/embeddings_d256.json" \
+  "$PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --timeout 90 \
+    --sizes 262144 --cases fused blockwise --repeats 3 --json $OUT/embeddings_d128.json"
+# loss: fastap against the reference and pytorch-metric-learning's FastAPLoss (carried wheel),
+# tried at every N, so that where each runs out of memory is measured.
+step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
+  --sizes 1024 8192 16384 32768 --reference-max 32768 --repeats 20 --reference-repeats 3 \
+  --timeout 90 --json "$OUT/loss.json"
 # example: the reference training example end to end on the GPU, 5 epochs of each fastap loss
 # (APLoss, its tie-aware variant, cross-batch memory; multi-stage backward), its report last.
 step example 90 example.md $PY examples/train.py --device cuda --epochs 5 \
   --loss fastap,tie_aware,fastap_xbm --out "$(mktemp -d /tmp/gpu_check_train.XXXXXX)"
+# sass: the score-matrix kernels' instructions per candidate in the extension just built (the
+# figures CI takes from its own compile, here from this machine's build).
+step sass 30 sass.log bash -c "for f in fastap/_C*.so; do cuobjdump -sass \"\$f\"; done \
+  >\"$LOGS/sass.txt\" && $PY .ci/sass_report.py \"$LOGS/sass.txt\""
 # probe: the matrix paths on the fused kernels' tile shapes (benchmarks/mma_probe.cu): WMMA
 # against wgmma, each checked exactly and timed, against the shared-memory count of design.md §5.
 step probe 60 probe.md bash -c "nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a \
   benchmarks/mma_probe.cu -o $LOGS/mma_probe && $LOGS/mma_probe"
-step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
-  --sizes 8192 32768 --reference-max 8192 --repeats 20 --reference-repeats 5 \
-  --json "$OUT/loss.json"
 # profile: Nsight Compute over the four fast kernels of the 8192^2 case (forward and backward,
 # fp32 then bf16), then the three fused kernels at 16384^2, D = 256, bf16
 # (benchmarks/profile_case.py), then those on wgmma: which of issue, shared/L1 and DRAM binds,
@@ -213,15 +265,5 @@ step profile 240 profile.log bash -c "ncu --clock-control none --print-kernel-ba
   $LOGS/profile_wgmma.csv --candidates 268435456 --title 'the same on wgmma (FASTAP_WGMMA=1)' \
   | tee -a $LOGS/profile.md")"
 
-{
-for table in kernels probe profile loss variants embeddings example; do
-  [[ -s $LOGS/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$LOGS/$table.md"; }
-done
-echo
-echo "== summary (call $CALL; wgmma path: $WGMMA) =="
-printf '%-15s %-16s %-7s %s\n' step result time log
-for s in "${status[@]}"; do
-  IFS='|' read -r a b c d <<<"$s"; printf '%-15s %-16s %-7s %s\n' "$a" "$b" "$c" "$d"
-done
-} | tee "$OUT/summary.md"
-tar -czf "$OUT/logs.tar.gz" -C "$LOGS" --exclude mma_probe .
+report
+cat "$OUT/summary.md"

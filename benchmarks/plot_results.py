@@ -1,5 +1,6 @@
-"""Plot a benchmark JSON (from bench_ap_loss.py --json or bench_embeddings.py --json) as time
-and peak memory against N; a case that ran out of memory is a dotted vertical line at that N.
+"""Plot a benchmark JSON (from bench_ap_loss.py, bench_embeddings.py or bench_kernels.py --json)
+as time and peak memory against N; a case that ran out of memory is a dotted vertical line at the
+first N where it did. Of bench_kernels.py's rows, the square ones with labels at Q = 20.
 
 python benchmarks/plot_results.py benchmarks/results/cpu_q20_fp32.json docs/images/bench_cpu.png
 """
@@ -27,8 +28,36 @@ SERIES = {
         ("fused", "from embeddings, fused kernel", "C0", "-"),
         ("fused_wgmma", "fused, on wgmma", "C4", "-."),
         ("floor", "4 matmuls (floor)", "k", ":"),
+        ("reference", "reference (score matrix, N x Q x N)", "C1", "--"),
+        ("pml", "PML FastAPLoss", "C3", "--"),
+    ],
+    "kernels": [
+        ("float32", "fastap.ap_loss, fp32 (device time)", "C0", "-"),
+        ("float32_eager", "fastap.ap_loss, fp32 (one eager call)", "C0", ":"),
+        ("bfloat16", "fastap.ap_loss, bf16 (device time)", "C2", "-"),
+        ("reference", "reference.ap_loss, fp32 (N x Q x M)", "C1", "-"),
+        ("floor", "floor: read S twice, write dS (fp32), at copy bandwidth", "k", ":"),
+        ("dS", "memory of dS (fp32)", "k", ":"),
     ],
 }
+
+
+def kernel_rows(data: dict) -> list[dict]:
+    """bench_kernels.py's square, labels, Q = 20 rows as one row per N with a result per series."""
+    by_n: dict[int, dict] = {}
+    for r in data["rows"]:
+        if r["n"] != r["m"] or r["relevance"] != "labels" or r["num_bins"] != 20:
+            continue
+        row = by_n.setdefault(r["n"], {"n": r["n"]})
+        row[r["dtype"]] = {"ms": r["loss_device"], "peak_bytes": r["peak_bytes"]}
+        if r["dtype"] == "float32":
+            row["float32_eager"] = {"ms": r["loss"]}
+            row["floor"] = {"ms": r["floor_bytes"] / data["env"]["copy_gb_s"] / 1e6}
+            row["dS"] = {"peak_bytes": r["n"] * r["m"] * 4}
+            ref = r["reference"]
+            if ref is not None:
+                row["reference"] = {"ms": ref} if ref != "out of memory" else {"error": ref}
+    return [by_n[n] for n in sorted(by_n)]
 
 
 def main(path: str, out: str) -> None:
@@ -37,17 +66,25 @@ def main(path: str, out: str) -> None:
     env, rows = data["env"], data["rows"]
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
     kind = data.get("kind", "scores")
+    if kind == "kernels":
+        rows = kernel_rows(data)
     for key, label, color, style in SERIES[kind]:
-        for r in rows:
-            if "out of memory" in r.get(key, {}).get("error", ""):
-                ax_time.axvline(r["n"], color=color, linestyle=":", label=f"{label}: out of memory")
-        points = [(r["n"], r[key]) for r in rows if key in r and "ms" in r[key]]
-        if not points:
-            continue
-        ns = [n for n, _ in points]
-        ax_time.plot(ns, [m["ms"] for _, m in points], style, color=color, marker="o", label=label)
-        mem = [(n, m["peak_bytes"] / 2**20) for n, m in points if "peak_bytes" in m]
-        ax_mem.plot([n for n, _ in mem], [v for _, v in mem], style, color=color, marker="o")
+        out_of_memory = [r["n"] for r in rows if "out of memory" in r.get(key, {}).get("error", "")]
+        if out_of_memory:  # the first N at which it ran out
+            ax_time.axvline(
+                min(out_of_memory), color=color, linestyle=":", label=f"{label}: out of memory"
+            )
+        times = [(r["n"], r[key]["ms"]) for r in rows if "ms" in r.get(key, {})]
+        if times:
+            ax_time.plot(*zip(*times), style, color=color, marker="o", label=label)
+        memory = [
+            (r["n"], r[key]["peak_bytes"] / 2**20)
+            for r in rows
+            if r.get(key, {}).get("peak_bytes") is not None
+        ]
+        if memory:  # labelled here when the time plot has no line of it
+            ax_mem.plot(*zip(*memory), style, color=color, marker="o",
+                        label=None if times else label)  # fmt: skip
     for ax, ylabel in ((ax_time, "forward + backward (ms)"), (ax_mem, "peak extra memory (MB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -55,11 +92,16 @@ def main(path: str, out: str) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_time.legend(fontsize=8)
+    if ax_mem.get_legend_handles_labels()[0]:
+        ax_mem.legend(fontsize=8)
     args = data["args"]
-    dim = f", D = {args['dim']}" if "dim" in args else ""
+    if kind == "kernels":
+        what = "score-matrix op (fastap.ap_loss), labels, Q = 20"
+    else:
+        dim = f", D = {args['dim']}" if "dim" in args else ""
+        what = f"AP loss, {args['dtype']}, Q = {args['num_bins']}{dim}"
     fig.suptitle(
-        f"AP loss, {args['dtype']}, Q = {args['num_bins']}{dim}: {env['device']}, "
-        f"torch {env['torch']}, commit {env['commit']}, {env['date']}",
+        f"{what}: {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}",
         fontsize=9,
     )
     fig.tight_layout()

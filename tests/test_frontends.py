@@ -74,12 +74,12 @@ def test_fastap_equals_ap_q_on_negated_squared_distances():
 
 @pytest.mark.parametrize("num_bins", [5, 10, 30])
 @pytest.mark.parametrize("with_miner", [False, True])
-def test_fastap_parity_with_pytorch_metric_learning(num_bins, with_miner):
+def test_fastap_parity_with_pytorch_metric_learning(num_bins, with_miner, device):
     pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
     pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
     g = torch.Generator().manual_seed(num_bins)
-    embeddings = torch.randn(96, 16, generator=g)
-    labels = torch.randint(0, 12, (96,), generator=g)
+    embeddings = torch.randn(96, 16, generator=g).to(device)
+    labels = torch.randint(0, 12, (96,), generator=g).to(device)
     indices_tuple = None
     if with_miner:
         indices_tuple = pml_miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")(

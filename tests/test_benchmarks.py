@@ -1,0 +1,106 @@
+"""The benchmark scripts that benchmarks/gpu_check.sh runs on the GPU machine, run here on the CPU
+at toy sizes: a Python error in one of them then fails CI instead of costing the GPU session a
+step. The figures themselves are not checked (the CPU's are in benchmarks/RESULTS.md), only that
+the scripts run, write the rows they promise, and that plot_results.py draws them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)])}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=BENCHMARKS,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The cells of a markdown table's body rows."""
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in output.splitlines()
+        if line.startswith("| ") and not line.startswith("|---")
+    ][1:]
+
+
+def plot(path: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    image = tmp_path / "plot.png"
+    run("plot_results.py", str(path), str(image))
+    assert image.stat().st_size > 10_000
+
+
+def test_bench_kernels_appends_its_rows_and_plots(tmp_path):
+    results = tmp_path / "kernels.json"
+    common = ("--repeats", "2", "--json", str(results))
+    run("bench_kernels.py", "--shapes", "40x48", "64x64", "--dtypes", "float32", "bfloat16",
+        *common)  # fmt: skip
+    out = run("bench_kernels.py", "--shapes", "32x64", "--relevance", "dense",
+              "--reference-max", "0", *common)  # fmt: skip
+    assert len(table_rows(out)) == 1
+    rows = json.loads(results.read_text())["rows"]
+    assert [(r["n"], r["m"], r["dtype"], r["relevance"]) for r in rows] == [
+        (40, 48, "float32", "labels"),
+        (40, 48, "bfloat16", "labels"),
+        (64, 64, "float32", "labels"),
+        (64, 64, "bfloat16", "labels"),
+        (32, 64, "float32", "dense"),
+    ]
+    for r in rows:
+        assert min(r["fwd"], r["bwd"], r["loss"], r["loss_device"]) > 0
+        element = 4 if r["dtype"] == "float32" else 2
+        dense = 2 if r["relevance"] == "dense" else 0
+        assert r["floor_bytes"] == r["n"] * r["m"] * (3 * element + dense)
+        assert r["peak_bytes"] is None  # measured on CUDA only
+    # The reference in fp32 within --reference-max, never in bf16, not at all with 0.
+    assert [r["reference"] is not None for r in rows] == [True, False, True, False, False]
+    plot(results, tmp_path)
+
+
+def test_bench_embeddings_runs_its_cases_and_the_peers(tmp_path):
+    results = tmp_path / "embeddings.json"
+    cases = ["matrix", "reference"]
+    out = run("bench_embeddings.py", "--sizes", "48", "80", "--dim", "12", "--repeats", "2",
+              "--peer-max", "48", "--cases", *cases, "--json", str(results))  # fmt: skip
+    assert [row[0] for row in table_rows(out)] == ["48", "80"]
+    rows = json.loads(results.read_text())["rows"]
+    assert set(rows[0]) == {"n", *cases}
+    assert set(rows[1]) == {"n", "matrix"}  # the reference: not run above --peer-max
+    assert "not run (--peer-max)" in out
+    for row in rows:
+        for case in set(row) - {"n"}:
+            assert row[case]["ms"] > 0 and row[case]["peak_bytes"] >= 0, row[case]
+    plot(results, tmp_path)
+
+
+def test_bench_ap_loss_measures_fastap(tmp_path):
+    results = tmp_path / "loss.json"
+    run("bench_ap_loss.py", "--sizes", "48", "--reference-max", "0", "--repeats", "2",
+        "--json", str(results))  # fmt: skip
+    (row,) = json.loads(results.read_text())["rows"]
+    assert row["fastap"]["ms"] > 0 and row["fastap"]["peak_bytes"] >= 0, row["fastap"]
+    assert row["reference"] == {"error": "skipped (--reference-max)"}
+    plot(results, tmp_path)
+
+
+def test_bench_variants_and_ap_formula_run():
+    out = run("bench_variants.py", "--n", "64", "--dim", "8", "--repeats", "2")
+    assert len(table_rows(out)) >= 4
+    out = run("bench_ap_formula.py", "--rows", "16", "40", "--repeats", "2")
+    assert len(table_rows(out)) >= 2
