@@ -43,6 +43,7 @@ from fastap.ops import (
     HAS_FUSED_EMBEDDING_KERNELS,
     EmbeddingHistogram,
     dense_histogram_grads,
+    differentiable_once,
 )
 
 BACKENDS = ("auto", "fused", "blockwise")
@@ -86,6 +87,7 @@ class _BlockedSoftHistogram(torch.autograd.Function):
         return n, p, positives
 
     @staticmethod
+    @differentiable_once
     def backward(ctx, grad_n, grad_p, _grad_positives):
         queries, database, labels, ref_labels = ctx.saved_tensors
         grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)

@@ -5,6 +5,8 @@ autograd Function over the soft-histogram op.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -96,6 +98,50 @@ if _LOAD_ERROR is None:
         )
 
 
+DOUBLE_BACKWARD_MESSAGE = (
+    "fastap: the gradient of the AP loss is not differentiable: a backward through it (after "
+    "create_graph=True, as in a gradient penalty) is not supported"
+)
+
+
+class _RaisesWhenDifferentiated(torch.autograd.Function):
+    """Passes gradients through (as copies); a backward through them raises."""
+
+    @staticmethod
+    def forward(ctx, _anchor, *grads):
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+def differentiable_once(backward):
+    """Wraps the backward of fastap's autograd Functions. Their backward ops have no derivative of
+    their own, so the gradients are computed without recording them; under create_graph they
+    come back wired to raise when differentiated, rather than as constants whose own gradient
+    would silently be zero."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        anchors = [
+            t
+            for t in (*ctx.saved_tensors, *grads)
+            if isinstance(t, torch.Tensor) and t.requires_grad
+        ]
+        present = [g for g in outputs if g is not None]
+        if not anchors or not present:
+            return outputs
+        wired = iter(_RaisesWhenDifferentiated.apply(anchors[0], *present))
+        return tuple(None if g is None else next(wired) for g in outputs)
+
+    return wrapper
+
+
 def dense_histogram_grads(grad_n, grad_p):
     """The incoming gradients of (n, p) as tensors (autograd passes None for an unused output)."""
     if grad_n is None:
@@ -127,6 +173,7 @@ class SoftHistogram(torch.autograd.Function):
         return n, p, positives
 
     @staticmethod
+    @differentiable_once
     def backward(ctx, grad_n, grad_p, _grad_positives):
         scores, relevance, labels, ref_labels, ignore = ctx.saved_tensors
         grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
@@ -187,6 +234,7 @@ class EmbeddingHistogram(torch.autograd.Function):
         return n, p, positives
 
     @staticmethod
+    @differentiable_once
     def backward(ctx, grad_n, grad_p, _grad_positives):
         queries, database, labels, ref_labels = ctx.saved_tensors
         grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
@@ -213,6 +261,7 @@ class ApFromHistograms(torch.autograd.Function):
         return torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
 
     @staticmethod
+    @differentiable_once
     def backward(ctx, grad_ap):
         n, p, positives = ctx.saved_tensors
         grad_n, grad_p = torch.ops.fastap.ap_from_histograms_backward(

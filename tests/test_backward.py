@@ -155,3 +155,36 @@ def test_self_offset_matches_reference(device):
         torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
         own = torch.arange(9)
         assert results[0][1][own, own + offset].eq(0).all()
+
+
+def _double_backward_cases(device):
+    """(name, input, loss of it) for each autograd path: the score-matrix op (AP_Q and a
+    variant), and the loss from embeddings through the score matrix, blockwise and (on CUDA)
+    the fused kernels."""
+    g = torch.Generator().manual_seed(3)
+    scores = (1.8 * torch.rand(6, 9, generator=g, dtype=torch.float64) - 0.9).to(device)
+    relevance = (torch.rand(6, 9, generator=g) < 0.4).to(device)
+    embeddings = torch.randn(12, 5, generator=g).to(device)
+    labels = torch.randint(0, 3, (12,), generator=g).to(device)
+    backends = ["blockwise"] + (["fused"] if device.type == "cuda" else [])
+    yield "ap_loss", scores, lambda s: fastap.ap_loss(s, relevance)
+    yield "tie_aware", scores, lambda s: fastap.ap_loss(s, relevance, variant="tie_aware")
+    yield "APLoss", embeddings, lambda e: fastap.APLoss()(e, labels)
+    for backend in backends:
+        yield backend, embeddings, lambda e, b=backend: fastap.ap_loss_from_embeddings(
+            e, labels=labels, backend=b
+        )
+
+
+def test_double_backward_raises(device):
+    # The backward ops have no derivative: differentiating the gradient must raise, never give a
+    # silent zero (the reference's would be non-zero); first-order gradients under create_graph
+    # stay what they are without it.
+    for name, x, loss_fn in _double_backward_cases(device):
+        x = x.detach().requires_grad_()
+        (plain,) = torch.autograd.grad(loss_fn(x), x)
+        (grad,) = torch.autograd.grad(loss_fn(x), x, create_graph=True)
+        assert torch.equal(grad, plain), name
+        assert grad.requires_grad, name
+        with pytest.raises(RuntimeError, match="gradient of the AP loss is not differentiable"):
+            ((grad**2).sum() + x.sum()).backward()
