@@ -14,6 +14,8 @@ They live here because ``fastap.APLoss`` is the pytorch-metric-learning-style mo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastap._validation import check_query_weights
@@ -27,6 +29,20 @@ class APLoss(torch.nn.Module):
 
     def __init__(self, nq: int = 25, min: float = 0, max: float = 1):
         super().__init__()
+        if isinstance(nq, bool) or not isinstance(nq, int):
+            raise TypeError(f"fastap.compat: nq (the number of bins) must be an int, got {nq!r}")
+        if nq < 2:
+            raise ValueError(f"fastap.compat: nq (the number of bins) must be at least 2, got {nq}")
+        try:
+            lo, hi = float(min), float(max)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"fastap.compat: min and max must be numbers, got min={min!r}, max={max!r}"
+            ) from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(
+                f"fastap.compat: min and max must be finite with min < max, got {min} and {max}"
+            )
         self.nq = nq
         self.min = min
         self.max = max
@@ -39,6 +55,12 @@ class APLoss(torch.nn.Module):
             raise ValueError(f"fastap.compat: ret must be '1-mAP' or 'AP', got {ret!r}")
         if ret == "AP" and qw is not None:
             raise ValueError("fastap.compat: qw (query weights) only applies to ret='1-mAP'")
+        if isinstance(x, torch.Tensor) and isinstance(label, torch.Tensor):
+            if x.dim() != 2 or label.shape != x.shape:
+                raise ValueError(
+                    "fastap.compat: x must be an N x M score matrix and label its N x M relevance, "
+                    f"got x {list(x.shape)} and label {list(label.shape)}"
+                )
         ap, has_positive = average_precision_and_validity(
             x,
             label,

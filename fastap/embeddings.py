@@ -266,11 +266,12 @@ def histograms_from_embeddings(
     else:
         _check_embedding_matrix(database, "database")
         exclude_self = bool(exclude_self)
-        if database.shape[1] != queries.shape[1] or database.device != queries.device:
+        same = (database.shape[1], database.dtype, database.device)
+        if same != (queries.shape[1], queries.dtype, queries.device):
             raise ValueError(
-                "fastap: queries and database must have the same dimension and device, got "
-                f"{list(queries.shape)} on {queries.device} and {list(database.shape)} on "
-                f"{database.device}"
+                "fastap: queries and database must have the same dimension, dtype and device, got "
+                f"{list(queries.shape)} {queries.dtype} on {queries.device} and "
+                f"{list(database.shape)} {database.dtype} on {database.device}"
             )
     num_bins, lo, hi = check_bins(num_bins, score_range, queries.dtype)
     labels = check_labels(labels, "labels", queries.shape[0], "query", queries, "queries")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastap._validation import check_bins, check_variant
+from fastap._validation import check_bins, check_labels, check_variant
 from fastap.embeddings import histograms_from_embeddings
 from fastap.functional import (
     DEFAULT_NUM_BINS,
@@ -77,6 +77,8 @@ class _EmbeddingAPLoss(torch.nn.Module):
     ) -> torch.Tensor:
         owner = f"fastap.{type(self).__name__}"
         _check_embeddings(embeddings, "embeddings", owner)
+        check_labels(labels, "labels", embeddings.shape[0], "row of embeddings", embeddings,
+                     "embeddings")  # fmt: skip
         if ref_emb is None:
             if ref_labels is not None:
                 raise ValueError(f"{owner}: ref_labels was given without ref_emb")
@@ -90,6 +92,14 @@ class _EmbeddingAPLoss(torch.nn.Module):
                     f"{owner}: embeddings and ref_emb must have the same dimension, got "
                     f"{embeddings.shape[1]} and {ref_emb.shape[1]}"
                 )
+            if (ref_emb.dtype, ref_emb.device) != (embeddings.dtype, embeddings.device):
+                raise ValueError(
+                    f"{owner}: embeddings and ref_emb must have the same dtype and device, got "
+                    f"{embeddings.dtype} on {embeddings.device} and {ref_emb.dtype} on "
+                    f"{ref_emb.device}"
+                )
+            check_labels(ref_labels, "ref_labels", ref_emb.shape[0], "row of ref_emb", embeddings,
+                         "embeddings")  # fmt: skip
             database, database_labels = ref_emb, ref_labels
         weights = miner_weights(
             indices_tuple, embeddings.shape[0], ref_emb is not None, embeddings.device

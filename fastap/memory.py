@@ -68,17 +68,20 @@ class CrossBatchMemory(torch.nn.Module):
         )
         return self.embeddings[order], self.labels[order]
 
+    def _check_dimension(self, embeddings: torch.Tensor) -> None:
+        if embeddings.dim() != 2 or embeddings.shape[1:] != self.embeddings.shape[1:]:
+            raise ValueError(
+                f"fastap: embeddings must be 2-D with the dimension the memory holds "
+                f"({self.embeddings.shape[1]}), got shape {list(embeddings.shape)}"
+            )
+
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Add detached copies of a batch, dropping the oldest entries beyond ``size``."""
         if self.embeddings.numel() == 0:
             self.embeddings = embeddings.new_empty(self.size, embeddings.shape[1])
             self.labels = labels.new_empty(self.size, dtype=torch.long)
-        if embeddings.shape[1:] != self.embeddings.shape[1:]:
-            raise ValueError(
-                f"fastap: embeddings have dimension {embeddings.shape[1]}, the memory holds "
-                f"{self.embeddings.shape[1]}"
-            )
+        self._check_dimension(embeddings)
         embeddings, labels = embeddings[-self.size :], labels[-self.size :]
         slots = torch.arange(self.next, self.next + len(labels), device=labels.device) % self.size
         self.embeddings[slots.to(self.embeddings.device)] = embeddings.detach().to(self.embeddings)
@@ -91,6 +94,8 @@ class CrossBatchMemory(torch.nn.Module):
     ) -> torch.Tensor:
         """The loss of the batch against itself and the memory; then, with ``enqueue``, the
         batch joins the memory (pass ``enqueue=False`` to evaluate without changing it)."""
+        if self.embeddings.numel() > 0:
+            self._check_dimension(embeddings)
         stored, stored_labels = self.contents()
         stored = stored.to(embeddings)
         database = torch.cat([embeddings, stored])

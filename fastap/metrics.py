@@ -503,7 +503,7 @@ def retrieval_metrics(
             f"fastap: exclude_self must be a bool or None, got {type(exclude_self).__name__}"
         )
     m = database.shape[0]
-    if m == 0:
+    if m == 0 and n > 0:  # no queries: the metrics are NaN over 0 queries, as with a database
         raise ValueError("fastap: database must not be empty")
     if exclude_self and m != n:
         raise ValueError(

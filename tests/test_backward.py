@@ -171,8 +171,10 @@ def _double_backward_cases(device):
     yield "tie_aware", scores, lambda s: fastap.ap_loss(s, relevance, variant="tie_aware")
     yield "APLoss", embeddings, lambda e: fastap.APLoss()(e, labels)
     for backend in backends:
-        yield backend, embeddings, lambda e, b=backend: fastap.ap_loss_from_embeddings(
-            e, labels=labels, backend=b
+        yield (
+            backend,
+            embeddings,
+            lambda e, b=backend: fastap.ap_loss_from_embeddings(e, labels=labels, backend=b),
         )
 
 

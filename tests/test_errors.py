@@ -203,3 +203,34 @@ def test_ap_loss_module_errors():
         loss(e, labels, ref_labels=labels)
     with pytest.raises(ValueError, match="embeddings must be 2-D"):
         loss(torch.randn(6), labels)
+
+
+def test_front_end_errors_name_their_own_arguments():
+    compat = fastap.compat
+    with pytest.raises(ValueError, match=r"nq .* at least 2, got 1"):
+        compat.APLoss(nq=1)
+    with pytest.raises(TypeError, match=r"nq .* must be an int"):
+        compat.TAPLoss(nq=2.5)
+    with pytest.raises(ValueError, match="min < max, got 1 and 0"):
+        compat.APLoss(min=1, max=0)
+    with pytest.raises(ValueError, match="min < max"):
+        compat.APLoss(max=float("inf"))
+    with pytest.raises(TypeError, match="min and max must be numbers"):
+        compat.APLoss(min=None)
+    with pytest.raises(ValueError, match=r"got x \[5, 7\] and label \[3, 7\]"):
+        compat.APLoss()(torch.rand(5, 7), torch.rand(3, 7) > 0.5)
+    e, labels = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with pytest.raises(ValueError, match=r"labels must be 1-D with one label per row of embed"):
+        fastap.APLoss()(e, labels[:10])
+    with pytest.raises(ValueError, match="ref_labels must be 1-D with one label per row of ref"):
+        fastap.FastAPLoss()(e, labels, ref_emb=e[:5], ref_labels=labels)
+    with pytest.raises(
+        ValueError, match=r"same dtype and device, got torch.float32 on cpu and torch.float64"
+    ):
+        fastap.APLoss()(e, labels, ref_emb=e.double(), ref_labels=labels)
+    with pytest.raises(ValueError, match="same dimension, dtype and device"):
+        fastap.ap_loss_from_embeddings(e, e.double(), labels=labels, ref_labels=labels)
+    memory = fastap.memory.CrossBatchMemory(fastap.APLoss(), size=32)
+    memory(e, labels)
+    with pytest.raises(ValueError, match=r"dimension the memory holds \(8\), got shape \[16, 4\]"):
+        memory(e[:, :4], labels)

@@ -752,3 +752,14 @@ def test_revisited_map_errors():
         revisited_map(scores, HAND_GND, is_ranking=True)  # float, not a ranking
     with pytest.raises(ValueError, match="scores"):
         revisited_map(torch.tensor([[0, 1, 1], [2, 1, 0]]), HAND_GND, is_ranking=True)
+
+
+def test_retrieval_metrics_of_no_queries_are_nan_in_batch_and_against_a_database():
+    emb, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    for database in (None, emb):
+        ref = None if database is None else labels
+        res = retrieval_metrics(emb[:0], database, labels=labels[:0], ref_labels=ref, ks=(1,))
+        assert res["num_queries"] == 0
+        assert all(math.isnan(v) for k, v in res.items() if k != "num_queries"), res
+    with pytest.raises(ValueError, match="database must not be empty"):
+        retrieval_metrics(emb, emb[:0], labels=labels, ref_labels=labels[:0], ks=(1,))
