@@ -141,6 +141,17 @@ def extension():
     )
 
 
+def torch_requirement() -> str:
+    """The torch this build compiles fastap._C against, to its minor version: the compiled
+    extension loads only with the torch whose headers and ABI it was built with, so a wheel (or
+    an install from source) tells pip that, and a later torch upgrade says the extension needs a
+    rebuild instead of failing at import."""
+    major, minor = torch.__version__.split(".")[:2]
+    if (int(major), int(minor)) < (2, 5):
+        raise RuntimeError(f"fastap needs torch >= 2.5 to build against, found {torch.__version__}")
+    return f"torch=={major}.{minor}.*"
+
+
 setup(
     name="fastap",
     version="0.1.0",
@@ -153,7 +164,7 @@ setup(
     package_data={"fastap": ["py.typed"]},  # typed (PEP 561)
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.5", "numpy"],
+    install_requires=[torch_requirement(), "numpy"],
     # pytorch-metric-learning: the FastAPLoss parity tests; scikit-learn and matplotlib: the
     # training example test (each skipped where it is not installed)
     extras_require={
