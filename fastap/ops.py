@@ -6,6 +6,7 @@ autograd Function over the soft-histogram op.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -19,10 +20,20 @@ except ImportError as error:  # pragma: no cover - only without a build
 
 def _require_extension() -> None:
     if _LOAD_ERROR is not None:
+        package = os.path.dirname(os.path.abspath(__file__))
+        unbuilt_source_tree = os.path.exists(os.path.join(package, os.pardir, "setup.py")) and not [
+            name for name in os.listdir(package) if name.startswith("_C.")
+        ]
+        where = (
+            f" This fastap is the source tree at {package}, which has no built extension: build "
+            "it there, or run from another directory so that the installed fastap is imported."
+            if unbuilt_source_tree
+            else ""
+        )
         raise RuntimeError(
             "fastap: the compiled extension fastap._C is missing or failed to load "
             f"({_LOAD_ERROR}). Rebuild it with `pip install --no-build-isolation -e .` in the "
-            "fastap checkout, against the torch you run."
+            f"fastap checkout, against the torch you run.{where}"
         )
 
 

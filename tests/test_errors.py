@@ -234,3 +234,16 @@ def test_front_end_errors_name_their_own_arguments():
     memory(e, labels)
     with pytest.raises(ValueError, match=r"dimension the memory holds \(8\), got shape \[16, 4\]"):
         memory(e[:, :4], labels)
+
+
+def test_missing_extension_says_how_to_build_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(fastap.ops, "_LOAD_ERROR", ImportError("no module _C"))
+    scores, relevance = torch.rand(3, 4), torch.rand(3, 4) > 0.5
+    with pytest.raises(RuntimeError, match=r"fastap\._C is missing .*\(no module _C\)\. Rebuild"):
+        fastap.ap_loss(scores, relevance)
+    # A source tree without a build (say, an unpacked sdist one runs the tests in) says so.
+    (tmp_path / "setup.py").touch()
+    (tmp_path / "fastap").mkdir()
+    monkeypatch.setattr(fastap.ops, "__file__", str(tmp_path / "fastap" / "ops.py"))
+    with pytest.raises(RuntimeError, match=r"source tree at .* which has no built extension"):
+        fastap.ap_loss(scores, relevance)
