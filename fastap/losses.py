@@ -56,6 +56,10 @@ def _check_embeddings(t, name: str, owner: str) -> None:
         raise TypeError(f"{owner}: {name} must be floating point, got {t.dtype}")
 
 
+def _limit_repr(limit: int) -> str:
+    return "" if limit == 2**30 else f", score_matrix_limit={limit}"
+
+
 class _EmbeddingAPLoss(torch.nn.Module):
     """Shared call logic: embeddings -> cosine scores -> per-query AP -> PML-style reduction:
     the mean of w_i (1 - AP_i) over the queries that have a positive, w from indices_tuple."""
@@ -201,7 +205,8 @@ class APLoss(_EmbeddingAPLoss):
         self.score_matrix_limit = score_matrix_limit
 
     def extra_repr(self) -> str:
-        return f"num_bins={self.num_bins}, score_range={self.score_range}, variant={self.variant!r}"
+        text = f"num_bins={self.num_bins}, score_range={self.score_range}, variant={self.variant!r}"
+        return text + _limit_repr(self.score_matrix_limit)
 
 
 class FastAPLoss(_EmbeddingAPLoss):
@@ -231,4 +236,4 @@ class FastAPLoss(_EmbeddingAPLoss):
         self.variant = "ap_q"
 
     def extra_repr(self) -> str:
-        return f"num_bins={self.fast_ap_bins}"
+        return f"num_bins={self.fast_ap_bins}" + _limit_repr(self.score_matrix_limit)

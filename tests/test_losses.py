@@ -33,7 +33,10 @@ def test_reference_set():
     scores = F.normalize(queries, dim=1) @ F.normalize(database, dim=1).T
     expected = reference.ap_loss(scores, labels=labels, ref_labels=ref_labels)
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
-    assert "num_bins=20" in repr(fastap.APLoss())
+    assert repr(fastap.APLoss()) == "APLoss(num_bins=20, score_range=(-1.0, 1.0), variant='ap_q')"
+    assert repr(fastap.FastAPLoss(score_matrix_limit=5)) == (
+        "FastAPLoss(num_bins=10, score_matrix_limit=5)"
+    )
 
 
 def test_training_steps_raise_ap():
