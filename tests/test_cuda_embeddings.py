@@ -200,3 +200,45 @@ def test_fused_opcheck(dtype):
     torch.library.opcheck(
         torch.ops.fastap.embedding_histogram_backward.default, (grad_n, grad_p, *args)
     )
+
+
+FIRST_CALL_IN_CAPTURE = """
+import os
+import torch
+import torch.nn.functional as F
+import fastap
+
+g = torch.Generator().manual_seed(0)
+q = F.normalize(torch.randn(300, 64, generator=g), dim=1).to("cuda", torch.bfloat16)
+labels = torch.randint(0, 5, (300,), generator=g).cuda()
+args = (q, q, labels, labels, True, 0, 20, -1.0, 1.0)
+torch.ops.fastap.embedding_histogram(*args)  # loads the module; WMMA, no question asked yet
+os.environ["FASTAP_WGMMA"] = "1"
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # the process's first call that asks the image about wgmma
+    captured = torch.ops.fastap.embedding_histogram(*args)
+graph.replay()
+eager = torch.ops.fastap.embedding_histogram(*args)
+assert all(torch.equal(a, b) for a, b in zip(captured, eager))
+print("captured == eager; wgmma:", fastap.embeddings.fused_uses_wgmma(q))
+"""
+
+
+def test_first_wgmma_question_may_come_inside_graph_capture():
+    """Whether the loaded image has wgmma is asked once per process and device, with a copy from
+    the device: when that first call is being captured into a CUDA graph (torch.compile's
+    reduce-overhead mode), the copy must not break the capture."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "FASTAP_WGMMA"}
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_CALL_IN_CAPTURE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "captured == eager" in done.stdout

@@ -2,6 +2,7 @@
 // kernels are in embedding_kernels.cuh, the work split in launch_plan.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -40,7 +41,11 @@ __device__ int image_has_wgmma = 0;
 // only on request (FASTAP_WGMMA=1: the path has not been measured on a GPU yet), for bf16/fp16
 // with D <= kAccumulatorWidth, where the current device's kernel image was built for sm_90a
 // (FASTAP_CUDA_ARCH=9.0a); otherwise WMMA, as without the request. Asking the image costs one
-// synchronous copy, once per device and process.
+// copy, once per device and process (the caller holds a guard of `device`). That first call may
+// come while a CUDA graph is being captured (torch.compile's "reduce-overhead" mode), where a
+// synchronous copy on the legacy stream would break the capture: the copy goes on a stream of its
+// own, outside the capture, with this thread's capture mode relaxed for it, as torch's caching
+// allocator does for its cudaMalloc.
 bool use_wgmma(at::ScalarType dtype, int64_t depth, int device) {
 #ifndef FASTAP_BUILD_WGMMA
   return false;
@@ -53,8 +58,16 @@ bool use_wgmma(at::ScalarType dtype, int64_t depth, int device) {
   const std::lock_guard<std::mutex> lock(mutex);
   if (device < 0 || device >= 64) return false;
   if (known[device] == 0) {
+    const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
+    cudaStream_t probe = nullptr;
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&probe, cudaStreamNonBlocking));
     int value = 0;
-    C10_CUDA_CHECK(cudaMemcpyFromSymbol(&value, image_has_wgmma, sizeof(value)));
+    const cudaError_t copied = cudaMemcpyFromSymbolAsync(&value, image_has_wgmma, sizeof(value),
+                                                         0, cudaMemcpyDeviceToHost, probe);
+    const cudaError_t synced = cudaStreamSynchronize(probe);
+    C10_CUDA_CHECK(cudaStreamDestroy(probe));
+    C10_CUDA_CHECK(copied);
+    C10_CUDA_CHECK(synced);
     known[device] = value != 0 ? 2 : 1;
   }
   return known[device] == 2;
