@@ -214,13 +214,14 @@ step variants 90 variants.md every \
   "$PY benchmarks/bench_variants.py --device cuda --n 8192 --repeats 20" \
   "$PY benchmarks/bench_ap_formula.py --device cuda --rows 8192 65536"
 # embeddings: the fused kernels against the score-matrix path, blockwise, the four products'
-# floor and the peers (who run out of memory on the way) at D = 256, then the 262144 target at
-# D = 128; wgmma last in each row. Each row is in the JSON as soon as it is measured.
+# floor and the peers (who run out of memory at 65536, at their first allocation) at D = 256,
+# then the 262144 target at D = 128; wgmma last in each row. Each row is in the JSON once measured.
 fused_cases="matrix blockwise fused floor reference pml fused_wgmma"
 [[ $WGMMA == ok ]] || fused_cases="matrix blockwise fused floor reference pml"
 step embeddings 240 embeddings.md every \
   "$PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 256 --timeout 90 \
-    --sizes 16384 32768 65536 --cases $fused_cases --repeats 5 --json $OUT/embeddings_d256.json" \
+    --sizes 16384 65536 --peer-max 65536 --cases $fused_cases --repeats 5 \
+    --json $OUT/embeddings_d256.json" \
   "$PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --timeout 90 \
     --sizes 262144 --cases fused blockwise --repeats 3 --json $OUT/embeddings_d128.json"
 # loss: fastap against the reference and pytorch-metric-learning's FastAPLoss (carried wheel),
