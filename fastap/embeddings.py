@@ -255,8 +255,9 @@ def histograms_from_embeddings(
     queries [N, D] and database [M, D] (default: the queries; then exclude_self defaults to
     True); labels [N] and ref_labels [M] (default: labels) integer. With exclude_self, query i's
     own entry is database row i + self_offset. Differentiable with respect to both embedding sets.
-    backend: "auto", "fused" (the tensor-core CUDA kernel) or "blockwise" (block_size queries at
-    a time); see the module docstring.
+    Embedding sets of two float dtypes are both taken in the wider one. backend: "auto",
+    "fused" (the tensor-core CUDA kernel) or "blockwise" (block_size queries at a time); see the
+    module docstring.
     """
     _check_embedding_matrix(queries, "queries")
     same_set = database is None
@@ -266,13 +267,15 @@ def histograms_from_embeddings(
     else:
         _check_embedding_matrix(database, "database")
         exclude_self = bool(exclude_self)
-        same = (database.shape[1], database.dtype, database.device)
-        if same != (queries.shape[1], queries.dtype, queries.device):
+        if (database.shape[1], database.device) != (queries.shape[1], queries.device):
             raise ValueError(
-                "fastap: queries and database must have the same dimension, dtype and device, got "
-                f"{list(queries.shape)} {queries.dtype} on {queries.device} and "
-                f"{list(database.shape)} {database.dtype} on {database.device}"
+                "fastap: queries and database must have the same dimension and device, got "
+                f"{list(queries.shape)} on {queries.device} and {list(database.shape)} on "
+                f"{database.device}"
             )
+        if database.dtype != queries.dtype:  # both in the wider (as matmul would need)
+            common = torch.promote_types(queries.dtype, database.dtype)
+            queries, database = queries.to(common), database.to(common)
     num_bins, lo, hi = check_bins(num_bins, score_range, queries.dtype)
     labels = check_labels(labels, "labels", queries.shape[0], "query", queries, "queries")
     if ref_labels is None:

@@ -96,12 +96,14 @@ class _EmbeddingAPLoss(torch.nn.Module):
                     f"{owner}: embeddings and ref_emb must have the same dimension, got "
                     f"{embeddings.shape[1]} and {ref_emb.shape[1]}"
                 )
-            if (ref_emb.dtype, ref_emb.device) != (embeddings.dtype, embeddings.device):
+            if ref_emb.device != embeddings.device:
                 raise ValueError(
-                    f"{owner}: embeddings and ref_emb must have the same dtype and device, got "
-                    f"{embeddings.dtype} on {embeddings.device} and {ref_emb.dtype} on "
-                    f"{ref_emb.device}"
+                    f"{owner}: embeddings and ref_emb must be on the same device, got "
+                    f"{embeddings.device} and {ref_emb.device}"
                 )
+            if ref_emb.dtype != embeddings.dtype:  # both in the wider (as matmul would need)
+                common = torch.promote_types(embeddings.dtype, ref_emb.dtype)
+                embeddings, ref_emb = embeddings.to(common), ref_emb.to(common)
             check_labels(ref_labels, "ref_labels", ref_emb.shape[0], "row of ref_emb", embeddings,
                          "embeddings")  # fmt: skip
             database, database_labels = ref_emb, ref_labels

@@ -116,11 +116,12 @@ DOUBLE_BACKWARD_MESSAGE = (
 
 
 class _RaisesWhenDifferentiated(torch.autograd.Function):
-    """Passes gradients through (as copies); a backward through them raises."""
+    """forward(k, *tensors): copies of tensors[k:], wired to every one of tensors[:k] (the
+    anchors); a backward through them raises."""
 
     @staticmethod
-    def forward(ctx, _anchor, *grads):
-        return tuple(g.clone() for g in grads)
+    def forward(ctx, num_anchors, *tensors):
+        return tuple(t.clone() for t in tensors[num_anchors:])
 
     @staticmethod
     def backward(ctx, *_):
@@ -130,8 +131,9 @@ class _RaisesWhenDifferentiated(torch.autograd.Function):
 def differentiable_once(backward):
     """Wraps the backward of fastap's autograd Functions. Their backward ops have no derivative of
     their own, so the gradients are computed without recording them; under create_graph they
-    come back wired to raise when differentiated, rather than as constants whose own gradient
-    would silently be zero."""
+    come back wired to raise when differentiated (with respect to anything they depend on: the
+    saved inputs and the incoming gradients), rather than as constants whose own gradient would
+    silently be zero. Copies, so only under create_graph: the memory of the gradients twice."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
@@ -139,16 +141,18 @@ def differentiable_once(backward):
             outputs = backward(ctx, *grads)
         if not torch.is_grad_enabled():
             return outputs
+        single = not isinstance(outputs, tuple)
+        outputs = (outputs,) if single else outputs
         anchors = [
             t
             for t in (*ctx.saved_tensors, *grads)
             if isinstance(t, torch.Tensor) and t.requires_grad
         ]
         present = [g for g in outputs if g is not None]
-        if not anchors or not present:
-            return outputs
-        wired = iter(_RaisesWhenDifferentiated.apply(anchors[0], *present))
-        return tuple(None if g is None else next(wired) for g in outputs)
+        if anchors and present:
+            wired = iter(_RaisesWhenDifferentiated.apply(len(anchors), *anchors, *present))
+            outputs = tuple(None if g is None else next(wired) for g in outputs)
+        return outputs[0] if single else outputs
 
     return wrapper
 

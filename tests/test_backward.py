@@ -158,35 +158,53 @@ def test_self_offset_matches_reference(device):
 
 
 def _double_backward_cases(device):
-    """(name, input, loss of it) for each autograd path: the score-matrix op (AP_Q and a
-    variant), and the loss from embeddings through the score matrix, blockwise and (on CUDA)
-    the fused kernels."""
+    """(name, inputs, loss of the inputs, the (i, j) for which d(grad_i)/d(input_j) must raise)
+    for each autograd path: the score-matrix op (AP_Q, a variant, a weighted loss), and the loss
+    from embeddings through the score matrix, blockwise and (on CUDA) the fused kernels, in-batch
+    and against a second embedding set."""
     g = torch.Generator().manual_seed(3)
     scores = (1.8 * torch.rand(6, 9, generator=g, dtype=torch.float64) - 0.9).to(device)
     relevance = (torch.rand(6, 9, generator=g) < 0.4).to(device)
-    embeddings = torch.randn(12, 5, generator=g).to(device)
+    queries = torch.randn(12, 5, generator=g).to(device)
+    database = torch.randn(10, 5, generator=g).to(device)
     labels = torch.randint(0, 3, (12,), generator=g).to(device)
+    ref_labels = torch.randint(0, 3, (10,), generator=g).to(device)
+    weight = torch.tensor(0.7, dtype=torch.float64, device=device)
     backends = ["blockwise"] + (["fused"] if device.type == "cuda" else [])
-    yield "ap_loss", scores, lambda s: fastap.ap_loss(s, relevance)
-    yield "tie_aware", scores, lambda s: fastap.ap_loss(s, relevance, variant="tie_aware")
-    yield "APLoss", embeddings, lambda e: fastap.APLoss()(e, labels)
-    for backend in backends:
-        yield (
-            backend,
-            embeddings,
-            lambda e, b=backend: fastap.ap_loss_from_embeddings(e, labels=labels, backend=b),
-        )
+    yield "ap_loss", (scores,), lambda s: fastap.ap_loss(s, relevance), [(0, 0)]
+    tie_aware = lambda s: fastap.ap_loss(s, relevance, variant="tie_aware")  # noqa: E731
+    yield "tie_aware", (scores,), tie_aware, [(0, 0)]
+    # grad_scores = w dL/ds depends on w through the incoming gradient, not the saved inputs.
+    weighted = lambda s, w: w * fastap.ap_loss(s, relevance)  # noqa: E731
+    yield "weighted", (scores, weight), weighted, [(0, 0), (0, 1)]
+    yield "APLoss", (queries,), lambda q: fastap.APLoss()(q, labels), [(0, 0)]
+    both = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    against = lambda q, d: fastap.APLoss()(q, labels, ref_emb=d, ref_labels=ref_labels)  # noqa: E731
+    yield "APLoss, ref_emb", (queries, database), against, both
+    for b in backends:
+        in_batch = lambda q, b=b: fastap.ap_loss_from_embeddings(q, labels=labels, backend=b)  # noqa: E731
+        yield b, (queries,), in_batch, [(0, 0)]
+
+        def two_sets(q, d, b=b):
+            return fastap.ap_loss_from_embeddings(q, d, labels=labels, ref_labels=ref_labels,
+                                                  backend=b)  # fmt: skip
+
+        yield f"{b}, two sets", (queries, database), two_sets, both
 
 
 def test_double_backward_raises(device):
-    # The backward ops have no derivative: differentiating the gradient must raise, never give a
-    # silent zero (the reference's would be non-zero); first-order gradients under create_graph
-    # stay what they are without it.
-    for name, x, loss_fn in _double_backward_cases(device):
-        x = x.detach().requires_grad_()
-        (plain,) = torch.autograd.grad(loss_fn(x), x)
-        (grad,) = torch.autograd.grad(loss_fn(x), x, create_graph=True)
-        assert torch.equal(grad, plain), name
-        assert grad.requires_grad, name
-        with pytest.raises(RuntimeError, match="gradient of the AP loss is not differentiable"):
-            ((grad**2).sum() + x.sum()).backward()
+    # The backward ops have no derivative: differentiating the gradient with respect to anything
+    # it depends on must raise, never give a silent zero (the reference's is not zero);
+    # first-order gradients under create_graph stay what they are without it.
+    for name, inputs, loss_fn, pairs in _double_backward_cases(device):
+        inputs = [x.detach().requires_grad_() for x in inputs]
+        plain = torch.autograd.grad(loss_fn(*inputs), inputs)
+        grads = torch.autograd.grad(loss_fn(*inputs), inputs, create_graph=True)
+        for got, want in zip(grads, plain):
+            assert torch.equal(got, want), name
+        for i, j in pairs:
+            with pytest.raises(RuntimeError, match="gradient of the AP loss is not differentiable"):
+                torch.autograd.grad(
+                    (grads[i] ** 2).sum(), inputs[j], allow_unused=True, retain_graph=True
+                )
+                pytest.fail(f"{name}: d(grad {i})/d(input {j}) did not raise")

@@ -52,3 +52,22 @@ def test_training_steps_raise_ap():
         loss_fn(embeddings, labels).backward()
         optimiser.step()
     assert first > 0.5 and loss_fn(embeddings, labels).item() < 0.05
+
+
+def test_embedding_sets_of_two_dtypes_are_taken_in_the_wider():
+    g = torch.Generator().manual_seed(5)
+    queries, database = torch.randn(9, 6, generator=g), torch.randn(11, 6, generator=g)
+    labels = torch.randint(0, 3, (9,), generator=g)
+    ref_labels = torch.randint(0, 3, (11,), generator=g)
+
+    def aploss(q, d):
+        return fastap.APLoss()(q, labels, ref_emb=d, ref_labels=ref_labels)
+
+    def from_embeddings(q, d):
+        return fastap.ap_loss_from_embeddings(q, d, labels=labels, ref_labels=ref_labels)
+
+    for q, d in ((queries, database.double()), (queries.double(), database.bfloat16())):
+        for loss_fn in (aploss, from_embeddings):
+            got = loss_fn(q, d)
+            assert got.dtype == torch.float64
+            torch.testing.assert_close(got, loss_fn(q.double(), d.double()), rtol=0, atol=1e-12)
