@@ -205,6 +205,14 @@ def ratio(slow, fast) -> str:
     return f"{slow['ms'] / fast['ms']:.0f}x"
 
 
+def write_json(path: str, data: dict) -> None:
+    """Writes `data` to `path` whole or not at all (through a temporary file), so that a run cut
+    short leaves the previous complete file, which a later run may add to."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def environment(device: str) -> dict:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -270,9 +278,8 @@ def main() -> None:
             line += f" {fmt(ours_emb)} | {fmt(theirs)} | {ratio(theirs, ours_emb)} |"
         print(line, flush=True)
         rows.append(row)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"env": env, "args": vars(args), "rows": rows}, out, indent=1)
+        if args.json:  # after every row, so that a later row's hang or fault loses only itself
+            write_json(args.json, {"env": env, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ FastAPLoss, up to --peer-max. A case that runs out of memory is not run at large
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 CASES = {
@@ -68,7 +67,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here (for plot_results.py)")
     args = parser.parse_args()
     os.environ["FASTAP_BENCH_DIM"] = str(args.dim)  # read by the child processes
-    from bench_ap_loss import environment, fmt, have_pml, measure
+    from bench_ap_loss import environment, fmt, have_pml, measure, write_json
 
     cuda = args.device.startswith("cuda")
     default = ["matrix", "blockwise", "fused", "fused_wgmma", "floor"]
@@ -113,9 +112,8 @@ def main() -> None:
                 cells.append(fmt(result))
         print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
         if args.json:  # after every row, so that a later row's hang or fault loses only itself
-            with open(args.json, "w") as f:
-                json.dump({"kind": "embeddings", "env": env, "args": vars(args), "rows": rows},
-                          f, indent=1)  # fmt: skip
+            data = {"kind": "embeddings", "env": env, "args": vars(args), "rows": rows}
+            write_json(args.json, data)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import os
 import statistics
 
 import torch
-from bench_ap_loss import environment
+from bench_ap_loss import environment, write_json
 from timing import median_ms, time_once_ms
 
 import fastap
@@ -109,7 +109,9 @@ def measure_case(scores, relevance, labels, ref_labels, q, device, repeats, with
             result["reference"] = median_ms(
                 lambda: loss(fastap.reference.ap_loss), device, max(1, repeats // 5)
             )
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if "out of memory" not in str(error):  # OutOfMemoryError's says so too
+                raise
             result["reference"] = "out of memory"
             torch.cuda.empty_cache()
     return result
@@ -188,9 +190,8 @@ def main() -> None:
                          "floor_bytes": floor_bytes, **r}
                     )  # fmt: skip
                     if args.json:
-                        with open(args.json, "w") as f:
-                            json.dump({"kind": "kernels", "env": env, "args": vars(args),
-                                       "rows": rows}, f, indent=1)  # fmt: skip
+                        data = {"kind": "kernels", "env": env, "args": vars(args), "rows": rows}
+                        write_json(args.json, data)
                 del scores
             del relevance
 

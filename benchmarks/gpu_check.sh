@@ -88,19 +88,24 @@ step() {  # step NAME SECONDS LOG COMMAND...: run_step if selected
 }
 run_step() {  # run_step NAME SECONDS LOG COMMAND...: run, keep the log, note the outcome
   local name=$1 limit=$2 log=$3; shift 3
-  # Never past the call's budget: a step gets at most what is left of it, and none is started
-  # with under 20 s left, so that the summary is printed before the device tool's limit.
+  # Never past the call's budget: a step gets at most what is left of it less 15 s (its kill
+  # comes 10 s after its limit), and none is started with under 25 s left, so that the summary
+  # is printed before the device tool's limit.
   local left=$((BUDGET - SECONDS))
-  if (( left < 20 )); then
+  if (( left < 25 )); then
     status+=("$name|SKIPPED(budget)|0 s|$log")
     echo "== $name: skipped, ${left} s of the ${BUDGET} s budget left"
     return 0
   fi
-  (( limit > left - 5 )) && limit=$((left - 5))
+  (( limit > left - 15 )) && limit=$((left - 15))
   local start=$SECONDS rc=0
   # Through bash, so that a command may be one of the functions exported below; -k: a step that
-  # ignores the TERM at its limit is killed 10 s later.
-  timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" >"$LOGS/$log" 2>&1 || rc=$?
+  # ignores the TERM at its limit is killed 10 s later. In the background, waited for, so that
+  # the trap below can stop it at once.
+  timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" >"$LOGS/$log" 2>&1 &
+  step_pid=$! step_name=$name step_log=$log step_start=$start
+  wait "$step_pid" || rc=$?
+  step_pid=
   local result=ok
   (( rc == 124 || rc == 137 )) && result="TIMEOUT(${limit}s)"
   (( rc != 0 && rc != 124 && rc != 137 )) && result="FAILED($rc)"
@@ -127,7 +132,17 @@ pytest_cuda() {
 }
 export -f every sanitize pytest_cuda
 export PY
-trap 'report; exit 143' TERM INT
+# Ended from outside (the device tool's limit, say): stop the step, say so, keep what was measured.
+interrupted() {
+  if [[ -n ${step_pid:-} ]]; then
+    kill -TERM "$step_pid" 2>/dev/null
+    status+=("$step_name|INTERRUPTED|$((SECONDS - step_start)) s|$step_log")
+  fi
+  report
+  exit 143
+}
+step_pid=
+trap interrupted TERM INT
 
 # The wgmma path (FASTAP_WGMMA=1 on the sm_90a build) alone, once, before any step that would run
 # it: WGMMA becomes ok, failed (an error or a fault: memcheck_wgmma then names it) or off (a hang,
@@ -205,7 +220,8 @@ step api_access 200 api_access.log bash -c "FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_
 # one before it failed.
 kernels="$PY benchmarks/bench_kernels.py --device cuda --repeats 20 --json $OUT/kernels.json"
 step kernels 150 kernels.md every \
-  "$kernels --shapes 8192x8192 --num-bins 10 20 50 --dtypes float32 bfloat16" \
+  "$kernels --shapes 8192x8192 --num-bins 10 20 50 --dtypes float32 bfloat16 \
+    --reference-max 1073741824" \
   "$kernels --shapes 1024x1024 4096x4096 16384x16384 32768x32768 256x1000000 --num-bins 20 \
     --dtypes float32 bfloat16 --reference-max 1073741824" \
   "$kernels --shapes 8192x8192 --num-bins 20 --dtypes float32 bfloat16 --relevance dense \

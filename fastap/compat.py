@@ -15,6 +15,7 @@ They live here because ``fastap.APLoss`` is the pytorch-metric-learning-style mo
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -29,8 +30,14 @@ class APLoss(torch.nn.Module):
 
     def __init__(self, nq: int = 25, min: float = 0, max: float = 1):
         super().__init__()
-        if isinstance(nq, bool) or not isinstance(nq, int):
-            raise TypeError(f"fastap.compat: nq (the number of bins) must be an int, got {nq!r}")
+        try:
+            if isinstance(nq, bool):
+                raise TypeError
+            nq = operator.index(nq)  # an int, numpy integer or integer tensor; not a float
+        except TypeError:
+            raise TypeError(
+                f"fastap.compat: nq (the number of bins) must be an int, got {nq!r}"
+            ) from None
         if nq < 2:
             raise ValueError(f"fastap.compat: nq (the number of bins) must be at least 2, got {nq}")
         try:

@@ -25,8 +25,9 @@ def _require_extension() -> None:
             name for name in os.listdir(package) if name.startswith("_C.")
         ]
         where = (
-            f" This fastap is the source tree at {package}, which has no built extension: build "
-            "it there, or run from another directory so that the installed fastap is imported."
+            f" This fastap is imported from the source tree {os.path.dirname(package)}, which has "
+            "no built extension: build it there, or, if a built fastap is installed, run from "
+            "outside that tree so that it is the one imported."
             if unbuilt_source_tree
             else ""
         )
