@@ -44,6 +44,8 @@ from fastap.ops import (
     EmbeddingHistogram,
     dense_histogram_grads,
     differentiable_once,
+    embedding_grads,
+    embedding_sets,
 )
 
 BACKENDS = ("auto", "fused", "blockwise")
@@ -70,15 +72,20 @@ def _score_tiles(queries, database, labels, ref_labels, options):
 class _BlockedSoftHistogram(torch.autograd.Function):
     """(n, p, positives) of cosine scores queries @ database.T, block of queries by block.
 
-    forward(queries [N, D], database [M, D] (both already normalised), labels [N] int64,
-    ref_labels [M] int64, exclude_self, self_offset, num_bins, lo, hi, block_size).
+    forward(queries [N, D], database [M, D] or None (the queries: in-batch), both already
+    normalised, labels [N] int64, ref_labels [M] int64 or None (in-batch), exclude_self,
+    self_offset, num_bins, lo, hi, block_size).
     """
 
     @staticmethod
     def forward(ctx, queries, database, labels, ref_labels, *options):
+        ctx.in_batch = database is None
+        all_queries, all_database, all_labels, all_ref_labels = embedding_sets(
+            queries, database, labels, ref_labels
+        )
+        tiles = _score_tiles(all_queries, all_database, all_labels, all_ref_labels, options)
         histograms = [
-            torch.ops.fastap.soft_histogram(scores, *op_args)
-            for _, scores, op_args in _score_tiles(queries, database, labels, ref_labels, options)
+            torch.ops.fastap.soft_histogram(scores, *op_args) for _, scores, op_args in tiles
         ]
         ctx.save_for_backward(queries, database, labels, ref_labels)
         ctx.options = options
@@ -89,7 +96,7 @@ class _BlockedSoftHistogram(torch.autograd.Function):
     @staticmethod
     @differentiable_once
     def backward(ctx, grad_n, grad_p, _grad_positives):
-        queries, database, labels, ref_labels = ctx.saved_tensors
+        queries, database, labels, ref_labels = embedding_sets(*ctx.saved_tensors)
         grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
         grad_queries = torch.empty_like(queries)
         # Accumulated over blocks: in fp32 at least, in a fixed order (deterministic).
@@ -103,7 +110,8 @@ class _BlockedSoftHistogram(torch.autograd.Function):
             )
             grad_queries[rows] = grad_scores @ database
             grad_database += (grad_scores.T @ queries[rows]).to(grad_database.dtype)
-        return (grad_queries, grad_database.to(database.dtype), None, None) + (None,) * 6
+        grads = embedding_grads(ctx, grad_queries, grad_database.to(database.dtype))
+        return (*grads, None, None) + (None,) * 6
 
 
 def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) -> tuple[int, int]:
@@ -307,9 +315,9 @@ def histograms_from_embeddings(
         function, extra = _BlockedSoftHistogram, (block_size,)
     n, p, positives = function.apply(
         unit_queries,
-        unit_database,
+        None if same_set else unit_database,
         labels,
-        ref_labels,
+        None if same_set else ref_labels,
         exclude_self,
         self_offset,
         num_bins,

@@ -229,21 +229,38 @@ def soft_histogram(
     )
 
 
+def embedding_sets(queries, database, labels, ref_labels):
+    """The (queries, database, labels, ref_labels) of an embedding Function. database and
+    ref_labels are None for the in-batch case (the database is the queries): the Functions take
+    each tensor once, which torch.compile requires, and give the queries both gradients."""
+    if database is None:
+        return queries, queries, labels, labels
+    return queries, database, labels, ref_labels
+
+
+def embedding_grads(ctx, grad_queries, grad_database):
+    """The Function's gradients of (queries, database): in-batch, the queries get their sum."""
+    if ctx.in_batch:
+        return grad_queries + grad_database, None
+    return grad_queries, grad_database
+
+
 class EmbeddingHistogram(torch.autograd.Function):
     """(n, p, positives) of the cosine scores queries @ database.T from the fused CUDA kernels,
     which never store a score (fastap::embedding_histogram); differentiable with respect to both
     embedding sets.
 
-    forward(queries [N, D], database [M, D] (L2-normalised, one of float32/bfloat16/float16),
-    labels [N] int64, ref_labels [M] int64, exclude_self, self_offset, num_bins, lo, hi).
-    Arguments are expected to be checked already (see fastap.embeddings).
+    forward(queries [N, D], database [M, D] or None (the queries: in-batch), both L2-normalised,
+    one of float32/bfloat16/float16, labels [N] int64, ref_labels [M] int64 or None (in-batch),
+    exclude_self, self_offset, num_bins, lo, hi). Arguments are expected to be checked already
+    (see fastap.embeddings).
     """
 
     @staticmethod
     def forward(ctx, queries, database, labels, ref_labels, *options):
-        n, p, positives = torch.ops.fastap.embedding_histogram(
-            queries, database, labels, ref_labels, *options
-        )
+        ctx.in_batch = database is None
+        inputs = embedding_sets(queries, database, labels, ref_labels)
+        n, p, positives = torch.ops.fastap.embedding_histogram(*inputs, *options)
         ctx.save_for_backward(queries, database, labels, ref_labels)
         ctx.options = options  # exclude_self, self_offset, num_bins, lo, hi
         ctx.mark_non_differentiable(positives)
@@ -252,12 +269,10 @@ class EmbeddingHistogram(torch.autograd.Function):
     @staticmethod
     @differentiable_once
     def backward(ctx, grad_n, grad_p, _grad_positives):
-        queries, database, labels, ref_labels = ctx.saved_tensors
+        inputs = embedding_sets(*ctx.saved_tensors)
         grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
-        grad_queries, grad_database = torch.ops.fastap.embedding_histogram_backward(
-            grad_n, grad_p, queries, database, labels, ref_labels, *ctx.options
-        )
-        return (grad_queries, grad_database, None, None) + (None,) * len(ctx.options)
+        grads = torch.ops.fastap.embedding_histogram_backward(grad_n, grad_p, *inputs, *ctx.options)
+        return (*embedding_grads(ctx, *grads), None, None) + (None,) * len(ctx.options)
 
 
 class ApFromHistograms(torch.autograd.Function):

@@ -110,6 +110,33 @@ def test_compile_inductor_module(device, keep_subnormals):
     torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_compile_loss_from_embeddings_without_score_matrix(device, in_batch):
+    # The in-batch case passes each tensor to the autograd Function once (the database and its
+    # labels are the queries'), which torch.compile(fullgraph=True) requires.
+    torch._dynamo.reset()
+    queries = torch.randn(24, 8, device=device, requires_grad=True)
+    database = None if in_batch else torch.randn(17, 8, device=device, requires_grad=True)
+    labels = torch.arange(24, device=device) % 5
+    ref_labels = None if in_batch else torch.arange(17, device=device) % 5
+    inputs = [queries] + ([] if in_batch else [database])
+    backends = ["blockwise"] + (["fused"] if device.type == "cuda" else [])
+    for backend in backends:
+
+        def loss_fn(q, d, backend=backend):
+            return fastap.ap_loss_from_embeddings(
+                q, d, labels=labels, ref_labels=ref_labels, block_size=7, backend=backend
+            )
+
+        eager = loss_fn(queries, database)
+        eager_grads = torch.autograd.grad(eager, inputs)
+        loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(queries, database)
+        grads = torch.autograd.grad(loss, inputs)
+        assert torch.equal(loss, eager), backend
+        for got, want in zip(grads, eager_grads):
+            assert torch.equal(got, want), backend
+
+
 def test_export():
     class Model(torch.nn.Module):
         def forward(self, scores, labels):

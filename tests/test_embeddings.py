@@ -201,3 +201,58 @@ def test_max_shared_memory_per_block_from_each_torch_version():
     # H100's 227 KB, none on an RTX 4090's 99 KB).
     needed = max(fastap.embeddings.fused_embedding_shared_bytes(20, torch.bfloat16, 256))
     assert 101376 < needed <= 232448
+
+
+def test_fused_function_in_batch_and_two_sets_on_stand_in_ops(monkeypatch):
+    """fastap.ops.EmbeddingHistogram (the fused kernels' autograd Function, CUDA only) driven on
+    the CPU by stand-ins of its two ops built from the score-matrix op: in-batch it takes the
+    database as None and gives the queries both gradients. Equal to the reference on the score
+    matrix, as the blockwise path is."""
+    ops = torch.ops.fastap
+    calls = []
+
+    def histogram(queries, database, labels, ref_labels, exclude_self, offset, bins, lo, hi):
+        calls.append(queries.shape[0])
+        scores = queries @ database.T
+        return ops.soft_histogram(scores, None, labels, ref_labels, None, exclude_self, bins, lo,
+                                  hi, offset)  # fmt: skip
+
+    def backward(grad_n, grad_p, queries, database, labels, ref_labels, *options):
+        exclude_self, offset, bins, lo, hi = options
+        grad_scores = ops.soft_histogram_backward(
+            grad_n, grad_p, queries @ database.T, None, labels, ref_labels, None, exclude_self,
+            bins, lo, hi, offset,
+        )  # fmt: skip
+        return grad_scores @ database, grad_scores.T @ queries
+
+    g = torch.Generator().manual_seed(4)
+    queries = torch.randn(13, 6, generator=g, dtype=torch.float64)
+    database = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (13,), generator=g)
+    ref_labels = torch.randint(0, 3, (20,), generator=g)
+    for in_batch in (True, False):
+        tensors = (queries,) if in_batch else (queries, database)
+        inputs = [t.clone().requires_grad_() for t in tensors]
+        unit = [F.normalize(t, dim=1) for t in inputs]
+        scores = unit[0] @ unit[-1].T
+        expected = fastap.reference.ap_loss(
+            scores,
+            labels=labels,
+            ref_labels=None if in_batch else ref_labels,
+            exclude_self=in_batch,
+        )
+        expected = (expected, *torch.autograd.grad(expected, inputs))
+        for backend in ("blockwise", "fused"):
+            with monkeypatch.context() as patch:
+                if backend == "fused":
+                    patch.setattr(ops, "embedding_histogram", histogram)
+                    patch.setattr(ops, "embedding_histogram_backward", backward)
+                    patch.setattr(fastap.embeddings, "_use_fused", lambda *a: True)
+                loss = fastap.ap_loss_from_embeddings(
+                    inputs[0], None if in_batch else inputs[1], labels=labels,
+                    ref_labels=None if in_batch else ref_labels, backend="blockwise",
+                )  # fmt: skip
+                got = (loss, *torch.autograd.grad(loss, inputs))
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=f"{backend} {in_batch}")
+    assert calls == [13, 13]  # the stand-in forward ran, once per case
