@@ -125,9 +125,11 @@ every() {
 sanitize() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 1 "$@"; }
 # The tests that touch CUDA (test_cuda*.py and every [cuda] parameter; CI runs the rest on the
 # CPU). A test still running after FASTAP_TEST_TIMEOUT seconds ends the run with every thread's
-# stack, which names it (tests/conftest.py; --capture=sys lets that reach the log).
+# stack, which names it (tests/conftest.py; --capture=sys lets that reach the log). -v: each
+# test's outcome is in the log as it ends, so a step cut short by its limit still tells which
+# tests passed and failed.
 pytest_cuda() {
-  FASTAP_TEST_TIMEOUT=90 $PY -m pytest -q -rf --maxfail=25 --capture=sys -p no:cacheprovider \
+  FASTAP_TEST_TIMEOUT=90 $PY -m pytest -v -rf --maxfail=25 --capture=sys -p no:cacheprovider \
     tests --ignore tests/test_cuda_emulation.py "$@"
 }
 export -f every sanitize pytest_cuda
@@ -206,7 +208,8 @@ step tests_wgmma 90 tests_wgmma.log pytest_cuda -k "cuda and wgmma"
 # part of them that the CPU emulation cannot run; this rebuilds with the API's own loads and
 # reruns the fused tests, so that one call tells whether that spelling is at fault. The steps
 # after it then measure the rebuilt extension (the summary says so).
-if grep -q '^FAILED tests/test_cuda_embeddings' "$LOGS/tests.log" 2>/dev/null; then
+if grep -Eq '^(FAILED tests/test_cuda_embeddings|tests/test_cuda_embeddings.* FAILED)' \
+  "$LOGS/tests.log" 2>/dev/null; then
   STEPS="$STEPS api_access"
 fi
 step api_access 200 api_access.log bash -c "FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_ACCESS \
