@@ -200,7 +200,11 @@ step racecheck 120 racecheck.log sanitize --tool racecheck \
   $PY benchmarks/sanitizer_case.py --wgmma "$(wgmma_runs)"
 # tests: every test that touches CUDA; the wgmma path's in a process of their own after the
 # others (tests_wgmma), so that a fault there cannot fail the rest.
-step tests 240 tests.log pytest_cuda -k "cuda and not wgmma"
+# With pytest-xdist (the GPU machine has it), in 4 processes that share the GPU: a test that hangs
+# or faults then costs its process (xdist reports it and starts another), not the rest of the run.
+xdist=()
+$PY -c 'import xdist' 2>/dev/null && xdist=(-n 4)
+step tests 240 tests.log pytest_cuda ${xdist[@]+"${xdist[@]}"} -k "cuda and not wgmma"
 if selected tests && [[ $WGMMA == ok ]]; then STEPS="$STEPS tests_wgmma"; fi
 step tests_wgmma 90 tests_wgmma.log pytest_cuda -k "cuda and wgmma"
 # api_access: only when a fused test failed. The fused kernels load their bf16 and TF32 operands
@@ -208,7 +212,7 @@ step tests_wgmma 90 tests_wgmma.log pytest_cuda -k "cuda and wgmma"
 # part of them that the CPU emulation cannot run; this rebuilds with the API's own loads and
 # reruns the fused tests, so that one call tells whether that spelling is at fault. The steps
 # after it then measure the rebuilt extension (the summary says so).
-if grep -Eq '^(FAILED tests/test_cuda_embeddings|tests/test_cuda_embeddings.* FAILED)' \
+if grep -Eq 'FAILED tests/test_cuda_embeddings|test_cuda_embeddings\.py::[^ ]* FAILED' \
   "$LOGS/tests.log" 2>/dev/null; then
   STEPS="$STEPS api_access"
 fi
