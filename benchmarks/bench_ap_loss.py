@@ -31,7 +31,7 @@ import sys
 import time
 
 import torch
-from timing import time_once_ms
+from timing import cuda_peak_extra_bytes, time_once_ms
 
 # The dimension of the embedding cases (bench_embeddings.py sets it for its child processes).
 EMBEDDING_DIM = int(os.environ.get("FASTAP_BENCH_DIM", "128"))
@@ -121,12 +121,7 @@ def _measure(name, n, num_bins, dtype_name, device, repeats, modes, queue):
             times = [time_once_ms(run, device) for _ in range(repeats)]
             result.update(ms=statistics.median(times), min_ms=min(times))
         if "memory" in modes and cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            run()
-            torch.cuda.synchronize()
-            result["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+            result["peak_bytes"] = cuda_peak_extra_bytes(run)
         elif "memory" in modes:
             before = _rss_bytes("VmRSS")
             with open("/proc/self/clear_refs", "w") as clear_refs:

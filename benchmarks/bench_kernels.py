@@ -30,7 +30,7 @@ import statistics
 
 import torch
 from bench_ap_loss import environment, write_json
-from timing import median_ms, time_once_ms
+from timing import cuda_peak_extra_bytes, median_ms, time_once_ms
 
 import fastap
 
@@ -51,20 +51,6 @@ def back_to_back_ms(fn, device: str, repeats: int, calls: int = 20) -> float:
     fn()
     runs = [time_once_ms(lambda: [fn() for _ in range(calls)], device) for _ in range(repeats)]
     return statistics.median(runs) / calls
-
-
-def peak_extra_bytes(fn, device: str) -> int | None:
-    """The CUDA allocator's peak over one call of fn minus what was allocated before it (None on
-    the CPU: bench_ap_loss.py measures the CPU's resident set)."""
-    if not device.startswith("cuda"):
-        return None
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
 
 
 def measure_case(scores, relevance, labels, ref_labels, q, device, repeats, with_reference):
@@ -101,7 +87,8 @@ def measure_case(scores, relevance, labels, ref_labels, q, device, repeats, with
         "bwd": median_ms(backward, device, repeats),
         "loss": median_ms(loss, device, repeats),
         "loss_device": back_to_back_ms(unchecked_loss, device, max(1, repeats // 4)),
-        "peak_bytes": peak_extra_bytes(loss, device),
+        # CUDA only (after the warm-ups above); bench_ap_loss.py measures the CPU's resident set.
+        "peak_bytes": cuda_peak_extra_bytes(loss) if device.startswith("cuda") else None,
         "reference": None,
     }
     if with_reference:
@@ -173,9 +160,10 @@ def main() -> None:
                     )
                     achieved = floor_bytes / r["loss_device"] / 1e6
                     ref = r["reference"]
-                    ref_cells = {
-                        None: "- | -", "out of memory": "out of memory | -"
-                    }.get(ref, "") or f"{ref:.2f} | {ref / r['loss']:.0f}x"  # fmt: skip
+                    if ref is None or isinstance(ref, str):  # not run, or out of memory
+                        ref_cells = f"{ref or '-'} | -"
+                    else:
+                        ref_cells = f"{ref:.2f} | {ref / r['loss']:.0f}x"
                     grad_mb = n * m * scores.element_size() / 2**20
                     peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
                     print(

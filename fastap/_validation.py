@@ -132,6 +132,14 @@ def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, li
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+def in_common_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two embedding sets of float dtypes, both in the wider one (as their product needs)."""
+    if a.dtype == b.dtype:
+        return a, b
+    common = torch.promote_types(a.dtype, b.dtype)
+    return a.to(common), b.to(common)
+
+
 def check_bins(num_bins, score_range, dtype: torch.dtype | None = None) -> tuple[int, float, float]:
     """(num_bins, lo, hi), checked. With the dtype of the scores (or embeddings): all but float64
     are binned in float32, where lo, hi, hi - lo and (num_bins - 1) / (hi - lo) must be finite."""

@@ -31,6 +31,7 @@ from fastap._validation import (
     check_labels,
     check_query_weights,
     check_variant,
+    in_common_dtype,
     raise_if_poisoned,
 )
 from fastap.functional import (
@@ -79,7 +80,6 @@ class _BlockedSoftHistogram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, database, labels, ref_labels, *options):
-        ctx.in_batch = database is None
         all_queries, all_database, all_labels, all_ref_labels = embedding_sets(
             queries, database, labels, ref_labels
         )
@@ -96,7 +96,8 @@ class _BlockedSoftHistogram(torch.autograd.Function):
     @staticmethod
     @differentiable_once
     def backward(ctx, grad_n, grad_p, _grad_positives):
-        queries, database, labels, ref_labels = embedding_sets(*ctx.saved_tensors)
+        saved = ctx.saved_tensors
+        queries, database, labels, ref_labels = embedding_sets(*saved)
         grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
         grad_queries = torch.empty_like(queries)
         # Accumulated over blocks: in fp32 at least, in a fixed order (deterministic).
@@ -110,7 +111,7 @@ class _BlockedSoftHistogram(torch.autograd.Function):
             )
             grad_queries[rows] = grad_scores @ database
             grad_database += (grad_scores.T @ queries[rows]).to(grad_database.dtype)
-        grads = embedding_grads(ctx, grad_queries, grad_database.to(database.dtype))
+        grads = embedding_grads(saved[1], grad_queries, grad_database.to(database.dtype))
         return (*grads, None, None) + (None,) * 6
 
 
@@ -281,9 +282,7 @@ def histograms_from_embeddings(
                 f"{list(queries.shape)} on {queries.device} and {list(database.shape)} on "
                 f"{database.device}"
             )
-        if database.dtype != queries.dtype:  # both in the wider (as matmul would need)
-            common = torch.promote_types(queries.dtype, database.dtype)
-            queries, database = queries.to(common), database.to(common)
+        queries, database = in_common_dtype(queries, database)
     num_bins, lo, hi = check_bins(num_bins, score_range, queries.dtype)
     labels = check_labels(labels, "labels", queries.shape[0], "query", queries, "queries")
     if ref_labels is None:

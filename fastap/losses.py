@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastap._validation import check_bins, check_labels, check_variant
+from fastap._validation import check_bins, check_labels, check_variant, in_common_dtype
 from fastap.embeddings import histograms_from_embeddings
 from fastap.functional import (
     DEFAULT_NUM_BINS,
@@ -101,9 +101,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
                     f"{owner}: embeddings and ref_emb must be on the same device, got "
                     f"{embeddings.device} and {ref_emb.device}"
                 )
-            if ref_emb.dtype != embeddings.dtype:  # both in the wider (as matmul would need)
-                common = torch.promote_types(embeddings.dtype, ref_emb.dtype)
-                embeddings, ref_emb = embeddings.to(common), ref_emb.to(common)
+            embeddings, ref_emb = in_common_dtype(embeddings, ref_emb)
             check_labels(ref_labels, "ref_labels", ref_emb.shape[0], "row of ref_emb", embeddings,
                          "embeddings")  # fmt: skip
             database, database_labels = ref_emb, ref_labels

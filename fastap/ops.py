@@ -238,9 +238,10 @@ def embedding_sets(queries, database, labels, ref_labels):
     return queries, database, labels, ref_labels
 
 
-def embedding_grads(ctx, grad_queries, grad_database):
-    """The Function's gradients of (queries, database): in-batch, the queries get their sum."""
-    if ctx.in_batch:
+def embedding_grads(saved_database, grad_queries, grad_database):
+    """The Function's gradients of (queries, database): in-batch (the saved database is None),
+    the queries get their sum."""
+    if saved_database is None:
         return grad_queries + grad_database, None
     return grad_queries, grad_database
 
@@ -258,7 +259,6 @@ class EmbeddingHistogram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, database, labels, ref_labels, *options):
-        ctx.in_batch = database is None
         inputs = embedding_sets(queries, database, labels, ref_labels)
         n, p, positives = torch.ops.fastap.embedding_histogram(*inputs, *options)
         ctx.save_for_backward(queries, database, labels, ref_labels)
@@ -269,10 +269,12 @@ class EmbeddingHistogram(torch.autograd.Function):
     @staticmethod
     @differentiable_once
     def backward(ctx, grad_n, grad_p, _grad_positives):
-        inputs = embedding_sets(*ctx.saved_tensors)
+        saved = ctx.saved_tensors
         grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
-        grads = torch.ops.fastap.embedding_histogram_backward(grad_n, grad_p, *inputs, *ctx.options)
-        return (*embedding_grads(ctx, *grads), None, None) + (None,) * len(ctx.options)
+        grads = torch.ops.fastap.embedding_histogram_backward(
+            grad_n, grad_p, *embedding_sets(*saved), *ctx.options
+        )
+        return (*embedding_grads(saved[1], *grads), None, None) + (None,) * len(ctx.options)
 
 
 class ApFromHistograms(torch.autograd.Function):
