@@ -134,6 +134,56 @@ def test_labels_equal_dense_relevance(device):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 1), (5, 7), (9, 130), (4, 257)])
+def test_label_rows_equal_dense_rows_at_op_level(device, shape, dtype):
+    # Rows with labels and no ignore mask take their own loops in the kernels (blocks of
+    # candidates split at the query's own column); the dense relevance matrix of the same labels
+    # takes the general one. Both must agree, also with non-finite scores (which poison a row's
+    # histograms and get a NaN gradient, unless they sit at the excluded self column) and with
+    # the self column first, last, or anywhere in a block.
+    n, m = shape
+    generator = torch.Generator().manual_seed(n * 1000 + m)
+    scores = (torch.rand(n, m, generator=generator, dtype=torch.float64) * 2.4 - 1.2).to(dtype)
+    labels = torch.randint(0, 3, (n,), generator=generator)
+    ref_labels = torch.randint(0, 3, (m,), generator=generator)
+    for i, bad in zip(range(1, n, 2), [float("nan"), float("inf"), float("-inf")]):
+        scores[i, (7 * i) % m] = bad
+    # Row 0's own column (with self_offset m - n: the last candidate of the last row) holds a NaN.
+    self_offset = m - n if m >= n else None
+    if self_offset is not None:
+        scores[0, self_offset] = float("nan")
+    dense = labels[:, None] == ref_labels[None, :]
+    grad_n = torch.randn(n, 20, generator=generator, dtype=torch.float64).to(scores.dtype)
+    grad_p = torch.randn(n, 20, generator=generator, dtype=torch.float64).to(scores.dtype)
+    cases = [(False, 0)] + ([(True, self_offset)] if self_offset is not None else [])
+    scores, labels, ref_labels, dense = (t.to(device) for t in (scores, labels, ref_labels, dense))
+    grad_n, grad_p = grad_n.to(device), grad_p.to(device)
+    for exclude_self, offset in cases:
+        options = (exclude_self, 20, -1.0, 1.0, offset)
+        by_labels = torch.ops.fastap.soft_histogram(scores, None, labels, ref_labels, None, *options)
+        by_dense = torch.ops.fastap.soft_histogram(scores, dense, None, None, None, *options)
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+        for a, b in zip(by_labels[:2], by_dense[:2]):
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, equal_nan=True)
+        assert torch.equal(by_labels[2], by_dense[2])
+        excluded = torch.zeros(n, m, dtype=torch.bool, device=device)
+        if exclude_self:
+            excluded[torch.arange(n), torch.arange(n) + offset] = True
+        counted_non_finite = ~torch.isfinite(scores) & ~excluded
+        assert torch.equal(torch.isnan(by_labels[0]).any(dim=1), counted_non_finite.any(dim=1))
+        assert counted_non_finite[1:6:2].any(dim=1).all()  # the rows given a non-finite score
+        grad_labels = torch.ops.fastap.soft_histogram_backward(
+            grad_n, grad_p, scores, None, labels, ref_labels, None, *options
+        )
+        grad_dense = torch.ops.fastap.soft_histogram_backward(
+            grad_n, grad_p, scores, dense, None, None, None, *options
+        )
+        torch.testing.assert_close(grad_labels, grad_dense, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(torch.isnan(grad_labels), counted_non_finite)
+        assert grad_labels[excluded].eq(0).all()
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0)])
 def test_empty(device, shape):
     scores = torch.empty(shape, dtype=torch.float32, device=device, requires_grad=True)

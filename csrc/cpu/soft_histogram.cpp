@@ -18,9 +18,92 @@ namespace {
 // consecutive candidates falling into the same bin do not wait on each other's additions.
 constexpr int64_t kLanes = 4;
 
+// Candidates per block of the two-pass loops of the labels-only rows: a few KB of positions that
+// stay in L1 between the passes.
+constexpr int64_t kBlock = 64;
+
 // Rows per parallel task: enough candidates that a task is worth scheduling.
 int64_t row_grain(int64_t num_candidates) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, num_candidates));
+}
+
+// One candidate of a row into its lane's pair of sub-histograms (`lane`: non-positives, then
+// positives, q bins each).
+template <typename compute_t>
+inline void add_candidate(compute_t s, bool positive, const BinGrid<compute_t>& grid, int64_t q,
+                          double* lane) {
+  const BinPosition<compute_t> pos = grid.locate(s);
+  double* h = lane + (positive ? q : 0) + pos.bin;  // bins pos.bin and pos.bin + 1
+  const double frac = static_cast<double>(pos.frac);
+  h[0] += 1.0 - frac;
+  h[1] += frac;
+}
+
+// What one row's pass over its candidates counts besides the sub-histograms.
+struct RowTally {
+  int64_t positives = 0;
+  bool poisoned = false;  // a counted candidate has a non-finite score
+};
+
+// Candidates [begin, end) of a row with labels and no ignore mask (the common case), none of
+// them the query itself. Blocks of kBlock candidates in two passes: the first finds each one's
+// bin and fraction with no branch and no store that depends on the data (the compiler turns it
+// into vector instructions), the second adds them into the sub-histograms, lane = candidate mod
+// kLanes. A non-finite score is binned like any other (BinGrid::position places it) and poisons
+// the row.
+template <typename scalar_t, typename compute_t>
+void add_label_candidates(const scalar_t* scores, const int64_t* ref_labels, int64_t label,
+                          int64_t begin, int64_t end, const BinGrid<compute_t>& grid, int64_t q,
+                          double* acc, RowTally& tally) {
+  int32_t bins[kBlock];
+  compute_t fracs[kBlock];
+  int64_t positives = 0;
+  int32_t nonfinite = 0;  // an int, not a bool: the compiler vectorizes the loop then
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t count = std::min(kBlock, end - start);
+    const scalar_t* block_scores = scores + start;
+    for (int64_t o = 0; o < count; ++o) {
+      const compute_t s = static_cast<compute_t>(block_scores[o]);
+      nonfinite |= !is_finite(s);
+      const BinPosition<compute_t> pos = grid.locate(s);
+      bins[o] = pos.bin;
+      fracs[o] = pos.frac;
+    }
+    const int64_t* block_labels = ref_labels + start;
+    auto add = [&](int64_t o, double* lane) {
+      const bool positive = block_labels[o] == label;
+      positives += positive ? 1 : 0;
+      double* h = lane + (positive ? q : 0) + bins[o];  // bins[o] and bins[o] + 1
+      const double frac = static_cast<double>(fracs[o]);
+      h[0] += 1.0 - frac;
+      h[1] += frac;
+    };
+    int64_t o = 0;
+    for (; o + kLanes <= count; o += kLanes) {
+      for (int64_t lane = 0; lane < kLanes; ++lane) add(o + lane, acc + lane * 2 * q);
+    }
+    for (; o < count; ++o) add(o, acc);
+  }
+  tally.positives += positives;
+  tally.poisoned |= nonfinite != 0;
+}
+
+// Candidates [0, M) of a row in the general case: dense relevance or an ignore mask.
+template <typename scalar_t, typename compute_t>
+void add_masked_candidates(const scalar_t* scores, const RowRelevance& row, int64_t num_candidates,
+                           const BinGrid<compute_t>& grid, int64_t q, double* acc,
+                           RowTally& tally) {
+  for (int64_t j = 0; j < num_candidates; ++j) {
+    if (row.ignored(j)) continue;
+    const bool positive = row.positive(j);
+    tally.positives += positive ? 1 : 0;
+    const compute_t s = static_cast<compute_t>(scores[j]);
+    if (!is_finite(s)) {
+      tally.poisoned = true;
+      continue;
+    }
+    add_candidate(s, positive, grid, q, acc + (j % kLanes) * 2 * q);
+  }
 }
 
 // Forward: at::parallel_for over query rows; each row is one sequential pass over its candidates
@@ -45,23 +128,18 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
       std::fill(acc.begin(), acc.end(), 0.0);
       const scalar_t* row_scores = scores + i * num_candidates;
       const RowRelevance row = relevance.row(i, num_candidates);
-      bool poisoned = false;
-      int64_t positives = 0;
-      for (int64_t j = 0; j < num_candidates; ++j) {
-        if (row.ignored(j)) continue;
-        const bool positive = row.positive(j);
-        positives += positive ? 1 : 0;
-        const compute_t s = static_cast<compute_t>(row_scores[j]);
-        if (!is_finite(s)) {
-          poisoned = true;
-          continue;
-        }
-        const BinPosition<compute_t> pos = grid.locate(s);
-        double* h = acc.data() + ((j % kLanes) * 2 + (positive ? 1 : 0)) * q;
-        h[pos.bin] += static_cast<double>(compute_t(1) - pos.frac);
-        h[pos.bin + 1] += static_cast<double>(pos.frac);
+      RowTally tally;
+      if (relevance.labels_only()) {
+        // The query's own candidate, if any, splits the row in two.
+        const int64_t self = row.self_column >= 0 ? row.self_column : num_candidates;
+        add_label_candidates(row_scores, row.ref_labels, row.query_label, 0, self, grid, q,
+                             acc.data(), tally);
+        add_label_candidates(row_scores, row.ref_labels, row.query_label, self + 1,
+                             num_candidates, grid, q, acc.data(), tally);
+      } else {
+        add_masked_candidates(row_scores, row, num_candidates, grid, q, acc.data(), tally);
       }
-      positives_out[i] = positives;
+      positives_out[i] = tally.positives;
       hist_t* n_row = n_out + i * q;
       hist_t* p_row = p_out + i * q;
       for (int64_t k = 0; k < q; ++k) {
@@ -71,13 +149,41 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
             by_class[c] += acc[(lane * 2 + c) * q + k];
           }
         }
-        n_row[k] = poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
-                            : static_cast<hist_t>(by_class[0] + by_class[1]);
-        p_row[k] = poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
-                            : static_cast<hist_t>(by_class[1]);
+        n_row[k] = tally.poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
+                                  : static_cast<hist_t>(by_class[0] + by_class[1]);
+        p_row[k] = tally.poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
+                                  : static_cast<hist_t>(by_class[1]);
       }
     }
   });
+}
+
+// dL/ds of candidates [begin, end) of a row with labels and no ignore mask, none of them the
+// query itself, in blocks of two passes as add_label_candidates: locate (vectorized), then look
+// up each one's slope.
+template <typename scalar_t, typename hist_t>
+void label_candidate_gradients(const scalar_t* scores, const int64_t* ref_labels, int64_t label,
+                               int64_t begin, int64_t end, const BinGrid<hist_t>& grid,
+                               const hist_t* row_table, scalar_t* grad) {
+  int32_t bins[kBlock];
+  hist_t fracs[kBlock];
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t count = std::min(kBlock, end - start);
+    const scalar_t* block_scores = scores + start;
+    for (int64_t o = 0; o < count; ++o) {
+      const BinPosition<hist_t> pos = grid.locate(static_cast<hist_t>(block_scores[o]));
+      bins[o] = pos.bin;
+      fracs[o] = pos.frac;
+    }
+    const int64_t* block_labels = ref_labels + start;
+    scalar_t* block_grad = grad + start;
+    for (int64_t o = 0; o < count; ++o) {
+      const hist_t s = static_cast<hist_t>(block_scores[o]);
+      const BinPosition<hist_t> pos{bins[o], fracs[o], grid.sloped(s, fracs[o])};
+      const hist_t g = located_slope(pos, block_labels[o] == label, grid, row_table);
+      block_grad[o] = static_cast<scalar_t>(is_finite(s) ? g : s - s);  // as score_gradient
+    }
+  }
 }
 
 // Backward: at::parallel_for over query rows; each candidate is one lookup in its row's slope
@@ -97,6 +203,16 @@ void histogram_backward_rows(const HistogramInputs& in, const hist_t* table, sca
       const hist_t* row_table = table + i * 2 * slopes;
       scalar_t* row_grad = grad_out + i * num_candidates;
       const RowRelevance row = relevance.row(i, num_candidates);
+      if (relevance.labels_only()) {
+        // The query's own candidate, if any, splits the row in two; its gradient is 0.
+        const int64_t self = row.self_column >= 0 ? row.self_column : num_candidates;
+        label_candidate_gradients(row_scores, row.ref_labels, row.query_label, 0, self, grid,
+                                  row_table, row_grad);
+        if (self < num_candidates) row_grad[self] = scalar_t(0);
+        label_candidate_gradients(row_scores, row.ref_labels, row.query_label, self + 1,
+                                  num_candidates, grid, row_table, row_grad);
+        continue;
+      }
       for (int64_t j = 0; j < num_candidates; ++j) {
         const compute_t s = static_cast<compute_t>(row_scores[j]);
         const hist_t g =
