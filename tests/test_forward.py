@@ -137,11 +137,11 @@ def test_labels_equal_dense_relevance(device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 1), (5, 7), (9, 130), (4, 257)])
 def test_label_rows_equal_dense_rows_at_op_level(device, shape, dtype):
-    # Rows with labels and no ignore mask take their own loops in the kernels (blocks of
-    # candidates split at the query's own column); the dense relevance matrix of the same labels
-    # takes the general one. Both must agree, also with non-finite scores (which poison a row's
-    # histograms and get a NaN gradient, unless they sit at the excluded self column) and with
-    # the self column first, last, or anywhere in a block.
+    # The kernels are compiled once per relevance form, and take a row in blocks of candidates
+    # split at the query's own column. Labels and the dense relevance matrix of the same labels
+    # must agree, also with non-finite scores (which poison a row's histograms and get a NaN
+    # gradient, unless they sit at the excluded self column) and with the self column first,
+    # last, or anywhere in a block.
     n, m = shape
     generator = torch.Generator().manual_seed(n * 1000 + m)
     scores = (torch.rand(n, m, generator=generator, dtype=torch.float64) * 2.4 - 1.2).to(dtype)

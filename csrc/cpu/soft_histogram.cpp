@@ -5,7 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../binning.h"
@@ -18,8 +20,8 @@ namespace {
 // consecutive candidates falling into the same bin do not wait on each other's additions.
 constexpr int64_t kLanes = 4;
 
-// Candidates per block of the two-pass loops of the labels-only rows: a few KB of positions that
-// stay in L1 between the passes.
+// Candidates per block of the two-pass loops: a few hundred bytes of positions that stay in L1
+// between the passes.
 constexpr int64_t kBlock = 64;
 
 // Rows per parallel task: enough candidates that a task is worth scheduling.
@@ -27,17 +29,53 @@ int64_t row_grain(int64_t num_candidates) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, num_candidates));
 }
 
-// One candidate of a row into its lane's pair of sub-histograms (`lane`: non-positives, then
-// positives, q bins each).
-template <typename compute_t>
-inline void add_candidate(compute_t s, bool positive, const BinGrid<compute_t>& grid, int64_t q,
-                          double* lane) {
-  const BinPosition<compute_t> pos = grid.locate(s);
-  double* h = lane + (positive ? q : 0) + pos.bin;  // bins pos.bin and pos.bin + 1
-  const double frac = static_cast<double>(pos.frac);
-  h[0] += 1.0 - frac;
-  h[1] += frac;
+// Calls f(kDense, kIgnore) with the relevance form of the call as compile-time constants
+// (std::bool_constant): positives from a dense relevance matrix or from labels; an ignore mask
+// or none. The kernels below are compiled once per form, so that a candidate's tests are only
+// those its form needs.
+template <typename F>
+void with_relevance_form(const RelevanceArgs& relevance, F&& f) {
+  const bool dense = relevance.dense_relevance != nullptr;
+  const bool ignore = relevance.ignore != nullptr;
+  if (dense) {
+    ignore ? f(std::true_type{}, std::true_type{}) : f(std::true_type{}, std::false_type{});
+  } else {
+    ignore ? f(std::false_type{}, std::true_type{}) : f(std::false_type{}, std::false_type{});
+  }
 }
+
+// Calls part(begin, end) for the candidate ranges of a row without the query's own candidate
+// (with exclude_self): the kernels then need no per-candidate test for it.
+template <typename Part>
+void for_row_parts(const RowRelevance& row, int64_t num_candidates, Part&& part) {
+  const int64_t self = row.self_column >= 0 ? row.self_column : num_candidates;
+  part(int64_t{0}, self);
+  if (self < num_candidates) part(self + 1, num_candidates);
+}
+
+// Where the candidates of a block fall, from the first pass over it: BinGrid::locate of each,
+// with no branch and no store that depends on the data, which the compiler turns into vector
+// instructions (it would not with a bool in the loop: the flags are ints).
+template <typename scalar_t, typename compute_t>
+struct BlockPositions {
+  int32_t bins[kBlock];
+  compute_t fracs[kBlock];
+  int32_t finite[kBlock];
+  int32_t any_non_finite;
+
+  void locate(const scalar_t* scores, int64_t count, const BinGrid<compute_t>& grid) {
+    int32_t non_finite = 0;
+    for (int64_t o = 0; o < count; ++o) {
+      const compute_t s = static_cast<compute_t>(scores[o]);
+      const BinPosition<compute_t> pos = grid.locate(s);  // places a non-finite s too
+      bins[o] = pos.bin;
+      fracs[o] = pos.frac;
+      finite[o] = is_finite(s);
+      non_finite |= !is_finite(s);
+    }
+    any_non_finite = non_finite;
+  }
+};
 
 // What one row's pass over its candidates counts besides the sub-histograms.
 struct RowTally {
@@ -45,36 +83,30 @@ struct RowTally {
   bool poisoned = false;  // a counted candidate has a non-finite score
 };
 
-// Candidates [begin, end) of a row with labels and no ignore mask (the common case), none of
-// them the query itself. Blocks of kBlock candidates in two passes: the first finds each one's
-// bin and fraction with no branch and no store that depends on the data (the compiler turns it
-// into vector instructions), the second adds them into the sub-histograms, lane = candidate mod
-// kLanes. A non-finite score is binned like any other (BinGrid::position places it) and poisons
-// the row.
-template <typename scalar_t, typename compute_t>
-void add_label_candidates(const scalar_t* scores, const int64_t* ref_labels, int64_t label,
-                          int64_t begin, int64_t end, const BinGrid<compute_t>& grid, int64_t q,
-                          double* acc, RowTally& tally) {
-  int32_t bins[kBlock];
-  compute_t fracs[kBlock];
+// Forward of candidates [begin, end) of a row, none of them the query itself, into `acc`
+// (kLanes x {non-positive, positive} x q fp64 sums; lane = candidate mod kLanes from `begin`).
+// In blocks of kBlock candidates, two passes: locate (BlockPositions), then add each counted
+// candidate's two weights. An ignored candidate's weights go to `discard`, so that the second
+// pass has no branch either.
+template <bool kDense, bool kIgnore, typename scalar_t, typename compute_t>
+void add_row_candidates(const scalar_t* scores, const RowRelevance& row, int64_t begin,
+                        int64_t end, const BinGrid<compute_t>& grid, int64_t q, double* acc,
+                        RowTally& tally) {
+  BlockPositions<scalar_t, compute_t> block;
+  double discard[2] = {0.0, 0.0};
   int64_t positives = 0;
-  int32_t nonfinite = 0;  // an int, not a bool: the compiler vectorizes the loop then
+  int32_t poisoned = 0;
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t count = std::min(kBlock, end - start);
-    const scalar_t* block_scores = scores + start;
-    for (int64_t o = 0; o < count; ++o) {
-      const compute_t s = static_cast<compute_t>(block_scores[o]);
-      nonfinite |= !is_finite(s);
-      const BinPosition<compute_t> pos = grid.locate(s);
-      bins[o] = pos.bin;
-      fracs[o] = pos.frac;
-    }
-    const int64_t* block_labels = ref_labels + start;
+    block.locate(scores + start, count, grid);
+    const RowRelevance part = row.window(start, count);  // self_column is outside: not checked
     auto add = [&](int64_t o, double* lane) {
-      const bool positive = block_labels[o] == label;
-      positives += positive ? 1 : 0;
-      double* h = lane + (positive ? q : 0) + bins[o];  // bins[o] and bins[o] + 1
-      const double frac = static_cast<double>(fracs[o]);
+      const bool counted = !(kIgnore && part.ignored<false>(o));
+      const bool positive = part.positive<kDense>(o);
+      positives += (counted & positive) ? 1 : 0;
+      if constexpr (kIgnore) poisoned |= counted & (block.finite[o] == 0);
+      double* h = counted ? lane + (positive ? q : 0) + block.bins[o] : discard;  // 2 bins
+      const double frac = static_cast<double>(block.fracs[o]);
       h[0] += 1.0 - frac;
       h[1] += frac;
     };
@@ -83,27 +115,10 @@ void add_label_candidates(const scalar_t* scores, const int64_t* ref_labels, int
       for (int64_t lane = 0; lane < kLanes; ++lane) add(o + lane, acc + lane * 2 * q);
     }
     for (; o < count; ++o) add(o, acc);
+    if constexpr (!kIgnore) poisoned |= block.any_non_finite;
   }
   tally.positives += positives;
-  tally.poisoned |= nonfinite != 0;
-}
-
-// Candidates [0, M) of a row in the general case: dense relevance or an ignore mask.
-template <typename scalar_t, typename compute_t>
-void add_masked_candidates(const scalar_t* scores, const RowRelevance& row, int64_t num_candidates,
-                           const BinGrid<compute_t>& grid, int64_t q, double* acc,
-                           RowTally& tally) {
-  for (int64_t j = 0; j < num_candidates; ++j) {
-    if (row.ignored(j)) continue;
-    const bool positive = row.positive(j);
-    tally.positives += positive ? 1 : 0;
-    const compute_t s = static_cast<compute_t>(scores[j]);
-    if (!is_finite(s)) {
-      tally.poisoned = true;
-      continue;
-    }
-    add_candidate(s, positive, grid, q, acc + (j % kLanes) * 2 * q);
-  }
+  tally.poisoned |= poisoned != 0;
 }
 
 // Forward: at::parallel_for over query rows; each row is one sequential pass over its candidates
@@ -121,67 +136,60 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
   const RelevanceArgs relevance = in.relevance_args();
   const scalar_t* scores = in.scores.const_data_ptr<scalar_t>();
 
-  at::parallel_for(0, in.num_queries(), row_grain(num_candidates), [&](int64_t begin, int64_t end) {
-    // acc[(lane * 2 + positive) * q + bin]
-    std::vector<double> acc(kLanes * 2 * q);
-    for (int64_t i = begin; i < end; ++i) {
-      std::fill(acc.begin(), acc.end(), 0.0);
-      const scalar_t* row_scores = scores + i * num_candidates;
-      const RowRelevance row = relevance.row(i, num_candidates);
-      RowTally tally;
-      if (relevance.labels_only()) {
-        // The query's own candidate, if any, splits the row in two.
-        const int64_t self = row.self_column >= 0 ? row.self_column : num_candidates;
-        add_label_candidates(row_scores, row.ref_labels, row.query_label, 0, self, grid, q,
-                             acc.data(), tally);
-        add_label_candidates(row_scores, row.ref_labels, row.query_label, self + 1,
-                             num_candidates, grid, q, acc.data(), tally);
-      } else {
-        add_masked_candidates(row_scores, row, num_candidates, grid, q, acc.data(), tally);
-      }
-      positives_out[i] = tally.positives;
-      hist_t* n_row = n_out + i * q;
-      hist_t* p_row = p_out + i * q;
-      for (int64_t k = 0; k < q; ++k) {
-        double by_class[2] = {0.0, 0.0};
-        for (int64_t lane = 0; lane < kLanes; ++lane) {
-          for (int64_t c = 0; c < 2; ++c) {
-            by_class[c] += acc[(lane * 2 + c) * q + k];
+  with_relevance_form(relevance, [&](auto dense, auto ignore) {
+    at::parallel_for(0, in.num_queries(), row_grain(num_candidates), [&](int64_t begin,
+                                                                         int64_t end) {
+      // acc[(lane * 2 + positive) * q + bin]
+      std::vector<double> acc(kLanes * 2 * q);
+      for (int64_t i = begin; i < end; ++i) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        const scalar_t* row_scores = scores + i * num_candidates;
+        const RowRelevance row = relevance.row(i, num_candidates);
+        RowTally tally;
+        for_row_parts(row, num_candidates, [&](int64_t part_begin, int64_t part_end) {
+          add_row_candidates<decltype(dense)::value, decltype(ignore)::value>(
+              row_scores, row, part_begin, part_end, grid, q, acc.data(), tally);
+        });
+        positives_out[i] = tally.positives;
+        hist_t* n_row = n_out + i * q;
+        hist_t* p_row = p_out + i * q;
+        for (int64_t k = 0; k < q; ++k) {
+          double by_class[2] = {0.0, 0.0};
+          for (int64_t lane = 0; lane < kLanes; ++lane) {
+            for (int64_t c = 0; c < 2; ++c) {
+              by_class[c] += acc[(lane * 2 + c) * q + k];
+            }
           }
+          n_row[k] = tally.poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
+                                    : static_cast<hist_t>(by_class[0] + by_class[1]);
+          p_row[k] = tally.poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
+                                    : static_cast<hist_t>(by_class[1]);
         }
-        n_row[k] = tally.poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
-                                  : static_cast<hist_t>(by_class[0] + by_class[1]);
-        p_row[k] = tally.poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
-                                  : static_cast<hist_t>(by_class[1]);
       }
-    }
+    });
   });
 }
 
-// dL/ds of candidates [begin, end) of a row with labels and no ignore mask, none of them the
-// query itself, in blocks of two passes as add_label_candidates: locate (vectorized), then look
-// up each one's slope.
-template <typename scalar_t, typename hist_t>
-void label_candidate_gradients(const scalar_t* scores, const int64_t* ref_labels, int64_t label,
-                               int64_t begin, int64_t end, const BinGrid<hist_t>& grid,
-                               const hist_t* row_table, scalar_t* grad) {
-  int32_t bins[kBlock];
-  hist_t fracs[kBlock];
+// dL/ds of candidates [begin, end) of a row, none of them the query itself, into `grad`: in
+// blocks, two passes as add_row_candidates (locate, then each one's slope from the row's table,
+// as score_gradient: NaN for a non-finite score, 0 for an ignored candidate).
+template <bool kDense, bool kIgnore, typename scalar_t, typename hist_t>
+void row_candidate_gradients(const scalar_t* scores, const RowRelevance& row, int64_t begin,
+                             int64_t end, const BinGrid<hist_t>& grid, const hist_t* row_table,
+                             scalar_t* grad) {
+  BlockPositions<scalar_t, hist_t> block;
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t count = std::min(kBlock, end - start);
     const scalar_t* block_scores = scores + start;
-    for (int64_t o = 0; o < count; ++o) {
-      const BinPosition<hist_t> pos = grid.locate(static_cast<hist_t>(block_scores[o]));
-      bins[o] = pos.bin;
-      fracs[o] = pos.frac;
-    }
-    const int64_t* block_labels = ref_labels + start;
+    block.locate(block_scores, count, grid);
+    const RowRelevance part = row.window(start, count);
     scalar_t* block_grad = grad + start;
     for (int64_t o = 0; o < count; ++o) {
       const hist_t s = static_cast<hist_t>(block_scores[o]);
-      const BinPosition<hist_t> pos{bins[o], fracs[o], grid.sloped(s, fracs[o])};
-      const hist_t g = located_slope(pos, block_labels[o] == label, grid, row_table);
-      block_grad[o] = static_cast<scalar_t>(is_finite(s) ? g : s - s);  // as score_gradient
+      const BinPosition<hist_t> pos{block.bins[o], block.fracs[o], grid.sloped(s, block.fracs[o])};
+      const hist_t slope = located_slope(pos, part.positive<kDense>(o), grid, row_table);
+      const hist_t g = block.finite[o] != 0 ? slope : s - s;
+      block_grad[o] = static_cast<scalar_t>(kIgnore && part.ignored<false>(o) ? hist_t(0) : g);
     }
   }
 }
@@ -190,36 +198,27 @@ void label_candidate_gradients(const scalar_t* scores, const int64_t* ref_labels
 // table (see backward_slope_table). No accumulation, so trivially deterministic.
 template <typename scalar_t, typename hist_t>
 void histogram_backward_rows(const HistogramInputs& in, const hist_t* table, scalar_t* grad_out) {
-  using compute_t = at::opmath_type<scalar_t>;
   const int64_t num_candidates = in.num_candidates();
   const int64_t slopes = in.num_bins - 1;
-  const BinGrid<compute_t> grid(in.lo, in.hi, in.num_bins);
+  const BinGrid<hist_t> grid(in.lo, in.hi, in.num_bins);
   const RelevanceArgs relevance = in.relevance_args();
   const scalar_t* scores = in.scores.const_data_ptr<scalar_t>();
 
-  at::parallel_for(0, in.num_queries(), row_grain(num_candidates), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* row_scores = scores + i * num_candidates;
-      const hist_t* row_table = table + i * 2 * slopes;
-      scalar_t* row_grad = grad_out + i * num_candidates;
-      const RowRelevance row = relevance.row(i, num_candidates);
-      if (relevance.labels_only()) {
-        // The query's own candidate, if any, splits the row in two; its gradient is 0.
-        const int64_t self = row.self_column >= 0 ? row.self_column : num_candidates;
-        label_candidate_gradients(row_scores, row.ref_labels, row.query_label, 0, self, grid,
-                                  row_table, row_grad);
-        if (self < num_candidates) row_grad[self] = scalar_t(0);
-        label_candidate_gradients(row_scores, row.ref_labels, row.query_label, self + 1,
-                                  num_candidates, grid, row_table, row_grad);
-        continue;
+  with_relevance_form(relevance, [&](auto dense, auto ignore) {
+    at::parallel_for(0, in.num_queries(), row_grain(num_candidates), [&](int64_t begin,
+                                                                         int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* row_scores = scores + i * num_candidates;
+        const hist_t* row_table = table + i * 2 * slopes;
+        scalar_t* row_grad = grad_out + i * num_candidates;
+        const RowRelevance row = relevance.row(i, num_candidates);
+        if (row.self_column >= 0) row_grad[row.self_column] = scalar_t(0);
+        for_row_parts(row, num_candidates, [&](int64_t part_begin, int64_t part_end) {
+          row_candidate_gradients<decltype(dense)::value, decltype(ignore)::value>(
+              row_scores, row, part_begin, part_end, grid, row_table, row_grad);
+        });
       }
-      for (int64_t j = 0; j < num_candidates; ++j) {
-        const compute_t s = static_cast<compute_t>(row_scores[j]);
-        const hist_t g =
-            row.ignored(j) ? hist_t(0) : score_gradient(s, row.positive(j), grid, row_table);
-        row_grad[j] = static_cast<scalar_t>(g);
-      }
-    }
+    });
   });
 }
 
