@@ -4,9 +4,10 @@ reference.
 
 Bytes that must move (the floor): the forward reads S (N M s bytes, s = element size) and the
 backward reads S and writes dS (2 N M s), plus the labels (8 (N + M) bytes, negligible), or with
---relevance dense an N x M bool relevance matrix read by both (2 N M bytes more). Labels take the
-fast CUDA kernels (16-byte loads) when rows hold whole 16-byte vectors; a dense matrix takes the
-general ones (docs/design.md, section 3). Achieved bandwidth = those bytes / device time (below);
+--relevance dense an N x M bool relevance matrix read by both (2 N M bytes more), and with
+--relevance ignore the labels and an N x M bool ignore mask (1 candidate in 16 left out; 2 N M
+bytes more). Labels take the fast CUDA kernels (16-byte loads) when rows hold whole 16-byte
+vectors; a dense matrix or an ignore mask takes the general ones (docs/design.md, section 3). Achieved bandwidth = those bytes / device time (below);
 the copy bandwidth is that of `dst.copy_(src)` on a 1 GiB tensor (bytes read + written / time).
 Timing: CUDA events (or perf_counter on CPU), median of --repeats after a warm-up.
 
@@ -53,9 +54,10 @@ def back_to_back_ms(fn, device: str, repeats: int, calls: int = 20) -> float:
     return statistics.median(runs) / calls
 
 
-def measure_case(scores, relevance, labels, ref_labels, q, device, repeats, with_reference):
+def measure_case(scores, relevance, labels, ref_labels, ignore, q, device, repeats,
+                 with_reference):
     """The times in ms of one problem (relevance from `labels`/`ref_labels`, or from the dense
-    `relevance` matrix when it is not None): fwd and bwd (the two ops alone), loss (fastap.ap_loss
+    `relevance` matrix when it is not None; the `ignore` mask or None): fwd and bwd (the two ops alone), loss (fastap.ap_loss
     forward and backward through autograd, one call between two events: what a training step
     sees, host overhead and the value checks' host sync included), loss_device (the same without
     the value checks, back to back: the device's time), reference (the pure-PyTorch reference's
@@ -64,7 +66,7 @@ def measure_case(scores, relevance, labels, ref_labels, q, device, repeats, with
     op = torch.ops.fastap
     if relevance is not None:
         labels = ref_labels = None
-    op_args = (relevance, labels, ref_labels, None, False, q, -1.0, 1.0)
+    op_args = (relevance, labels, ref_labels, ignore, False, q, -1.0, 1.0)
     hist = op.soft_histogram(scores, *op_args)
     grad_n, grad_p = torch.randn_like(hist[0]), torch.randn_like(hist[1])
 
@@ -75,7 +77,9 @@ def measure_case(scores, relevance, labels, ref_labels, q, device, repeats, with
         op.soft_histogram_backward(grad_n, grad_p, scores, *op_args)
 
     def loss(loss_fn=fastap.ap_loss):
-        value = loss_fn(scores, relevance, labels=labels, ref_labels=ref_labels, num_bins=q)
+        value = loss_fn(
+            scores, relevance, labels=labels, ref_labels=ref_labels, ignore=ignore, num_bins=q
+        )
         return torch.autograd.grad(value, scores)
 
     def unchecked_loss():
@@ -112,7 +116,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--reference-max", type=int, default=2**24, help="largest N*M for it")
-    parser.add_argument("--relevance", nargs="+", default=["labels"], choices=["labels", "dense"])
+    parser.add_argument("--relevance", nargs="+", default=["labels"], choices=["labels", "dense", "ignore"])
     parser.add_argument(
         "--json", help="also write the rows here, after each one, after the rows it holds already"
     )  # fmt: skip
@@ -143,20 +147,22 @@ def main() -> None:
         labels = torch.randint(0, max(2, n // 8), (n,), generator=g).to(device)
         ref_labels = torch.randint(0, max(2, n // 8), (m,), generator=g).to(device)
         for form in args.relevance:
-            relevance = None
+            relevance = ignore = None
             if form == "dense":
                 relevance = labels[:, None] == ref_labels[None, :]
+            if form == "ignore":
+                ignore = torch.rand(n, m, generator=g).lt(1 / 16).to(device)
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
                 scores = (2 * torch.rand(n, m, device=device) - 1).to(dtype).requires_grad_()
                 for q in args.num_bins:
                     with_reference = n * m <= args.reference_max and dtype != torch.bfloat16
                     r = measure_case(
-                        scores, relevance, labels, ref_labels, q, device, args.repeats,
+                        scores, relevance, labels, ref_labels, ignore, q, device, args.repeats,
                         with_reference,
                     )  # fmt: skip
                     floor_bytes = (
-                        n * m * (3 * scores.element_size() + (2 if relevance is not None else 0))
+                        n * m * (3 * scores.element_size() + (2 if form != "labels" else 0))
                     )
                     achieved = floor_bytes / r["loss_device"] / 1e6
                     ref = r["reference"]

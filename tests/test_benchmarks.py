@@ -51,9 +51,9 @@ def test_bench_kernels_appends_its_rows_and_plots(tmp_path):
     common = ("--repeats", "2", "--json", str(results))
     run("bench_kernels.py", "--shapes", "40x48", "64x64", "--dtypes", "float32", "bfloat16",
         *common)  # fmt: skip
-    out = run("bench_kernels.py", "--shapes", "32x64", "--relevance", "dense",
+    out = run("bench_kernels.py", "--shapes", "32x64", "--relevance", "dense", "ignore",
               "--reference-max", "0", *common)  # fmt: skip
-    assert len(table_rows(out)) == 1
+    assert len(table_rows(out)) == 2
     rows = json.loads(results.read_text())["rows"]
     assert [(r["n"], r["m"], r["dtype"], r["relevance"]) for r in rows] == [
         (40, 48, "float32", "labels"),
@@ -61,15 +61,16 @@ def test_bench_kernels_appends_its_rows_and_plots(tmp_path):
         (64, 64, "float32", "labels"),
         (64, 64, "bfloat16", "labels"),
         (32, 64, "float32", "dense"),
+        (32, 64, "float32", "ignore"),
     ]
     for r in rows:
         assert min(r["fwd"], r["bwd"], r["loss"], r["loss_device"]) > 0
         element = 4 if r["dtype"] == "float32" else 2
-        dense = 2 if r["relevance"] == "dense" else 0
-        assert r["floor_bytes"] == r["n"] * r["m"] * (3 * element + dense)
+        mask = 2 if r["relevance"] in ("dense", "ignore") else 0  # a bool N x M matrix, read twice
+        assert r["floor_bytes"] == r["n"] * r["m"] * (3 * element + mask)
         assert r["peak_bytes"] is None  # measured on CUDA only
     # The reference in fp32 within --reference-max, never in bf16, not at all with 0.
-    assert [r["reference"] is not None for r in rows] == [True, False, True, False, False]
+    assert [r["reference"] is not None for r in rows] == [True, False, True, False, False, False]
     plot(results, tmp_path)
 
 
