@@ -20,7 +20,7 @@ namespace {
 // consecutive candidates falling into the same bin do not wait on each other's additions.
 constexpr int64_t kLanes = 4;
 
-// Candidates per block of the two-pass loops: a few hundred bytes of positions that stay in L1
+// Candidates per block of the two-pass loops: about a KB of positions, which stays in L1
 // between the passes.
 constexpr int64_t kBlock = 64;
 
