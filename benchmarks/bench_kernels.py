@@ -7,8 +7,9 @@ backward reads S and writes dS (2 N M s), plus the labels (8 (N + M) bytes, negl
 --relevance dense an N x M bool relevance matrix read by both (2 N M bytes more), and with
 --relevance ignore the labels and an N x M bool ignore mask (1 candidate in 16 left out; 2 N M
 bytes more). Labels take the fast CUDA kernels (16-byte loads) when rows hold whole 16-byte
-vectors; a dense matrix or an ignore mask takes the general ones (docs/design.md, section 3). Achieved bandwidth = those bytes / device time (below);
-the copy bandwidth is that of `dst.copy_(src)` on a 1 GiB tensor (bytes read + written / time).
+vectors; a dense matrix or an ignore mask takes the general ones (docs/design.md, section 3).
+Achieved bandwidth = those bytes / device time (below); the copy bandwidth is that of
+`dst.copy_(src)` on a 1 GiB tensor (bytes read + written / time).
 Timing: CUDA events (or perf_counter on CPU), median of --repeats after a warm-up.
 
     python benchmarks/bench_kernels.py --device cuda --shapes 8192x8192 32768x32768 256x1000000 \
@@ -54,15 +55,14 @@ def back_to_back_ms(fn, device: str, repeats: int, calls: int = 20) -> float:
     return statistics.median(runs) / calls
 
 
-def measure_case(scores, relevance, labels, ref_labels, ignore, q, device, repeats,
-                 with_reference):
+def measure_case(scores, relevance, labels, ref_labels, ignore, q, device, repeats, with_reference):
     """The times in ms of one problem (relevance from `labels`/`ref_labels`, or from the dense
-    `relevance` matrix when it is not None; the `ignore` mask or None): fwd and bwd (the two ops alone), loss (fastap.ap_loss
-    forward and backward through autograd, one call between two events: what a training step
-    sees, host overhead and the value checks' host sync included), loss_device (the same without
-    the value checks, back to back: the device's time), reference (the pure-PyTorch reference's
-    loss, one call; None when not run, "out of memory" when it did not fit); and peak_bytes, the
-    extra memory of one loss call."""
+    `relevance` matrix when it is not None; the `ignore` mask or None): fwd and bwd (the two ops
+    alone), loss (fastap.ap_loss forward and backward through autograd, one call between two
+    events: what a training step sees, host overhead and the value checks' host sync included),
+    loss_device (the same without the value checks, back to back: the device's time), reference
+    (the pure-PyTorch reference's loss, one call; None when not run, "out of memory" when it did
+    not fit); and peak_bytes, the extra memory of one loss call."""
     op = torch.ops.fastap
     if relevance is not None:
         labels = ref_labels = None
@@ -116,7 +116,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--reference-max", type=int, default=2**24, help="largest N*M for it")
-    parser.add_argument("--relevance", nargs="+", default=["labels"], choices=["labels", "dense", "ignore"])
+    parser.add_argument(
+        "--relevance", nargs="+", default=["labels"], choices=["labels", "dense", "ignore"]
+    )
     parser.add_argument(
         "--json", help="also write the rows here, after each one, after the rows it holds already"
     )  # fmt: skip

@@ -54,7 +54,9 @@ void check_bins(int64_t num_bins, double lo, double hi, bool float_grid) {
 void check_self_column(bool exclude_self, int64_t self_offset, int64_t num_queries,
                        int64_t num_candidates) {
   TORCH_CHECK_VALUE(self_offset >= 0, "fastap: self_offset must be >= 0, got ", self_offset);
-  TORCH_CHECK_VALUE(!exclude_self || num_queries + self_offset <= num_candidates,
+  // Compared without a sum that could overflow (self_offset comes from Python, up to 2^63 - 1).
+  TORCH_CHECK_VALUE(!exclude_self || (num_queries <= num_candidates &&
+                                      self_offset <= num_candidates - num_queries),
                     "fastap: exclude_self needs candidate i + self_offset for every query i: ",
                     num_queries, " queries + offset ", self_offset, " > ", num_candidates,
                     " candidates");

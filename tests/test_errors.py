@@ -171,6 +171,11 @@ def test_direct_op_calls_are_checked():
         torch.ops.fastap.soft_histogram_backward(
             torch.zeros(4, 3), torch.zeros(4, 20), S, R, None, None, None, False, 20, -1.0, 1.0
         )
+    # A self_offset so large that N + self_offset overflows int64 is refused, not taken as a
+    # column far outside the row.
+    for offset in (2, 2**62, 2**63 - 1):
+        with pytest.raises(ValueError, match="needs candidate i \\+ self_offset"):
+            torch.ops.fastap.soft_histogram(S, R, None, None, None, True, 20, -1.0, 1.0, offset)
 
 
 def test_ap_loss_module_errors():

@@ -134,54 +134,111 @@ def test_labels_equal_dense_relevance(device):
     assert torch.equal(a, b)
 
 
+def _op_level_cases(n, m, dtype, seed):
+    """Scores in [-1.2, 1.2] (some beyond the bin range), labels of 3 classes, an ignore mask,
+    histogram gradients; and every relevance form of the op for them: (dense, with_ignore,
+    self_offset), with self_offset None for no exclude_self."""
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.rand(n, m, generator=g, dtype=torch.float64) * 2.4 - 1.2).to(dtype)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    ref_labels = torch.randint(0, 3, (m,), generator=g)
+    ignore = torch.rand(n, m, generator=g) < 0.2
+    grads = [torch.randn(n, 20, generator=g, dtype=torch.float64).to(dtype) for _ in range(2)]
+    offsets = [None] + ([m - n] if m >= n else [])
+    forms = list(itertools.product((False, True), (False, True), offsets))
+    return scores, labels, ref_labels, ignore, grads, forms
+
+
+def _op_args(labels, ref_labels, ignore, form, device):
+    dense, with_ignore, offset = form
+    relevance = (labels[:, None] == ref_labels[None, :], None, None) if dense else (
+        None, labels, ref_labels)  # fmt: skip
+    args = (*relevance, ignore if with_ignore else None)
+    options = (offset is not None, 20, -1.0, 1.0, offset or 0)
+    return tuple(None if t is None else t.to(device) for t in args), options
+
+
+# (70, 70): the self column at 0 (first row), 63 and 64 (a block edge); (9, 130) and (4, 257):
+# several blocks and a partial one, the self column near the end; (3, 1): one candidate.
+OP_SHAPES = [(3, 1), (5, 7), (70, 70), (9, 130), (4, 257)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(3, 1), (5, 7), (9, 130), (4, 257)])
-def test_label_rows_equal_dense_rows_at_op_level(device, shape, dtype):
-    # The kernels are compiled once per relevance form, and take a row in blocks of candidates
-    # split at the query's own column. Labels and the dense relevance matrix of the same labels
-    # must agree, also with non-finite scores (which poison a row's histograms and get a NaN
-    # gradient, unless they sit at the excluded self column) and with the self column first,
-    # last, or anywhere in a block.
+@pytest.mark.parametrize("shape", OP_SHAPES)
+def test_every_relevance_form_at_op_level_matches_reference(device, shape, dtype):
+    # The kernels are compiled once per relevance form (labels or dense; ignore mask or not) and
+    # take a row in blocks of candidates, split at the query's own column: each form, with and
+    # without exclude_self, against the pure-PyTorch reference, forward and backward.
     n, m = shape
-    generator = torch.Generator().manual_seed(n * 1000 + m)
-    scores = (torch.rand(n, m, generator=generator, dtype=torch.float64) * 2.4 - 1.2).to(dtype)
-    labels = torch.randint(0, 3, (n,), generator=generator)
-    ref_labels = torch.randint(0, 3, (m,), generator=generator)
-    for i, bad in zip(range(1, n, 2), [float("nan"), float("inf"), float("-inf")]):
-        scores[i, (7 * i) % m] = bad
-    # Row 0's own column (with self_offset m - n: the last candidate of the last row) holds a NaN.
-    self_offset = m - n if m >= n else None
-    if self_offset is not None:
-        scores[0, self_offset] = float("nan")
-    dense = labels[:, None] == ref_labels[None, :]
-    grad_n = torch.randn(n, 20, generator=generator, dtype=torch.float64).to(scores.dtype)
-    grad_p = torch.randn(n, 20, generator=generator, dtype=torch.float64).to(scores.dtype)
-    cases = [(False, 0)] + ([(True, self_offset)] if self_offset is not None else [])
-    scores, labels, ref_labels, dense = (t.to(device) for t in (scores, labels, ref_labels, dense))
-    grad_n, grad_p = grad_n.to(device), grad_p.to(device)
-    for exclude_self, offset in cases:
-        options = (exclude_self, 20, -1.0, 1.0, offset)
-        by_labels = torch.ops.fastap.soft_histogram(scores, None, labels, ref_labels, None, *options)
-        by_dense = torch.ops.fastap.soft_histogram(scores, dense, None, None, None, *options)
-        tolerance = 1e-12 if dtype == torch.float64 else 1e-5
-        for a, b in zip(by_labels[:2], by_dense[:2]):
-            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance, equal_nan=True)
-        assert torch.equal(by_labels[2], by_dense[2])
-        excluded = torch.zeros(n, m, dtype=torch.bool, device=device)
-        if exclude_self:
-            excluded[torch.arange(n), torch.arange(n) + offset] = True
+    scores, labels, ref_labels, ignore, (grad_n, grad_p), forms = _op_level_cases(
+        n, m, dtype, seed=n * 1000 + m
+    )
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    for form in forms:
+        args, options = _op_args(labels, ref_labels, ignore, form, device)
+        ours = torch.ops.fastap.soft_histogram(scores.to(device), *args, *options)
+        ref_scores = scores.double().requires_grad_()
+        ref_args = tuple(None if t is None else t.cpu() for t in args)
+        exclude_self, num_bins, lo, hi, offset = options
+        ref = reference.soft_histogram(
+            ref_scores, *ref_args, exclude_self, num_bins, lo, hi, offset if exclude_self else None
+        )
+        for a, b in zip(ours[:2], ref[:2]):
+            torch.testing.assert_close(a.cpu().double(), b.detach(), rtol=0, atol=tolerance)
+        assert torch.equal(ours[2].cpu(), ref[2].long()), form
+        grad = torch.ops.fastap.soft_histogram_backward(
+            grad_n.to(device), grad_p.to(device), scores.to(device), *args, *options
+        )
+        (ref_grad,) = torch.autograd.grad(
+            (ref[0] * grad_n.double()).sum() + (ref[1] * grad_p.double()).sum(), ref_scores
+        )
+        torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=0, atol=tolerance * 10)
+
+
+@pytest.mark.parametrize("shape", OP_SHAPES)
+def test_every_relevance_form_at_op_level_with_non_finite_scores(device, shape):
+    # A non-finite score that counts poisons its row's histograms (NaN) and gets a NaN gradient;
+    # one that is ignored or sits at the excluded self column counts nowhere and gets 0; the
+    # other rows are untouched.
+    n, m = shape
+    scores, labels, ref_labels, ignore, (grad_n, grad_p), forms = _op_level_cases(
+        n, m, torch.float32, seed=n * 1000 + m
+    )
+    clean = scores.clone()
+    for i, bad in zip(range(n), [float("nan"), float("inf"), float("-inf")] * n):
+        scores[i, (7 * i + 3) % m] = bad  # counted unless ignored (or self)
+        if i % 3 == 2:
+            ignore[i, (7 * i + 3) % m] = True  # ignored where there is a mask
+    if m >= n:
+        scores[0, m - n] = float("nan")  # row 0's own column when excluded
+    for form in forms:
+        args, options = _op_args(labels, ref_labels, ignore, form, device)
+        excluded = torch.zeros(n, m, dtype=torch.bool)
+        if form[1]:
+            excluded |= ignore
+        if form[2] is not None:
+            excluded[torch.arange(n), torch.arange(n) + form[2]] = True
         counted_non_finite = ~torch.isfinite(scores) & ~excluded
-        assert torch.equal(torch.isnan(by_labels[0]).any(dim=1), counted_non_finite.any(dim=1))
-        assert counted_non_finite[1:6:2].any(dim=1).all()  # the rows given a non-finite score
-        grad_labels = torch.ops.fastap.soft_histogram_backward(
-            grad_n, grad_p, scores, None, labels, ref_labels, None, *options
+        poisoned = counted_non_finite.any(dim=1)
+        n_hist, p_hist, positives = (
+            t.cpu() for t in torch.ops.fastap.soft_histogram(scores.to(device), *args, *options)
         )
-        grad_dense = torch.ops.fastap.soft_histogram_backward(
-            grad_n, grad_p, scores, dense, None, None, None, *options
-        )
-        torch.testing.assert_close(grad_labels, grad_dense, rtol=0, atol=0, equal_nan=True)
-        assert torch.equal(torch.isnan(grad_labels), counted_non_finite)
-        assert grad_labels[excluded].eq(0).all()
+        clean_hist = torch.ops.fastap.soft_histogram(clean.to(device), *args, *options)
+        assert torch.equal(torch.isnan(n_hist).any(dim=1), poisoned), form
+        assert torch.isnan(n_hist[poisoned]).all() and torch.isnan(p_hist[poisoned]).all()
+        torch.testing.assert_close(n_hist[~poisoned], clean_hist[0].cpu()[~poisoned])
+        torch.testing.assert_close(p_hist[~poisoned], clean_hist[1].cpu()[~poisoned])
+        assert torch.equal(positives, clean_hist[2].cpu())
+        grad = torch.ops.fastap.soft_histogram_backward(
+            grad_n.to(device), grad_p.to(device), scores.to(device), *args, *options
+        ).cpu()
+        clean_grad = torch.ops.fastap.soft_histogram_backward(
+            grad_n.to(device), grad_p.to(device), clean.to(device), *args, *options
+        ).cpu()
+        assert torch.equal(torch.isnan(grad), counted_non_finite), form
+        assert grad[excluded].eq(0).all()
+        finite = torch.isfinite(scores)
+        assert torch.equal(grad[finite], clean_grad[finite])
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0)])
