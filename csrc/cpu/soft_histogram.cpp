@@ -170,26 +170,68 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
   });
 }
 
+// One row's slope table for the backward, laid out for row_candidate_gradients: for each class
+// (non-positives, then positives) its Q - 1 slopes (see backward_slope_table), then 0 (for a
+// candidate off the slopes or not counted) and NaN (for a non-finite score that counts). So
+// every candidate's gradient is one entry: where it falls within its class's Q + 1, plus Q + 1
+// for a positive.
+template <typename hist_t>
+struct ExtendedSlopes {
+  std::vector<hist_t> entries;
+  int32_t zero;         // Q - 1, within a class
+  int32_t nan;          // Q
+  int32_t class_width;  // Q + 1
+
+  explicit ExtendedSlopes(int64_t num_bins)
+      : entries(2 * (num_bins + 1)),
+        zero(static_cast<int32_t>(num_bins - 1)),
+        nan(static_cast<int32_t>(num_bins)),
+        class_width(static_cast<int32_t>(num_bins + 1)) {
+    for (int32_t c = 0; c < 2; ++c) {
+      entries[c * class_width + zero] = hist_t(0);
+      entries[c * class_width + nan] = std::numeric_limits<hist_t>::quiet_NaN();
+    }
+  }
+  // The slopes of one row of the op's N x 2 x (Q - 1) table.
+  void load(const hist_t* row_table) {
+    for (int32_t c = 0; c < 2; ++c) {
+      std::copy(row_table + c * zero, row_table + (c + 1) * zero, entries.begin() + c * class_width);
+    }
+  }
+};
+
 // dL/ds of candidates [begin, end) of a row, none of them the query itself, into `grad`: in
-// blocks, two passes as add_row_candidates (locate, then each one's slope from the row's table,
-// as score_gradient: NaN for a non-finite score, 0 for an ignored candidate).
+// blocks of kBlock candidates, two passes. The first decides where each candidate falls within
+// its class's part of the extended slope table with no branch, which the compiler turns into
+// vector instructions for float32 scores; the second adds the class and copies the entry out.
+// That is score_gradient (and 0 for an ignored candidate) with its decisions taken out of the
+// lookups.
 template <bool kDense, bool kIgnore, typename scalar_t, typename hist_t>
 void row_candidate_gradients(const scalar_t* scores, const RowRelevance& row, int64_t begin,
-                             int64_t end, const BinGrid<hist_t>& grid, const hist_t* row_table,
-                             scalar_t* grad) {
-  BlockPositions<scalar_t, hist_t> block;
+                             int64_t end, const BinGrid<hist_t>& grid,
+                             const ExtendedSlopes<hist_t>& slopes, scalar_t* grad) {
+  int32_t within_class[kBlock];
+  const int32_t zero = slopes.zero;
+  const int32_t nan = slopes.nan;
+  const int32_t class_width = slopes.class_width;
+  const hist_t* table = slopes.entries.data();
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t count = std::min(kBlock, end - start);
     const scalar_t* block_scores = scores + start;
-    block.locate(block_scores, count, grid);
     const RowRelevance part = row.window(start, count);
-    scalar_t* block_grad = grad + start;
     for (int64_t o = 0; o < count; ++o) {
       const hist_t s = static_cast<hist_t>(block_scores[o]);
-      const BinPosition<hist_t> pos{block.bins[o], block.fracs[o], grid.sloped(s, block.fracs[o])};
-      const hist_t slope = located_slope(pos, part.positive<kDense>(o), grid, row_table);
-      const hist_t g = block.finite[o] != 0 ? slope : s - s;
-      block_grad[o] = static_cast<scalar_t>(kIgnore && part.ignored<false>(o) ? hist_t(0) : g);
+      const BinPosition<hist_t> pos = grid.locate(s);
+      // (grid.sloped rather than pos.sloped: GCC does not vectorise the loop with the latter)
+      int32_t entry = grid.sloped(s, pos.frac) ? pos.bin : zero;
+      entry = is_finite(s) ? entry : nan;
+      if constexpr (kIgnore) entry = part.ignored<false>(o) ? zero : entry;
+      within_class[o] = entry;
+    }
+    scalar_t* block_grad = grad + start;
+    for (int64_t o = 0; o < count; ++o) {
+      const int32_t entry = within_class[o] + (part.positive<kDense>(o) ? class_width : 0);
+      block_grad[o] = static_cast<scalar_t>(table[entry]);
     }
   }
 }
@@ -199,7 +241,7 @@ void row_candidate_gradients(const scalar_t* scores, const RowRelevance& row, in
 template <typename scalar_t, typename hist_t>
 void histogram_backward_rows(const HistogramInputs& in, const hist_t* table, scalar_t* grad_out) {
   const int64_t num_candidates = in.num_candidates();
-  const int64_t slopes = in.num_bins - 1;
+  const int64_t num_slopes = in.num_bins - 1;
   const BinGrid<hist_t> grid(in.lo, in.hi, in.num_bins);
   const RelevanceArgs relevance = in.relevance_args();
   const scalar_t* scores = in.scores.const_data_ptr<scalar_t>();
@@ -207,15 +249,16 @@ void histogram_backward_rows(const HistogramInputs& in, const hist_t* table, sca
   with_relevance_form(relevance, [&](auto dense, auto ignore) {
     at::parallel_for(0, in.num_queries(), row_grain(num_candidates), [&](int64_t begin,
                                                                          int64_t end) {
+      ExtendedSlopes<hist_t> slopes(in.num_bins);
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* row_scores = scores + i * num_candidates;
-        const hist_t* row_table = table + i * 2 * slopes;
+        slopes.load(table + i * 2 * num_slopes);
         scalar_t* row_grad = grad_out + i * num_candidates;
         const RowRelevance row = relevance.row(i, num_candidates);
         if (row.self_column >= 0) row_grad[row.self_column] = scalar_t(0);
         for_row_parts(row, num_candidates, [&](int64_t part_begin, int64_t part_end) {
           row_candidate_gradients<decltype(dense)::value, decltype(ignore)::value>(
-              row_scores, row, part_begin, part_end, grid, row_table, row_grad);
+              row_scores, row, part_begin, part_end, grid, slopes, row_grad);
         });
       }
     });
