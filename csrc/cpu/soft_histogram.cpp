@@ -195,7 +195,8 @@ struct ExtendedSlopes {
   // The slopes of one row of the op's N x 2 x (Q - 1) table.
   void load(const hist_t* row_table) {
     for (int32_t c = 0; c < 2; ++c) {
-      std::copy(row_table + c * zero, row_table + (c + 1) * zero, entries.begin() + c * class_width);
+      const hist_t* slopes = row_table + c * zero;  // Q - 1 of them
+      std::copy(slopes, slopes + zero, entries.begin() + c * class_width);
     }
   }
 };
