@@ -91,8 +91,9 @@ FASTAP_HOST_DEVICE bool is_finite(T x) {
 // The slope of a located score's bin from its query's slope table `row_table` (2 x (Q - 1)
 // entries: negatives, then positives; see backward_slope_table in histogram_inputs.h), or 0
 // where the binning has none. On the GPU the table is read whatever the position (the index is
-// always in range), so that the code needs no branch; the CPU skips the read where the slope is
-// not used, which is faster there.
+// always in range), so that the code needs no branch. (The CPU backward takes the same decisions
+// in a vectorised pass instead and reads a table extended by a 0 and a NaN entry per class:
+// ExtendedSlopes in cpu/soft_histogram.cpp.)
 template <typename T>
 FASTAP_HOST_DEVICE T located_slope(const BinPosition<T>& pos, bool positive,
                                    const BinGrid<T>& grid, const T* row_table) {

@@ -194,9 +194,10 @@ struct ExtendedSlopes {
   }
   // The slopes of one row of the op's N x 2 x (Q - 1) table.
   void load(const hist_t* row_table) {
+    const int32_t num_slopes = class_width - 2;  // Q - 1
     for (int32_t c = 0; c < 2; ++c) {
-      const hist_t* slopes = row_table + c * zero;  // Q - 1 of them
-      std::copy(slopes, slopes + zero, entries.begin() + c * class_width);
+      const hist_t* slopes = row_table + c * num_slopes;
+      std::copy(slopes, slopes + num_slopes, entries.begin() + c * class_width);
     }
   }
 };
