@@ -88,29 +88,24 @@ FASTAP_HOST_DEVICE bool is_finite(T x) {
   return (x - x) == T(0);
 }
 
-// The slope of a located score's bin from its query's slope table `row_table` (2 x (Q - 1)
-// entries: negatives, then positives; see backward_slope_table in histogram_inputs.h), or 0
-// where the binning has none. On the GPU the table is read whatever the position (the index is
-// always in range), so that the code needs no branch. (The CPU backward takes the same decisions
-// in a vectorised pass instead and reads a table extended by a 0 and a NaN entry per class:
-// ExtendedSlopes in cpu/soft_histogram.cpp.)
-template <typename T>
-FASTAP_HOST_DEVICE T located_slope(const BinPosition<T>& pos, bool positive,
-                                   const BinGrid<T>& grid, const T* row_table) {
-  const uint32_t index = static_cast<uint32_t>((positive ? grid.last_bin : 0) + pos.bin);
-#ifdef __CUDA_ARCH__
-  const T slope = __ldg(row_table + index);  // the read-only data path
-  return pos.sloped ? slope : T(0);
-#else
-  return pos.sloped ? row_table[index] : T(0);
-#endif
-}
-
-// dL/ds of one score that counts: the slope of its bin (located_slope), NaN if s is not finite.
+// dL/ds of one score that counts, from its query's slope table `row_table` (2 x (Q - 1) entries:
+// negatives, then positives; see backward_slope_table in histogram_inputs.h): the slope of the
+// score's bin where the binning has one, else 0; NaN if s is not finite. On the GPU the table is
+// read whatever the score (the index is always in range), so that the code needs no branch; the
+// CPU skips the read where the slope is not used. (The CPU backward itself takes these decisions
+// in a vectorised pass and reads a table extended by a 0 and a NaN per class: ExtendedSlopes in
+// cpu/soft_histogram.cpp.)
 template <typename T>
 FASTAP_HOST_DEVICE T score_gradient(T s, bool positive, const BinGrid<T>& grid,
                                     const T* row_table) {
-  const T g = located_slope(grid.locate(s), positive, grid, row_table);
+  const BinPosition<T> pos = grid.locate(s);
+  const uint32_t index = static_cast<uint32_t>((positive ? grid.last_bin : 0) + pos.bin);
+#ifdef __CUDA_ARCH__
+  const T slope = __ldg(row_table + index);  // the read-only data path
+  const T g = pos.sloped ? slope : T(0);
+#else
+  const T g = pos.sloped ? row_table[index] : T(0);
+#endif
   return is_finite(s) ? g : s - s;  // s - s: NaN for NaN and +-inf
 }
 

@@ -60,8 +60,8 @@ template <typename scalar_t, typename compute_t>
 struct BlockPositions {
   int32_t bins[kBlock];
   compute_t fracs[kBlock];
-  int32_t finite[kBlock];
-  int32_t any_non_finite;
+  int32_t finite[kBlock];  // per candidate: what the forms with an ignore mask need
+  int32_t any_non_finite;  // the block at once: all the other forms need (and cheaper to use)
 
   void locate(const scalar_t* scores, int64_t count, const BinGrid<compute_t>& grid) {
     int32_t non_finite = 0;
