@@ -41,6 +41,13 @@ def checking_values() -> bool:
     return not torch.compiler.is_compiling() and _value_checks.enabled
 
 
+def checks_values_of(t: torch.Tensor) -> bool:
+    """Whether the data-dependent checks read the values of `t`: as checking_values(), and only
+    where it has values (a tensor on the meta device has none: its checks are skipped, as under
+    torch.compile)."""
+    return checking_values() and t.device.type != "meta"
+
+
 class set_value_checks:
     """Turns fastap's checks of input values on or off in this thread: ``set_value_checks(False)``
     on its own sets the mode, and ``with set_value_checks(False): ...`` sets it for the block and
@@ -108,7 +115,7 @@ def _check_mask(value, name: str, scores: torch.Tensor) -> torch.Tensor:
         return t
     if t.is_complex():
         raise TypeError(f"fastap: {name} must be bool or hold 0/1 values, got dtype {t.dtype}")
-    if checking_values() and t.numel() > 0 and not bool(((t == 0) | (t == 1)).all()):
+    if checks_values_of(t) and t.numel() > 0 and not bool(((t == 0) | (t == 1)).all()):
         raise ValueError(f"fastap: {name} must hold only 0 and 1 (or be a bool tensor)")
     return t != 0
 
@@ -140,6 +147,10 @@ def in_common_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
     return a.to(common), b.to(common)
 
 
+#: The most bins the kernels take (csrc/histogram_inputs.cpp checks the same bound).
+MAX_NUM_BINS = 2**20
+
+
 def check_bins(num_bins, score_range, dtype: torch.dtype | None = None) -> tuple[int, float, float]:
     """(num_bins, lo, hi), checked. With the dtype of the scores (or embeddings): all but float64
     are binned in float32, where lo, hi, hi - lo and (num_bins - 1) / (hi - lo) must be finite."""
@@ -147,6 +158,12 @@ def check_bins(num_bins, score_range, dtype: torch.dtype | None = None) -> tuple
         raise TypeError(f"fastap: num_bins must be an int, got {type(num_bins).__name__}")
     if num_bins < 2:
         raise ValueError(f"fastap: num_bins must be at least 2, got {num_bins}")
+    if num_bins > MAX_NUM_BINS:
+        raise ValueError(f"fastap: num_bins must be at most 2^20 = {MAX_NUM_BINS}, got {num_bins}")
+    if isinstance(score_range, (str, bytes)):
+        raise TypeError(
+            f"fastap: score_range must be a pair of numbers (lo, hi), got {score_range!r}"
+        )
     try:
         lo, hi = (float(v) for v in score_range)
     except (TypeError, ValueError):
@@ -255,14 +272,14 @@ def check_query_weights(query_weights, scores: torch.Tensor) -> torch.Tensor:
             f"fastap: query_weights must be 1-D with one weight per query ({scores.shape[0]}), "
             f"got shape {list(t.shape)}"
         )
-    if checking_values() and t.numel() > 0 and not bool((torch.isfinite(t) & (t >= 0)).all()):
+    if checks_values_of(t) and t.numel() > 0 and not bool((torch.isfinite(t) & (t >= 0)).all()):
         raise ValueError("fastap: query_weights must be finite and non-negative")
     return t
 
 
 def raise_if_poisoned(n: torch.Tensor) -> None:
     """The kernels make a row's histogram NaN when it holds a non-finite, non-ignored score."""
-    if not checking_values() or n.numel() == 0:
+    if not checks_values_of(n) or n.numel() == 0:
         return
     bad_rows = torch.isnan(n[:, 0])
     if bool(bad_rows.any()):

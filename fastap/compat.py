@@ -19,7 +19,7 @@ import operator
 
 import torch
 
-from fastap._validation import check_query_weights
+from fastap._validation import MAX_NUM_BINS, check_query_weights
 from fastap.functional import average_precision_and_validity
 
 
@@ -40,6 +40,11 @@ class APLoss(torch.nn.Module):
             ) from None
         if nq < 2:
             raise ValueError(f"fastap.compat: nq (the number of bins) must be at least 2, got {nq}")
+        if nq > MAX_NUM_BINS:
+            raise ValueError(
+                f"fastap.compat: nq (the number of bins) must be at most 2^20 = {MAX_NUM_BINS}, "
+                f"got {nq}"
+            )
         try:
             lo, hi = float(min), float(max)
         except (TypeError, ValueError):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastap.losses import APLoss, _EmbeddingAPLoss
+from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch
 
 
 class _AllGather(torch.autograd.Function):
@@ -92,6 +92,9 @@ class DistributedAPLoss(torch.nn.Module):
         self.group = group
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # (A bad batch raises here on its own process; the others then wait in the collective,
+        # as with any error inside a distributed step.)
+        labels = check_batch(embeddings, labels, "fastap.DistributedAPLoss")
         all_embeddings, all_labels, offset = gather_embeddings(embeddings, labels, self.group)
         # Query i of this process is row offset + i of the gathered batch: not its own positive.
         per_query, valid = self.loss.per_query_loss(

@@ -64,7 +64,8 @@ def _score_tiles(queries, database, labels, ref_labels, options):
     """For each block of queries: (rows, its score tile, the ops' arguments after the scores).
     Each tile is computed when asked for, so only one lives at a time."""
     exclude_self, self_offset, num_bins, lo, hi, block_size = options
-    for start in range(0, queries.shape[0], block_size):
+    # (No queries: one empty block, so that the histograms are [0, Q] like the op's.)
+    for start in range(0, max(queries.shape[0], 1), block_size):
         rows = slice(start, start + block_size)
         op_args = (None, labels[rows], ref_labels, None, exclude_self, num_bins, lo, hi)
         yield rows, queries[rows] @ database.T, (*op_args, start + self_offset)
@@ -242,6 +243,8 @@ def _check_embedding_matrix(t, name: str) -> torch.Tensor:
         raise ValueError(f"fastap: {name} must be 2-D (rows x dim), got shape {list(t.shape)}")
     if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(f"fastap: {name} must be float32/64 or float16/bfloat16, got {t.dtype}")
+    if t.shape[1] == 0:
+        raise ValueError(f"fastap: {name} must have at least one column, got {list(t.shape)}")
     return t
 
 
@@ -262,15 +265,25 @@ def histograms_from_embeddings(
     matrix.
 
     queries [N, D] and database [M, D] (default: the queries; then exclude_self defaults to
-    True); labels [N] and ref_labels [M] (default: labels) integer. With exclude_self, query i's
+    True); labels [N] integer, and with a database its ref_labels [M] (without one the queries'
+    labels serve). With exclude_self, query i's
     own entry is database row i + self_offset. Differentiable with respect to both embedding sets.
     Embedding sets of two float dtypes are both taken in the wider one. backend: "auto",
     "fused" (the tensor-core CUDA kernel) or "blockwise" (block_size queries at a time); see the
     module docstring.
     """
     _check_embedding_matrix(queries, "queries")
+    if exclude_self is not None and not isinstance(exclude_self, bool):
+        raise TypeError(
+            f"fastap: exclude_self must be a bool or None, got {type(exclude_self).__name__}"
+        )
     same_set = database is None
     if database is None:
+        if ref_labels is not None:
+            raise ValueError(
+                "fastap: ref_labels was given without a database (without one the queries are "
+                "their own database, with their labels)"
+            )
         database = queries
         exclude_self = True if exclude_self is None else exclude_self
     else:
@@ -295,6 +308,8 @@ def histograms_from_embeddings(
         )
     if isinstance(self_offset, bool) or not isinstance(self_offset, int) or self_offset < 0:
         raise TypeError(f"fastap: self_offset must be an int >= 0, got {self_offset!r}")
+    if self_offset and not exclude_self:
+        raise ValueError("fastap: self_offset only applies with exclude_self=True")
     if exclude_self and queries.shape[0] + self_offset > database.shape[0]:
         raise ValueError(
             "fastap: exclude_self needs database row i + self_offset for every query i, got "
@@ -302,7 +317,9 @@ def histograms_from_embeddings(
         )
     if block_size is None:
         block_size = default_block_size(database.shape[0], queries.element_size())
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"fastap: block_size must be a positive int, got {block_size!r}")
+    if block_size < 1:
         raise ValueError(f"fastap: block_size must be a positive int, got {block_size!r}")
     unit_queries = F.normalize(queries, dim=1)
     unit_database = unit_queries if same_set else F.normalize(database, dim=1)

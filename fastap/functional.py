@@ -198,9 +198,17 @@ def weighted_loss(
     ap: torch.Tensor, has_positive: torch.Tensor, query_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     """1 - sum_i w_i AP_i / sum_i w_i over the queries with a positive (w = 1 by default);
-    0 with a zero gradient when there is none or the weights sum to 0."""
+    0 with a zero gradient when there is none or the weights sum to 0.
+
+    The loss does not change when every weight is scaled by one factor, so the weights are first
+    divided by the largest of them, in their own dtype: finite weights near the top of their
+    range (or beyond float32's, cast to float32 scores' AP) then neither overflow nor sum to
+    infinity."""
     weights = has_positive.to(ap.dtype)
     if query_weights is not None:
+        if query_weights.numel() > 0:
+            largest = query_weights.detach().abs().max()
+            query_weights = query_weights / torch.where(largest > 0, largest, 1)
         weights = weights * query_weights.to(ap.dtype)
     total = weights.sum()
     valid = total > 0

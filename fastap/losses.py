@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastap._validation import check_bins, check_labels, check_variant, in_common_dtype
+from fastap._validation import (
+    MAX_NUM_BINS,
+    check_bins,
+    check_labels,
+    check_variant,
+    checks_values_of,
+    in_common_dtype,
+)
 from fastap.embeddings import histograms_from_embeddings
 from fastap.functional import (
     DEFAULT_NUM_BINS,
@@ -22,7 +29,8 @@ def miner_weights(indices_tuple, num_queries: int, using_ref: bool, device) -> t
     divided by the largest such number. No tuple (or only empty ones): all ones.
 
     indices_tuple: (anchors, positives, negatives) or (anchors1, positives, anchors2, negatives),
-    1-D integer tensors of batch indices.
+    1-D integer tensors of batch indices. Whether they lie in [0, num_queries) is a check of
+    values (fastap.set_value_checks): under torch.compile an index outside fails in the indexing.
     """
     if indices_tuple is None:
         return torch.ones(num_queries, device=device)
@@ -32,28 +40,60 @@ def miner_weights(indices_tuple, num_queries: int, using_ref: bool, device) -> t
             "(anchors1, positives, anchors2, negatives)"
         )
     for t in indices_tuple:
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point():
+        if (
+            not isinstance(t, torch.Tensor)
+            or t.dim() != 1
+            or t.is_floating_point()
+            or t.is_complex()
+            or t.dtype == torch.bool
+        ):
             raise TypeError("fastap: indices_tuple must hold 1-D integer tensors")
     if all(t.numel() == 0 for t in indices_tuple):
         return torch.ones(num_queries, device=device)
     if using_ref:
         anchors = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[::2]
-        indices = torch.cat([t.to(device) for t in anchors])
+        indices = torch.cat([t.to(device) for t in anchors]).long()
     else:
-        indices = torch.cat([t.to(device) for t in indices_tuple])
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_queries):
-        raise ValueError(f"fastap: indices_tuple holds indices outside [0, {num_queries})")
-    counts = torch.bincount(indices.long(), minlength=num_queries).float()
-    return counts / counts.max().clamp_min(1)
+        indices = torch.cat([t.to(device) for t in indices_tuple]).long()
+    if checks_values_of(indices) and indices.numel():
+        if int(indices.min()) < 0 or int(indices.max()) >= num_queries:
+            raise ValueError(f"fastap: indices_tuple holds indices outside [0, {num_queries})")
+    # index_add_ rather than bincount: its output has num_queries entries whatever the values,
+    # which torch.compile(fullgraph=True) can trace.
+    counts = torch.zeros(num_queries, device=device).index_add_(
+        0, indices, torch.ones(indices.shape, device=device)
+    )
+    return counts / counts.max().clamp_min(1) if num_queries else counts
 
 
-def _check_embeddings(t, name: str, owner: str) -> None:
+def check_embeddings(t, name: str, owner: str) -> None:
+    """A 2-D floating tensor of at least one column (a batch of embeddings)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 2:
         raise ValueError(f"{owner}: {name} must be 2-D (batch x dim), got {list(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{owner}: {name} must be floating point, got {t.dtype}")
+    if t.shape[1] == 0:
+        raise ValueError(f"{owner}: {name} must have at least one column, got {list(t.shape)}")
+
+
+def check_batch(embeddings, labels, owner: str) -> torch.Tensor:
+    """A batch of embeddings [B, D] and its labels [B], checked; the labels as int64."""
+    check_embeddings(embeddings, "embeddings", owner)
+    return check_labels(
+        labels, "labels", embeddings.shape[0], "row of embeddings", embeddings, "embeddings"
+    )
+
+
+def check_score_matrix_limit(limit, owner: str) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(
+            f"{owner}: score_matrix_limit must be an int (bytes), got {type(limit).__name__}"
+        )
+    if limit < 0:
+        raise ValueError(f"{owner}: score_matrix_limit must be >= 0 bytes, got {limit}")
+    return limit
 
 
 def _limit_repr(limit: int) -> str:
@@ -80,15 +120,13 @@ class _EmbeddingAPLoss(torch.nn.Module):
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         owner = f"fastap.{type(self).__name__}"
-        _check_embeddings(embeddings, "embeddings", owner)
-        check_labels(labels, "labels", embeddings.shape[0], "row of embeddings", embeddings,
-                     "embeddings")  # fmt: skip
+        check_batch(embeddings, labels, owner)
         if ref_emb is None:
             if ref_labels is not None:
                 raise ValueError(f"{owner}: ref_labels was given without ref_emb")
             database, database_labels = embeddings, None
         else:
-            _check_embeddings(ref_emb, "ref_emb", owner)
+            check_embeddings(ref_emb, "ref_emb", owner)
             if ref_labels is None:
                 raise ValueError(f"{owner}: ref_emb needs ref_labels (one label per row)")
             if ref_emb.shape[1] != embeddings.shape[1]:
@@ -126,14 +164,19 @@ class _EmbeddingAPLoss(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(1 - AP_i [N], has_positive [N]) of the queries ranked against the database by cosine
         similarity: the building block that the distributed and cross-batch-memory helpers share.
-        Above ``score_matrix_limit`` bytes of scores, computed from the embeddings without the
-        score matrix (fastap.ap_loss_from_embeddings, backend "auto": the same values in fp32 and
-        fp64; bf16/fp16 embeddings on a GPU take the fused kernel, whose scores are fp32 sums
-        rather than scores rounded to bf16/fp16).
+        ``ref_labels=None`` means in-batch: the database is the queries (the same tensor) and the
+        labels are theirs. Above ``score_matrix_limit`` bytes of scores, computed from the
+        embeddings without the score matrix (fastap.ap_loss_from_embeddings, backend "auto": the
+        same values in fp32 and fp64; bf16/fp16 embeddings on a GPU take the fused kernel, whose
+        scores are fp32 sums rather than scores rounded to bf16/fp16).
         """
+        same_set = ref_labels is None
+        if same_set and database is not queries:
+            raise ValueError(
+                "fastap: per_query_loss needs ref_labels for a database other than the queries"
+            )
         score_bytes = queries.shape[0] * database.shape[0] * max(4, queries.element_size())
         if ignore is None and score_bytes > self.score_matrix_limit:
-            same_set = database is queries
             n, p, positives = histograms_from_embeddings(
                 queries,
                 None if same_set else database,
@@ -202,7 +245,7 @@ class APLoss(_EmbeddingAPLoss):
         self.num_bins, lo, hi = check_bins(num_bins, score_range)  # bad bins fail here, not later
         self.score_range = (lo, hi)
         self.variant = variant
-        self.score_matrix_limit = score_matrix_limit
+        self.score_matrix_limit = check_score_matrix_limit(score_matrix_limit, "fastap.APLoss")
 
     def extra_repr(self) -> str:
         text = f"num_bins={self.num_bins}, score_range={self.score_range}, variant={self.variant!r}"
@@ -227,9 +270,15 @@ class FastAPLoss(_EmbeddingAPLoss):
 
     def __init__(self, num_bins: int = 10, score_matrix_limit: int = 2**30):
         super().__init__()
-        self.score_matrix_limit = score_matrix_limit
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(f"fastap.FastAPLoss: num_bins must be an int >= 1, got {num_bins!r}")
+        owner = "fastap.FastAPLoss"
+        self.score_matrix_limit = check_score_matrix_limit(score_matrix_limit, owner)
+        if isinstance(num_bins, bool) or not isinstance(num_bins, int):
+            raise TypeError(f"{owner}: num_bins must be an int >= 1, got {num_bins!r}")
+        if not 1 <= num_bins < MAX_NUM_BINS:
+            raise ValueError(
+                f"{owner}: num_bins must be an int >= 1 and < 2^20 (num_bins + 1 bins), "
+                f"got {num_bins!r}"
+            )
         self.fast_ap_bins = num_bins
         self.num_bins = num_bins + 1
         self.score_range = (-1.0, 1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastap.losses import APLoss, _EmbeddingAPLoss, mean_over_valid
+from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch, mean_over_valid
 
 
 class CrossBatchMemory(torch.nn.Module):
@@ -40,20 +40,44 @@ class CrossBatchMemory(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"size={self.size}, filled={self.filled}"
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # The buffers are sized on the first batch: size them from the checkpoint before loading.
+        # A checkpoint of a memory of another size cannot be taken in (its ring of entries does
+        # not map onto this one's): load_state_dict raises with the reason.
+        saved_rows = [
+            state_dict[prefix + name].shape[0]
+            for name in ("embeddings", "labels")
+            if prefix + name in state_dict and state_dict[prefix + name].numel() > 0
+        ]
+        if any(rows != self.size for rows in saved_rows):
+            error_msgs.append(
+                f"fastap: the checkpoint holds a CrossBatchMemory of size {saved_rows[0]}, this "
+                f"one has size={self.size}: create it with size={saved_rows[0]}"
+            )
+            return
         for name in ("embeddings", "labels"):
             saved = state_dict.get(prefix + name)
             if saved is not None:
                 current = getattr(self, name)
                 setattr(self, name, current.new_empty(saved.shape, dtype=saved.dtype))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def get_extra_state(self) -> dict:
         return {"filled": self.filled, "next": self.next}
 
     def set_extra_state(self, state: dict) -> None:
-        self.filled, self.next = int(state["filled"]), int(state["next"])
+        filled, next_entry = int(state["filled"]), int(state["next"])
+        held = self.embeddings.shape[0]
+        if not (0 <= filled <= held and 0 <= next_entry < max(held, 1)):
+            raise ValueError(
+                f"fastap: CrossBatchMemory state filled={filled}, next={next_entry} does not fit "
+                f"its {held} stored entries"
+            )
+        self.filled, self.next = filled, next_entry
 
     def reset(self) -> None:
         self.filled = 0
@@ -78,6 +102,7 @@ class CrossBatchMemory(torch.nn.Module):
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Add detached copies of a batch, dropping the oldest entries beyond ``size``."""
+        labels = check_batch(embeddings, labels, "fastap.CrossBatchMemory.enqueue")
         if self.embeddings.numel() == 0:
             self.embeddings = embeddings.new_empty(self.size, embeddings.shape[1])
             self.labels = labels.new_empty(self.size, dtype=torch.long)
@@ -94,12 +119,13 @@ class CrossBatchMemory(torch.nn.Module):
     ) -> torch.Tensor:
         """The loss of the batch against itself and the memory; then, with ``enqueue``, the
         batch joins the memory (pass ``enqueue=False`` to evaluate without changing it)."""
+        labels = check_batch(embeddings, labels, "fastap.CrossBatchMemory")
         if self.embeddings.numel() > 0:
             self._check_dimension(embeddings)
         stored, stored_labels = self.contents()
         stored = stored.to(embeddings)
         database = torch.cat([embeddings, stored])
-        database_labels = torch.cat([labels.long(), stored_labels.to(labels.device)])
+        database_labels = torch.cat([labels, stored_labels.to(labels.device)])
         # The batch comes first in the database: query i's own entry is candidate i.
         per_query, valid = self.loss.per_query_loss(
             embeddings, database, labels, database_labels, exclude_self=True, self_offset=0

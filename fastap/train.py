@@ -20,8 +20,11 @@ _BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
 
 
 def _split(inputs, chunk_size: int):
+    # (An empty batch is one empty chunk: the model and the loss see it as they would any batch.)
     if isinstance(inputs, torch.Tensor):
         return [(chunk,) for chunk in inputs.split(chunk_size)]
+    if isinstance(inputs, Sequence) and not isinstance(inputs, str) and len(inputs) == 0:
+        raise ValueError("fastap: inputs is an empty sequence (give at least one tensor)")
     if isinstance(inputs, Sequence) and inputs and all(isinstance(t, torch.Tensor) for t in inputs):
         sizes = {t.shape[0] for t in inputs}
         if len(sizes) != 1:
@@ -93,8 +96,6 @@ def multistage_backward(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"fastap: chunk_size must be a positive int, got {chunk_size!r}")
     chunks = _split(inputs, chunk_size)
-    if not chunks:
-        raise ValueError("fastap: inputs is empty")
     devices = _devices_of(chunks)
     device_type = "cuda" if devices else "cpu"
 

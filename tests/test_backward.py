@@ -124,6 +124,25 @@ def test_no_valid_query_gives_zero_loss_with_zero_gradient(device):
     assert loss.item() == 0.0 and scores.grad.eq(0).all()
 
 
+def test_weights_near_their_dtype_limit_give_the_loss_of_their_ratios(device):
+    """Only the ratios of the weights matter: weights near float32's largest value (which summed
+    overflow) or beyond it in float64 (which cast to float32 become infinite) give the loss and
+    gradient of the same ratios in small numbers."""
+    problem = random_problem(6, 9, seed=4).to(device)
+    scores = problem.scores.float().detach()
+    ratios = torch.tensor([1.0, 2.0, 0.0, 1.0, 3.0, 1.0], device=device)
+    for weights in (ratios * 1e38, ratios.double() * 1e300, ratios.double() * 1e-300):
+        results = []
+        for w in (weights, ratios):
+            leaf = scores.clone().requires_grad_()
+            loss = fastap.ap_loss(leaf, problem.relevance, query_weights=w, **problem.kwargs())
+            (grad,) = torch.autograd.grad(loss, leaf)
+            results.append((loss, grad))
+        assert torch.isfinite(results[0][0]) and torch.isfinite(results[0][1]).all()
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_gradient(device, dtype):
     problem = random_problem(20, 70, kink_free=True, seed=12)

@@ -110,6 +110,47 @@ def test_compile_inductor_module(device, keep_subnormals):
     torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_fullgraph_with_a_miners_tuples(device):
+    """The miner's weights have a shape that does not depend on the indices' values, and their
+    range check is a check of values (skipped while compiling), so fullgraph holds."""
+    torch._dynamo.reset()
+    embeddings = torch.randn(10, 6, device=device, requires_grad=True)
+    labels = torch.arange(10, device=device) % 3
+    tuples = tuple(
+        torch.tensor(t, device=device) for t in ([0, 1, 1, 9], [3, 4, 4, 6], [2, 2, 5, 1])
+    )
+    loss_fn = fastap.APLoss()
+    eager = loss_fn(embeddings, labels, tuples)
+    (eager_grad,) = torch.autograd.grad(eager, embeddings)
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(embeddings, labels, tuples)
+    (grad,) = torch.autograd.grad(loss, embeddings)
+    assert torch.equal(loss, eager) and torch.equal(grad, eager_grad)
+
+
+def test_public_api_on_meta_tensors():
+    """Meta tensors have no values: the value checks are skipped and the results are meta
+    tensors of the right shapes and dtypes."""
+    scores = torch.empty(5, 7, device="meta")
+    relevance = torch.empty(5, 7, device="meta")  # 0/1 floats: a value check in eager mode
+    weights = torch.empty(5, device="meta")
+    labels = torch.empty(5, dtype=torch.long, device="meta")
+    ref_labels = torch.empty(7, dtype=torch.long, device="meta")
+    ap = fastap.average_precision(scores, relevance, ignore=relevance)
+    assert ap.device.type == "meta" and ap.shape == (5,) and ap.dtype == torch.float32
+    loss = fastap.ap_loss(
+        scores.double(), labels=labels, ref_labels=ref_labels, query_weights=weights
+    )
+    assert loss.device.type == "meta" and loss.shape == () and loss.dtype == torch.float64
+    embeddings = torch.empty(5, 3, device="meta")
+    tuples = (labels[:2], labels[2:4], labels[1:3])
+    for loss in (
+        fastap.APLoss()(embeddings, labels, tuples),
+        fastap.APLoss(score_matrix_limit=0)(embeddings, labels),
+        fastap.ap_loss_from_embeddings(embeddings, labels=labels),
+    ):
+        assert loss.device.type == "meta" and loss.shape == ()
+
+
 @pytest.mark.parametrize("in_batch", [True, False])
 def test_compile_loss_from_embeddings_without_score_matrix(device, in_batch):
     # The in-batch case passes each tensor to the autograd Function once (the database and its

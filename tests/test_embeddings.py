@@ -159,10 +159,50 @@ def test_modules_switch_to_blocks_above_the_limit(loss_type):
             loss = memory(q, labels)
         else:
             loss = loss_fn(q, labels) + loss_fn(q, labels, ref_emb=database, ref_labels=ref_labels)
+            # The batch itself as the reference set, under other labels: a reference set like
+            # any other (its labels, no self-match excluded), though it is the same tensor.
+            loss = loss + loss_fn(q, labels, ref_emb=q, ref_labels=labels.roll(1))
         (grad,) = torch.autograd.grad(loss, q)
         results.append((loss.detach(), grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
+
+
+def test_batch_as_its_own_reference_set_under_other_labels():
+    queries, _, labels, _ = embedding_problem(12, 1, 5, seed=8)
+    ref_labels = labels.roll(3)
+    scores = F.normalize(queries, dim=1) @ F.normalize(queries, dim=1).T
+    expected = fastap.reference.ap_loss(scores, labels=labels, ref_labels=ref_labels)
+    for limit in (2**30, 0):
+        got = fastap.APLoss(score_matrix_limit=limit)(
+            queries, labels, ref_emb=queries, ref_labels=ref_labels
+        )
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    got = fastap.ap_loss_from_embeddings(queries, queries, labels=labels, ref_labels=ref_labels)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_empty_batch_gives_zero_loss(device, in_batch):
+    """No queries: a loss of 0 with empty gradients, on the blockwise path as on the others."""
+    queries = torch.zeros(0, 4, device=device, requires_grad=True)
+    labels = torch.zeros(0, dtype=torch.long, device=device)
+    database = None if in_batch else torch.randn(5, 4, device=device, requires_grad=True)
+    ref_labels = None if in_batch else torch.arange(5, device=device)
+    reference_set = dict(ref_emb=database, ref_labels=ref_labels)
+    losses = [
+        fastap.ap_loss_from_embeddings(
+            queries, database, labels=labels, ref_labels=ref_labels, backend="blockwise"
+        ),
+        fastap.APLoss(score_matrix_limit=0)(queries, labels, **reference_set),
+        fastap.APLoss()(queries, labels, **reference_set),
+    ]
+    inputs = [queries] + ([] if in_batch else [database])
+    for loss in losses:
+        assert loss.item() == 0.0
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        for grad, tensor in zip(grads, inputs):
+            assert grad is None or (grad.shape == tensor.shape and not grad.any())
 
 
 def test_backend_argument(device):

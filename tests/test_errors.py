@@ -208,6 +208,89 @@ def test_ap_loss_module_errors():
         loss(e, labels, ref_labels=labels)
     with pytest.raises(ValueError, match="embeddings must be 2-D"):
         loss(torch.randn(6), labels)
+    with pytest.raises(ValueError, match=r"embeddings must have at least one column, got \[6, 0\]"):
+        loss(torch.randn(6, 0), labels)
+    with pytest.raises(ValueError, match="ref_emb must have at least one column"):
+        loss(e, labels, ref_emb=torch.randn(3, 0), ref_labels=torch.arange(3))
+    with pytest.raises(TypeError, match="1-D integer tensors"):
+        loss(e, labels, indices_tuple=(L4 > 0, L4 > 0, L4 > 0))
+    with pytest.raises(TypeError, match="score_range must be a pair"):
+        fastap.APLoss(score_range="01")
+    with pytest.raises(TypeError, match="FastAPLoss: num_bins must be an int"):
+        fastap.FastAPLoss(num_bins=1.5)
+    for make in (fastap.APLoss, fastap.FastAPLoss):
+        with pytest.raises(TypeError, match=r"\.(Fast)?APLoss: score_matrix_limit must be an int"):
+            make(score_matrix_limit="1GB")
+        with pytest.raises(ValueError, match="score_matrix_limit must be >= 0 bytes, got -1"):
+            make(score_matrix_limit=-1)
+
+
+def test_bin_counts_above_the_kernels_bound_fail_at_construction():
+    """The kernels take at most 2^20 bins: every entry point says so before any call."""
+    with pytest.raises(ValueError, match=r"num_bins must be at most 2\^20 = 1048576, got 1048577"):
+        fastap.ap_loss(S, R, num_bins=2**20 + 1)
+    with pytest.raises(ValueError, match=r"num_bins must be at most 2\^20"):
+        fastap.APLoss(num_bins=2**21)
+    with pytest.raises(ValueError, match=r"FastAPLoss: num_bins must be .* < 2\^20"):
+        fastap.FastAPLoss(num_bins=2**20)  # 2^20 + 1 bins
+    with pytest.raises(ValueError, match=r"nq .* at most 2\^20"):
+        fastap.compat.TAPLoss(nq=2**20 + 1)
+    with pytest.raises(ValueError, match=r"num_bins must be at most 2\^20"):
+        fastap.ap_loss_from_embeddings(torch.randn(4, 3), labels=L4, num_bins=2**20 + 1)
+    # The bound itself is taken.
+    assert fastap.FastAPLoss(num_bins=2**20 - 1).num_bins == 2**20
+    assert fastap.ap_loss(S, R, num_bins=2**20).isfinite()
+
+
+def test_embedding_loss_arguments():
+    q, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    ref_labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="ref_labels was given without a database"):
+        fastap.ap_loss_from_embeddings(q, labels=labels, ref_labels=ref_labels)
+    for exclude_self in ("False", 1, 0.0):
+        with pytest.raises(TypeError, match="exclude_self must be a bool or None, got"):
+            fastap.ap_loss_from_embeddings(q, labels=labels, exclude_self=exclude_self)
+        with pytest.raises(TypeError, match="exclude_self must be a bool or None, got"):
+            fastap.ap_loss_from_embeddings(
+                q, q, labels=labels, ref_labels=ref_labels, exclude_self=exclude_self
+            )
+    with pytest.raises(ValueError, match="self_offset only applies with exclude_self=True"):
+        fastap.ap_loss_from_embeddings(q, q, labels=labels, ref_labels=ref_labels, self_offset=3)
+    with pytest.raises(TypeError, match=r"block_size must be a positive int, got 2\.0"):
+        fastap.ap_loss_from_embeddings(q, labels=labels, block_size=2.0)
+    with pytest.raises(ValueError, match="queries must have at least one column"):
+        fastap.ap_loss_from_embeddings(q[:, :0], labels=labels)
+    with pytest.raises(ValueError, match="database must have at least one column"):
+        fastap.ap_loss_from_embeddings(q, q[:, :0], labels=labels, ref_labels=ref_labels)
+
+
+def test_helpers_check_their_batches():
+    e, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    memory = fastap.memory.CrossBatchMemory(size=10)
+    distributed = fastap.distributed.DistributedAPLoss()  # checks before any collective
+    for owner, call in (
+        ("CrossBatchMemory", memory),
+        ("CrossBatchMemory.enqueue", memory.enqueue),
+        ("DistributedAPLoss", distributed),
+    ):
+        with pytest.raises(TypeError, match=f"fastap.{owner}: embeddings must be floating"):
+            call(e.long(), labels)
+        with pytest.raises(ValueError, match=f"fastap.{owner}: embeddings must be 2-D"):
+            call(e[0], labels[:1])
+        with pytest.raises(ValueError, match=f"fastap.{owner}: embeddings must be 2-D"):
+            call(e[None], labels)
+        with pytest.raises(TypeError, match=r"labels must be a torch\.Tensor, got list"):
+            call(e, labels.tolist())
+        with pytest.raises(ValueError, match="labels must be 1-D with one label per row"):
+            call(e, labels[:3])
+        with pytest.raises(TypeError, match="labels must be an integer tensor"):
+            call(e, labels.float())
+    assert memory.filled == 0
+
+
+def test_multistage_backward_of_an_empty_sequence():
+    with pytest.raises(ValueError, match="inputs is an empty sequence"):
+        fastap.train.multistage_backward(torch.nn.Linear(3, 2), [], lambda d: d.sum(), 2)
 
 
 def test_front_end_errors_name_their_own_arguments():

@@ -60,3 +60,24 @@ def test_loss_against_direct_computation_and_state_dict():
     restored.load_state_dict(memory.state_dict())
     for a, b in zip(restored.contents(), memory.contents()):
         assert torch.equal(a, b)
+
+
+def test_state_dict_of_another_size_is_refused():
+    g = torch.Generator().manual_seed(1)
+    memory = CrossBatchMemory(size=10)
+    for _ in range(2):
+        memory(torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g))
+    state = memory.state_dict()
+    for size in (3, 12):
+        other = CrossBatchMemory(size=size)
+        with pytest.raises(RuntimeError, match=f"of size 10, this one has size={size}"):
+            other.load_state_dict(state)
+    # A memory saved before its first batch (no entries yet) loads into any size.
+    empty = CrossBatchMemory(size=10).state_dict()
+    other = CrossBatchMemory(size=3)
+    other.load_state_dict(empty)
+    assert other.filled == 0 and other.contents()[1].numel() == 0
+    # A state whose counters do not fit its entries is refused, not taken as is.
+    state[next(k for k in state if k.endswith("_extra_state"))] = {"filled": 11, "next": 0}
+    with pytest.raises(ValueError, match="filled=11, next=0 does not fit its 10 stored entries"):
+        CrossBatchMemory(size=10).load_state_dict(state)
