@@ -170,6 +170,7 @@ setup(
     extras_require={
         "test": [
             "pytest",
+            "pytest-xdist",
             "hypothesis",
             "ruff",
             "mypy",
