@@ -11,6 +11,7 @@ tests/test_cuda.py (benchmarks/gpu_check.sh).
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -52,26 +53,35 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def emulators(tmp_path_factory) -> dict[str, Path]:
-    """The emulation program, built once per session for each sanitizer (the builds in
-    parallel)."""
+    """The emulation program, built once per test run for each sanitizer (the builds in
+    parallel). Under pytest-xdist the workers share one build, in the parent of their temporary
+    folders: the first to take the lock builds, the others wait for it and use its binaries."""
+    import fcntl  # (Linux only, as the emulation)
+
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:12]
-    out = tmp_path_factory.mktemp("emulation")
-    builds = {}
-    for name, flag in SANITIZERS.items():
-        binary = out / f"run_kernels_{name}_{digest}"
-        command = [
-            "g++", "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Werror",
-            "-fno-strict-aliasing",  # the kernels read 16-byte vectors of bf16 / float
-            "-Wno-unknown-pragmas", f"-fsanitize={flag}", "-fno-sanitize-recover=all",
-            *(f"-I{p}" for p in include_paths()),
-            str(SOURCES[0]), "-o", str(binary),
-        ]  # fmt: skip
-        builds[name] = (binary, subprocess.Popen(command, stderr=subprocess.PIPE, text=True))
-    binaries = {}
-    for name, (binary, build) in builds.items():
-        _, stderr = build.communicate()
-        assert build.returncode == 0, stderr
-        binaries[name] = binary
+    base = tmp_path_factory.getbasetemp()
+    out = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "emulation"
+    out.mkdir(exist_ok=True)
+    binaries = {name: out / f"run_kernels_{name}_{digest}" for name in SANITIZERS}
+    with open(out / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        builds = {}
+        for name, binary in binaries.items():
+            if binary.exists():
+                continue
+            command = [
+                "g++", "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Werror",
+                "-fno-strict-aliasing",  # the kernels read 16-byte vectors of bf16 / float
+                "-Wno-unknown-pragmas", f"-fsanitize={SANITIZERS[name]}",
+                "-fno-sanitize-recover=all", *(f"-I{p}" for p in include_paths()),
+                str(SOURCES[0]), "-o", f"{binary}.partial",
+            ]  # fmt: skip
+            builds[name] = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        for name, build in builds.items():
+            _, stderr = build.communicate()
+            assert build.returncode == 0, stderr
+            # Complete binaries only get the name that the other workers look for.
+            os.replace(f"{binaries[name]}.partial", binaries[name])
     return binaries
 
 
