@@ -14,6 +14,8 @@
 // that is 0 is taken as 1 (its bins hold nothing, so the term is 0 and stays differentiable).
 // These are the formulas of fastap.reference.ap_from_histograms, whose autograd gradient the
 // backward below reproduces (relu: no gradient at 0); tests/test_ap_formula.py compares both.
+// (Histograms that contradict their count, P_{Q-1} = 0 with positives > 0, which the histogram
+// op never returns, get 0 here where the reference divides by 0.)
 #pragma once
 
 #include <cmath>

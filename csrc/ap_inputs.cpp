@@ -36,9 +36,14 @@ ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Ten
   in.variant = parse_ap_variant(variant);
   in.n = n.contiguous();
   in.p = p.contiguous();
-  // Counts: floating ones are rounded to the nearest integer (int64 input is taken as it is).
-  in.positives =
-      (positives.is_floating_point() ? positives.round() : positives).to(at::kLong).contiguous();
+  // Counts: floating ones are rounded to the nearest integer and clamped to [0, 2^53] (beyond,
+  // a float no longer holds every integer; a NaN count is 0), so that none wraps around in the
+  // conversion; integer input is taken as it is.
+  in.positives = (positives.is_floating_point()
+                      ? positives.round().nan_to_num(0.0).clamp(0.0, 9007199254740992.0)
+                      : positives)
+                     .to(at::kLong)
+                     .contiguous();
   if (grad_ap.defined()) {
     TORCH_CHECK_VALUE(grad_ap.dim() == 1 && grad_ap.size(0) == rows,
                       "fastap: grad_ap must have shape [", rows, "], got ", grad_ap.sizes());

@@ -9,9 +9,10 @@
 //
 // Since dt/ds = -1/delta, d(1 - f)/ds = +1/delta and df/ds = -1/delta, so an upstream gradient
 // g (one value per bin) gives dL/ds = (g[k] - g[k + 1]) / delta. It is zero where the loss is
-// flat or has a kink: outside the open range (lo, hi) and at an exact bin centre (f == 0). This
-// matches autograd on the triangle formula (|x|' = 0 at 0, relu' = 0 at 0), which is the
-// pure-PyTorch reference.
+// flat or has a kink: outside the open range (lo, hi) and at an exact bin centre (f == 0).
+// Everywhere else this is the derivative of the triangle formula, which the pure-PyTorch reference
+// differentiates with autograd; at those kinks autograd takes a one-sided slope instead (clamp
+// passes a gradient at lo and hi, and a centre rounded in floating point leaves a sliver).
 #pragma once
 
 #include <cstdint>

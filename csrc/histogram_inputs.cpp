@@ -1,10 +1,21 @@
 #include "histogram_inputs.h"
 
 #include <cmath>
+#include <iomanip>
 #include <limits>
+#include <sstream>
+#include <string>
 
 namespace fastap {
 namespace {
+
+// The score range as "(lo, hi)" with every digit a double needs (the default six would print a
+// range whose ends round to one float32 as (1, 1)).
+std::string range_text(double lo, double hi) {
+  std::ostringstream text;
+  text << std::setprecision(17) << "(" << lo << ", " << hi << ")";
+  return text.str();
+}
 
 bool is_byte_mask(const at::Tensor& t) {
   return t.scalar_type() == at::kBool || t.scalar_type() == at::kByte;
@@ -49,6 +60,15 @@ void check_bins(int64_t num_bins, double lo, double hi, bool float_grid) {
                     " bins does not fit float32, in which float32, float16 and bfloat16 scores "
                     "are binned: |lo|, |hi|, hi - lo and (num_bins - 1) / (hi - lo) must be at "
                     "most 3.4e38 (float64 scores are binned in float64)");
+  // The grid of BinGrid (binning.h): the ends in the compute type, and the spacing's inverse.
+  TORCH_CHECK_VALUE(!float_grid || static_cast<float>(lo) < static_cast<float>(hi),
+                    "fastap: score_range ", range_text(lo, hi), " has ends that round to the same "
+                    "float32, in which float32, float16 and bfloat16 scores are binned");
+  TORCH_CHECK_VALUE(float_grid || (std::isfinite(hi - lo) && std::isfinite((num_bins - 1) /
+                                                                            (hi - lo))),
+                    "fastap: score_range (", lo, ", ", hi, ") with ", num_bins,
+                    " bins does not fit float64: hi - lo and (num_bins - 1) / (hi - lo) must be "
+                    "finite");
 }
 
 void check_self_column(bool exclude_self, int64_t self_offset, int64_t num_queries,

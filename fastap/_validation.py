@@ -14,6 +14,7 @@ import math
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SCORE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -151,9 +152,18 @@ def in_common_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
 MAX_NUM_BINS = 2**20
 
 
+def _finite(x: float) -> bool:
+    # Comparisons rather than math.isfinite: torch.compile(dynamic=True) may trace a float
+    # argument as a symbolic float, which takes comparisons (and guards on them) but not math.
+    return abs(x) < math.inf
+
+
 def check_bins(num_bins, score_range, dtype: torch.dtype | None = None) -> tuple[int, float, float]:
-    """(num_bins, lo, hi), checked. With the dtype of the scores (or embeddings): all but float64
-    are binned in float32, where lo, hi, hi - lo and (num_bins - 1) / (hi - lo) must be finite."""
+    """(num_bins, lo, hi), checked. With the dtype of the scores (or embeddings), the grid of the
+    kernels (csrc/binning.h; csrc/histogram_inputs.cpp checks the same): float64 scores are
+    binned in float64, where hi - lo and (num_bins - 1) / (hi - lo) must be finite; all others in
+    float32, where lo, hi, hi - lo and (num_bins - 1) / (hi - lo) must be finite and lo and hi
+    must stay apart."""
     if isinstance(num_bins, bool) or not isinstance(num_bins, int):
         raise TypeError(f"fastap: num_bins must be an int, got {type(num_bins).__name__}")
     if num_bins < 2:
@@ -170,16 +180,29 @@ def check_bins(num_bins, score_range, dtype: torch.dtype | None = None) -> tuple
         raise TypeError(
             f"fastap: score_range must be a pair of numbers (lo, hi), got {score_range!r}"
         ) from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+    if not (_finite(lo) and _finite(hi) and lo < hi):
         raise ValueError(f"fastap: score_range must be finite with lo < hi, got ({lo}, {hi})")
-    if dtype is not None and dtype != torch.float64:
-        extremes = (abs(lo), abs(hi), hi - lo, (num_bins - 1) / (hi - lo))
-        if max(extremes) > FLOAT32_MAX:
+    if dtype is None:
+        return num_bins, lo, hi
+    if dtype == torch.float64:
+        if not (_finite(hi - lo) and _finite((num_bins - 1) / (hi - lo))):
             raise ValueError(
-                f"fastap: score_range ({lo}, {hi}) with {num_bins} bins does not fit float32, in "
-                f"which {dtype} scores are binned: |lo|, |hi|, hi - lo and (num_bins - 1) / "
-                "(hi - lo) must be at most 3.4e38 (float64 scores are binned in float64)"
+                f"fastap: score_range ({lo}, {hi}) with {num_bins} bins does not fit float64: "
+                "hi - lo and (num_bins - 1) / (hi - lo) must be finite"
             )
+        return num_bins, lo, hi
+    extremes = (abs(lo), abs(hi), hi - lo, (num_bins - 1) / (hi - lo))
+    if max(extremes) > FLOAT32_MAX:
+        raise ValueError(
+            f"fastap: score_range ({lo}, {hi}) with {num_bins} bins does not fit float32, in "
+            f"which {dtype} scores are binned: |lo|, |hi|, hi - lo and (num_bins - 1) / "
+            "(hi - lo) must be at most 3.4e38 (float64 scores are binned in float64)"
+        )
+    if float(np.float32(lo)) >= float(np.float32(hi)):
+        raise ValueError(
+            f"fastap: score_range ({lo!r}, {hi!r}) has ends that round to the same float32, in "
+            f"which {dtype} scores are binned"
+        )
     return num_bins, lo, hi
 
 

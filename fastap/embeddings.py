@@ -88,9 +88,9 @@ class _BlockedSoftHistogram(torch.autograd.Function):
         histograms = [
             torch.ops.fastap.soft_histogram(scores, *op_args) for _, scores, op_args in tiles
         ]
+        n, p, positives = (torch.cat(parts) for parts in zip(*histograms))
         ctx.save_for_backward(queries, database, labels, ref_labels)
         ctx.options = options
-        n, p, positives = (torch.cat(parts) for parts in zip(*histograms))
         ctx.mark_non_differentiable(positives)
         return n, p, positives
 

@@ -29,14 +29,17 @@ def ap_from_histograms(
     Args:
         n: [N, Q] soft counts of all (non-ignored) candidates per bin, bin 0 = top of the ranking.
         p: [N, Q] soft counts of the positives per bin.
-        num_positives: [N] exact number of positives of each query (any numeric dtype).
+        num_positives: [N] exact number of positives of each query (any real dtype; floating
+            counts are rounded to the nearest integer, a NaN count is 0).
         variant: "ap_q" (the quantized AP of the paper), "tie_aware" (AP_T) or
             "tie_aware_simplified" (AP_T's simplified form).
     Returns:
         (ap [N], has_positive [N] bool). A query without positives gets ap = 0 and no gradient.
     """
     ap = ops.ap_from_histograms(n, p, num_positives, check_variant(variant))
-    return ap, num_positives > 0
+    # The op's rule for which rows have a positive (csrc/ap_inputs.cpp); NaN > 0 is False.
+    counts = num_positives.round() if num_positives.is_floating_point() else num_positives
+    return ap, counts > 0
 
 
 def _histograms(

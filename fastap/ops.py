@@ -65,11 +65,32 @@ def histogram_dtype(scores_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if scores_dtype == torch.float64 else torch.float32
 
 
+def _on_one_device(first: str, tensors: dict) -> None:
+    """The fake functions' device check: one tensor argument on another device (a meta tensor
+    beside CPU ones, say) sends a call to the fake function instead of a kernel, whose own check
+    would have refused it."""
+    device = tensors[first].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"fastap: {name} is on {t.device} but {first} is on {device}")
+
+
 if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastap::soft_histogram")
-    def _soft_histogram_fake(scores, *args, **kwargs):
-        num_bins = args[5] if len(args) > 5 else kwargs["num_bins"]
+    def _soft_histogram_fake(
+        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi, offset=0
+    ):
+        _on_one_device(
+            "scores",
+            dict(
+                scores=scores,
+                relevance=relevance,
+                labels=labels,
+                ref_labels=ref_labels,
+                ignore=ignore,
+            ),
+        )
         shape = (scores.shape[0], num_bins)
         dtype = histogram_dtype(scores.dtype)
         return (
@@ -79,12 +100,31 @@ if _LOAD_ERROR is None:
         )
 
     @torch.library.register_fake("fastap::soft_histogram_backward")
-    def _soft_histogram_backward_fake(grad_n, grad_p, scores, *args, **kwargs):
+    def _soft_histogram_backward_fake(
+        grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, *options
+    ):
+        _on_one_device(
+            "scores",
+            dict(
+                scores=scores,
+                grad_n=grad_n,
+                grad_p=grad_p,
+                relevance=relevance,
+                labels=labels,
+                ref_labels=ref_labels,
+                ignore=ignore,
+            ),
+        )
         return torch.empty_like(scores, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("fastap::embedding_histogram")
-    def _embedding_histogram_fake(queries, database, labels, ref_labels, *args, **kwargs):
-        num_bins = args[2] if len(args) > 2 else kwargs["num_bins"]
+    def _embedding_histogram_fake(
+        queries, database, labels, ref_labels, exclude_self, self_offset, num_bins, lo, hi
+    ):
+        _on_one_device(
+            "queries",
+            dict(queries=queries, database=database, labels=labels, ref_labels=ref_labels),
+        )
         shape = (queries.shape[0], num_bins)
         return (
             queries.new_empty(shape, dtype=torch.float32),
@@ -93,7 +133,20 @@ if _LOAD_ERROR is None:
         )
 
     @torch.library.register_fake("fastap::embedding_histogram_backward")
-    def _embedding_histogram_backward_fake(grad_n, grad_p, queries, database, *args, **kwargs):
+    def _embedding_histogram_backward_fake(
+        grad_n, grad_p, queries, database, labels, ref_labels, *options
+    ):
+        _on_one_device(
+            "queries",
+            dict(
+                queries=queries,
+                grad_n=grad_n,
+                grad_p=grad_p,
+                database=database,
+                labels=labels,
+                ref_labels=ref_labels,
+            ),
+        )
         return (
             torch.empty_like(queries, memory_format=torch.contiguous_format),
             torch.empty_like(database, memory_format=torch.contiguous_format),
@@ -101,10 +154,12 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastap::ap_from_histograms")
     def _ap_from_histograms_fake(n, p, positives, variant):
+        _on_one_device("n", dict(n=n, p=p, positives=positives))
         return n.new_empty((n.shape[0],))
 
     @torch.library.register_fake("fastap::ap_from_histograms_backward")
     def _ap_from_histograms_backward_fake(grad_ap, n, p, positives, variant):
+        _on_one_device("n", dict(n=n, grad_ap=grad_ap, p=p, positives=positives))
         return torch.empty_like(n, memory_format=torch.contiguous_format), torch.empty_like(
             p, memory_format=torch.contiguous_format
         )
@@ -179,14 +234,17 @@ class SoftHistogram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, scores, relevance, labels, ref_labels, ignore, *options):
-        n, p, positives = torch.ops.fastap.soft_histogram(
-            scores, relevance, labels, ref_labels, ignore, *options
-        )
+    def forward(ctx, *inputs):
+        output = torch.ops.fastap.soft_histogram(*inputs)
+        SoftHistogram.save_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def save_context(ctx, inputs, output):
+        scores, relevance, labels, ref_labels, ignore, *options = inputs
         ctx.save_for_backward(scores, relevance, labels, ref_labels, ignore)
-        ctx.options = options  # exclude_self, num_bins, lo, hi, self_offset
-        ctx.mark_non_differentiable(positives)
-        return n, p, positives
+        ctx.options = tuple(options)  # exclude_self, num_bins, lo, hi, self_offset
+        ctx.mark_non_differentiable(output[2])
 
     @staticmethod
     @differentiable_once
@@ -259,12 +317,18 @@ class EmbeddingHistogram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, database, labels, ref_labels, *options):
-        inputs = embedding_sets(queries, database, labels, ref_labels)
-        n, p, positives = torch.ops.fastap.embedding_histogram(*inputs, *options)
+        sets = embedding_sets(queries, database, labels, ref_labels)
+        output = torch.ops.fastap.embedding_histogram(*sets, *options)
+        inputs = (queries, database, labels, ref_labels, *options)
+        EmbeddingHistogram.save_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def save_context(ctx, inputs, output):
+        queries, database, labels, ref_labels, *options = inputs
         ctx.save_for_backward(queries, database, labels, ref_labels)
-        ctx.options = options  # exclude_self, self_offset, num_bins, lo, hi
-        ctx.mark_non_differentiable(positives)
-        return n, p, positives
+        ctx.options = tuple(options)  # exclude_self, self_offset, num_bins, lo, hi
+        ctx.mark_non_differentiable(output[2])
 
     @staticmethod
     @differentiable_once
@@ -289,9 +353,15 @@ class ApFromHistograms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, n, p, positives, variant):
+        output = torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
+        ApFromHistograms.save_context(ctx, (n, p, positives, variant), output)
+        return output
+
+    @staticmethod
+    def save_context(ctx, inputs, output):
+        n, p, positives, variant = inputs
         ctx.save_for_backward(n, p, positives)
         ctx.variant = variant
-        return torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
 
     @staticmethod
     @differentiable_once
@@ -309,3 +379,19 @@ def ap_from_histograms(
     """Differentiable per-query AP from the histograms (see ApFromHistograms)."""
     _require_extension()
     return ApFromHistograms.apply(n, p, positives, variant)
+
+
+if _LOAD_ERROR is None:
+    # The operators themselves differentiate as their Functions do, so that a direct
+    # torch.ops.fastap call (or a graph that holds one) has the same gradients: the Functions'
+    # own save_context and backward, registered once for both. (save_context, not
+    # setup_context: that name would make the Functions "new style", whose forward takes no ctx
+    # and which torch.compile, in torch 2.13, fails to trace when no input requires a gradient.)
+    for _name, _function in (
+        ("fastap::soft_histogram", SoftHistogram),
+        ("fastap::embedding_histogram", EmbeddingHistogram),
+        ("fastap::ap_from_histograms", ApFromHistograms),
+    ):
+        torch.library.register_autograd(
+            _name, _function.backward, setup_context=_function.save_context
+        )

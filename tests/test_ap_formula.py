@@ -152,3 +152,24 @@ def test_floating_counts_are_rounded(variant):
     for counts in (positives.float() + 0.3, positives.double() - 0.3, positives.int()):
         got = torch.ops.fastap.ap_from_histograms(n, p, counts, variant)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_floating_positive_counts_are_rounded_and_clamped():
+    """Floating counts are rounded; beyond 2^53 (inf included) they are clamped, not wrapped
+    around to a negative int64 (which read as "no positives"); NaN counts as 0, as negative ones
+    do. fastap.functional.ap_from_histograms says which rows have a positive by the same rule."""
+    n = torch.tensor([[2.0, 1.0, 1.0]]).repeat(8, 1)
+    p = torch.tensor([[1.0, 0.0, 1.0]]).repeat(8, 1)
+    counts = torch.tensor([2.0, 1.6, 1e30, float("inf"), 2.0**63, 0.4, float("nan"), -5.0])
+    ap, has_positive = fastap.functional.ap_from_histograms(n, p, counts, "ap_q")
+    # AP_Q divides by P_{Q-1}, so every row with a positive has the same AP: 1/2 (1/2 + 2/4).
+    assert ap.tolist() == [0.5] * 5 + [0.0] * 3
+    assert has_positive.tolist() == [True] * 5 + [False] * 3
+    # The tie-aware variants divide by the count itself: the clamped one, 2^53.
+    simplified = torch.ops.fastap.ap_from_histograms(n, p, counts, "tie_aware_simplified")
+    expected = torch.ops.fastap.ap_from_histograms(
+        n[:1], p[:1], torch.tensor([2]), "tie_aware_simplified"
+    )
+    assert simplified[0] == expected[0] and simplified[1] == expected[0]
+    for row in (2, 3, 4):
+        torch.testing.assert_close(simplified[row], expected[0] * 2 / 2.0**53, rtol=1e-6, atol=0)

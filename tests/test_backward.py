@@ -124,6 +124,35 @@ def test_no_valid_query_gives_zero_loss_with_zero_gradient(device):
     assert loss.item() == 0.0 and scores.grad.eq(0).all()
 
 
+def test_direct_op_calls_have_the_functions_gradients(device):
+    """The operators carry the autograd of fastap.ops' Functions: a graph of direct
+    torch.ops.fastap calls differentiates (it gave None with a warning before), with the
+    gradients of the Python API, and a second derivative raises as it does there."""
+    problem = random_problem(
+        9, 14, relevance_form="dense", with_ignore=True, kink_free=True, seed=21
+    ).to(device)
+    scores = problem.scores.detach().requires_grad_()
+    ops = torch.ops.fastap
+
+    def through_ops(x):
+        n, p, positives = ops.soft_histogram(
+            x, problem.relevance, None, None, problem.ignore, False, problem.num_bins,
+            *problem.score_range,
+        )  # fmt: skip
+        return ops.ap_from_histograms(n, p, positives, "tie_aware").sum()
+
+    assert torch.autograd.gradcheck(through_ops, (scores,))
+    (direct,) = torch.autograd.grad(through_ops(scores), scores)
+    kwargs = dict(ignore=problem.ignore, num_bins=problem.num_bins, variant="tie_aware")
+    kwargs["score_range"] = problem.score_range
+    ap = fastap.average_precision(scores, problem.relevance, **kwargs)
+    (expected,) = torch.autograd.grad(ap.sum(), scores)
+    assert torch.equal(direct, expected)
+    (first,) = torch.autograd.grad(through_ops(scores), scores, create_graph=True)
+    with pytest.raises(RuntimeError, match="gradient of the AP loss is not differentiable"):
+        first.sum().backward()
+
+
 def test_weights_near_their_dtype_limit_give_the_loss_of_their_ratios(device):
     """Only the ratios of the weights matter: weights near float32's largest value (which summed
     overflow) or beyond it in float64 (which cast to float32 become infinite) give the loss and

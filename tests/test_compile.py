@@ -110,6 +110,27 @@ def test_compile_inductor_module(device, keep_subnormals):
     torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_compile_fullgraph_dynamic_shapes_with_default_arguments(device):
+    """dynamic=True may trace the default score_range's floats as symbolic: the checks of the
+    range take them (comparisons, not math.isfinite), and one graph serves every size."""
+    torch._dynamo.reset()
+    functions = (fastap.average_precision, fastap.ap_loss)
+    compiled = [
+        torch.compile(lambda s, y, f=f: f(s, labels=y), fullgraph=True, dynamic=True)
+        for f in functions
+    ]
+    for n in (5, 7, 9):
+        scores = torch.rand(n, n, device=device) * 2 - 1
+        labels = torch.arange(n, device=device) % 3
+        for function, compiled_function in zip(functions, compiled):
+            torch.testing.assert_close(
+                compiled_function(scores, labels),
+                function(scores, labels=labels),
+                rtol=1e-6,
+                atol=1e-6,
+            )
+
+
 def test_compile_fullgraph_with_a_miners_tuples(device):
     """The miner's weights have a shape that does not depend on the indices' values, and their
     range check is a check of values (skipped while compiling), so fullgraph holds."""

@@ -178,6 +178,53 @@ def test_direct_op_calls_are_checked():
             torch.ops.fastap.soft_histogram(S, R, None, None, None, True, 20, -1.0, 1.0, offset)
 
 
+def test_direct_op_calls_with_a_meta_tensor_beside_cpu_ones_are_refused():
+    """One meta argument sends a call to the fake (shape) function rather than the kernel: it
+    checks the devices as the kernels do, instead of returning uninitialised CPU memory."""
+    meta = L4.to("meta")
+    ops = torch.ops.fastap
+    with pytest.raises(ValueError, match="labels is on meta but scores is on cpu"):
+        ops.soft_histogram(S, None, meta, L5, None, False, 5, -1.0, 1.0)
+    with pytest.raises(ValueError, match="ignore is on meta but scores is on cpu"):
+        ops.soft_histogram(S, R, None, None, R.to("meta"), False, 5, -1.0, 1.0)
+    with pytest.raises(ValueError, match="grad_n is on meta but scores is on cpu"):
+        ops.soft_histogram_backward(
+            torch.rand(4, 5, device="meta"), torch.rand(4, 5), S, R, None, None, None, False,
+            5, -1.0, 1.0,
+        )  # fmt: skip
+    n = torch.rand(3, 4)
+    with pytest.raises(ValueError, match="positives is on meta but n is on cpu"):
+        ops.ap_from_histograms(n, n, torch.ones(3, device="meta"), "ap_q")
+    with pytest.raises(ValueError, match="grad_ap is on meta but n is on cpu"):
+        ops.ap_from_histograms_backward(torch.ones(3, device="meta"), n, n, L4[:3], "ap_q")
+    q = torch.rand(4, 3)
+    with pytest.raises(ValueError, match="ref_labels is on meta but queries is on cpu"):
+        ops.embedding_histogram(q, q, L4, meta, False, 0, 5, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_score_ranges_that_the_grid_cannot_hold(dtype):
+    """A range too wide for the float64 grid (hi - lo overflows: every score would fall in bin
+    0), or whose ends round to one float32 (the float32 grid), is refused by the front end and
+    by the op alike."""
+    scores = torch.tensor([[1.0, 2.0, 0.5]], dtype=dtype)
+    relevance = torch.tensor([[False, False, True]])
+    cases = [((1.0, 1.0 + 1e-10), "round to the same float32")]
+    if dtype == torch.float64:
+        cases = [((-1e308, 1e308), "does not fit float64"), ((0.0, 5e-324), "does not fit float64")]
+    for (lo, hi), match in cases:
+        with pytest.raises(ValueError, match=match):
+            fastap.ap_loss(scores, relevance, num_bins=3, score_range=(lo, hi))
+        with pytest.raises(ValueError, match=match):
+            torch.ops.fastap.soft_histogram(scores, relevance, None, None, None, False, 3, lo, hi)
+    # Ranges beside those are taken: float64 scores over (1, 1 + 1e-10) bin correctly.
+    if dtype == torch.float64:
+        n = torch.ops.fastap.soft_histogram(
+            scores, relevance, None, None, None, False, 3, 1.0, 1.0 + 1e-10
+        )[0]
+        assert n.tolist() == [[1.0, 0.0, 2.0]]
+
+
 def test_ap_loss_module_errors():
     loss = fastap.APLoss()
     e = torch.randn(6, 3)
