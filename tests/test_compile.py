@@ -110,7 +110,7 @@ def test_compile_inductor_module(device, keep_subnormals):
     torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_compile_fullgraph_dynamic_shapes_with_default_arguments(device):
+def test_compile_fullgraph_dynamic_shapes_with_default_arguments(device, keep_subnormals):
     """dynamic=True may trace the default score_range's floats as symbolic: the checks of the
     range take them (comparisons, not math.isfinite), and one graph serves every size."""
     torch._dynamo.reset()

@@ -209,14 +209,18 @@ def test_score_ranges_that_the_grid_cannot_hold(dtype):
     by the op alike."""
     scores = torch.tensor([[1.0, 2.0, 0.5]], dtype=dtype)
     relevance = torch.tensor([[False, False, True]])
-    cases = [((1.0, 1.0 + 1e-10), "round to the same float32")]
+    cases = [(3, (1.0, 1.0 + 1e-10), "round to the same float32")]
     if dtype == torch.float64:
-        cases = [((-1e308, 1e308), "does not fit float64"), ((0.0, 5e-324), "does not fit float64")]
-    for (lo, hi), match in cases:
+        # (num_bins - 1) / (hi - lo) overflows with a normal width, not a subnormal one, which
+        # a flush-to-zero mode left on by an earlier compiled kernel would read as 0.
+        cases = [(3, (-1e308, 1e308), "does not fit float64"), (2**20, (0.0, 1e-303), "float64")]
+    for num_bins, (lo, hi), match in cases:
         with pytest.raises(ValueError, match=match):
-            fastap.ap_loss(scores, relevance, num_bins=3, score_range=(lo, hi))
+            fastap.ap_loss(scores, relevance, num_bins=num_bins, score_range=(lo, hi))
         with pytest.raises(ValueError, match=match):
-            torch.ops.fastap.soft_histogram(scores, relevance, None, None, None, False, 3, lo, hi)
+            torch.ops.fastap.soft_histogram(
+                scores, relevance, None, None, None, False, num_bins, lo, hi
+            )
     # Ranges beside those are taken: float64 scores over (1, 1 + 1e-10) bin correctly.
     if dtype == torch.float64:
         n = torch.ops.fastap.soft_histogram(
