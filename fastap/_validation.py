@@ -21,6 +21,16 @@ SCORE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 VARIANTS = ("ap_q", "tie_aware", "tie_aware_simplified")
 
 
+def check_int(value, name: str, minimum: int, owner: str = "fastap", what: str = "") -> int:
+    """An int argument (not a bool, not a float) of at least `minimum`: TypeError for another
+    type, ValueError below the minimum, each naming the argument (`what`: its unit, if any)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int{what}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be at least {minimum}{what}, got {value}")
+    return value
+
+
 def check_variant(variant, owner: str = "fastap") -> str:
     if variant not in VARIANTS:
         raise ValueError(f"{owner}: variant must be one of {VARIANTS}, got {variant!r}")
@@ -164,10 +174,7 @@ def check_bins(num_bins, score_range, dtype: torch.dtype | None = None) -> tuple
     binned in float64, where hi - lo and (num_bins - 1) / (hi - lo) must be finite; all others in
     float32, where lo, hi, hi - lo and (num_bins - 1) / (hi - lo) must be finite and lo and hi
     must stay apart."""
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int):
-        raise TypeError(f"fastap: num_bins must be an int, got {type(num_bins).__name__}")
-    if num_bins < 2:
-        raise ValueError(f"fastap: num_bins must be at least 2, got {num_bins}")
+    check_int(num_bins, "num_bins", 2)
     if num_bins > MAX_NUM_BINS:
         raise ValueError(f"fastap: num_bins must be at most 2^20 = {MAX_NUM_BINS}, got {num_bins}")
     if isinstance(score_range, (str, bytes)):
@@ -241,8 +248,7 @@ def check_histogram_args(
             )
         self_offset = 0
     else:
-        if isinstance(self_offset, bool) or not isinstance(self_offset, int) or self_offset < 0:
-            raise TypeError(f"fastap: self_offset must be an int >= 0, got {self_offset!r}")
+        check_int(self_offset, "self_offset", 0)
         if not exclude_self:
             raise ValueError("fastap: self_offset only applies with exclude_self=True")
         if num_queries + self_offset > num_candidates:

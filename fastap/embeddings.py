@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from fastap._validation import (
     check_bins,
+    check_int,
     check_labels,
     check_query_weights,
     check_variant,
@@ -306,8 +307,7 @@ def histograms_from_embeddings(
         ref_labels = check_labels(
             ref_labels, "ref_labels", database.shape[0], "database row", queries, "queries"
         )
-    if isinstance(self_offset, bool) or not isinstance(self_offset, int) or self_offset < 0:
-        raise TypeError(f"fastap: self_offset must be an int >= 0, got {self_offset!r}")
+    check_int(self_offset, "self_offset", 0)
     if self_offset and not exclude_self:
         raise ValueError("fastap: self_offset only applies with exclude_self=True")
     if exclude_self and queries.shape[0] + self_offset > database.shape[0]:
@@ -317,10 +317,7 @@ def histograms_from_embeddings(
         )
     if block_size is None:
         block_size = default_block_size(database.shape[0], queries.element_size())
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"fastap: block_size must be a positive int, got {block_size!r}")
-    if block_size < 1:
-        raise ValueError(f"fastap: block_size must be a positive int, got {block_size!r}")
+    check_int(block_size, "block_size", 1)
     unit_queries = F.normalize(queries, dim=1)
     unit_database = unit_queries if same_set else F.normalize(database, dim=1)
     function: type[torch.autograd.Function]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from fastap._validation import (
     MAX_NUM_BINS,
     check_bins,
+    check_int,
     check_labels,
     check_variant,
     checks_values_of,
@@ -84,16 +85,6 @@ def check_batch(embeddings, labels, owner: str) -> torch.Tensor:
     return check_labels(
         labels, "labels", embeddings.shape[0], "row of embeddings", embeddings, "embeddings"
     )
-
-
-def check_score_matrix_limit(limit, owner: str) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise TypeError(
-            f"{owner}: score_matrix_limit must be an int (bytes), got {type(limit).__name__}"
-        )
-    if limit < 0:
-        raise ValueError(f"{owner}: score_matrix_limit must be >= 0 bytes, got {limit}")
-    return limit
 
 
 def _limit_repr(limit: int) -> str:
@@ -245,7 +236,9 @@ class APLoss(_EmbeddingAPLoss):
         self.num_bins, lo, hi = check_bins(num_bins, score_range)  # bad bins fail here, not later
         self.score_range = (lo, hi)
         self.variant = variant
-        self.score_matrix_limit = check_score_matrix_limit(score_matrix_limit, "fastap.APLoss")
+        self.score_matrix_limit = check_int(
+            score_matrix_limit, "score_matrix_limit", 0, "fastap.APLoss", " (bytes)"
+        )
 
     def extra_repr(self) -> str:
         text = f"num_bins={self.num_bins}, score_range={self.score_range}, variant={self.variant!r}"
@@ -271,13 +264,14 @@ class FastAPLoss(_EmbeddingAPLoss):
     def __init__(self, num_bins: int = 10, score_matrix_limit: int = 2**30):
         super().__init__()
         owner = "fastap.FastAPLoss"
-        self.score_matrix_limit = check_score_matrix_limit(score_matrix_limit, owner)
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int):
-            raise TypeError(f"{owner}: num_bins must be an int >= 1, got {num_bins!r}")
-        if not 1 <= num_bins < MAX_NUM_BINS:
+        self.score_matrix_limit = check_int(
+            score_matrix_limit, "score_matrix_limit", 0, owner, " (bytes)"
+        )
+        check_int(num_bins, "num_bins", 1, owner)
+        if num_bins >= MAX_NUM_BINS:
             raise ValueError(
-                f"{owner}: num_bins must be an int >= 1 and < 2^20 (num_bins + 1 bins), "
-                f"got {num_bins!r}"
+                f"{owner}: num_bins must be below 2^20 (FastAP takes num_bins + 1 bins), "
+                f"got {num_bins}"
             )
         self.fast_ap_bins = num_bins
         self.num_bins = num_bins + 1

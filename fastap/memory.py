@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fastap._validation import check_int
 from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch, mean_over_valid
 
 
@@ -24,8 +25,7 @@ class CrossBatchMemory(torch.nn.Module):
 
     def __init__(self, loss: _EmbeddingAPLoss | None = None, size: int = 4096):
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"fastap: size must be a positive int, got {size!r}")
+        check_int(size, "size", 1, "fastap.CrossBatchMemory")
         self.loss = APLoss() if loss is None else loss
         if not isinstance(self.loss, _EmbeddingAPLoss):
             raise TypeError("fastap: loss must be a fastap embedding loss (APLoss, FastAPLoss)")

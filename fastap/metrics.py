@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastap._validation import check_labels
+from fastap._validation import check_int, check_labels
 
 __all__ = ["TIES", "average_precision", "retrieval_metrics", "revisited_map"]
 
@@ -58,13 +58,7 @@ def _check_chunk_size(chunk_size, row_bytes: int) -> int:
     """The number of query rows per chunk: chunk_size, or rows worth ~256 MB of scores."""
     if chunk_size is None:
         return max(1, _CHUNK_BYTES // max(1, row_bytes))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(
-            f"fastap: chunk_size must be a positive int or None, got {type(chunk_size).__name__}"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"fastap: chunk_size must be a positive int or None, got {chunk_size}")
-    return chunk_size
+    return check_int(chunk_size, "chunk_size", 1, what=" (or None)")
 
 
 def _check_positive_ints(values, name: str) -> tuple[int, ...]:

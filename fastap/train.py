@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastap._validation import check_int
+
 _BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
 
 
@@ -93,8 +95,7 @@ def multistage_backward(
     run under ``no_sync()``), so processes with different numbers of chunks do not wait on each
     other.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"fastap: chunk_size must be a positive int, got {chunk_size!r}")
+    check_int(chunk_size, "chunk_size", 1)
     chunks = _split(inputs, chunk_size)
     devices = _devices_of(chunks)
     device_type = "cuda" if devices else "cpu"

@@ -59,7 +59,11 @@ R = torch.tensor(
             ValueError,
             "needs candidate i \\+ self_offset",
         ),
-        (lambda: fastap.ap_loss(S, R, exclude_self=True, self_offset=-1), TypeError, "self_offset"),
+        (
+            lambda: fastap.ap_loss(S, R, exclude_self=True, self_offset=-1),
+            ValueError,
+            "self_offset",
+        ),
         (lambda: fastap.ap_loss(S, R, query_weights=torch.ones(5)), ValueError, "query_weights"),
         (lambda: fastap.ap_loss(S, R, query_weights=-torch.ones(4)), ValueError, "non-negative"),
         (lambda: fastap.ap_loss(S, R, query_weights=torch.ones(4).long()), TypeError, "floating"),
@@ -247,7 +251,7 @@ def test_ap_loss_module_errors():
         fastap.APLoss(score_range=(0.0, 0.5, 1.0))
     with pytest.raises(ValueError, match="lo < hi"):
         fastap.APLoss(score_range=(1, 0))
-    with pytest.raises(ValueError, match="num_bins must be an int >= 1"):
+    with pytest.raises(ValueError, match="FastAPLoss: num_bins must be at least 1, got 0"):
         fastap.FastAPLoss(num_bins=0)
     with pytest.raises(ValueError, match="ret must be"):
         fastap.compat.APLoss()(torch.rand(3, 4), torch.rand(3, 4) > 0.5, ret="mAP")
@@ -270,9 +274,13 @@ def test_ap_loss_module_errors():
     with pytest.raises(TypeError, match="FastAPLoss: num_bins must be an int"):
         fastap.FastAPLoss(num_bins=1.5)
     for make in (fastap.APLoss, fastap.FastAPLoss):
-        with pytest.raises(TypeError, match=r"\.(Fast)?APLoss: score_matrix_limit must be an int"):
+        with pytest.raises(
+            TypeError, match=r"\.(Fast)?APLoss: score_matrix_limit must be an int \(bytes\)"
+        ):
             make(score_matrix_limit="1GB")
-        with pytest.raises(ValueError, match="score_matrix_limit must be >= 0 bytes, got -1"):
+        with pytest.raises(
+            ValueError, match=r"score_matrix_limit must be at least 0 \(bytes\), got -1"
+        ):
             make(score_matrix_limit=-1)
 
 
@@ -282,7 +290,7 @@ def test_bin_counts_above_the_kernels_bound_fail_at_construction():
         fastap.ap_loss(S, R, num_bins=2**20 + 1)
     with pytest.raises(ValueError, match=r"num_bins must be at most 2\^20"):
         fastap.APLoss(num_bins=2**21)
-    with pytest.raises(ValueError, match=r"FastAPLoss: num_bins must be .* < 2\^20"):
+    with pytest.raises(ValueError, match=r"FastAPLoss: num_bins must be below 2\^20"):
         fastap.FastAPLoss(num_bins=2**20)  # 2^20 + 1 bins
     with pytest.raises(ValueError, match=r"nq .* at most 2\^20"):
         fastap.compat.TAPLoss(nq=2**20 + 1)
@@ -307,7 +315,7 @@ def test_embedding_loss_arguments():
             )
     with pytest.raises(ValueError, match="self_offset only applies with exclude_self=True"):
         fastap.ap_loss_from_embeddings(q, q, labels=labels, ref_labels=ref_labels, self_offset=3)
-    with pytest.raises(TypeError, match=r"block_size must be a positive int, got 2\.0"):
+    with pytest.raises(TypeError, match="block_size must be an int, got float"):
         fastap.ap_loss_from_embeddings(q, labels=labels, block_size=2.0)
     with pytest.raises(ValueError, match="queries must have at least one column"):
         fastap.ap_loss_from_embeddings(q[:, :0], labels=labels)
