@@ -209,9 +209,17 @@ def write_json(path: str, data: dict) -> None:
 
 
 def environment(device: str) -> dict:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    # FASTAP_COMMIT names the commit where the tree has no git (the GPU machine gets a copy of
+    # the working tree, without .git, and may have no git at all: benchmarks/gpu_check.sh).
+    commit = os.environ.get("FASTAP_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                check=False,
+            ).stdout.strip()  # fmt: skip
+        except OSError:
+            commit = ""
     return {
         "date": time.strftime("%Y-%m-%d"),
         "device": torch.cuda.get_device_name()

@@ -10,17 +10,24 @@
 # issued at once after the first (so that the machine is still warm and the build is kept), with
 # the rest in whatever time is left (call 1's reply says it: lease.budget_left_s):
 #
-#   bash benchmarks/gpu_check.sh 1                  # device run, timeout_s=540: BUDGET 510 s
-#   WGMMA=<call 1's smoke_wgmma> bash benchmarks/gpu_check.sh 2 <budget_left_s - 60>
-#                                                   # device run, timeout_s=<budget_left_s - 40>
+#   FASTAP_COMMIT=<sha> bash benchmarks/gpu_check.sh 1   # device run, timeout_s=540: BUDGET 510 s
+#   FASTAP_COMMIT=<sha> WGMMA=<call 1's smoke_wgmma> bash benchmarks/gpu_check.sh 2 \
+#     <budget_left_s - 60>                          # device run, timeout_s=<budget_left_s - 40>
 #   bash benchmarks/gpu_check.sh                    # every step, in BUDGET (570 s)
+#
+# FASTAP_COMMIT (git rev-parse --short HEAD, here): the commit the JSON results name; the GPU
+# machine gets a copy of the working tree without .git. Call 2 must be sent within the 30 s a
+# machine stays warm (have its command ready before call 1 returns): by then too little device
+# time is left to start a fresh one.
 #
 # Before call 1, here: bash benchmarks/gpu_wheels.sh (the peer pytorch-metric-learning, as a
 # wheel in .whl/, which both calls carry: carry [".whl"]).
 #
 # Call 1: build, smoke, smoke_wgmma, tests, tests_wgmma, kernels, variants, embeddings; call 2:
-# build (nothing to do on the warm machine), memcheck, racecheck, loss, example, sass, probe,
-# profile. STEPS (names, in any order) picks steps by hand; they always run in this file's order.
+# build (nothing to do on the warm machine), memcheck, racecheck, sass, probe, profile, loss,
+# example: what the issues need first (the sanitizers; the SASS counts, the matrix-path probe and
+# the profile that explain the figures), since call 2 gets what is left of the session's 900 s,
+# likely 200 s or less. STEPS (names, in any order) picks steps by hand; they always run in this file's order.
 # A step gets at most what is left of BUDGET, so the steps that do not fit are skipped, last
 # first; summary.md and logs.tar.gz are rewritten after every step. The build takes about half a
 # minute on a fresh machine (49 s on 2 CPU cores against torch 2.11.0+cu130, the GPU machine's
@@ -48,10 +55,10 @@ CALL=${1:-all}
 case $CALL in
   1) STEPS=${STEPS:-"build smoke tests kernels variants embeddings"}
      BUDGET=${BUDGET:-510} ;;
-  2) STEPS=${STEPS:-"build memcheck racecheck loss example sass probe profile"}
+  2) STEPS=${STEPS:-"build memcheck racecheck sass probe profile loss example"}
      BUDGET=${2:-${BUDGET:-300}} ;;
-  all) STEPS=${STEPS:-"build smoke memcheck racecheck tests kernels variants embeddings loss \
-example sass probe profile"}
+  all) STEPS=${STEPS:-"build smoke memcheck racecheck tests kernels variants embeddings sass \
+probe profile loss example"}
        BUDGET=${BUDGET:-570} ;;  # run it with the device tool's timeout_s=600
   *) echo "usage: $0 [1 | 2 [BUDGET] | all]" >&2; exit 2 ;;
 esac
@@ -67,16 +74,22 @@ report() {
     [[ -s $LOGS/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$LOGS/$table.md"; }
   done
   echo
-  echo "== summary (call $CALL; wgmma path: ${WGMMA:-unknown}) =="
+  local api=""
+  [[ -e ${API_ACCESS_MARKER:-} ]] && api="; extension built with -DFASTAP_WMMA_API_ACCESS"
+  echo "== summary (call $CALL; wgmma path: ${WGMMA:-unknown}$api) =="
   printf '%-15s %-16s %-7s %s\n' step result time log
   local s a b c d
   for s in "${status[@]}"; do
     IFS='|' read -r a b c d <<<"$s"; printf '%-15s %-16s %-7s %s\n' "$a" "$b" "$c" "$d"
   done
   } >"$OUT/summary.md"
-  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" --exclude mma_probe .
+  # (Written aside, then renamed: a call ended during tar leaves the previous archive whole.)
+  tar -czf "$LOGS.tar.gz" -C "$LOGS" --exclude mma_probe . && mv "$LOGS.tar.gz" "$OUT/logs.tar.gz"
 }
 
+last_status() {  # the last step's status entry, or nothing before the first step
+  (( ${#status[@]} )) && echo "${status[-1]}"
+}
 selected() {  # selected NAME...: whether any of these steps is in STEPS
   local name
   for name in "$@"; do [[ " $STEPS " == *" $name "* ]] && return 0; done
@@ -122,14 +135,19 @@ every() {
 }
 # The sanitizers see every allocation only without torch's caching allocator (which would hide an
 # overrun that stays inside one of its pooled blocks).
-sanitize() { PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 1 "$@"; }
+# --report-api-errors no: torch's own CUDA API calls that return an error it expects and handles
+# (a query of a stream not yet done, say) would otherwise count as errors of the run.
+sanitize() {
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 1 --report-api-errors no "$@"
+}
 # The tests that touch CUDA (test_cuda*.py and every [cuda] parameter; CI runs the rest on the
 # CPU). A test still running after FASTAP_TEST_TIMEOUT seconds ends the run with every thread's
 # stack, which names it (tests/conftest.py; --capture=sys lets that reach the log). -v: each
 # test's outcome is in the log as it ends, so a step cut short by its limit still tells which
 # tests passed and failed.
 pytest_cuda() {
-  FASTAP_TEST_TIMEOUT=90 $PY -m pytest -v -rf --maxfail=25 --capture=sys -p no:cacheprovider \
+  # (4 threads per process: with -n 4 that is the machine's 16 cores, not 4 x 16.)
+  OMP_NUM_THREADS=4 FASTAP_TEST_TIMEOUT=90 $PY -m pytest -v -rf --maxfail=25 --capture=sys -p no:cacheprovider \
     tests --ignore tests/test_cuda_emulation.py "$@"
 }
 export -f every sanitize pytest_cuda
@@ -158,8 +176,10 @@ esac
 wgmma_check() {
   [[ $WGMMA == unknown ]] || return 0
   run_step smoke_wgmma 60 smoke_wgmma.log $PY benchmarks/sanitizer_case.py --wgmma only
-  case ${status[-1]:-} in
+  # FAILED(3): no wgmma path in this build or on this GPU (sanitizer_case.py's WGMMA_ABSENT).
+  case $(last_status) in
     smoke_wgmma\|ok\|*) WGMMA=ok ;;
+    smoke_wgmma\|FAILED\(3\)*) WGMMA=off ;;
     smoke_wgmma\|FAILED*) WGMMA=failed ;;
     *) WGMMA=off ;;
   esac
@@ -180,14 +200,23 @@ else
 fi
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' |
   tee -a "$LOGS/gpu.txt"
-step build 240 build.log env FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0a MAX_JOBS=16 \
-  $PY setup.py build_ext --inplace
+# A build that call 1's api_access step made with WMMA's own loads stays so in call 2 (the
+# machine keeps build/ between calls, and so the marker): rebuilding without the flag would cost
+# a full build and measure another extension.
+API_ACCESS_MARKER=build/.fastap_wmma_api_access
+build_flags=()
+if [[ -e $API_ACCESS_MARKER ]]; then
+  build_flags=(FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_ACCESS)
+  echo "build: with -DFASTAP_WMMA_API_ACCESS (call 1's api_access step)" | tee -a "$LOGS/gpu.txt"
+fi
+step build 240 build.log env ${build_flags[@]+"${build_flags[@]}"} FASTAP_CUDA=1 \
+  FASTAP_CUDA_ARCH=9.0a MAX_JOBS=16 $PY setup.py build_ext --inplace
 # smoke: the small passes of every kernel, alone. A kernel that faults poisons the CUDA context of
 # every test after it, so when this fails memcheck runs at once (it names the kernel and the
 # address), before the tests.
 step smoke 90 smoke.log $PY benchmarks/sanitizer_case.py --wgmma without
 # (On a hang, memcheck would only hang too; the log ends with the stacks of the pass it hung in.)
-[[ ${status[-1]:-} != smoke\|FAILED* ]] || STEPS="$STEPS memcheck"
+[[ $(last_status) != smoke\|FAILED* ]] || STEPS="$STEPS memcheck"
 if selected smoke memcheck tests profile embeddings racecheck; then wgmma_check; fi
 # memcheck_wgmma names the fault of a smoke_wgmma that failed in this call (not again in call 2,
 # which is handed WGMMA=failed).
@@ -219,7 +248,7 @@ fi
 step api_access 200 api_access.log bash -c "FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_ACCESS \
   FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0a MAX_JOBS=16 $PY setup.py build_ext --inplace && \
   { grep -rqs -- -DFASTAP_WMMA_API_ACCESS build || { echo 'rebuilt without the flag'; exit 1; }; } \
-  && FASTAP_TEST_TIMEOUT=90 $PY -m pytest -q -rf --capture=sys -p no:cacheprovider \
+  && touch $API_ACCESS_MARKER && FASTAP_TEST_TIMEOUT=90 $PY -m pytest -q -rf --capture=sys -p no:cacheprovider \
   tests/test_cuda_embeddings.py -k 'not wgmma'"
 # kernels: Q = 10 / 20 / 50 and both dtypes at 8192^2 (the targets); N = M = 1024 ... 32768 and
 # 256 x 1,000,000 at Q = 20, with the reference (fp32) tried up to 32768^2, where it runs out of
@@ -247,15 +276,6 @@ step embeddings 240 embeddings.md every \
     --json $OUT/embeddings_d256.json" \
   "$PY benchmarks/bench_embeddings.py --device cuda --dtype bfloat16 --dim 128 --timeout 90 \
     --sizes 262144 --cases fused blockwise --repeats 3 --json $OUT/embeddings_d128.json"
-# loss: fastap against the reference and pytorch-metric-learning's FastAPLoss (carried wheel),
-# tried at every N, so that where each runs out of memory is measured.
-step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
-  --sizes 1024 8192 16384 32768 --reference-max 32768 --repeats 20 --reference-repeats 3 \
-  --timeout 90 --json "$OUT/loss.json"
-# example: the reference training example end to end on the GPU, 5 epochs of each fastap loss
-# (APLoss, its tie-aware variant, cross-batch memory; multi-stage backward), its report last.
-step example 90 example.md $PY examples/train.py --device cuda --epochs 5 \
-  --loss fastap,tie_aware,fastap_xbm --out "$(mktemp -d /tmp/gpu_check_train.XXXXXX)"
 # sass: the score-matrix kernels' instructions per candidate in the extension just built (the
 # figures CI takes from its own compile, here from this machine's build).
 step sass 30 sass.log bash -c "for f in fastap/_C*.so; do cuobjdump -sass \"\$f\"; done \
@@ -272,22 +292,38 @@ step probe 60 probe.md bash -c "nvcc -O3 -std=c++17 -gencode arch=compute_90a,co
 NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis \
   --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
   --section InstructionStats --section WarpStateStats --csv --page details"
-step profile 240 profile.log bash -c "ncu --clock-control none --print-kernel-base demangled \
-  --kernel-name regex:'soft_histogram(_backward)?_kernel' --launch-skip 4 --launch-count 4 \
-  $NCU_SECTIONS --log-file $LOGS/profile.csv $PY benchmarks/profile_case.py && \
-  $PY benchmarks/profile_table.py $LOGS/profile.csv --title 'score-matrix op, 8192^2, Q = 20' \
-  | tee $LOGS/profile.md && \
-  ncu --clock-control none --print-kernel-base demangled \
+# Each of the three runs is a command of its own (every): one that fails leaves the others'
+# tables; pipefail, so that a table that fails is a failure and not tee's success.
+ncu_fused="ncu --clock-control none --print-kernel-base demangled \
   --kernel-name regex:'embedding_histogram(_backward)?_kernel' --launch-skip 3 --launch-count 3 \
-  $NCU_SECTIONS --log-file $LOGS/profile_fused.csv $PY benchmarks/profile_case.py --embeddings && \
-  $PY benchmarks/profile_table.py $LOGS/profile_fused.csv --candidates 268435456 \
-  --title 'fused from embeddings, 16384^2, D = 256, bf16, Q = 20' | tee -a $LOGS/profile.md \
-  $([[ $WGMMA == ok ]] && echo "&& FASTAP_WGMMA=1 ncu --clock-control none \
-  --print-kernel-base demangled --kernel-name regex:'embedding_histogram(_backward)?_kernel' \
-  --launch-skip 3 --launch-count 3 $NCU_SECTIONS --log-file $LOGS/profile_wgmma.csv \
-  $PY benchmarks/profile_case.py --embeddings && $PY benchmarks/profile_table.py \
-  $LOGS/profile_wgmma.csv --candidates 268435456 --title 'the same on wgmma (FASTAP_WGMMA=1)' \
-  | tee -a $LOGS/profile.md")"
+  $NCU_SECTIONS"
+profile_runs=(
+  "set -o pipefail; ncu --clock-control none --print-kernel-base demangled \
+    --kernel-name regex:'soft_histogram(_backward)?_kernel' --launch-skip 4 --launch-count 4 \
+    $NCU_SECTIONS --log-file $LOGS/profile.csv $PY benchmarks/profile_case.py && \
+    $PY benchmarks/profile_table.py $LOGS/profile.csv \
+    --title 'score-matrix op, 8192^2, Q = 20' | tee -a $LOGS/profile.md"
+  "set -o pipefail; $ncu_fused --log-file $LOGS/profile_fused.csv \
+    $PY benchmarks/profile_case.py --embeddings && \
+    $PY benchmarks/profile_table.py $LOGS/profile_fused.csv --candidates 268435456 \
+    --title 'fused from embeddings, 16384^2, D = 256, bf16, Q = 20' | tee -a $LOGS/profile.md"
+)
+[[ $WGMMA == ok ]] && profile_runs+=(
+  "set -o pipefail; FASTAP_WGMMA=1 $ncu_fused --log-file $LOGS/profile_wgmma.csv \
+    $PY benchmarks/profile_case.py --embeddings && \
+    $PY benchmarks/profile_table.py $LOGS/profile_wgmma.csv --candidates 268435456 \
+    --title 'the same on wgmma (FASTAP_WGMMA=1)' | tee -a $LOGS/profile.md"
+)
+step profile 240 profile.log every "${profile_runs[@]}"
 
+# loss: fastap against the reference and pytorch-metric-learning's FastAPLoss (carried wheel),
+# tried at every N, so that where each runs out of memory is measured.
+step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
+  --sizes 1024 8192 16384 32768 --reference-max 32768 --repeats 20 --reference-repeats 3 \
+  --timeout 90 --json "$OUT/loss.json"
+# example: the reference training example end to end on the GPU, 5 epochs of each fastap loss
+# (APLoss, its tie-aware variant, cross-batch memory; multi-stage backward), its report last.
+step example 90 example.md $PY examples/train.py --device cuda --epochs 5 \
+  --loss fastap,tie_aware,fastap_xbm --out "$(mktemp -d /tmp/gpu_check_train.XXXXXX)"
 report
 cat "$OUT/summary.md"

@@ -23,7 +23,11 @@ COLUMNS = (
     ("occupancy %", "Achieved Occupancy"),
     ("regs", "Registers Per Thread"),
 )
-TIME_UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+# ncu's time units, in microseconds: older releases spell them out, newer ones (2025.x) abbreviate.
+TIME_UNITS = {
+    "nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6,
+    "ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6,
+}  # fmt: skip
 
 
 def number(text: str) -> float:

@@ -54,13 +54,20 @@ def fused_cases(dtypes, shapes):
             ).backward()
 
 
-def wgmma_cases() -> None:
-    """The fused kernels on wgmma, where this build and GPU have them (FASTAP_CUDA_ARCH=9.0a)."""
+WGMMA_ABSENT = 3  # the exit status of --wgmma only where there is no wgmma path
+
+
+def wgmma_cases(only: bool = False) -> None:
+    """The fused kernels on wgmma, where this build and GPU have them (FASTAP_CUDA_ARCH=9.0a);
+    with `only` (nothing else runs), their absence ends the program with WGMMA_ABSENT."""
     os.environ["FASTAP_WGMMA"] = "1"
     try:
         probe = torch.zeros(1, 256, device="cuda", dtype=torch.bfloat16)
         if not (HAS_FUSED_EMBEDDING_KERNELS and fastap.embeddings.fused_uses_wgmma(probe)):
             print("fused kernels on wgmma: not in this build or on this GPU")
+            if only:
+                # (gpu_check.sh's smoke_wgmma: the path is absent, not passed: WGMMA=off)
+                raise SystemExit(WGMMA_ABSENT)
             return
         fused_cases((torch.bfloat16, torch.float16), ((70, 133, 40), (70, 5000, 256)))
         torch.cuda.synchronize()
@@ -90,7 +97,7 @@ def main() -> None:
             torch.cuda.synchronize()
     if args.wgmma != "without":
         print("fused kernels on wgmma", flush=True)
-        wgmma_cases()
+        wgmma_cases(only=args.wgmma == "only")
     torch.cuda.synchronize()
     print("sanitizer case done")
 

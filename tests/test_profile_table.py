@@ -84,3 +84,18 @@ def test_fused_kernels_are_named_by_pass(tmp_path):
         "fused backward bf16 dDB (wgmma)",
     ]
     assert rows[1:] == [f"| {name}" for name in expected]
+
+
+def test_abbreviated_time_units(tmp_path):
+    """Newer ncu releases (2025.x, the GPU machine's) abbreviate the units: ms, us, ns."""
+    path = tmp_path / "profile.csv"
+    write_profile(path, [
+        (FORWARD, {"Duration": ("ms", "1.25")}),
+        (BACKWARD, {"Duration": ("ns", "900")}),
+        (FORWARD, {"Duration": ("us", "7.5")}),
+    ])  # fmt: skip
+    result = run(path, 1)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    durations = [row.split(" | ")[1] for row in rows[1:]]
+    assert durations == ["1250.0", "0.9", "7.5"]
