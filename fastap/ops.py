@@ -79,7 +79,7 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastap::soft_histogram")
     def _soft_histogram_fake(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi, offset=0
+        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi, self_offset=0
     ):
         _on_one_device(
             "scores",
@@ -101,8 +101,9 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastap::soft_histogram_backward")
     def _soft_histogram_backward_fake(
-        grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, *options
-    ):
+        grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins,
+        lo, hi, self_offset=0,
+    ):  # fmt: skip
         _on_one_device(
             "scores",
             dict(
@@ -134,8 +135,9 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastap::embedding_histogram_backward")
     def _embedding_histogram_backward_fake(
-        grad_n, grad_p, queries, database, labels, ref_labels, *options
-    ):
+        grad_n, grad_p, queries, database, labels, ref_labels, exclude_self, self_offset,
+        num_bins, lo, hi,
+    ):  # fmt: skip
         _on_one_device(
             "queries",
             dict(

@@ -45,6 +45,13 @@ def test_meta_tensors():
     )
     assert n.shape == p.shape == (7, 13) and n.dtype == torch.float32 and n.device.type == "meta"
     assert positives.shape == (7,) and positives.dtype == torch.int64
+    # Every argument by its schema name, as a caller may pass them.
+    options = dict(exclude_self=True, num_bins=13, lo=-1.0, hi=1.0, self_offset=2)
+    n, _, _ = torch.ops.fastap.soft_histogram(scores, None, labels, ref_labels, None, **options)
+    grad = torch.ops.fastap.soft_histogram_backward(
+        n, n, scores, None, labels, ref_labels, None, **options
+    )
+    assert n.shape == (7, 13) and grad.shape == scores.shape and grad.device.type == "meta"
 
 
 @pytest.mark.parametrize("form", ["dense", "labels"])
