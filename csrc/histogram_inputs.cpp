@@ -10,7 +10,7 @@ namespace fastap {
 namespace {
 
 // The score range as "(lo, hi)" with every digit a double needs (the default six would print a
-// range whose ends round to one float32 as (1, 1)).
+// range whose ends round to one float32 as (1, 1)): every message of check_bins.
 std::string range_text(double lo, double hi) {
   std::ostringstream text;
   text << std::setprecision(17) << "(" << lo << ", " << hi << ")";
@@ -52,11 +52,11 @@ void check_bins(int64_t num_bins, double lo, double hi, bool float_grid) {
   TORCH_CHECK_VALUE(num_bins <= (int64_t{1} << 20), "fastap: num_bins must be at most 2^20, got ",
                     num_bins);
   TORCH_CHECK_VALUE(std::isfinite(lo) && std::isfinite(hi) && lo < hi,
-                    "fastap: score_range must be finite with lo < hi, got (", lo, ", ", hi, ")");
+                    "fastap: score_range must be finite with lo < hi, got ", range_text(lo, hi));
   const double most = std::numeric_limits<float>::max();
   TORCH_CHECK_VALUE(!float_grid || (std::abs(lo) <= most && std::abs(hi) <= most &&
                                     hi - lo <= most && (num_bins - 1) / (hi - lo) <= most),
-                    "fastap: score_range (", lo, ", ", hi, ") with ", num_bins,
+                    "fastap: score_range ", range_text(lo, hi), " with ", num_bins,
                     " bins does not fit float32, in which float32, float16 and bfloat16 scores "
                     "are binned: |lo|, |hi|, hi - lo and (num_bins - 1) / (hi - lo) must be at "
                     "most 3.4e38 (float64 scores are binned in float64)");
@@ -66,7 +66,7 @@ void check_bins(int64_t num_bins, double lo, double hi, bool float_grid) {
                     "float32, in which float32, float16 and bfloat16 scores are binned");
   TORCH_CHECK_VALUE(float_grid || (std::isfinite(hi - lo) && std::isfinite((num_bins - 1) /
                                                                             (hi - lo))),
-                    "fastap: score_range (", lo, ", ", hi, ") with ", num_bins,
+                    "fastap: score_range ", range_text(lo, hi), " with ", num_bins,
                     " bins does not fit float64: hi - lo and (num_bins - 1) / (hi - lo) must be "
                     "finite");
 }

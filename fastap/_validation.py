@@ -131,13 +131,35 @@ def _check_mask(value, name: str, scores: torch.Tensor) -> torch.Tensor:
     return t != 0
 
 
+def is_integer_tensor(t: torch.Tensor) -> bool:
+    """An integer dtype: not floating, complex or bool."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def check_embedding_matrix(value, name: str, owner: str = "fastap") -> torch.Tensor:
+    """A 2-D tensor of embeddings (rows x dim, at least one column) of a floating dtype the
+    kernels take (float32, float64, float16, bfloat16)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != 2:
+        raise ValueError(f"{owner}: {name} must be 2-D (rows x dim), got {list(value.shape)}")
+    if value.dtype not in SCORE_DTYPES:
+        raise TypeError(
+            f"{owner}: {name} must be floating point (float32, float64, float16 or bfloat16), "
+            f"got {value.dtype}"
+        )
+    if value.shape[1] == 0:
+        raise ValueError(f"{owner}: {name} must have at least one column, got {list(value.shape)}")
+    return value
+
+
 def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, like_name: str):
     """A 1-D integer label tensor with one label per `per` (`length` of them), on the device of
     `like` (called `like_name` in the message); returned as int64."""
     t = _check_tensor(value, name)
     if t.device != like.device:
         raise ValueError(f"fastap: {name} is on {t.device} but {like_name} is on {like.device}")
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+    if not is_integer_tensor(t):
         raise TypeError(f"fastap: {name} must be an integer tensor, got dtype {t.dtype}")
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from fastap._validation import (
     check_bins,
+    check_embedding_matrix,
     check_int,
     check_labels,
     check_query_weights,
@@ -237,18 +238,6 @@ def _use_fused(backend: str, queries, database, num_bins: int) -> bool:
     return queries.dtype != torch.float32 or torch._C._get_cublas_allow_tf32()
 
 
-def _check_embedding_matrix(t, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"fastap: {name} must be 2-D (rows x dim), got shape {list(t.shape)}")
-    if t.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise TypeError(f"fastap: {name} must be float32/64 or float16/bfloat16, got {t.dtype}")
-    if t.shape[1] == 0:
-        raise ValueError(f"fastap: {name} must have at least one column, got {list(t.shape)}")
-    return t
-
-
 def histograms_from_embeddings(
     queries: torch.Tensor,
     database: torch.Tensor | None = None,
@@ -273,7 +262,7 @@ def histograms_from_embeddings(
     "fused" (the tensor-core CUDA kernel) or "blockwise" (block_size queries at a time); see the
     module docstring.
     """
-    _check_embedding_matrix(queries, "queries")
+    check_embedding_matrix(queries, "queries")
     if exclude_self is not None and not isinstance(exclude_self, bool):
         raise TypeError(
             f"fastap: exclude_self must be a bool or None, got {type(exclude_self).__name__}"
@@ -288,7 +277,7 @@ def histograms_from_embeddings(
         database = queries
         exclude_self = True if exclude_self is None else exclude_self
     else:
-        _check_embedding_matrix(database, "database")
+        check_embedding_matrix(database, "database")
         exclude_self = bool(exclude_self)
         if (database.shape[1], database.device) != (queries.shape[1], queries.device):
             raise ValueError(

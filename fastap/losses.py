@@ -9,11 +9,13 @@ import torch.nn.functional as F
 from fastap._validation import (
     MAX_NUM_BINS,
     check_bins,
+    check_embedding_matrix,
     check_int,
     check_labels,
     check_variant,
     checks_values_of,
     in_common_dtype,
+    is_integer_tensor,
 )
 from fastap.embeddings import histograms_from_embeddings
 from fastap.functional import (
@@ -41,21 +43,14 @@ def miner_weights(indices_tuple, num_queries: int, using_ref: bool, device) -> t
             "(anchors1, positives, anchors2, negatives)"
         )
     for t in indices_tuple:
-        if (
-            not isinstance(t, torch.Tensor)
-            or t.dim() != 1
-            or t.is_floating_point()
-            or t.is_complex()
-            or t.dtype == torch.bool
-        ):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or not is_integer_tensor(t):
             raise TypeError("fastap: indices_tuple must hold 1-D integer tensors")
     if all(t.numel() == 0 for t in indices_tuple):
         return torch.ones(num_queries, device=device)
-    if using_ref:
-        anchors = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[::2]
-        indices = torch.cat([t.to(device) for t in anchors]).long()
-    else:
-        indices = torch.cat([t.to(device) for t in indices_tuple]).long()
+    counted = indices_tuple
+    if using_ref:  # only the anchors
+        counted = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[::2]
+    indices = torch.cat([t.to(device) for t in counted]).long()
     if checks_values_of(indices) and indices.numel():
         if int(indices.min()) < 0 or int(indices.max()) >= num_queries:
             raise ValueError(f"fastap: indices_tuple holds indices outside [0, {num_queries})")
@@ -67,21 +62,9 @@ def miner_weights(indices_tuple, num_queries: int, using_ref: bool, device) -> t
     return counts / counts.max().clamp_min(1) if num_queries else counts
 
 
-def check_embeddings(t, name: str, owner: str) -> None:
-    """A 2-D floating tensor of at least one column (a batch of embeddings)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{owner}: {name} must be 2-D (batch x dim), got {list(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"{owner}: {name} must be floating point, got {t.dtype}")
-    if t.shape[1] == 0:
-        raise ValueError(f"{owner}: {name} must have at least one column, got {list(t.shape)}")
-
-
 def check_batch(embeddings, labels, owner: str) -> torch.Tensor:
     """A batch of embeddings [B, D] and its labels [B], checked; the labels as int64."""
-    check_embeddings(embeddings, "embeddings", owner)
+    check_embedding_matrix(embeddings, "embeddings", owner)
     return check_labels(
         labels, "labels", embeddings.shape[0], "row of embeddings", embeddings, "embeddings"
     )
@@ -117,7 +100,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
                 raise ValueError(f"{owner}: ref_labels was given without ref_emb")
             database, database_labels = embeddings, None
         else:
-            check_embeddings(ref_emb, "ref_emb", owner)
+            check_embedding_matrix(ref_emb, "ref_emb", owner)
             if ref_labels is None:
                 raise ValueError(f"{owner}: ref_emb needs ref_labels (one label per row)")
             if ref_emb.shape[1] != embeddings.shape[1]:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastap._validation import check_int, check_labels
+from fastap._validation import check_embedding_matrix, check_int, check_labels
 
 __all__ = ["TIES", "average_precision", "retrieval_metrics", "revisited_map"]
 
@@ -126,13 +126,7 @@ def _mask_chunk(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _check_embeddings(value, name: str) -> torch.Tensor:
-    t = _tensor(value, name)
-    if t.dim() != 2:
-        raise ValueError(f"fastap: {name} must be 2-D (items x dim), got shape {list(t.shape)}")
-    if not t.is_floating_point():
-        raise TypeError(f"fastap: {name} must be a floating tensor, got dtype {t.dtype}")
-    if t.shape[1] == 0:
-        raise ValueError(f"fastap: {name} must have at least one dimension, got {list(t.shape)}")
+    t = check_embedding_matrix(value, name)
     if t.numel() > 0 and not bool(torch.isfinite(t).all()):
         raise ValueError(f"fastap: {name} contain NaN or infinity")
     return t

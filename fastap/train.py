@@ -25,13 +25,16 @@ def _split(inputs, chunk_size: int):
     # (An empty batch is one empty chunk: the model and the loss see it as they would any batch.)
     if isinstance(inputs, torch.Tensor):
         return [(chunk,) for chunk in inputs.split(chunk_size)]
-    if isinstance(inputs, Sequence) and not isinstance(inputs, str) and len(inputs) == 0:
-        raise ValueError("fastap: inputs is an empty sequence (give at least one tensor)")
-    if isinstance(inputs, Sequence) and inputs and all(isinstance(t, torch.Tensor) for t in inputs):
-        sizes = {t.shape[0] for t in inputs}
-        if len(sizes) != 1:
-            raise ValueError(f"fastap: the inputs must share their first dimension, got {sizes}")
-        return list(zip(*(t.split(chunk_size) for t in inputs)))
+    if isinstance(inputs, Sequence) and not isinstance(inputs, str):
+        if len(inputs) == 0:
+            raise ValueError("fastap: inputs is an empty sequence (give at least one tensor)")
+        if all(isinstance(t, torch.Tensor) for t in inputs):
+            sizes = {t.shape[0] for t in inputs}
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"fastap: the inputs must share their first dimension, got {sizes}"
+                )
+            return list(zip(*(t.split(chunk_size) for t in inputs)))
     raise TypeError("fastap: inputs must be a tensor or a sequence of tensors (batch first)")
 
 
