@@ -27,18 +27,29 @@ def op_args(problem):
             problem.exclude_self, problem.num_bins, lo, hi)  # fmt: skip
 
 
+# Without an ignore mask, label rows whose length is a multiple of the vector width take the fast
+# kernels (fast_path_applies): (37, 1000) in one chunk per row, (5, 70000) in several, and
+# (264, 264) with exclude_self. With the mask, or dense relevance, the general kernels.
+@pytest.mark.parametrize("with_ignore", [True, False])
 @pytest.mark.parametrize("form", RELEVANCE_FORMS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "shape,num_bins",
-    [((1, 1), 2), ((37, 1000), 20), ((300, 301), 100), ((5, 70000), 10), ((3, 0), 5)],
+    [
+        ((1, 1), 2),
+        ((37, 1000), 20),
+        ((300, 301), 100),
+        ((5, 70000), 10),
+        ((3, 0), 5),
+        ((264, 264), 20),
+    ],
 )
-def test_cuda_equals_cpu(form, dtype, shape, num_bins):
+def test_cuda_equals_cpu(form, dtype, shape, num_bins, with_ignore):
     problem = random_problem(
         *shape,
         num_bins=num_bins,
         relevance_form=form,
-        with_ignore=True,
+        with_ignore=with_ignore,
         exclude_self=shape[0] == shape[1],
         dtype=dtype,
         seed=shape[0],

@@ -263,6 +263,18 @@ def test_positive_count_from_the_histogram_mass_is_exact(emulators, tmp_path, dt
     check_both(emulators["address"], tmp_path, problem, fast=form == "labels")
 
 
+# A row of many chunks whose partial histograms are all alike: added one by one in fp32, each
+# addition would round the same way once the sum is large, and the error would grow with the
+# number of chunks (about 1e-3 of the sum here). The finalize kernel adds them in fp64.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_alike_chunks_sum_without_drift(emulators, tmp_path, dtype):
+    chunks, chunk = 8192, 64
+    problem = random_problem(2, chunk, num_bins=3, relevance_form="labels", dtype=dtype, seed=4)
+    problem = problem.with_scores(problem.scores.repeat(1, chunks))
+    problem.ref_labels = problem.ref_labels.repeat(chunks)
+    check_both(emulators["address"], tmp_path, problem, fast=True, chunk=chunk)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("self_offset,chunk", [(30, None), (1000, 256), (3, 8)])
 def test_fast_kernels_exclude_self_with_offset(emulators, tmp_path, dtype, self_offset, chunk):

@@ -160,7 +160,8 @@ def _op_args(labels, ref_labels, ignore, form, device):
 
 # (70, 70): the self column at 0 (first row), 63 and 64 (a block edge); (9, 130) and (4, 257):
 # several blocks and a partial one, the self column near the end; (3, 1): one candidate.
-OP_SHAPES = [(3, 1), (5, 7), (70, 70), (9, 130), (4, 257)]
+# (8, 136): rows of whole 16-byte vectors, which on CUDA take the fast label kernels.
+OP_SHAPES = [(3, 1), (5, 7), (70, 70), (9, 130), (4, 257), (8, 136)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -298,7 +298,9 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
 }
 
 // Rows of several chunks: thread (i, k) sums bin k of row i's partial histograms in chunk order
-// (deterministic); the thread of bin 0 also sums the row's positives.
+// (deterministic), in fp64 whatever acc_t, rounded once: a row of 2^18 chunks whose partials
+// repeat would drift by about 1e-3 of the sum in fp32. The thread of bin 0 also sums the row's
+// positives.
 template <typename acc_t>
 __global__ void soft_histogram_finalize_kernel(const acc_t* __restrict__ partial_hist,
                                                const int64_t* __restrict__ partial_positives,
@@ -312,14 +314,14 @@ __global__ void soft_histogram_finalize_kernel(const acc_t* __restrict__ partial
     const int64_t i = e / num_bins;
     const int64_t k = e - i * num_bins;
     const acc_t* partial = partial_hist + (i * chunks_per_row * 2) * num_bins + k;
-    acc_t negative_sum = acc_t(0);
-    acc_t positive_sum = acc_t(0);
+    double negative_sum = 0.0;
+    double positive_sum = 0.0;
     for (int64_t c = 0; c < chunks_per_row; ++c) {
-      negative_sum += partial[(2 * c) * num_bins];
-      positive_sum += partial[(2 * c + 1) * num_bins];
+      negative_sum += static_cast<double>(partial[(2 * c) * num_bins]);
+      positive_sum += static_cast<double>(partial[(2 * c + 1) * num_bins]);
     }
-    n_out[e] = negative_sum + positive_sum;
-    p_out[e] = positive_sum;
+    n_out[e] = static_cast<acc_t>(negative_sum + positive_sum);
+    p_out[e] = static_cast<acc_t>(positive_sum);
     if (k == 0) {
       int64_t positives = 0;
       for (int64_t c = 0; c < chunks_per_row; ++c) {
