@@ -120,7 +120,9 @@ EmbeddingInputs check_embedding_inputs(const at::Tensor& queries, const at::Tens
           ref_labels.contiguous(), queries.size(1)};
 }
 
-// Allows `bytes` of dynamic shared memory for `kernel`, or says that num_bins is too large.
+// Allows `kernel` the device's whole opt-in dynamic shared memory (the same value on every call,
+// so that concurrent host threads with other sizes cannot undercut each other), or says that the
+// `bytes` it needs for num_bins are too many.
 template <typename Kernel>
 void allow_shared(Kernel kernel, size_t bytes, int64_t num_bins) {
   int device = 0;
@@ -132,7 +134,7 @@ void allow_shared(Kernel kernel, size_t bytes, int64_t num_bins) {
                     " is too large for the fused embedding kernel on this GPU (it needs ", bytes,
                     " bytes of shared memory per block, the GPU has ", max_shared, ")");
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
+                                      max_shared));
 }
 
 // The CUDA type of the kernels for a torch dtype (same layout as c10's).

@@ -31,6 +31,7 @@ struct ForwardPlan {
   int64_t blocks;
   size_t shared_per_warp;  // bytes
   size_t shared_bytes;     // per block
+  size_t max_shared;       // the device's opt-in limit per block, which the kernel is allowed
   bool fits;               // false: num_bins is too large for this GPU's shared memory
   int64_t max_bins;        // the largest num_bins that fits (for the error message)
 };
@@ -67,6 +68,7 @@ inline ForwardPlan plan_forward(int64_t num_queries, int64_t num_candidates, int
   const size_t fixed = forward_shared_per_warp(0, acc_bytes);
   const size_t per_bin = forward_shared_per_warp(1, acc_bytes) - fixed;
   plan.max_bins = max_shared > fixed ? static_cast<int64_t>((max_shared - fixed) / per_bin) : 0;
+  plan.max_shared = max_shared;
   plan.fits = plan.shared_per_warp <= max_shared;
   int warps = static_cast<int>(kForwardSharedTarget / plan.shared_per_warp);
   if (warps > kMaxForwardWarps) warps = kMaxForwardWarps;

@@ -63,8 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
     const bool fast = fast_path_applies(relevance, in.scores.const_data_ptr<scalar_t>(),
                                         in.num_candidates(), plan.chunk);
     auto kernel = forward_kernel<scalar_t, acc_t>(fast, relevance);
+    // The device's whole opt-in limit, the same value on every call: a host thread launching
+    // with a larger num_bins cannot be cut short by another that just set a smaller limit.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(plan.shared_bytes)));
+                                        static_cast<int>(plan.max_shared)));
     kernel<<<static_cast<unsigned>(plan.blocks), plan.warps_per_block * kWarpSize,
              plan.shared_bytes, stream>>>(
         in.scores.const_data_ptr<scalar_t>(), relevance,
