@@ -15,7 +15,8 @@
 // where they fit. Each variant is first checked against the product computed on the host (small
 // integers: exact), and the wgmma variants so check our reading of the PTX ISA's shared-memory
 // matrix layout and descriptor, which the CPU emulation of the kernels cannot: the m64n32 variant
-// runs the fused forward's own wrapper, layout and accumulator map (csrc/cuda/wgmma.cuh).
+// runs the fused forward's own wrapper, layout and accumulator map (csrc/cuda/wgmma.cuh), and the
+// second gradient variant the fused backward's.
 //
 // Build and run (benchmarks/gpu_check.sh, step `probe`):
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a benchmarks/mma_probe.cu -o mma_probe
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a
   float d[kN / 2];
   for (int e = 0; e < kN / 2; ++e) d[e] = 0.0f;
   for (int repeat = 0; repeat < repeats; ++repeat) {
-    wgmma::begin();
+    wgmma::begin(d);
 #pragma unroll
     for (int k = 0; k < kDepth; k += 16) {
       if constexpr (kN == wgmma::kCols) {  // the fused forward's own wrapper (wgmma.cuh)
@@ -259,7 +260,7 @@ __global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a
         wgmma_bf16<kN>(d, descriptor(sa, score_a(k)), descriptor(sb, score_b(group, kN, k)), 1);
       }
     }
-    wgmma::commit_and_wait();
+    wgmma::commit_and_wait(d);
   }
   store_accumulators<kN>(d, out + static_cast<size_t>(blockIdx.x) * kRows * kCols, kCols, group);
 #else
@@ -272,7 +273,11 @@ __global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a
 // (the same 128-byte core matrices: 8 stream rows of 8 consecutive elements; the leading offset
 // now steps 8 stream rows, D * 16 bytes, and the stride offset 8 columns, 128 bytes), so that one
 // shared copy of the stream rows would serve both products. Warpgroup g computes columns
-// [128 g, 128 g + 128) of the 64 x 256 result; G is A[r][s] = a[r][s], s < 64.
+// [128 g, 128 g + 128) of the 64 x 256 result; G is A[r][s] = a[r][s], s < 64. kKernelWrapper:
+// as the fused backward does it, two m64n64 halves through its own wrapper
+// (wgmma::mma_m64n64k16_bt); the accumulators of columns [64 j, 64 j + 64) of an m64n128 tile
+// are registers [32 j, 32 j + 32) of its layout, so the same store serves both.
+template <bool kKernelWrapper>
 __global__ void __launch_bounds__(kThreads) wgmma_gradient_product(const __nv_bfloat16* a,
                                                                    const __nv_bfloat16* b,
                                                                    float* out, int repeats) {
@@ -294,13 +299,31 @@ __global__ void __launch_bounds__(kThreads) wgmma_gradient_product(const __nv_bf
   float d[kN / 2];
   for (int e = 0; e < kN / 2; ++e) d[e] = 0.0f;
   for (int repeat = 0; repeat < repeats; ++repeat) {
-    wgmma::begin();
+    if constexpr (kKernelWrapper) {
+      using bf16 = __nv_bfloat16;
 #pragma unroll
-    for (int s = 0; s < kStream; s += 16) {
-      wgmma_bf16<kN, 1>(d, descriptor(sg, gradient_a(s)), descriptor(sb, gradient_b(group, s)),
-                        1);
+      for (int j = 0; j < 2; ++j) {
+        float(&half)[32] = *reinterpret_cast<float(*)[32]>(d + 32 * j);
+        wgmma::begin(half);
+#pragma unroll
+        for (int s = 0; s < kStream; s += 16) {
+          wgmma::mma_m64n64k16_bt(half, reinterpret_cast<const bf16*>(sg + gradient_a(s).offset),
+                                  kStream,
+                                  reinterpret_cast<const bf16*>(
+                                      sb + canonical_offset(s, kN * group + 64 * j)),
+                                  kDepth);
+        }
+        wgmma::commit_and_wait(half);
+      }
+    } else {
+      wgmma::begin(d);
+#pragma unroll
+      for (int s = 0; s < kStream; s += 16) {
+        wgmma_bf16<kN, 1>(d, descriptor(sg, gradient_a(s)), descriptor(sb, gradient_b(group, s)),
+                          1);
+      }
+      wgmma::commit_and_wait(d);
     }
-    wgmma::commit_and_wait();
   }
   store_accumulators<kN>(d, out + static_cast<size_t>(blockIdx.x) * kRows * kDepth, kDepth,
                          group);
@@ -463,8 +486,12 @@ int main(int argc, char** argv) {
        reinterpret_cast<const void*>(&wgmma_product<128>), (64 + 256) * kDepth * 2, true},
       {"wgmma bf16, gradient product, B transposed", 64,
        64.0 * 128 * 16 * 2 / ((64 + 128) * 16 * 2),
-       reinterpret_cast<const void*>(&wgmma_gradient_product), (64 * 64 + 64 * kDepth) * 2, true,
-       true},
+       reinterpret_cast<const void*>(&wgmma_gradient_product<false>),
+       (64 * 64 + 64 * kDepth) * 2, true, true},
+      {"wgmma bf16, gradient product, 2 x m64n64 (the fused backward's)", 64,
+       64.0 * 64 * 16 * 2 / ((64 + 64) * 16 * 2),
+       reinterpret_cast<const void*>(&wgmma_gradient_product<true>),
+       (64 * 64 + 64 * kDepth) * 2, true, true},
   };
 
   const int max_cols = 256;

@@ -446,13 +446,13 @@ __device__ void score_tile(const T* __restrict__ own, int64_t own_count, int64_t
 template <typename element>
 __device__ __forceinline__ void score_chunk_wgmma(float (&acc)[16], const element* a, int a_depth,
                                                   const element* b, int b_depth) {
-  wgmma::begin();
+  wgmma::begin(acc);
 #pragma unroll
   for (int k = 0; k < kDepthChunk; k += wgmma::kStep) {
     wgmma::mma_m64n32k16(acc, a + wgmma::canonical_index(0, k, a_depth), a_depth,
                          b + wgmma::canonical_index(0, k, b_depth), b_depth);
   }
-  wgmma::commit_and_wait();
+  wgmma::commit_and_wait(acc);
 }
 #endif
 
@@ -915,14 +915,14 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
       for (int j = 0; j < kHalves; ++j) {
         const int col0 = (kHalves * group + j) * wgmma::kGradCols;
         if (col0 >= layout.stream_cols) continue;
-        wgmma::begin();
+        wgmma::begin(grad_acc[j]);
 #pragma unroll
         for (int s = 0; s < kTileCols; s += wgmma::kStep) {
           const element* g = grad_tile + wgmma::canonical_index(0, s, kTileCols);
           const element* b = stream_rows + wgmma::canonical_index(s, col0, layout.stream_cols);
           wgmma::mma_m64n64k16_bt(grad_acc[j], g, kTileCols, b, layout.stream_cols);
         }
-        wgmma::commit_and_wait();
+        wgmma::commit_and_wait(grad_acc[j]);
       }
 #else
       __trap();  // not built for sm_90a: the launchers never choose this path then

@@ -77,15 +77,28 @@ __host__ __device__ constexpr uint64_t descriptor_mn(uint32_t address, int depth
 __device__ __forceinline__ void fence_operands() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
-// Before the first wgmma of a batch: orders the accumulators' ordinary writes before it.
-__device__ __forceinline__ void begin() {
+// Pins the accumulators `d` at this point of the program: the fences below name no register, so
+// without this the compiler could move an accumulator's plain write (acc = 0) past
+// wgmma.fence, or a read of it above wgmma.wait_group. Emits no instruction.
+template <int N>
+__device__ __forceinline__ void pin_registers(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Before the first wgmma of a batch on the accumulators `d`: orders their ordinary writes before
+// it.
+template <int N>
+__device__ __forceinline__ void begin(float (&d)[N]) {
+  pin_registers(d);
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
-// Ends the batch, then waits until every wgmma of it has finished (its accumulators are written
-// and its operands read: shared memory may change after this).
-__device__ __forceinline__ void commit_and_wait() {
+// Ends the batch, then waits until every wgmma of it has finished (the accumulators `d` are
+// written and the operands read: shared memory may change after this).
+template <int N>
+__device__ __forceinline__ void commit_and_wait(float (&d)[N]) {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  pin_registers(d);
 }
 
 // d += A B^T for one k step: A the 64 x 16 slice at `a` of a canonical tile of a_depth columns,

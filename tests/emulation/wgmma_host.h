@@ -121,7 +121,10 @@ void issue(float* d, uint64_t a_desc, uint64_t b_desc) {
 
 inline void fence_operands() { ::emu::fence_async_proxy(); }
 
-inline void begin() { emulated::begun = true; }
+template <int N>
+void begin(float (&)[N]) {
+  emulated::begun = true;
+}
 
 template <typename T>
 void mma_m64n32k16(float (&d)[16], const T* a, int a_depth, const T* b, int b_depth) {
@@ -137,7 +140,8 @@ void mma_m64n64k16_bt(float (&d)[32], const T* a, int a_depth, const T* b, int b
       descriptor_mn(static_cast<uint32_t>(__cvta_generic_to_shared(b)), b_depth));
 }
 
-inline void commit_and_wait() {
+template <int N>
+void commit_and_wait(float (&)[N]) {
   for (emulated::Pending& p : emulated::batch) {
     float waited[emulated::kMaxAccumulators];
     p.products(p.a_desc, p.b_desc, waited);
