@@ -83,13 +83,14 @@ def test_ap_hand_computed():
 
 
 def test_ap_query_without_positives_is_zero_and_flagged():
-    scores = torch.tensor([[0.3, 0.2, 0.1], [0.1, 0.2, 0.3], [0.5, 0.4, 0.6]])
-    rel = torch.tensor([[0, 1, 1], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
-    ignore = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    scores = torch.tensor([[0.3, 0.2, 0.1], [0.1, 0.2, 0.3], [0.5, 0.4, 0.6], [0.5, 0.4, 0.6]])
+    rel = torch.tensor([[0, 1, 1], [0, 0, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.bool)
+    ignore = torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
     ap, valid = average_precision(scores, rel, ignore, return_valid=True)
-    # row 0: N P P -> (1/2 + 2/3) / 2 = 7/12; row 1: no positive; row 2: its positive ignored
-    assert ap.tolist() == pytest.approx([7 / 12, 0.0, 0.0])
-    assert valid.tolist() == [True, False, False]
+    # row 0: N P P -> (1/2 + 2/3) / 2 = 7/12; row 1: no positive; row 2: its positive ignored;
+    # row 3: its one positive at rank 3 -> 1/3
+    assert ap.tolist() == pytest.approx([7 / 12, 0.0, 0.0, 1 / 3])
+    assert valid.tolist() == [True, False, False, True]
     assert ap.dtype == torch.float64
     assert torch.equal(average_precision(scores, rel, ignore), ap)
 
