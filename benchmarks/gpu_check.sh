@@ -237,7 +237,7 @@ step tests 240 tests.log pytest_cuda ${xdist[@]+"${xdist[@]}"} -k "cuda and not 
 if selected tests && [[ $WGMMA == ok ]]; then STEPS="$STEPS tests_wgmma"; fi
 step tests_wgmma 90 tests_wgmma.log pytest_cuda -k "cuda and wgmma"
 # api_access: only when a fused test failed. The fused kernels load their bf16 and TF32 operands
-# with a PTX spelling of WMMA's loads (csrc/cuda/embedding_kernels.cuh, load_operand), the one
+# with a PTX spelling of WMMA's loads (csrc/cuda/matrix_unit.cuh, load_operand), the one
 # part of them that the CPU emulation cannot run; this rebuilds with the API's own loads and
 # reruns the fused tests, so that one call tells whether that spelling is at fault. The steps
 # after it then measure the rebuilt extension (the summary says so).

@@ -120,7 +120,7 @@ class _BlockedSoftHistogram(torch.autograd.Function):
 
 def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) -> tuple[int, int]:
     """Shared memory per block (forward, backward) of the fused embedding kernels for embeddings
-    of dimension `depth`: the formula of SharedLayout in csrc/cuda/embedding_kernels.cuh
+    of dimension `depth`: the formula of SharedLayout in csrc/cuda/embedding_tiles.cuh
     (tests/test_cuda_emulation.py checks that the two agree)."""
     element, pad = (4, 4) if dtype == torch.float32 else (2, 8)
     tile_rows = tile_cols = 64
