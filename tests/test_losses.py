@@ -39,6 +39,23 @@ def test_reference_set():
     )
 
 
+def test_one_query_with_a_positive_is_the_whole_loss():
+    # Only query 0's label is in the reference set: the loss is 1 - that query's AP, on the
+    # score-matrix path and on the blockwise one (score_matrix_limit=0).
+    g = torch.Generator().manual_seed(2)
+    queries = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    database = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3])
+    ref_labels = torch.tensor([0, 0, 0, 5, 5, 5, 5, 6, 6, 6, 6])
+    scores = F.normalize(queries, dim=1) @ F.normalize(database, dim=1).T
+    ap = reference.average_precision(scores, labels=labels, ref_labels=ref_labels)
+    assert 0 < ap[0] < 1
+    for limit in (None, 0):
+        kwargs = {} if limit is None else {"score_matrix_limit": limit}
+        loss = fastap.APLoss(**kwargs)(queries, labels, ref_emb=database, ref_labels=ref_labels)
+        torch.testing.assert_close(loss, 1 - ap[0], rtol=0, atol=1e-12)
+
+
 def test_training_steps_raise_ap():
     """A few SGD steps on the loss must raise the batch's AP (the loss has a useful gradient)."""
     g = torch.Generator().manual_seed(2)
