@@ -93,6 +93,26 @@ def test_zero_gradient_off_slope(device):
     torch.testing.assert_close(scores.grad.cpu(), ref_scores.grad, rtol=0, atol=1e-12)
 
 
+def test_no_gradient_at_lo_where_its_bins_slope_is_non_zero(device):
+    # binning.h BinGrid::sloped: a score exactly at lo gets no gradient (t = Q - 1, f = 1 after
+    # the clamp of k), also where the slope of its bins, (g[Q-2] - g[Q-1]) / delta, is non-zero:
+    # positives at -0.6 and -0.4 put mass into bin 3 (centre -0.5), so p_3 > 0.
+    scores = torch.tensor(
+        [[-1.0, -0.6, -0.4, 0.9], [-1.0, -0.6, -0.4, 0.9]], dtype=torch.float64, device=device
+    )
+    relevance = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool, device=device)
+    scores.requires_grad_()
+    (grad,) = torch.autograd.grad(fastap.ap_loss(scores, relevance, num_bins=5), scores)
+    assert grad[:, 0].eq(0).all(), grad
+    assert grad[:, 1:3].ne(0).all()  # the slope there is real
+    # The same just above lo: a non-zero gradient (so the test above is not vacuous).
+    above = scores.detach().clone()
+    above[:, 0] = -1.0 + 1e-9
+    above.requires_grad_()
+    (grad_above,) = torch.autograd.grad(fastap.ap_loss(above, relevance, num_bins=5), above)
+    assert grad_above[:, 0].ne(0).all()
+
+
 def test_loss_gradient_matches_reference_with_weights(device):
     problem = random_problem(25, 40, with_ignore=True, seed=9)
     weights = torch.rand(25, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -263,6 +263,19 @@ def test_positive_count_from_the_histogram_mass_is_exact(emulators, tmp_path, dt
     check_both(emulators["address"], tmp_path, problem, fast=form == "labels")
 
 
+@pytest.mark.parametrize("form", ["dense", "labels"])
+@pytest.mark.parametrize("self_offset", [0, 300])
+def test_general_kernels_exclude_self_in_inner_groups(emulators, tmp_path, form, self_offset):
+    # soft_histogram_kernel (general path) bins a row in groups of 128 candidates; a group that
+    # holds the row's own column must take the edge path, which tests it. With M >= 256 and an
+    # ignore mask the general kernel runs and most rows' own column lies in an inner group.
+    n, m = (300, 300) if self_offset == 0 else (5, 1040)
+    problem = random_problem(n, m, num_bins=20, relevance_form=form, with_ignore=True,
+                             dtype=torch.float32, seed=7)  # fmt: skip
+    problem.exclude_self = True
+    check_both(emulators["address"], tmp_path, problem, fast=False, self_offset=self_offset)
+
+
 # A row of many chunks whose partial histograms are all alike: added one by one in fp32, each
 # addition would round the same way once the sum is large, and the error would grow with the
 # number of chunks (about 1e-3 of the sum here). The finalize kernel adds them in fp64.

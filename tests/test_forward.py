@@ -290,3 +290,39 @@ def test_fastap_keeps_subnormal_floats():
         torch.nn.functional.normalize(torch.randn(9, 4), dim=1), labels=torch.arange(9) % 3
     )
     assert not _subnormals_flushed()
+
+
+def test_non_contiguous_label_vectors(device):
+    # histogram_inputs.cpp: labels / ref_labels of any strides are made contiguous before the
+    # kernels read them as plain arrays.
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.rand(7, 20, generator=g, dtype=torch.float64) * 2 - 1).to(device)
+    labels = (torch.randint(0, 3, (14,), generator=g)[::2]).to(device)
+    ref_labels = (torch.randint(0, 3, (40,), generator=g)[::2]).to(device)
+    assert not labels.is_contiguous() and not ref_labels.is_contiguous()
+    results = []
+    for lab, ref in ((labels, ref_labels), (labels.contiguous(), ref_labels.contiguous())):
+        s = scores.detach().clone().requires_grad_()
+        ap = fastap.average_precision(s, labels=lab, ref_labels=ref)
+        (grad,) = torch.autograd.grad(ap.sum(), s)
+        results.append((ap, grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    expected = reference.average_precision(
+        scores.cpu(), labels=labels.cpu().contiguous(), ref_labels=ref_labels.cpu().contiguous()
+    )
+    torch.testing.assert_close(results[0][0].cpu(), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_scores_with_a_range_they_cannot_represent(device, dtype):
+    # The bin grid of fp16/bf16 scores is built in float32 from the float64 range: -0.3 and 1.7
+    # are not fp16/bf16 numbers, and a grid built from the rounded ends is off.
+    problem = random_problem(50, 300, score_range=(-0.3, 1.7), dtype=torch.float64, seed=11)
+    rounded = problem.with_scores(problem.scores.to(dtype))
+    p = rounded.to(device)
+    ours = fastap.average_precision(*p.args(), **p.kwargs())
+    ref = reference.average_precision(
+        rounded.scores.double(), rounded.relevance, **rounded.kwargs()
+    )
+    torch.testing.assert_close(ours.cpu().double(), ref, rtol=0, atol=2e-6)
