@@ -150,9 +150,20 @@ def _in_child(args, timeout, env):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    try:
-        result = queue.get(timeout=timeout)
-    except Exception:
+    # Polled, so that a child that dies without a word (a segfault, an abort, the OOM killer)
+    # costs a second, not the whole timeout.
+    result = None
+    deadline = time.monotonic() + timeout
+    while result is None and time.monotonic() < deadline:
+        try:
+            result = queue.get(timeout=1)
+        except Exception:  # queue.Empty
+            if not process.is_alive():
+                try:
+                    result = queue.get_nowait()
+                except Exception:
+                    result = {"error": f"the measuring process died (exit code {process.exitcode})"}
+    if result is None:
         result = {"error": f"no result within {timeout:.0f} s"}
     process.join(5)
     if process.is_alive():

@@ -104,6 +104,8 @@ def measure_case(scores, relevance, labels, ref_labels, ignore, q, device, repea
             if "out of memory" not in str(error):  # OutOfMemoryError's says so too
                 raise
             result["reference"] = "out of memory"
+        # (After the except block: its traceback held the reference's partial tensors.)
+        if result["reference"] == "out of memory":
             torch.cuda.empty_cache()
     return result
 

@@ -70,6 +70,7 @@ status=()
 # every step, so that what was measured comes back even if the device tool ends the call.
 report() {
   {
+  [[ -s $LOGS/gpu.txt ]] && cat "$LOGS/gpu.txt"  # the GPU, its runtime, torch, the wheels
   for table in kernels variants embeddings loss example probe profile; do
     [[ -s $LOGS/$table.md ]] && { echo; echo "== $table =="; grep '^[|#]' "$LOGS/$table.md"; }
   done
@@ -188,6 +189,11 @@ wgmma_check() {
 wgmma_runs() { [[ $WGMMA == ok ]] && echo with || echo without; }  # sanitizer_case.py --wgmma
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOGS/gpu.txt"
+# The runtime: under gVisor (kernel 4.4.0) compute-sanitizer refuses the device and ncu reads no
+# counters (the device tool's KINDS.md), so memcheck, racecheck and profile fail there for that.
+kernel=$(uname -r)
+[[ $kernel == 4.4.0 ]] && kernel="$kernel (gVisor: no compute-sanitizer, no ncu counters)"
+echo "kernel $kernel" | tee -a "$LOGS/gpu.txt"
 # The wheels that benchmarks/gpu_wheels.sh downloaded here and the device call carried (.whl/):
 # installed beside the machine's packages, never over them (--no-deps).
 if compgen -G ".whl/*.whl" >/dev/null; then

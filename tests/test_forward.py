@@ -90,6 +90,7 @@ def test_low_precision_scores(device, dtype):
     problem = random_problem(50, 300, dtype=torch.float64, seed=11)
     rounded = problem.scores.to(dtype)
     ours, ref_rounded = fastap_and_reference(problem.with_scores(rounded), device)
+    ref_rounded = ref_rounded.cpu()
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours.cpu().double(), ref_rounded, rtol=0, atol=2e-6)
     exact = reference.average_precision(problem.scores, problem.relevance, **problem.kwargs())
