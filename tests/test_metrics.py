@@ -313,6 +313,35 @@ def test_retrieval_float32_and_metric_selection():
     assert only["map@r"] == pytest.approx(expected["map@r"], abs=1e-6)
 
 
+def test_retrieval_float64_scores_resolve_what_float32_ties():
+    # cos(q, a) = 1 - 5e-15 > cos(q, b) = 1 - 2e-14 in float64; in float32 both are 1, a tie.
+    # Float64 embeddings (either set) are scored in float64: negative a first, then positives b
+    # and c: AP (1/2 + 2/3) / 2 = 7/12, recall@1 = 0, mAP@R (R = 2) = (1/2) / 2.
+    q = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    db = torch.tensor([[1.0, 1e-7], [1.0, 2e-7], [0.0, 1.0]], dtype=torch.float64)
+    labels, ref_labels = torch.tensor([0]), torch.tensor([1, 0, 0])
+    for queries, database in ((q, db), (q.float(), db), (q, db.float())):
+        got = retrieval_metrics(queries, database, labels=labels, ref_labels=ref_labels, ks=(1,))
+        assert got["map"] == pytest.approx(7 / 12, abs=1e-15)
+        assert got["recall@1"] == 0.0
+        assert got["map@r"] == pytest.approx(1 / 4, abs=1e-15)
+    # The same in float32: a and b tie (average over their orders).
+    got = retrieval_metrics(q.float(), db.float(), labels=labels, ref_labels=ref_labels, ks=(1,))
+    assert got["recall@1"] == 0.5
+
+
+def test_retrieval_recall_with_one_candidate():
+    # In-batch pairs (each query's one candidate is the other) and a database of one row, on the
+    # recall-only path and with mAP: every query finds its positive at rank 1.
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    for metrics in (("recall",), ("map", "recall")):
+        got = retrieval_metrics(emb, labels=torch.tensor([3, 3]), ks=(1, 5), metrics=metrics)
+        assert got["recall@1"] == got["recall@5"] == 1.0 and got["num_queries"] == 2
+        got = retrieval_metrics(emb, emb[:1], labels=torch.tensor([3, 4]),
+                                ref_labels=torch.tensor([3]), ks=(1,), metrics=metrics)  # fmt: skip
+        assert got["recall@1"] == 1.0 and got["num_queries"] == 1
+
+
 def test_retrieval_hand_computed():
     # Unit vectors at these angles; the cosine order is the order of angular distance.
     #   A 0 (label 0), B 10 (1), C 30 (0), D 100 (0), E 210 (1)
