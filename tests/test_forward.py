@@ -298,8 +298,9 @@ def test_non_contiguous_label_vectors(device):
     # kernels read them as plain arrays.
     g = torch.Generator().manual_seed(0)
     scores = (torch.rand(7, 20, generator=g, dtype=torch.float64) * 2 - 1).to(device)
-    labels = (torch.randint(0, 3, (14,), generator=g)[::2]).to(device)
-    ref_labels = (torch.randint(0, 3, (40,), generator=g)[::2]).to(device)
+    # (Sliced on the device: .to() of a strided tensor with gaps makes it contiguous.)
+    labels = torch.randint(0, 3, (14,), generator=g).to(device)[::2]
+    ref_labels = torch.randint(0, 3, (40,), generator=g).to(device)[::2]
     assert not labels.is_contiguous() and not ref_labels.is_contiguous()
     results = []
     for lab, ref in ((labels, ref_labels), (labels.contiguous(), ref_labels.contiguous())):
