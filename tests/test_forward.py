@@ -107,10 +107,12 @@ def test_non_contiguous_inputs(device):
     assert not transposed.scores.is_contiguous()
     ours = fastap.average_precision(*transposed.to(device).args(), **transposed.to(device).kwargs())
     assert torch.equal(ours, contiguous)
-    strided = torch.randn(40, 80, dtype=torch.float64)[:, ::2]
+    # (Sliced on the device: .to() of a strided tensor with gaps makes it contiguous.)
+    strided = torch.randn(40, 80, dtype=torch.float64).to(device)[:, ::2]
+    assert not strided.is_contiguous()
     labels = torch.arange(40) % 3
-    a = fastap.average_precision(strided.to(device), labels=labels.to(device))
-    b = fastap.average_precision(strided.contiguous().to(device), labels=labels.to(device))
+    a = fastap.average_precision(strided, labels=labels.to(device))
+    b = fastap.average_precision(strided.contiguous(), labels=labels.to(device))
     assert torch.equal(a, b)
 
 
