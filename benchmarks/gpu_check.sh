@@ -298,27 +298,30 @@ step probe 60 probe.md bash -c "nvcc -O3 -std=c++17 -gencode arch=compute_90a,co
 NCU_SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis \
   --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
   --section InstructionStats --section WarpStateStats --csv --page details"
-# Each of the three runs is a command of its own (every): one that fails leaves the others'
-# tables; pipefail, so that a table that fails is a failure and not tee's success.
-ncu_fused="ncu --clock-control none --print-kernel-base demangled \
-  --kernel-name regex:'embedding_histogram(_backward)?_kernel' --launch-skip 3 --launch-count 3 \
-  $NCU_SECTIONS"
+# profile_run CSV KERNELS LAUNCHES TITLE [CANDIDATES [CASE_ARG]]: ncu over the kernels matching
+# the regex KERNELS of benchmarks/profile_case.py (LAUNCHES skipped, then LAUNCHES profiled) into
+# $LOGS/CSV, then its table (CANDIDATES: the candidates per launch, where not the 8192^2 case's)
+# added to profile.md; pipefail, so that a table that fails is a failure and not tee's success.
+profile_run() {
+  set -o pipefail
+  ncu --clock-control none --print-kernel-base demangled --kernel-name "regex:$2" \
+    --launch-skip "$3" --launch-count "$3" $NCU_SECTIONS --log-file "$LOGS/$1" \
+    $PY benchmarks/profile_case.py ${6:-} &&
+    $PY benchmarks/profile_table.py "$LOGS/$1" ${5:+--candidates "$5"} --title "$4" |
+    tee -a "$LOGS/profile.md"
+}
+export -f profile_run
+export NCU_SECTIONS LOGS
+# Each run is a command of its own (every): one that fails leaves the others' tables.
+fused_kernels="'embedding_histogram(_backward)?_kernel'"
+fused_title="'fused from embeddings, 16384^2, D = 256, bf16, Q = 20'"
 profile_runs=(
-  "set -o pipefail; ncu --clock-control none --print-kernel-base demangled \
-    --kernel-name regex:'soft_histogram(_backward)?_kernel' --launch-skip 4 --launch-count 4 \
-    $NCU_SECTIONS --log-file $LOGS/profile.csv $PY benchmarks/profile_case.py && \
-    $PY benchmarks/profile_table.py $LOGS/profile.csv \
-    --title 'score-matrix op, 8192^2, Q = 20' | tee -a $LOGS/profile.md"
-  "set -o pipefail; $ncu_fused --log-file $LOGS/profile_fused.csv \
-    $PY benchmarks/profile_case.py --embeddings && \
-    $PY benchmarks/profile_table.py $LOGS/profile_fused.csv --candidates 268435456 \
-    --title 'fused from embeddings, 16384^2, D = 256, bf16, Q = 20' | tee -a $LOGS/profile.md"
+  "profile_run profile.csv 'soft_histogram(_backward)?_kernel' 4 'score-matrix op, 8192^2, Q = 20'"
+  "profile_run profile_fused.csv $fused_kernels 3 $fused_title 268435456 --embeddings"
 )
 [[ $WGMMA == ok ]] && profile_runs+=(
-  "set -o pipefail; FASTAP_WGMMA=1 $ncu_fused --log-file $LOGS/profile_wgmma.csv \
-    $PY benchmarks/profile_case.py --embeddings && \
-    $PY benchmarks/profile_table.py $LOGS/profile_wgmma.csv --candidates 268435456 \
-    --title 'the same on wgmma (FASTAP_WGMMA=1)' | tee -a $LOGS/profile.md"
+  "FASTAP_WGMMA=1 profile_run profile_wgmma.csv $fused_kernels 3 \
+    'the same on wgmma (FASTAP_WGMMA=1)' 268435456 --embeddings"
 )
 step profile 240 profile.log every "${profile_runs[@]}"
 
