@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by the CI scripts (sourced, not run).
 
 # fresh_venv PYTHON DIR: a new virtual environment at DIR, activated.
@@ -12,12 +13,14 @@ fresh_venv() {
 # Builds from it therefore check that the sdist carries everything they need, and a build there
 # leaves the extension built in place for the main torch alone. Fails when a file tracked by git
 # (but the CI scripts) is missing from the sdist, so MANIFEST.in cannot fall behind the tree.
+# Where FASTAP_SDIST names an sdist already made from this tree (make_sdist), that one is unpacked:
+# two sdist runs at a time in one tree would share its temporary release folder (fastap-VERSION/).
 sdist_tree() {
   local dist missing
   dist=$(mktemp -d)
-  # (egg_info in a fresh folder: setuptools would otherwise add the files of an old SOURCES.txt)
-  if ! python setup.py -q egg_info --egg-base "$dist" sdist -d "$dist" >"$dist/log" 2>&1; then
-    cat "$dist/log" >&2
+  if [[ -n ${FASTAP_SDIST:-} ]]; then
+    cp "$FASTAP_SDIST" "$dist/"
+  elif ! make_sdist "$dist"; then
     return 1
   fi
   mkdir -p "$1"
@@ -32,6 +35,16 @@ sdist_tree() {
   fi
 }
 
+# make_sdist DIR: the sdist of the working tree, made by the active python, into DIR (its build
+# log is DIR/log, printed on failure).
+make_sdist() {
+  # (egg_info in a fresh folder: setuptools would otherwise add the files of an old SOURCES.txt)
+  if ! python setup.py -q egg_info --egg-base "$1" sdist -d "$1" >"$1/log" 2>&1; then
+    cat "$1/log" >&2
+    return 1
+  fi
+}
+
 # install_from_sdist PYTHON WORK TORCH_VERSION FASTAP_CUDA [PACKAGE ...]: a fresh environment at
 # WORK/venv with that torch, the build and test tools and the extra packages; fastap built there
 # (FASTAP_CUDA 0 or 1) from the sdist unpacked at WORK/src, which becomes the current folder.
@@ -41,6 +54,6 @@ install_from_sdist() {
   fresh_venv "$python" "$work/venv"
   pip install -q "torch==$torch_version" numpy ninja setuptools wheel pytest hypothesis "$@"
   sdist_tree "$work/src"
-  cd "$work/src"
+  cd "$work/src" || return
   FASTAP_CUDA=$cuda pip install -q --no-build-isolation --no-deps -e .
 }
