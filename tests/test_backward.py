@@ -1,5 +1,7 @@
 """Gradients: float64 gradcheck of the fused op, and equality with autograd on the reference."""
 
+import os
+
 import pytest
 import torch
 
@@ -276,3 +278,50 @@ def test_double_backward_raises(device):
                     (grads[i] ** 2).sum(), inputs[j], allow_unused=True, retain_graph=True
                 )
                 pytest.fail(f"{name}: d(grad {i})/d(input {j}) did not raise")
+
+
+def _advised_huge_pages(tensor):
+    """Whether the memory mapping that holds the first whole 2 MB page of `tensor`'s buffer is
+    advised MADV_HUGEPAGE ("hg" among its VmFlags in /proc/self/smaps)."""
+    huge = 2 << 20
+    page = (tensor.data_ptr() + huge - 1) // huge * huge
+    assert page + huge <= tensor.data_ptr() + tensor.nbytes
+    holds = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and ":" not in fields[0]:  # a mapping's first line: start-end ...
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                holds = start <= page < end
+            elif holds and fields[0] == "VmFlags:":
+                return "hg" in fields[1:]
+    raise AssertionError("no mapping of /proc/self/smaps holds the tensor")
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+    reason="needs Linux with transparent huge pages (madvise, /proc/self/smaps)",
+)
+def test_large_cpu_gradient_is_advised_huge_pages(monkeypatch):
+    """The CPU backward advises its large gradient's whole 2 MB pages MADV_HUGEPAGE before it
+    fills them (csrc/cpu/huge_pages.h), unless FASTAP_CPU_HUGE_PAGES=0; the gradient is the same
+    either way. 36 MB of float32: above glibc's largest mmap threshold (32 MB), so each gradient
+    is a mapping of its own, unadvised unless the op advises it."""
+    problem = random_problem(2048, 4608, num_bins=10, seed=3, dtype=torch.float32)
+    args = (problem.labels, problem.ref_labels, None, False, problem.num_bins, *problem.score_range)
+    n, p, _ = torch.ops.fastap.soft_histogram(problem.scores, None, *args)
+    gen = torch.Generator().manual_seed(4)
+    grad_n, grad_p = torch.randn(n.shape, generator=gen), torch.randn(p.shape, generator=gen)
+
+    def backward():
+        return torch.ops.fastap.soft_histogram_backward(
+            grad_n, grad_p, problem.scores, None, *args, 0
+        )
+
+    monkeypatch.delenv("FASTAP_CPU_HUGE_PAGES", raising=False)
+    advised = backward()
+    assert _advised_huge_pages(advised)
+    monkeypatch.setenv("FASTAP_CPU_HUGE_PAGES", "0")
+    plain = backward()
+    assert not _advised_huge_pages(plain)
+    assert torch.equal(advised, plain)

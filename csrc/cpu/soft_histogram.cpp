@@ -12,6 +12,7 @@
 
 #include "../binning.h"
 #include "../histogram_inputs.h"
+#include "huge_pages.h"
 
 namespace fastap {
 namespace {
@@ -296,6 +297,7 @@ at::Tensor soft_histogram_backward_cpu(
                                                     exclude_self, num_bins, lo, hi, self_offset);
   const at::Tensor table = backward_slope_table(in, grad_n, grad_p);
   at::Tensor grad_scores = at::empty_like(in.scores);
+  advise_huge_pages(grad_scores.data_ptr(), grad_scores.nbytes());  // before its first write
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_backward_cpu", [&] {
     using hist_t = histogram_t<scalar_t>;
