@@ -9,11 +9,12 @@ Two kinds of rows:
               called: fastap.FastAPLoss vs PML's FastAPLoss, same num_bins (both compute the
               distances themselves).
 
-Each case runs in a fresh process. Time: median of --repeats runs after a warm-up (CUDA: CUDA
-events). Peak extra memory: the peak over one more forward+backward minus what was allocated
-before it. CUDA: torch.cuda.max_memory_allocated, reset after the timing runs, in the same
-process; CPU: the peak resident set, reset through /proc/self/clear_refs, in a process of its own
-with glibc told to map each large allocation on its own.
+Each case runs in a fresh process. Time: median of --repeats runs after a warm-up
+(timing.warm_up; CUDA: CUDA events). Peak extra memory: the peak over one more forward+backward
+minus what was allocated before it. CUDA: torch.cuda.max_memory_allocated, reset after the
+timing runs, in the same process; CPU: the peak resident set, reset through
+/proc/self/clear_refs, in a process of its own with glibc told to map each large allocation on
+its own.
 
     python benchmarks/bench_ap_loss.py --device cpu --sizes 512 1024 2048 4096
     python benchmarks/bench_ap_loss.py --device cuda --sizes 1024 4096 8192 16384 32768
@@ -31,7 +32,7 @@ import sys
 import time
 
 import torch
-from timing import cuda_peak_extra_bytes, time_once_ms
+from timing import cuda_peak_extra_bytes, time_once_ms, warm_up
 
 # The dimension of the embedding cases (bench_embeddings.py sets it for its child processes).
 EMBEDDING_DIM = int(os.environ.get("FASTAP_BENCH_DIM", "128"))
@@ -116,7 +117,7 @@ def _measure(name, n, num_bins, dtype_name, device, repeats, modes, queue):
         torch.manual_seed(0)
         run = _make_case(name, n, num_bins, getattr(torch, dtype_name), device)
         cuda = device.startswith("cuda")
-        run()  # warm-up: lazy initialisation counts neither as time nor as the op's memory
+        warm_up(run)  # what a process pays once counts neither as time nor as memory
         if "time" in modes:
             times = [time_once_ms(run, device) for _ in range(repeats)]
             result.update(ms=statistics.median(times), min_ms=min(times))

@@ -11,7 +11,7 @@ import statistics
 import time
 
 import torch
-from timing import time_once_ms
+from timing import time_once_ms, warm_up
 
 import fastap
 
@@ -54,7 +54,7 @@ def main() -> None:
     }
     times = {name: [] for name in cases}
     for fn in cases.values():
-        fn()  # warm-up
+        warm_up(fn)
     for _ in range(args.repeats):
         for name, fn in cases.items():
             times[name].append(time_once_ms(fn, device))

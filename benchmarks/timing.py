@@ -34,8 +34,20 @@ def cuda_peak_extra_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def median_ms(fn, device: str, repeats: int, warmup: bool = True) -> float:
-    """Median milliseconds of `repeats` calls, after one warm-up call."""
-    if warmup:
+def warm_up(fn, calls: int = 5, seconds: float = 1.0) -> None:
+    """Calls fn until it has run `calls` times or for `seconds`, at least once, so that what a
+    process pays once counts in no measurement: lazy initialisation, and on the CPU the first fresh
+    huge pages of a large output, which on a virtual machine took up to a few slow calls
+    (docs/design.md, section 5)."""
+    start = time.perf_counter()
+    for _ in range(calls):
         fn()
+        if time.perf_counter() - start >= seconds:
+            break
+
+
+def median_ms(fn, device: str, repeats: int, warmup: bool = True) -> float:
+    """Median milliseconds of `repeats` calls, after warm_up."""
+    if warmup:
+        warm_up(fn)
     return statistics.median(time_once_ms(fn, device) for _ in range(repeats))

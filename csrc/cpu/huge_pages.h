@@ -8,10 +8,18 @@
 // 2 MB at a time instead. torch does the same for all its large CPU tensors, but only on request
 // (THP_MEM_ALLOC_ENABLE=1); this advises the one buffer fastap fills whole, at once.
 //
-// Only the whole 2 MB pages inside the buffer are advised, and only for buffers of at least
-// kMinBytes; nothing else about the memory changes (its contents, its owner, when it is freed).
-// The values computed are the same either way. FASTAP_CPU_HUGE_PAGES=0 in the environment turns
-// the advice off (read at each call); elsewhere than Linux there is none.
+// Only buffers of at least kMinHugePageAdviceBytes are advised: 32 MiB, glibc's largest mmap
+// threshold on 64-bit systems, from which on every allocation is a mapping of its own, faulted in
+// anew and unmapped whole when freed. Smaller buffers come, after the first few, from memory the
+// heap recycles, already faulted in; advised, they were slower (N = M = 2048, 16 MB: 10 to 14 ms
+// for the loss against 8.5 in one session; most likely the kernel splits the huge pages of the
+// heap's memory when glibc trims it, and faults them in again). Of an advised buffer only the
+// whole 2 MB pages are advised; nothing else about the memory changes (its contents, its owner,
+// when it is freed), and the values computed are the same either way. On the project's virtual
+// machine the first few advised buffers of a process sometimes took longer than 4 KB pages would
+// (up to ~100 ms at 64 MB), the later ones about half as long (docs/design.md, section 5).
+// FASTAP_CPU_HUGE_PAGES=0 in the environment turns the advice off (read at each call); elsewhere
+// than Linux there is none.
 #pragma once
 
 #include <cstdint>
@@ -24,9 +32,8 @@
 
 namespace fastap {
 
-// Two huge pages: every buffer this large holds at least one whole, aligned one.
 constexpr std::size_t kHugePageBytes = std::size_t(2) << 20;
-constexpr std::size_t kMinHugePageAdviceBytes = 2 * kHugePageBytes;
+constexpr std::size_t kMinHugePageAdviceBytes = std::size_t(32) << 20;
 
 inline bool huge_page_advice_enabled() {
   const char* setting = std::getenv("FASTAP_CPU_HUGE_PAGES");
