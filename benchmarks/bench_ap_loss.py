@@ -117,7 +117,7 @@ def _measure(name, n, num_bins, dtype_name, device, repeats, modes, queue):
         torch.manual_seed(0)
         run = _make_case(name, n, num_bins, getattr(torch, dtype_name), device)
         cuda = device.startswith("cuda")
-        warm_up(run)  # what a process pays once counts neither as time nor as memory
+        warm_up(run, device)  # what a process pays once counts neither as time nor as memory
         if "time" in modes:
             times = [time_once_ms(run, device) for _ in range(repeats)]
             result.update(ms=statistics.median(times), min_ms=min(times))

@@ -54,7 +54,7 @@ def main() -> None:
     }
     times = {name: [] for name in cases}
     for fn in cases.values():
-        warm_up(fn)
+        warm_up(fn, device)
     for _ in range(args.repeats):
         for name, fn in cases.items():
             times[name].append(time_once_ms(fn, device))

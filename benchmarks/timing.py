@@ -34,20 +34,25 @@ def cuda_peak_extra_bytes(fn) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def warm_up(fn, calls: int = 5, seconds: float = 1.0) -> None:
-    """Calls fn until it has run `calls` times or for `seconds`, at least once, so that what a
-    process pays once counts in no measurement: lazy initialisation, and on the CPU the first fresh
-    huge pages of a large output, which on a virtual machine took up to a few slow calls
-    (docs/design.md, section 5)."""
+def warm_up(fn, device: str) -> None:
+    """Calls fn so that what a process pays once counts in no measurement: lazy initialisation
+    (CUDA: 5 calls), and on the CPU also the first fresh huge pages of the large gradients (calls
+    for a second, at least one): on the project's virtual machine those took up to ~100 ms more
+    per 64 MB for the first several calls of a process, over 12 of them once (docs/design.md,
+    section 5)."""
+    if device.startswith("cuda"):
+        for _ in range(5):
+            fn()
+        return
     start = time.perf_counter()
-    for _ in range(calls):
+    for _ in range(100):
         fn()
-        if time.perf_counter() - start >= seconds:
+        if time.perf_counter() - start >= 1.0:
             break
 
 
 def median_ms(fn, device: str, repeats: int, warmup: bool = True) -> float:
     """Median milliseconds of `repeats` calls, after warm_up."""
     if warmup:
-        warm_up(fn)
+        warm_up(fn, device)
     return statistics.median(time_once_ms(fn, device) for _ in range(repeats))
