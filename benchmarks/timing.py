@@ -35,18 +35,17 @@ def cuda_peak_extra_bytes(fn) -> int:
 
 
 def warm_up(fn, device: str) -> None:
-    """Calls fn so that what a process pays once counts in no measurement: lazy initialisation
-    (CUDA: 5 calls), and on the CPU also the first fresh huge pages of the large gradients (calls
-    for a second, at least one): on the project's virtual machine those took up to ~100 ms more
-    per 64 MB for the first several calls of a process, over 12 of them once (docs/design.md,
-    section 5)."""
-    if device.startswith("cuda"):
-        for _ in range(5):
-            fn()
-        return
+    """Calls fn so that what a process pays once counts in no measurement: for a second, at least
+    once, and at most 100 times on the CPU, 5 times on CUDA (synchronised after each call). CUDA
+    needs it for lazy initialisation; the CPU also for the first fresh huge pages of the large
+    gradients: on the project's virtual machine those took up to ~100 ms more per 64 MB for the
+    first several calls of a process, over 12 of them once (docs/design.md, section 5)."""
+    cuda = device.startswith("cuda")
     start = time.perf_counter()
-    for _ in range(100):
+    for _ in range(5 if cuda else 100):
         fn()
+        if cuda:
+            torch.cuda.synchronize()
         if time.perf_counter() - start >= 1.0:
             break
 

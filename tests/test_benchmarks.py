@@ -105,3 +105,39 @@ def test_bench_variants_and_ap_formula_run():
     assert len(table_rows(out)) >= 4
     out = run("bench_ap_formula.py", "--rows", "16", "40", "--repeats", "2")
     assert len(table_rows(out)) >= 2
+
+
+def test_warm_up_bounds(monkeypatch):
+    """timing.warm_up: on the CPU a second of calls, at least one and at most 100; on CUDA at most
+    5, each synchronised, and no more once a second has passed."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import timing
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    calls: list[str] = []
+
+    def call(seconds: float):
+        def fn():
+            calls.append("call")
+            clock[0] += seconds
+
+        return fn
+
+    timing.warm_up(call(0.001), "cpu")
+    assert len(calls) == 100
+    calls.clear()
+    timing.warm_up(call(0.3), "cpu")
+    assert len(calls) == 4  # 0.3, 0.6, 0.9, 1.2 s
+    calls.clear()
+    timing.warm_up(call(5.0), "cpu")
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: calls.append("sync"))
+    timing.warm_up(call(0.001), "cuda")
+    assert calls == ["call", "sync"] * 5
+    calls.clear()
+    timing.warm_up(call(0.4), "cuda")
+    assert calls == ["call", "sync"] * 3
