@@ -1,30 +1,36 @@
 // Large CPU outputs on transparent huge pages.
 //
-// The CPU backward writes each entry of its fresh N x M gradient once. Memory that large is new
-// to the process (glibc maps every allocation above 32 MB anew), and Linux faults it in on the
-// first write 4 KB at a time: at N = M = 4096 (64 MB) 16384 faults, about 16 of the backward's
-// 36 ms on two cores (docs/design.md, section 5). Where a range is advised MADV_HUGEPAGE and the
-// kernel's transparent huge pages are "madvise" (the usual default) or "always", it is faulted in
-// 2 MB at a time instead. torch does the same for all its large CPU tensors, but only on request
-// (THP_MEM_ALLOC_ENABLE=1); this advises the one buffer fastap fills whole, at once.
+// The CPU backward writes each entry of its fresh N x M gradient once. Memory that large is
+// usually new to the process, and Linux faults it in on the first write 4 KB at a time: at
+// N = M = 4096 (64 MB) 16384 faults, about 14 to 16 ms of a 36 ms backward on two cores
+// (docs/design.md, section 5). In a range advised MADV_HUGEPAGE, where the kernel's transparent
+// huge pages are "madvise" (Debian's and Ubuntu's default), it faults in 2 MB at a time instead.
 //
-// Only buffers of at least kMinHugePageAdviceBytes are advised: 32 MiB, glibc's largest mmap
-// threshold on 64-bit systems, from which on every allocation is a mapping of its own, faulted in
-// anew and unmapped whole when freed. Smaller buffers come, after the first few, from memory the
-// heap recycles, already faulted in; advised, they were slower (N = M = 2048, 16 MB: 10 to 14 ms
-// for the loss against 8.5 in one session; most likely the kernel splits the huge pages of the
-// heap's memory when glibc trims it, and faults them in again). Of an advised buffer only the
-// whole 2 MB pages are advised; nothing else about the memory changes (its contents, its owner,
-// when it is freed), and the values computed are the same either way. On the project's virtual
-// machine the first few advised buffers of a process sometimes took longer than 4 KB pages would
-// (up to ~100 ms at 64 MB), the later ones about half as long (docs/design.md, section 5).
-// FASTAP_CPU_HUGE_PAGES=0 in the environment turns the advice off (read at each call); elsewhere
-// than Linux there is none.
+// So where that mode is on, a gradient of at least kMinHugePageBytes gets a mapping of its own:
+// anonymous, 2 MB-aligned, its length rounded up to whole 2 MB pages, advised MADV_HUGEPAGE, and
+// unmapped when the tensor's storage is freed. The advice thus never lands on memory the
+// allocator hands out again. (torch does the like for all its large CPU tensors, on request:
+// THP_MEM_ALLOC_ENABLE=1.) Elsewhere nothing changes: with "always" the kernel already backs large
+// mappings with huge pages, with "never" or without transparent huge pages (other systems, gVisor)
+// it would not, and there the gradient comes from at::empty_like as before. The values computed
+// are the same either way. Such a tensor's storage cannot be resized (resize_ raises), as for any
+// tensor made from_blob; and the CPU memory profiler does not see its memory.
+//
+// 32 MiB: smaller gradients mostly come from heap memory that glibc recycles (below its largest
+// mmap threshold, 32 MiB on 64-bit systems), already faulted in; a mapping of their own would add
+// the faults back. On the project's virtual machine the first few calls of a process writing new
+// huge pages with two threads sometimes took longer than 4 KB pages would (up to ~100 ms at 64 MB),
+// the later ones half as long (docs/design.md, section 5). FASTAP_CPU_HUGE_PAGES=0 in the
+// environment turns it off (read at each call).
 #pragma once
+
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -33,26 +39,49 @@
 namespace fastap {
 
 constexpr std::size_t kHugePageBytes = std::size_t(2) << 20;
-constexpr std::size_t kMinHugePageAdviceBytes = std::size_t(32) << 20;
+constexpr std::size_t kMinHugePageBytes = std::size_t(32) << 20;
 
-inline bool huge_page_advice_enabled() {
+// Whether the kernel's transparent huge pages are in "madvise" mode (read once per process).
+inline bool huge_pages_on_advice() {
+  static const bool on_advice = [] {
+    std::ifstream setting("/sys/kernel/mm/transparent_hugepage/enabled");
+    std::string modes;
+    std::getline(setting, modes);
+    return modes.find("[madvise]") != std::string::npos;
+  }();
+  return on_advice;
+}
+
+inline bool huge_page_gradients_enabled() {
   const char* setting = std::getenv("FASTAP_CPU_HUGE_PAGES");
   return setting == nullptr || std::strcmp(setting, "0") != 0;
 }
 
-// Advises the whole huge pages inside [data, data + bytes) before they are first written. Best
-// effort: a refusal (a kernel without transparent huge pages, say) leaves the memory as it was.
-inline void advise_huge_pages(void* data, std::size_t bytes) {
+// An uninitialised contiguous tensor of `like`'s sizes and options: on huge pages of its own
+// mapping where that helps (above), else from at::empty_like.
+inline at::Tensor empty_on_huge_pages(const at::Tensor& like) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (bytes < kMinHugePageAdviceBytes || !huge_page_advice_enabled()) return;
-  const std::uintptr_t start = reinterpret_cast<std::uintptr_t>(data);
-  const std::uintptr_t first = (start + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
-  const std::uintptr_t last = (start + bytes) & ~(kHugePageBytes - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
+  const std::size_t bytes = static_cast<std::size_t>(like.numel()) * like.element_size();
+  if (bytes >= kMinHugePageBytes && huge_page_gradients_enabled() && huge_pages_on_advice()) {
+    const std::size_t length = (bytes + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+    // Map one huge page more than needed, keep the aligned `length` bytes inside, unmap the rest.
+    void* mapped = mmap(nullptr, length + kHugePageBytes, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mapped != MAP_FAILED) {
+      const std::uintptr_t start = reinterpret_cast<std::uintptr_t>(mapped);
+      const std::uintptr_t aligned = (start + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+      if (aligned > start) munmap(mapped, aligned - start);
+      const std::uintptr_t tail = start + length + kHugePageBytes - (aligned + length);
+      if (tail > 0) munmap(reinterpret_cast<void*>(aligned + length), tail);
+      void* data = reinterpret_cast<void*>(aligned);
+      madvise(data, length, MADV_HUGEPAGE);  // best effort: a refusal leaves 4 KB pages
+      return at::from_blob(
+          data, like.sizes(), [length](void* p) { munmap(p, length); },
+          like.options());
+    }
+  }
 #endif
+  return at::empty_like(like, at::MemoryFormat::Contiguous);
 }
 
 }  // namespace fastap

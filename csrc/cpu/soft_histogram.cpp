@@ -296,8 +296,7 @@ at::Tensor soft_histogram_backward_cpu(
   const HistogramInputs in = check_histogram_inputs(scores, relevance, labels, ref_labels, ignore,
                                                     exclude_self, num_bins, lo, hi, self_offset);
   const at::Tensor table = backward_slope_table(in, grad_n, grad_p);
-  at::Tensor grad_scores = at::empty_like(in.scores);
-  advise_huge_pages(grad_scores.data_ptr(), grad_scores.nbytes());  // before its first write
+  at::Tensor grad_scores = empty_on_huge_pages(in.scores);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_backward_cpu", [&] {
     using hist_t = histogram_t<scalar_t>;
