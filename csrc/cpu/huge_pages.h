@@ -1,4 +1,4 @@
-// Large CPU outputs on transparent huge pages.
+// Large CPU outputs on transparent huge pages, on request (FASTAP_CPU_HUGE_PAGES=1).
 //
 // The CPU backward writes each entry of its fresh N x M gradient once. Memory that large is
 // usually new to the process, and Linux faults it in on the first write 4 KB at a time: at
@@ -6,22 +6,24 @@
 // (docs/design.md, section 5). In a range advised MADV_HUGEPAGE, where the kernel's transparent
 // huge pages are "madvise" (Debian's and Ubuntu's default), it faults in 2 MB at a time instead.
 //
-// So where that mode is on, a gradient of at least kMinHugePageBytes gets a mapping of its own:
-// anonymous, 2 MB-aligned, its length rounded up to whole 2 MB pages, advised MADV_HUGEPAGE, and
-// unmapped when the tensor's storage is freed. The advice thus never lands on memory the
-// allocator hands out again. (torch does the like for all its large CPU tensors, on request:
-// THP_MEM_ALLOC_ENABLE=1.) Elsewhere nothing changes: with "always" the kernel already backs large
-// mappings with huge pages, with "never" or without transparent huge pages (other systems, gVisor)
-// it would not, and there the gradient comes from at::empty_like as before. The values computed
-// are the same either way. Such a tensor's storage cannot be resized (resize_ raises), as for any
-// tensor made from_blob; and the CPU memory profiler does not see its memory.
+// So with FASTAP_CPU_HUGE_PAGES=1 in the environment (read at each call), where that mode is on,
+// a gradient of at least kMinHugePageBytes gets a mapping of its own: anonymous, 2 MB-aligned,
+// its length rounded up to whole 2 MB pages, advised MADV_HUGEPAGE, and unmapped when the
+// tensor's storage is freed, so that the advice never lands on memory an allocator hands out
+// again. (torch does the like for all its large CPU tensors, on request: THP_MEM_ALLOC_ENABLE=1.)
+// Otherwise, and with "always" (the kernel already backs large mappings with huge pages), "never"
+// or no transparent huge pages (other systems, gVisor), the gradient comes from at::empty_like.
+// The values computed are the same either way. Such a tensor's storage cannot be resized
+// (resize_ raises), as for any tensor made from_blob, and the CPU memory profiler does not see it.
 //
+// On request only: on the project's virtual machine (which hands free memory back to its host)
+// a process's first few calls writing new huge pages, and a call every couple of seconds after,
+// took several times longer than with 4 KB pages (up to ~100 ms more at 64 MB); in a loop of
+// calls the backward still took about half as long in all (docs/design.md, section 5). A loop
+// with seconds between its losses could lose on such a machine; on bare metal it should not.
 // 32 MiB: smaller gradients mostly come from heap memory that glibc recycles (below its largest
 // mmap threshold, 32 MiB on 64-bit systems), already faulted in; a mapping of their own would add
-// the faults back. On the project's virtual machine the first few calls of a process writing new
-// huge pages with two threads sometimes took longer than 4 KB pages would (up to ~100 ms at 64 MB),
-// the later ones half as long (docs/design.md, section 5). FASTAP_CPU_HUGE_PAGES=0 in the
-// environment turns it off (read at each call).
+// the faults back.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -52,9 +54,9 @@ inline bool huge_pages_on_advice() {
   return on_advice;
 }
 
-inline bool huge_page_gradients_enabled() {
+inline bool huge_page_gradients_requested() {
   const char* setting = std::getenv("FASTAP_CPU_HUGE_PAGES");
-  return setting == nullptr || std::strcmp(setting, "0") != 0;
+  return setting != nullptr && std::strcmp(setting, "1") == 0;
 }
 
 // An uninitialised contiguous tensor of `like`'s sizes and options: on huge pages of its own
@@ -62,7 +64,7 @@ inline bool huge_page_gradients_enabled() {
 inline at::Tensor empty_on_huge_pages(const at::Tensor& like) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const std::size_t bytes = static_cast<std::size_t>(like.numel()) * like.element_size();
-  if (bytes >= kMinHugePageBytes && huge_page_gradients_enabled() && huge_pages_on_advice()) {
+  if (bytes >= kMinHugePageBytes && huge_page_gradients_requested() && huge_pages_on_advice()) {
     const std::size_t length = (bytes + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
     // Map one huge page more than needed, keep the aligned `length` bytes inside, unmap the rest.
     void* mapped = mmap(nullptr, length + kHugePageBytes, PROT_READ | PROT_WRITE,
