@@ -17,10 +17,10 @@
 // (resize_ raises), as for any tensor made from_blob, and the CPU memory profiler does not see it.
 //
 // On request only: on the project's virtual machine (which hands free memory back to its host)
-// a process's first few calls writing new huge pages, and a call every couple of seconds after,
-// took several times longer than with 4 KB pages (up to ~100 ms more at 64 MB); in a loop of
-// calls the backward still took about half as long in all (docs/design.md, section 5). A loop
-// with seconds between its losses could lose on such a machine; on bare metal it should not.
+// a process's first few calls writing new huge pages took ~100 ms instead of ~20 at 64 MB, and a
+// call every couple of seconds after took 80 to 300 ms; in a loop of 200 calls the backward still
+// took about three quarters as long in all (median 21 ms against 35; docs/design.md, section 5).
+// A loop with seconds between its losses could lose on such a machine; on bare metal it should not.
 // 32 MiB: smaller gradients mostly come from heap memory that glibc recycles (below its largest
 // mmap threshold, 32 MiB on 64-bit systems), already faulted in; a mapping of their own would add
 // the faults back.
