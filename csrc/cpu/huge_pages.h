@@ -13,8 +13,9 @@
 // again. (torch does the like for all its large CPU tensors, on request: THP_MEM_ALLOC_ENABLE=1.)
 // Otherwise, and with "always" (the kernel already backs large mappings with huge pages), "never"
 // or no transparent huge pages (other systems, gVisor), the gradient comes from at::empty_like.
-// The values computed are the same either way. Such a tensor's storage cannot be resized
-// (resize_ raises), as for any tensor made from_blob, and the CPU memory profiler does not see it.
+// The values computed are the same either way. Such a tensor's storage cannot grow (resize_ to
+// more elements raises), as for any tensor made from_blob, and the CPU memory profiler does not
+// see it.
 //
 // On request only: on the project's virtual machine (which hands free memory back to its host)
 // a process's first few calls writing new huge pages took ~100 ms instead of ~20 at 64 MB, and a
