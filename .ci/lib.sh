@@ -16,16 +16,15 @@ fresh_venv() {
 # Where FASTAP_SDIST names an sdist already made from this tree (make_sdist), that one is unpacked:
 # two sdist runs at a time in one tree would share its temporary release folder (fastap-VERSION/).
 sdist_tree() {
-  local dist missing
-  dist=$(mktemp -d)
-  if [[ -n ${FASTAP_SDIST:-} ]]; then
-    cp "$FASTAP_SDIST" "$dist/"
-  elif ! make_sdist "$dist"; then
-    return 1
+  local dist="" tarball=${FASTAP_SDIST:-} missing
+  if [[ -z $tarball ]]; then
+    dist=$(mktemp -d)
+    make_sdist "$dist" || return 1
+    tarball=$(echo "$dist"/fastap-*.tar.gz)
   fi
   mkdir -p "$1"
-  tar -xzf "$dist"/fastap-*.tar.gz -C "$1" --strip-components=1
-  rm -rf "$dist"
+  tar -xzf "$tarball" -C "$1" --strip-components=1
+  [[ -z $dist ]] || rm -rf "$dist"
   missing=$(git ls-files -- . ':!.ci' ':!.gitignore' | while read -r f; do
     if [[ -e $f && ! -e $1/$f ]]; then echo "  $f"; fi
   done)
