@@ -13,10 +13,11 @@ Public API:
     fastap.train.multistage_backward: batches larger than fit through the model at once
     fastap.distributed.DistributedAPLoss, fastap.memory.CrossBatchMemory: larger databases
     fastap.metrics: exact mAP, recall@k, mAP@R and the revisited Oxford/Paris protocol
+    fastap.cosine: the cosine scores of embeddings that all of the above compute (unit_rows)
     set_value_checks(mode): turn the eager checks of input values (and their host sync) off or on
 """
 
-from fastap import compat, distributed, memory, metrics, reference, train
+from fastap import compat, cosine, distributed, memory, metrics, reference, train
 from fastap._validation import VARIANTS, set_value_checks
 from fastap.embeddings import ap_loss_from_embeddings
 from fastap.functional import ap_loss, average_precision
@@ -30,6 +31,7 @@ __all__ = [
     "ap_loss_from_embeddings",
     "average_precision",
     "compat",
+    "cosine",
     "distributed",
     "memory",
     "metrics",

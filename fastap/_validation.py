@@ -330,13 +330,19 @@ def check_query_weights(query_weights, scores: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def raise_if_poisoned(n: torch.Tensor) -> None:
-    """The kernels make a row's histogram NaN when it holds a non-finite, non-ignored score."""
+def raise_if_poisoned(n: torch.Tensor, source: str = "scores") -> None:
+    """The kernels make a row's histogram NaN when it holds a non-finite, non-ignored score.
+    `source`: what the caller was given, "scores" or "embeddings" (the message names it)."""
     if not checks_values_of(n) or n.numel() == 0:
         return
     bad_rows = torch.isnan(n[:, 0])
     if bool(bad_rows.any()):
         row = int(bad_rows.nonzero()[0, 0])
+        if source == "embeddings":
+            raise ValueError(
+                "fastap: embeddings contain NaN or infinity (first seen in the scores of query "
+                f"row {row}: in its embedding or in a database row); fix them upstream"
+            )
         raise ValueError(
             f"fastap: scores contain NaN or infinity (first in query row {row}); mask such entries "
             "with `ignore` or fix them upstream"

@@ -24,7 +24,6 @@ products do); otherwise the blockwise path.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fastap._validation import (
     check_bins,
@@ -36,6 +35,7 @@ from fastap._validation import (
     in_common_dtype,
     raise_if_poisoned,
 )
+from fastap.cosine import unit_rows
 from fastap.functional import (
     DEFAULT_NUM_BINS,
     DEFAULT_SCORE_RANGE,
@@ -307,8 +307,8 @@ def histograms_from_embeddings(
     if block_size is None:
         block_size = default_block_size(database.shape[0], queries.element_size())
     check_int(block_size, "block_size", 1)
-    unit_queries = F.normalize(queries, dim=1)
-    unit_database = unit_queries if same_set else F.normalize(database, dim=1)
+    unit_queries = unit_rows(queries)
+    unit_database = unit_queries if same_set else unit_rows(database)
     function: type[torch.autograd.Function]
     extra: tuple[int, ...]
     if _use_fused(backend, unit_queries, unit_database, num_bins):
@@ -327,7 +327,7 @@ def histograms_from_embeddings(
         hi,
         *extra,
     )
-    raise_if_poisoned(n)
+    raise_if_poisoned(n, "embeddings")
     return n, p, positives
 
 
@@ -349,7 +349,7 @@ def ap_loss_from_embeddings(
     """The AP loss of cosine-similarity retrieval, computed from the embeddings without the
     N x M score matrix (``backend``: block by block, or the fused CUDA kernel).
 
-    Equal to ``fastap.ap_loss(F.normalize(queries) @ F.normalize(database).T, labels=...,
+    Equal to ``fastap.ap_loss(fastap.cosine.cosine_scores(queries, database), labels=...,
     ref_labels=..., ...)`` (same weighting: 1 - the weighted mean AP over the queries with a
     positive), with gradients for both embedding sets, but never holding more than a
     ``block_size`` x M tile of scores (default: about 32 MB; the fused CUDA kernel holds none).

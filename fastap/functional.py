@@ -43,7 +43,16 @@ def ap_from_histograms(
 
 
 def _histograms(
-    scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, score_range, self_offset
+    scores,
+    relevance,
+    labels,
+    ref_labels,
+    ignore,
+    exclude_self,
+    num_bins,
+    score_range,
+    self_offset,
+    source,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = check_histogram_args(
         scores,
@@ -68,7 +77,7 @@ def _histograms(
         args.hi,
         args.self_offset,
     )
-    raise_if_poisoned(n)
+    raise_if_poisoned(n, source)
     return n, p, positives
 
 
@@ -84,8 +93,11 @@ def average_precision_and_validity(
     exclude_self: bool = False,
     self_offset: int | None = None,
     variant: str = "ap_q",
+    scores_from: str = "scores",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ap [N], has_positive [N] bool): :func:`average_precision` and which queries have one."""
+    """(ap [N], has_positive [N] bool): :func:`average_precision` and which queries have one.
+    ``scores_from="embeddings"``: the caller computed the scores from embeddings (an error about
+    non-finite scores then names those)."""
     check_variant(variant)
     n, p, positives = _histograms(
         scores,
@@ -97,6 +109,7 @@ def average_precision_and_validity(
         num_bins,
         score_range,
         self_offset,
+        scores_from,
     )
     return ap_from_histograms(n, p, positives, variant)
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fastap._validation import (
     MAX_NUM_BINS,
@@ -17,6 +16,7 @@ from fastap._validation import (
     in_common_dtype,
     is_integer_tensor,
 )
+from fastap.cosine import cosine_scores
 from fastap.embeddings import histograms_from_embeddings
 from fastap.functional import (
     DEFAULT_NUM_BINS,
@@ -163,7 +163,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
             )
             ap, has_positive = ap_from_histograms(n, p, positives, self.variant)
             return 1 - ap, has_positive
-        cosine = F.normalize(queries, dim=1) @ F.normalize(database, dim=1).T
+        cosine = cosine_scores(queries, database)
         ap, has_positive = average_precision_and_validity(
             cosine,
             labels=labels,
@@ -174,6 +174,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
             exclude_self=exclude_self,
             self_offset=self_offset,
             variant=self.variant,
+            scores_from="embeddings",
         )
         return 1 - ap, has_positive
 

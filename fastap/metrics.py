@@ -17,9 +17,9 @@ import operator
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from fastap._validation import check_embedding_matrix, check_int, check_labels
+from fastap.cosine import unit_rows
 
 __all__ = ["TIES", "average_precision", "retrieval_metrics", "revisited_map"]
 
@@ -524,8 +524,8 @@ def retrieval_metrics(
     ks_eff = [min(k, num_candidates) for k in ks]
 
     dtype = torch.float64 if torch.float64 in (queries.dtype, database.dtype) else torch.float32
-    q = F.normalize(queries.to(dtype), dim=1)
-    db = F.normalize(database.to(dtype), dim=1)
+    q = unit_rows(queries.to(dtype))
+    db = unit_rows(database.to(dtype))
     chunk = _check_chunk_size(chunk_size, m * torch.finfo(dtype).bits // 8)
     device = queries.device
     zero = torch.zeros((), dtype=torch.float64, device=device)

@@ -96,6 +96,17 @@ def test_non_finite_scores(device, bad):
     assert torch.isfinite(loss) and torch.isfinite(scores.grad).all() and scores.grad[2, 3] == 0
 
 
+@pytest.mark.parametrize("limit", [2**30, 0])  # the score-matrix path; block by block
+def test_non_finite_embeddings(device, limit):
+    embeddings = torch.randn(6, 4, device=device)
+    embeddings[3, 1] = float("inf")  # in every other query's scores: query row 0 is the first
+    labels = torch.tensor([0, 0, 1, 1, 2, 2], device=device)
+    with pytest.raises(ValueError, match=r"embeddings contain NaN or infinity .*query row 0"):
+        fastap.APLoss(score_matrix_limit=limit)(embeddings, labels)
+    with pytest.raises(ValueError, match=r"embeddings contain NaN or infinity .*query row 0"):
+        fastap.ap_loss_from_embeddings(embeddings, labels=labels)
+
+
 def test_value_checks_off_give_the_compiled_answers(device):
     # set_value_checks(False) skips the checks that read values (a host sync on CUDA); then a
     # query with a non-finite score has AP NaN and the others are untouched, relevance entries

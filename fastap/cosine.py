@@ -1,0 +1,44 @@
+"""Cosine similarity of embeddings, as every fastap entry point on embeddings computes it.
+
+``unit_rows`` is ``F.normalize(x, dim=1)`` made safe for any finite input:
+
+- it computes in float32 (float64 for float64 embeddings) and casts the unit rows back, so that
+  a float16 row whose squared norm passes 65504 (entries of a few hundred in a wide row) is not
+  divided by an infinite norm into zeros, and a bfloat16 row's norm is not rounded to 8 bits;
+- a row whose largest entry lies outside [2^-30, 2^50] in magnitude is first divided by that
+  entry, so that the sum of its squares neither overflows nor underflows (nor falls under
+  ``F.normalize``'s eps of 1e-12, below which a row would come out shorter than 1). Every other
+  row is scaled by exactly 1: float32 and float64 rows in that range are ``F.normalize``'s,
+  bitwise;
+- an all-zero row stays zero (its cosine with everything is 0), and a row with a NaN or an
+  infinity comes out NaN, which the losses report as an error.
+
+The scale is a constant to autograd (``normalize(c x) = normalize(x)`` for every c > 0), so the
+gradient is that of the normalisation itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: The largest entries of the rows that are normalised as they are; others are scaled first.
+UNSCALED_RANGE = (2.0**-30, 2.0**50)
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of the 2-D tensor ``x`` scaled to unit L2 norm, in ``x``'s dtype (see the module
+    docstring for how it differs from ``F.normalize`` at the ends of the range)."""
+    work = x if x.dtype == torch.float64 else x.float()
+    largest = work.detach().abs().amax(dim=1, keepdim=True)
+    smallest_unscaled, largest_unscaled = UNSCALED_RANGE
+    rescale = (largest > 0) & ((largest < smallest_unscaled) | (largest > largest_unscaled))
+    # (where takes 1 for the zero rows, whose 1 / 0 is never used; an infinite entry gives
+    # inf * 0 = NaN, as it should)
+    work = work * torch.where(rescale, 1 / largest, torch.ones_like(largest))
+    return F.normalize(work, dim=1).to(x.dtype)
+
+
+def cosine_scores(queries: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
+    """[N, M] cosine similarities of the rows of ``queries`` [N, D] and ``database`` [M, D]."""
+    return unit_rows(queries) @ unit_rows(database).T
