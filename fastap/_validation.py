@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,11 +23,17 @@ SCORE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 VARIANTS = ("ap_q", "tie_aware", "tie_aware_simplified")
 
 
+def type_name(value) -> str:
+    """The name of value's type for a message: ``int``, ``numpy.bool``, ``torch.Tensor``."""
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def check_int(value, name: str, minimum: int, owner: str = "fastap", what: str = "") -> int:
     """An int argument (not a bool, not a float) of at least `minimum`: TypeError for another
     type, ValueError below the minimum, each naming the argument (`what`: its unit, if any)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int{what}, got {type(value).__name__}")
+        raise TypeError(f"{owner}: {name} must be an int{what}, got {type_name(value)}")
     if value < minimum:
         raise ValueError(f"{owner}: {name} must be at least {minimum}{what}, got {value}")
     return value
@@ -104,7 +112,7 @@ class HistogramArgs:
 
 def _check_tensor(value, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type(value).__name__}")
+        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type_name(value)}")
     return value
 
 
@@ -140,7 +148,7 @@ def check_embedding_matrix(value, name: str, owner: str = "fastap") -> torch.Ten
     """A 2-D tensor of embeddings (rows x dim, at least one column) of a floating dtype the
     kernels take (float32, float64, float16, bfloat16)."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type_name(value)}")
     if value.dim() != 2:
         raise ValueError(f"{owner}: {name} must be 2-D (rows x dim), got {list(value.shape)}")
     if value.dtype not in SCORE_DTYPES:
@@ -199,7 +207,7 @@ def check_bins(num_bins, score_range, dtype: torch.dtype | None = None) -> tuple
     check_int(num_bins, "num_bins", 2)
     if num_bins > MAX_NUM_BINS:
         raise ValueError(f"fastap: num_bins must be at most 2^20 = {MAX_NUM_BINS}, got {num_bins}")
-    if isinstance(score_range, (str, bytes)):
+    if isinstance(score_range, (str, bytes, Mapping, AbstractSet)):  # not an ordered pair
         raise TypeError(
             f"fastap: score_range must be a pair of numbers (lo, hi), got {score_range!r}"
         )
@@ -260,7 +268,7 @@ def check_histogram_args(
     num_queries, num_candidates = scores.shape
     num_bins, lo, hi = check_bins(num_bins, score_range, scores.dtype)
     if not isinstance(exclude_self, bool):
-        raise TypeError(f"fastap: exclude_self must be a bool, got {type(exclude_self).__name__}")
+        raise TypeError(f"fastap: exclude_self must be a bool, got {type_name(exclude_self)}")
     if self_offset is None:
         if exclude_self and num_queries != num_candidates:
             raise ValueError(

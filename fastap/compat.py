@@ -19,8 +19,24 @@ import operator
 
 import torch
 
-from fastap._validation import MAX_NUM_BINS, check_query_weights
+from fastap._validation import MAX_NUM_BINS, check_query_weights, type_name
 from fastap.functional import average_precision_and_validity
+
+
+def _weighted_mean(
+    ap: torch.Tensor, has_positive: torch.Tensor, qw: torch.Tensor, count: torch.Tensor
+) -> torch.Tensor:
+    """mean(qw * AP) over the queries with a positive, in the dtype of `ap`. The weights of the
+    others are set to 0 first (their AP is 0, and 0 * a weight that overflows the dtype of `ap`
+    would be NaN); the products are summed in the weights' dtype (at least that of `ap`), scaled
+    by the largest weight, so that the mean is infinite only where its value is beyond that of
+    `ap`."""
+    dtype = torch.promote_types(ap.dtype, qw.dtype)
+    weights = torch.where(has_positive, qw, 0).to(dtype)
+    largest = weights.detach().abs().max() if weights.numel() else weights.new_zeros(())
+    largest = torch.where(largest > 0, largest, 1)
+    total = (weights / largest * ap.to(dtype)).sum()
+    return (largest * (total / count.clamp_min(1).to(dtype))).to(ap.dtype)
 
 
 class APLoss(torch.nn.Module):
@@ -82,11 +98,12 @@ class APLoss(torch.nn.Module):
         )
         if ret == "AP":
             return ap
-        if qw is not None:
-            ap = ap * check_query_weights(qw, x).to(ap.dtype)
         valid = has_positive.to(ap.dtype)
         count = valid.sum()
-        mean_ap = (valid * ap).sum() / count.clamp_min(1)
+        if qw is None:
+            mean_ap = (valid * ap).sum() / count.clamp_min(1)
+        else:
+            mean_ap = _weighted_mean(ap, has_positive, check_query_weights(qw, x), count)
         return torch.where(count > 0, 1 - mean_ap, torch.zeros_like(mean_ap))
 
 
@@ -96,6 +113,10 @@ class TAPLoss(APLoss):
 
     def __init__(self, nq: int = 25, min: float = 0, max: float = 1, simplified: bool = False):
         super().__init__(nq=nq, min=min, max=max)
+        if not isinstance(simplified, bool):
+            raise TypeError(
+                f"fastap.compat: simplified must be a bool, got {type_name(simplified)}"
+            )
         self.simplified = simplified
         self.variant = "tie_aware_simplified" if simplified else "tie_aware"
 

@@ -34,6 +34,7 @@ from fastap._validation import (
     check_variant,
     in_common_dtype,
     raise_if_poisoned,
+    type_name,
 )
 from fastap.cosine import unit_rows
 from fastap.functional import (
@@ -265,7 +266,7 @@ def histograms_from_embeddings(
     check_embedding_matrix(queries, "queries")
     if exclude_self is not None and not isinstance(exclude_self, bool):
         raise TypeError(
-            f"fastap: exclude_self must be a bool or None, got {type(exclude_self).__name__}"
+            f"fastap: exclude_self must be a bool or None, got {type_name(exclude_self)}"
         )
     same_set = database is None
     if database is None:

@@ -216,13 +216,15 @@ def weighted_loss(
     """1 - sum_i w_i AP_i / sum_i w_i over the queries with a positive (w = 1 by default);
     0 with a zero gradient when there is none or the weights sum to 0.
 
-    The loss does not change when every weight is scaled by one factor, so the weights are first
-    divided by the largest of them, in their own dtype: finite weights near the top of their
-    range (or beyond float32's, cast to float32 scores' AP) then neither overflow nor sum to
-    infinity."""
+    The loss does not change when every weight is scaled by one factor, so the weights of the
+    queries with a positive are first divided by the largest of them, in their own dtype: finite
+    weights near the top of their range (or beyond float32's, cast to float32 scores' AP) then
+    neither overflow nor sum to infinity. The others are set to 0 first: they count nowhere, so
+    however large, they must not shrink the weights that count to zeros."""
     weights = has_positive.to(ap.dtype)
     if query_weights is not None:
         if query_weights.numel() > 0:
+            query_weights = torch.where(has_positive, query_weights, 0)
             largest = query_weights.detach().abs().max()
             query_weights = query_weights / torch.where(largest > 0, largest, 1)
         weights = weights * query_weights.to(ap.dtype)

@@ -26,17 +26,20 @@ from fastap.functional import (
 )
 
 
-def miner_weights(indices_tuple, num_queries: int, using_ref: bool, device) -> torch.Tensor:
+def miner_weights(
+    indices_tuple, num_queries: int, using_ref: bool, device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Per-query weights from a miner's output, as pytorch-metric-learning computes them: each
     query's number of appearances in the tuples (only as anchor when a reference set is used),
-    divided by the largest such number. No tuple (or only empty ones): all ones.
+    divided by the largest such number. No tuple (or only empty ones): all ones. In `dtype`
+    (the losses pass float64 for float64 embeddings, else float32).
 
     indices_tuple: (anchors, positives, negatives) or (anchors1, positives, anchors2, negatives),
     1-D integer tensors of batch indices. Whether they lie in [0, num_queries) is a check of
     values (fastap.set_value_checks): under torch.compile an index outside fails in the indexing.
     """
     if indices_tuple is None:
-        return torch.ones(num_queries, device=device)
+        return torch.ones(num_queries, device=device, dtype=dtype)
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         raise ValueError(
             "fastap: indices_tuple must be (anchors, positives, negatives) or "
@@ -46,7 +49,7 @@ def miner_weights(indices_tuple, num_queries: int, using_ref: bool, device) -> t
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or not is_integer_tensor(t):
             raise TypeError("fastap: indices_tuple must hold 1-D integer tensors")
     if all(t.numel() == 0 for t in indices_tuple):
-        return torch.ones(num_queries, device=device)
+        return torch.ones(num_queries, device=device, dtype=dtype)
     counted = indices_tuple
     if using_ref:  # only the anchors
         counted = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[::2]
@@ -56,8 +59,8 @@ def miner_weights(indices_tuple, num_queries: int, using_ref: bool, device) -> t
             raise ValueError(f"fastap: indices_tuple holds indices outside [0, {num_queries})")
     # index_add_ rather than bincount: its output has num_queries entries whatever the values,
     # which torch.compile(fullgraph=True) can trace.
-    counts = torch.zeros(num_queries, device=device).index_add_(
-        0, indices, torch.ones(indices.shape, device=device)
+    counts = torch.zeros(num_queries, device=device, dtype=dtype).index_add_(
+        0, indices, torch.ones(indices.shape, device=device, dtype=dtype)
     )
     return counts / counts.max().clamp_min(1) if num_queries else counts
 
@@ -118,7 +121,11 @@ class _EmbeddingAPLoss(torch.nn.Module):
                          "embeddings")  # fmt: skip
             database, database_labels = ref_emb, ref_labels
         weights = miner_weights(
-            indices_tuple, embeddings.shape[0], ref_emb is not None, embeddings.device
+            indices_tuple,
+            embeddings.shape[0],
+            ref_emb is not None,
+            embeddings.device,
+            torch.float64 if embeddings.dtype == torch.float64 else torch.float32,
         )
         per_query, valid = self.per_query_loss(
             embeddings, database, labels, database_labels, exclude_self=ref_emb is None

@@ -46,15 +46,22 @@ class CrossBatchMemory(torch.nn.Module):
         # The buffers are sized on the first batch: size them from the checkpoint before loading.
         # A checkpoint of a memory of another size cannot be taken in (its ring of entries does
         # not map onto this one's): load_state_dict raises with the reason.
-        saved_rows = [
-            state_dict[prefix + name].shape[0]
+        saved_rows = {
+            name: state_dict[prefix + name].shape[0]
             for name in ("embeddings", "labels")
             if prefix + name in state_dict and state_dict[prefix + name].numel() > 0
-        ]
-        if any(rows != self.size for rows in saved_rows):
+        }
+        if len(set(saved_rows.values())) > 1:
             error_msgs.append(
-                f"fastap: the checkpoint holds a CrossBatchMemory of size {saved_rows[0]}, this "
-                f"one has size={self.size}: create it with size={saved_rows[0]}"
+                f"fastap: the checkpoint's CrossBatchMemory is inconsistent: its embeddings have "
+                f"{saved_rows['embeddings']} rows and its labels {saved_rows['labels']}"
+            )
+            return
+        rows = next(iter(saved_rows.values()), self.size)
+        if rows != self.size:
+            error_msgs.append(
+                f"fastap: the checkpoint holds a CrossBatchMemory of size {rows}, this one has "
+                f"size={self.size}: create it with size={rows}"
             )
             return
         for name in ("embeddings", "labels"):

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fastap._validation import check_embedding_matrix, check_int, check_labels
+from fastap._validation import check_embedding_matrix, check_int, check_labels, type_name
 from fastap.cosine import unit_rows
 
 __all__ = ["TIES", "average_precision", "retrieval_metrics", "revisited_map"]
@@ -37,7 +37,7 @@ _CHUNK_BYTES = 256 * 2**20
 
 def _tensor(value, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type(value).__name__}")
+        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type_name(value)}")
     return value
 
 
@@ -48,7 +48,7 @@ def _same_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -
 
 def _check_ties(ties) -> str:
     if not isinstance(ties, str):
-        raise TypeError(f"fastap: ties must be a str, one of {TIES}, got {type(ties).__name__}")
+        raise TypeError(f"fastap: ties must be a str, one of {TIES}, got {type_name(ties)}")
     if ties not in TIES:
         raise ValueError(f"fastap: ties must be one of {TIES}, got {ties!r}")
     return ties
@@ -65,7 +65,7 @@ def _check_positive_ints(values, name: str) -> tuple[int, ...]:
     """A sequence of positive ints (duplicates dropped, order kept)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(
-            f"fastap: {name} must be a sequence of positive ints, got {type(values).__name__}"
+            f"fastap: {name} must be a sequence of positive ints, got {type_name(values)}"
         )
     out: list[int] = []
     for value in values:
@@ -340,7 +340,7 @@ def average_precision(
         ignore = _check_mask(ignore, "ignore", scores)
     ties = _check_ties(ties)
     if not isinstance(return_valid, bool):
-        raise TypeError(f"fastap: return_valid must be a bool, got {type(return_valid).__name__}")
+        raise TypeError(f"fastap: return_valid must be a bool, got {type_name(return_valid)}")
     n, m = scores.shape
     chunk = _check_chunk_size(chunk_size, m * scores.element_size())
 
@@ -488,7 +488,7 @@ def retrieval_metrics(
             exclude_self = False
     if not isinstance(exclude_self, bool):
         raise TypeError(
-            f"fastap: exclude_self must be a bool or None, got {type(exclude_self).__name__}"
+            f"fastap: exclude_self must be a bool or None, got {type_name(exclude_self)}"
         )
     m = database.shape[0]
     if m == 0 and n > 0:  # no queries: the metrics are NaN over 0 queries, as with a database
@@ -503,8 +503,7 @@ def retrieval_metrics(
         metrics = tuple(metrics)
     except TypeError:
         raise TypeError(
-            f"fastap: metrics must be a sequence of names among {METRICS}, got "
-            f"{type(metrics).__name__}"
+            f"fastap: metrics must be a sequence of names among {METRICS}, got {type_name(metrics)}"
         ) from None
     if len(metrics) == 0:
         raise ValueError(f"fastap: metrics must name at least one of {METRICS}")
@@ -609,8 +608,7 @@ def _gnd_indices(value, where: str) -> torch.Tensor:
         t = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(
-            f"fastap: {where} must be a list or array of database indices, got "
-            f"{type(value).__name__}"
+            f"fastap: {where} must be a list or array of database indices, got {type_name(value)}"
         ) from None
     t = t.reshape(-1)
     if t.numel() == 0:
@@ -661,7 +659,8 @@ def revisited_map(
             a positive and an ignored list of a setup counts as a positive.
         kappas: the k of mP@k, positive ints. Default (1, 5, 10).
         is_ranking: whether ``scores`` is a ranking (see above). Default False.
-        chunk_size: queries ranked at a time. Default None: about 256 MB of scores per chunk.
+        chunk_size: queries ranked at a time. Default None: about 256 MB of scores per chunk
+            (with a ranking: 8 bytes per image it or the ground truth names, per query).
 
     Returns:
         {"easy": {...}, "medium": {...}, "hard": {...}}, each {"map": float, "mp@k": float for
@@ -671,7 +670,7 @@ def revisited_map(
         no query left has NaN values.
     """
     if not isinstance(is_ranking, bool):
-        raise TypeError(f"fastap: is_ranking must be a bool, got {type(is_ranking).__name__}")
+        raise TypeError(f"fastap: is_ranking must be a bool, got {type_name(is_ranking)}")
     name = "scores (a ranking)" if is_ranking else "scores"
     scores = _tensor(scores, "scores")
     if scores.dim() != 2:
@@ -693,7 +692,7 @@ def revisited_map(
     if isinstance(ground_truth, (str, bytes, Mapping)) or not isinstance(ground_truth, Sequence):
         raise TypeError(
             "fastap: ground_truth must be a list with one dict per query, got "
-            f"{type(ground_truth).__name__}"
+            f"{type_name(ground_truth)}"
         )
     num_queries = scores.shape[0]
     if len(ground_truth) != num_queries:
@@ -709,7 +708,7 @@ def revisited_map(
         if not isinstance(entry, Mapping):
             raise TypeError(
                 f"fastap: ground_truth[{qi}] must be a dict with keys {_GND_KEYS}, got "
-                f"{type(entry).__name__}"
+                f"{type_name(entry)}"
             )
         lists = {}
         for key in _GND_KEYS:
@@ -722,7 +721,17 @@ def revisited_map(
 
     device = scores.device
     if is_ranking:
-        num_database = max(largest + 1, int(scores.max()) + 1 if scores.numel() > 0 else 0)
+        # The database is known only by the indices that the ranking and the ground truth name:
+        # they are numbered densely (in order), so that the masks below have one column per
+        # named image, not one per index up to the largest (which may be far beyond the rest).
+        named = torch.cat(
+            [scores.reshape(-1).to(torch.int64)]
+            + [t.to(device) for lists in gnd for t in lists.values()]
+        ).unique()
+        scores = torch.searchsorted(named, scores.to(torch.int64))
+        named = named.cpu()
+        gnd = [{key: torch.searchsorted(named, t) for key, t in lists.items()} for lists in gnd]
+        num_database = named.numel()
     else:
         num_database = scores.shape[1]
         if largest >= num_database:
@@ -730,7 +739,8 @@ def revisited_map(
                 f"fastap: ground_truth holds database index {largest}, but scores has only "
                 f"{num_database} columns"
             )
-    chunk = _check_chunk_size(chunk_size, max(1, scores.shape[1]) * 8)
+    # (a ranking's chunk also holds masks over the named images, more of them than it ranks)
+    chunk = _check_chunk_size(chunk_size, max(1, scores.shape[1], num_database) * 8)
 
     totals = {s: torch.zeros(1 + len(kappas), dtype=torch.float64) for s in _SETUPS}
     counts = dict.fromkeys(_SETUPS, 0)

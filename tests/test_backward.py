@@ -194,6 +194,19 @@ def test_weights_near_their_dtype_limit_give_the_loss_of_their_ratios(device):
         torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
 
 
+def test_weights_of_queries_without_a_positive_change_nothing(device):
+    """A query without a positive counts nowhere, so its weight, however large against the
+    others (1e30 / 1e-38 overflows float32), must not shrink theirs to zero."""
+    scores = torch.tensor([[0.9, 0.1, -0.3], [0.2, 0.5, 0.7], [0.4, -0.2, 0.8]], device=device)
+    relevance = torch.tensor([[0, 1, 1], [0, 0, 0], [1, 0, 1]], dtype=torch.bool, device=device)
+    small, huge = torch.tensor([1e-38, 1e30, 3e-38], device=device), torch.tensor([1.0, 7.0, 3.0])
+    ratios = torch.tensor([1.0, 0.0, 3.0])
+    expected = fastap.reference.ap_loss(scores.cpu(), relevance.cpu(), query_weights=ratios)
+    for weights in (small, huge.double().to(device) * 1e300):
+        got = fastap.ap_loss(scores, relevance, query_weights=weights)
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_gradient(device, dtype):
     problem = random_problem(20, 70, kink_free=True, seed=12)

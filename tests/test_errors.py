@@ -1,5 +1,6 @@
 """Bad input raises a ValueError/TypeError that names the argument, before any kernel runs."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +48,14 @@ R = torch.tensor(
         (lambda: fastap.ap_loss(S, R, score_range=(1, -1)), ValueError, "lo < hi"),
         (lambda: fastap.ap_loss(S, R, score_range=(0, float("inf"))), ValueError, "finite"),
         (lambda: fastap.ap_loss(S, R, score_range=1.0), TypeError, "score_range must be a pair"),
+        (lambda: fastap.ap_loss(S, R, score_range={0: 1}), TypeError, "score_range must be a pair"),
+        (lambda: fastap.ap_loss(S, R, score_range={0, 1}), TypeError, "score_range must be a pair"),
+        (lambda: fastap.compat.TAPLoss(simplified="no"), TypeError, "simplified must be a bool"),
+        (
+            lambda: fastap.ap_loss(S, R, exclude_self=np.bool_(True)),
+            TypeError,
+            "exclude_self must be a bool, got numpy.bool",
+        ),
         (
             lambda: fastap.ap_loss(S, R, exclude_self=True),
             ValueError,

@@ -59,6 +59,23 @@ def test_compat_defaults_and_nan_free_query():
     assert torch.isfinite(x.grad).all() and x.grad[2].eq(0).all()
 
 
+def test_compat_weights_near_their_limits_give_their_formula():
+    """1 - mean(qw * AP): a query without a positive (AP 0) adds nothing whatever its weight,
+    even one that overflows float32 (0 * inf would be NaN), and weights near float32's largest
+    value give the formula's finite value (their sum would overflow)."""
+    x, label = authors_style_problem(n=4)
+    x, label = x.float(), label.float()
+    label[2] = 0
+    ap = fastap.compat.APLoss()(x, label, ret="AP").double()
+    keep = torch.tensor([0, 1, 3])
+    for qw in (torch.tensor([1.0, 2.0, 1e300, 0.5], dtype=torch.float64),
+               torch.tensor([3e38, 2e38, 1e38, 3e38])):  # fmt: skip
+        loss = fastap.compat.APLoss()(x, label, qw=qw)
+        expected = 1 - (qw.double()[keep] * ap[keep]).mean()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+
+
 def test_fastap_equals_ap_q_on_negated_squared_distances():
     g = torch.Generator().manual_seed(0)
     embeddings = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -94,6 +111,20 @@ def test_fastap_parity_with_pytorch_metric_learning(num_bins, with_miner, device
     ours.backward()
     theirs.backward()
     torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_fastap_parity_with_pytorch_metric_learning_in_float64():
+    # The miner's weights too are float64 for float64 embeddings (float32 ones cost 1e-8).
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    g = torch.Generator().manual_seed(3)
+    embeddings = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (30,), generator=g)
+    indices_tuple = tuple(torch.randint(0, 30, (3, 41), generator=g))
+    for num_bins in (7, 10):
+        ours = fastap.FastAPLoss(num_bins=num_bins)(embeddings, labels, indices_tuple)
+        theirs = pml_losses.FastAPLoss(num_bins=num_bins)(embeddings, labels, indices_tuple)
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-13)
 
 
 def test_miner_weights_follow_pytorch_metric_learning():

@@ -77,6 +77,10 @@ def test_state_dict_of_another_size_is_refused():
     other = CrossBatchMemory(size=3)
     other.load_state_dict(empty)
     assert other.filled == 0 and other.contents()[1].numel() == 0
+    # Embeddings and labels of different lengths: the message says so.
+    cut = {**state, "labels": state["labels"][:7]}
+    with pytest.raises(RuntimeError, match="embeddings have 10 rows and its labels 7"):
+        CrossBatchMemory(size=10).load_state_dict(cut)
     # A state whose counters do not fit its entries is refused, not taken as is.
     state[next(k for k in state if k.endswith("_extra_state"))] = {"filled": 11, "next": 0}
     with pytest.raises(ValueError, match="filled=11, next=0 does not fit its 10 stored entries"):

@@ -616,6 +616,13 @@ def test_revisited_matches_loop_reference():
     for setup, values in expected.items():
         for key, value in values.items():
             assert got[setup][key] == pytest.approx(value, abs=1e-12, nan_ok=True), (setup, key)
+    # A ranking knows its database only by the indices named: spread them up to 2^40 and the
+    # metrics are the same (the masks have a column per named image, not per index).
+    spread = {i: i * 2**35 + 7 for i in range(ndb)}
+    sparse_gnd = [{k: [spread[int(i)] for i in v] for k, v in entry.items()} for entry in gnd]
+    sparse = revisited_map(partial * 2**35 + 7, sparse_gnd, kappas, is_ranking=True, chunk_size=3)
+    for setup, values in got.items():
+        assert sparse[setup] == pytest.approx(values, abs=1e-12, nan_ok=True), setup
 
 
 def test_revisited_lists_are_sets_and_positives_win_over_ignored():
