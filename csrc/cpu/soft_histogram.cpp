@@ -13,6 +13,7 @@
 #include "../binning.h"
 #include "../histogram_inputs.h"
 #include "huge_pages.h"
+#include "widen.h"
 
 namespace fastap {
 namespace {
@@ -67,7 +68,7 @@ struct BlockPositions {
   void locate(const scalar_t* scores, int64_t count, const BinGrid<compute_t>& grid) {
     int32_t non_finite = 0;
     for (int64_t o = 0; o < count; ++o) {
-      const compute_t s = static_cast<compute_t>(scores[o]);
+      const compute_t s = widen(scores[o]);
       const BinPosition<compute_t> pos = grid.locate(s);  // places a non-finite s too
       bins[o] = pos.bin;
       fracs[o] = pos.frac;
@@ -175,10 +176,11 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
 // (non-positives, then positives) its Q - 1 slopes (see backward_slope_table), then 0 (for a
 // candidate off the slopes or not counted) and NaN (for a non-finite score that counts). So
 // every candidate's gradient is one entry: where it falls within its class's Q + 1, plus Q + 1
-// for a positive.
-template <typename hist_t>
+// for a positive. The entries are held in the gradient's dtype (grad_t), rounded once per row
+// rather than once per candidate (float16/bfloat16 gradients: 2 (Q + 1) roundings, not M).
+template <typename grad_t, typename hist_t>
 struct ExtendedSlopes {
-  std::vector<hist_t> entries;
+  std::vector<grad_t> entries;
   int32_t zero;         // Q - 1, within a class
   int32_t nan;          // Q
   int32_t class_width;  // Q + 1
@@ -189,8 +191,8 @@ struct ExtendedSlopes {
         nan(static_cast<int32_t>(num_bins)),
         class_width(static_cast<int32_t>(num_bins + 1)) {
     for (int32_t c = 0; c < 2; ++c) {
-      entries[c * class_width + zero] = hist_t(0);
-      entries[c * class_width + nan] = std::numeric_limits<hist_t>::quiet_NaN();
+      entries[c * class_width + zero] = static_cast<grad_t>(hist_t(0));
+      entries[c * class_width + nan] = static_cast<grad_t>(std::numeric_limits<hist_t>::quiet_NaN());
     }
   }
   // The slopes of one row of the op's N x 2 x (Q - 1) table.
@@ -198,7 +200,8 @@ struct ExtendedSlopes {
     const int32_t num_slopes = class_width - 2;  // Q - 1
     for (int32_t c = 0; c < 2; ++c) {
       const hist_t* slopes = row_table + c * num_slopes;
-      std::copy(slopes, slopes + num_slopes, entries.begin() + c * class_width);
+      grad_t* out = entries.data() + c * class_width;
+      for (int32_t k = 0; k < num_slopes; ++k) out[k] = static_cast<grad_t>(slopes[k]);
     }
   }
 };
@@ -212,29 +215,31 @@ struct ExtendedSlopes {
 template <bool kDense, bool kIgnore, typename scalar_t, typename hist_t>
 void row_candidate_gradients(const scalar_t* scores, const RowRelevance& row, int64_t begin,
                              int64_t end, const BinGrid<hist_t>& grid,
-                             const ExtendedSlopes<hist_t>& slopes, scalar_t* grad) {
+                             const ExtendedSlopes<scalar_t, hist_t>& slopes, scalar_t* grad) {
   int32_t within_class[kBlock];
   const int32_t zero = slopes.zero;
   const int32_t nan = slopes.nan;
   const int32_t class_width = slopes.class_width;
-  const hist_t* table = slopes.entries.data();
+  const scalar_t* table = slopes.entries.data();
   for (int64_t start = begin; start < end; start += kBlock) {
     const int64_t count = std::min(kBlock, end - start);
     const scalar_t* block_scores = scores + start;
     const RowRelevance part = row.window(start, count);
     for (int64_t o = 0; o < count; ++o) {
-      const hist_t s = static_cast<hist_t>(block_scores[o]);
+      const hist_t s = widen(block_scores[o]);
       const BinPosition<hist_t> pos = grid.locate(s);
       // (grid.sloped rather than pos.sloped: GCC does not vectorise the loop with the latter)
       int32_t entry = grid.sloped(s, pos.frac) ? pos.bin : zero;
       entry = is_finite(s) ? entry : nan;
-      if constexpr (kIgnore) entry = part.ignored<false>(o) ? zero : entry;
+      // (kIgnore: the row has a mask, so its byte is read with no test of the pointer, which
+      // GCC would otherwise leave in the float16 loop as a branch that stops vectorisation)
+      if constexpr (kIgnore) entry = part.ignore_row[o] != 0 ? zero : entry;
       within_class[o] = entry;
     }
     scalar_t* block_grad = grad + start;
     for (int64_t o = 0; o < count; ++o) {
       const int32_t entry = within_class[o] + (part.positive<kDense>(o) ? class_width : 0);
-      block_grad[o] = static_cast<scalar_t>(table[entry]);
+      block_grad[o] = table[entry];
     }
   }
 }
@@ -252,7 +257,7 @@ void histogram_backward_rows(const HistogramInputs& in, const hist_t* table, sca
   with_relevance_form(relevance, [&](auto dense, auto ignore) {
     at::parallel_for(0, in.num_queries(), row_grain(num_candidates), [&](int64_t begin,
                                                                          int64_t end) {
-      ExtendedSlopes<hist_t> slopes(in.num_bins);
+      ExtendedSlopes<scalar_t, hist_t> slopes(in.num_bins);
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* row_scores = scores + i * num_candidates;
         slopes.load(table + i * 2 * num_slopes);
