@@ -29,16 +29,21 @@ UNSCALED_RANGE = (2.0**-30, 2.0**50)
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """The rows of the 2-D tensor ``x`` scaled to unit L2 norm, in ``x``'s dtype (see the module
     docstring for how it differs from ``F.normalize`` at the ends of the range)."""
+    if x.shape[-1] == 0:  # no entries to take the largest of
+        return F.normalize(x, dim=1)
     work = x if x.dtype == torch.float64 else x.float()
     largest = work.detach().abs().amax(dim=1, keepdim=True)
     smallest_unscaled, largest_unscaled = UNSCALED_RANGE
     rescale = (largest > 0) & ((largest < smallest_unscaled) | (largest > largest_unscaled))
-    # (where takes 1 for the zero rows, whose 1 / 0 is never used; an infinite entry gives
-    # inf * 0 = NaN, as it should)
-    work = work * torch.where(rescale, 1 / largest, torch.ones_like(largest))
+    # A division, not a multiplication by 1 / largest, which overflows for a subnormal largest
+    # entry (and is flushed to 0 for a huge one under torch.set_flush_denormal). Zero rows are
+    # divided by 1; an infinite entry gives inf / inf = NaN, as it should.
+    work = work / torch.where(rescale, largest, torch.ones_like(largest))
     return F.normalize(work, dim=1).to(x.dtype)
 
 
 def cosine_scores(queries: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
     """[N, M] cosine similarities of the rows of ``queries`` [N, D] and ``database`` [M, D]."""
-    return unit_rows(queries) @ unit_rows(database).T
+    unit_queries = unit_rows(queries)
+    unit_database = unit_queries if database is queries else unit_rows(database)
+    return unit_queries @ unit_database.T

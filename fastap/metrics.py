@@ -653,6 +653,8 @@ def revisited_map(
             in ranked order, best first (note: the protocol's reference code takes ranks as
             [num_database, num_queries]; pass its transpose). R may be less than the database
             size; positives missing from the ranking are never retrieved (they still count in n).
+            The database is the images up to the largest index named by the ranking or the
+            ground truth, or only the named images where that is fewer (a stray large index).
         ground_truth: one mapping per query with keys "easy", "hard" and "junk", each a list /
             array / tensor of 0-based database indices: the "gnd" entries of the dataset's
             ground-truth file. Lists are taken as sets (duplicates count once); an index in both
@@ -660,7 +662,7 @@ def revisited_map(
         kappas: the k of mP@k, positive ints. Default (1, 5, 10).
         is_ranking: whether ``scores`` is a ranking (see above). Default False.
         chunk_size: queries ranked at a time. Default None: about 256 MB of scores per chunk
-            (with a ranking: 8 bytes per image it or the ground truth names, per query).
+            (with a ranking: 8 bytes per database image, per query; see is_ranking above).
 
     Returns:
         {"easy": {...}, "medium": {...}, "hard": {...}}, each {"map": float, "mp@k": float for
@@ -721,17 +723,21 @@ def revisited_map(
 
     device = scores.device
     if is_ranking:
-        # The database is known only by the indices that the ranking and the ground truth name:
-        # they are numbered densely (in order), so that the masks below have one column per
-        # named image, not one per index up to the largest (which may be far beyond the rest).
-        named = torch.cat(
-            [scores.reshape(-1).to(torch.int64)]
-            + [t.to(device) for lists in gnd for t in lists.values()]
-        ).unique()
-        scores = torch.searchsorted(named, scores.to(torch.int64))
-        named = named.cpu()
-        gnd = [{key: torch.searchsorted(named, t) for key, t in lists.items()} for lists in gnd]
-        num_database = named.numel()
+        # The database is known only by the indices that the ranking and the ground truth name.
+        # The masks below have a column per index up to the largest; where that is more columns
+        # than there are names (a stray large index), the named images are numbered densely (in
+        # order) first, so that memory follows the input, not the largest index.
+        num_database = max(largest + 1, int(scores.max()) + 1 if scores.numel() > 0 else 0)
+        num_names = scores.numel() + sum(t.numel() for lists in gnd for t in lists.values())
+        if num_database > num_names:
+            named = torch.cat(
+                [scores.reshape(-1).to(torch.int64)]
+                + [t.to(device) for lists in gnd for t in lists.values()]
+            ).unique()
+            scores = torch.searchsorted(named, scores.to(torch.int64).contiguous())
+            named = named.cpu()
+            gnd = [{key: torch.searchsorted(named, t) for key, t in lists.items()} for lists in gnd]
+            num_database = named.numel()
     else:
         num_database = scores.shape[1]
         if largest >= num_database:
@@ -739,7 +745,7 @@ def revisited_map(
                 f"fastap: ground_truth holds database index {largest}, but scores has only "
                 f"{num_database} columns"
             )
-    # (a ranking's chunk also holds masks over the named images, more of them than it ranks)
+    # (a ranking's chunk also holds masks over the database, which may be wider than the ranking)
     chunk = _check_chunk_size(chunk_size, max(1, scores.shape[1], num_database) * 8)
 
     totals = {s: torch.zeros(1 + len(kappas), dtype=torch.float64) for s in _SETUPS}

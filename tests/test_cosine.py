@@ -3,6 +3,8 @@ over- or underflows; the embedding front ends' losses at the ends of the range."
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,20 +41,43 @@ def test_half_precision_rows_are_normalised_in_float32(dtype):
     assert (norms - 1).abs().max() < 64 * 2 * torch.finfo(dtype).eps  # rounding of each entry
 
 
+def times_power_of_two(t, k):
+    """t * 2^k, in two exact steps (2.0**k alone overflows a Python float beyond 1023)."""
+    return t * 2.0 ** (k // 2) * 2.0 ** (k - k // 2)
+
+
 @pytest.mark.parametrize(
     "dtype, exponent",
-    [(torch.float32, 70), (torch.float32, -50), (torch.float32, -120),
-     (torch.float64, 600), (torch.float64, -600), (torch.float16, -20), (torch.bfloat16, 100)],
+    [(torch.float32, 70), (torch.float32, -50), (torch.float32, -120), (torch.float32, -135),
+     (torch.float64, 600), (torch.float64, -600), (torch.float64, -1040), (torch.float16, -20),
+     (torch.bfloat16, 100), (torch.bfloat16, -133)],
 )  # fmt: skip
 def test_rows_beyond_the_range_come_out_as_their_direction(dtype, exponent):
     # x * 2^k is exact, and its direction is x's: F.normalize(x * 2^k) overflows (inf norm,
     # zeros) or underflows (eps clamp: a short row, or zeros) for these k.
     x = rows(5, 9, dtype=torch.float64, seed=exponent % 7)
-    scaled = (x * 2.0**exponent).to(dtype)
+    scaled = times_power_of_two(x, exponent).to(dtype)
     assert torch.isfinite(scaled).all() and (scaled != 0).any(dim=1).all()
-    expected = F.normalize(scaled.double() * 2.0**-exponent, dim=1)
+    expected = F.normalize(times_power_of_two(scaled.double(), -exponent), dim=1)
     tolerance = {torch.float64: 1e-15, torch.float32: 1e-6}.get(dtype, 1e-2)
     torch.testing.assert_close(unit_rows(scaled).double(), expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flush mode")
+def test_huge_rows_with_denormals_flushed():
+    # 1 / largest would be subnormal for these rows, and flushed to 0 (a zero row)
+    x = torch.tensor([[3e38, 1e38, 0.0], [-2e38, 0.0, 2e38]])
+    expected = F.normalize(x.double(), dim=1).float()
+    torch.set_flush_denormal(True)
+    try:
+        unit = unit_rows(x)
+    finally:
+        torch.set_flush_denormal(False)
+    torch.testing.assert_close(unit, expected, rtol=0, atol=1e-7)
+
+
+def test_no_columns():
+    assert unit_rows(torch.zeros(3, 0)).shape == (3, 0)
 
 
 def test_zero_rows_stay_zero_and_non_finite_rows_are_nan():
