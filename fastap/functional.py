@@ -42,29 +42,11 @@ def ap_from_histograms(
     return ap, counts > 0
 
 
-def _histograms(
-    scores,
-    relevance,
-    labels,
-    ref_labels,
-    ignore,
-    exclude_self,
-    num_bins,
-    score_range,
-    self_offset,
-    source,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = check_histogram_args(
-        scores,
-        relevance,
-        labels,
-        ref_labels,
-        ignore,
-        exclude_self,
-        num_bins,
-        score_range,
-        self_offset,
-    )
+def _histograms(source: str, *arguments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's (n, p, positives) for the arguments of check_histogram_args; `source` is what
+    the caller was given ("scores" or "embeddings"), which an error about non-finite scores
+    names."""
+    args = check_histogram_args(*arguments)
     n, p, positives = ops.soft_histogram(
         args.scores,
         args.relevance,
@@ -100,6 +82,7 @@ def average_precision_and_validity(
     non-finite scores then names those)."""
     check_variant(variant)
     n, p, positives = _histograms(
+        scores_from,
         scores,
         relevance,
         labels,
@@ -109,7 +92,6 @@ def average_precision_and_validity(
         num_bins,
         score_range,
         self_offset,
-        scores_from,
     )
     return ap_from_histograms(n, p, positives, variant)
 
