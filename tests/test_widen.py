@@ -1,7 +1,7 @@
 """csrc/cpu/widen.h: the CPU kernels' own float16 -> float32 conversion, compiled on its own with
 g++ and checked against c10::Half's on every one of the 65536 float16 values, with and without
 denormals-are-zero (torch.set_flush_denormal); and the CPU op on float16 scores that are
-subnormal, infinite or NaN."""
+subnormal, the largest finite ones, or NaN where ignored."""
 
 import platform
 import shutil
