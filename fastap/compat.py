@@ -20,22 +20,19 @@ import operator
 import torch
 
 from fastap._validation import MAX_NUM_BINS, check_query_weights, type_name
-from fastap.functional import average_precision_and_validity
+from fastap.functional import average_precision_and_validity, weights_over_largest
 
 
 def _weighted_mean(
     ap: torch.Tensor, has_positive: torch.Tensor, qw: torch.Tensor, count: torch.Tensor
 ) -> torch.Tensor:
-    """mean(qw * AP) over the queries with a positive, in the dtype of `ap`. The weights of the
-    others are set to 0 first (their AP is 0, and 0 * a weight that overflows the dtype of `ap`
-    would be NaN); the products are summed in the weights' dtype (at least that of `ap`), scaled
-    by the largest weight, so that the mean is infinite only where its value is beyond that of
-    `ap`."""
+    """mean(qw * AP) over the queries with a positive, in the dtype of `ap`: the products summed
+    in the weights' dtype (at least that of `ap`) over the largest weight that counts
+    (weights_over_largest), so that the mean is infinite only where its value is beyond the
+    dtype of `ap`."""
     dtype = torch.promote_types(ap.dtype, qw.dtype)
-    weights = torch.where(has_positive, qw, 0).to(dtype)
-    largest = weights.detach().abs().max() if weights.numel() else weights.new_zeros(())
-    largest = torch.where(largest > 0, largest, 1)
-    total = (weights / largest * ap.to(dtype)).sum()
+    scaled, largest = weights_over_largest(qw.to(dtype), has_positive)
+    total = (scaled * ap.to(dtype)).sum()
     return (largest * (total / count.clamp_min(1).to(dtype))).to(ap.dtype)
 
 

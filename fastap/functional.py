@@ -192,24 +192,33 @@ def ap_loss(
     return weighted_loss(ap, has_positive, query_weights)
 
 
+def weights_over_largest(
+    query_weights: torch.Tensor, has_positive: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w / largest, largest), in the weights' dtype: the weights of the queries with a positive
+    (the others' set to 0: they count nowhere, so however large, they must not shrink the weights
+    that count to zeros, nor meet an AP of 0 as infinity) over the largest of them (1 if it is
+    0), which is detached: w = largest * (w / largest) with the gradient of w alone. Finite
+    weights near the top of their range then neither overflow nor sum to infinity."""
+    weights = torch.where(has_positive, query_weights, 0)
+    largest = weights.detach().abs().amax() if weights.numel() else weights.new_zeros(())
+    largest = torch.where(largest > 0, largest, 1)
+    return weights / largest, largest
+
+
 def weighted_loss(
     ap: torch.Tensor, has_positive: torch.Tensor, query_weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     """1 - sum_i w_i AP_i / sum_i w_i over the queries with a positive (w = 1 by default);
     0 with a zero gradient when there is none or the weights sum to 0.
 
-    The loss does not change when every weight is scaled by one factor, so the weights of the
-    queries with a positive are first divided by the largest of them, in their own dtype: finite
-    weights near the top of their range (or beyond float32's, cast to float32 scores' AP) then
-    neither overflow nor sum to infinity. The others are set to 0 first: they count nowhere, so
-    however large, they must not shrink the weights that count to zeros."""
+    The loss does not change when every weight is scaled by one factor, so the weights are taken
+    over the largest that counts (weights_over_largest), in their own dtype, before they meet
+    float32 scores' AP (where weights beyond float32's range would be infinite)."""
     weights = has_positive.to(ap.dtype)
     if query_weights is not None:
-        if query_weights.numel() > 0:
-            query_weights = torch.where(has_positive, query_weights, 0)
-            largest = query_weights.detach().abs().max()
-            query_weights = query_weights / torch.where(largest > 0, largest, 1)
-        weights = weights * query_weights.to(ap.dtype)
+        scaled, _ = weights_over_largest(query_weights, has_positive)
+        weights = weights * scaled.to(ap.dtype)
     total = weights.sum()
     valid = total > 0
     mean_ap = (weights * ap).sum() / torch.where(valid, total, torch.ones_like(total))

@@ -24,6 +24,7 @@ from fastap.functional import (
     ap_from_histograms,
     average_precision_and_validity,
 )
+from fastap.ops import histogram_dtype
 
 
 def miner_weights(
@@ -125,7 +126,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
             embeddings.shape[0],
             ref_emb is not None,
             embeddings.device,
-            torch.float64 if embeddings.dtype == torch.float64 else torch.float32,
+            histogram_dtype(embeddings.dtype),  # the loss's
         )
         per_query, valid = self.per_query_loss(
             embeddings, database, labels, database_labels, exclude_self=ref_emb is None
