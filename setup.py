@@ -131,7 +131,8 @@ def extension():
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["FASTAP_CUDA_ARCH"]
     return CUDAExtension(
         "fastap._C",
-        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        # (the launchers, .cu, for nvcc; their torch side, cuda_ops.cpp, for the host compiler)
+        sources + sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
             "cxx": cxx_flags,

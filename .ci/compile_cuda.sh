@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compile-only check: every csrc/cuda/*.cu must compile with the local nvcc,
-# on a CPU-only machine (no GPU, CPU build of torch).
+# Compile-only check: every csrc/cuda/*.cu must compile with the local nvcc, and the torch side of
+# the CUDA ops (csrc/cuda/*.cpp) with the host compiler and the toolkit's headers, as nvcc passes
+# them, on a CPU-only machine (no GPU, CPU build of torch).
 #
 # Why this exists: the CPU torch wheel ships no CUDA headers that are generated
 # at build time (c10/cuda/impl/cuda_cmake_macros.h, ...), so the .cu sources
@@ -105,11 +106,15 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 read -ra extra <<<"${NVCC_EXTRA_FLAGS:-}"
 python_include=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("include"))')
-flags=(
-  -std="$CXX_STD" -arch="${CUDA_ARCH:-sm_90}" -O2 -Xcompiler -fPIC
+# (host_flags: what the host compiler gets too; flags: nvcc's for the .cu files)
+host_flags=(
+  -std="$CXX_STD" -Xcompiler -fPIC
   -I csrc -I "$INC" -I "$INC/torch/csrc/api/include"
   -I "$python_include"
   -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
+)
+flags=(
+  "${host_flags[@]}" -arch="${CUDA_ARCH:-sm_90}" -O2
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
   --expt-relaxed-constexpr -Xptxas -v "${extra[@]}"
@@ -133,12 +138,25 @@ start=$(now_ms)
 # The fused kernels for sm_90a too (checked below), compiled beside the others.
 hopper=()
 for flag in "${flags[@]}"; do [[ $flag == -arch=* ]] || hopper+=("$flag"); done
-hopper+=(-gencode arch=compute_90a,code=sm_90a -DFASTAP_BUILD_WGMMA)
+hopper+=(-gencode "arch=compute_90a,code=sm_90a" -DFASTAP_BUILD_WGMMA)
 ( "$NVCC" "${hopper[@]}" -c csrc/cuda/embedding_histogram.cu -o "$tmp/hopper.obj" \
     >"$tmp/hopper.ptxas" 2>&1 || touch "$tmp/hopper.failed" ) &
 for i in "${!files[@]}"; do
   while (( $(jobs -rp | wc -l) >= ${JOBS:-$(nproc)} )); do wait -n || true; done
   compile "$i" "${files[$i]}" &
+done
+# The torch side (host code: syntax only, through nvcc for the toolkit's include path).
+host_files=(csrc/cuda/*.cpp)
+for f in "${host_files[@]}"; do
+  while (( $(jobs -rp | wc -l) >= ${JOBS:-$(nproc)} )); do wait -n || true; done
+  ( t0=$(now_ms)
+    if "$NVCC" "${host_flags[@]}" -Xcompiler -fopenmp -Xcompiler -fsyntax-only -c "$f" \
+        -o "$tmp/host.o" >"$tmp/host_${f//\//_}.log" 2>&1; then
+      echo "OK    $f (host compiler, syntax)  $(secs $(( $(now_ms) - t0 )))s"
+    else
+      touch "$tmp/host.failed"
+      echo "FAIL  $f (host compiler, syntax)"; cat "$tmp/host_${f//\//_}.log"
+    fi ) &
 done
 wait
 
@@ -149,13 +167,15 @@ for i in "${!files[@]}"; do
   grep -Evq "$ptxas_report" "$tmp/$i.log" || continue
   echo; echo "===== nvcc output for ${files[$i]} ====="; grep -Ev "$ptxas_report" "$tmp/$i.log"
 done
+[[ -f $tmp/host.failed ]] && failed=$(( failed + 1 ))
 if [[ -f $tmp/hopper.failed ]]; then
   echo "FAIL  csrc/cuda/embedding_histogram.cu (sm_90a)"; cat "$tmp/hopper.ptxas"
   failed=$(( failed + 1 ))
 else
   echo "OK    csrc/cuda/embedding_histogram.cu (sm_90a)"
 fi
-echo "total: ${#files[@]} file(s) and the sm_90a fused kernels, $failed failed, $(secs $(( $(now_ms) - start )))s"
+echo "total: ${#files[@]} file(s), the sm_90a fused kernels and ${#host_files[@]} host file(s)," \
+  "$failed failed, $(secs $(( $(now_ms) - start )))s"
 
 # The standalone GPU programs of benchmarks/ (no torch), built as gpu_check.sh builds them, then
 # run with --host: the part of their checks that needs no GPU (mma_probe.cu: its wgmma layouts).

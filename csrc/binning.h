@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTAP_HOST_DEVICE __host__ __device__ __forceinline__
@@ -24,6 +25,11 @@
 #endif
 
 namespace fastap {
+
+// The C++ type of the histograms and their gradients for scores of type scalar_t: double for
+// double, float for float, c10::Half and c10::BFloat16.
+template <typename scalar_t>
+using histogram_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Where one score falls: the upper (lower-index) bin `bin` gets 1 - frac, bin + 1 gets frac.
 template <typename T>

@@ -5,15 +5,9 @@
 
 #include <ATen/ATen.h>
 
-#include <type_traits>
-
-#include "binning.h"
+#include "binning.h"  // BinGrid, RelevanceArgs, histogram_t
 
 namespace fastap {
-
-// The C++ type of the histograms and their gradients for scores of type scalar_t.
-template <typename scalar_t>
-using histogram_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // One call's inputs, checked and contiguous.
 struct HistogramInputs {

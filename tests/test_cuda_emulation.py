@@ -1,10 +1,11 @@
 """The CUDA kernels of csrc/cuda, run on the CPU by tests/emulation against the CPU op.
 
-The kernels and their launch plan are compiled with g++ for the host (tests/emulation/cuda_host.h
-turns a block into real threads with real barriers), once under AddressSanitizer and
-UndefinedBehaviorSanitizer (out-of-bounds reads and writes, shared memory included) and once under
-ThreadSanitizer (a missing __syncthreads/__syncwarp is a data race). This checks the kernels'
-indexing, chunking, reductions and edge cases on every CI run; the real GPU run is
+The kernels, their launchers (csrc/cuda/*.cu) and launch plan are compiled with g++ for the host
+(tests/emulation/cuda_host.h turns a block into real threads with real barriers), once under
+AddressSanitizer and UndefinedBehaviorSanitizer (out-of-bounds reads and writes, shared memory
+included) and once under ThreadSanitizer (a missing __syncthreads/__syncwarp is a data race). This
+checks the kernels' indexing, chunking, reductions, edge cases and launch sequences on every CI
+run; the real GPU run is
 tests/test_cuda.py (benchmarks/gpu_check.sh).
 """
 
@@ -30,12 +31,14 @@ from fastap.testing import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-# The program first, then every header it may include (their bytes name the binary).
+# The program first, then every file it may include (their bytes name the binary): the launchers
+# of csrc/cuda/*.cu among them.
 SOURCES = [
     ROOT / "tests/emulation/run_kernels.cpp",
     *sorted((ROOT / "tests/emulation").glob("*.h")),
     *sorted((ROOT / "csrc").rglob("*.h")),
     *sorted((ROOT / "csrc").rglob("*.cuh")),
+    *sorted((ROOT / "csrc").rglob("*.cu")),
 ]
 SANITIZERS = {"address": "address,undefined", "thread": "thread"}
 DTYPE_CODES = {

@@ -1,20 +1,14 @@
 // CUDA kernels of fastap::ap_from_histograms and fastap::ap_from_histograms_backward: one thread
 // per query row applies the row formula of ../ap_formula.h (the same code as the CPU op). The
 // work is O(N Q), tiny next to the histogram kernels; the point is one launch instead of the
-// thirty small tensor operations that the formula takes in PyTorch.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+// thirty small tensor operations that the formula takes in PyTorch. The torch side of the ops is
+// in cuda_ops.cpp.
 #include <algorithm>
-#include <string>
-#include <tuple>
+#include <cstdint>
 
 #include "../ap_formula.h"
-#include "../ap_inputs.h"
+#include "launch_kernel.cuh"
+#include "launchers.h"
 
 namespace fastap {
 
@@ -47,51 +41,37 @@ constexpr int kApThreads = 128;
 
 unsigned row_blocks(int64_t rows) {
   return static_cast<unsigned>(
-      std::min<int64_t>((rows + kApThreads - 1) / kApThreads, int64_t{1} << 30));
-}
-
-at::Tensor ap_from_histograms_cuda(const at::Tensor& n, const at::Tensor& p,
-                                   const at::Tensor& positives, std::string variant) {
-  const ApInputs in = check_ap_inputs(n, p, positives, variant);
-  const c10::cuda::CUDAGuard device_guard(in.n.device());
-  at::Tensor ap = at::empty({in.num_queries()}, in.n.options());
-  if (in.num_queries() == 0) return ap;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(in.n.scalar_type(), "fastap_ap_from_histograms_cuda", [&] {
-    ap_rows_kernel<scalar_t><<<row_blocks(in.num_queries()), kApThreads, 0, stream>>>(
-        in.n.const_data_ptr<scalar_t>(), in.p.const_data_ptr<scalar_t>(),
-        in.positives.const_data_ptr<int64_t>(), in.num_queries(), in.num_bins(), in.variant,
-        ap.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return ap;
-}
-
-std::tuple<at::Tensor, at::Tensor> ap_from_histograms_backward_cuda(
-    const at::Tensor& grad_ap, const at::Tensor& n, const at::Tensor& p,
-    const at::Tensor& positives, std::string variant) {
-  const ApInputs in = check_ap_inputs(n, p, positives, variant, grad_ap);
-  const c10::cuda::CUDAGuard device_guard(in.n.device());
-  at::Tensor grad_n = at::empty_like(in.n);
-  at::Tensor grad_p = at::empty_like(in.p);
-  if (in.num_queries() == 0) return {grad_n, grad_p};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(in.n.scalar_type(), "fastap_ap_from_histograms_backward_cuda", [&] {
-    ap_rows_backward_kernel<scalar_t><<<row_blocks(in.num_queries()), kApThreads, 0, stream>>>(
-        in.grad_ap.const_data_ptr<scalar_t>(), in.n.const_data_ptr<scalar_t>(),
-        in.p.const_data_ptr<scalar_t>(), in.positives.const_data_ptr<int64_t>(),
-        in.num_queries(), in.num_bins(), in.variant, grad_n.data_ptr<scalar_t>(),
-        grad_p.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {grad_n, grad_p};
+      std::min<int64_t>((rows + kApThreads - 1) / kApThreads, kMaxBlocks));
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastap, CUDA, m) {
-  m.impl("ap_from_histograms", &ap_from_histograms_cuda);
-  m.impl("ap_from_histograms_backward", &ap_from_histograms_backward_cuda);
+template <typename T>
+cudaError_t launch_ap_rows(const T* n, const T* p, const int64_t* positives, int64_t rows,
+                           int64_t q, ApVariant variant, T* ap, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  return launch_kernel(ap_rows_kernel<T>, row_blocks(rows), kApThreads, 0, stream, n, p,
+                       positives, rows, q, variant, ap);
 }
+
+template <typename T>
+cudaError_t launch_ap_rows_backward(const T* grad_ap, const T* n, const T* p,
+                                    const int64_t* positives, int64_t rows, int64_t q,
+                                    ApVariant variant, T* grad_n, T* grad_p, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  return launch_kernel(ap_rows_backward_kernel<T>, row_blocks(rows), kApThreads, 0, stream,
+                       grad_ap, n, p, positives, rows, q, variant, grad_n, grad_p);
+}
+
+template cudaError_t launch_ap_rows<float>(const float*, const float*, const int64_t*, int64_t,
+                                           int64_t, ApVariant, float*, cudaStream_t);
+template cudaError_t launch_ap_rows<double>(const double*, const double*, const int64_t*, int64_t,
+                                            int64_t, ApVariant, double*, cudaStream_t);
+template cudaError_t launch_ap_rows_backward<float>(const float*, const float*, const float*,
+                                                    const int64_t*, int64_t, int64_t, ApVariant,
+                                                    float*, float*, cudaStream_t);
+template cudaError_t launch_ap_rows_backward<double>(const double*, const double*, const double*,
+                                                     const int64_t*, int64_t, int64_t, ApVariant,
+                                                     double*, double*, cudaStream_t);
 
 }  // namespace fastap

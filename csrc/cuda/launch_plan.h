@@ -11,6 +11,8 @@
 namespace fastap {
 
 constexpr int kWarpSize = 32;
+// The most blocks a launcher puts in grid.x (the kernels stride over the rest).
+constexpr int64_t kMaxBlocks = int64_t{1} << 30;
 
 // Forward. The work is cut into items of one query row and one chunk of at most `chunk`
 // consecutive candidates; one warp bins one item at a time into lane-private histograms in shared

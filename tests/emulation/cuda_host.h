@@ -14,8 +14,9 @@
 // __fadd_rd and __dadd_rd, __syncwarp (full mask), static and dynamic shared memory (and addresses
 // in it: __cvta_generic_to_shared, __cvta_shared_to_generic), and cp.async
 // through the cuda_pipeline.h primitives (deferred until waited for), and the async proxy's view
-// of shared memory that wgmma reads (wgmma_host.h). It is not otherwise a model of the GPU's
-// memory ordering, nor of its performance.
+// of shared memory that wgmma reads (wgmma_host.h); and, of the runtime, what the launchers of
+// csrc/cuda/*.cu call (their launches, and cudaFuncSetAttribute's shared memory limit). It is not
+// otherwise a model of the GPU's memory ordering, nor of its performance.
 #pragma once
 
 #include <linux/futex.h>
@@ -31,7 +32,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <thread>
 #include <vector>
@@ -256,6 +259,55 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
 }
 
 }  // namespace emu
+
+// The CUDA runtime, as far as the launchers (csrc/cuda/*.cu) use it. Their launches go through
+// fastap::launch_kernel (csrc/cuda/launch_kernel.cuh, which leaves it to this file where
+// FASTAP_HOST_EMULATION is defined): here, emu::launch. As on a GPU, a launch with more than
+// 48 KB of dynamic shared memory fails unless cudaFuncSetAttribute allowed its kernel as much.
+#define FASTAP_HOST_EMULATION 1
+enum cudaError_t { cudaSuccess = 0 };
+using cudaStream_t = struct CUstream_st*;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+namespace emu {
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+inline std::mutex allowed_shared_mutex;
+inline std::map<const void*, size_t> allowed_shared;  // by kernel, from cudaFuncSetAttribute
+}  // namespace emu
+
+template <typename... Params>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attribute,
+                                 int value) {
+  if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) > ::emu::kMaxDynamicShared) {
+    std::fprintf(stderr, "emulation: cudaFuncSetAttribute(%d, %d) is not valid on sm_90\n",
+                 static_cast<int>(attribute), value);
+    std::abort();
+  }
+  const std::lock_guard<std::mutex> lock(::emu::allowed_shared_mutex);
+  ::emu::allowed_shared[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+
+namespace fastap {
+
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+                          cudaStream_t /*stream*/, const Args&... args) {
+  if (shared_bytes > ::emu::kDefaultDynamicShared) {
+    const std::lock_guard<std::mutex> lock(::emu::allowed_shared_mutex);
+    const auto allowed = ::emu::allowed_shared.find(reinterpret_cast<const void*>(kernel));
+    if (allowed == ::emu::allowed_shared.end() || allowed->second < shared_bytes) {
+      std::fprintf(stderr, "emulation: a launch with %zu bytes of dynamic shared memory, more "
+                   "than cudaFuncSetAttribute allowed its kernel\n", shared_bytes);
+      std::abort();
+    }
+  }
+  ::emu::launch(kernel, grid, block, shared_bytes, args...);
+  return cudaSuccess;
+}
+
+}  // namespace fastap
 
 #define threadIdx (::emu::thread_index)
 #define blockIdx (::emu::block_index)

@@ -1,6 +1,6 @@
-// Runs the CUDA kernels of csrc/cuda on the CPU (cuda_host.h) on inputs in raw files, with the
-// launch plan of the real launchers, and writes the outputs as raw files. Driven by
-// tests/test_cuda_emulation.py, which compares the outputs with the CPU op.
+// Runs the CUDA launchers and kernels of csrc/cuda on the CPU (cuda_host.h) on inputs in raw
+// files, with the launch plans of the torch side (cuda_ops.cpp), and writes the outputs as raw
+// files. Driven by tests/test_cuda_emulation.py, which compares the outputs with the CPU op.
 //
 //   run_kernels op=forward|backward dtype=f64|f32|f16|bf16 n=N m=M q=Q lo=.. hi=..
 //               scores=FILE [relevance=FILE | labels=FILE ref_labels=FILE] [ignore=FILE]
@@ -18,8 +18,11 @@
 #include <stdexcept>
 #include <string>
 
-#include "../../csrc/cuda/embedding_kernels.cuh"
-#include "../../csrc/cuda/soft_histogram_kernels.cuh"
+// The launchers themselves (they launch through launch_kernel, which cuda_host.h runs here), the
+// wgmma kernels included as in a build for 9.0a.
+#define FASTAP_BUILD_WGMMA 1
+#include "../../csrc/cuda/embedding_histogram.cu"
+#include "../../csrc/cuda/soft_histogram.cu"
 
 namespace {
 
@@ -83,7 +86,7 @@ int run() {
   args.exclude_self = integer("exclude_self", 0) != 0;
   args.self_offset = integer("self_offset", 0);
   const fastap::BinGrid<acc_t> grid(lo, hi, q);
-  const int64_t max_blocks = integer("max_blocks", int64_t{1} << 30);
+  const int64_t max_blocks = integer("max_blocks", fastap::kMaxBlocks);
 
   if (option("op") == "forward") {
     const fastap::ForwardPlan plan = fastap::plan_forward(
@@ -98,43 +101,25 @@ int run() {
     const bool partial = plan.chunks_per_row > 1;
     std::vector<acc_t> partial_hist = garbage<acc_t>(partial ? plan.items * 2 * q : 0);
     std::vector<int64_t> partial_positives = garbage<int64_t>(partial ? plan.items : 0);
-    const int64_t blocks = plan.blocks < max_blocks ? plan.blocks : max_blocks;
-    const bool fast = fastap::fast_path_applies(args, scores.data(), m, plan.chunk);
-    emu::launch(fastap::forward_kernel<scalar_t, acc_t>(fast, args), dim3(static_cast<unsigned>(blocks)),
-                dim3(plan.warps_per_block * fastap::kWarpSize), plan.shared_bytes, scores.data(),
-                args, grid, n, m, plan.chunk, plan.chunks_per_row, n_out.data(), p_out.data(),
-                positives.data(), partial ? partial_hist.data() : nullptr,
-                partial ? partial_positives.data() : nullptr);
-    if (partial) {
-      const int64_t total = n * q;
-      int64_t finalize_blocks =
-          (total + fastap::kFinalizeThreads - 1) / fastap::kFinalizeThreads;
-      if (finalize_blocks > max_blocks) finalize_blocks = max_blocks;
-      emu::launch(fastap::soft_histogram_finalize_kernel<acc_t>,
-                  dim3(static_cast<unsigned>(finalize_blocks)), dim3(fastap::kFinalizeThreads), 0,
-                  static_cast<const acc_t*>(partial_hist.data()),
-                  static_cast<const int64_t*>(partial_positives.data()), n, q,
-                  plan.chunks_per_row, n_out.data(), p_out.data(), positives.data());
-    }
+    fastap::launch_soft_histogram(scores.data(), args, grid, n, m, plan, n_out.data(),
+                                  p_out.data(), positives.data(),
+                                  partial ? partial_hist.data() : nullptr,
+                                  partial ? partial_positives.data() : nullptr, nullptr,
+                                  max_blocks);
     write(".n", n_out);
     write(".p", p_out);
     write(".positives", positives);
+    // (the launcher's choice of kernel: the same function)
+    const bool fast = fastap::fast_path_applies(args, scores.data(), m, plan.chunk);
     std::printf("fast=%d chunks_per_row=%lld warps_per_block=%d blocks=%lld\n", fast ? 1 : 0,
                 static_cast<long long>(plan.chunks_per_row), plan.warps_per_block,
-                static_cast<long long>(blocks));
+                static_cast<long long>(std::min(plan.blocks, max_blocks)));
   } else {
     const std::vector<acc_t> table = read<acc_t>("table", n * 2 * (q - 1));
     std::vector<scalar_t> grad = garbage<scalar_t>(n * m);
+    fastap::launch_soft_histogram_backward(scores.data(), args, grid, n, m, table.data(),
+                                           grad.data(), nullptr, max_blocks);
     const bool fast = fastap::fast_path_applies(args, scores.data(), m, 0);
-    const fastap::BackwardPlan plan =
-        fastap::plan_backward(n, m, fastap::backward_columns<scalar_t>(fast));
-    const int64_t blocks_y = plan.blocks_y < max_blocks ? plan.blocks_y : max_blocks;
-    if (n * m > 0) {  // as the launcher: no launch (an empty grid) for an empty score matrix
-      emu::launch(fastap::backward_kernel<scalar_t, acc_t>(fast, args),
-                  dim3(static_cast<unsigned>(plan.blocks_x), static_cast<unsigned>(blocks_y)),
-                  dim3(fastap::kBackwardThreads), 0, scores.data(), args, grid, n, m,
-                  table.data(), grad.data());
-    }
     write(".grad", grad);
     std::printf("fast=%d\n", fast ? 1 : 0);
   }
@@ -143,11 +128,9 @@ int run() {
 
 template <typename T>
 int run_embedding() {
-  namespace emb = fastap::embedding;
-  using Layout = emb::SharedLayout<T>;
   if (option("op") == "embedding_layout") {  // shared memory per block, for fastap.ops
-    std::printf("%zu %zu\n", Layout(integer("d"), false).forward_bytes(integer("q")),
-                Layout(integer("d"), true).backward_bytes());
+    std::printf("%zu %zu\n", fastap::embedding_shared_bytes<T>(integer("d"), false, integer("q")),
+                fastap::embedding_shared_bytes<T>(integer("d"), true, 0));
     return 0;
   }
   const int64_t n = integer("n"), m = integer("m"), d = integer("d"), q = integer("q");
@@ -169,7 +152,7 @@ int run_embedding() {
 
   if (option("op") == "embedding_forward") {
     const fastap::EmbeddingPlan plan = fastap::plan_embedding(n, m, d, false, min_split);
-    const size_t shared = Layout(d, false).forward_bytes(q);
+    const size_t shared = fastap::embedding_shared_bytes<T>(d, false, q);
     if (shared > kMaxShared) {
       std::fprintf(stderr, "num_bins too large (%zu bytes of shared memory)\n", shared);
       return 2;
@@ -179,25 +162,11 @@ int run_embedding() {
     const bool partial = plan.splits > 1;
     std::vector<float> partial_hist = garbage<float>(partial ? n * plan.splits * 2 * q : 0);
     std::vector<int64_t> partial_positives = garbage<int64_t>(partial ? n * plan.splits : 0);
-    auto kernel = emb::embedding_histogram_kernel<T>;
-    if constexpr (!std::is_same_v<T, float>) {
-      if (wgmma) kernel = emb::embedding_histogram_kernel<T, true>;
-    }
-    emu::launch(kernel,
-                dim3(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits)),
-                dim3(fastap::kEmbeddingThreads), shared, queries.data(), database.data(),
-                labels.data(), ref_labels.data(), n, m, d, exclude_self, self_offset, grid,
-                plan.split_length, n_out.data(), p_out.data(), positives.data(),
-                partial ? partial_hist.data() : nullptr,
-                partial ? partial_positives.data() : nullptr);
-    if (partial) {
-      const int64_t blocks = (n * q + fastap::kFinalizeThreads - 1) / fastap::kFinalizeThreads;
-      emu::launch(fastap::soft_histogram_finalize_kernel<float>,
-                  dim3(static_cast<unsigned>(blocks)), dim3(fastap::kFinalizeThreads), 0,
-                  static_cast<const float*>(partial_hist.data()),
-                  static_cast<const int64_t*>(partial_positives.data()), n, q, plan.splits,
-                  n_out.data(), p_out.data(), positives.data());
-    }
+    fastap::launch_embedding_histogram(
+        queries.data(), database.data(), labels.data(), ref_labels.data(), n, m, d, exclude_self,
+        self_offset, grid, plan, wgmma, static_cast<int>(kMaxShared), n_out.data(), p_out.data(),
+        positives.data(), partial ? partial_hist.data() : nullptr,
+        partial ? partial_positives.data() : nullptr, nullptr);
     write(".n", n_out);
     write(".p", p_out);
     write(".positives", positives);
@@ -207,45 +176,27 @@ int run_embedding() {
   }
 
   const std::vector<float> table = read<float>("table", n * 2 * (q - 1));
-  // The two launches of embedding_histogram_backward_cuda: own = queries, then own = database.
-  auto gradient = [&](auto own_is_query, const std::vector<T>& own, const std::vector<T>& stream,
+  // The two launches of the backward (cuda_ops.cpp): own = queries, then own = database.
+  auto gradient = [&](bool own_is_query, const std::vector<T>& own, const std::vector<T>& other,
                       const std::vector<int64_t>& own_labels,
-                      const std::vector<int64_t>& stream_labels, int64_t own_count,
-                      int64_t stream_count) {
-    constexpr bool kOwnIsQuery = decltype(own_is_query)::value;
+                      const std::vector<int64_t>& other_labels, int64_t own_count,
+                      int64_t other_count) {
     std::vector<T> grad = garbage<T>(own_count * d);
     if (own_count == 0 || d == 0) return grad;
     const fastap::EmbeddingPlan plan =
-        fastap::plan_embedding(own_count, stream_count, d, true, min_split);
+        fastap::plan_embedding(own_count, other_count, d, true, min_split);
     const bool partial = plan.splits > 1;
     std::vector<float> partial_grad = garbage<float>(partial ? plan.splits * own_count * d : 0);
-    auto kernel = emb::embedding_histogram_backward_kernel<T, kOwnIsQuery>;
-    if (wgmma) {  // both products on wgmma, as the launcher picks them on sm_90a
-      if constexpr (!std::is_same_v<T, float>) {
-        kernel = emb::embedding_histogram_backward_kernel<T, kOwnIsQuery, true>;
-      }
-    }
-    emu::launch(kernel,
-                dim3(static_cast<unsigned>(plan.own_blocks), static_cast<unsigned>(plan.splits),
-                     static_cast<unsigned>(plan.depth_blocks)),
-                dim3(fastap::kEmbeddingThreads), Layout(d, true).backward_bytes(), own.data(),
-                own_count,
-                stream.data(), stream_count, d, own_labels.data(), stream_labels.data(),
-                exclude_self, self_offset, grid, table.data(), plan.split_length, grad.data(),
-                partial ? partial_grad.data() : nullptr);
-    if (partial) {
-      const int64_t count = own_count * d;
-      emu::launch(emb::sum_partials_kernel<T>, dim3(static_cast<unsigned>((count + 255) / 256)),
-                  dim3(256), 0, static_cast<const float*>(partial_grad.data()), plan.splits,
-                  count, grad.data());
-    }
+    fastap::launch_embedding_histogram_backward(
+        own_is_query, own.data(), own_count, other.data(), other_count, d, own_labels.data(),
+        other_labels.data(), exclude_self, self_offset, grid, table.data(), plan, wgmma,
+        static_cast<int>(kMaxShared), grad.data(), partial ? partial_grad.data() : nullptr,
+        nullptr);
     return grad;
   };
   if (n > 0 && m > 0) {
-    write(".grad_queries",
-          gradient(std::true_type{}, queries, database, labels, ref_labels, n, m));
-    write(".grad_database",
-          gradient(std::false_type{}, database, queries, ref_labels, labels, m, n));
+    write(".grad_queries", gradient(true, queries, database, labels, ref_labels, n, m));
+    write(".grad_database", gradient(false, database, queries, ref_labels, labels, m, n));
   } else {
     write(".grad_queries", std::vector<T>(n * d, T(0.0f)));
     write(".grad_database", std::vector<T>(m * d, T(0.0f)));
