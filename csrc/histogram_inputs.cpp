@@ -86,6 +86,13 @@ at::ScalarType HistogramInputs::histogram_dtype() const {
   return scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> HistogramInputs::empty_histograms() const {
+  const auto options = scores.options().dtype(histogram_dtype());
+  return {at::empty({num_queries(), num_bins}, options),
+          at::empty({num_queries(), num_bins}, options),
+          at::empty({num_queries()}, options.dtype(at::kLong))};
+}
+
 RelevanceArgs HistogramInputs::relevance_args() const {
   RelevanceArgs args;
   args.dense_relevance =

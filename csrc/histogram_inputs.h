@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "binning.h"  // BinGrid, RelevanceArgs, histogram_t
 
 namespace fastap {
@@ -28,6 +30,9 @@ struct HistogramInputs {
   at::ScalarType histogram_dtype() const;
   // Raw pointers for the kernels (valid while this object lives).
   RelevanceArgs relevance_args() const;
+  // The op's outputs, uninitialised, on the scores' device: n and p (N x Q, histogram_dtype) and
+  // positives (N, int64).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_histograms() const;
 };
 
 // t on the device of `like` (the message names both).

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -280,10 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cpu(
     double hi, int64_t self_offset) {
   const HistogramInputs in = check_histogram_inputs(scores, relevance, labels, ref_labels, ignore,
                                                     exclude_self, num_bins, lo, hi, self_offset);
-  const auto options = in.scores.options().dtype(in.histogram_dtype());
-  at::Tensor n = at::empty({in.num_queries(), num_bins}, options);
-  at::Tensor p = at::empty({in.num_queries(), num_bins}, options);
-  at::Tensor positives = at::empty({in.num_queries()}, options.dtype(at::kLong));
+  at::Tensor n, p, positives;  // (not a structured binding: the lambda below captures them)
+  std::tie(n, p, positives) = in.empty_histograms();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_cpu", [&] {
     using hist_t = histogram_t<scalar_t>;

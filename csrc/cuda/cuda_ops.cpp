@@ -80,10 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
   const HistogramInputs in = check_histogram_inputs(scores, relevance, labels, ref_labels, ignore,
                                                     exclude_self, num_bins, lo, hi, self_offset);
   const c10::cuda::CUDAGuard device_guard(in.scores.device());
-  const auto options = in.scores.options().dtype(in.histogram_dtype());
-  at::Tensor n = at::empty({in.num_queries(), num_bins}, options);
-  at::Tensor p = at::empty({in.num_queries(), num_bins}, options);
-  at::Tensor positives = at::empty({in.num_queries()}, options.dtype(at::kLong));
+  at::Tensor n, p, positives;  // (not a structured binding: the lambda below captures them)
+  std::tie(n, p, positives) = in.empty_histograms();
   if (in.num_queries() == 0) return {n, p, positives};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
@@ -98,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
     // Rows of several chunks go through partial histograms (allocated on the current stream).
     at::Tensor partial_hist, partial_positives;
     if (plan.chunks_per_row > 1) {
-      partial_hist = at::empty({plan.items, 2, num_bins}, options);
-      partial_positives = at::empty({plan.items}, options.dtype(at::kLong));
+      partial_hist = at::empty({plan.items, 2, num_bins}, n.options());
+      partial_positives = at::empty({plan.items}, positives.options());
     }
     C10_CUDA_CHECK(launch_soft_histogram(
         in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
