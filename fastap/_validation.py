@@ -11,6 +11,7 @@ positive, nonzero ignore ignores, a query with a non-finite score has AP NaN).
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
@@ -30,10 +31,12 @@ def type_name(value) -> str:
 
 
 def check_int(value, name: str, minimum: int, owner: str = "fastap", what: str = "") -> int:
-    """An int argument (not a bool, not a float) of at least `minimum`: TypeError for another
-    type, ValueError below the minimum, each naming the argument (`what`: its unit, if any)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer argument of at least `minimum`, as a Python int: an int or a numpy integer (any
+    numbers.Integral), not a bool, a float or a tensor. TypeError for another type, ValueError
+    below the minimum, each naming the argument (`what`: its unit, if any)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{owner}: {name} must be an int{what}, got {type_name(value)}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{owner}: {name} must be at least {minimum}{what}, got {value}")
     return value
@@ -204,7 +207,7 @@ def check_bins(num_bins, score_range, dtype: torch.dtype | None = None) -> tuple
     binned in float64, where hi - lo and (num_bins - 1) / (hi - lo) must be finite; all others in
     float32, where lo, hi, hi - lo and (num_bins - 1) / (hi - lo) must be finite and lo and hi
     must stay apart."""
-    check_int(num_bins, "num_bins", 2)
+    num_bins = check_int(num_bins, "num_bins", 2)
     if num_bins > MAX_NUM_BINS:
         raise ValueError(f"fastap: num_bins must be at most 2^20 = {MAX_NUM_BINS}, got {num_bins}")
     if isinstance(score_range, (str, bytes, Mapping, AbstractSet)):  # not an ordered pair
@@ -278,7 +281,7 @@ def check_histogram_args(
             )
         self_offset = 0
     else:
-        check_int(self_offset, "self_offset", 0)
+        self_offset = check_int(self_offset, "self_offset", 0)
         if not exclude_self:
             raise ValueError("fastap: self_offset only applies with exclude_self=True")
         if num_queries + self_offset > num_candidates:

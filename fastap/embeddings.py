@@ -297,7 +297,7 @@ def histograms_from_embeddings(
         ref_labels = check_labels(
             ref_labels, "ref_labels", database.shape[0], "database row", queries, "queries"
         )
-    check_int(self_offset, "self_offset", 0)
+    self_offset = check_int(self_offset, "self_offset", 0)
     if self_offset and not exclude_self:
         raise ValueError("fastap: self_offset only applies with exclude_self=True")
     if exclude_self and queries.shape[0] + self_offset > database.shape[0]:
@@ -307,7 +307,7 @@ def histograms_from_embeddings(
         )
     if block_size is None:
         block_size = default_block_size(database.shape[0], queries.element_size())
-    check_int(block_size, "block_size", 1)
+    block_size = check_int(block_size, "block_size", 1)
     unit_queries = unit_rows(queries)
     unit_database = unit_queries if same_set else unit_rows(database)
     function: type[torch.autograd.Function]

@@ -259,7 +259,7 @@ class FastAPLoss(_EmbeddingAPLoss):
         self.score_matrix_limit = check_int(
             score_matrix_limit, "score_matrix_limit", 0, owner, " (bytes)"
         )
-        check_int(num_bins, "num_bins", 1, owner)
+        num_bins = check_int(num_bins, "num_bins", 1, owner)
         if num_bins >= MAX_NUM_BINS:
             raise ValueError(
                 f"{owner}: num_bins must be below 2^20 (FastAP takes num_bins + 1 bins), "

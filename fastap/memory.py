@@ -25,7 +25,7 @@ class CrossBatchMemory(torch.nn.Module):
 
     def __init__(self, loss: _EmbeddingAPLoss | None = None, size: int = 4096):
         super().__init__()
-        check_int(size, "size", 1, "fastap.CrossBatchMemory")
+        size = check_int(size, "size", 1, "fastap.CrossBatchMemory")
         self.loss = APLoss() if loss is None else loss
         if not isinstance(self.loss, _EmbeddingAPLoss):
             raise TypeError("fastap: loss must be a fastap embedding loss (APLoss, FastAPLoss)")

@@ -98,7 +98,7 @@ def multistage_backward(
     run under ``no_sync()``), so processes with different numbers of chunks do not wait on each
     other.
     """
-    check_int(chunk_size, "chunk_size", 1)
+    chunk_size = check_int(chunk_size, "chunk_size", 1)
     chunks = _split(inputs, chunk_size)
     devices = _devices_of(chunks)
     device_type = "cuda" if devices else "cpu"

@@ -415,3 +415,37 @@ def test_missing_extension_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.setattr(fastap.ops, "__file__", str(tmp_path / "fastap" / "ops.py"))
     with pytest.raises(RuntimeError, match=r"source tree .* which has no built extension"):
         fastap.ap_loss(scores, relevance)
+
+
+def test_numpy_integers_are_ints():
+    """Integer arguments take numpy integers (a count read from a config array, say) as the ints
+    they are, with the same results; numpy floats and bools, and tensors, stay refused."""
+    import fastap.memory
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    e = torch.randn(6, 4, dtype=torch.float64)
+    scores = torch.randn(2, 6, dtype=torch.float64).clamp(-1, 1)
+    for integer in (np.int64, np.int32, np.uint8):
+        assert torch.equal(
+            fastap.ap_loss(S, R, num_bins=integer(7)), fastap.ap_loss(S, R, num_bins=7)
+        )
+        assert torch.equal(
+            fastap.ap_loss_from_embeddings(
+                e, labels=labels, num_bins=integer(7), block_size=integer(4)
+            ),
+            fastap.ap_loss_from_embeddings(e, labels=labels, num_bins=7, block_size=4),
+        )
+        subset = {"labels": labels[2:4], "ref_labels": labels, "exclude_self": True}
+        assert torch.equal(
+            fastap.ap_loss(scores, **subset, self_offset=integer(2)),
+            fastap.ap_loss(scores, **subset, self_offset=2),
+        )
+        assert fastap.FastAPLoss(num_bins=integer(9)).num_bins == 10
+        assert type(fastap.memory.CrossBatchMemory(size=integer(16)).size) is int
+    for not_an_int, got in (
+        (np.float64(7.0), "numpy.float64"),
+        (np.bool_(True), "numpy.bool"),
+        (torch.tensor(7), "torch.Tensor"),
+    ):
+        with pytest.raises(TypeError, match=f"num_bins must be an int, got {got}"):
+            fastap.ap_loss(S, R, num_bins=not_an_int)
