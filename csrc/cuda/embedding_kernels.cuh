@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads)
   const StreamRange range = stream_range(num_database, split_length);
 
   for (int slot = 0; slot < slots; ++slot) hist[slot * kEmbeddingThreads + t] = 0.0f;
-  if (kWgmma && !layout.resident) __trap();  // the launchers never ask for this
+  if (kWgmma && !layout.resident) __trap();  // the launchers refuse such a request
   if (layout.resident) {  // the block's queries, once for the whole walk
     load_tile(reinterpret_cast<typename MatrixUnit<T>::element*>(shared + layout.own),
               {layout.own_ld, kWgmma ? layout.own_cols : 0}, kTileRows, layout.own_cols, queries,
@@ -364,7 +364,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
     for (float& a : half) a = 0.0f;
   }
   const int group = t / wgmma::kGroupThreads;
-  if (kWgmma && !layout.resident) __trap();  // the launchers never ask for this
+  if (kWgmma && !layout.resident) __trap();  // the launchers refuse such a request
   if (layout.resident) {  // the block's own rows, once for the whole walk
     load_tile(reinterpret_cast<element*>(shared + layout.own),
               {layout.own_ld, kWgmma ? layout.own_cols : 0}, kTileRows, layout.own_cols, own,
@@ -433,7 +433,7 @@ __global__ void __launch_bounds__(kEmbeddingThreads, 2)
         wgmma::commit_and_wait(grad_acc[j]);
       }
 #else
-      __trap();  // not built for sm_90a: the launchers never choose this path then
+      __trap();  // not built for sm_90a: use_wgmma (cuda_ops.cpp) never asks for it then
 #endif
       continue;  // the next step's barrier orders the reuse of G and the stream rows
     }

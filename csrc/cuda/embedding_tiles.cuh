@@ -360,7 +360,7 @@ __device__ void score_tile_wgmma(const T* __restrict__ own, int64_t own_count, i
   }
   __syncthreads();
 #else
-  __trap();  // not built for sm_90a: the launchers never choose this path then
+  __trap();  // not built for sm_90a: use_wgmma (cuda_ops.cpp) never asks for it then
 #endif
 }
 

@@ -11,7 +11,8 @@
 namespace fastap {
 
 constexpr int kWarpSize = 32;
-// The most blocks a launcher puts in grid.x (the kernels stride over the rest).
+// The most blocks a launcher puts in grid.x of a kernel that strides over its work (the soft
+// histogram forward, the finalize and sum kernels, the AP formula's rows).
 constexpr int64_t kMaxBlocks = int64_t{1} << 30;
 
 // Forward. The work is cut into items of one query row and one chunk of at most `chunk`

@@ -4,8 +4,8 @@
 // under nvcc, torch's headers cost about 30 s per file, the kernels a few seconds.
 //
 // The .cu files make their launches through launch_kernel (launch_kernel.cuh), so that
-// tests/emulation compiles them for the CPU too: the launch sequences it checks (kernel choice,
-// grid, partial results and their sums) are the ones a GPU gets.
+// tests/emulation compiles all three for the CPU too: the launch sequences it runs (kernel choice,
+// grid, shared memory, partial results and their sums) are the ones a GPU gets.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -72,8 +72,10 @@ size_t embedding_shared_bytes(int64_t depth, bool backward, int64_t num_bins);
 // The histograms of the queries (N x D) against the database (M x D), by `plan`
 // (plan_embedding(N, M, D, false)): n and p (N x Q, float32) and positives (N). Where
 // plan.splits > 1, through partial_hist (N * splits x 2 x Q) and partial_positives (N * splits);
-// else these may be null. wgmma: the products on wgmma (only where built_with_wgmma(), for bf16
-// and fp16 with D <= kAccumulatorWidth). max_shared: the device's opt-in limit, which the kernel
+// else these may be null. wgmma: the products on wgmma, where built_with_wgmma(), for bf16 and
+// fp16 with D <= kAccumulatorWidth (else cudaErrorInvalidValue), and only where the device's
+// kernel image is sm_90a (copy_image_has_wgmma: the caller's to check; elsewhere the wgmma kernels
+// trap). max_shared: the device's opt-in limit, which the kernel
 // is allowed (the same value on every call, so that concurrent host threads launching other sizes
 // cannot undercut each other); its embedding_shared_bytes must fit in it.
 template <typename scalar_t>

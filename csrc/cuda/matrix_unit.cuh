@@ -11,7 +11,7 @@
 #endif
 
 // WMMA with bf16 and TF32 needs sm_80; for older architectures the kernels compile to a trap (the
-// launchers refuse such GPUs with a clear error first).
+// op refuses such GPUs with a clear error first: check_embedding_inputs in cuda_ops.cpp).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #define FASTAP_MMA_UNSUPPORTED 1
 #endif

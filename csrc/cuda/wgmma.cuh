@@ -23,7 +23,8 @@
 #include <type_traits>
 
 // The wgmma path exists where the target is sm_90a (the architecture-specific features) and in
-// the CPU emulation; elsewhere the kernels that would use it trap, and the launchers never pick it.
+// the CPU emulation; elsewhere the kernels that would use it trap, and use_wgmma (cuda_ops.cpp)
+// never picks it.
 #if defined(FASTAP_EMULATION) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FASTAP_HAS_WGMMA 1
 #endif

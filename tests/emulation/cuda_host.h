@@ -265,7 +265,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
 // FASTAP_HOST_EMULATION is defined): here, emu::launch. As on a GPU, a launch with more than
 // 48 KB of dynamic shared memory fails unless cudaFuncSetAttribute allowed its kernel as much.
 #define FASTAP_HOST_EMULATION 1
-enum cudaError_t { cudaSuccess = 0 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 using cudaStream_t = struct CUstream_st*;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
@@ -273,6 +273,12 @@ namespace emu {
 constexpr size_t kDefaultDynamicShared = 48 * 1024;
 inline std::mutex allowed_shared_mutex;
 inline std::map<const void*, size_t> allowed_shared;  // by kernel, from cudaFuncSetAttribute
+// Every launch made through fastap::launch_kernel, in order: what the launchers chose.
+struct Launched {
+  const void* kernel;
+  dim3 grid;
+};
+inline std::vector<Launched> launched;
 }  // namespace emu
 
 template <typename... Params>
@@ -303,6 +309,7 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
       std::abort();
     }
   }
+  ::emu::launched.push_back({reinterpret_cast<const void*>(kernel), grid});
   ::emu::launch(kernel, grid, block, shared_bytes, args...);
   return cudaSuccess;
 }

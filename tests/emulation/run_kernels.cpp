@@ -21,6 +21,7 @@
 // The launchers themselves (they launch through launch_kernel, which cuda_host.h runs here), the
 // wgmma kernels included as in a build for 9.0a.
 #define FASTAP_BUILD_WGMMA 1
+#include "../../csrc/cuda/ap_formula.cu"
 #include "../../csrc/cuda/embedding_histogram.cu"
 #include "../../csrc/cuda/soft_histogram.cu"
 
@@ -61,6 +62,13 @@ void write(const std::string& suffix, const std::vector<T>& data) {
 }
 
 constexpr size_t kMaxShared = 227 * 1024;  // H100 / H200 opt-in shared memory per block
+
+// Whether the first launch of the op was of `kernel`.
+template <typename Kernel>
+bool launched_first(Kernel kernel) {
+  return !emu::launched.empty() &&
+         emu::launched.front().kernel == reinterpret_cast<const void*>(kernel);
+}
 
 template <typename scalar_t, typename acc_t>
 int run() {
@@ -109,17 +117,18 @@ int run() {
     write(".n", n_out);
     write(".p", p_out);
     write(".positives", positives);
-    // (the launcher's choice of kernel: the same function)
-    const bool fast = fastap::fast_path_applies(args, scores.data(), m, plan.chunk);
-    std::printf("fast=%d chunks_per_row=%lld warps_per_block=%d blocks=%lld\n", fast ? 1 : 0,
+    // What the launcher launched first: the fast kernel or a general one, and on how many blocks.
+    const bool fast = launched_first(fastap::soft_histogram_kernel<scalar_t, acc_t, true, false>);
+    std::printf("fast=%d chunks_per_row=%lld warps_per_block=%d blocks=%u\n", fast ? 1 : 0,
                 static_cast<long long>(plan.chunks_per_row), plan.warps_per_block,
-                static_cast<long long>(std::min(plan.blocks, max_blocks)));
+                emu::launched.empty() ? 0u : emu::launched.front().grid.x);
   } else {
     const std::vector<acc_t> table = read<acc_t>("table", n * 2 * (q - 1));
     std::vector<scalar_t> grad = garbage<scalar_t>(n * m);
     fastap::launch_soft_histogram_backward(scores.data(), args, grid, n, m, table.data(),
                                            grad.data(), nullptr, max_blocks);
-    const bool fast = fastap::fast_path_applies(args, scores.data(), m, 0);
+    const bool fast =
+        launched_first(fastap::soft_histogram_backward_kernel<scalar_t, acc_t, true, false>);
     write(".grad", grad);
     std::printf("fast=%d\n", fast ? 1 : 0);
   }
@@ -204,6 +213,33 @@ int run_embedding() {
   return 0;
 }
 
+// ap_rows / ap_rows_backward: fastap::ap_from_histograms and its backward (variant = 0, 1, 2 as
+// ApVariant) on n, p (N x Q) and positives (N, int64); the backward also takes grad_ap (N).
+// Outputs: PREFIX.ap, or PREFIX.grad_n and PREFIX.grad_p.
+template <typename T>
+int run_ap_rows() {
+  const int64_t n = integer("n"), q = integer("q");
+  const auto variant = static_cast<fastap::ApVariant>(integer("variant"));
+  const std::vector<T> n_hist = read<T>("n_hist", n * q), p_hist = read<T>("p_hist", n * q);
+  const std::vector<int64_t> positives = read<int64_t>("positives", n);
+  if (option("op") == "ap_rows") {
+    std::vector<T> ap = garbage<T>(n);
+    fastap::launch_ap_rows(n_hist.data(), p_hist.data(), positives.data(), n, q, variant,
+                           ap.data(), nullptr);
+    write(".ap", ap);
+  } else {
+    const std::vector<T> grad_ap = read<T>("grad_ap", n);
+    std::vector<T> grad_n = garbage<T>(n * q), grad_p = garbage<T>(n * q);
+    fastap::launch_ap_rows_backward(grad_ap.data(), n_hist.data(), p_hist.data(),
+                                    positives.data(), n, q, variant, grad_n.data(),
+                                    grad_p.data(), nullptr);
+    write(".grad_n", grad_n);
+    write(".grad_p", grad_p);
+  }
+  std::printf("launches=%zu\n", emu::launched.size());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -215,6 +251,11 @@ int main(int argc, char** argv) {
       options[arg.substr(0, eq)] = arg.substr(eq + 1);
     }
     const std::string& dtype = option("dtype");
+    if (option("op").rfind("ap_rows", 0) == 0) {
+      if (dtype == "f64") return run_ap_rows<double>();
+      if (dtype == "f32") return run_ap_rows<float>();
+      throw std::runtime_error("the AP formula takes f32 or f64 histograms");
+    }
     if (option("op").rfind("embedding_", 0) == 0) {
       if (dtype == "f32") return run_embedding<float>();
       if (dtype == "f16") return run_embedding<__half>();
