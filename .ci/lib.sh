@@ -19,7 +19,7 @@ sdist_tree() {
   local dist="" tarball=${FASTAP_SDIST:-} missing
   if [[ -z $tarball ]]; then
     dist=$(mktemp -d)
-    make_sdist "$dist" || return 1
+    make_sdist "$dist" || { rm -rf "$dist"; return 1; }
     tarball=$(echo "$dist"/fastap-*.tar.gz)
   fi
   mkdir -p "$1"

@@ -39,6 +39,32 @@ bool wgmma_applies(bool wgmma, int64_t depth) {
   return !wgmma || (built_with_wgmma() && !std::is_same_v<T, float> && depth <= kAccumulatorWidth);
 }
 
+// The kernel of each op for one call: the wgmma one where asked (wgmma_applies held), else WMMA.
+template <typename T>
+auto embedding_forward_kernel(bool wgmma) {
+#ifdef FASTAP_BUILD_WGMMA
+  if constexpr (!std::is_same_v<T, float>) {
+    if (wgmma) return embedding::embedding_histogram_kernel<T, true>;
+  }
+#endif
+  (void)wgmma;
+  return embedding::embedding_histogram_kernel<T>;
+}
+template <typename T>
+auto embedding_backward_kernel(bool own_is_query, bool wgmma) {
+#ifdef FASTAP_BUILD_WGMMA
+  if constexpr (!std::is_same_v<T, float>) {
+    if (wgmma) {
+      return own_is_query ? embedding::embedding_histogram_backward_kernel<T, true, true>
+                          : embedding::embedding_histogram_backward_kernel<T, false, true>;
+    }
+  }
+#endif
+  (void)wgmma;
+  return own_is_query ? embedding::embedding_histogram_backward_kernel<T, true>
+                      : embedding::embedding_histogram_backward_kernel<T, false>;
+}
+
 template <typename T, typename scalar_t>
 const T* as_matrix(const scalar_t* data) {
   static_assert(sizeof(T) == sizeof(scalar_t), "the kernels' type has the layout of the dtype");
@@ -99,14 +125,7 @@ cudaError_t launch_embedding_histogram(const scalar_t* queries, const scalar_t* 
   if (!wgmma_applies<T>(wgmma, depth)) return cudaErrorInvalidValue;
   if (num_queries == 0) return cudaSuccess;
   const int64_t num_bins = int64_t{grid.last_bin} + 1;
-  auto kernel = embedding::embedding_histogram_kernel<T>;
-#ifdef FASTAP_BUILD_WGMMA
-  if constexpr (!std::is_same_v<T, float>) {
-    if (wgmma) kernel = embedding::embedding_histogram_kernel<T, true>;
-  }
-#else
-  (void)wgmma;
-#endif
+  const auto kernel = embedding_forward_kernel<T>(wgmma);
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_shared);
   if (error != cudaSuccess) return error;
@@ -137,18 +156,7 @@ cudaError_t launch_embedding_histogram_backward(
   using T = typename MatrixType<scalar_t>::type;
   if (!wgmma_applies<T>(wgmma, depth)) return cudaErrorInvalidValue;
   if (own_count == 0 || depth == 0) return cudaSuccess;
-  auto kernel = own_is_query ? embedding::embedding_histogram_backward_kernel<T, true>
-                             : embedding::embedding_histogram_backward_kernel<T, false>;
-#ifdef FASTAP_BUILD_WGMMA
-  if constexpr (!std::is_same_v<T, float>) {
-    if (wgmma) {
-      kernel = own_is_query ? embedding::embedding_histogram_backward_kernel<T, true, true>
-                            : embedding::embedding_histogram_backward_kernel<T, false, true>;
-    }
-  }
-#else
-  (void)wgmma;
-#endif
+  const auto kernel = embedding_backward_kernel<T>(own_is_query, wgmma);
   cudaError_t error =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_shared);
   if (error != cudaSuccess) return error;
