@@ -144,10 +144,9 @@ at::Tensor soft_histogram_backward_cuda(
 // own, outside the capture, with this thread's capture mode relaxed for it, as torch's caching
 // allocator does for its cudaMalloc.
 bool use_wgmma(at::ScalarType dtype, int64_t depth, int device) {
-  if (!built_with_wgmma()) return false;
+  if (!wgmma_can_serve(dtype == at::kFloat, depth)) return false;
   const char* request = std::getenv("FASTAP_WGMMA");
   if (request == nullptr || std::strcmp(request, "1") != 0) return false;
-  if (dtype == at::kFloat || depth > kAccumulatorWidth) return false;
   static std::mutex mutex;
   static int known[64];  // 0 unknown, 1 no, 2 yes
   const std::lock_guard<std::mutex> lock(mutex);

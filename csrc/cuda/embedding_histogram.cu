@@ -31,15 +31,7 @@ struct MatrixType<c10::Half> {
   using type = __half;
 };
 
-// A request for the wgmma kernels is one they can serve: bf16/fp16 rows of at most
-// kAccumulatorWidth (held resident in shared memory), in a build that has them. (Whether the
-// device's image is sm_90a is the caller's to know: use_wgmma in cuda_ops.cpp asks it.)
-template <typename T>
-bool wgmma_applies(bool wgmma, int64_t depth) {
-  return !wgmma || (built_with_wgmma() && !std::is_same_v<T, float> && depth <= kAccumulatorWidth);
-}
-
-// The kernel of each op for one call: the wgmma one where asked (wgmma_applies held), else WMMA.
+// The kernel of each op for one call: the wgmma one where asked (wgmma_can_serve), else WMMA.
 template <typename T>
 auto embedding_forward_kernel(bool wgmma) {
 #ifdef FASTAP_BUILD_WGMMA
@@ -122,7 +114,7 @@ cudaError_t launch_embedding_histogram(const scalar_t* queries, const scalar_t* 
                                        int64_t* positives, float* partial_hist,
                                        int64_t* partial_positives, cudaStream_t stream) {
   using T = typename MatrixType<scalar_t>::type;
-  if (!wgmma_applies<T>(wgmma, depth)) return cudaErrorInvalidValue;
+  if (wgmma && !wgmma_can_serve(std::is_same_v<T, float>, depth)) return cudaErrorInvalidValue;
   if (num_queries == 0) return cudaSuccess;
   const int64_t num_bins = int64_t{grid.last_bin} + 1;
   const auto kernel = embedding_forward_kernel<T>(wgmma);
@@ -154,7 +146,7 @@ cudaError_t launch_embedding_histogram_backward(
     const EmbeddingPlan& plan, bool wgmma, int max_shared, scalar_t* grad, float* partial,
     cudaStream_t stream) {
   using T = typename MatrixType<scalar_t>::type;
-  if (!wgmma_applies<T>(wgmma, depth)) return cudaErrorInvalidValue;
+  if (wgmma && !wgmma_can_serve(std::is_same_v<T, float>, depth)) return cudaErrorInvalidValue;
   if (own_count == 0 || depth == 0) return cudaSuccess;
   const auto kernel = embedding_backward_kernel<T>(own_is_query, wgmma);
   cudaError_t error =

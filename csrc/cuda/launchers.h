@@ -62,6 +62,12 @@ cudaError_t launch_soft_histogram_backward(const scalar_t* scores, const Relevan
 // Whether this build holds the wgmma kernels (its architectures include 9.0a: setup.py then
 // defines FASTAP_BUILD_WGMMA for nvcc).
 bool built_with_wgmma();
+// Whether the wgmma kernels can serve embeddings of this type and width in this build: bf16 or
+// fp16 (not float32) with D <= kAccumulatorWidth (the rows held resident in shared memory). The
+// device's kernel image must also be sm_90a (copy_image_has_wgmma), else they trap.
+inline bool wgmma_can_serve(bool float32, int64_t depth) {
+  return built_with_wgmma() && !float32 && depth <= kAccumulatorWidth;
+}
 // Copies into *has_wgmma (on `stream`; read it after synchronizing) whether the kernel image that
 // the current device loaded was built for sm_90a. Only where built_with_wgmma().
 cudaError_t copy_image_has_wgmma(int* has_wgmma, cudaStream_t stream);
@@ -72,10 +78,9 @@ size_t embedding_shared_bytes(int64_t depth, bool backward, int64_t num_bins);
 // The histograms of the queries (N x D) against the database (M x D), by `plan`
 // (plan_embedding(N, M, D, false)): n and p (N x Q, float32) and positives (N). Where
 // plan.splits > 1, through partial_hist (N * splits x 2 x Q) and partial_positives (N * splits);
-// else these may be null. wgmma: the products on wgmma, where built_with_wgmma(), for bf16 and
-// fp16 with D <= kAccumulatorWidth (else cudaErrorInvalidValue), and only where the device's
-// kernel image is sm_90a (copy_image_has_wgmma: the caller's to check; elsewhere the wgmma kernels
-// trap). max_shared: the device's opt-in limit, which the kernel
+// else these may be null. wgmma: the products on wgmma, where wgmma_can_serve (else
+// cudaErrorInvalidValue), and only where the device's kernel image is sm_90a (the caller's to
+// check: copy_image_has_wgmma). max_shared: the device's opt-in limit, which the kernel
 // is allowed (the same value on every call, so that concurrent host threads launching other sizes
 // cannot undercut each other); its embedding_shared_bytes must fit in it.
 template <typename scalar_t>
