@@ -112,6 +112,7 @@ host_flags=(
   -I csrc -I "$INC" -I "$INC/torch/csrc/api/include"
   -I "$python_include"
   -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
+  -DTORCH_ASSERT_ONLY_METHOD_OPERATORS  # (as setup.py: no ATen/ATen.h)
 )
 flags=(
   "${host_flags[@]}" -arch="${CUDA_ARCH:-sm_90}" -O2

@@ -3,7 +3,7 @@
 // read. The formula itself is in ap_formula.h.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 

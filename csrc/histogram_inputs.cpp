@@ -1,5 +1,8 @@
 #include "histogram_inputs.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
+
 #include <cmath>
 #include <iomanip>
 #include <limits>
@@ -173,9 +176,9 @@ at::Tensor backward_slope_table(const at::Tensor& like, int64_t num_queries, int
   }
   const double inv_delta = static_cast<double>(q - 1) / (hi - lo);
   const at::Tensor g_neg = grad_n.to(dtype);
-  const at::Tensor g_pos = g_neg + grad_p.to(dtype);
+  const at::Tensor g_pos = g_neg.add(grad_p.to(dtype));
   const at::Tensor g = at::stack({g_neg, g_pos}, 1);  // N x 2 x Q
-  return ((g.narrow(2, 0, q - 1) - g.narrow(2, 1, q - 1)) * inv_delta).contiguous();
+  return g.narrow(2, 0, q - 1).sub(g.narrow(2, 1, q - 1)).mul(inv_delta).contiguous();
 }
 
 at::Tensor backward_slope_table(const HistogramInputs& in, const at::Tensor& grad_n,

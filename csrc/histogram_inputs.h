@@ -3,7 +3,7 @@
 // contiguous copies the kernels read, and the per-row slope table of the backward.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 

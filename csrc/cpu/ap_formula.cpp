@@ -1,8 +1,10 @@
 // CPU kernels of fastap::ap_from_histograms and fastap::ap_from_histograms_backward: the row
 // formula of ../ap_formula.h over the query rows.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -27,7 +27,9 @@
 // the faults back.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 
 #include <cstdint>
 #include <cstdlib>

@@ -1,8 +1,8 @@
 // CPU kernels of fastap::soft_histogram and fastap::soft_histogram_backward.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>

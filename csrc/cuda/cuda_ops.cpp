@@ -2,8 +2,10 @@
 // buffers, the device, stream and launch plan, then the launchers of launchers.h (compiled by nvcc
 // from the .cu files beside this one, which include no torch header). Compiled by the host
 // compiler, like the C++ sources, in CUDA builds only.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
