@@ -94,6 +94,9 @@ def test_fused_ops_on_wgmma_equal_the_wmma_ops(monkeypatch, dtype, n, m, d):
     monkeypatch.setenv("FASTAP_WGMMA", "1")
     if not fastap.embeddings.fused_uses_wgmma(cuda[0]):
         pytest.skip("no wgmma path in this build or on this GPU (FASTAP_CUDA_ARCH=9.0a, sm_90)")
+    # (only bfloat16 / float16 embeddings of dimension <= 256 go to wgmma)
+    for other in (cuda[0].float(), cuda[0].double(), cuda[0].new_zeros(3, 257)):
+        assert not fastap.embeddings.fused_uses_wgmma(other)
     histograms, grads = run()
     for got, want in zip(histograms, wmma_histograms):
         assert torch.equal(got, want)

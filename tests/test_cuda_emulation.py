@@ -252,6 +252,16 @@ def test_fast_kernels_equal_cpu_op(emulators, tmp_path, dtype, n, m, q, chunk):
                backward_fast=backward_fast, **({"chunk": chunk} if chunk else {}))  # fmt: skip
 
 
+# The fast backward stores whole 16-byte vectors of the gradient: a gradient buffer off that
+# alignment (another allocator's) takes the general kernel, with the same result. (grad_offset:
+# the emulation writes the gradient that many elements into its buffer; forward unaffected.)
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES))
+def test_misaligned_gradient_takes_the_general_backward(emulators, tmp_path, dtype):
+    problem = random_problem(9, 64, num_bins=10, relevance_form="labels", dtype=dtype, seed=5)
+    check_both(emulators["address"], tmp_path, problem, fast=True, backward_fast=False,
+               grad_offset=1)  # fmt: skip
+
+
 # The forward counts an item's positives by rounding the mass of its positive histograms to the
 # nearest integer (LaneHistograms in csrc/cuda/lane_histograms.cuh), which is exact while an item
 # holds at most 4096 candidates. Its worst case: full chunks of positives only, piled into few

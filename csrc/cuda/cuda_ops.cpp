@@ -37,6 +37,17 @@ int max_shared_per_block() {
   return max_shared;
 }
 
+// A launcher's error as a torch error that names the op and the sizes and plan it launched with
+// (C10_CUDA_CHECK would say only "invalid argument" and a line of this file), the error cleared
+// first as C10_CUDA_CHECK does, so that the next CUDA call does not report it again.
+template <typename... Details>
+void check_launch(cudaError_t error, const char* op, const Details&... details) {
+  if (error == cudaSuccess) return;
+  (void)cudaGetLastError();
+  TORCH_CHECK(false, "fastap: the CUDA launch of ", op, " failed: ", cudaGetErrorName(error), " (",
+              cudaGetErrorString(error), "); ", details...);
+}
+
 // --- ap_from_histograms ---
 
 at::Tensor ap_from_histograms_cuda(const at::Tensor& n, const at::Tensor& p,
@@ -46,10 +57,11 @@ at::Tensor ap_from_histograms_cuda(const at::Tensor& n, const at::Tensor& p,
   at::Tensor ap = at::empty({in.num_queries()}, in.n.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(in.n.scalar_type(), "fastap_ap_from_histograms_cuda", [&] {
-    C10_CUDA_CHECK(launch_ap_rows(in.n.const_data_ptr<scalar_t>(),
-                                  in.p.const_data_ptr<scalar_t>(),
-                                  in.positives.const_data_ptr<int64_t>(), in.num_queries(),
-                                  in.num_bins(), in.variant, ap.data_ptr<scalar_t>(), stream));
+    check_launch(launch_ap_rows(in.n.const_data_ptr<scalar_t>(), in.p.const_data_ptr<scalar_t>(),
+                                in.positives.const_data_ptr<int64_t>(), in.num_queries(),
+                                in.num_bins(), in.variant, ap.data_ptr<scalar_t>(), stream),
+                 "ap_from_histograms", "N = ", in.num_queries(), ", Q = ", in.num_bins(), ", ",
+                 in.n.scalar_type());
   });
   return ap;
 }
@@ -63,11 +75,13 @@ std::tuple<at::Tensor, at::Tensor> ap_from_histograms_backward_cuda(
   at::Tensor grad_p = at::empty_like(in.p);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(in.n.scalar_type(), "fastap_ap_from_histograms_backward_cuda", [&] {
-    C10_CUDA_CHECK(launch_ap_rows_backward(
-        in.grad_ap.const_data_ptr<scalar_t>(), in.n.const_data_ptr<scalar_t>(),
-        in.p.const_data_ptr<scalar_t>(), in.positives.const_data_ptr<int64_t>(),
-        in.num_queries(), in.num_bins(), in.variant, grad_n.data_ptr<scalar_t>(),
-        grad_p.data_ptr<scalar_t>(), stream));
+    check_launch(launch_ap_rows_backward(
+                     in.grad_ap.const_data_ptr<scalar_t>(), in.n.const_data_ptr<scalar_t>(),
+                     in.p.const_data_ptr<scalar_t>(), in.positives.const_data_ptr<int64_t>(),
+                     in.num_queries(), in.num_bins(), in.variant, grad_n.data_ptr<scalar_t>(),
+                     grad_p.data_ptr<scalar_t>(), stream),
+                 "ap_from_histograms_backward", "N = ", in.num_queries(), ", Q = ",
+                 in.num_bins(), ", ", in.n.scalar_type());
   });
   return {grad_n, grad_p};
 }
@@ -101,12 +115,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cuda(
       partial_hist = at::empty({plan.items, 2, num_bins}, n.options());
       partial_positives = at::empty({plan.items}, positives.options());
     }
-    C10_CUDA_CHECK(launch_soft_histogram(
-        in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
-        BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(), plan,
-        n.data_ptr<acc_t>(), p.data_ptr<acc_t>(), positives.data_ptr<int64_t>(),
-        partial_hist.defined() ? partial_hist.data_ptr<acc_t>() : nullptr,
-        partial_positives.defined() ? partial_positives.data_ptr<int64_t>() : nullptr, stream));
+    check_launch(
+        launch_soft_histogram(
+            in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
+            BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(), plan,
+            n.data_ptr<acc_t>(), p.data_ptr<acc_t>(), positives.data_ptr<int64_t>(),
+            partial_hist.defined() ? partial_hist.data_ptr<acc_t>() : nullptr,
+            partial_positives.defined() ? partial_positives.data_ptr<int64_t>() : nullptr, stream),
+        "soft_histogram", "N = ", in.num_queries(), ", M = ", in.num_candidates(), ", Q = ",
+        num_bins, ", ", in.scores.scalar_type(), "; ", plan.blocks, " blocks of ",
+        plan.warps_per_block, " warps, ", plan.shared_bytes, " B of shared memory (at most ",
+        plan.max_shared, "), ", plan.chunks_per_row, " chunk(s) per row");
   });
   return {n, p, positives};
 }
@@ -118,17 +137,20 @@ at::Tensor soft_histogram_backward_cuda(
     bool exclude_self, int64_t num_bins, double lo, double hi, int64_t self_offset) {
   const HistogramInputs in = check_histogram_inputs(scores, relevance, labels, ref_labels, ignore,
                                                     exclude_self, num_bins, lo, hi, self_offset);
-  const c10::cuda::CUDAGuard device_guard(in.scores.device());
+  // (the table's checks first: a CPU tensor here must get fastap's message, not CUDAGuard's)
   const at::Tensor table = backward_slope_table(in, grad_n, grad_p);
+  const c10::cuda::CUDAGuard device_guard(in.scores.device());
   at::Tensor grad_scores = at::empty_like(in.scores);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_backward_cuda", [&] {
     using acc_t = histogram_t<scalar_t>;
-    C10_CUDA_CHECK(launch_soft_histogram_backward(
-        in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
-        BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(),
-        table.const_data_ptr<acc_t>(), grad_scores.data_ptr<scalar_t>(), stream));
+    check_launch(launch_soft_histogram_backward(
+                     in.scores.const_data_ptr<scalar_t>(), in.relevance_args(),
+                     BinGrid<acc_t>(lo, hi, num_bins), in.num_queries(), in.num_candidates(),
+                     table.const_data_ptr<acc_t>(), grad_scores.data_ptr<scalar_t>(), stream),
+                 "soft_histogram_backward", "N = ", in.num_queries(), ", M = ",
+                 in.num_candidates(), ", Q = ", num_bins, ", ", in.scores.scalar_type());
   });
   return grad_scores;
 }
@@ -146,7 +168,8 @@ at::Tensor soft_histogram_backward_cuda(
 // own, outside the capture, with this thread's capture mode relaxed for it, as torch's caching
 // allocator does for its cudaMalloc.
 bool use_wgmma(at::ScalarType dtype, int64_t depth, int device) {
-  if (!wgmma_can_serve(dtype == at::kFloat, depth)) return false;
+  const bool sixteen_bit = dtype == at::kBFloat16 || dtype == at::kHalf;
+  if (!sixteen_bit || !wgmma_can_serve(/*float32=*/false, depth)) return false;
   const char* request = std::getenv("FASTAP_WGMMA");
   if (request == nullptr || std::strcmp(request, "1") != 0) return false;
   static std::mutex mutex;
@@ -240,9 +263,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_histogram_cuda(
     const at::Tensor& queries, const at::Tensor& database, const at::Tensor& labels,
     const at::Tensor& ref_labels, bool exclude_self, int64_t self_offset, int64_t num_bins,
     double lo, double hi) {
-  const c10::cuda::CUDAGuard device_guard(queries.device());
   const EmbeddingInputs in = check_embedding_inputs(queries, database, labels, ref_labels,
                                                     exclude_self, self_offset, num_bins, lo, hi);
+  const c10::cuda::CUDAGuard device_guard(queries.device());
   const int64_t n = in.queries.size(0);
   const int64_t m = in.database.size(0);
   const auto options = in.queries.options().dtype(at::kFloat);
@@ -262,14 +285,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_histogram_cuda(
     using scalar_t = decltype(zero);
     const int max_shared = shared_limit_for(
         embedding_shared_bytes<scalar_t>(in.depth, /*backward=*/false, num_bins), num_bins);
-    C10_CUDA_CHECK(launch_embedding_histogram(
-        in.queries.const_data_ptr<scalar_t>(), in.database.const_data_ptr<scalar_t>(),
-        in.labels.const_data_ptr<int64_t>(), in.ref_labels.const_data_ptr<int64_t>(), n, m,
-        in.depth, exclude_self, self_offset, BinGrid<float>(lo, hi, num_bins), plan, wgmma,
-        max_shared, n_out.data_ptr<float>(), p_out.data_ptr<float>(),
-        positives.data_ptr<int64_t>(),
-        partial_hist.defined() ? partial_hist.data_ptr<float>() : nullptr,
-        partial_positives.defined() ? partial_positives.data_ptr<int64_t>() : nullptr, stream));
+    check_launch(
+        launch_embedding_histogram(
+            in.queries.const_data_ptr<scalar_t>(), in.database.const_data_ptr<scalar_t>(),
+            in.labels.const_data_ptr<int64_t>(), in.ref_labels.const_data_ptr<int64_t>(), n, m,
+            in.depth, exclude_self, self_offset, BinGrid<float>(lo, hi, num_bins), plan, wgmma,
+            max_shared, n_out.data_ptr<float>(), p_out.data_ptr<float>(),
+            positives.data_ptr<int64_t>(),
+            partial_hist.defined() ? partial_hist.data_ptr<float>() : nullptr,
+            partial_positives.defined() ? partial_positives.data_ptr<int64_t>() : nullptr,
+            stream),
+        "embedding_histogram", "N = ", n, ", M = ", m, ", D = ", in.depth, ", Q = ", num_bins,
+        ", ", in.queries.scalar_type(), wgmma ? " on wgmma; " : " on WMMA; ", plan.own_blocks,
+        " x ", plan.splits, " blocks, ",
+        embedding_shared_bytes<scalar_t>(in.depth, /*backward=*/false, num_bins),
+        " B of shared memory (at most ", max_shared, ")");
   });
   return {n_out, p_out, positives};
 }
@@ -289,24 +319,31 @@ void embedding_gradient(bool own_is_query, const at::Tensor& own, const at::Tens
   if (plan.splits > 1) {
     partial = at::empty({plan.splits, own_count, depth}, own.options().dtype(at::kFloat));
   }
-  const int max_shared = shared_limit_for(
-      embedding_shared_bytes<scalar_t>(depth, /*backward=*/true, num_bins), num_bins);
-  C10_CUDA_CHECK(launch_embedding_histogram_backward(
-      own_is_query, own.const_data_ptr<scalar_t>(), own_count, other.const_data_ptr<scalar_t>(),
-      other.size(0), depth, own_labels.const_data_ptr<int64_t>(),
-      other_labels.const_data_ptr<int64_t>(), exclude_self, self_offset, grid,
-      table.const_data_ptr<float>(), plan, use_wgmma(own.scalar_type(), depth, own.get_device()),
-      max_shared, grad.data_ptr<scalar_t>(),
-      partial.defined() ? partial.data_ptr<float>() : nullptr, stream));
+  const size_t shared_bytes = embedding_shared_bytes<scalar_t>(depth, /*backward=*/true, num_bins);
+  const int max_shared = shared_limit_for(shared_bytes, num_bins);
+  const bool wgmma = use_wgmma(own.scalar_type(), depth, own.get_device());
+  check_launch(
+      launch_embedding_histogram_backward(
+          own_is_query, own.const_data_ptr<scalar_t>(), own_count,
+          other.const_data_ptr<scalar_t>(), other.size(0), depth,
+          own_labels.const_data_ptr<int64_t>(), other_labels.const_data_ptr<int64_t>(),
+          exclude_self, self_offset, grid, table.const_data_ptr<float>(), plan, wgmma,
+          max_shared, grad.data_ptr<scalar_t>(),
+          partial.defined() ? partial.data_ptr<float>() : nullptr, stream),
+      "embedding_histogram_backward", own_is_query ? "(dQ) " : "(dDB) ", "own rows = ",
+      own_count, ", other rows = ", other.size(0), ", D = ", depth, ", Q = ", num_bins, ", ",
+      own.scalar_type(), wgmma ? " on wgmma; " : " on WMMA; ", plan.own_blocks, " x ",
+      plan.splits, " x ", plan.depth_blocks, " blocks, ", shared_bytes,
+      " B of shared memory (at most ", max_shared, ")");
 }
 
 std::tuple<at::Tensor, at::Tensor> embedding_histogram_backward_cuda(
     const at::Tensor& grad_n, const at::Tensor& grad_p, const at::Tensor& queries,
     const at::Tensor& database, const at::Tensor& labels, const at::Tensor& ref_labels,
     bool exclude_self, int64_t self_offset, int64_t num_bins, double lo, double hi) {
-  const c10::cuda::CUDAGuard device_guard(queries.device());
   const EmbeddingInputs in = check_embedding_inputs(queries, database, labels, ref_labels,
                                                     exclude_self, self_offset, num_bins, lo, hi);
+  const c10::cuda::CUDAGuard device_guard(queries.device());
   const at::Tensor table = backward_slope_table(in.queries, in.queries.size(0), num_bins, lo, hi,
                                                 at::kFloat, grad_n, grad_p);
   at::Tensor grad_queries = at::empty_like(in.queries);

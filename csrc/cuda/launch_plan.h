@@ -82,8 +82,7 @@ inline ForwardPlan plan_forward(int64_t num_queries, int64_t num_candidates, int
   plan.warps_per_block = warps;
   plan.shared_bytes = warps * plan.shared_per_warp;
   const int64_t blocks = (plan.items + warps - 1) / warps;
-  const int64_t max_blocks = int64_t{1} << 30;  // the warps stride over the items beyond this
-  plan.blocks = blocks < max_blocks ? blocks : max_blocks;
+  plan.blocks = blocks < kMaxBlocks ? blocks : kMaxBlocks;  // (warps stride over the rest)
   return plan;
 }
 

@@ -124,12 +124,15 @@ int run() {
                 emu::launched.empty() ? 0u : emu::launched.front().grid.x);
   } else {
     const std::vector<acc_t> table = read<acc_t>("table", n * 2 * (q - 1));
-    std::vector<scalar_t> grad = garbage<scalar_t>(n * m);
+    // (grad_offset: the gradient written that many elements into its buffer, off the 16-byte
+    // alignment that the fast kernel's vector stores need)
+    const int64_t grad_offset = integer("grad_offset", 0);
+    std::vector<scalar_t> buffer = garbage<scalar_t>(grad_offset + n * m);
     fastap::launch_soft_histogram_backward(scores.data(), args, grid, n, m, table.data(),
-                                           grad.data(), nullptr, max_blocks);
+                                           buffer.data() + grad_offset, nullptr, max_blocks);
     const bool fast =
         launched_first(fastap::soft_histogram_backward_kernel<scalar_t, acc_t, true, false>);
-    write(".grad", grad);
+    write(".grad", std::vector<scalar_t>(buffer.begin() + grad_offset, buffer.end()));
     std::printf("fast=%d\n", fast ? 1 : 0);
   }
   return 0;
