@@ -185,9 +185,11 @@ def main() -> None:
                     )
                     rows.append(
                         {"n": n, "m": m, "relevance": form, "dtype": dtype_name, "num_bins": q,
-                         "floor_bytes": floor_bytes, **r}
+                         "floor_bytes": floor_bytes, "copy_gb_s": copy, **r}
                     )  # fmt: skip
                     if args.json:
+                        # (env and args: this run's; each row keeps the copy bandwidth of
+                        # the run that measured it, the one its GB/s was taken against)
                         data = {"kind": "kernels", "env": env, "args": vars(args), "rows": rows}
                         write_json(args.json, data)
                 del scores

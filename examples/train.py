@@ -337,9 +337,11 @@ def rng_states(device: torch.device) -> dict:
 
 
 def set_rng_states(states: dict, device: torch.device) -> None:
-    torch.set_rng_state(states["torch"])
+    # (torch.load's map_location moved the saved states to the device; torch takes them on the
+    # CPU, as ByteTensors)
+    torch.set_rng_state(states["torch"].cpu())
     if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

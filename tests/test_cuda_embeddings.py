@@ -237,10 +237,11 @@ print("captured == eager; wgmma:", fastap.embeddings.fused_uses_wgmma(q))
 """
 
 
-def test_first_wgmma_question_may_come_inside_graph_capture():
+def test_first_wgmma_question_may_come_inside_graph_capture(monkeypatch):
     """Whether the loaded image has wgmma is asked once per process and device, with a copy from
     the device: when that first call is being captured into a CUDA graph (torch.compile's
-    reduce-overhead mode), the copy must not break the capture."""
+    reduce-overhead mode), the copy must not break the capture, and its answer must be the one
+    asked outside a capture (here, by this process)."""
     import os
     import subprocess
     import sys
@@ -250,8 +251,11 @@ def test_first_wgmma_question_may_come_inside_graph_capture():
         [sys.executable, "-c", FIRST_CALL_IN_CAPTURE],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,  # (under gpu_check.sh's 90 s per test, so that a hang fails this test alone)
         env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "captured == eager" in done.stdout
+    monkeypatch.setenv("FASTAP_WGMMA", "1")
+    outside = fastap.embeddings.fused_uses_wgmma(torch.zeros(3, 64, dtype=torch.bfloat16).cuda())
+    assert f"wgmma: {outside}" in done.stdout, done.stdout
