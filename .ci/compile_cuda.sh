@@ -8,7 +8,7 @@
 # cannot be compiled against it. Rather than installing the multi-GB CUDA torch
 # and its nvidia-* dependencies, we `pip download` the CUDA torch wheel alone
 # (no deps) and unpack only torch/include/** into a cache (~60 MB, one-time).
-# The headers our sources use (c10/cuda/*, ATen/ATen.h, ATen/Dispatch.h,
+# The headers our sources use (c10/cuda/*, ATen/core/Tensor.h, ATen/ops/*, ATen/Dispatch.h,
 # torch/library.h) need only the toolkit's own headers, not cuBLAS/cuSPARSE.
 # Objects are thrown away; nothing is linked or run.
 #
