@@ -106,10 +106,6 @@ def host_compiler_flags() -> tuple:
     one thread (same results)."""
     msvc = sys.platform == "win32"
     compile_flags, link_flags = (["/O2"] if msvc else ["-O3"]), []
-    # The sources include ATen/core/Tensor.h and the per-operator headers they use (ATen/ops/*.h),
-    # not ATen/ATen.h, which declares every operator and took about half of each file's compile
-    # time; torch's macro turns an include of ATen/ATen.h (or Functions.h) into an error.
-    compile_flags.append("-DTORCH_ASSERT_ONLY_METHOD_OPERATORS")
     openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
     if openmp and sys.platform != "darwin":
         compile_flags.append("/openmp" if msvc else "-fopenmp")

@@ -112,7 +112,9 @@ host_flags=(
   -I csrc -I "$INC" -I "$INC/torch/csrc/api/include"
   -I "$python_include"
   -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI=1
-  -DTORCH_ASSERT_ONLY_METHOD_OPERATORS  # (as setup.py: no ATen/ATen.h)
+  # (with both, an include of ATen/ATen.h or ATen/Functions.h is an error, as in torch's own
+  # build: the sources include ATen/core/Tensor.h and ATen/ops/*.h, design.md section 6)
+  -DTORCH_ASSERT_ONLY_METHOD_OPERATORS -DAT_PER_OPERATOR_HEADERS
 )
 flags=(
   "${host_flags[@]}" -arch="${CUDA_ARCH:-sm_90}" -O2
@@ -240,7 +242,8 @@ if [[ ${CHECK_CPP:-0} == 1 ]]; then
     if g++ -std="$CXX_STD" -fsyntax-only -fopenmp -I csrc -I "$INC" \
         -I "$INC/torch/csrc/api/include" \
         -I "$python_include" \
-        -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C "$f"; then
+        -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_C \
+        -DTORCH_ASSERT_ONLY_METHOD_OPERATORS -DAT_PER_OPERATOR_HEADERS "$f"; then
       echo "OK    $f (g++ -std=$CXX_STD, syntax)"
     else
       echo "FAIL  $f (g++ -std=$CXX_STD, syntax)"

@@ -37,15 +37,19 @@ int max_shared_per_block() {
   return max_shared;
 }
 
-// A launcher's error as a torch error that names the op and the sizes and plan it launched with
-// (C10_CUDA_CHECK would say only "invalid argument" and a line of this file), the error cleared
-// first as C10_CUDA_CHECK does, so that the next CUDA call does not report it again.
+// C10_CUDA_CHECK of a launcher's error (its exception type, its note on errors of earlier
+// kernels that surface late, the error cleared), with a line of context that names the op and
+// the sizes (and plan) it launched with: the check alone says only "invalid argument" and a line
+// of this file.
 template <typename... Details>
 void check_launch(cudaError_t error, const char* op, const Details&... details) {
   if (error == cudaSuccess) return;
-  (void)cudaGetLastError();
-  TORCH_CHECK(false, "fastap: the CUDA launch of ", op, " failed: ", cudaGetErrorName(error), " (",
-              cudaGetErrorString(error), "); ", details...);
+  try {
+    C10_CUDA_CHECK(error);
+  } catch (c10::Error& e) {
+    e.add_context(c10::str("fastap: while launching ", op, ": ", details...));
+    throw;
+  }
 }
 
 // --- ap_from_histograms ---
