@@ -172,8 +172,7 @@ at::Tensor soft_histogram_backward_cuda(
 // own, outside the capture, with this thread's capture mode relaxed for it, as torch's caching
 // allocator does for its cudaMalloc.
 bool use_wgmma(at::ScalarType dtype, int64_t depth, int device) {
-  const bool sixteen_bit = dtype == at::kBFloat16 || dtype == at::kHalf;
-  if (!sixteen_bit || !wgmma_can_serve(/*float32=*/false, depth)) return false;
+  if (!wgmma_can_serve(dtype == at::kBFloat16 || dtype == at::kHalf, depth)) return false;
   const char* request = std::getenv("FASTAP_WGMMA");
   if (request == nullptr || std::strcmp(request, "1") != 0) return false;
   static std::mutex mutex;
@@ -287,8 +286,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_histogram_cuda(
   const bool wgmma = use_wgmma(in.queries.scalar_type(), in.depth, queries.get_device());
   dispatch_embedding_type(in.queries.scalar_type(), [&](auto zero) {
     using scalar_t = decltype(zero);
-    const int max_shared = shared_limit_for(
-        embedding_shared_bytes<scalar_t>(in.depth, /*backward=*/false, num_bins), num_bins);
+    const size_t shared_bytes =
+        embedding_shared_bytes<scalar_t>(in.depth, /*backward=*/false, num_bins);
+    const int max_shared = shared_limit_for(shared_bytes, num_bins);
     check_launch(
         launch_embedding_histogram(
             in.queries.const_data_ptr<scalar_t>(), in.database.const_data_ptr<scalar_t>(),
@@ -301,9 +301,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_histogram_cuda(
             stream),
         "embedding_histogram", "N = ", n, ", M = ", m, ", D = ", in.depth, ", Q = ", num_bins,
         ", ", in.queries.scalar_type(), wgmma ? " on wgmma; " : " on WMMA; ", plan.own_blocks,
-        " x ", plan.splits, " blocks, ",
-        embedding_shared_bytes<scalar_t>(in.depth, /*backward=*/false, num_bins),
-        " B of shared memory (at most ", max_shared, ")");
+        " x ", plan.splits, " blocks, ", shared_bytes, " B of shared memory (at most ",
+        max_shared, ")");
   });
   return {n_out, p_out, positives};
 }

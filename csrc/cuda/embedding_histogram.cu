@@ -114,7 +114,7 @@ cudaError_t launch_embedding_histogram(const scalar_t* queries, const scalar_t* 
                                        int64_t* positives, float* partial_hist,
                                        int64_t* partial_positives, cudaStream_t stream) {
   using T = typename MatrixType<scalar_t>::type;
-  if (wgmma && !wgmma_can_serve(std::is_same_v<T, float>, depth)) return cudaErrorInvalidValue;
+  if (wgmma && !wgmma_can_serve(!std::is_same_v<T, float>, depth)) return cudaErrorInvalidValue;
   if (num_queries == 0) return cudaSuccess;
   const int64_t num_bins = int64_t{grid.last_bin} + 1;
   const auto kernel = embedding_forward_kernel<T>(wgmma);
@@ -146,7 +146,7 @@ cudaError_t launch_embedding_histogram_backward(
     const EmbeddingPlan& plan, bool wgmma, int max_shared, scalar_t* grad, float* partial,
     cudaStream_t stream) {
   using T = typename MatrixType<scalar_t>::type;
-  if (wgmma && !wgmma_can_serve(std::is_same_v<T, float>, depth)) return cudaErrorInvalidValue;
+  if (wgmma && !wgmma_can_serve(!std::is_same_v<T, float>, depth)) return cudaErrorInvalidValue;
   if (own_count == 0 || depth == 0) return cudaSuccess;
   const auto kernel = embedding_backward_kernel<T>(own_is_query, wgmma);
   cudaError_t error =

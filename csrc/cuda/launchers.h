@@ -63,10 +63,11 @@ cudaError_t launch_soft_histogram_backward(const scalar_t* scores, const Relevan
 // defines FASTAP_BUILD_WGMMA for nvcc).
 bool built_with_wgmma();
 // Whether the wgmma kernels can serve embeddings of this type and width in this build: bf16 or
-// fp16 (not float32) with D <= kAccumulatorWidth (the rows held resident in shared memory). The
-// device's kernel image must also be sm_90a (copy_image_has_wgmma), else they trap.
-inline bool wgmma_can_serve(bool float32, int64_t depth) {
-  return built_with_wgmma() && !float32 && depth <= kAccumulatorWidth;
+// fp16 (sixteen_bit; not float32, nor any other type) with D <= kAccumulatorWidth (the rows held
+// resident in shared memory). The device's kernel image must also be sm_90a
+// (copy_image_has_wgmma), else they trap.
+inline bool wgmma_can_serve(bool sixteen_bit, int64_t depth) {
+  return built_with_wgmma() && sixteen_bit && depth <= kAccumulatorWidth;
 }
 // Copies into *has_wgmma (on `stream`; read it after synchronizing) whether the kernel image that
 // the current device loaded was built for sm_90a. Only where built_with_wgmma().

@@ -56,9 +56,7 @@ cudaError_t launch_soft_histogram_backward(const scalar_t* scores, const Relevan
                                            int64_t max_rows_blocks) {
   using acc_t = histogram_t<scalar_t>;
   if (num_queries == 0 || num_candidates == 0) return cudaSuccess;  // (an empty grid fails)
-  // (the fast kernels also store whole 16-byte vectors of the gradient)
-  const bool fast = fast_path_applies(relevance, scores, num_candidates, /*chunk=*/0) &&
-                    reinterpret_cast<uintptr_t>(grad_scores) % 16 == 0;
+  const bool fast = fast_path_applies(relevance, scores, num_candidates, /*chunk=*/0, grad_scores);
   const BackwardPlan plan =
       plan_backward(num_queries, num_candidates, backward_columns<scalar_t>(fast));
   const dim3 blocks(static_cast<unsigned>(plan.blocks_x),

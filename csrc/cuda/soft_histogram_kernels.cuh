@@ -81,14 +81,17 @@ struct ScoreVector {
 
 // Whether the fast kernels apply: labels without an ignore mask, and every row (and every chunk
 // of `chunk` candidates: the forward plan's; 0 for the backward) starts on a 16-byte boundary and
-// holds whole vectors, and so do the labels of each vector.
+// holds whole vectors, and so do the labels of each vector and, in the backward, the gradient's
+// rows (grad_scores; the forward passes null).
 template <typename scalar_t>
 inline bool fast_path_applies(const RelevanceArgs& relevance, const scalar_t* scores,
-                              int64_t num_candidates, int64_t chunk) {
+                              int64_t num_candidates, int64_t chunk,
+                              const scalar_t* grad_scores = nullptr) {
   constexpr int64_t kScores = ScoreVector<scalar_t>::kScores;
   return relevance.labels_only() && reinterpret_cast<uintptr_t>(scores) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(relevance.ref_labels) % 16 == 0 &&
-         num_candidates % kScores == 0 && chunk % kScores == 0;
+         reinterpret_cast<uintptr_t>(grad_scores) % 16 == 0 && num_candidates % kScores == 0 &&
+         chunk % kScores == 0;
 }
 
 // The forward takes an item's positive count from its positive histogram's mass, which is exact

@@ -158,7 +158,7 @@ int run_embedding() {
   // wgmma=1: the products on wgmma (bf16/fp16, D <= kAccumulatorWidth), as the launchers pick
   // them on a GPU built for sm_90a.
   const bool wgmma = integer("wgmma", 0) != 0;
-  if (wgmma && !fastap::wgmma_can_serve(std::is_same_v<T, float>, d)) {
+  if (wgmma && !fastap::wgmma_can_serve(!std::is_same_v<T, float>, d)) {
     throw std::runtime_error("the wgmma path takes bf16 or fp16 with D <= 256");
   }
 
