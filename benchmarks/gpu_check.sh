@@ -8,7 +8,9 @@
 # stays warm only 30 s after a call. So the steps come in two calls, the first with what the
 # issues need most (correctness on the GPU, then the figures of their targets), the second,
 # issued at once after the first (so that the machine is still warm and the build is kept), with
-# the rest in whatever time is left (call 1's reply says it: lease.budget_left_s):
+# the rest in whatever time is left (call 1's reply says it: lease.budget_left_s). This script's
+# own logic (steps, order, budget, the hand-overs below) runs in CI with stand-ins for the GPU
+# machine's programs: tests/test_gpu_check.py.
 #
 #   FASTAP_COMMIT=<sha> bash benchmarks/gpu_check.sh 1   # device run, timeout_s=540: BUDGET 510 s
 #   FASTAP_COMMIT=<sha> WGMMA=<call 1's smoke_wgmma> bash benchmarks/gpu_check.sh 2 \
@@ -42,8 +44,10 @@
 # on a GPU before, is tried first in a step of its own (smoke_wgmma); if it faults or hangs there,
 # the steps after it leave it out (see below). WGMMA=ok|failed|off hands that step's outcome from
 # call 1 to call 2, which then does not try it again.
+# ($PY, and $NCU_SECTIONS below, are split into words on purpose: PYTHON may carry options.)
+# shellcheck disable=SC2086
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 # The device tool brings back at most 8 files from $OUT: the logs go to $LOGS and come back as one
