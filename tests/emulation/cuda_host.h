@@ -220,7 +220,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
   l.shared.reset(static_cast<unsigned char*>(
       ::operator new[](shared_bytes > 0 ? shared_bytes : 1, std::align_val_t(128))));
   l.async_view.reset(new unsigned char[shared_bytes > 0 ? shared_bytes : 1]);
-  std::memset(l.async_view.get(), 0x5A, shared_bytes);  // unlike the generic garbage (0xA5)
+  std::memset(l.async_view.get(), 0x5A, shared_bytes);  // unlike the generic garbage (0xFF, 0x7F)
   const unsigned threads = block.x * block.y * block.z;
   l.block_barrier = std::make_unique<Barrier>(threads, &publish_to_async_proxy);
   for (unsigned first = 0; first < threads; first += 32) {
@@ -239,7 +239,10 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
           block_index = dim3(static_cast<unsigned>(b % grid.x),
                              static_cast<unsigned>(b / grid.x % grid.y),
                              static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y)));
-          std::memset(l.shared.get(), 0xA5, l.shared_bytes);  // garbage, as on a GPU (never null)
+          // Garbage, as on a GPU: NaN (0xFF) in every float width, or huge finite values (0x7F),
+          // block by block, so that a read of shared memory the kernel never wrote shows even
+          // where the right value is zero (with a small garbage it would pass the tolerance).
+          std::memset(l.shared.get(), b % 2 ? 0x7F : 0xFF, l.shared_bytes);
         }
         l.block_barrier->arrive_and_wait("block start");
         kernel(args...);
@@ -364,7 +367,7 @@ inline void __pipeline_memcpy_async(void* destination, const void* source, size_
   }
   // The destination is undefined from the issue on: garbage now (a reader that has not finished
   // with it races, ThreadSanitizer says), the data when waited for.
-  std::memset(destination, 0xA5, size);
+  std::memset(destination, 0xFF, size);
   ::emu::open_group.push_back({destination, source, size - zero_fill, zero_fill});
 }
 inline void __pipeline_commit() {
