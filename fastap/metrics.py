@@ -12,6 +12,7 @@ values (tensors) or Python floats. Formulas and conventions: docs/metrics.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -413,6 +414,13 @@ def _recall_hits(
     return ((pos_above > 0) | in_group).double()
 
 
+def _autocast_off(device: torch.device):
+    """A context in which torch.autocast is off on `device`."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def retrieval_metrics(
     queries: torch.Tensor,
     database: torch.Tensor | None = None,
@@ -428,8 +436,8 @@ def retrieval_metrics(
     """mAP, recall@k and mAP@R of embeddings, retrieved by cosine similarity, chunk by chunk.
 
     Scores are the cosine similarities of the L2-normalised embeddings (computed in float32, or
-    in float64 if queries or database is float64). The database entries with the query's label
-    are its positives.
+    in float64 if queries or database is float64, also inside a ``torch.autocast`` block). The
+    database entries with the query's label are its positives.
 
     Args:
         queries: [N, D] floating (finite).
@@ -522,55 +530,58 @@ def retrieval_metrics(
     # A k beyond the number of candidates retrieves them all.
     ks_eff = [min(k, num_candidates) for k in ks]
 
-    dtype = torch.float64 if torch.float64 in (queries.dtype, database.dtype) else torch.float32
-    q = unit_rows(queries.to(dtype))
-    db = unit_rows(database.to(dtype))
-    chunk = _check_chunk_size(chunk_size, m * torch.finfo(dtype).bits // 8)
-    device = queries.device
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    total_map, total_map_r = zero.clone(), zero.clone()
-    total_recall = torch.zeros(len(ks), dtype=torch.float64, device=device)
-    counted_total = torch.zeros((), dtype=torch.int64, device=device)
+    # Exact evaluation: the scores in the dtype named above, also inside an autocast block
+    # (which would compute them in bf16 / fp16 and make ties of them).
+    with _autocast_off(queries.device):
+        dtype = torch.float64 if torch.float64 in (queries.dtype, database.dtype) else torch.float32
+        q = unit_rows(queries.to(dtype))
+        db = unit_rows(database.to(dtype))
+        chunk = _check_chunk_size(chunk_size, m * torch.finfo(dtype).bits // 8)
+        device = queries.device
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        total_map, total_map_r = zero.clone(), zero.clone()
+        total_recall = torch.zeros(len(ks), dtype=torch.float64, device=device)
+        counted_total = torch.zeros((), dtype=torch.int64, device=device)
 
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        scores = q[lo:hi] @ db.T
-        positive = labels[lo:hi, None] == ref_labels[None, :]
-        if exclude_self:
-            rows = torch.arange(hi - lo, device=device)
-            scores[rows, rows + lo] = -math.inf
-            positive[rows, rows + lo] = False
-        num_pos = positive.sum(dim=1)
-        counted = num_pos > 0
-        counted_total += counted.sum()
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            scores = q[lo:hi] @ db.T
+            positive = labels[lo:hi, None] == ref_labels[None, :]
+            if exclude_self:
+                rows = torch.arange(hi - lo, device=device)
+                scores[rows, rows + lo] = -math.inf
+                positive[rows, rows + lo] = False
+            num_pos = positive.sum(dim=1)
+            counted = num_pos > 0
+            counted_total += counted.sum()
 
-        if want_map or want_map_r:
-            scores, order = torch.sort(scores, dim=1, descending=True)
-            positive = positive.gather(1, order)
-            del order
-            # Now sorted. The excluded self entry (-inf, not a positive) is last in its row,
-            # where it changes no rank of a candidate: no validity mask needed.
-            if want_recall and num_candidates > 0:
-                kth = scores[:, : max(ks_eff)]
+            if want_map or want_map_r:
+                scores, order = torch.sort(scores, dim=1, descending=True)
+                positive = positive.gather(1, order)
+                del order
+                # Now sorted. The excluded self entry (-inf, not a positive) is last in its row,
+                # where it changes no rank of a candidate: no validity mask needed.
+                if want_recall and num_candidates > 0:
+                    kth = scores[:, : max(ks_eff)]
+                    for j, k in enumerate(ks_eff):
+                        hits = _recall_hits(scores, kth[:, k - 1], positive, k, ties)
+                        total_recall[j] += hits[counted].sum()
+                total, top = _ap_sums(
+                    scores, positive, None, ties, cutoff=num_pos if want_map_r else None
+                )
+                del scores, positive
+                denom = num_pos.clamp_min(1).double()
+                if want_map:
+                    total_map += (total / denom)[counted].sum()
+                if want_map_r:
+                    assert top is not None  # a cutoff was given
+                    total_map_r += (top / denom)[counted].sum()
+            elif want_recall and num_candidates > 0:
+                kth = torch.topk(scores, max(ks_eff), dim=1).values
                 for j, k in enumerate(ks_eff):
                     hits = _recall_hits(scores, kth[:, k - 1], positive, k, ties)
                     total_recall[j] += hits[counted].sum()
-            total, top = _ap_sums(
-                scores, positive, None, ties, cutoff=num_pos if want_map_r else None
-            )
-            del scores, positive
-            denom = num_pos.clamp_min(1).double()
-            if want_map:
-                total_map += (total / denom)[counted].sum()
-            if want_map_r:
-                assert top is not None  # a cutoff was given
-                total_map_r += (top / denom)[counted].sum()
-        elif want_recall and num_candidates > 0:
-            kth = torch.topk(scores, max(ks_eff), dim=1).values
-            for j, k in enumerate(ks_eff):
-                hits = _recall_hits(scores, kth[:, k - 1], positive, k, ties)
-                total_recall[j] += hits[counted].sum()
-            del scores, positive
+                del scores, positive
 
     count = int(counted_total)
 

@@ -330,6 +330,23 @@ def test_retrieval_float64_scores_resolve_what_float32_ties():
     assert got["recall@1"] == 0.5
 
 
+def test_retrieval_is_computed_in_float32_inside_autocast():
+    # Autocast would compute the scores in bf16, whose ties change recall and mAP (both did, for
+    # these embeddings); the metrics are exact evaluation, the same inside the block as outside.
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randn(200, 16, generator=gen)
+    database = torch.randn(150, 16, generator=gen)
+    labels = torch.randint(0, 10, (200,), generator=gen)
+    ref_labels = torch.randint(0, 10, (150,), generator=gen)
+    for args in ((queries,), (queries, database)):
+        kwargs = {"labels": labels, "ref_labels": ref_labels if len(args) == 2 else None}
+        outside = retrieval_metrics(*args, **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = retrieval_metrics(*args, **kwargs)
+            assert torch.is_autocast_enabled("cpu")  # (and still on after)
+        assert inside == outside
+
+
 def test_retrieval_recall_with_one_candidate():
     # In-batch pairs (each query's one candidate is the other) and a database of one row, on the
     # recall-only path and with mAP: every query finds its positive at rank 1.
