@@ -165,19 +165,36 @@ def check_embedding_matrix(value, name: str, owner: str = "fastap") -> torch.Ten
 
 
 def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, like_name: str):
-    """A 1-D integer label tensor with one label per `per` (`length` of them), on the device of
-    `like` (called `like_name` in the message); returned as int64."""
+    """A 1-D integer (or bool) label tensor with one label per `per` (`length` of them), on the
+    device of `like` (called `like_name` in the message); returned as int64, by value: labels of
+    any two integer dtypes are equal where their values are."""
     t = _check_tensor(value, name)
     if t.device != like.device:
         raise ValueError(f"fastap: {name} is on {t.device} but {like_name} is on {like.device}")
-    if not is_integer_tensor(t):
-        raise TypeError(f"fastap: {name} must be an integer tensor, got dtype {t.dtype}")
+    if not (is_integer_tensor(t) or t.dtype == torch.bool):
+        hint = f" (labels held as floats: pass {name}.long())" if t.is_floating_point() else ""
+        raise TypeError(
+            f"fastap: {name} must be an integer or bool tensor, got dtype {t.dtype}{hint}"
+        )
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(
             f"fastap: {name} must be 1-D with one label per {per} ({length}), "
             f"got shape {list(t.shape)}"
         )
-    return t.to(torch.int64)
+    labels = t.to(torch.int64)
+    # uint64 values of 2**63 and more have no int64 of the same value: .to wraps them onto the
+    # negative labels of signed dtypes (2**64 - 1 onto -1), so they are refused. (A check of the
+    # values, so a sync on a GPU, for uint64 labels alone.)
+    if t.dtype == _UINT64 and labels.numel() > 0 and bool((labels < 0).any()):
+        raise ValueError(
+            f"fastap: {name} holds uint64 values of 2**63 or more, which int64 labels cannot "
+            f"hold; where every label tensor is uint64, pass {name}.view(torch.int64)"
+        )
+    return labels
+
+
+# (torch.uint64 exists from torch 2.3 on.)
+_UINT64 = getattr(torch, "uint64", None)
 
 
 FLOAT32_MAX = torch.finfo(torch.float32).max

@@ -362,7 +362,9 @@ def test_helpers_check_their_batches():
             call(e, labels.tolist())
         with pytest.raises(ValueError, match="labels must be 1-D with one label per row"):
             call(e, labels[:3])
-        with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        with pytest.raises(
+            TypeError, match=r"labels must be an integer or bool tensor.*labels\.long"
+        ):
             call(e, labels.float())
     assert memory.filled == 0
 
@@ -449,3 +451,31 @@ def test_numpy_integers_are_ints():
     ):
         with pytest.raises(TypeError, match=f"num_bins must be an int, got {got}"):
             fastap.ap_loss(S, R, num_bins=not_an_int)
+
+
+def test_uint64_labels_beyond_int64_are_refused():
+    # 2**64 - 1 would wrap onto the int64 label -1 and match it (torch itself refuses to compare
+    # uint64 with int64); the same labels in range are taken by value.
+    big = torch.tensor([-1, 3, 3, 4]).view(torch.uint64)
+    small = torch.tensor([2, 3, 3, 4]).to(torch.uint64)
+    signed = torch.tensor([-1, 3, 4, 4])
+    scores = torch.rand(4, 4)
+    embeddings = torch.randn(4, 3)
+    calls = {
+        "average_precision": lambda y: fastap.average_precision(
+            scores, labels=y, ref_labels=signed
+        ),
+        "ap_loss_from_embeddings": lambda y: fastap.ap_loss_from_embeddings(
+            embeddings, embeddings, labels=y, ref_labels=signed
+        ),
+        "APLoss": lambda y: fastap.APLoss()(embeddings, y),
+        "FastAPLoss": lambda y: fastap.FastAPLoss()(embeddings, y),
+        "retrieval_metrics": lambda y: fastap.metrics.retrieval_metrics(embeddings, labels=y),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"labels holds uint64 values of 2\*\*63 or more"):
+            call(big)
+            pytest.fail(f"{name} took uint64 labels beyond int64")
+        call(small)  # (in range: accepted)
+    with pytest.raises(ValueError, match=r"ref_labels holds uint64 values of 2\*\*63 or more"):
+        fastap.average_precision(scores, labels=signed, ref_labels=big)

@@ -127,6 +127,38 @@ def test_relevance_of_other_dtypes(device):
         )
 
 
+def test_labels_of_any_integer_dtype_compare_by_value(device):
+    # Labels are compared by value across dtypes: int8 -56 is not uint8 200, uint64 5 is int64 5,
+    # and bool labels are the classes 0 and 1.
+    scores = torch.rand(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    scores = scores.to(device)
+    labels = torch.tensor([5, -56, 0, 1], device=device)
+    ref_labels = torch.tensor([200, -56, 5, 0, 1, 1], device=device)
+    expected = fastap.average_precision(scores, labels[:, None] == ref_labels[None, :])
+    assert (expected > 0).all()  # (every query has a positive)
+    for ref_dtype in (torch.int16, torch.int64):
+        got = fastap.average_precision(
+            scores, labels=labels.to(torch.int8), ref_labels=ref_labels.to(ref_dtype)
+        )
+        assert torch.equal(got, expected)
+    # uint8 200 is not int8 -56 (the same bits).
+    as_uint8 = fastap.average_precision(
+        scores, labels=labels.to(torch.int8), ref_labels=ref_labels.to(torch.uint8)
+    )
+    assert as_uint8[1] == 0 and torch.equal(as_uint8[[0, 2, 3]], expected[[0, 2, 3]])
+    unsigned = torch.tensor([5, 7, 0, 1], device=device)
+    got = fastap.average_precision(
+        scores, labels=unsigned.to(torch.uint64), ref_labels=ref_labels.to(torch.int32)
+    )
+    want = fastap.average_precision(scores, unsigned[:, None] == ref_labels[None, :])
+    assert torch.equal(got, want)
+    binary = torch.tensor([True, False, True, True], device=device)
+    binary_ref = torch.tensor([False, True, True, False, True, False], device=device)
+    got = fastap.average_precision(scores, labels=binary, ref_labels=binary_ref)
+    want = fastap.average_precision(scores, labels=binary.long(), ref_labels=binary_ref.long())
+    assert torch.equal(got, want)
+
+
 def test_labels_equal_dense_relevance(device):
     # Bitwise, because both forms take the same kernel here: on CUDA, label rows of whole 16-byte
     # vectors (M even in float64) would take the fast kernels, which add in another lane order.
