@@ -1,6 +1,7 @@
 """The fused op's AP_Q values against the pure-PyTorch reference."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -362,3 +363,18 @@ def test_low_precision_scores_with_a_range_they_cannot_represent(device, dtype):
         rounded.scores.double(), rounded.relevance, **rounded.kwargs()
     )
     torch.testing.assert_close(ours.cpu().double(), ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("num_bins", [20, 2**16, 2**20])
+def test_ap_q_of_a_split_positive_hand_computed(num_bins):
+    # A negative at 0.9 above a positive at 0.3, alone in their bins: the positive's weight w in
+    # its upper bin counts at precision w / (1 + w) there, the rest at 1/2 (docs/training.md):
+    # AP_Q stays below AP = 1/2 however many bins.
+    scores = torch.tensor([[0.9, 0.3]], dtype=torch.float64)
+    relevance = torch.tensor([[False, True]])
+    position = (0.3 + 1) * (num_bins - 1) / 2  # in bin spacings above -1
+    w = position - math.floor(position)
+    expected = w * w / (1 + w) + (1 - w) / 2
+    got = fastap.average_precision(scores, relevance, num_bins=num_bins)
+    assert got.item() == pytest.approx(expected, rel=1e-9)
+    assert got.item() < 0.5 - 0.05
