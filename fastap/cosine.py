@@ -3,8 +3,9 @@
 ``unit_rows`` is ``F.normalize(x, dim=1)`` made safe for any finite input:
 
 - it computes in float32 (float64 for float64 embeddings) and casts the unit rows back, so that
-  a float16 row whose squared norm passes 65504 (entries of a few hundred in a wide row) is not
-  divided by an infinite norm into zeros, and a bfloat16 row's norm is not rounded to 8 bits;
+  a float16 row whose norm passes 65504, float16's largest value (entries of 2000 in a row of
+  3000, say), is not divided by an infinite norm into zeros, and a bfloat16 row's norm is not
+  rounded to 8 bits;
 - a row whose largest entry lies outside [2^-30, 2^50] in magnitude is first divided by that
   entry, so that the sum of its squares neither overflows nor underflows (nor falls under
   ``F.normalize``'s eps of 1e-12, below which a row would come out shorter than 1). Every other

@@ -31,9 +31,11 @@ def test_is_f_normalize_bitwise_in_the_unscaled_range(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_rows_are_normalised_in_float32(dtype):
-    # 1e4 entries: a float16 row's squared norm overflows (F.normalize then gives zeros); a
+    # 1e4 entries: a float16 row's norm passes 65504 (F.normalize then gives zeros); a
     # bfloat16 row's norm is no longer rounded to 8 bits before the division.
     x = (rows(6, 64) * 1e4).to(dtype)
+    if dtype == torch.float16:
+        assert (F.normalize(x, dim=1) == 0).any(dim=1).all()
     unit = unit_rows(x)
     assert unit.dtype == dtype
     assert torch.equal(unit, F.normalize(x.float(), dim=1).to(dtype))
