@@ -634,8 +634,18 @@ def parse_args(argv=None):
     for option in (*positive, "log_every", "memory_size"):
         if getattr(args, option) < (2 if option in ("batch_size", "num_bins") else 1):
             parser.error(f"--{option.replace('_', '-')} is too small")
-    if args.data is not None and args.image_size is None:
-        args.image_size = 64
+    if args.data is not None:
+        if not Path(args.data).is_dir():
+            parser.error(f"--data: {args.data} is not a directory")
+        if args.image_size is None:
+            args.image_size = 64
+    try:  # (a device this torch or machine lacks fails here, before the data is loaded)
+        torch.empty(0, device=torch.device(args.device))
+    except (RuntimeError, AssertionError) as error:
+        reason = str(error).splitlines()[0]
+        parser.error(
+            f"--device {args.device}: {reason.split('. ')[0] if len(reason) > 200 else reason}"
+        )
     return args
 
 

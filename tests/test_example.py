@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -67,3 +68,28 @@ def test_train_example_runs_reports_and_resumes(tmp_path):
     assert {name: row[1] for name, row in resumed.items()} == {
         name: row[1] for name, row in table.items()
     }
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (("--data", "no/such/folder"), "--data: no/such/folder is not a directory"),
+        (("--device", "nonsense"), "--device nonsense: "),
+        (("--batch-size", "1"), "--batch-size is too small"),
+        (("--loss", "fastap,fastap"), "--loss: a comma-separated list of distinct names"),
+    ]
+    + ([] if torch.cuda.is_available() else [(("--device", "cuda"), "--device cuda: ")]),
+)
+def test_train_example_refuses_bad_options_before_any_work(tmp_path, option, message):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--out", str(out), *option],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train.py: error: {message}") and len(last) < 300, last
+    assert not out.exists()  # (nothing written, no data loaded)
