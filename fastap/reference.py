@@ -154,6 +154,6 @@ def ap_loss(
     weights = has_positive.to(ap.dtype)
     if query_weights is not None:
         weights = weights * query_weights.to(ap.dtype)
-    if float(weights.sum()) == 0.0:
+    if float(weights.detach().sum()) == 0.0:  # (detached: a test, not part of the graph)
         return (ap * 0).sum()
     return 1 - (weights * ap).sum() / weights.sum()

@@ -1,5 +1,7 @@
 """The pure-PyTorch reference against hand-computed values and invariants of AP_Q."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -53,3 +55,16 @@ def test_query_without_positives_and_ignore():
     # Ignoring the only negative of query 1 leaves a perfect ranking.
     ignore = torch.tensor([[False, False], [False, True]])
     assert reference.average_precision(scores, relevance, ignore=ignore)[1].item() == 1.0
+
+
+def test_reference_loss_takes_weights_that_require_grad_without_a_warning():
+    scores = torch.rand(3, 4, dtype=torch.float64)
+    weights = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    labels, ref_labels = torch.tensor([0, 1, 0]), torch.tensor([0, 1, 1, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = reference.ap_loss(
+            scores, labels=labels, ref_labels=ref_labels, query_weights=weights
+        )
+    loss.backward()
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
