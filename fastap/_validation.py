@@ -30,6 +30,18 @@ def type_name(value) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def refuse_functorch_transforms() -> None:
+    """fastap's autograd Functions take a ctx in their forward (the form torch.compile traces in
+    every supported torch), which the torch.func transforms refuse with a message about
+    setup_context that reads like a fastap bug; this says instead what is not supported and what
+    to use. (Not while torch.compile traces: there the call is not a transform's.)"""
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "fastap: the torch.func transforms (grad, vjp, jacrev, jvp, vmap, ...) are not "
+            "supported (docs/api.md); differentiate with loss.backward() or torch.autograd.grad"
+        )
+
+
 def check_int(value, name: str, minimum: int, owner: str = "fastap", what: str = "") -> int:
     """An integer argument of at least `minimum`, as a Python int: an int or a numpy integer (any
     numbers.Integral), not a bool, a float or a tensor. TypeError for another type, ValueError

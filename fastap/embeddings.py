@@ -34,6 +34,7 @@ from fastap._validation import (
     check_variant,
     in_common_dtype,
     raise_if_poisoned,
+    refuse_functorch_transforms,
     type_name,
 )
 from fastap.cosine import unit_rows
@@ -316,6 +317,7 @@ def histograms_from_embeddings(
         function, extra = EmbeddingHistogram, ()
     else:
         function, extra = _BlockedSoftHistogram, (block_size,)
+    refuse_functorch_transforms()
     n, p, positives = function.apply(
         unit_queries,
         None if same_set else unit_database,

@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from fastap._validation import refuse_functorch_transforms
+
 try:
     from fastap import _C  # type: ignore[attr-defined]  # noqa: F401  (registers the operators)
 
@@ -275,6 +277,7 @@ def soft_histogram(
     SoftHistogram)."""
     _require_extension()
     _require_device_kernels(scores)
+    refuse_functorch_transforms()
     return SoftHistogram.apply(
         scores,
         relevance,
@@ -380,6 +383,7 @@ def ap_from_histograms(
 ) -> torch.Tensor:
     """Differentiable per-query AP from the histograms (see ApFromHistograms)."""
     _require_extension()
+    refuse_functorch_transforms()
     return ApFromHistograms.apply(n, p, positives, variant)
 
 
