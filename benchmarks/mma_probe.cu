@@ -16,7 +16,9 @@
 // integers: exact), and the wgmma variants so check our reading of the PTX ISA's shared-memory
 // matrix layout and descriptor, which the CPU emulation of the kernels cannot: the m64n32 variant
 // runs the fused forward's own wrapper, layout and accumulator map (csrc/cuda/wgmma.cuh), and the
-// second gradient variant the fused backward's.
+// second gradient variant the fused backward's. A third gradient variant, a diagnostic, reads B
+// with its two descriptor offsets swapped: should the kernels' reading be wrong, it is exact and
+// the last lines say so, which settles the fix in the same GPU run.
 //
 // Build and run (benchmarks/gpu_check.sh, step `probe`):
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a benchmarks/mma_probe.cu -o mma_probe
@@ -277,7 +279,12 @@ __global__ void __launch_bounds__(kThreads) wgmma_product(const __nv_bfloat16* a
 // as the fused backward does it, two m64n64 halves through its own wrapper
 // (wgmma::mma_m64n64k16_bt); the accumulators of columns [64 j, 64 j + 64) of an m64n128 tile
 // are registers [32 j, 32 j + 32) of its layout, so the same store serves both.
-template <bool kKernelWrapper>
+// kSwappedOffsets: the probe's own descriptors with B's leading and stride byte offsets the
+// other way round, a diagnostic: the ISA's canonical table (which descriptor_mn follows) and
+// some of its prose word the two offsets of the MN-major layout oppositely, so if the kernels'
+// reading is wrong on the GPU, this variant is the right one and says what to change.
+enum GradientVariant { kProbeDescriptors, kKernelWrapper, kSwappedOffsets };
+template <GradientVariant kVariant>
 __global__ void __launch_bounds__(kThreads) wgmma_gradient_product(const __nv_bfloat16* a,
                                                                    const __nv_bfloat16* b,
                                                                    float* out, int repeats) {
@@ -299,7 +306,7 @@ __global__ void __launch_bounds__(kThreads) wgmma_gradient_product(const __nv_bf
   float d[kN / 2];
   for (int e = 0; e < kN / 2; ++e) d[e] = 0.0f;
   for (int repeat = 0; repeat < repeats; ++repeat) {
-    if constexpr (kKernelWrapper) {
+    if constexpr (kVariant == kKernelWrapper) {
       using bf16 = __nv_bfloat16;
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
@@ -319,8 +326,11 @@ __global__ void __launch_bounds__(kThreads) wgmma_gradient_product(const __nv_bf
       wgmma::begin(d);
 #pragma unroll
       for (int s = 0; s < kStream; s += 16) {
-        wgmma_bf16<kN, 1>(d, descriptor(sg, gradient_a(s)), descriptor(sb, gradient_b(group, s)),
-                          1);
+        Operand b_operand = gradient_b(group, s);
+        if constexpr (kVariant == kSwappedOffsets) {
+          b_operand = Operand{b_operand.offset, b_operand.stride, b_operand.leading};
+        }
+        wgmma_bf16<kN, 1>(d, descriptor(sg, gradient_a(s)), descriptor(sb, b_operand), 1);
       }
       wgmma::commit_and_wait(d);
     }
@@ -341,6 +351,7 @@ struct Variant {
   size_t shared_bytes;
   bool bf16;                // else fp16 (the WMMA variants)
   bool gradient = false;    // the gradient product: 64 x D = (64 x 64) (64 x D)
+  bool diagnostic = false;  // exact only if another variant's reading is wrong: not a failure
 };
 
 template <typename Element>
@@ -442,9 +453,33 @@ bool host_check_gradient() {  // wgmma_gradient_product
   return ok;
 }
 
+// The diagnostic variant (B's offsets swapped): its reads stay inside the shared memory it is
+// given (B's 32 KB and the 64 KB after them; .at() throws otherwise), and its product differs
+// from the right one, so that on the GPU exactly one of the two readings can be exact.
+bool host_check_swapped() {
+  HostTile b(kStream * kDepth * 2 + 65536);
+  for (int e = 0; e < kStream * kDepth; ++e) {
+    b.put(canonical_offset(e / kDepth, e % kDepth), b_value(e / kDepth, e % kDepth));
+  }
+  bool differs = false;
+  for (int g = 0; g < 2; ++g) {
+    for (int c = 0; c < 128; ++c) {
+      for (int s = 0; s < kStream; s += 16) {
+        const Operand o = gradient_b(g, s);
+        const Operand swapped{o.offset, o.stride, o.leading};
+        for (int kk = 0; kk < 16; ++kk) {
+          const float value = b.mn_major(swapped, kk, c);  // (every read, for the bound)
+          differs = differs || value != b_value(s + kk, 128 * g + c);
+        }
+      }
+    }
+  }
+  return differs;
+}
+
 bool host_check() {
   const bool ok = host_check_score(32) && host_check_score(64) && host_check_score(128) &&
-                  host_check_gradient();
+                  host_check_gradient() && host_check_swapped();
   std::printf("host emulation of the wgmma variants' layouts: %s\n", ok ? "exact" : "WRONG");
   return ok;
 }
@@ -486,12 +521,18 @@ int main(int argc, char** argv) {
        reinterpret_cast<const void*>(&wgmma_product<128>), (64 + 256) * kDepth * 2, true},
       {"wgmma bf16, gradient product, B transposed", 64,
        64.0 * 128 * 16 * 2 / ((64 + 128) * 16 * 2),
-       reinterpret_cast<const void*>(&wgmma_gradient_product<false>),
+       reinterpret_cast<const void*>(&wgmma_gradient_product<kProbeDescriptors>),
        (64 * 64 + 64 * kDepth) * 2, true, true},
       {"wgmma bf16, gradient product, 2 x m64n64 (the fused backward's)", 64,
        64.0 * 64 * 16 * 2 / ((64 + 64) * 16 * 2),
-       reinterpret_cast<const void*>(&wgmma_gradient_product<true>),
+       reinterpret_cast<const void*>(&wgmma_gradient_product<kKernelWrapper>),
        (64 * 64 + 64 * kDepth) * 2, true, true},
+      // (64 KB more shared memory than it writes: read the other way round, B's steps along n
+      // are D * 16 bytes, which reach up to 88 KB past B's start; the extra is never written.)
+      {"wgmma bf16, gradient product, B's offsets swapped (diagnostic)", 64,
+       64.0 * 128 * 16 * 2 / ((64 + 128) * 16 * 2),
+       reinterpret_cast<const void*>(&wgmma_gradient_product<kSwappedOffsets>),
+       (64 * 64 + 64 * kDepth) * 2 + 65536, true, true, true},
   };
 
   const int max_cols = 256;
@@ -512,6 +553,8 @@ int main(int argc, char** argv) {
   std::printf("\n| variant | block tile | blocks/SM | check | TFLOP/s | shared-path cap |\n");
   std::printf("|---|---|---|---|---|---|\n");
   bool all_ok = true;
+  bool gradient_ok = true;
+  bool swapped_exact = false;
   for (const Variant& v : variants) {
     if (v.bf16 && !hopper) {
       std::printf("| %s | 64 x %d | - | skipped (needs sm_90) | - | - |\n", v.name, v.cols);
@@ -542,6 +585,8 @@ int main(int argc, char** argv) {
     std::vector<float> got(static_cast<size_t>(kRows) * out_cols);
     PROBE_CHECK(cudaMemcpy(got.data(), d_out, got.size() * sizeof(float), cudaMemcpyDeviceToHost));
     double worst = 0.0;
+    bool exact = true;  // (a NaN fails this, where it would leave std::max's worst at 0)
+    bool saw_nan = false;
     for (int r = 0; r < kRows; ++r) {
       for (int c = 0; c < out_cols; ++c) {
         double expected = 0.0;
@@ -550,11 +595,19 @@ int main(int argc, char** argv) {
         } else {  // sum over k of own[r][k] stream[c][k]
           for (int k = 0; k < kDepth; ++k) expected += a_value(r, k) * b_value(c, k);
         }
-        worst = std::max(worst, std::fabs(expected - got[static_cast<size_t>(r) * out_cols + c]));
+        const float value = got[static_cast<size_t>(r) * out_cols + c];
+        exact = exact && value == expected;
+        saw_nan = saw_nan || std::isnan(value);
+        if (!std::isnan(value)) worst = std::max(worst, std::fabs(expected - value));
       }
     }
-    const bool ok = worst == 0.0;
-    all_ok = all_ok && ok;
+    const bool ok = exact;
+    if (v.diagnostic) {
+      swapped_exact = ok;
+    } else {
+      all_ok = all_ok && ok;
+      gradient_ok = gradient_ok && (ok || !v.gradient);
+    }
     // The rate: every block, `repeats` passes; the median of 5 after a warm-up.
     launch(blocks, repeats);
     cudaEvent_t start, stop;
@@ -577,9 +630,12 @@ int main(int argc, char** argv) {
     char tile[32];
     std::snprintf(tile, sizeof(tile), v.gradient ? "64 x %d, k = %d" : "64 x %d%.0d", out_cols,
                   v.gradient ? v.cols : 0);
+    const char* check = ok ? "exact" : (v.diagnostic ? "wrong (as it should be)" : "WRONG");
     std::printf("| %s | %s | %d | %s | %.0f | %.0f (%.1f flop/B) |\n", v.name, tile, per_sm,
-                ok ? "exact" : "WRONG", tflops, cap, v.flops_per_byte);
-    if (!ok) std::printf("  max |error| %.3g\n", worst);
+                check, tflops, cap, v.flops_per_byte);
+    if (!ok && !v.diagnostic) {
+      std::printf("  max |error| %.3g%s\n", worst, saw_nan ? ", and NaN entries" : "");
+    }
     PROBE_CHECK(cudaEventDestroy(start));
     PROBE_CHECK(cudaEventDestroy(stop));
     PROBE_CHECK(cudaFree(d_out));
@@ -588,6 +644,12 @@ int main(int argc, char** argv) {
               "variant (docs/design.md, section 5); the tensor cores' own peak is about "
               "%.0f TFLOP/s (4096 bf16 flops per cycle per SM).\n",
               4096.0 * sms * clock_hz * 1e-12);
+  if (swapped_exact) {
+    std::printf("mma_probe: the gradient product is exact with B's leading and stride byte "
+                "offsets swapped%s: swap them in csrc/cuda/wgmma.cuh's descriptor_mn (and in "
+                "this file's gradient_b)\n",
+                gradient_ok ? " as well (?)" : ", and wrong as the kernels have them");
+  }
   std::printf("%s\n", all_ok ? "mma_probe: every check exact" : "mma_probe: a check FAILED");
   return all_ok ? 0 : 1;
 }

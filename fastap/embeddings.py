@@ -55,6 +55,10 @@ from fastap.ops import (
 
 BACKENDS = ("auto", "fused", "blockwise")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The widest embeddings the fused kernels take (their backward's grid.z, one block per 256
+#: columns, is at most 65535; csrc/cuda/launch_plan.h, kMaxEmbeddingDepth). Wider ones take the
+#: blockwise path.
+FUSED_MAX_DIM = 65535 * 256
 
 DEFAULT_BLOCK_BYTES = 32 * 2**20  # one score tile of a block of queries
 
@@ -198,6 +202,8 @@ def fused_unavailable_reason(
             "it takes float32, bfloat16 or float16 embeddings of one dtype, got "
             f"{queries.dtype} and {database.dtype}"
         )
+    if queries.shape[1] > FUSED_MAX_DIM:
+        return f"it takes embeddings of dimension up to {FUSED_MAX_DIM}, got {queries.shape[1]}"
     properties = torch.cuda.get_device_properties(queries.device)
     if properties.major < 8:
         capability = f"{properties.major}.{properties.minor}"

@@ -201,6 +201,28 @@ def test_auto_backend_takes_the_fused_kernel(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+def test_embeddings_wider_than_the_fused_kernels_take_the_blockwise_path():
+    # One column past the backward's grid.z bound (65535 blocks of 256 columns): the operator
+    # refuses it, the auto backend takes the blockwise path, backend="fused" says why not.
+    from fastap.embeddings import FUSED_MAX_DIM, fused_unavailable_reason
+
+    wide = torch.zeros(2, FUSED_MAX_DIM + 1, dtype=torch.bfloat16, device="cuda")
+    wide[:, 0] = 1
+    labels = torch.tensor([0, 1], device="cuda")
+    reason = fused_unavailable_reason(wide, wide, 20)
+    assert reason is not None and f"dimension up to {FUSED_MAX_DIM}" in reason
+    assert fused_unavailable_reason(wide[:, :-1], wide[:, :-1], 20) is None
+    args = (wide, wide, labels, labels, False, 0, 20, -1.0, 1.0)
+    with pytest.raises(ValueError, match=f"dimension up to {FUSED_MAX_DIM}, got"):
+        torch.ops.fastap.embedding_histogram(*args)
+    with pytest.raises(ValueError, match="backend='fused' is not available"):
+        histograms_from_embeddings(wide, labels=labels, backend="fused")
+    n, p, positives = histograms_from_embeddings(wide, labels=labels)
+    expected = histograms_from_embeddings(wide.cpu(), labels=labels.cpu())
+    for got, want in zip((n, p, positives), expected):
+        assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_opcheck(dtype):
     queries, database, labels, ref_labels = (

@@ -565,3 +565,13 @@ def test_python_knows_the_shared_memory_of_the_fused_kernels(emulators, dtype):
         forward, backward = map(int, result.stdout.split())
         python_formula = fastap.embeddings.fused_embedding_shared_bytes(num_bins, dtype, depth)
         assert python_formula == (forward, backward)
+
+
+def test_python_knows_the_widest_embeddings_of_the_fused_kernels(emulators):
+    """fastap.embeddings.FUSED_MAX_DIM is the kernels' bound, the widest D whose backward grid
+    (one block per 256 columns in z) fits CUDA's 65535."""
+    command = [str(emulators["address"]), "op=embedding_limits", "dtype=f32"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    widest, blocks_at_widest, blocks_beyond = map(int, result.stdout.split())
+    assert widest == fastap.embeddings.FUSED_MAX_DIM
+    assert blocks_at_widest == 65535 and blocks_beyond == 65536

@@ -212,6 +212,9 @@ EmbeddingInputs check_embedding_inputs(const at::Tensor& queries, const at::Tens
   TORCH_CHECK_VALUE(queries.size(1) == database.size(1),
                     "fastap: queries and database must have the same dimension, got ",
                     queries.sizes(), " and ", database.sizes());
+  TORCH_CHECK_VALUE(queries.size(1) <= kMaxEmbeddingDepth, "fastap: the fused embedding "
+                    "kernel takes embeddings of dimension up to ", kMaxEmbeddingDepth, ", got ",
+                    queries.size(1));
   const auto dtype = queries.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                    "fastap: the fused embedding kernel takes float32, bfloat16 or float16, got ",

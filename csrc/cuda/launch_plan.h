@@ -118,6 +118,9 @@ constexpr int kTileCols = 64;
 constexpr int kDepthChunk = 64;  // fewer load round trips per step (4 at D = 256)
 constexpr int kEmbeddingThreads = 256;
 constexpr int kAccumulatorWidth = 256;
+// The widest embeddings the fused kernels take: the backward's grid.z, one block per
+// kAccumulatorWidth columns, is at most 65535 (fastap.embeddings.FUSED_MAX_DIM, the same).
+constexpr int64_t kMaxEmbeddingDepth = int64_t{65535} * kAccumulatorWidth;
 // Fewer blocks than this split the walk over the other set into partial results (summed in a
 // fixed order by a second kernel), each at least kMinSplitLength rows long. Constants, not
 // functions of the GPU, so that the rounding does not depend on the device.

@@ -145,6 +145,14 @@ int run_embedding() {
                 fastap::embedding_shared_bytes<T>(integer("d"), true, 0));
     return 0;
   }
+  if (option("op") == "embedding_limits") {  // the widest D, its backward grid.z and D + 1's
+    const int64_t widest = fastap::kMaxEmbeddingDepth;
+    std::printf("%lld %lld %lld\n", static_cast<long long>(widest),
+                static_cast<long long>(fastap::plan_embedding(1, 1, widest, true).depth_blocks),
+                static_cast<long long>(
+                    fastap::plan_embedding(1, 1, widest + 1, true).depth_blocks));
+    return 0;
+  }
   const int64_t n = integer("n"), m = integer("m"), d = integer("d"), q = integer("q");
   const double lo = std::stod(option("lo")), hi = std::stod(option("hi"));
   const std::vector<T> queries = read<T>("queries", n * d);
