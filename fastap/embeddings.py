@@ -17,8 +17,10 @@ Two backends compute this:
   embeddings' precision (TF32 / bf16 / fp16).
 
 ``backend="auto"`` (the default) takes the fused kernel where it applies, and for float32
-embeddings only when ``torch.backends.cuda.matmul.allow_tf32`` allows TF32 (as torch's own matrix
-products do); otherwise the blockwise path.
+embeddings only when torch's settings allow TF32 in float32 matrix products
+(``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision("high")`` or
+``torch.backends.cuda.matmul.fp32_precision = "tf32"``), as torch's own products do; otherwise
+the blockwise path.
 """
 
 from __future__ import annotations
@@ -241,9 +243,21 @@ def _use_fused(backend: str, queries, database, num_bins: int) -> bool:
         return True
     if reason is not None:
         return False
-    # torch.backends.cuda.matmul.allow_tf32 reads this flag; the direct call is one that
-    # torch.compile folds to a constant (as it does torch.cuda.get_device_properties above).
-    return queries.dtype != torch.float32 or torch._C._get_cublas_allow_tf32()
+    return queries.dtype != torch.float32 or fp32_matmul_allows_tf32()
+
+
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch's float32 matrix products may use TF32, set by any of its APIs:
+    ``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision`` or (torch
+    2.9 on) ``torch.backends.cuda.matmul.fp32_precision``."""
+    try:
+        # What allow_tf32 reads; torch.compile folds this direct call to a constant (as it does
+        # torch.cuda.get_device_properties).
+        return torch._C._get_cublas_allow_tf32()
+    except RuntimeError:
+        # torch 2.9 on, after fp32_precision = "tf32": the old getter refuses to read a setting
+        # of the new API ("mix of the legacy and new APIs").
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 def histograms_from_embeddings(

@@ -296,3 +296,34 @@ def test_fused_function_in_batch_and_two_sets_on_stand_in_ops(monkeypatch):
             for a, b in zip(got, expected):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=f"{backend} {in_batch}")
     assert calls == [13, 13]  # the stand-in forward ran, once per case
+
+
+def test_auto_backend_reads_tf32_from_every_torch_api(monkeypatch):
+    # On a GPU the auto backend takes the fused kernel for float32 only where torch allows TF32.
+    # torch 2.9 added fp32_precision, after whose "tf32" the old getter raises (mixing the APIs);
+    # the fused kernel's availability is patched in, so this runs on the CPU.
+    from fastap import embeddings
+
+    monkeypatch.setattr(embeddings, "fused_unavailable_reason", lambda *args: None)
+    x = torch.randn(4, 3)
+    matmul = torch.backends.cuda.matmul
+    legacy, precision = matmul.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        matmul.allow_tf32 = False
+        assert not embeddings._use_fused("auto", x, x, 20)
+        assert embeddings._use_fused("auto", x.half(), x.half(), 20)
+        matmul.allow_tf32 = True
+        assert embeddings._use_fused("auto", x, x, 20)
+        torch.set_float32_matmul_precision("highest")
+        assert not embeddings._use_fused("auto", x, x, 20)
+        torch.set_float32_matmul_precision("high")
+        assert embeddings._use_fused("auto", x, x, 20)
+        if hasattr(matmul, "fp32_precision"):  # torch 2.9 on
+            matmul.fp32_precision = "tf32"
+            assert embeddings._use_fused("auto", x, x, 20)
+            matmul.fp32_precision = "ieee"
+            assert not embeddings._use_fused("auto", x, x, 20)
+            matmul.fp32_precision = "none"
+    finally:
+        matmul.allow_tf32 = legacy
+        torch.set_float32_matmul_precision(precision)
