@@ -53,7 +53,10 @@ def _make_case(name: str, n: int, num_bins: int, dtype: torch.dtype, device: str
     g = torch.Generator(device="cpu").manual_seed(0)
     labels = torch.randint(0, max(2, n // 8), (n,), generator=g).to(device)
     if name in ("fastap", "reference"):
-        scores = (2 * torch.rand(n, n, generator=g) - 1).to(device=device, dtype=dtype)
+        # (On the device: on the CPU a 32768^2 matrix took seconds to draw and copy, in each of
+        # the processes that measure it.)
+        on_device = torch.Generator(device=device).manual_seed(0)
+        scores = torch.rand(n, n, generator=on_device, device=device).mul_(2).sub_(1).to(dtype)
         scores.requires_grad_()
         loss_fn = fastap.ap_loss if name == "fastap" else fastap.reference.ap_loss
 

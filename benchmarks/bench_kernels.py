@@ -15,12 +15,15 @@ Timing: CUDA events (or perf_counter on CPU), median of --repeats after a warm-u
     python benchmarks/bench_kernels.py --device cuda --shapes 8192x8192 32768x32768 256x1000000 \
         --num-bins 10 20 50 --dtypes float32 bfloat16
 
-Columns: fwd and bwd time the two ops alone; loss, fastap.ap_loss forward and backward through
+Columns: fwd and bwd time the two ops alone (on scores that do not require a gradient, so without
+autograd's wrapper; on CUDA calls back to back); loss, fastap.ap_loss forward and backward through
 autograd, one call between two events (what a training step sees: host overhead and the value
-checks' host sync included); device, the same back to back without the value checks (the
-device's time when the host keeps ahead of it), from which the bandwidth is taken; peak, the
-extra memory of one loss call (CUDA), beside the size of dS; reference, one call of the
-pure-PyTorch reference's loss ("out of memory" where it does not fit), and its speed-up over loss.
+checks' host sync included); device, the same back to back without the value checks (the device's
+time when the host keeps ahead of it); graph (CUDA), the same captured in a CUDA graph and replayed
+back to back: the device's time with no host work per call, from which the bandwidth is taken where
+it was measured (else from device); peak, the extra memory of one loss call (CUDA), beside the size
+of dS; reference, one call of the pure-PyTorch reference's loss ("out of memory" where it does not
+fit), and its speed-up over loss.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
 import torch
 from bench_ap_loss import environment, write_json
@@ -55,26 +59,51 @@ def back_to_back_ms(fn, device: str, repeats: int, calls: int = 20) -> float:
     return statistics.median(runs) / calls
 
 
+def graph_replay_ms(fn, repeats: int) -> float | None:
+    """Milliseconds per replay of fn captured in a CUDA graph, replays back to back: the device's
+    time with no host work per call. None where the capture fails (the reason goes to stderr),
+    so that the other columns of the row are kept."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capturing stream, as torch asks
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return back_to_back_ms(graph.replay, "cuda", repeats)
+    except RuntimeError as error:
+        print(f"(CUDA graph capture failed: {error})", file=sys.stderr)
+        return None
+
+
 def measure_case(scores, relevance, labels, ref_labels, ignore, q, device, repeats, with_reference):
     """The times in ms of one problem (relevance from `labels`/`ref_labels`, or from the dense
     `relevance` matrix when it is not None; the `ignore` mask or None): fwd and bwd (the two ops
-    alone), loss (fastap.ap_loss forward and backward through autograd, one call between two
-    events: what a training step sees, host overhead and the value checks' host sync included),
-    loss_device (the same without the value checks, back to back: the device's time), reference
-    (the pure-PyTorch reference's loss, one call; None when not run, "out of memory" when it did
-    not fit); and peak_bytes, the extra memory of one loss call."""
+    alone, back to back), loss (fastap.ap_loss forward and backward through autograd, one call
+    between two events: what a training step sees, host overhead and the value checks' host sync
+    included), loss_device (the same without the value checks, back to back: the device's time
+    when the host keeps ahead), loss_graph (CUDA: the same replayed from a CUDA graph; None on
+    the CPU or where capture failed), reference (the pure-PyTorch reference's loss, one call; None
+    when not run, "out of memory" when it did not fit); and peak_bytes, the extra memory of one
+    loss call."""
     op = torch.ops.fastap
     if relevance is not None:
         labels = ref_labels = None
     op_args = (relevance, labels, ref_labels, ignore, False, q, -1.0, 1.0)
-    hist = op.soft_histogram(scores, *op_args)
+    # (The ops on scores that require a gradient would go through the autograd wrapper that
+    # torch.library.register_autograd installs: host work that is not the op's.)
+    plain = scores.detach()
+    hist = op.soft_histogram(plain, *op_args)
     grad_n, grad_p = torch.randn_like(hist[0]), torch.randn_like(hist[1])
 
     def forward():
-        op.soft_histogram(scores, *op_args)
+        op.soft_histogram(plain, *op_args)
 
     def backward():
-        op.soft_histogram_backward(grad_n, grad_p, scores, *op_args)
+        op.soft_histogram_backward(grad_n, grad_p, plain, *op_args)
 
     def loss(loss_fn=fastap.ap_loss):
         value = loss_fn(
@@ -86,13 +115,16 @@ def measure_case(scores, relevance, labels, ref_labels, ignore, q, device, repea
         with fastap.set_value_checks(False):
             loss()
 
+    cuda = device.startswith("cuda")
     result = {
-        "fwd": median_ms(forward, device, repeats),
-        "bwd": median_ms(backward, device, repeats),
+        # (back to back on CUDA, where a single op's launch is comparable to its run time)
+        "fwd": (back_to_back_ms if cuda else median_ms)(forward, device, repeats),
+        "bwd": (back_to_back_ms if cuda else median_ms)(backward, device, repeats),
         "loss": median_ms(loss, device, repeats),
         "loss_device": back_to_back_ms(unchecked_loss, device, max(1, repeats // 4)),
         # CUDA only (after the warm-ups above); bench_ap_loss.py measures the CPU's resident set.
-        "peak_bytes": cuda_peak_extra_bytes(loss) if device.startswith("cuda") else None,
+        "loss_graph": graph_replay_ms(unchecked_loss, max(1, repeats // 4)) if cuda else None,
+        "peak_bytes": cuda_peak_extra_bytes(loss) if cuda else None,
         "reference": None,
     }
     if with_reference:
@@ -131,16 +163,17 @@ def main() -> None:
     env = {**environment(device), "device": name, "copy_gb_s": copy}
     print(
         f"# {env['date']}, {name}, torch {torch.__version__}, copy bandwidth {copy:.0f} GB/s; "
-        f"times in ms (median of {args.repeats}); fwd, bwd: the ops alone; loss: fastap.ap_loss "
-        "forward+backward, one call (host overhead and the value checks' sync included); "
-        "device: the same back to back without the checks; GB/s = floor bytes / device; "
-        "peak: extra memory of one loss call, against dS; reference: one call, speed-up over loss"
+        f"times in ms (median of {args.repeats}); fwd, bwd: the ops alone (CUDA: back to back); "
+        "loss: fastap.ap_loss forward+backward, one call (host overhead and the value checks' sync "
+        "included); device: the same back to back without the checks; graph: the same replayed "
+        "from a CUDA graph; GB/s = floor bytes / graph (or device); peak: extra memory of one "
+        "loss call, against dS; reference: one call, speed-up over loss"
     )
     print(
-        "| N x M | relevance | dtype | Q | fwd | bwd | loss | device | GB/s | % of copy "
+        "| N x M | relevance | dtype | Q | fwd | bwd | loss | device | graph | GB/s | % of copy "
         "| peak MB (dS MB) | reference | speed-up |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     if args.json and os.path.exists(args.json):  # several runs, one file (benchmarks/gpu_check.sh)
         with open(args.json) as f:
@@ -168,7 +201,8 @@ def main() -> None:
                     floor_bytes = (
                         n * m * (3 * scores.element_size() + (2 if form != "labels" else 0))
                     )
-                    achieved = floor_bytes / r["loss_device"] / 1e6
+                    graph = r["loss_graph"]
+                    achieved = floor_bytes / (graph or r["loss_device"]) / 1e6
                     ref = r["reference"]
                     if ref is None or isinstance(ref, str):  # not run, or out of memory
                         ref_cells = f"{ref or '-'} | -"
@@ -179,7 +213,8 @@ def main() -> None:
                     print(
                         f"| {n} x {m} | {form} | {dtype_name} | {q} | {r['fwd']:.3f} | "
                         f"{r['bwd']:.3f} | {r['loss']:.3f} | {r['loss_device']:.3f} | "
-                        f"{achieved:.0f} | {100 * achieved / copy:.0f}% | {peak} ({grad_mb:.0f}) | "
+                        f"{'-' if graph is None else f'{graph:.3f}'} | {achieved:.0f} | "
+                        f"{100 * achieved / copy:.0f}% | {peak} ({grad_mb:.0f}) | "
                         f"{ref_cells} |",
                         flush=True,
                     )

@@ -30,8 +30,12 @@ TIME_UNITS = {
 }  # fmt: skip
 
 
-def number(text: str) -> float:
-    return float(text.replace(",", ""))
+def number(text: str) -> float | None:
+    """A metric's value; None for what ncu prints where it could not collect one ("n/a")."""
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
 
 
 def kernels(rows):
@@ -91,14 +95,15 @@ def main() -> int:
     for name, metrics in found.values():
         cells = [short(name)]
         for _, metric in COLUMNS:
-            unit, value = metrics.get(metric, ("", ""))
-            if not value:
+            unit, text = metrics.get(metric, ("", ""))
+            value = number(text)
+            if value is None:
                 cells.append("-")
                 continue
             scale = TIME_UNITS.get(unit, 1.0) if metric == "Duration" else 1.0
-            cells.append(f"{number(value) * scale:.1f}")
-        executed = metrics.get("Executed Instructions", ("", ""))[1]
-        cells.append(f"{number(executed) / (args.candidates / 32):.1f}" if executed else "-")
+            cells.append(f"{value * scale:.1f}")
+        executed = number(metrics.get("Executed Instructions", ("", ""))[1])
+        cells.append("-" if executed is None else f"{executed / (args.candidates / 32):.1f}")
         print("| " + " | ".join(cells) + " |")
     return 0
 

@@ -35,18 +35,21 @@ def cuda_peak_extra_bytes(fn) -> int:
 
 
 def warm_up(fn, device: str) -> None:
-    """Calls fn so that what a process pays once counts in no measurement: for a second, at least
-    once, and at most 100 times on the CPU, 5 times on CUDA (synchronised after each call). CUDA
-    needs it for lazy initialisation; the CPU also for the first fresh huge pages of the large
-    gradients: on the project's virtual machine those took up to ~100 ms more per 64 MB for the
-    first several calls of a process, over 12 of them once (docs/design.md, section 5)."""
+    """Calls fn so that what a process pays once counts in no measurement. On the CPU for a
+    second, at least once and at most 100 times: the first fresh huge pages of the large gradients
+    took up to ~100 ms more per 64 MB for the first several calls of a process on the project's
+    virtual machine, over 12 of them once (docs/design.md, section 5). On CUDA for 0.2 s of calls,
+    each synchronised, at least one and at most 10,000: lazy initialisation, and an idle GPU's
+    clocks (345 MHz seen on the H200 at rest) rising before the timed calls, which a few calls of
+    a kernel of microseconds would not bring about."""
     cuda = device.startswith("cuda")
+    seconds, most = (0.2, 10_000) if cuda else (1.0, 100)
     start = time.perf_counter()
-    for _ in range(5 if cuda else 100):
+    for _ in range(most):
         fn()
         if cuda:
             torch.cuda.synchronize()
-        if time.perf_counter() - start >= 1.0:
+        if time.perf_counter() - start >= seconds:
             break
 
 

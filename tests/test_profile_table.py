@@ -99,3 +99,17 @@ def test_abbreviated_time_units(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     durations = [row.split(" | ")[1] for row in rows[1:]]
     assert durations == ["1250.0", "0.9", "7.5"]
+
+
+def test_values_ncu_could_not_collect_are_dashes(tmp_path):
+    """ncu prints "n/a" for a metric it could not collect: that cell is a dash, the rest stays."""
+    path = tmp_path / "profile.csv"
+    write_profile(path, [
+        (FORWARD, {"Duration": ("us", "n/a"), "DRAM Throughput": ("%", "61.5"),
+                   "Executed Instructions": ("inst", "n/a")}),
+    ])  # fmt: skip
+    result = run(path, 1)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    cells = [cell.strip() for cell in rows[1].strip("| ").split(" | ")]
+    assert cells[1] == "-" and cells[2] == "61.5" and cells[-1] == "-"
