@@ -36,7 +36,7 @@ import sys
 
 import torch
 from bench_ap_loss import environment, write_json
-from timing import cuda_peak_extra_bytes, median_ms, time_once_ms
+from timing import cuda_peak_extra_bytes, median_ms, time_once_ms, warm_up
 
 import fastap
 
@@ -54,7 +54,7 @@ def back_to_back_ms(fn, device: str, repeats: int, calls: int = 20) -> float:
     """Milliseconds per call of `calls` calls issued back to back between one pair of CUDA events
     (median of `repeats` such runs, after a warm-up): the device's time per call whenever the host
     issues the calls faster than the device runs them."""
-    fn()
+    warm_up(fn, device)
     runs = [time_once_ms(lambda: [fn() for _ in range(calls)], device) for _ in range(repeats)]
     return statistics.median(runs) / calls
 

@@ -160,6 +160,11 @@ __host__ __device__ constexpr Operand gradient_a(int s) {
 __host__ __device__ constexpr Operand gradient_b(int g, int s) {
   return {canonical_offset(s, 128 * g), kDepth * 16, 128};
 }
+// The same operand with its leading and stride byte offsets the other way round: the reading of
+// the diagnostic variant (wgmma_gradient_product<kSwappedOffsets>).
+__host__ __device__ constexpr Operand swapped_offsets(Operand o) {
+  return {o.offset, o.stride, o.leading};
+}
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The matrix descriptor: start address, leading- and stride-dimension byte offsets (each >> 4),
@@ -327,9 +332,7 @@ __global__ void __launch_bounds__(kThreads) wgmma_gradient_product(const __nv_bf
 #pragma unroll
       for (int s = 0; s < kStream; s += 16) {
         Operand b_operand = gradient_b(group, s);
-        if constexpr (kVariant == kSwappedOffsets) {
-          b_operand = Operand{b_operand.offset, b_operand.stride, b_operand.leading};
-        }
+        if constexpr (kVariant == kSwappedOffsets) b_operand = swapped_offsets(b_operand);
         wgmma_bf16<kN, 1>(d, descriptor(sg, gradient_a(s)), descriptor(sb, b_operand), 1);
       }
       wgmma::commit_and_wait(d);
@@ -465,8 +468,7 @@ bool host_check_swapped() {
   for (int g = 0; g < 2; ++g) {
     for (int c = 0; c < 128; ++c) {
       for (int s = 0; s < kStream; s += 16) {
-        const Operand o = gradient_b(g, s);
-        const Operand swapped{o.offset, o.stride, o.leading};
+        const Operand swapped = swapped_offsets(gradient_b(g, s));
         for (int kk = 0; kk < 16; ++kk) {
           const float value = b.mn_major(swapped, kk, c);  // (every read, for the bound)
           differs = differs || value != b_value(s + kk, 128 * g + c);

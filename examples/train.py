@@ -640,7 +640,8 @@ def parse_args(argv=None):
         if args.image_size is None:
             args.image_size = 64
     try:  # (a device this torch or machine lacks fails here, before the data is loaded)
-        torch.empty(0, device=torch.device(args.device))
+        if torch.empty(0, device=torch.device(args.device)).is_meta:
+            raise RuntimeError("a meta device holds no data to train on")
     except (RuntimeError, AssertionError) as error:
         reason = str(error).splitlines()[0]
         parser.error(

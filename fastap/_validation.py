@@ -88,12 +88,13 @@ class set_value_checks:
     restores the previous mode after (like ``torch.set_grad_enabled``).
 
     The checks (non-finite scores, relevance and ignore entries other than 0/1, negative or
-    non-finite query weights) read values back to the host: on CUDA one synchronisation with the
-    device per call, which stalls an eager training loop's queue of launches and cannot happen
-    inside CUDA graph capture. Without them the answers are those under torch.compile: a query
-    that holds a non-finite, counted score has AP NaN (so the loss is NaN), nonzero relevance is a
-    positive, nonzero ignore ignores, and query weights are used as given. Shapes, dtypes and
-    devices are always checked (that costs nothing).
+    non-finite query weights, uint64 labels of 2**63 or more) read values back to the host: on CUDA
+    one synchronisation with the device per call, which stalls an eager training loop's queue of
+    launches and cannot happen inside CUDA graph capture. Without them the answers are those under
+    torch.compile: a query that holds a non-finite, counted score has AP NaN (so the loss is NaN),
+    nonzero relevance is a positive, nonzero ignore ignores, query weights are used as given, and
+    uint64 labels of 2**63 or more wrap onto negative int64 labels. Shapes, dtypes and devices are
+    always checked (that costs nothing).
     """
 
     def __init__(self, mode: bool) -> None:
@@ -196,8 +197,9 @@ def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, li
     labels = t.to(torch.int64)
     # uint64 values of 2**63 and more have no int64 of the same value: .to wraps them onto the
     # negative labels of signed dtypes (2**64 - 1 onto -1), so they are refused. (A check of the
-    # values, so a sync on a GPU, for uint64 labels alone.)
-    if t.dtype == _UINT64 and labels.numel() > 0 and bool((labels < 0).any()):
+    # values, for uint64 labels alone: like the other value checks, not under
+    # set_value_checks(False) or torch.compile, where they wrap.)
+    if t.dtype == _UINT64 and checks_values_of(t) and bool((labels < 0).any()):
         raise ValueError(
             f"fastap: {name} holds uint64 values of 2**63 or more, which int64 labels cannot "
             f"hold; where every label tensor is uint64, pass {name}.view(torch.int64)"
@@ -288,6 +290,7 @@ def check_histogram_args(
     score_range,
     self_offset=None,
 ) -> HistogramArgs:
+    refuse_functorch_transforms()  # (first: a transform's tensors can fail the checks below)
     scores = _check_tensor(scores, "scores")
     if scores.dim() != 2:
         raise ValueError(

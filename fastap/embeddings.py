@@ -246,14 +246,15 @@ def _use_fused(backend: str, queries, database, num_bins: int) -> bool:
     return queries.dtype != torch.float32 or fp32_matmul_allows_tf32()
 
 
+# (A constant to torch.compile, which reads it while tracing: its own folding of the getter below
+# would raise past the except when the getter raises.)
+@torch.compiler.assume_constant_result
 def fp32_matmul_allows_tf32() -> bool:
     """Whether torch's float32 matrix products may use TF32, set by any of its APIs:
     ``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision`` or (torch
     2.9 on) ``torch.backends.cuda.matmul.fp32_precision``."""
     try:
-        # What allow_tf32 reads; torch.compile folds this direct call to a constant (as it does
-        # torch.cuda.get_device_properties).
-        return torch._C._get_cublas_allow_tf32()
+        return torch._C._get_cublas_allow_tf32()  # (what allow_tf32 reads)
     except RuntimeError:
         # torch 2.9 on, after fp32_precision = "tf32": the old getter refuses to read a setting
         # of the new API ("mix of the legacy and new APIs").
@@ -284,6 +285,7 @@ def histograms_from_embeddings(
     "fused" (the tensor-core CUDA kernel) or "blockwise" (block_size queries at a time); see the
     module docstring.
     """
+    refuse_functorch_transforms()  # (first: a transform's tensors can fail the checks below)
     check_embedding_matrix(queries, "queries")
     if exclude_self is not None and not isinstance(exclude_self, bool):
         raise TypeError(
@@ -337,7 +339,6 @@ def histograms_from_embeddings(
         function, extra = EmbeddingHistogram, ()
     else:
         function, extra = _BlockedSoftHistogram, (block_size,)
-    refuse_functorch_transforms()
     n, p, positives = function.apply(
         unit_queries,
         None if same_set else unit_database,

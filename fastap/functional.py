@@ -116,9 +116,11 @@ def average_precision(
             similarity to each of M candidates (higher = more similar).
         relevance: [N, M] bool (or 0/1 of any real dtype): relevance[i, j] says candidate j is a
             positive of query i. Give either this or ``labels``.
-        labels: [N] integer labels of the queries; candidate j is a positive of query i when
-            ``labels[i] == ref_labels[j]``. The N x M relevance matrix is never built.
-        ref_labels: [M] integer labels of the candidates; defaults to ``labels`` (then N == M).
+        labels: [N] integer (or bool) labels of the queries; candidate j is a positive of query i
+            when ``labels[i] == ref_labels[j]``, by value across dtypes (uint64 labels of 2**63
+            or more are refused). The N x M relevance matrix is never built.
+        ref_labels: [M] integer (or bool) labels of the candidates; defaults to ``labels`` (then
+            N == M).
         num_bins: Q >= 2 histogram bins (default 20, as for cosine scores in the literature).
         score_range: (lo, hi) covered by the bins (default (-1, 1), the range of cosine scores).
             Scores outside it count in the end bins and get no gradient.

@@ -443,8 +443,9 @@ def retrieval_metrics(
         queries: [N, D] floating (finite).
         database: [M, D] floating, same D and device. Default None: the queries are their own
             database (M = N).
-        labels: [N] integer labels of the queries, on the device of queries.
-        ref_labels: [M] integer labels of the database entries, on the device of database.
+        labels: [N] integer (or bool) labels of the queries, on the device of queries.
+        ref_labels: [M] integer (or bool) labels of the database entries, on the device of
+            database. Labels compare by value across dtypes (docs/api.md).
             Required with ``database``; must be None without it (then it is ``labels``).
         ks: the k of recall@k, positive ints. Default (1, 5, 10). Only used for "recall". A k
             beyond the number of candidates of a query (M, or M - 1 with exclude_self) retrieves

@@ -319,10 +319,19 @@ def test_auto_backend_reads_tf32_from_every_torch_api(monkeypatch):
         torch.set_float32_matmul_precision("high")
         assert embeddings._use_fused("auto", x, x, 20)
         if hasattr(matmul, "fp32_precision"):  # torch 2.9 on
+            matmul.allow_tf32 = False
             matmul.fp32_precision = "tf32"
+            with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+                torch._C._get_cublas_allow_tf32()  # (what the fallback is for)
             assert embeddings._use_fused("auto", x, x, 20)
+            compiled = torch.compile(
+                lambda x: x * embeddings._use_fused("auto", x, x, 20), fullgraph=True
+            )
+            assert torch.equal(compiled(x), x)
             matmul.fp32_precision = "ieee"
             assert not embeddings._use_fused("auto", x, x, 20)
+            torch._dynamo.reset()
+            assert torch.equal(compiled(x), 0 * x)
             matmul.fp32_precision = "none"
     finally:
         matmul.allow_tf32 = legacy

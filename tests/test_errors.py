@@ -479,6 +479,15 @@ def test_uint64_labels_beyond_int64_are_refused():
         call(small)  # (in range: accepted)
     with pytest.raises(ValueError, match=r"ref_labels holds uint64 values of 2\*\*63 or more"):
         fastap.average_precision(scores, labels=signed, ref_labels=big)
+    # A value check like the others: without value checks, and under torch.compile, they wrap
+    # (2**64 - 1 matches -1), as documented, and there is no host sync.
+    wrapped = torch.tensor([-1, 3, 3, 4])
+    expected = fastap.average_precision(scores, labels=wrapped, ref_labels=signed)
+    with fastap.set_value_checks(False):
+        got = fastap.average_precision(scores, labels=big, ref_labels=signed)
+    assert torch.equal(got, expected)
+    compiled = torch.compile(fastap.average_precision, fullgraph=True)
+    assert torch.equal(compiled(scores, labels=big, ref_labels=signed), expected)
 
 
 def test_torch_func_transforms_are_refused_with_a_fastap_message():
@@ -490,6 +499,8 @@ def test_torch_func_transforms_are_refused_with_a_fastap_message():
         torch.func.grad(lambda s: fastap.ap_loss(s, relevance))(scores)
     with pytest.raises(RuntimeError, match=message):
         torch.func.vmap(lambda s: fastap.average_precision(s, relevance))(scores[None])
+    with pytest.raises(RuntimeError, match=message):  # (before the checks of the values)
+        torch.func.vmap(lambda r: fastap.ap_loss(scores, r))(relevance.float()[None])
     with pytest.raises(RuntimeError, match=message):
         torch.func.grad(lambda e: fastap.ap_loss_from_embeddings(e, labels=labels))(
             torch.randn(3, 5)

@@ -75,6 +75,7 @@ def test_train_example_runs_reports_and_resumes(tmp_path):
     [
         (("--data", "no/such/folder"), "--data: no/such/folder is not a directory"),
         (("--device", "nonsense"), "--device nonsense: "),
+        (("--device", "meta"), "--device meta: a meta device holds no data"),
         (("--batch-size", "1"), "--batch-size is too small"),
         (("--loss", "fastap,fastap"), "--loss: a comma-separated list of distinct names"),
     ]

@@ -239,9 +239,10 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
           block_index = dim3(static_cast<unsigned>(b % grid.x),
                              static_cast<unsigned>(b / grid.x % grid.y),
                              static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y)));
-          // Garbage, as on a GPU: NaN (0xFF) in every float width, or huge finite values (0x7F),
-          // block by block, so that a read of shared memory the kernel never wrote shows even
-          // where the right value is zero (with a small garbage it would pass the tolerance).
+          // Garbage, as on a GPU: NaN (0xFF) in every float width, or 0x7F, block by block: huge
+          // finite fp32, bf16 and fp64 values (NaN in fp16), so that a read of shared memory the
+          // kernel never wrote shows even where the right value is zero (with a small garbage it
+          // would pass the tolerance), NaN-aware code or not.
           std::memset(l.shared.get(), b % 2 ? 0x7F : 0xFF, l.shared_bytes);
         }
         l.block_barrier->arrive_and_wait("block start");
