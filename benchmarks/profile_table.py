@@ -8,6 +8,8 @@ Whichever unit sits near 100% binds (docs/design.md, section 5, says which we ex
 Usage: python benchmarks/profile_table.py PROFILE_CSV [--candidates N_TIMES_M] [--title TEXT]
 """
 
+from __future__ import annotations
+
 import argparse
 import csv
 import io

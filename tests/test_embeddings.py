@@ -324,8 +324,10 @@ def test_auto_backend_reads_tf32_from_every_torch_api(monkeypatch):
             with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
                 torch._C._get_cublas_allow_tf32()  # (what the fallback is for)
             assert embeddings._use_fused("auto", x, x, 20)
-            compiled = torch.compile(
-                lambda x: x * embeddings._use_fused("auto", x, x, 20), fullgraph=True
+            compiled = torch.compile(  # (aot_eager: as in test_errors.py's uint64 test)
+                lambda x: x * embeddings._use_fused("auto", x, x, 20),
+                fullgraph=True,
+                backend="aot_eager",
             )
             assert torch.equal(compiled(x), x)
             matmul.fp32_precision = "ieee"
