@@ -67,6 +67,30 @@ probe profile loss example"}
   *) echo "usage: $0 [1 | 2 [BUDGET] | all]" >&2; exit 2 ;;
 esac
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "error: BUDGET must be whole seconds, not '$BUDGET'" >&2; exit 2; }
+case ${WGMMA:=unknown} in
+  unknown | ok | failed | off) ;;
+  *) echo "error: WGMMA must be ok, failed or off (smoke_wgmma's outcome), not '$WGMMA'" >&2; exit 2 ;;
+esac
+# The steps of call 1 that did not run to their end (no time left for them, or the call was
+# ended from outside) go on to call 2, which runs them among its own in this file's order: after
+# the sanitizers, before the SASS, probe and profiles. Call 1 writes the list after every step
+# into build/, which the machine keeps between calls (as it keeps the build); call 2 reads it
+# (the wgmma steps only with the outcome that added them in call 1).
+CARRIED=build/.gpu_check_carried
+if [[ $CALL == 1 ]]; then
+  rm -f "$CARRIED"
+elif [[ $CALL == 2 && -s $CARRIED ]]; then
+  carried=""
+  for name in $(<"$CARRIED"); do
+    [[ $name == tests_wgmma && $WGMMA != ok ]] && continue
+    [[ $name == memcheck_wgmma && $WGMMA != failed ]] && continue
+    carried+=" $name"
+  done
+  if [[ -n $carried ]]; then
+    STEPS="$STEPS$carried"
+    echo "gpu_check: carried from call 1:$carried"
+  fi
+fi
 echo "gpu_check: call $CALL, steps: $STEPS; budget $BUDGET s"
 status=()
 
@@ -88,6 +112,13 @@ report() {
     IFS='|' read -r a b c d <<<"$s"; printf '%-15s %-16s %-7s %s\n' "$a" "$b" "$c" "$d"
   done
   } >"$OUT/summary.md"
+  if [[ $CALL == 1 ]]; then  # what call 2 is to run of call 1's steps (CARRIED, above)
+    local each pending=()
+    for each in $STEPS; do  # (a step ran to its end: ok, FAILED(n) or TIMEOUT(s))
+      [[ " ${status[*]} " =~ \ $each\|(ok|FAILED|TIMEOUT) ]] || pending+=("$each")
+    done
+    mkdir -p "$(dirname "$CARRIED")" && echo "${pending[*]}" >"$CARRIED"
+  fi
   # (Written aside, then renamed: a call ended during tar leaves the previous archive whole.)
   tar -czf "$LOGS.tar.gz" -C "$LOGS" --exclude mma_probe . && mv "$LOGS.tar.gz" "$OUT/logs.tar.gz"
 }
@@ -174,11 +205,6 @@ trap interrupted TERM INT
 # it: WGMMA becomes ok, failed (an error or a fault: memcheck_wgmma then names it) or off (a hang,
 # or no time left), and only with ok do the later steps run it. A hang costs this step's limit
 # instead of every step's that runs the fused kernels on wgmma.
-WGMMA=${WGMMA:-unknown}
-case $WGMMA in
-  unknown | ok | failed | off) ;;
-  *) echo "error: WGMMA must be ok, failed or off (smoke_wgmma's outcome), not '$WGMMA'" >&2; exit 2 ;;
-esac
 wgmma_check() {
   [[ $WGMMA == unknown ]] || return 0
   run_step smoke_wgmma 60 smoke_wgmma.log $PY benchmarks/sanitizer_case.py --wgmma only

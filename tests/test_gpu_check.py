@@ -270,6 +270,41 @@ def test_a_step_is_held_to_what_is_left_of_the_budget_and_none_starts_late(machi
     assert not [c for c in machine.calls() if c.startswith(("compute-sanitizer", "ncu"))]
 
 
+def test_steps_call_one_had_no_time_for_go_on_to_call_two(machine):
+    # Call 1 in 30 s with a smoke step of 6: under 25 s are left after it, so the tests and the
+    # benchmarks are skipped; call 2 runs them, after its sanitizers and before its profiles.
+    done = machine.run("1", env={"BUDGET": "30"}, rules=[("--wgmma without", {"sleep": 6})])
+    assert done.returncode == 0
+    steps = machine.summary()
+    assert steps["smoke"] == "ok" and steps["tests"] == "SKIPPED(budget)"
+    carried = (machine.repo / "build" / ".gpu_check_carried").read_text().split()
+    assert carried == ["tests", "kernels", "variants", "embeddings"]
+    done = machine.run("2", "300", env={"WGMMA": "off"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "carried from call 1: tests kernels variants embeddings" in done.stdout
+    assert list(machine.summary()) == [
+        "build",
+        "memcheck",
+        "racecheck",
+        "tests",
+        "kernels",
+        "variants",
+        "embeddings",
+        "sass",
+        "probe",
+        "profile",
+        "loss",
+        "example",
+    ]
+    assert set(machine.summary().values()) == {"ok"}
+    # A call 1 that runs to its end leaves nothing to carry.
+    machine.run("1")
+    assert (machine.repo / "build" / ".gpu_check_carried").read_text().split() == []
+    done = machine.run("2", "300", env={"WGMMA": "ok"})
+    assert "carried from call 1" not in done.stdout
+    assert "tests" not in machine.summary()
+
+
 def test_a_call_ended_from_outside_keeps_its_summary(machine):
     process = machine.run("1", rules=[("-k cuda and not wgmma", {"sleep": 60})], wait=False)
     deadline = time.monotonic() + 60
