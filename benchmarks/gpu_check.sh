@@ -32,9 +32,10 @@
 # likely 200 s or less. STEPS (names, in any order) picks steps by hand; they always run in this
 # file's order. A step gets at most what is left of BUDGET, so the steps that do not fit are
 # skipped, last first, and those of call 1 go on to call 2 (CARRIED below), where they run
-# after the sanitizers; summary.md and logs.tar.gz are rewritten after every step. The build takes about half a
-# minute on a fresh machine (49 s on 2 CPU cores against torch 2.11.0+cu130, the GPU machine's
-# torch, 2026-11-28); the other steps' times are estimates until the first GPU run.
+# after the sanitizers; summary.md and logs.tar.gz are rewritten after every step. The build
+# takes about half a minute on a fresh machine (49 s on 2 CPU cores against torch 2.11.0+cu130,
+# the GPU machine's torch, 2026-11-28); the other steps' times are estimates until the first GPU
+# run.
 #
 # The tests step runs the tests that touch CUDA (test_cuda*.py and every [cuda] parameter; the
 # wgmma path's in tests_wgmma); CI runs the rest on the CPU; when a fused test fails, the
