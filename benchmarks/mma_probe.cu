@@ -555,7 +555,6 @@ int main(int argc, char** argv) {
   std::printf("\n| variant | block tile | blocks/SM | check | TFLOP/s | shared-path cap |\n");
   std::printf("|---|---|---|---|---|---|\n");
   bool all_ok = true;
-  bool gradient_ok = true;
   bool swapped_exact = false;
   for (const Variant& v : variants) {
     if (v.bf16 && !hopper) {
@@ -608,7 +607,6 @@ int main(int argc, char** argv) {
       swapped_exact = ok;
     } else {
       all_ok = all_ok && ok;
-      gradient_ok = gradient_ok && (ok || !v.gradient);
     }
     // The rate: every block, `repeats` passes; the median of 5 after a warm-up.
     launch(blocks, repeats);
@@ -646,11 +644,10 @@ int main(int argc, char** argv) {
               "variant (docs/design.md, section 5); the tensor cores' own peak is about "
               "%.0f TFLOP/s (4096 bf16 flops per cycle per SM).\n",
               4096.0 * sms * clock_hz * 1e-12);
-  if (swapped_exact) {
+  if (swapped_exact) {  // (and so the kernels' reading wrong: --host checks the two differ)
     std::printf("mma_probe: the gradient product is exact with B's leading and stride byte "
-                "offsets swapped%s: swap them in csrc/cuda/wgmma.cuh's descriptor_mn (and in "
-                "this file's gradient_b)\n",
-                gradient_ok ? " as well (?)" : ", and wrong as the kernels have them");
+                "offsets swapped: swap them in csrc/cuda/wgmma.cuh's descriptor_mn (and in this "
+                "file's gradient_b)\n");
   }
   std::printf("%s\n", all_ok ? "mma_probe: every check exact" : "mma_probe: a check FAILED");
   return all_ok ? 0 : 1;

@@ -177,6 +177,10 @@ def check_embedding_matrix(value, name: str, owner: str = "fastap") -> torch.Ten
     return value
 
 
+# (torch.uint64 exists from torch 2.3 on.)
+_UINT64 = getattr(torch, "uint64", None)
+
+
 def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, like_name: str):
     """A 1-D integer (or bool) label tensor with one label per `per` (`length` of them), on the
     device of `like` (called `like_name` in the message); returned as int64, by value: labels of
@@ -205,10 +209,6 @@ def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, li
             f"hold; where every label tensor is uint64, pass {name}.view(torch.int64)"
         )
     return labels
-
-
-# (torch.uint64 exists from torch 2.3 on.)
-_UINT64 = getattr(torch, "uint64", None)
 
 
 FLOAT32_MAX = torch.finfo(torch.float32).max

@@ -11,16 +11,10 @@
 #include <type_traits>
 
 #include "../binning.h"
+#include "dynamic_shared.cuh"
 #include "lane_histograms.cuh"
 #include "launch_plan.h"
 #include "pin.cuh"
-
-#ifndef FASTAP_DYNAMIC_SHARED
-// The kernel's dynamic shared memory as an `unsigned char*` named `name`.
-// (128-byte aligned: the kernels' regions start at multiples of 128 bytes from it, which WMMA's
-// 32-byte and cp.async's 16-byte alignment need, and no static shared memory comes first.)
-#define FASTAP_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
-#endif
 
 namespace fastap {
 
