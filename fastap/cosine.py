@@ -16,9 +16,16 @@
 
 The scale is a constant to autograd (``normalize(c x) = normalize(x)`` for every c > 0), so the
 gradient is that of the normalisation itself.
+
+Under ``torch.autocast`` the scores are the product of the unit rows cast to autocast's dtype, as
+autocast runs ``unit_queries @ unit_database.T`` (``autocast_product_dtype``); the computations
+from embeddings take their inputs in that dtype, so that every path bins the same scores and
+differentiates what it binned.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -48,3 +55,24 @@ def cosine_scores(queries: torch.Tensor, database: torch.Tensor) -> torch.Tensor
     unit_queries = unit_rows(queries)
     unit_database = unit_queries if database is queries else unit_rows(database)
     return unit_queries @ unit_database.T
+
+
+def autocast_product_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype that an enabled ``torch.autocast`` on ``x``'s device casts ``x`` to for a matrix
+    product, or None (autocast off there, or ``x`` not one it casts: float64 and integer tensors
+    stay as they are)."""
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device: torch.device):
+    """A context in which ``torch.autocast`` is off on ``device``."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()

@@ -39,7 +39,7 @@ from fastap._validation import (
     refuse_functorch_transforms,
     type_name,
 )
-from fastap.cosine import unit_rows
+from fastap.cosine import autocast_off, autocast_product_dtype, unit_rows
 from fastap.functional import (
     DEFAULT_NUM_BINS,
     DEFAULT_SCORE_RANGE,
@@ -95,9 +95,10 @@ class _BlockedSoftHistogram(torch.autograd.Function):
             queries, database, labels, ref_labels
         )
         tiles = _score_tiles(all_queries, all_database, all_labels, all_ref_labels, options)
-        histograms = [
-            torch.ops.fastap.soft_histogram(scores, *op_args) for _, scores, op_args in tiles
-        ]
+        with autocast_off(queries.device):  # (the scores in the embeddings' dtype, as backward's)
+            histograms = [
+                torch.ops.fastap.soft_histogram(scores, *op_args) for _, scores, op_args in tiles
+            ]
         n, p, positives = (torch.cat(parts) for parts in zip(*histograms))
         ctx.save_for_backward(queries, database, labels, ref_labels)
         ctx.options = options
@@ -116,12 +117,13 @@ class _BlockedSoftHistogram(torch.autograd.Function):
             database, dtype=torch.promote_types(database.dtype, torch.float32)
         )
         tiles = _score_tiles(queries, database, labels, ref_labels, ctx.options)
-        for rows, scores, op_args in tiles:
-            grad_scores = torch.ops.fastap.soft_histogram_backward(
-                grad_n[rows], grad_p[rows], scores, *op_args
-            )
-            grad_queries[rows] = grad_scores @ database
-            grad_database += (grad_scores.T @ queries[rows]).to(grad_database.dtype)
+        with autocast_off(queries.device):  # (a backward called inside an autocast block)
+            for rows, scores, op_args in tiles:
+                grad_scores = torch.ops.fastap.soft_histogram_backward(
+                    grad_n[rows], grad_p[rows], scores, *op_args
+                )
+                grad_queries[rows] = grad_scores @ database
+                grad_database += (grad_scores.T @ queries[rows]).to(grad_database.dtype)
         grads = embedding_grads(saved[1], grad_queries, grad_database.to(database.dtype))
         return (*grads, None, None) + (None,) * 6
 
@@ -270,7 +272,7 @@ def histograms_from_embeddings(
     num_bins: int = DEFAULT_NUM_BINS,
     score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
     exclude_self: bool | None = None,
-    self_offset: int = 0,
+    self_offset: int | None = None,
     block_size: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -279,11 +281,12 @@ def histograms_from_embeddings(
 
     queries [N, D] and database [M, D] (default: the queries; then exclude_self defaults to
     True); labels [N] integer, and with a database its ref_labels [M] (without one the queries'
-    labels serve). With exclude_self, query i's
-    own entry is database row i + self_offset. Differentiable with respect to both embedding sets.
-    Embedding sets of two float dtypes are both taken in the wider one. backend: "auto",
-    "fused" (the tensor-core CUDA kernel) or "blockwise" (block_size queries at a time); see the
-    module docstring.
+    labels serve). With exclude_self, query i's own entry is database row i + self_offset
+    (default None: 0; as in fastap.ap_loss, self_offset without exclude_self is an error).
+    Differentiable with respect to both embedding sets. Embedding sets of two float dtypes are
+    both taken in the wider one; under torch.autocast, in autocast's dtype (fastap.cosine).
+    backend: "auto", "fused" (the tensor-core CUDA kernel) or "blockwise" (block_size queries at
+    a time); see the module docstring.
     """
     refuse_functorch_transforms()  # (first: a transform's tensors can fail the checks below)
     check_embedding_matrix(queries, "queries")
@@ -320,9 +323,12 @@ def histograms_from_embeddings(
         ref_labels = check_labels(
             ref_labels, "ref_labels", database.shape[0], "database row", queries, "queries"
         )
-    self_offset = check_int(self_offset, "self_offset", 0)
-    if self_offset and not exclude_self:
-        raise ValueError("fastap: self_offset only applies with exclude_self=True")
+    if self_offset is None:
+        self_offset = 0
+    else:
+        self_offset = check_int(self_offset, "self_offset", 0)
+        if not exclude_self:
+            raise ValueError("fastap: self_offset only applies with exclude_self=True")
     if exclude_self and queries.shape[0] + self_offset > database.shape[0]:
         raise ValueError(
             "fastap: exclude_self needs database row i + self_offset for every query i, got "
@@ -333,6 +339,13 @@ def histograms_from_embeddings(
     block_size = check_int(block_size, "block_size", 1)
     unit_queries = unit_rows(queries)
     unit_database = unit_queries if same_set else unit_rows(database)
+    # Under torch.autocast, the unit rows in the dtype autocast takes their product in (the
+    # score-matrix path's scores; fastap.cosine): every backend then bins, and differentiates,
+    # those scores, and the fused kernel runs on bf16/fp16 tensor cores.
+    product_dtype = autocast_product_dtype(unit_queries)
+    if product_dtype is not None:
+        unit_queries = unit_queries.to(product_dtype)
+        unit_database = unit_queries if same_set else unit_database.to(product_dtype)
     function: type[torch.autograd.Function]
     extra: tuple[int, ...]
     if _use_fused(backend, unit_queries, unit_database, num_bins):
@@ -364,7 +377,7 @@ def ap_loss_from_embeddings(
     num_bins: int = DEFAULT_NUM_BINS,
     score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
     exclude_self: bool | None = None,
-    self_offset: int = 0,
+    self_offset: int | None = None,
     variant: str = "ap_q",
     query_weights: torch.Tensor | None = None,
     block_size: int | None = None,
@@ -374,8 +387,10 @@ def ap_loss_from_embeddings(
     N x M score matrix (``backend``: block by block, or the fused CUDA kernel).
 
     Equal to ``fastap.ap_loss(fastap.cosine.cosine_scores(queries, database), labels=...,
-    ref_labels=..., ...)`` (same weighting: 1 - the weighted mean AP over the queries with a
-    positive), with gradients for both embedding sets, but never holding more than a
+    ref_labels=..., exclude_self=..., ...)`` given the same arguments (mind that exclude_self
+    defaults to True here without a database, and to False in fastap.ap_loss; the weighting is
+    the same: 1 - the weighted mean AP over the queries with a positive), with gradients for both
+    embedding sets, but never holding more than a
     ``block_size`` x M tile of scores (default: about 32 MB; the fused CUDA kernel holds none).
     Arguments as in :func:`histograms_from_embeddings`, plus ``variant`` and ``query_weights`` as
     in :func:`fastap.ap_loss`.

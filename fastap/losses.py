@@ -149,8 +149,9 @@ class _EmbeddingAPLoss(torch.nn.Module):
         ``ref_labels=None`` means in-batch: the database is the queries (the same tensor) and the
         labels are theirs. Above ``score_matrix_limit`` bytes of scores, computed from the
         embeddings without the score matrix (fastap.ap_loss_from_embeddings, backend "auto": the
-        same values in fp32 and fp64; bf16/fp16 embeddings on a GPU take the fused kernel, whose
-        scores are fp32 sums rather than scores rounded to bf16/fp16).
+        same values in fp32 and fp64, and under torch.autocast; bf16/fp16 embeddings on a GPU, or
+        autocast there, take the fused kernel, whose scores are fp32 sums rather than scores
+        rounded to bf16/fp16).
         """
         same_set = ref_labels is None
         if same_set and database is not queries:
@@ -167,7 +168,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
                 num_bins=self.num_bins,
                 score_range=self.score_range,
                 exclude_self=exclude_self,
-                self_offset=self_offset or 0,
+                self_offset=self_offset,
             )
             ap, has_positive = ap_from_histograms(n, p, positives, self.variant)
             return 1 - ap, has_positive

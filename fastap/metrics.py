@@ -12,7 +12,6 @@ values (tensors) or Python floats. Formulas and conventions: docs/metrics.md.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -20,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fastap._validation import check_embedding_matrix, check_int, check_labels, type_name
-from fastap.cosine import unit_rows
+from fastap.cosine import autocast_off, unit_rows
 
 __all__ = ["TIES", "average_precision", "retrieval_metrics", "revisited_map"]
 
@@ -414,13 +413,6 @@ def _recall_hits(
     return ((pos_above > 0) | in_group).double()
 
 
-def _autocast_off(device: torch.device):
-    """A context in which torch.autocast is off on `device`."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def retrieval_metrics(
     queries: torch.Tensor,
     database: torch.Tensor | None = None,
@@ -533,7 +525,7 @@ def retrieval_metrics(
 
     # Exact evaluation: the scores in the dtype named above, also inside an autocast block
     # (which would compute them in bf16 / fp16 and make ties of them).
-    with _autocast_off(queries.device):
+    with autocast_off(queries.device):
         dtype = torch.float64 if torch.float64 in (queries.dtype, database.dtype) else torch.float32
         q = unit_rows(queries.to(dtype))
         db = unit_rows(database.to(dtype))

@@ -201,6 +201,31 @@ def test_auto_backend_takes_the_fused_kernel(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_the_fused_kernel_takes_the_autocast_dtype(monkeypatch, dtype):
+    """float32 embeddings in an autocast block: the fused kernel gets the unit rows in autocast's
+    dtype (the score-matrix path's product; fastap.cosine), TF32 setting or not, and the loss is
+    close to the blockwise one in the same block (which rounds each score to that dtype)."""
+    calls = []
+    original = fastap.ops.EmbeddingHistogram.apply
+    monkeypatch.setattr(
+        fastap.embeddings.EmbeddingHistogram,
+        "apply",
+        lambda *args: calls.append(args[0].dtype) or original(*args),
+    )
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 40, generator=g).cuda().requires_grad_()
+    labels = torch.randint(0, 5, (300,), generator=g).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        fused = fastap.ap_loss_from_embeddings(x, labels=labels)
+        blockwise = fastap.ap_loss_from_embeddings(x, labels=labels, backend="blockwise")
+    assert calls == [dtype]
+    assert fused.dtype == blockwise.dtype == torch.float32
+    assert abs(fused.item() - blockwise.item()) < 2e-2
+    (grad,) = torch.autograd.grad(fused, x)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+
+
 def test_embeddings_wider_than_the_fused_kernels_take_the_blockwise_path():
     # One column past the backward's grid.z bound (65535 blocks of 256 columns): the operator
     # refuses it, the auto backend takes the blockwise path, backend="fused" says why not.

@@ -81,7 +81,8 @@ def test_api_md_signatures_are_the_functions(name, params):
 
 
 def test_api_md_constructor_defaults_are_the_classes():
-    # "fastap.APLoss(num_bins=20, ...)": every keyword shown is that parameter's default.
+    # "fastap.APLoss(num_bins=20, ...)": every keyword shown is that parameter's default, and a
+    # class shows every parameter of its constructor.
     checked = 0
     for block in python_blocks(API):
         if "->" in block:  # a signature block (the test above), not code
@@ -89,7 +90,10 @@ def test_api_md_constructor_defaults_are_the_classes():
         for node in ast.walk(ast.parse(block)):
             if not (isinstance(node, ast.Call) and ast.unparse(node.func).startswith("fastap.")):
                 continue
-            defaults = inspect.signature(resolve(ast.unparse(node.func))).parameters
+            target = resolve(ast.unparse(node.func))
+            defaults = inspect.signature(target).parameters
+            if inspect.isclass(target):  # a constructor shown: all its parameters, in order
+                assert [k.arg for k in node.keywords] == list(defaults), ast.unparse(node)
             for keyword in node.keywords:
                 shown = ast.literal_eval(keyword.value)
                 assert defaults[keyword.arg].default == shown, (ast.unparse(node), keyword.arg)

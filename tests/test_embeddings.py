@@ -138,10 +138,79 @@ def test_histograms_and_errors():
             exclude_self=True,
             self_offset=3,
         )
+    # self_offset as in fastap.ap_loss: None (the default) is 0; given without exclude_self
+    # (even 0) it is an error, on either path of the modules' per_query_loss too.
+    with pytest.raises(ValueError, match="self_offset only applies with exclude_self=True"):
+        fastap.ap_loss_from_embeddings(queries, labels=labels, exclude_self=False, self_offset=0)
+    for limit in (2**30, 0):
+        with pytest.raises(ValueError, match="self_offset only applies with exclude_self=True"):
+            fastap.APLoss(score_matrix_limit=limit).per_query_loss(
+                queries, queries, labels, labels, exclude_self=False, self_offset=0
+            )
+    with pytest.raises(TypeError, match="self_offset must be an int"):
+        fastap.ap_loss_from_embeddings(queries, labels=labels, self_offset=1.0)
+    explicit, default = (
+        fastap.ap_loss_from_embeddings(
+            queries[:5],
+            database,
+            labels=labels[:5],
+            ref_labels=ref_labels,
+            exclude_self=True,
+            self_offset=offset,
+        )
+        for offset in (0, None)
+    )
+    assert explicit.item() == default.item()
     with pytest.raises(TypeError, match="labels must be an integer"):
         fastap.ap_loss_from_embeddings(queries, labels=labels.float())
     with pytest.raises(ValueError, match="variant"):
         fastap.ap_loss_from_embeddings(queries, labels=labels, variant="x")
+
+
+@pytest.mark.parametrize("backward_in_autocast", [False, True])
+def test_under_autocast_the_blocks_differentiate_the_scores_they_binned(backward_in_autocast):
+    """Under torch.autocast the score-matrix path bins the unit rows' product in bf16; the
+    blockwise path bins the same scores and recomputes the same ones in its backward (also when
+    the backward runs inside the autocast block). One block against a database: the score-matrix
+    path's gradients; smaller blocks, and the in-batch case, differ from them by bf16 rounding of
+    partial products. (Before, a backward outside the block recomputed the scores in fp32: 7%
+    off.)"""
+    queries, database, labels, ref_labels = embedding_problem(
+        40, 30, 24, seed=8, dtype=torch.float32
+    )
+
+    def loss_and_grads(make_loss, in_batch):
+        q, db = queries.clone().requires_grad_(), database.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = make_loss(q, None if in_batch else db)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_in_autocast):
+            grads = torch.autograd.grad(loss, (q,) if in_batch else (q, db))
+        return loss.detach(), grads
+
+    def matrix_loss(q, db):
+        if db is None:
+            return fastap.APLoss()(q, labels)
+        return fastap.APLoss()(q, labels, ref_emb=db, ref_labels=ref_labels)
+
+    for in_batch in (False, True):
+        want_loss, want_grads = loss_and_grads(matrix_loss, in_batch)
+        for block_size in (None, 7):
+            # (In-batch, the score-matrix path sums the query's two gradients in bf16.)
+            tol = 1e-3 if block_size is None and not in_batch else 1e-2
+            loss, grads = loss_and_grads(
+                lambda q, db, block_size=block_size: fastap.ap_loss_from_embeddings(
+                    q,
+                    db,
+                    labels=labels,
+                    ref_labels=None if db is None else ref_labels,
+                    block_size=block_size,
+                ),
+                in_batch,
+            )
+            torch.testing.assert_close(loss, want_loss, rtol=0, atol=1e-6)
+            for got, want in zip(grads, want_grads):
+                assert got.dtype == torch.float32
+                assert (got - want).norm() <= tol * want.norm(), (in_batch, block_size)
 
 
 @pytest.mark.parametrize("loss_type", ["APLoss", "FastAPLoss", "memory"])
