@@ -2,7 +2,11 @@
 weights, differentiated by autograd. It is the oracle of the tests and the baseline of the
 benchmarks, never a fallback of the fused ops (it needs O(N * Q * M) memory).
 
-The arguments and answers are those of :mod:`fastap.functional`; arguments are not validated here.
+The arguments and answers are those of :mod:`fastap.functional` with its value checks off
+(``fastap.set_value_checks(False)``, the answers under ``torch.compile``); arguments are not
+validated here. As there, float16/bfloat16 scores are binned in float32, an ignored or excluded
+entry's score is never read (a NaN there changes nothing), and a query with a non-finite counted
+score gets NaN histograms (so its AP is NaN when it has a positive).
 """
 
 from __future__ import annotations
@@ -55,12 +59,17 @@ def soft_histogram(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n, p, positives): [N, Q] soft counts of all counted candidates and of the positives, and
     [N] the number of counted positives."""
+    work = scores if scores.dtype == torch.float64 else scores.float()
     positive, valid = relevance_and_valid(
-        scores, relevance, labels, ref_labels, ignore, exclude_self, self_offset
+        work, relevance, labels, ref_labels, ignore, exclude_self, self_offset
     )
-    weights = bin_weights(scores, num_bins, lo, hi) * valid[:, None, :]
+    counted = valid.bool()
+    binned = torch.where(counted, work, torch.full_like(work, lo))  # (others: weight 0 below)
+    weights = bin_weights(binned, num_bins, lo, hi) * valid[:, None, :]
     n = weights.sum(-1)
     p = (weights * positive[:, None, :]).sum(-1)
+    poisoned = (counted & ~torch.isfinite(work)).any(1, keepdim=True)
+    n, p = (torch.where(poisoned, torch.full_like(h, float("nan")), h) for h in (n, p))
     return n, p, (positive * valid).sum(-1).detach()
 
 

@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 
+import fastap
 from fastap import reference
 
 
@@ -68,3 +69,34 @@ def test_reference_loss_takes_weights_that_require_grad_without_a_warning():
         )
     loss.backward()
     assert weights.grad is not None and weights.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_answers_are_the_library_ones_with_value_checks_off(dtype):
+    """Awkward scores as fastap.functional answers them with its value checks off: half
+    precision binned in float32, NaN in ignored and excluded entries unread, a counted
+    non-finite score poisoning its query (AP NaN with a positive, 0 without one)."""
+    g = torch.Generator().manual_seed(3)
+    scores = (torch.rand(6, 9, generator=g) * 2.4 - 1.2).to(dtype)  # some outside the range
+    relevance = torch.rand(6, 9, generator=g) < 0.4
+    relevance[:, 0] = True
+    relevance[3] = False  # query 3: no positive
+    ignore = torch.rand(6, 9, generator=g) < 0.2
+    ignore[0, 4], ignore[1, 0] = True, False
+    scores[0, 4] = float("nan")  # ignored
+    scores[5, 7] = float("nan")  # query 5's own entry (self_offset 2), excluded
+    options = dict(num_bins=7, score_range=(-1.0, 1.0), exclude_self=True, self_offset=2)
+    for poison in (None, (1, 0), (3, 8)):  # a counted inf in a query with / without a positive
+        s = scores.clone()
+        if poison is not None:
+            s[poison] = float("inf")
+        with fastap.set_value_checks(False):
+            want = fastap.average_precision(s, relevance, ignore=ignore, **options)
+            want_loss = fastap.ap_loss(s, relevance, ignore=ignore, **options)
+        got = reference.average_precision(s, relevance, ignore=ignore, **options)
+        got_loss = reference.ap_loss(s, relevance, ignore=ignore, **options)
+        assert got.dtype == want.dtype == got_loss.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert got[1].isnan().item() == (poison == (1, 0))
+        assert got_loss.isnan().item() == (poison == (1, 0)) and got[3].item() == 0.0
