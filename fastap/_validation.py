@@ -54,6 +54,15 @@ def check_int(value, name: str, minimum: int, owner: str = "fastap", what: str =
     return value
 
 
+def check_bool(value, name: str, owner: str = "fastap", allow_none: bool = False):
+    """A flag argument: a Python bool (or None, with allow_none), not a number or a numpy bool;
+    TypeError naming the argument otherwise."""
+    if isinstance(value, bool) or (allow_none and value is None):
+        return value
+    what = "a bool or None" if allow_none else "a bool"
+    raise TypeError(f"{owner}: {name} must be {what}, got {type_name(value)}")
+
+
 def check_variant(variant, owner: str = "fastap") -> str:
     if variant not in VARIANTS:
         raise ValueError(f"{owner}: variant must be one of {VARIANTS}, got {variant!r}")
@@ -94,7 +103,9 @@ class set_value_checks:
     torch.compile: a query that holds a non-finite, counted score has AP NaN (so the loss is NaN),
     nonzero relevance is a positive, nonzero ignore ignores, query weights are used as given, and
     uint64 labels of 2**63 or more wrap onto negative int64 labels. Shapes, dtypes and devices are
-    always checked (that costs nothing).
+    always checked (that costs nothing). The exact metrics of fastap.metrics, which rank the
+    values and hand back Python floats or value tensors, check their scores, embeddings and masks
+    in either mode.
     """
 
     def __init__(self, mode: bool) -> None:
@@ -302,8 +313,7 @@ def check_histogram_args(
         )
     num_queries, num_candidates = scores.shape
     num_bins, lo, hi = check_bins(num_bins, score_range, scores.dtype)
-    if not isinstance(exclude_self, bool):
-        raise TypeError(f"fastap: exclude_self must be a bool, got {type_name(exclude_self)}")
+    check_bool(exclude_self, "exclude_self")
     if self_offset is None:
         if exclude_self and num_queries != num_candidates:
             raise ValueError(

@@ -19,7 +19,7 @@ import operator
 
 import torch
 
-from fastap._validation import MAX_NUM_BINS, check_query_weights, type_name
+from fastap._validation import MAX_NUM_BINS, check_bool, check_query_weights
 from fastap.functional import average_precision_and_validity, weights_over_largest
 
 
@@ -110,10 +110,7 @@ class TAPLoss(APLoss):
 
     def __init__(self, nq: int = 25, min: float = 0, max: float = 1, simplified: bool = False):
         super().__init__(nq=nq, min=min, max=max)
-        if not isinstance(simplified, bool):
-            raise TypeError(
-                f"fastap.compat: simplified must be a bool, got {type_name(simplified)}"
-            )
+        check_bool(simplified, "simplified", "fastap.compat")
         self.simplified = simplified
         self.variant = "tie_aware_simplified" if simplified else "tie_aware"
 

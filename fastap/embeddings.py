@@ -29,6 +29,7 @@ import torch
 
 from fastap._validation import (
     check_bins,
+    check_bool,
     check_embedding_matrix,
     check_int,
     check_labels,
@@ -37,7 +38,6 @@ from fastap._validation import (
     in_common_dtype,
     raise_if_poisoned,
     refuse_functorch_transforms,
-    type_name,
 )
 from fastap.cosine import autocast_off, autocast_product_dtype, unit_rows
 from fastap.functional import (
@@ -290,10 +290,7 @@ def histograms_from_embeddings(
     """
     refuse_functorch_transforms()  # (first: a transform's tensors can fail the checks below)
     check_embedding_matrix(queries, "queries")
-    if exclude_self is not None and not isinstance(exclude_self, bool):
-        raise TypeError(
-            f"fastap: exclude_self must be a bool or None, got {type_name(exclude_self)}"
-        )
+    check_bool(exclude_self, "exclude_self", allow_none=True)
     same_set = database is None
     if database is None:
         if ref_labels is not None:

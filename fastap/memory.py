@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastap._validation import check_int
+from fastap._validation import check_bool, check_int
 from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch, mean_over_valid
 
 
@@ -127,6 +127,7 @@ class CrossBatchMemory(torch.nn.Module):
         """The loss of the batch against itself and the memory; then, with ``enqueue``, the
         batch joins the memory (pass ``enqueue=False`` to evaluate without changing it)."""
         labels = check_batch(embeddings, labels, "fastap.CrossBatchMemory")
+        check_bool(enqueue, "enqueue", "fastap.CrossBatchMemory")
         if self.embeddings.numel() > 0:
             self._check_dimension(embeddings)
         stored, stored_labels = self.contents()

@@ -18,7 +18,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fastap._validation import check_embedding_matrix, check_int, check_labels, type_name
+from fastap._validation import (
+    check_bool,
+    check_embedding_matrix,
+    check_int,
+    check_labels,
+    type_name,
+)
 from fastap.cosine import autocast_off, unit_rows
 
 __all__ = ["TIES", "average_precision", "retrieval_metrics", "revisited_map"]
@@ -38,7 +44,16 @@ _CHUNK_BYTES = 256 * 2**20
 def _tensor(value, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type_name(value)}")
-    return value
+    return _with_values(value, name)
+
+
+def _with_values(t: torch.Tensor, name: str) -> torch.Tensor:
+    """The metrics are exact values computed from the inputs' values: a meta tensor has none."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"fastap: {name} is on the meta device, which holds no values (the metrics read them)"
+        )
+    return t
 
 
 def _same_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
@@ -126,7 +141,7 @@ def _mask_chunk(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _check_embeddings(value, name: str) -> torch.Tensor:
-    t = check_embedding_matrix(value, name)
+    t = _with_values(check_embedding_matrix(value, name), name)
     if t.numel() > 0 and not bool(torch.isfinite(t).all()):
         raise ValueError(f"fastap: {name} contain NaN or infinity")
     return t
@@ -339,8 +354,7 @@ def average_precision(
     if ignore is not None:
         ignore = _check_mask(ignore, "ignore", scores)
     ties = _check_ties(ties)
-    if not isinstance(return_valid, bool):
-        raise TypeError(f"fastap: return_valid must be a bool, got {type_name(return_valid)}")
+    check_bool(return_valid, "return_valid")
     n, m = scores.shape
     chunk = _check_chunk_size(chunk_size, m * scores.element_size())
 
@@ -487,10 +501,7 @@ def retrieval_metrics(
         )
         if exclude_self is None:
             exclude_self = False
-    if not isinstance(exclude_self, bool):
-        raise TypeError(
-            f"fastap: exclude_self must be a bool or None, got {type_name(exclude_self)}"
-        )
+    check_bool(exclude_self, "exclude_self", allow_none=True)
     m = database.shape[0]
     if m == 0 and n > 0:  # no queries: the metrics are NaN over 0 queries, as with a database
         raise ValueError("fastap: database must not be empty")
@@ -675,8 +686,7 @@ def revisited_map(
         hard images) is skipped in that setup, and num_queries counts the others; a setup with
         no query left has NaN values.
     """
-    if not isinstance(is_ranking, bool):
-        raise TypeError(f"fastap: is_ranking must be a bool, got {type_name(is_ranking)}")
+    check_bool(is_ranking, "is_ranking")
     name = "scores (a ranking)" if is_ranking else "scores"
     scores = _tensor(scores, "scores")
     if scores.dim() != 2:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fastap._validation import check_int
+from fastap._validation import check_bool, check_int
 
 _BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
 
@@ -99,6 +99,7 @@ def multistage_backward(
     other.
     """
     chunk_size = check_int(chunk_size, "chunk_size", 1)
+    check_bool(preserve_rng_state, "preserve_rng_state", "fastap.train.multistage_backward")
     chunks = _split(inputs, chunk_size)
     devices = _devices_of(chunks)
     device_type = "cuda" if devices else "cpu"

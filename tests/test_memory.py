@@ -22,6 +22,10 @@ def test_fifo_and_bound():
     assert memory.contents()[1].tolist() == [102, 103, 104, 105, 106]
     with pytest.raises(ValueError, match="dimension"):
         memory.enqueue(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+    for flag in ("no", 0, None):  # a truthy string would enqueue, a 0 would not: neither is taken
+        with pytest.raises(TypeError, match="enqueue must be a bool"):
+            memory(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), enqueue=flag)
+    assert memory.contents()[1].tolist() == [102, 103, 104, 105, 106]
 
 
 def test_loss_against_direct_computation_and_state_dict():

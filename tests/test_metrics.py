@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastap
 from fastap.metrics import TIES, average_precision, retrieval_metrics, revisited_map
 
 # --------------------------------------------------------------------------------------------
@@ -714,6 +715,26 @@ def test_device_mismatch_is_an_error():
         retrieval_metrics(emb, labels=torch.empty(4, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match="relevance"):
         average_precision(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bool, device="meta"))
+
+
+def test_meta_tensors_are_refused_by_name_and_value_checks_stay_on():
+    """The metrics rank values: a meta tensor (which has none) is a ValueError naming it, also
+    beside inputs on another device, and set_value_checks(False) leaves their checks on."""
+    meta = torch.zeros(4, 3, device="meta")
+    labels = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="database is on the meta device"):
+        retrieval_metrics(torch.randn(4, 3), meta, labels=labels, ref_labels=labels)
+    with pytest.raises(ValueError, match="queries is on the meta device"):
+        retrieval_metrics(meta, labels=labels.to("meta"))
+    with pytest.raises(ValueError, match="scores is on the meta device"):
+        average_precision(torch.zeros(2, 2, device="meta"), torch.zeros(2, 2, device="meta"))
+    with pytest.raises(ValueError, match="scores is on the meta device"):
+        revisited_map(torch.zeros(1, 2, device="meta"), [{"easy": [0], "hard": [], "junk": []}])
+    with fastap.set_value_checks(False):
+        with pytest.raises(ValueError, match="scores contain NaN"):
+            average_precision(torch.tensor([[float("nan"), 0.0]]), torch.tensor([[1, 0]]))
+        with pytest.raises(ValueError, match="relevance must hold only 0 and 1"):
+            average_precision(torch.zeros(1, 2), torch.tensor([[2, 0]]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -139,5 +139,7 @@ def test_bad_arguments():
         multistage_backward(model, images, lambda d: d, chunk_size=2)
     with pytest.raises(TypeError, match="inputs must be"):
         multistage_backward(model, [1, 2], lambda d: d.sum(), chunk_size=2)
+    with pytest.raises(TypeError, match="preserve_rng_state must be a bool, got str"):
+        multistage_backward(model, images, lambda d: d.sum(), 2, preserve_rng_state="no")
     with pytest.raises(ValueError, match="share their first dimension"):
         multistage_backward(model, (images, images[:2]), lambda d: d.sum(), chunk_size=2)
