@@ -10,7 +10,14 @@ import os
 
 import torch
 
-from fastap._validation import refuse_functorch_transforms
+from fastap._validation import (
+    check_bins,
+    check_bool,
+    check_int,
+    check_variant,
+    refuse_functorch_transforms,
+    type_name,
+)
 
 try:
     from fastap import _C  # type: ignore[attr-defined]  # noqa: F401  (registers the operators)
@@ -274,21 +281,20 @@ def soft_histogram(
     self_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Differentiable (n, p) histograms and the positive counts, from the fused kernels (see
-    SoftHistogram)."""
+    SoftHistogram). The Python arguments are checked as the front ends check them; the tensors'
+    shapes, dtypes and devices by the kernels; their values not at all (docs/api.md)."""
     _require_extension()
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"fastap: scores must be a torch.Tensor, got {type_name(scores)}")
     _require_device_kernels(scores)
     refuse_functorch_transforms()
+    check_bool(exclude_self, "exclude_self")
+    num_bins, lo, hi = check_bins(num_bins, (lo, hi), scores.dtype)
+    self_offset = check_int(self_offset, "self_offset", 0)
+    if self_offset and not exclude_self:
+        raise ValueError("fastap: self_offset only applies with exclude_self=True")
     return SoftHistogram.apply(
-        scores,
-        relevance,
-        labels,
-        ref_labels,
-        ignore,
-        exclude_self,
-        num_bins,
-        float(lo),
-        float(hi),
-        self_offset,
+        scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi, self_offset
     )
 
 
@@ -384,7 +390,7 @@ def ap_from_histograms(
     """Differentiable per-query AP from the histograms (see ApFromHistograms)."""
     _require_extension()
     refuse_functorch_transforms()
-    return ApFromHistograms.apply(n, p, positives, variant)
+    return ApFromHistograms.apply(n, p, positives, check_variant(variant))
 
 
 if _LOAD_ERROR is None:

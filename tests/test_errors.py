@@ -202,6 +202,32 @@ def test_direct_op_calls_are_checked():
             torch.ops.fastap.soft_histogram(S, R, None, None, None, True, 20, -1.0, 1.0, offset)
 
 
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(num_bins=True), TypeError, "num_bins must be an int, got bool"),
+        (dict(num_bins=torch.tensor(5)), TypeError, "num_bins must be an int, got torch.Tensor"),
+        (dict(num_bins=2.5), TypeError, "num_bins must be an int, got float"),
+        (dict(exclude_self=1), TypeError, "exclude_self must be a bool, got int"),
+        (dict(self_offset=1.0), TypeError, "self_offset must be an int"),
+        (dict(exclude_self=False, self_offset=1), ValueError, "only applies with exclude_self"),
+        (dict(lo=1.0, hi=0.0), ValueError, r"lo < hi, got \(1.0, 0.0\)"),
+        (dict(scores=[[0.5]]), TypeError, "scores must be a torch.Tensor, got list"),
+    ],
+)
+def test_python_op_wrappers_check_their_arguments_as_the_front_ends_do(change, error, match):
+    arguments = dict(
+        scores=S, relevance=None, labels=L4, ref_labels=L5, ignore=None, exclude_self=True,
+        num_bins=20, lo=-1.0, hi=1.0, self_offset=0,
+    )  # fmt: skip
+    arguments.update(change)
+    with pytest.raises(error, match=match):
+        fastap.ops.soft_histogram(**arguments)
+    n = torch.rand(4, 5)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        fastap.ops.ap_from_histograms(n, n, L4, 3)
+
+
 def test_direct_op_calls_with_a_meta_tensor_beside_cpu_ones_are_refused():
     """One meta argument sends a call to the fake (shape) function rather than the kernel: it
     checks the devices as the kernels do, instead of returning uninitialised CPU memory."""
