@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import threading
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
@@ -61,6 +62,16 @@ def check_bool(value, name: str, owner: str = "fastap", allow_none: bool = False
         return value
     what = "a bool or None" if allow_none else "a bool"
     raise TypeError(f"{owner}: {name} must be {what}, got {type_name(value)}")
+
+
+def integer_value(value) -> int:
+    """operator.index(value) for an int, a numpy integer or a 0-d integer tensor; TypeError for
+    anything else (a bool, a float, a tensor of another shape or dtype), for the caller to word."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError("a bool")
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool):
+        raise TypeError("not a 0-d integer tensor")
+    return operator.index(value)
 
 
 def check_variant(variant, owner: str = "fastap") -> str:
@@ -143,9 +154,9 @@ def _check_tensor(value, name: str) -> torch.Tensor:
     return value
 
 
-def _check_device(t: torch.Tensor, name: str, scores: torch.Tensor) -> None:
+def _check_device(t: torch.Tensor, name: str, scores: torch.Tensor, what: str = "scores") -> None:
     if t.device != scores.device:
-        raise ValueError(f"fastap: {name} is on {t.device} but scores is on {scores.device}")
+        raise ValueError(f"fastap: {name} is on {t.device} but {what} is on {scores.device}")
 
 
 def _check_mask(value, name: str, scores: torch.Tensor) -> torch.Tensor:
@@ -368,9 +379,10 @@ def check_histogram_args(
     )
 
 
-def check_query_weights(query_weights, scores: torch.Tensor) -> torch.Tensor:
+def check_query_weights(query_weights, scores: torch.Tensor, what: str = "scores") -> torch.Tensor:
+    """[N] weights beside `scores` [N, ...] (`what`: the caller's name for that tensor)."""
     t = _check_tensor(query_weights, "query_weights")
-    _check_device(t, "query_weights", scores)
+    _check_device(t, "query_weights", scores, what)
     if not t.is_floating_point():
         raise TypeError(f"fastap: query_weights must be floating point, got dtype {t.dtype}")
     if t.dim() != 1 or t.shape[0] != scores.shape[0]:

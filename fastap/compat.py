@@ -15,12 +15,35 @@ They live here because ``fastap.APLoss`` is the pytorch-metric-learning-style mo
 from __future__ import annotations
 
 import math
-import operator
+import re
 
 import torch
 
-from fastap._validation import MAX_NUM_BINS, check_bool, check_query_weights
+from fastap._validation import MAX_NUM_BINS, check_bool, check_query_weights, integer_value
 from fastap.functional import average_precision_and_validity, weights_over_largest
+
+# fastap's names of the arguments, and theirs here (in the messages of the checks).
+_THEIR_NAMES = {
+    "scores": "x",
+    "relevance": "label",
+    "query_weights": "qw",
+    "score_range": "min and max",
+}
+
+
+def _in_their_terms(error: Exception) -> Exception:
+    """`error`, raised by a check of fastap's, with the arguments named as this module's callers
+    know them (x, label, qw, nq, min and max), and without advice that does not apply here."""
+    message = str(error).replace("fastap: ", "fastap.compat: ", 1)
+    message = message.replace("mask such entries with `ignore` or fix", "fix")
+    message = re.sub(r"\bscores contain\b", "x contains", message)
+    message = re.sub(r"\bwith (\d+) bins\b", r"with nq = \1 bins", message)
+    message = re.sub(
+        r"\b(scores|relevance|query_weights|score_range)\b(?! are binned)",
+        lambda found: _THEIR_NAMES[found.group(1)],
+        message,
+    )
+    return type(error)(message)
 
 
 def _weighted_mean(
@@ -44,9 +67,7 @@ class APLoss(torch.nn.Module):
     def __init__(self, nq: int = 25, min: float = 0, max: float = 1):
         super().__init__()
         try:
-            if isinstance(nq, bool):
-                raise TypeError
-            nq = operator.index(nq)  # an int, numpy integer or integer tensor; not a float
+            nq = integer_value(nq)  # an int, numpy integer or 0-d integer tensor; not a float
         except TypeError:
             raise TypeError(
                 f"fastap.compat: nq (the number of bins) must be an int, got {nq!r}"
@@ -86,13 +107,17 @@ class APLoss(torch.nn.Module):
                     "fastap.compat: x must be an N x M score matrix and label its N x M relevance, "
                     f"got x {list(x.shape)} and label {list(label.shape)}"
                 )
-        ap, has_positive = average_precision_and_validity(
-            x,
-            label,
-            num_bins=self.nq,
-            score_range=(self.min, self.max),
-            variant=self.variant,
-        )
+        try:
+            ap, has_positive = average_precision_and_validity(
+                x,
+                label,
+                num_bins=self.nq,
+                score_range=(self.min, self.max),
+                variant=self.variant,
+            )
+            qw = None if qw is None else check_query_weights(qw, x)
+        except (TypeError, ValueError) as error:
+            raise _in_their_terms(error) from None
         if ret == "AP":
             return ap
         valid = has_positive.to(ap.dtype)
@@ -100,7 +125,7 @@ class APLoss(torch.nn.Module):
         if qw is None:
             mean_ap = (valid * ap).sum() / count.clamp_min(1)
         else:
-            mean_ap = _weighted_mean(ap, has_positive, check_query_weights(qw, x), count)
+            mean_ap = _weighted_mean(ap, has_positive, qw, count)
         return torch.where(count > 0, 1 - mean_ap, torch.zeros_like(mean_ap))
 
 

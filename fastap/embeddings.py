@@ -407,5 +407,5 @@ def ap_loss_from_embeddings(
     )
     ap, has_positive = ap_from_histograms(n, p, positives, variant)
     if query_weights is not None:
-        query_weights = check_query_weights(query_weights, n)
+        query_weights = check_query_weights(query_weights, queries, "queries")
     return weighted_loss(ap, has_positive, query_weights)

@@ -13,7 +13,6 @@ values (tensors) or Python floats. Formulas and conventions: docs/metrics.md.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,6 +22,7 @@ from fastap._validation import (
     check_embedding_matrix,
     check_int,
     check_labels,
+    integer_value,
     type_name,
 )
 from fastap.cosine import autocast_off, unit_rows
@@ -85,9 +85,7 @@ def _check_positive_ints(values, name: str) -> tuple[int, ...]:
     out: list[int] = []
     for value in values:
         try:
-            if isinstance(value, bool):
-                raise TypeError
-            v = operator.index(value)  # ints, numpy and 0-d torch integers
+            v = integer_value(value)  # ints, numpy and 0-d torch integers
         except TypeError:
             raise TypeError(
                 f"fastap: {name} must be a sequence of positive ints, got an element {value!r}"

@@ -149,6 +149,9 @@ def test_histograms_and_errors():
             )
     with pytest.raises(TypeError, match="self_offset must be an int"):
         fastap.ap_loss_from_embeddings(queries, labels=labels, self_offset=1.0)
+    with pytest.raises(ValueError, match="query_weights is on meta but queries is on cpu"):
+        weights = torch.ones(queries.shape[0], device="meta")
+        fastap.ap_loss_from_embeddings(queries, labels=labels, query_weights=weights)
     explicit, default = (
         fastap.ap_loss_from_embeddings(
             queries[:5],

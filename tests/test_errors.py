@@ -417,6 +417,27 @@ def test_front_end_errors_name_their_own_arguments():
         compat.APLoss(min=None)
     with pytest.raises(ValueError, match=r"got x \[5, 7\] and label \[3, 7\]"):
         compat.APLoss()(torch.rand(5, 7), torch.rand(3, 7) > 0.5)
+    with pytest.raises(TypeError, match=r"nq .* must be an int, got tensor\(\[5\]\)"):
+        compat.APLoss(nq=torch.tensor([5]))  # (a 0-d tensor only)
+    # The checks behind compat name its arguments: x, label, qw, nq, min and max.
+    x, label = torch.rand(4, 5), torch.rand(4, 5) > 0.5
+    poisoned = x.clone()
+    poisoned[1, 2] = float("nan")
+    for call, error, message in [
+        (lambda: compat.APLoss()(x.long(), label), TypeError, "x must be float32"),
+        (lambda: compat.APLoss()(x, label * 0.5), ValueError, "label must hold only 0 and 1"),
+        (lambda: compat.APLoss()(x, label, qw=-torch.ones(4)), ValueError, "qw must be finite"),
+        (lambda: compat.TAPLoss()(x, label.to("meta")), ValueError, "label is on meta but x is"),
+        (lambda: compat.APLoss()(poisoned, label), ValueError, r"x contains NaN .* row 1\); fix"),
+        (
+            lambda: compat.APLoss(min=0, max=1e-50)(x, label),
+            ValueError,
+            r"min and max \(0.0, 1e-50\) with nq = 25 bins does not fit float32",
+        ),
+    ]:
+        with pytest.raises(error, match=f"^fastap.compat: {message}") as raised:
+            call()
+        assert "ignore" not in str(raised.value)
     e, labels = torch.randn(16, 8), torch.randint(0, 4, (16,))
     with pytest.raises(ValueError, match=r"labels must be 1-D with one label per row of embed"):
         fastap.APLoss()(e, labels[:10])
