@@ -225,7 +225,9 @@ def differentiable_once(backward):
 
 
 def dense_histogram_grads(grad_n, grad_p):
-    """The incoming gradients of (n, p) as tensors (autograd passes None for an unused output)."""
+    """The incoming gradients of (n, p) as tensors. (Defensive: torch materialises an unused
+    output's gradient as zeros on the Function, torch.ops and torch.compile paths, as far as
+    tests with torch 2.13 see, but a None would otherwise reach the kernels.)"""
     if grad_n is None:
         grad_n = torch.zeros_like(grad_p)
     if grad_p is None:

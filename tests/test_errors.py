@@ -271,6 +271,9 @@ def test_score_ranges_that_the_grid_cannot_hold(dtype):
             torch.ops.fastap.soft_histogram(
                 scores, relevance, None, None, None, False, num_bins, lo, hi
             )
+    if dtype != torch.float64:  # the front end's own check (it names the dtype), not the op's
+        with pytest.raises(ValueError, match=f"in which {dtype} scores are binned"):
+            fastap.ap_loss(scores, relevance, num_bins=3, score_range=(1.0, 1.0 + 1e-10))
     # Ranges beside those are taken: float64 scores over (1, 1 + 1e-10) bin correctly.
     if dtype == torch.float64:
         n = torch.ops.fastap.soft_histogram(
@@ -560,3 +563,34 @@ def test_torch_func_transforms_are_refused_with_a_fastap_message():
     scores.requires_grad_(True)
     fastap.ap_loss(scores, relevance).backward()
     assert scores.grad is not None
+
+
+def test_negative_relevance_and_ignore_entries_count_as_nonzero_without_value_checks(device):
+    """Without value checks a mask is taken as documented: any nonzero entry, negative ones
+    included, is a positive (relevance) or ignored (ignore)."""
+    relevance = R.to(device).double()
+    ignore = torch.zeros(4, 5, dtype=torch.float64, device=device)
+    ignore[1, 2] = ignore[3, 0] = 1
+    scores = S.to(device)
+    expected = fastap.average_precision(scores, relevance != 0, ignore=ignore != 0)
+    with fastap.set_value_checks(False):
+        got = fastap.average_precision(scores, relevance * -2.5, ignore=ignore * -1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_miner_index_equal_to_the_batch_size_is_refused():
+    e = torch.randn(4, 3)
+    labels = torch.tensor([0, 0, 1, 1])
+    for loss in (fastap.APLoss(), fastap.FastAPLoss()):
+        with pytest.raises(ValueError, match=r"indices outside \[0, 4\)"):
+            loss(e, labels, indices_tuple=(L4, L4, torch.tensor([0, 1, 2, 4])))
+        loss(e, labels, indices_tuple=(L4, L4, torch.tensor([0, 1, 2, 3])))  # the largest: fine
+
+
+def test_compat_query_weights_go_with_the_loss_only():
+    x, label = torch.rand(3, 4), torch.rand(3, 4) > 0.5
+    qw = torch.ones(3)
+    for module in (fastap.compat.APLoss(), fastap.compat.TAPLoss()):
+        with pytest.raises(ValueError, match=r"qw \(query weights\) only applies to ret='1-mAP'"):
+            module(x, label, qw=qw, ret="AP")
+        module(x, label, qw=qw)  # with the loss: fine

@@ -88,3 +88,35 @@ def test_embedding_sets_of_two_dtypes_are_taken_in_the_wider():
             got = loss_fn(q, d)
             assert got.dtype == torch.float64
             torch.testing.assert_close(got, loss_fn(q.double(), d.double()), rtol=0, atol=1e-12)
+
+
+def test_per_query_loss_above_the_limit_takes_the_embeddings_path(monkeypatch):
+    """Above score_matrix_limit, per_query_loss computes from the embeddings (no score matrix),
+    with the same answer, self_offset included (as DistributedAPLoss passes it on ranks > 0)."""
+    g = torch.Generator().manual_seed(3)
+    database = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    ref_labels = torch.randint(0, 3, (11,), generator=g)
+    offset = 4
+    queries, labels = database[offset : offset + 5], ref_labels[offset : offset + 5]
+    calls = []
+    real = fastap.losses.histograms_from_embeddings
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastap.losses, "histograms_from_embeddings", spy)
+    results = []
+    for limit in (2**30, 0):
+        per_query, valid = fastap.APLoss(num_bins=9, score_matrix_limit=limit).per_query_loss(
+            queries, database, labels, ref_labels, exclude_self=True, self_offset=offset
+        )
+        results.append((per_query, valid))
+    assert len(calls) == 1 and calls[0]["self_offset"] == offset  # only for limit = 0
+    scores = F.normalize(queries, dim=1) @ F.normalize(database, dim=1).T
+    ap, has_positive = reference._ap_and_validity(
+        scores, None, labels, ref_labels, 9, (-1.0, 1.0), None, True, offset, "ap_q"
+    )
+    for per_query, valid in results:
+        assert torch.equal(valid, has_positive)
+        torch.testing.assert_close(per_query, 1 - ap, rtol=0, atol=1e-12)

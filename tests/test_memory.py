@@ -89,3 +89,15 @@ def test_state_dict_of_another_size_is_refused():
     state[next(k for k in state if k.endswith("_extra_state"))] = {"filled": 11, "next": 0}
     with pytest.raises(ValueError, match="filled=11, next=0 does not fit its 10 stored entries"):
         CrossBatchMemory(size=10).load_state_dict(state)
+
+
+def test_state_whose_next_entry_is_past_the_end_is_refused():
+    memory = CrossBatchMemory(size=10)
+    memory(torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    state = memory.state_dict()
+    key = next(k for k in state if k.endswith("_extra_state"))
+    state[key] = {"filled": 10, "next": 9}  # the last slot: fine
+    CrossBatchMemory(size=10).load_state_dict(state)
+    state[key] = {"filled": 10, "next": 10}
+    with pytest.raises(ValueError, match="filled=10, next=10 does not fit its 10 stored entries"):
+        CrossBatchMemory(size=10).load_state_dict(state)

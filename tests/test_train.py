@@ -1,5 +1,7 @@
 """Multi-stage backpropagation: the gradients of a plain backward, chunk by chunk."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -143,3 +145,51 @@ def test_bad_arguments():
         multistage_backward(model, images, lambda d: d.sum(), 2, preserve_rng_state="no")
     with pytest.raises(ValueError, match="share their first dimension"):
         multistage_backward(model, (images, images[:2]), lambda d: d.sum(), chunk_size=2)
+
+
+def test_gradients_are_synchronised_with_the_last_chunk_only():
+    """Under DistributedDataParallel (a model with no_sync) every chunk but the last runs under
+    no_sync(), so that the gradient all-reduce happens once, with the complete gradient."""
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.syncing = True
+            self.synced_chunks = []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.syncing = False
+            try:
+                yield
+            finally:
+                self.syncing = True
+
+        def forward(self, x):
+            if torch.is_grad_enabled():  # stage 3
+                self.synced_chunks.append(self.syncing)
+            return self.model(x)
+
+    model = Recorder(freeze_batchnorm(small_cnn()))
+    images, labels = batch(10)
+    multistage_backward(model, images, lambda d: fastap.APLoss()(d, labels), chunk_size=3)
+    assert model.synced_chunks == [False, False, False, True]
+
+
+def test_grad_scaler_scales_the_parameter_gradients():
+    """With a GradScaler the loss is scaled before its backward: the gradients come out
+    multiplied by the scale (which scaler.step divides out), the returned loss is not."""
+    images, labels = batch(12)
+    loss_fn = fastap.APLoss()
+    plain = freeze_batchnorm(small_cnn())
+    plain_loss = multistage_backward(plain, images, lambda d: loss_fn(d, labels), chunk_size=5)
+    scaled = freeze_batchnorm(small_cnn())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    loss = multistage_backward(
+        scaled, images, lambda d: loss_fn(d, labels), chunk_size=5, scaler=scaler
+    )
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    for ours, ref in zip(grads(scaled), grads(plain)):
+        assert ref.any()
+        torch.testing.assert_close(ours, ref * 2.0**10, rtol=1e-12, atol=0)
