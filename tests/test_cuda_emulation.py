@@ -379,14 +379,15 @@ def test_kernels_have_no_data_races(emulators, tmp_path, options):
 # --- the AP formula's launchers (csrc/cuda/ap_formula.cu) ---
 
 
+@pytest.mark.parametrize("rows", [300, 5])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("variant", fastap.VARIANTS)
-def test_ap_formula_kernels_equal_cpu_op(emulators, tmp_path, variant, dtype):
+def test_ap_formula_kernels_equal_cpu_op(emulators, tmp_path, variant, dtype, rows):
     """fastap::ap_from_histograms and its backward on the emulated GPU equal the CPU op, bit for
     bit (the same row code, ap_formula.h, one thread per row): rows with and without positives,
-    empty bins, and more rows than one block."""
+    empty bins, and more rows than one block (300) or fewer (5: the grid still has a block)."""
     g = torch.Generator().manual_seed(3)
-    rows, q = 300, 13
+    q = 13
     p = torch.rand(rows, q, generator=g, dtype=dtype) * (torch.rand(rows, q, generator=g) < 0.5)
     n = torch.rand(rows, q, generator=g, dtype=dtype) * (torch.rand(rows, q, generator=g) < 0.7)
     p[::7] = 0  # queries without a positive
@@ -462,7 +463,9 @@ def emulate_embedding(binary, tmp_path, queries, database, labels, ref_labels, o
 
 
 def check_embedding_kernels(binary, tmp_path, n, m, d, dtype, *, same_set=False, self_offset=0,
-                            num_bins=20, seed=0, **options):  # fmt: skip
+                            num_bins=20, seed=0, non_finite_queries=(), **options):  # fmt: skip
+    """The fused kernels against the score-matrix op on the same scores. `non_finite_queries`:
+    queries whose first entry becomes NaN, +inf, NaN, ... (their scores are not finite)."""
     g = torch.Generator().manual_seed(seed)
     database = exact_embeddings(m, d, dtype, g)
     ref_labels = torch.randint(0, 3, (m,), generator=g)
@@ -472,6 +475,10 @@ def check_embedding_kernels(binary, tmp_path, n, m, d, dtype, *, same_set=False,
     else:
         queries = exact_embeddings(n, d, dtype, g)
         labels = torch.randint(0, 3, (n,), generator=g)
+    if non_finite_queries:
+        queries = queries.clone()
+        for k, row in enumerate(non_finite_queries):
+            queries[row, 0] = float("nan") if k % 2 == 0 else float("inf")
     common = dict(exclude_self=same_set, self_offset=self_offset, num_bins=num_bins)
 
     # Exact in fp64, and exactly representable in fp32: the fp32 scores are the kernels' scores,
@@ -479,6 +486,9 @@ def check_embedding_kernels(binary, tmp_path, n, m, d, dtype, *, same_set=False,
     scores = (queries.double() @ database.double().T).float()
     op_args = (None, labels, ref_labels, None, same_set, num_bins, -1.0, 1.0, self_offset)
     expected = torch.ops.fastap.soft_histogram(scores, *op_args)
+    poisoned = torch.zeros(n, dtype=torch.bool)
+    poisoned[list(non_finite_queries)] = True
+    assert torch.equal(expected[0].isnan().any(1), poisoned)  # those rows only, all bins
     got = emulate_embedding(
         binary, tmp_path, queries, database, labels, ref_labels, "embedding_forward",
         **common, **options,
@@ -498,9 +508,10 @@ def check_embedding_kernels(binary, tmp_path, n, m, d, dtype, *, same_set=False,
     )  # fmt: skip
     # fp32 accumulation, then one rounding to the output dtype.
     for got, want in ((grad_q, expected_q), (grad_db, expected_db)):
-        scale = want.abs().max().clamp_min(1e-30)
+        scale = want.nan_to_num(posinf=0, neginf=0).abs().max().clamp_min(1e-30)
         tol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
-        torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=tol)
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=tol,
+                                   equal_nan=True)  # fmt: skip
 
 
 EMBEDDING_SHAPES = [  # (N, M, D, options)
@@ -518,10 +529,24 @@ def test_embedding_kernels_equal_the_score_matrix_op(emulators, tmp_path, dtype,
     check_embedding_kernels(emulators["address"], tmp_path, n, m, d, dtype, seed=n + d, **options)
 
 
-@pytest.mark.parametrize("options", [{}, {"min_split": 64}])
-def test_embedding_kernels_exclude_self_with_offset(emulators, tmp_path, options):
+# A block's own rows meet their own columns in a step when the two ranges overlap, by as little as
+# one pair: with self_offset = 1 own row 63 pairs with the next step's column 0 (queries as own
+# rows) and own row 0 with the previous step's column 63 (database as own rows); 63 the other way.
+@pytest.mark.parametrize(
+    "self_offset,options", [(9, {}), (9, {"min_split": 64}), (1, {}), (63, {"min_split": 64})]
+)
+def test_embedding_kernels_exclude_self_with_offset(emulators, tmp_path, self_offset, options):
     check_embedding_kernels(emulators["address"], tmp_path, 77, 150, 24, torch.bfloat16,
-                            same_set=True, self_offset=9, num_bins=7, **options)  # fmt: skip
+                            same_set=True, self_offset=self_offset, num_bins=7,
+                            **options)  # fmt: skip
+
+
+# A query with a non-finite embedding has non-finite scores: its histograms are NaN, as the
+# score-matrix op's (the other rows' stay finite), and so are its gradients.
+@pytest.mark.parametrize("wgmma", [0, 1])
+def test_embedding_kernels_poison_rows_with_non_finite_embeddings(emulators, tmp_path, wgmma):
+    check_embedding_kernels(emulators["address"], tmp_path, 70, 133, 24, torch.bfloat16,
+                            non_finite_queries=(1, 66), wgmma=wgmma)  # fmt: skip
 
 
 @pytest.mark.parametrize(
