@@ -175,7 +175,9 @@ def test_fused_self_offset_deterministic_and_compiled():
     assert torch.equal(compiled(queries, database), loss)
 
 
-def test_auto_backend_takes_the_fused_kernel(monkeypatch):
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The dtype of the queries of each call of the fused kernels' Function, in order."""
     calls = []
     original = fastap.ops.EmbeddingHistogram.apply
     monkeypatch.setattr(
@@ -183,6 +185,11 @@ def test_auto_backend_takes_the_fused_kernel(monkeypatch):
         "apply",
         lambda *args: calls.append(args[0].dtype) or original(*args),
     )
+    return calls
+
+
+def test_auto_backend_takes_the_fused_kernel(fused_calls):
+    calls = fused_calls
     x = torch.randn(50, 16, device="cuda")
     labels = torch.randint(0, 3, (50,), device="cuda")
     histograms_from_embeddings(x.bfloat16(), labels=labels)
@@ -202,17 +209,12 @@ def test_auto_backend_takes_the_fused_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_under_autocast_the_fused_kernel_takes_the_autocast_dtype(monkeypatch, dtype):
-    """float32 embeddings in an autocast block: the fused kernel gets the unit rows in autocast's
-    dtype (the score-matrix path's product; fastap.cosine), TF32 setting or not, and the loss is
-    close to the blockwise one in the same block (which rounds each score to that dtype)."""
-    calls = []
-    original = fastap.ops.EmbeddingHistogram.apply
-    monkeypatch.setattr(
-        fastap.embeddings.EmbeddingHistogram,
-        "apply",
-        lambda *args: calls.append(args[0].dtype) or original(*args),
-    )
+def test_under_autocast_the_fused_kernel_takes_the_autocast_dtype(fused_calls, dtype):
+    """float32 embeddings in an autocast block (which, with TF32 off as by default, take the
+    blockwise path outside one): the fused kernel gets the unit rows in autocast's dtype (the
+    score-matrix path's product; fastap.cosine), and the loss is close to the blockwise one in the
+    same block (which rounds each score to that dtype)."""
+    calls = fused_calls
     g = torch.Generator().manual_seed(5)
     x = torch.randn(300, 40, generator=g).cuda().requires_grad_()
     labels = torch.randint(0, 5, (300,), generator=g).cuda()
