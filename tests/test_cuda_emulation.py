@@ -376,6 +376,30 @@ def test_kernels_have_no_data_races(emulators, tmp_path, options):
     check_both(emulators["thread"], tmp_path, fast_problem, fast=True, **options)
 
 
+# --- the device branches of the shared binning (csrc/binning.h) ---
+
+
+def test_binning_device_branches_equal_the_host_ones(tmp_path):
+    """binning.h's #ifdef __CUDA_ARCH__ branches, which the emulation above never compiles (it
+    has no __CUDA_ARCH__), built for the host with the device functions they call: the same
+    bins, fractions, slopes and gradients as the host branches, bit for bit
+    (tests/emulation/binning_branches.cpp)."""
+    outputs = {}
+    for branches, flags in (("host", []), ("device", ["-D__CUDA_ARCH__=900"])):
+        binary = tmp_path / f"binning_{branches}"
+        command = [
+            "g++", "-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", *flags,
+            str(ROOT / "tests/emulation/binning_branches.cpp"), "-o", str(binary),
+        ]  # fmt: skip
+        subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
+        result = subprocess.run([str(binary)], capture_output=True, text=True, check=True)
+        marker, *lines = result.stdout.splitlines()
+        assert marker == f"branches: {branches}"
+        outputs[branches] = lines
+    assert len(outputs["host"]) > 3000
+    assert outputs["device"] == outputs["host"]
+
+
 # --- the AP formula's launchers (csrc/cuda/ap_formula.cu) ---
 
 
