@@ -57,14 +57,18 @@ def cosine_scores(queries: torch.Tensor, database: torch.Tensor) -> torch.Tensor
     return unit_queries @ unit_database.T
 
 
+#: The devices of fastap's kernels, whose autocast state the paths from embeddings read: a fixed
+#: list, as torch.compile cannot trace torch.amp.is_autocast_available in torch 2.5 (meta tensors
+#: have no autocast; other devices have no fastap kernels).
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
+
+
 def autocast_product_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype that an enabled ``torch.autocast`` on ``x``'s device casts ``x`` to for a matrix
     product, or None (autocast off there, or ``x`` not one it casts: float64 and integer tensors
     stay as they are)."""
     device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type):
-        return None
-    if not torch.is_autocast_enabled(device_type):
+    if device_type not in AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
         return None
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None
@@ -72,7 +76,10 @@ def autocast_product_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def autocast_off(device: torch.device):
-    """A context in which ``torch.autocast`` is off on ``device``."""
-    if torch.amp.is_autocast_available(device.type):
+    """A context in which ``torch.autocast`` is off on ``device`` (any device with an autocast in
+    eager mode, as fastap.metrics may run on one; under torch.compile those of fastap's kernels)."""
+    if device.type in AUTOCAST_DEVICE_TYPES or (
+        not torch.compiler.is_compiling() and torch.amp.is_autocast_available(device.type)
+    ):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
