@@ -36,7 +36,7 @@ def ap_from_histograms(
     Returns:
         (ap [N], has_positive [N] bool). A query without positives gets ap = 0 and no gradient.
     """
-    ap = ops.ap_from_histograms(n, p, num_positives, check_variant(variant))
+    ap = ops.ap_from_histograms(n, p, num_positives, variant)  # (which checks the variant)
     # The op's rule for which rows have a positive (csrc/ap_inputs.cpp); NaN > 0 is False.
     counts = num_positives.round() if num_positives.is_floating_point() else num_positives
     return ap, counts > 0
@@ -47,7 +47,7 @@ def _histograms(source: str, *arguments) -> tuple[torch.Tensor, torch.Tensor, to
     the caller was given ("scores" or "embeddings"), which an error about non-finite scores
     names."""
     args = check_histogram_args(*arguments)
-    n, p, positives = ops.soft_histogram(
+    n, p, positives = ops.soft_histogram_of_checked_args(
         args.scores,
         args.relevance,
         args.labels,

@@ -285,19 +285,25 @@ def soft_histogram(
     """Differentiable (n, p) histograms and the positive counts, from the fused kernels (see
     SoftHistogram). The Python arguments are checked as the front ends check them; the tensors'
     shapes, dtypes and devices by the kernels; their values not at all (docs/api.md)."""
-    _require_extension()
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"fastap: scores must be a torch.Tensor, got {type_name(scores)}")
-    _require_device_kernels(scores)
     refuse_functorch_transforms()
     check_bool(exclude_self, "exclude_self")
     num_bins, lo, hi = check_bins(num_bins, (lo, hi), scores.dtype)
     self_offset = check_int(self_offset, "self_offset", 0)
     if self_offset and not exclude_self:
         raise ValueError("fastap: self_offset only applies with exclude_self=True")
-    return SoftHistogram.apply(
+    return soft_histogram_of_checked_args(
         scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi, self_offset
     )
+
+
+def soft_histogram_of_checked_args(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """soft_histogram's Function on arguments that soft_histogram or check_histogram_args (with
+    the torch.func refusal) has checked already: the front ends' path, which checks them once."""
+    _require_extension()
+    _require_device_kernels(args[0])
+    return SoftHistogram.apply(*args)
 
 
 def embedding_sets(queries, database, labels, ref_labels):
