@@ -54,7 +54,12 @@ OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 # The device tool brings back at most 8 files from $OUT: the logs go to $LOGS and come back as one
 # archive, $OUT/logs.tar.gz, beside the JSON results and summary.md (the tables and the summary).
-LOGS=$(mktemp -d /tmp/gpu_check.XXXXXX)
+# $LOGS, the carried wheels' site and the example's output lie in one directory of this run's,
+# removed when the script exits (TMPDIR: where it is made).
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") || exit 2
+trap 'rm -rf "$SCRATCH"' EXIT
+LOGS=$SCRATCH/logs
+mkdir "$LOGS"
 export PYTHONUNBUFFERED=1 HYPOTHESIS_PROFILE=ci PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
 CALL=${1:-all}
@@ -230,7 +235,7 @@ echo "kernel $kernel" | tee -a "$LOGS/gpu.txt"
 # The wheels that benchmarks/gpu_wheels.sh downloaded here and the device call carried (.whl/):
 # installed beside the machine's packages, never over them (--no-deps).
 if compgen -G ".whl/*.whl" >/dev/null; then
-  site=$(mktemp -d /tmp/gpu_check_site.XXXXXX)
+  site=$SCRATCH/site
   $PY -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl &&
     export PYTHONPATH=$PYTHONPATH:$site && echo "carried wheels: $(cd .whl && echo *.whl)" |
     tee -a "$LOGS/gpu.txt"
@@ -368,6 +373,6 @@ step loss 150 loss.md $PY benchmarks/bench_ap_loss.py --device cuda \
 # example: the reference training example end to end on the GPU, 5 epochs of each fastap loss
 # (APLoss, its tie-aware variant, cross-batch memory; multi-stage backward), its report last.
 step example 90 example.md $PY examples/train.py --device cuda --epochs 5 \
-  --loss fastap,tie_aware,fastap_xbm --out "$(mktemp -d /tmp/gpu_check_train.XXXXXX)"
+  --loss fastap,tie_aware,fastap_xbm --out "$SCRATCH/train"
 report
 cat "$OUT/summary.md"

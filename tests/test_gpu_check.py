@@ -78,6 +78,8 @@ class Machine:
             (self.bin / program).symlink_to(fake)
         self.out = root / "out"
         self.calls_file = root / "calls.txt"
+        self.tmp = root / "tmp"  # (its TMPDIR)
+        self.tmp.mkdir()
 
     def run(self, *args: str, rules=(), env=None, wait=True):
         self.calls_file.write_text("")
@@ -88,6 +90,7 @@ class Machine:
             "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
             "PYTHON": str(self.bin / "python"),
             "OUT": str(self.out),
+            "TMPDIR": str(self.tmp),
             "FAKE_CALLS": str(self.calls_file),
             "FAKE_RULES": json.dumps([list(rule) for rule in rules]),
             **(env or {}),
@@ -96,6 +99,10 @@ class Machine:
         if not wait:
             return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True)
         return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+
+    def scratch(self) -> list[str]:
+        """What the script left in its TMPDIR."""
+        return sorted(str(path.relative_to(self.tmp)) for path in self.tmp.rglob("*"))
 
     def calls(self) -> list[str]:
         return self.calls_file.read_text().splitlines()
@@ -153,6 +160,7 @@ def test_call_one_runs_its_steps_in_order_and_tries_the_wgmma_path_once(machine)
         names = {Path(name).name for name in logs.getnames()}
     assert {"build.log", "smoke_wgmma.log", "tests.log", "kernels.md", "embeddings.md"} <= names
     assert sorted(p.name for p in machine.out.iterdir()) == ["logs.tar.gz", "summary.md"]
+    assert machine.scratch() == []  # (its logs, before they were packed, are gone)
 
 
 def test_a_wgmma_path_absent_from_the_build_is_left_out_after(machine):
@@ -316,6 +324,23 @@ def test_a_call_ended_from_outside_keeps_its_summary(machine):
     steps = machine.summary()
     assert steps["build"] == "ok" and steps["tests"] == "INTERRUPTED"
     assert "kernels" not in steps
+    assert machine.scratch() == []
+
+
+def test_carried_wheels_go_to_a_site_of_the_runs_own_that_goes_with_it(machine):
+    (machine.repo / ".whl").mkdir()
+    (machine.repo / ".whl" / "peer-1.0-py3-none-any.whl").write_text("")
+    done = machine.run("2", "300", env={"WGMMA": "ok"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "carried wheels: peer-1.0-py3-none-any.whl" in done.stdout
+    (install,) = python_calls(machine, "pip install")
+    assert "--no-index --no-deps" in install
+    target = install.split("--target ", 1)[1].split()[0]
+    assert Path(target).parent.parent == machine.tmp
+    # The example wrote its output under the same directory; nothing of either is left.
+    (example,) = python_calls(machine, "examples/train.py")
+    assert Path(example.split("--out ", 1)[1].split()[0]).parent == Path(target).parent
+    assert machine.scratch() == []
 
 
 @pytest.mark.parametrize(
