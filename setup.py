@@ -6,7 +6,7 @@ from torch.cuda.is_available(), so a GPU-less build host still builds them. Swit
   FASTAP_CUDA=1   build the CUDA kernels or fail (no toolkit or a CPU-only torch is an error)
   FASTAP_CUDA=0   CPU kernels only
   FASTAP_CUDA_ARCH  e.g. "9.0" or "8.0;9.0" (else TORCH_CUDA_ARCH_LIST, else torch's default);
-                  "9.0a" also builds the fused forward's wgmma path (FASTAP_WGMMA=1 picks it)
+                  "9.0a" also builds the fused kernels' wgmma path (FASTAP_WGMMA=1 picks it)
   FASTAP_NVCC_FLAGS  more nvcc flags, separated by spaces (e.g. "-lineinfo" for a profile)
   CUDA_HOME       the toolkit (else the one the nvcc on PATH belongs to, as nvcc reports it)
 """

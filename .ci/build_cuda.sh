@@ -19,8 +19,9 @@ TORCH_VERSION=${TORCH_VERSION:-2.14.1}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# 9.0a as on the GPU machine (benchmarks/gpu_check.sh): the sm_90a image, the wgmma forward
-# included (.ci/compile_cuda.sh compiles plain sm_90).
+# 9.0a as on the GPU machine (benchmarks/gpu_check.sh): the sm_90a image, with the fused kernels'
+# wgmma path (forward and backward), linked and loaded here (.ci/compile_cuda.sh compiles
+# embedding_histogram.cu for sm_90a too, the rest for plain sm_90).
 export FASTAP_CUDA_ARCH=${FASTAP_CUDA_ARCH:-9.0a} MAX_JOBS=${MAX_JOBS:-2}
 install_from_sdist "${PYTHON:-python3}" "$work" "$TORCH_VERSION" 1
 python - <<'PY'
@@ -31,13 +32,26 @@ import fastap.ops
 print("torch", torch.__version__, "cuda", torch.version.cuda)
 if fastap.ops._LOAD_ERROR is not None:
     raise SystemExit(f"fastap._C did not load: {fastap.ops._LOAD_ERROR}")
+# Every operator the library defines, each with the kernels it must have: one defined later
+# without a line here fails too.
 kernels = {
     "soft_histogram": ("CPU", "CUDA"),
     "soft_histogram_backward": ("CPU", "CUDA"),
+    "ap_from_histograms": ("CPU", "CUDA"),
+    "ap_from_histograms_backward": ("CPU", "CUDA"),
     "embedding_histogram": ("CUDA",),
     "embedding_histogram_backward": ("CUDA",),
     "embedding_histogram_uses_wgmma": ("CUDA",),
 }
+defined = {
+    name.split("::", 1)[1]
+    for name in torch._C._dispatch_get_all_op_names()
+    if name.startswith("fastap::")
+}
+if defined != set(kernels):
+    raise SystemExit(
+        f"operators defined: {sorted(defined)}; the check here knows: {sorted(kernels)}"
+    )
 missing = [
     f"fastap::{op} ({key})"
     for op, keys in kernels.items()

@@ -6,7 +6,8 @@
 # runs on a machine without a GPU, and FASTAP_CUDA=0 keeps the build to the C++ kernels (the CUDA
 # sources are compiled against 2.5.1's headers by compile_cuda.sh). The build happens in the
 # unpacked sdist (.ci/lib.sh), so the extension built in place for the main torch is left alone.
-# The CPU-emulation tests are skipped: they do not depend on the torch version.
+# The CPU-emulation tests are left out, as they do not depend on the torch version, and so are
+# the benchmark scripts' (below).
 #
 # Env: TORCH_VERSION (2.5.1), PYTHON (Python 3.9 where found: on PATH or under pyenv; else python3).
 set -euo pipefail

@@ -1,5 +1,6 @@
 """Small CUDA forward+backward passes for compute-sanitizer: the score-matrix kernels over every
-relevance form and dtype (rows of one chunk and of several; the general kernels, and the fast ones
+relevance form, in float32, bfloat16 and float64 (float16 has bfloat16's loads and layout, with
+another conversion) (rows of one chunk and of several; the general kernels, and the fast ones
 for labels without an ignore mask on rows of whole 16-byte vectors), and the fused
 from-embeddings kernels (one split and several, D above one accumulator block), also on wgmma
 where the build has it.

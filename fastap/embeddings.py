@@ -53,6 +53,8 @@ from fastap.ops import (
     differentiable_once,
     embedding_grads,
     embedding_sets,
+    require_device_kernels,
+    require_extension,
 )
 
 BACKENDS = ("auto", "fused", "blockwise")
@@ -334,6 +336,9 @@ def histograms_from_embeddings(
     if block_size is None:
         block_size = default_block_size(database.shape[0], queries.element_size())
     block_size = check_int(block_size, "block_size", 1)
+    # (Every backend runs fastap's operators: the blockwise one those of the score-matrix path.)
+    require_extension()
+    require_device_kernels(queries, "queries")
     unit_queries = unit_rows(queries)
     unit_database = unit_queries if same_set else unit_rows(database)
     # Under torch.autocast, the unit rows in the dtype autocast takes their product in (the

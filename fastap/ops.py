@@ -1,6 +1,8 @@
-"""The only module that touches ``torch.ops.fastap``: loading the extension, the fake (shape-only)
-functions that make the ops work under torch.compile, meta tensors and torch.export, and the
-autograd Function over the soft-histogram op.
+"""Loading the extension, and the checks that it loaded and has kernels for the device
+(require_extension, require_device_kernels); the fake (shape-only) functions that make the ops
+work under torch.compile, meta tensors and torch.export; and the autograd Functions over the ops,
+registered as the ops' own autograd. fastap.embeddings' blockwise path calls the score-matrix ops
+too, tile by tile, after the same checks.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ except ImportError as error:  # pragma: no cover - only without a build
     _LOAD_ERROR = error
 
 
-def _require_extension() -> None:
+def require_extension() -> None:
+    """Raises, saying how to build it, where the compiled extension did not load."""
     if _LOAD_ERROR is not None:
         package = os.path.dirname(os.path.abspath(__file__))
         unbuilt_source_tree = os.path.exists(os.path.join(package, os.pardir, "setup.py")) and not [
@@ -60,10 +63,12 @@ HAS_FUSED_EMBEDDING_KERNELS = (
 )
 
 
-def _require_device_kernels(scores: torch.Tensor) -> None:
-    if scores.device.type == "cuda" and not HAS_CUDA_KERNELS:
+def require_device_kernels(tensor: torch.Tensor, name: str = "scores") -> None:
+    """Raises, saying how to rebuild, where `tensor` is on a CUDA device and this build has no
+    CUDA kernels."""
+    if tensor.device.type == "cuda" and not HAS_CUDA_KERNELS:
         raise RuntimeError(
-            "fastap: scores is on a CUDA device but this build of fastap has no CUDA kernels. "
+            f"fastap: {name} is on a CUDA device but this build of fastap has no CUDA kernels. "
             "Rebuild with a CUDA toolkit and a CUDA build of torch: "
             "`FASTAP_CUDA=1 pip install --no-build-isolation -e .`"
         )
@@ -301,8 +306,8 @@ def soft_histogram(
 def soft_histogram_of_checked_args(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """soft_histogram's Function on arguments that soft_histogram or check_histogram_args (with
     the torch.func refusal) has checked already: the front ends' path, which checks them once."""
-    _require_extension()
-    _require_device_kernels(args[0])
+    require_extension()
+    require_device_kernels(args[0])
     return SoftHistogram.apply(*args)
 
 
@@ -396,7 +401,7 @@ def ap_from_histograms(
     n: torch.Tensor, p: torch.Tensor, positives: torch.Tensor, variant: str
 ) -> torch.Tensor:
     """Differentiable per-query AP from the histograms (see ApFromHistograms)."""
-    _require_extension()
+    require_extension()
     refuse_functorch_transforms()
     return ApFromHistograms.apply(n, p, positives, check_variant(variant))
 

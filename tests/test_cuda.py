@@ -161,6 +161,27 @@ def test_cuda_large_num_bins_error_is_clear():
         )
 
 
+def test_a_build_without_cuda_kernels_says_how_to_rebuild(monkeypatch):
+    """CUDA tensors given to a CPU-only build (stood in for by its two flags): every entry point
+    raises the error that says how to rebuild, not the dispatcher's, the embeddings' paths too
+    (which would take the blockwise backend and its score-matrix ops)."""
+    import fastap.embeddings
+
+    monkeypatch.setattr(fastap.ops, "HAS_CUDA_KERNELS", False)
+    monkeypatch.setattr(fastap.embeddings, "HAS_FUSED_EMBEDDING_KERNELS", False)
+    labels = torch.arange(6, device="cuda") % 3
+    rebuild = "is on a CUDA device but this build of fastap has no CUDA kernels. Rebuild"
+    with pytest.raises(RuntimeError, match=f"scores {rebuild}"):
+        fastap.ap_loss(torch.rand(6, 6, device="cuda"), labels=labels, ref_labels=labels)
+    embeddings = torch.randn(6, 8, device="cuda")
+    for call in (
+        lambda: fastap.ap_loss_from_embeddings(embeddings, labels=labels),
+        lambda: fastap.APLoss(score_matrix_limit=0)(embeddings, labels),
+    ):
+        with pytest.raises(RuntimeError, match=f"queries {rebuild}"):
+            call()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_second_device_runs_there_with_the_same_results():
     # Inputs on cuda:1 while cuda:0 is current: every op runs on cuda:1 (its device guard) and

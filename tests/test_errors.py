@@ -461,6 +461,17 @@ def test_missing_extension_says_how_to_build_it(monkeypatch, tmp_path):
     scores, relevance = torch.rand(3, 4), torch.rand(3, 4) > 0.5
     with pytest.raises(RuntimeError, match=r"fastap\._C is missing .*\(no module _C\)\. Rebuild"):
         fastap.ap_loss(scores, relevance)
+    # The paths from embeddings too, before any operator runs (the histograms alone), and the
+    # modules' above their score_matrix_limit.
+    embeddings, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    for call in (
+        lambda: fastap.embeddings.histograms_from_embeddings(embeddings, labels=labels),
+        lambda: fastap.ap_loss_from_embeddings(embeddings, labels=labels),
+        lambda: fastap.APLoss(score_matrix_limit=0)(embeddings, labels),
+        lambda: fastap.FastAPLoss(score_matrix_limit=0)(embeddings, labels),
+    ):
+        with pytest.raises(RuntimeError, match=r"fastap\._C is missing .*\. Rebuild"):
+            call()
     # A source tree without a build (say, an unpacked sdist one runs the tests in) says so.
     (tmp_path / "setup.py").touch()
     (tmp_path / "fastap").mkdir()
