@@ -38,9 +38,13 @@ ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Ten
   in.p = p.contiguous();
   // Counts: floating ones are rounded to the nearest integer and clamped to [0, 2^53] (beyond,
   // a float no longer holds every integer; a NaN count is 0), so that none wraps around in the
-  // conversion; integer input is taken as it is.
+  // conversion; integer input is taken as it is. (In double, which holds every count of every
+  // floating dtype: float16's clamp to 2^53 would be out of its range.)
   in.positives = (positives.is_floating_point()
-                      ? positives.round().nan_to_num(0.0).clamp(0.0, 9007199254740992.0)
+                      ? positives.to(at::kDouble)
+                            .round()
+                            .nan_to_num(0.0)
+                            .clamp(0.0, 9007199254740992.0)
                       : positives)
                      .to(at::kLong)
                      .contiguous();

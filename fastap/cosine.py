@@ -11,11 +11,13 @@
   ``F.normalize``'s eps of 1e-12, below which a row would come out shorter than 1). Every other
   row is scaled by exactly 1: float32 and float64 rows in that range are ``F.normalize``'s,
   bitwise;
-- an all-zero row stays zero (its cosine with everything is 0), and a row with a NaN or an
-  infinity comes out NaN, which the losses report as an error.
+- an all-zero row stays zero (its cosine with everything is 0) and gets a zero gradient (its
+  direction is undefined; F.normalize would give it the gradient divided by its eps of 1e-12, which
+  overflows float16), and a row with a NaN or an infinity comes out NaN, which the losses report
+  as an error.
 
 The scale is a constant to autograd (``normalize(c x) = normalize(x)`` for every c > 0), so the
-gradient is that of the normalisation itself.
+gradient is that of the normalisation itself (but for zero rows, above).
 
 Under ``torch.autocast`` the scores are the product of the unit rows cast to autocast's dtype, as
 autocast runs ``unit_queries @ unit_database.T`` (``autocast_product_dtype``); the computations
@@ -47,7 +49,11 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     # entry (and is flushed to 0 for a huge one under torch.set_flush_denormal). Zero rows are
     # divided by 1; an infinite entry gives inf / inf = NaN, as it should.
     work = work / torch.where(rescale, largest, torch.ones_like(largest))
-    return F.normalize(work, dim=1).to(x.dtype)
+    # A zero row's direction is undefined: it stays zero with a zero gradient (F.normalize's would
+    # be the gradient divided by its eps of 1e-12, which overflows float16).
+    unit = F.normalize(work, dim=1)
+    unit = torch.where(largest == 0, torch.zeros_like(unit), unit)
+    return unit.to(x.dtype)
 
 
 def cosine_scores(queries: torch.Tensor, database: torch.Tensor) -> torch.Tensor:

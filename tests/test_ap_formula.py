@@ -149,7 +149,13 @@ def test_backward_checks_grad_ap():
 def test_floating_counts_are_rounded(variant):
     n, p, positives = random_histograms(8, 6, seed=9)
     expected = torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
-    for counts in (positives.float() + 0.3, positives.double() - 0.3, positives.int()):
+    for counts in (
+        positives.float() + 0.3,
+        positives.double() - 0.3,
+        positives.half(),
+        positives.bfloat16(),
+        positives.int(),
+    ):
         got = torch.ops.fastap.ap_from_histograms(n, p, counts, variant)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -173,3 +179,14 @@ def test_floating_positive_counts_are_rounded_and_clamped():
     assert simplified[0] == expected[0] and simplified[1] == expected[0]
     for row in (2, 3, 4):
         torch.testing.assert_close(simplified[row], expected[0] * 2 / 2.0**53, rtol=1e-6, atol=0)
+    # The same in the 16-bit dtypes, whose largest finite values are far below 2^53.
+    for dtype in (torch.float16, torch.bfloat16):
+        short = counts[[0, 3, 5, 6, 7]].to(dtype)  # 2, inf, 0.4, NaN, -5
+        ap, has_positive = fastap.functional.ap_from_histograms(n[:5], p[:5], short, "ap_q")
+        assert ap.tolist() == [0.5, 0.5, 0.0, 0.0, 0.0]
+        assert has_positive.tolist() == [True, True, False, False, False]
+        simplified = torch.ops.fastap.ap_from_histograms(
+            n[:5], p[:5], short, "tie_aware_simplified"
+        )
+        assert simplified[0] == expected[0]
+        torch.testing.assert_close(simplified[1], expected[0] * 2 / 2.0**53, rtol=1e-6, atol=0)

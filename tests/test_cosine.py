@@ -89,6 +89,26 @@ def test_zero_rows_stay_zero_and_non_finite_rows_are_nan():
     assert unit[2:].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_zero_rows_get_a_zero_gradient(dtype):
+    """A zero row's gradient is 0 (F.normalize's is the gradient / 1e-12: inf in float16); the
+    other rows' are F.normalize's, and so are the losses' on a batch that holds a zero row."""
+    x = rows(5, 4, dtype=torch.float64, seed=2)
+    x[2] = 0
+    weights = rows(5, 4, dtype=torch.float64, seed=3)
+    ours = x.to(dtype).requires_grad_()
+    (grad,) = torch.autograd.grad((unit_rows(ours).double() * weights).sum(), ours)
+    plain = x.to(dtype).float().requires_grad_()
+    (expected,) = torch.autograd.grad((F.normalize(plain, dim=1).double() * weights).sum(), plain)
+    assert torch.equal(grad[2], torch.zeros_like(grad[2]))
+    others = [0, 1, 3, 4]
+    torch.testing.assert_close(grad[others], expected[others].to(dtype))
+    embeddings = x.to(dtype).requires_grad_()
+    labels = torch.tensor([0, 0, 1, 1, 0])
+    fastap.APLoss()(embeddings, labels).backward()
+    assert embeddings.grad.isfinite().all() and not embeddings.grad[2].any()
+
+
 def test_gradient_is_the_normalisation_s():
     x = rows(6, 5, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(unit_rows, (x,))
