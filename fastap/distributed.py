@@ -44,8 +44,21 @@ def gather_embeddings(
         labels: [B_r] integer labels.
     Returns:
         (all_embeddings [sum B_r, D], all_labels [sum B_r], offset): ``offset`` is where this
-        process's rows start in the gathered tensors.
+        process's rows start in the gathered tensors (the labels as int64).
     """
+    labels = check_batch(embeddings, labels, "fastap.distributed.gather_embeddings")
+    return _gather_checked(embeddings, labels, group, "fastap.distributed.gather_embeddings")
+
+
+def _gather_checked(
+    embeddings, labels, group, owner: str
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """gather_embeddings on a batch that check_batch has checked (labels int64)."""
+    if embeddings.device.type == "meta":
+        raise ValueError(
+            f"{owner}: embeddings are on the meta device, which holds no batch sizes to exchange "
+            "between processes"
+        )
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("fastap: torch.distributed is not initialised (init_process_group)")
     world = dist.get_world_size(group)
@@ -94,8 +107,9 @@ class DistributedAPLoss(torch.nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # (A bad batch raises here on its own process; the others then wait in the collective,
         # as with any error inside a distributed step.)
-        labels = check_batch(embeddings, labels, "fastap.DistributedAPLoss")
-        all_embeddings, all_labels, offset = gather_embeddings(embeddings, labels, self.group)
+        owner = "fastap.DistributedAPLoss"
+        labels = check_batch(embeddings, labels, owner)
+        all_embeddings, all_labels, offset = _gather_checked(embeddings, labels, self.group, owner)
         # Query i of this process is row offset + i of the gathered batch: not its own positive.
         per_query, valid = self.loss.per_query_loss(
             embeddings, all_embeddings, labels, all_labels, exclude_self=True, self_offset=offset

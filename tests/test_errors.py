@@ -380,6 +380,7 @@ def test_helpers_check_their_batches():
         ("CrossBatchMemory", memory),
         ("CrossBatchMemory.enqueue", memory.enqueue),
         ("DistributedAPLoss", distributed),
+        ("distributed.gather_embeddings", fastap.distributed.gather_embeddings),
     ):
         with pytest.raises(TypeError, match=f"fastap.{owner}: embeddings must be floating"):
             call(e.long(), labels)
@@ -396,6 +397,13 @@ def test_helpers_check_their_batches():
         ):
             call(e, labels.float())
     assert memory.filled == 0
+    # The distributed helpers exchange batch sizes, which meta tensors do not hold.
+    for owner, call in (
+        ("DistributedAPLoss", distributed),
+        ("distributed.gather_embeddings", fastap.distributed.gather_embeddings),
+    ):
+        with pytest.raises(ValueError, match=f"fastap.{owner}: embeddings are on the meta dev"):
+            call(e.to("meta"), labels.to("meta"))
 
 
 def test_multistage_backward_of_an_empty_sequence():
