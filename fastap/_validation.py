@@ -2,7 +2,8 @@
 the argument, before any kernel runs.
 
 Checks of shapes, dtypes and devices cost nothing and always run. Checks of values (relevance and
-ignore entries other than 0/1, negative or non-finite query weights, non-finite scores) read the
+ignore entries other than 0/1, negative or non-finite query weights, non-finite scores and
+embeddings, miners' indices out of range) read the
 data, so they run in eager mode only, and can be turned off there with set_value_checks(False);
 under torch.compile they are skipped (values are then taken as documented: nonzero relevance is a
 positive, nonzero ignore ignores, a query with a non-finite score has AP NaN).
@@ -107,8 +108,9 @@ class set_value_checks:
     on its own sets the mode, and ``with set_value_checks(False): ...`` sets it for the block and
     restores the previous mode after (like ``torch.set_grad_enabled``).
 
-    The checks (non-finite scores, relevance and ignore entries other than 0/1, negative or
-    non-finite query weights, uint64 labels of 2**63 or more) read values back to the host: on CUDA
+    The checks (non-finite scores and embeddings, relevance and ignore entries other than 0/1,
+    negative or non-finite query weights, miners' indices out of range, uint64 labels of 2**63 or
+    more) read values back to the host: on CUDA
     one synchronisation with the device per call, which stalls an eager training loop's queue of
     launches and cannot happen inside CUDA graph capture. Without them the answers are those under
     torch.compile: a query that holds a non-finite, counted score has AP NaN (so the loss is NaN),
@@ -197,6 +199,19 @@ def check_embedding_matrix(value, name: str, owner: str = "fastap") -> torch.Ten
     if value.shape[1] == 0:
         raise ValueError(f"{owner}: {name} must have at least one column, got {list(value.shape)}")
     return value
+
+
+def check_finite_rows(value: torch.Tensor, name: str, owner: str = "fastap") -> None:
+    """With value checks on: a ValueError naming the first row of the embeddings `value` that
+    holds a NaN or an infinity (its scores would be NaN, and so the loss)."""
+    if not checks_values_of(value) or value.numel() == 0:
+        return
+    bad_rows = ~torch.isfinite(value).all(dim=1)
+    if bool(bad_rows.any()):
+        row = int(bad_rows.nonzero()[0, 0])
+        raise ValueError(
+            f"{owner}: {name} contain NaN or infinity (first in row {row}); fix them upstream"
+        )
 
 
 # (torch.uint64 exists from torch 2.3 on.)

@@ -31,6 +31,7 @@ from fastap._validation import (
     check_bins,
     check_bool,
     check_embedding_matrix,
+    check_finite_rows,
     check_int,
     check_labels,
     check_query_weights,
@@ -336,6 +337,9 @@ def histograms_from_embeddings(
     if block_size is None:
         block_size = default_block_size(database.shape[0], queries.element_size())
     block_size = check_int(block_size, "block_size", 1)
+    check_finite_rows(queries, "queries")
+    if not same_set:
+        check_finite_rows(database, "database")
     # (Every backend runs fastap's operators: the blockwise one those of the score-matrix path.)
     require_extension()
     require_device_kernels(queries, "queries")

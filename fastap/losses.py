@@ -9,6 +9,7 @@ from fastap._validation import (
     MAX_NUM_BINS,
     check_bins,
     check_embedding_matrix,
+    check_finite_rows,
     check_int,
     check_labels,
     check_variant,
@@ -28,7 +29,12 @@ from fastap.ops import histogram_dtype
 
 
 def miner_weights(
-    indices_tuple, num_queries: int, using_ref: bool, device, dtype: torch.dtype = torch.float32
+    indices_tuple,
+    num_queries: int,
+    using_ref: bool,
+    device,
+    dtype: torch.dtype = torch.float32,
+    num_references: int | None = None,
 ) -> torch.Tensor:
     """Per-query weights from a miner's output, as pytorch-metric-learning computes them: each
     query's number of appearances in the tuples (only as anchor when a reference set is used),
@@ -36,8 +42,10 @@ def miner_weights(
     (the losses pass float64 for float64 embeddings, else float32).
 
     indices_tuple: (anchors, positives, negatives) or (anchors1, positives, anchors2, negatives),
-    1-D integer tensors of batch indices. Whether they lie in [0, num_queries) is a check of
-    values (fastap.set_value_checks): under torch.compile an index outside fails in the indexing.
+    1-D integer tensors of batch indices; with a reference set (using_ref), the positives and
+    negatives index its num_references rows. Whether they lie in range is a check of values
+    (fastap.set_value_checks): under torch.compile an index outside fails in the indexing, or
+    (positives and negatives into a reference set, which the weights do not read) not at all.
     """
     if indices_tuple is None:
         return torch.ones(num_queries, device=device, dtype=dtype)
@@ -49,15 +57,22 @@ def miner_weights(
     for t in indices_tuple:
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or not is_integer_tensor(t):
             raise TypeError("fastap: indices_tuple must hold 1-D integer tensors")
+        if t.device.type == "meta" and torch.device(device).type != "meta":
+            raise ValueError(
+                f"fastap: indices_tuple is on the meta device, which holds no indices, and the "
+                f"embeddings on {device}"
+            )
     if all(t.numel() == 0 for t in indices_tuple):
         return torch.ones(num_queries, device=device, dtype=dtype)
     counted = indices_tuple
     if using_ref:  # only the anchors
-        counted = indices_tuple[:1] if len(indices_tuple) == 3 else indices_tuple[::2]
+        anchors = (0,) if len(indices_tuple) == 3 else (0, 2)
+        counted = [indices_tuple[i] for i in anchors]
+        references = [t for i, t in enumerate(indices_tuple) if i not in anchors]
+        if num_references is not None:
+            _check_indices(torch.cat([t.to(device) for t in references]), num_references, "ref_emb")
     indices = torch.cat([t.to(device) for t in counted]).long()
-    if checks_values_of(indices) and indices.numel():
-        if int(indices.min()) < 0 or int(indices.max()) >= num_queries:
-            raise ValueError(f"fastap: indices_tuple holds indices outside [0, {num_queries})")
+    _check_indices(indices, num_queries, "the batch")
     # index_add_ rather than bincount: its output has num_queries entries whatever the values,
     # which torch.compile(fullgraph=True) can trace.
     counts = torch.zeros(num_queries, device=device, dtype=dtype).index_add_(
@@ -66,9 +81,17 @@ def miner_weights(
     return counts / counts.max().clamp_min(1) if num_queries else counts
 
 
+def _check_indices(indices: torch.Tensor, size: int, rows: str) -> None:
+    if checks_values_of(indices) and indices.numel():
+        if int(indices.min()) < 0 or int(indices.max()) >= size:
+            raise ValueError(f"fastap: indices_tuple holds indices outside [0, {size}) ({rows})")
+
+
 def check_batch(embeddings, labels, owner: str) -> torch.Tensor:
-    """A batch of embeddings [B, D] and its labels [B], checked; the labels as int64."""
+    """A batch of embeddings [B, D] and its labels [B], checked (with value checks on, finite);
+    the labels as int64."""
     check_embedding_matrix(embeddings, "embeddings", owner)
+    check_finite_rows(embeddings, "embeddings", owner)
     return check_labels(
         labels, "labels", embeddings.shape[0], "row of embeddings", embeddings, "embeddings"
     )
@@ -105,6 +128,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
             database, database_labels = embeddings, None
         else:
             check_embedding_matrix(ref_emb, "ref_emb", owner)
+            check_finite_rows(ref_emb, "ref_emb", owner)
             if ref_labels is None:
                 raise ValueError(f"{owner}: ref_emb needs ref_labels (one label per row)")
             if ref_emb.shape[1] != embeddings.shape[1]:
@@ -127,6 +151,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
             ref_emb is not None,
             embeddings.device,
             histogram_dtype(embeddings.dtype),  # the loss's
+            None if ref_emb is None else ref_emb.shape[0],
         )
         per_query, valid = self.per_query_loss(
             embeddings, database, labels, database_labels, exclude_self=ref_emb is None

@@ -107,13 +107,40 @@ def test_non_finite_scores(device, bad):
 
 @pytest.mark.parametrize("limit", [2**30, 0])  # the score-matrix path; block by block
 def test_non_finite_embeddings(device, limit):
+    """Embeddings with a NaN or an infinity are refused by row (with value checks on), whether
+    or not a counted score would have carried it into the loss."""
     embeddings = torch.randn(6, 4, device=device)
-    embeddings[3, 1] = float("inf")  # in every other query's scores: query row 0 is the first
+    embeddings[3, 1] = float("inf")
     labels = torch.tensor([0, 0, 1, 1, 2, 2], device=device)
-    with pytest.raises(ValueError, match=r"embeddings contain NaN or infinity .*query row 0"):
-        fastap.APLoss(score_matrix_limit=limit)(embeddings, labels)
-    with pytest.raises(ValueError, match=r"embeddings contain NaN or infinity .*query row 0"):
-        fastap.ap_loss_from_embeddings(embeddings, labels=labels)
+    row_3 = r"contain NaN or infinity \(first in row 3\); fix them upstream"
+    memory = fastap.memory.CrossBatchMemory(fastap.APLoss(score_matrix_limit=limit), size=8)
+    for owner, name, call in (
+        ("fastap.APLoss", "embeddings", lambda: fastap.APLoss(score_matrix_limit=limit)(
+            embeddings, labels)),
+        ("fastap.FastAPLoss", "ref_emb", lambda: fastap.FastAPLoss(score_matrix_limit=limit)(
+            embeddings[:2], labels[:2], ref_emb=embeddings, ref_labels=labels)),
+        ("fastap", "queries", lambda: fastap.ap_loss_from_embeddings(embeddings, labels=labels)),
+        ("fastap", "database", lambda: fastap.ap_loss_from_embeddings(
+            embeddings[:2], embeddings, labels=labels[:2], ref_labels=labels)),
+        ("fastap.CrossBatchMemory", "embeddings", lambda: memory(embeddings, labels)),
+        ("fastap.CrossBatchMemory.enqueue", "embeddings", lambda: memory.enqueue(
+            embeddings, labels)),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{owner}: {name} {row_3}"):
+            call()
+    assert memory.filled == 0  # (nothing non-finite was stored)
+    # A query whose own scores all go uncounted (its self-match) is refused as well.
+    lone = torch.full((1, 4), float("nan"), device=device)
+    with pytest.raises(ValueError, match=r"embeddings contain NaN or infinity \(first in row 0"):
+        fastap.APLoss(score_matrix_limit=limit)(lone, labels[:1])
+    # A direct per_query_loss (which the checked entry points serve): from the score matrix, the
+    # first query row whose scores hold a non-finite one; block by block, the queries' check.
+    poisoned = r"embeddings contain NaN or infinity .*query row 0" if limit else f"queries {row_3}"
+    with pytest.raises(ValueError, match=poisoned):
+        fastap.APLoss(score_matrix_limit=limit).per_query_loss(embeddings, embeddings, labels, None)
+    # Without value checks, the compiled answer: a NaN loss.
+    with fastap.set_value_checks(False):
+        assert fastap.APLoss(score_matrix_limit=limit)(embeddings, labels).isnan()
 
 
 def test_value_checks_off_give_the_compiled_answers(device):
@@ -604,6 +631,18 @@ def test_miner_index_equal_to_the_batch_size_is_refused():
         with pytest.raises(ValueError, match=r"indices outside \[0, 4\)"):
             loss(e, labels, indices_tuple=(L4, L4, torch.tensor([0, 1, 2, 4])))
         loss(e, labels, indices_tuple=(L4, L4, torch.tensor([0, 1, 2, 3])))  # the largest: fine
+        # With a reference set, the positives and negatives index its rows (3 here).
+        ref = {"ref_emb": e[:3], "ref_labels": labels[:3]}
+        for bad in ((L4, torch.tensor([0]), torch.tensor([-5])), (L4, torch.tensor([3]), L4[:1])):
+            with pytest.raises(ValueError, match=r"indices outside \[0, 3\) \(ref_emb\)"):
+                loss(e, labels, indices_tuple=bad, **ref)
+        pairs = (L4, torch.tensor([0, 1, 2, 2]), torch.tensor([1]), torch.tensor([4]))
+        with pytest.raises(ValueError, match=r"indices outside \[0, 3\) \(ref_emb\)"):
+            loss(e, labels, indices_tuple=pairs, **ref)
+        loss(e, labels, indices_tuple=(L4, torch.tensor([2]), torch.tensor([0])), **ref)
+        # Indices on the meta device hold none.
+        with pytest.raises(ValueError, match="indices_tuple is on the meta device"):
+            loss(e, labels, indices_tuple=(L4.to("meta"), L4, L4))
 
 
 def test_compat_query_weights_go_with_the_loss_only():
