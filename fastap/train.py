@@ -24,11 +24,14 @@ _BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
 def _split(inputs, chunk_size: int):
     # (An empty batch is one empty chunk: the model and the loss see it as they would any batch.)
     if isinstance(inputs, torch.Tensor):
+        _check_batch_dimension(inputs)
         return [(chunk,) for chunk in inputs.split(chunk_size)]
     if isinstance(inputs, Sequence) and not isinstance(inputs, str):
         if len(inputs) == 0:
             raise ValueError("fastap: inputs is an empty sequence (give at least one tensor)")
         if all(isinstance(t, torch.Tensor) for t in inputs):
+            for t in inputs:
+                _check_batch_dimension(t)
             sizes = {t.shape[0] for t in inputs}
             if len(sizes) != 1:
                 raise ValueError(
@@ -36,6 +39,11 @@ def _split(inputs, chunk_size: int):
                 )
             return list(zip(*(t.split(chunk_size) for t in inputs)))
     raise TypeError("fastap: inputs must be a tensor or a sequence of tensors (batch first)")
+
+
+def _check_batch_dimension(t: torch.Tensor) -> None:
+    if t.dim() == 0:
+        raise ValueError("fastap: inputs must be batch first, got a 0-d tensor")
 
 
 def _devices_of(chunks) -> list[int]:
@@ -74,8 +82,9 @@ def multistage_backward(
         model: maps a chunk of inputs to descriptors [chunk, D].
         inputs: [B, ...] tensor, or a sequence of tensors that share their first dimension (each
             chunk is passed as ``model(*chunk)``).
-        loss_fn: maps all descriptors [B, D] to a scalar loss (capture the labels in it, e.g.
-            ``lambda d: fastap.APLoss()(d, labels)``).
+        loss_fn: maps all descriptors [B, D] to a scalar loss tensor (capture the labels in it,
+            e.g. ``lambda d: fastap.APLoss()(d, labels)``); a loss that does not depend on the
+            descriptors gives them, and so the parameters, a zero gradient.
         chunk_size: samples per forward pass (stages 1 and 3).
         autocast_dtype: run the model under ``torch.autocast`` with this dtype (the loss is
             computed on the descriptors upcast to float32).
@@ -100,6 +109,11 @@ def multistage_backward(
     """
     chunk_size = check_int(chunk_size, "chunk_size", 1)
     check_bool(preserve_rng_state, "preserve_rng_state", "fastap.train.multistage_backward")
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastap.train.multistage_backward: gradients are disabled here (torch.no_grad or "
+            "torch.inference_mode); call it where they are enabled"
+        )
     chunks = _split(inputs, chunk_size)
     devices = _devices_of(chunks)
     device_type = "cuda" if devices else "cpu"
@@ -139,9 +153,12 @@ def multistage_backward(
         descriptors = descriptors.float()  # the loss on fp32 descriptors under autocast
     descriptors.requires_grad_()
     loss = loss_fn(descriptors)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"fastap: loss_fn must return a tensor, got {type(loss).__name__}")
     if loss.dim() != 0:
         raise ValueError(f"fastap: loss_fn must return a scalar, got shape {list(loss.shape)}")
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if loss.requires_grad:  # (else a constant: nothing to backpropagate)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
     # A loss that does not reach the descriptors (loss_fn ignores them) gives them no gradient:
     # zero, so that every chunk still takes part in stage 3 (and in DDP's one reduction).
     grad = descriptors.grad if descriptors.grad is not None else torch.zeros_like(descriptors)
@@ -158,6 +175,11 @@ def multistage_backward(
         with sync:
             with replay or contextlib.nullcontext(), autocast():
                 output = model(*chunk)
+            if not output.requires_grad:
+                raise ValueError(
+                    "fastap.train.multistage_backward: the model's output does not require "
+                    "grad (are all its parameters frozen?): there is nothing to backpropagate to"
+                )
             output.backward(grad.to(output.dtype))
     return loss.detach()
 

@@ -145,6 +145,25 @@ def test_bad_arguments():
         multistage_backward(model, images, lambda d: d.sum(), 2, preserve_rng_state="no")
     with pytest.raises(ValueError, match="share their first dimension"):
         multistage_backward(model, (images, images[:2]), lambda d: d.sum(), chunk_size=2)
+    for zero_d in (torch.tensor(1.0), (images, torch.tensor(1.0))):
+        with pytest.raises(ValueError, match="inputs must be batch first, got a 0-d tensor"):
+            multistage_backward(model, zero_d, lambda d: d.sum(), chunk_size=2)
+    with pytest.raises(TypeError, match="loss_fn must return a tensor, got float"):
+        multistage_backward(model, images, lambda d: 0.5, chunk_size=2)
+    for no_grad in (torch.no_grad, torch.inference_mode):
+        with no_grad(), pytest.raises(RuntimeError, match="gradients are disabled here"):
+            multistage_backward(model, images, lambda d: d.sum(), chunk_size=2)
+    frozen = small_cnn().requires_grad_(False)
+    with pytest.raises(ValueError, match=r"output does not require grad .*parameters frozen"):
+        multistage_backward(frozen, images, lambda d: d.sum(), chunk_size=2)
+
+
+def test_a_constant_loss_gives_zero_gradients():
+    model = small_cnn()
+    images, _ = batch(5)
+    loss = multistage_backward(model, images, lambda d: torch.tensor(0.5), chunk_size=2)
+    assert loss.item() == 0.5
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
 def test_gradients_are_synchronised_with_the_last_chunk_only():
