@@ -162,7 +162,11 @@ def ap_loss(
     )  # fmt: skip
     weights = has_positive.to(ap.dtype)
     if query_weights is not None:
-        weights = weights * query_weights.to(ap.dtype)
+        # Over the largest weight that counts (a constant to autograd; the loss does not change),
+        # so that weights near the ends of their dtype's range neither overflow nor underflow.
+        counted = torch.where(has_positive, query_weights, torch.zeros_like(query_weights))
+        largest = float(counted.detach().abs().max()) if counted.numel() else 0.0
+        weights = weights * (counted / (largest if largest > 0 else 1.0)).to(ap.dtype)
     if float(weights.detach().sum()) == 0.0:  # (detached: a test, not part of the graph)
         return (ap * 0).sum()
     return 1 - (weights * ap).sum() / weights.sum()

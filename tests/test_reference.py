@@ -71,6 +71,28 @@ def test_reference_loss_takes_weights_that_require_grad_without_a_warning():
     assert weights.grad is not None and weights.grad.abs().sum() > 0
 
 
+def test_reference_loss_takes_weights_at_the_ends_of_their_range():
+    """Equal weights give the unweighted loss, at the ends of float64's range too (the sums
+    overflowed to inf / inf = NaN at 1e308, or each w_i AP_i underflowed to 0 or to the smallest
+    subnormal at 5e-324), as fastap.ap_loss's do; and weights scaled exactly by 2^+-1000 give
+    the loss of the unscaled ones."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.rand(5, 7, generator=g, dtype=torch.float64)
+    labels, ref_labels = torch.randint(0, 2, (5,), generator=g), torch.randint(0, 2, (7,))
+    kwargs = {"labels": labels, "ref_labels": ref_labels}
+    unweighted = reference.ap_loss(scores, **kwargs)
+    for weight in (1e308, 5e-324):
+        weights = torch.full((5,), weight, dtype=torch.float64)
+        for loss in (reference.ap_loss, fastap.ap_loss):
+            got = loss(scores, **kwargs, query_weights=weights)
+            torch.testing.assert_close(got, unweighted, rtol=1e-12, atol=0)
+    weights = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
+    expected = reference.ap_loss(scores, **kwargs, query_weights=weights)
+    for scale in (2.0**1000, 2.0**-1000):
+        got = reference.ap_loss(scores, **kwargs, query_weights=weights * scale)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_answers_are_the_library_ones_with_value_checks_off(dtype):
     """Awkward scores as fastap.functional answers them with its value checks off: half
