@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from fastap._validation import check_bool, check_int
+from fastap._validation import SCORE_DTYPES, check_bool, check_int, is_integer_tensor
 from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch, mean_over_valid
+
+#: The key suffix under which torch's modules save get_extra_state.
+_EXTRA_STATE = "_extra_state"
 
 
 class CrossBatchMemory(torch.nn.Module):
@@ -44,47 +47,87 @@ class CrossBatchMemory(torch.nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         # The buffers are sized on the first batch: size them from the checkpoint before loading.
-        # A checkpoint of a memory of another size cannot be taken in (its ring of entries does
-        # not map onto this one's): load_state_dict raises with the reason.
-        saved_rows = {
-            name: state_dict[prefix + name].shape[0]
-            for name in ("embeddings", "labels")
-            if prefix + name in state_dict and state_dict[prefix + name].numel() > 0
-        }
-        if len(set(saved_rows.values())) > 1:
-            error_msgs.append(
-                f"fastap: the checkpoint's CrossBatchMemory is inconsistent: its embeddings have "
-                f"{saved_rows['embeddings']} rows and its labels {saved_rows['labels']}"
-            )
-            return
-        rows = next(iter(saved_rows.values()), self.size)
-        if rows != self.size:
-            error_msgs.append(
-                f"fastap: the checkpoint holds a CrossBatchMemory of size {rows}, this one has "
-                f"size={self.size}: create it with size={rows}"
-            )
+        # The whole state is checked first, so that a refused one (load_state_dict raises with
+        # the reasons) leaves this memory as it was.
+        problem = self._state_problem(state_dict, prefix)
+        if problem is not None:
+            error_msgs.append(f"fastap: {problem}")
             return
         for name in ("embeddings", "labels"):
             saved = state_dict.get(prefix + name)
             if saved is not None:
+                # On this memory's device; in its dtype if it holds entries (as torch's modules
+                # load), else in the checkpoint's, as its first batch would have set it.
                 current = getattr(self, name)
-                setattr(self, name, current.new_empty(saved.shape, dtype=saved.dtype))
+                dtype = current.dtype if current.numel() else saved.dtype
+                setattr(self, name, current.new_empty(saved.shape, dtype=dtype))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def _state_problem(self, state_dict, prefix) -> str | None:
+        """What is wrong with a checkpoint's state of a memory (None: it can be loaded)."""
+        embeddings = state_dict.get(prefix + "embeddings")
+        labels = state_dict.get(prefix + "labels")
+        extra = state_dict.get(prefix + _EXTRA_STATE)
+        if embeddings is None or labels is None or extra is None:
+            return None  # (what is missing, load_state_dict reports as missing keys)
+        if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            return "the checkpoint's CrossBatchMemory embeddings and labels must be tensors"
+        if not isinstance(extra, dict) or not all(
+            type(extra.get(key)) is int for key in ("filled", "next")
+        ):
+            return (
+                "the checkpoint's CrossBatchMemory state must be a dict of int filled and next, "
+                f"got {extra!r}"
+            )
+        filled, next_entry = extra["filled"], extra["next"]
+        if embeddings.numel() == 0 and labels.numel() == 0:  # saved before its first batch
+            if (filled, next_entry) != (0, 0):
+                return (
+                    f"the checkpoint's CrossBatchMemory state filled={filled}, next={next_entry} "
+                    "does not fit its 0 stored entries"
+                )
+            return None
+        if embeddings.dim() != 2 or embeddings.dtype not in SCORE_DTYPES or embeddings.shape[1] < 1:
+            return (
+                "the checkpoint's CrossBatchMemory embeddings must be 2-D floating point with at "
+                f"least one column, got {embeddings.dtype} of shape {list(embeddings.shape)}"
+            )
+        if labels.dim() != 1 or not is_integer_tensor(labels):
+            return (
+                "the checkpoint's CrossBatchMemory labels must be 1-D integer, got "
+                f"{labels.dtype} of shape {list(labels.shape)}"
+            )
+        rows = embeddings.shape[0]
+        if labels.shape[0] != rows:
+            return (
+                f"the checkpoint's CrossBatchMemory is inconsistent: its embeddings have {rows} "
+                f"rows and its labels {labels.shape[0]}"
+            )
+        if rows != self.size:
+            return (
+                f"the checkpoint holds a CrossBatchMemory of size {rows}, this one has "
+                f"size={self.size}: create it with size={rows}"
+            )
+        # Entries fill slots 0, 1, ... until the memory is full: until then next == filled.
+        if not (0 <= filled <= rows and 0 <= next_entry < rows) or (
+            filled < rows and next_entry != filled
+        ):
+            return (
+                f"the checkpoint's CrossBatchMemory state filled={filled}, next={next_entry} does "
+                f"not fit its {rows} stored entries"
+            )
+        if not bool(torch.isfinite(embeddings[:filled]).all()):
+            return "the checkpoint's CrossBatchMemory embeddings contain NaN or infinity"
+        return None
 
     def get_extra_state(self) -> dict:
         return {"filled": self.filled, "next": self.next}
 
     def set_extra_state(self, state: dict) -> None:
-        filled, next_entry = int(state["filled"]), int(state["next"])
-        held = self.embeddings.shape[0]
-        if not (0 <= filled <= held and 0 <= next_entry < max(held, 1)):
-            raise ValueError(
-                f"fastap: CrossBatchMemory state filled={filled}, next={next_entry} does not fit "
-                f"its {held} stored entries"
-            )
-        self.filled, self.next = filled, next_entry
+        # (Checked with the rest of the state in _load_from_state_dict.)
+        self.filled, self.next = state["filled"], state["next"]
 
     def reset(self) -> None:
         self.filled = 0
@@ -106,6 +149,9 @@ class CrossBatchMemory(torch.nn.Module):
                 f"({self.embeddings.shape[1]}), got shape {list(embeddings.shape)}"
             )
 
+    # (Eager under torch.compile: the ring's position, a Python int that every call moves, would
+    # make each call a new graph, and the compile fail at its recompile limit.)
+    @torch.compiler.disable
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Add detached copies of a batch, dropping the oldest entries beyond ``size``."""
@@ -121,6 +167,7 @@ class CrossBatchMemory(torch.nn.Module):
         self.next = (self.next + len(labels)) % self.size
         self.filled = min(self.size, self.filled + len(labels))
 
+    @torch.compiler.disable
     def forward(
         self, embeddings: torch.Tensor, labels: torch.Tensor, enqueue: bool = True
     ) -> torch.Tensor:

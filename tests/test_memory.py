@@ -87,7 +87,7 @@ def test_state_dict_of_another_size_is_refused():
         CrossBatchMemory(size=10).load_state_dict(cut)
     # A state whose counters do not fit its entries is refused, not taken as is.
     state[next(k for k in state if k.endswith("_extra_state"))] = {"filled": 11, "next": 0}
-    with pytest.raises(ValueError, match="filled=11, next=0 does not fit its 10 stored entries"):
+    with pytest.raises(RuntimeError, match="filled=11, next=0 does not fit its 10 stored entr"):
         CrossBatchMemory(size=10).load_state_dict(state)
 
 
@@ -99,5 +99,67 @@ def test_state_whose_next_entry_is_past_the_end_is_refused():
     state[key] = {"filled": 10, "next": 9}  # the last slot: fine
     CrossBatchMemory(size=10).load_state_dict(state)
     state[key] = {"filled": 10, "next": 10}
-    with pytest.raises(ValueError, match="filled=10, next=10 does not fit its 10 stored entries"):
+    with pytest.raises(RuntimeError, match="filled=10, next=10 does not fit its 10 stored entr"):
         CrossBatchMemory(size=10).load_state_dict(state)
+
+
+def test_malformed_states_are_refused_and_leave_the_memory_as_it_was():
+    g = torch.Generator().manual_seed(2)
+    memory = CrossBatchMemory(size=10)
+    for _ in range(3):
+        memory(torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g))
+    good = memory.state_dict()
+    key = next(k for k in good if k.endswith("_extra_state"))
+    nan = good["embeddings"].clone()
+    nan[4, 1] = float("nan")
+    for change, message in (
+        ({key: {"filled": 4, "next": 7}}, "filled=4, next=7 does not fit its 10 stored entries"),
+        ({key: {"filled": 4.7, "next": 4}}, "must be a dict of int filled and next"),
+        ({key: {"filled": 4}}, "must be a dict of int filled and next"),
+        ({"embeddings": nan}, "embeddings contain NaN or infinity"),
+        ({"embeddings": good["embeddings"].long()}, "embeddings must be 2-D floating point"),
+        ({"embeddings": good["embeddings"][:, :0]}, "embeddings must be 2-D floating point"),
+        ({"labels": good["labels"].float()}, "labels must be 1-D integer"),
+        ({"labels": good["labels"][:, None]}, "labels must be 1-D integer"),
+    ):
+        other = CrossBatchMemory(size=10)
+        other(torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g))
+        before = [t.clone() for t in other.contents()]
+        with pytest.raises(RuntimeError, match=message):
+            other.load_state_dict({**good, **change})
+        # (this memory's own entries, dimension and counters, untouched)
+        assert (other.filled, other.next, other.embeddings.shape) == (4, 4, (10, 5))
+        assert all(torch.equal(a, b) for a, b in zip(other.contents(), before))
+        other(torch.randn(2, 5, generator=g), torch.randint(0, 3, (2,), generator=g))
+    # Unfilled slots hold whatever was there: only the filled entries need be finite.
+    partial = CrossBatchMemory(size=10)
+    partial(torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
+    state = partial.state_dict()
+    state["embeddings"][6] = float("nan")
+    CrossBatchMemory(size=10).load_state_dict(state)
+
+
+def test_loading_keeps_the_dtype_of_a_memory_with_entries():
+    memory = CrossBatchMemory(size=10)
+    memory(torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    restored = CrossBatchMemory(size=10)
+    restored(torch.randn(2, 4, dtype=torch.float64), torch.randint(0, 3, (2,)))
+    restored.load_state_dict(memory.state_dict())
+    assert restored.embeddings.dtype == torch.float64
+    torch.testing.assert_close(restored.contents()[0], memory.contents()[0].double())
+    # One without entries takes the checkpoint's, as it would take its first batch's.
+    fresh = CrossBatchMemory(size=10).double()
+    fresh.load_state_dict(memory.state_dict())
+    assert fresh.embeddings.dtype == torch.float32
+
+
+def test_compiled_it_runs_eagerly_and_equals_eager_on_every_step():
+    """Its ring's position changes on every call: traced, each call was a new graph (up to
+    torch's recompile limit, the ninth call, where fullgraph=True failed). It runs eagerly."""
+    g = torch.Generator().manual_seed(4)
+    eager, compiled = CrossBatchMemory(size=16), CrossBatchMemory(size=16)
+    step = torch.compile(compiled)
+    for _ in range(12):
+        batch, labels = torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
+        assert torch.equal(step(batch, labels), eager(batch, labels))
+    assert compiled.filled == eager.filled == 16
