@@ -11,6 +11,7 @@ positive, nonzero ignore ignores, a query with a non-finite score has AP NaN).
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -105,8 +106,9 @@ def checks_values_of(t: torch.Tensor) -> bool:
 
 class set_value_checks:
     """Turns fastap's checks of input values on or off in this thread: ``set_value_checks(False)``
-    on its own sets the mode, and ``with set_value_checks(False): ...`` sets it for the block and
-    restores the previous mode after (like ``torch.set_grad_enabled``).
+    on its own sets the mode, ``with set_value_checks(False): ...`` sets it for the block and
+    restores the previous mode after, and ``@set_value_checks(False)`` does so for every call of
+    the function it decorates (like ``torch.set_grad_enabled``).
 
     The checks (non-finite scores and embeddings, relevance and ignore entries other than 0/1,
     negative or non-finite query weights, miners' indices out of range, uint64 labels of 2**63 or
@@ -124,6 +126,7 @@ class set_value_checks:
     def __init__(self, mode: bool) -> None:
         if not isinstance(mode, bool):
             raise TypeError(f"fastap: set_value_checks(mode): mode must be a bool, got {mode!r}")
+        self.mode = mode
         self.previous = _value_checks.enabled
         _value_checks.enabled = mode
 
@@ -132,6 +135,19 @@ class set_value_checks:
 
     def __exit__(self, *exc_info) -> None:
         _value_checks.enabled = self.previous
+
+    def __call__(self, function):
+        """As a decorator: the mode is set on each call of `function` only (the mode that
+        creating this object set is undone here, at decoration)."""
+        _value_checks.enabled = self.previous
+        mode = self.mode
+
+        @functools.wraps(function)
+        def with_mode(*args, **kwargs):
+            with set_value_checks(mode):
+                return function(*args, **kwargs)
+
+        return with_mode
 
 
 @dataclass

@@ -169,6 +169,22 @@ def test_value_checks_off_give_the_compiled_answers(device):
     with pytest.raises(ValueError, match="NaN or infinity"):
         fastap.ap_loss(scores, R.to(device))
 
+    # As a decorator: the mode holds during each call, and decorating changes nothing.
+    @fastap.set_value_checks(False)
+    def unchecked():
+        return fastap.ap_loss(scores, R.to(device))
+
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        fastap.ap_loss(scores, R.to(device))
+    assert torch.isnan(unchecked())
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        fastap.ap_loss(scores, R.to(device))
+    with fastap.set_value_checks(False):
+        checked = fastap.set_value_checks(True)(lambda: fastap.ap_loss(scores, R.to(device)))
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            checked()
+        assert torch.isnan(fastap.ap_loss(scores, R.to(device)))  # (its mode restored)
+
 
 def test_value_checks_mode_is_per_thread_and_a_bool():
     import threading
