@@ -335,7 +335,7 @@ def histograms_from_embeddings(
             f"{queries.shape[0]} queries, {database.shape[0]} database rows, offset {self_offset}"
         )
     if block_size is None:
-        block_size = default_block_size(database.shape[0], queries.element_size())
+        block_size = default_block_size(int(database.shape[0]), queries.element_size())
     block_size = check_int(block_size, "block_size", 1)
     check_finite_rows(queries, "queries")
     if not same_set:

@@ -217,6 +217,26 @@ def test_export():
     assert torch.equal(exported.module()(scores, labels), Model()(scores, labels))
 
 
+def test_export_of_the_blockwise_path_takes_static_shapes():
+    """Its loop over query blocks specialises the batch: exported with static shapes it equals
+    eager; a dynamic batch meets torch's own specialisation error (not a complaint about a
+    block_size the caller never gave)."""
+
+    class Model(torch.nn.Module):
+        def forward(self, embeddings, labels):
+            return fastap.ap_loss_from_embeddings(embeddings, labels=labels)
+
+    embeddings, labels = torch.randn(10, 8), torch.arange(10) % 3
+    exported = torch.export.export(Model(), (embeddings, labels))
+    assert torch.equal(exported.module()(embeddings, labels), Model()(embeddings, labels))
+    batch = torch.export.Dim("batch")
+    with pytest.raises(Exception) as raised:
+        torch.export.export(
+            Model(), (embeddings, labels), dynamic_shapes=({0: batch}, {0: batch}), strict=False
+        )
+    assert "block_size" not in str(raised.value)
+
+
 def test_fused_embedding_op_on_meta_tensors():
     """The shapes of the fused embedding op (CUDA-only kernels) for torch.compile and export."""
     queries = torch.empty(7, 5, device="meta", dtype=torch.bfloat16)
