@@ -50,6 +50,10 @@ def gather_embeddings(
     return _gather_checked(embeddings, labels, group, "fastap.distributed.gather_embeddings")
 
 
+# The collectives run eagerly under torch.compile (a graph break): traced, the size exchange (a
+# gloo all_gather, read back to the host) deadlocked in torch 2.13, gloo's thread waiting for the
+# GIL that the tracing thread held while it waited for the collective.
+@torch.compiler.disable
 def _gather_checked(
     embeddings, labels, group, owner: str
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -78,6 +82,13 @@ def _gather_checked(
     all_embeddings = torch.cat([g[:s] for g, s in zip(gathered, sizes)])
     all_labels = torch.cat([g[:s] for g, s in zip(gathered_labels, sizes)])
     return all_embeddings, all_labels, sum(sizes[:rank])
+
+
+@torch.compiler.disable
+def _global_sum(value: torch.Tensor, group) -> torch.Tensor:
+    """`value` summed over the processes (in place; eager under torch.compile, as above)."""
+    dist.all_reduce(value, group=group)
+    return value
 
 
 class DistributedAPLoss(torch.nn.Module):
@@ -115,7 +126,6 @@ class DistributedAPLoss(torch.nn.Module):
             embeddings, all_embeddings, labels, all_labels, exclude_self=True, self_offset=offset
         )
         mask = valid.to(per_query.dtype)
-        count = mask.sum().detach()
-        dist.all_reduce(count, group=self.group)
+        count = _global_sum(mask.sum().detach(), self.group)
         share = (mask * per_query).sum() / count.clamp_min(1)
         return torch.where(count > 0, share, torch.zeros_like(share))

@@ -3,6 +3,8 @@ of the global batch, and gradients (of the embeddings, and of a DDP model) equal
 
 import gc
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -51,6 +53,14 @@ def run_and_save(rank, out_dir):
     local = embeddings[mine].clone().requires_grad_()
     share = DistributedAPLoss(fastap.APLoss(num_bins=15, variant="tie_aware"))(local, labels[mine])
     share.backward()
+    # Compiled, the collectives run eagerly (traced, the size exchange deadlocked).
+    again = embeddings[mine].clone().requires_grad_()
+    compiled_loss = torch.compile(
+        DistributedAPLoss(fastap.APLoss(num_bins=15, variant="tie_aware")), backend="eager"
+    )
+    compiled_share = compiled_loss(again, labels[mine])
+    compiled_share.backward()
+    assert torch.equal(compiled_share, share) and torch.equal(again.grad, local.grad)
 
     ddp = torch.nn.parallel.DistributedDataParallel(model())
     ddp_loss = DistributedAPLoss(fastap.FastAPLoss(num_bins=12))(
@@ -116,3 +126,29 @@ def test_two_processes_equal_the_global_batch(tmp_path):
     for rank_result in results:
         for ours, ref in zip(rank_result["staged_grads"], [p.grad for p in net.parameters()]):
             torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+# One process of its own (its process group, and a hang, stay there).
+COMPILED_ALONE = """
+import os, sys, torch, torch.distributed as dist, fastap
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+loss = fastap.distributed.DistributedAPLoss(fastap.APLoss(num_bins=12))
+embeddings, labels = torch.randn(10, 8, dtype=torch.float64), torch.arange(10) % 3
+eager = loss(embeddings, labels)
+compiled = torch.compile(loss, backend="eager")(embeddings, labels)
+assert torch.equal(compiled, eager), (compiled, eager)
+dist.destroy_process_group()
+print("done")
+"""
+
+
+def test_compiled_in_one_process_runs_its_collectives_eagerly(tmp_path):
+    """Traced by torch.compile, the size exchange deadlocked (gloo's thread waiting for the GIL
+    that the tracing thread held while it waited for the collective): four runs of four."""
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILED_ALONE, str(tmp_path / "init")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "done" in done.stdout, done.stdout + done.stderr
