@@ -70,8 +70,12 @@ class CrossBatchMemory(torch.nn.Module):
         embeddings = state_dict.get(prefix + "embeddings")
         labels = state_dict.get(prefix + "labels")
         extra = state_dict.get(prefix + _EXTRA_STATE)
-        if embeddings is None or labels is None or extra is None:
-            return None  # (what is missing, load_state_dict reports as missing keys)
+        parts = {"embeddings": embeddings, "labels": labels, _EXTRA_STATE: extra}
+        missing = [name for name, part in parts.items() if part is None]
+        if len(missing) == len(parts):
+            return None  # (nothing of a memory: load_state_dict reports the missing keys)
+        if missing:
+            return f"the checkpoint's CrossBatchMemory lacks its {' and '.join(missing)}"
         if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):
             return "the checkpoint's CrossBatchMemory embeddings and labels must be tensors"
         if not isinstance(extra, dict) or not all(

@@ -66,12 +66,17 @@ def test_loss_against_direct_computation_and_state_dict():
         assert torch.equal(a, b)
 
 
-def test_state_dict_of_another_size_is_refused():
-    g = torch.Generator().manual_seed(1)
+def used_memory(batches: int, dim: int, seed: int) -> CrossBatchMemory:
+    """A memory of size 10 after `batches` batches of 6 random embeddings of dimension `dim`."""
+    g = torch.Generator().manual_seed(seed)
     memory = CrossBatchMemory(size=10)
-    for _ in range(2):
-        memory(torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g))
-    state = memory.state_dict()
+    for _ in range(batches):
+        memory(torch.randn(6, dim, generator=g), torch.randint(0, 3, (6,), generator=g))
+    return memory
+
+
+def test_state_dict_of_another_size_is_refused():
+    state = used_memory(2, dim=4, seed=1).state_dict()
     for size in (3, 12):
         other = CrossBatchMemory(size=size)
         with pytest.raises(RuntimeError, match=f"of size 10, this one has size={size}"):
@@ -105,10 +110,7 @@ def test_state_whose_next_entry_is_past_the_end_is_refused():
 
 def test_malformed_states_are_refused_and_leave_the_memory_as_it_was():
     g = torch.Generator().manual_seed(2)
-    memory = CrossBatchMemory(size=10)
-    for _ in range(3):
-        memory(torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g))
-    good = memory.state_dict()
+    good = used_memory(3, dim=8, seed=2).state_dict()
     key = next(k for k in good if k.endswith("_extra_state"))
     nan = good["embeddings"].clone()
     nan[4, 1] = float("nan")
@@ -121,12 +123,15 @@ def test_malformed_states_are_refused_and_leave_the_memory_as_it_was():
         ({"embeddings": good["embeddings"][:, :0]}, "embeddings must be 2-D floating point"),
         ({"labels": good["labels"].float()}, "labels must be 1-D integer"),
         ({"labels": good["labels"][:, None]}, "labels must be 1-D integer"),
+        ({key: None}, "lacks its _extra_state"),
+        ({"labels": None}, "lacks its labels"),
     ):
         other = CrossBatchMemory(size=10)
         other(torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g))
         before = [t.clone() for t in other.contents()]
+        state = {k: v for k, v in {**good, **change}.items() if v is not None}
         with pytest.raises(RuntimeError, match=message):
-            other.load_state_dict({**good, **change})
+            other.load_state_dict(state, strict=False)
         # (this memory's own entries, dimension and counters, untouched)
         assert (other.filled, other.next, other.embeddings.shape) == (4, 4, (10, 5))
         assert all(torch.equal(a, b) for a, b in zip(other.contents(), before))
