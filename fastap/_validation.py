@@ -217,10 +217,13 @@ def check_embedding_matrix(value, name: str, owner: str = "fastap") -> torch.Ten
     return value
 
 
-def check_finite_rows(value: torch.Tensor, name: str, owner: str = "fastap") -> None:
-    """With value checks on: a ValueError naming the first row of the embeddings `value` that
-    holds a NaN or an infinity (its scores would be NaN, and so the loss)."""
-    if not checks_values_of(value) or value.numel() == 0:
+def check_finite_rows(
+    value: torch.Tensor, name: str, owner: str = "fastap", always: bool = False
+) -> None:
+    """With value checks on (or `always`: fastap.metrics, which check in either mode), a
+    ValueError naming the first row of the embeddings `value` that holds a NaN or an infinity
+    (its scores would be NaN, and so the loss)."""
+    if not (always or checks_values_of(value)) or value.numel() == 0:
         return
     bad_rows = ~torch.isfinite(value).all(dim=1)
     if bool(bad_rows.any()):

@@ -31,7 +31,6 @@ from fastap.ops import histogram_dtype
 def miner_weights(
     indices_tuple,
     num_queries: int,
-    using_ref: bool,
     device,
     dtype: torch.dtype = torch.float32,
     num_references: int | None = None,
@@ -42,10 +41,11 @@ def miner_weights(
     (the losses pass float64 for float64 embeddings, else float32).
 
     indices_tuple: (anchors, positives, negatives) or (anchors1, positives, anchors2, negatives),
-    1-D integer tensors of batch indices; with a reference set (using_ref), the positives and
-    negatives index its num_references rows. Whether they lie in range is a check of values
-    (fastap.set_value_checks): under torch.compile an index outside fails in the indexing, or
-    (positives and negatives into a reference set, which the weights do not read) not at all.
+    1-D integer tensors of batch indices; with a reference set (num_references rows; None: the
+    batch is its own), the positives and negatives index its rows. Whether they lie in range is
+    a check of values (fastap.set_value_checks): under torch.compile an index outside fails in
+    the indexing, or (positives and negatives into a reference set, which the weights do not
+    read) not at all.
     """
     if indices_tuple is None:
         return torch.ones(num_queries, device=device, dtype=dtype)
@@ -65,12 +65,11 @@ def miner_weights(
     if all(t.numel() == 0 for t in indices_tuple):
         return torch.ones(num_queries, device=device, dtype=dtype)
     counted = indices_tuple
-    if using_ref:  # only the anchors
+    if num_references is not None:  # only the anchors
         anchors = (0,) if len(indices_tuple) == 3 else (0, 2)
         counted = [indices_tuple[i] for i in anchors]
         references = [t for i, t in enumerate(indices_tuple) if i not in anchors]
-        if num_references is not None:
-            _check_indices(torch.cat([t.to(device) for t in references]), num_references, "ref_emb")
+        _check_indices(torch.cat([t.to(device) for t in references]), num_references, "ref_emb")
     indices = torch.cat([t.to(device) for t in counted]).long()
     _check_indices(indices, num_queries, "the batch")
     # index_add_ rather than bincount: its output has num_queries entries whatever the values,
@@ -148,7 +147,6 @@ class _EmbeddingAPLoss(torch.nn.Module):
         weights = miner_weights(
             indices_tuple,
             embeddings.shape[0],
-            ref_emb is not None,
             embeddings.device,
             histogram_dtype(embeddings.dtype),  # the loss's
             None if ref_emb is None else ref_emb.shape[0],

@@ -20,6 +20,7 @@ import torch
 from fastap._validation import (
     check_bool,
     check_embedding_matrix,
+    check_finite_rows,
     check_int,
     check_labels,
     integer_value,
@@ -140,8 +141,7 @@ def _mask_chunk(t: torch.Tensor, name: str) -> torch.Tensor:
 
 def _check_embeddings(value, name: str) -> torch.Tensor:
     t = _with_values(check_embedding_matrix(value, name), name)
-    if t.numel() > 0 and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"fastap: {name} contain NaN or infinity")
+    check_finite_rows(t, name, always=True)
     return t
 
 

@@ -130,14 +130,14 @@ def test_fastap_parity_with_pytorch_metric_learning_in_float64():
 def test_miner_weights_follow_pytorch_metric_learning():
     a, p, n = torch.tensor([0, 0, 1]), torch.tensor([2, 3, 2]), torch.tensor([4, 4, 5])
     # Appearances: 0:2, 1:1, 2:2, 3:1, 4:2, 5:1, 6:0 -> divided by the largest (2).
-    weights = miner_weights((a, p, n), 7, using_ref=False, device="cpu")
+    weights = miner_weights((a, p, n), 7, device="cpu")
     assert weights.tolist() == [1.0, 0.5, 1.0, 0.5, 1.0, 0.5, 0.0]
     # With a reference set only anchors count; pairs (a1, p, a2, n) use a1 and a2.
     pairs = (torch.tensor([0, 1]), torch.tensor([5, 5]), torch.tensor([1]), torch.tensor([6]))
-    assert miner_weights(pairs, 3, using_ref=True, device="cpu").tolist() == [0.5, 1.0, 0.0]
-    assert miner_weights(None, 3, False, "cpu").tolist() == [1.0, 1.0, 1.0]
+    assert miner_weights(pairs, 3, device="cpu", num_references=7).tolist() == [0.5, 1.0, 0.0]
+    assert miner_weights(None, 3, "cpu").tolist() == [1.0, 1.0, 1.0]
     empty = (torch.tensor([], dtype=torch.long),) * 3
-    assert miner_weights(empty, 2, False, "cpu").tolist() == [1.0, 1.0]
+    assert miner_weights(empty, 2, "cpu").tolist() == [1.0, 1.0]
 
 
 def test_aploss_with_miner_and_reference_set(device):
