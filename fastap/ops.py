@@ -305,10 +305,18 @@ def soft_histogram(
 
 def soft_histogram_of_checked_args(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """soft_histogram's Function on arguments that soft_histogram or check_histogram_args (with
-    the torch.func refusal) has checked already: the front ends' path, which checks them once."""
+    the torch.func refusal) has checked already: the front ends' path, which checks them once.
+
+    The kernels read contiguous N x M tensors: scores or masks of other strides (a transposed
+    or sliced matrix, an expanded mask) are copied here, once, and the Function saves the copies
+    for the backward, whose op would otherwise copy them again."""
     require_extension()
     require_device_kernels(args[0])
-    return SoftHistogram.apply(*args)
+    scores, relevance, labels, ref_labels, ignore, *options = args
+    scores, relevance, ignore = (
+        None if t is None else t.contiguous() for t in (scores, relevance, ignore)
+    )
+    return SoftHistogram.apply(scores, relevance, labels, ref_labels, ignore, *options)
 
 
 def embedding_sets(queries, database, labels, ref_labels):

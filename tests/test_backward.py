@@ -175,6 +175,42 @@ def test_direct_op_calls_have_the_functions_gradients(device):
         first.sum().backward()
 
 
+def _saved_histogram_inputs(loss):
+    """The tensors that the SoftHistogram node of `loss`'s graph saved for its backward."""
+    pending, seen = [loss.grad_fn], set()
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == "SoftHistogramBackward":
+            return node.saved_tensors
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    raise AssertionError("no SoftHistogram node in the graph")
+
+
+def test_strided_inputs_are_copied_once(device):
+    """The kernels read contiguous N x M tensors. A transposed score matrix and an expanded
+    ignore mask are copied once, before the Function, which saves the copies: its backward op
+    copies nothing again (each was copied in the forward and again in the backward before)."""
+    base = torch.randn(30, 20, dtype=torch.float64, device=device, requires_grad=True)
+    ignore = (torch.rand(30, device=device) < 0.2).expand(20, 30)
+    labels = torch.arange(20, device=device) % 3
+    ref_labels = torch.arange(30, device=device) % 3
+    kwargs = dict(labels=labels, ref_labels=ref_labels, ignore=ignore)
+    with torch.profiler.profile() as profile:
+        loss = fastap.ap_loss(base.T, **kwargs)
+        (grad,) = torch.autograd.grad(loss, base)
+    copies = [event.name for event in profile.events() if event.name == "aten::clone"]
+    assert len(copies) == 2  # the scores and the mask, in the forward
+    saved_scores, _, _, _, saved_ignore = _saved_histogram_inputs(fastap.ap_loss(base.T, **kwargs))
+    assert saved_scores.is_contiguous() and saved_ignore.is_contiguous()
+    contiguous = base.detach().T.contiguous().requires_grad_()
+    kwargs["ignore"] = ignore.contiguous()
+    (expected,) = torch.autograd.grad(fastap.ap_loss(contiguous, **kwargs), contiguous)
+    assert torch.equal(grad, expected.T)
+
+
 def test_weights_near_their_dtype_limit_give_the_loss_of_their_ratios(device):
     """Only the ratios of the weights matter: weights near float32's largest value (which summed
     overflow) or beyond it in float64 (which cast to float32 become infinite) give the loss and
