@@ -155,10 +155,10 @@ class HistogramArgs:
     """The normalised arguments of one soft-histogram call (what the kernels accept)."""
 
     scores: torch.Tensor  # [N, M] floating
-    relevance: torch.Tensor | None  # [N, M] bool
+    relevance: torch.Tensor | None  # [N, M] bool or uint8
     labels: torch.Tensor | None  # [N] int64
     ref_labels: torch.Tensor | None  # [M] int64
-    ignore: torch.Tensor | None  # [N, M] bool
+    ignore: torch.Tensor | None  # [N, M] bool or uint8
     exclude_self: bool
     num_bins: int
     lo: float
@@ -178,7 +178,8 @@ def _check_device(t: torch.Tensor, name: str, scores: torch.Tensor, what: str = 
 
 
 def _check_mask(value, name: str, scores: torch.Tensor) -> torch.Tensor:
-    """An N x M 0/1 matrix (bool, integer or floating) as a bool tensor."""
+    """An N x M 0/1 matrix (bool, integer or floating) as a bool or uint8 tensor, the two dtypes
+    the kernels read (an entry that is not 0 counts as 1 in both)."""
     t = _check_tensor(value, name)
     _check_device(t, name, scores)
     if t.shape != scores.shape:
@@ -190,9 +191,20 @@ def _check_mask(value, name: str, scores: torch.Tensor) -> torch.Tensor:
         return t
     if t.is_complex():
         raise TypeError(f"fastap: {name} must be bool or hold 0/1 values, got dtype {t.dtype}")
-    if checks_values_of(t) and t.numel() > 0 and not bool(((t == 0) | (t == 1)).all()):
-        raise ValueError(f"fastap: {name} must hold only 0 and 1 (or be a bool tensor)")
-    return t != 0
+    check = checks_values_of(t) and t.numel() > 0
+    message = f"fastap: {name} must hold only 0 and 1 (or be a bool tensor)"
+    if t.dtype == torch.uint8:
+        # Taken as it is, its values checked by one reduction: no N x M temporary, no copy.
+        if check and int(t.amax()) > 1:
+            raise ValueError(message)
+        return t
+    nonzero = t != 0
+    if check:  # entries that are neither 0 nor 1 (NaN included), with one N x M temporary
+        stray = t != 1
+        stray &= nonzero
+        if bool(stray.any()):
+            raise ValueError(message)
+    return nonzero
 
 
 def is_integer_tensor(t: torch.Tensor) -> bool:

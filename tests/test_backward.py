@@ -211,6 +211,37 @@ def test_strided_inputs_are_copied_once(device):
     assert torch.equal(grad, expected.T)
 
 
+def test_uint8_masks_reach_the_kernels_as_they_are(device):
+    """The kernels read uint8 masks as they read bool ones, so a uint8 relevance or ignore mask
+    is neither converted (an N x M copy) nor checked through N x M temporaries: the Function
+    saves the caller's tensors themselves, and the values are those of bool masks."""
+    problem = random_problem(
+        9, 14, relevance_form="dense", with_ignore=True, kink_free=True, seed=5
+    ).to(device)
+    scores = problem.scores.detach().requires_grad_()
+    relevance, ignore = problem.relevance.to(torch.uint8), problem.ignore.to(torch.uint8)
+    kwargs = dict(num_bins=problem.num_bins, score_range=problem.score_range)
+    loss = fastap.ap_loss(scores, relevance, ignore=ignore, **kwargs)
+    _, saved_relevance, _, _, saved_ignore = _saved_histogram_inputs(loss)
+    assert saved_relevance.data_ptr() == relevance.data_ptr()
+    assert saved_ignore.data_ptr() == ignore.data_ptr()
+    (grad,) = torch.autograd.grad(loss, scores)
+    as_bool = fastap.ap_loss(scores, problem.relevance, ignore=problem.ignore, **kwargs)
+    (expected,) = torch.autograd.grad(as_bool, scores)
+    assert torch.equal(loss, as_bool) and torch.equal(grad, expected)
+    for mask in (relevance, ignore):
+        mask[0, 0] = 2
+    with pytest.raises(ValueError, match="relevance must hold only 0 and 1"):
+        fastap.ap_loss(scores, relevance, ignore=ignore, **kwargs)
+    relevance[0, 0] = 1
+    with pytest.raises(ValueError, match="ignore must hold only 0 and 1"):
+        fastap.ap_loss(scores, relevance, ignore=ignore, **kwargs)
+    with fastap.set_value_checks(False):  # nonzero counts as 1, as it does for other dtypes
+        unchecked = fastap.ap_loss(scores, relevance, ignore=ignore, **kwargs)
+    ignore[0, 0] = 1
+    assert torch.equal(unchecked, fastap.ap_loss(scores, relevance, ignore=ignore, **kwargs))
+
+
 def test_weights_near_their_dtype_limit_give_the_loss_of_their_ratios(device):
     """Only the ratios of the weights matter: weights near float32's largest value (which summed
     overflow) or beyond it in float64 (which cast to float32 become infinite) give the loss and
