@@ -1,7 +1,7 @@
 #include "histogram_inputs.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/stack.h>
+#include <ATen/ops/sub.h>
 
 #include <cmath>
 #include <iomanip>
@@ -177,8 +177,16 @@ at::Tensor backward_slope_table(const at::Tensor& like, int64_t num_queries, int
   const double inv_delta = static_cast<double>(q - 1) / (hi - lo);
   const at::Tensor g_neg = grad_n.to(dtype);
   const at::Tensor g_pos = g_neg.add(grad_p.to(dtype));
-  const at::Tensor g = at::stack({g_neg, g_pos}, 1);  // N x 2 x Q
-  return g.narrow(2, 0, q - 1).sub(g.narrow(2, 1, q - 1)).mul(inv_delta).contiguous();
+  // Each class's differences are written into its half of the table, which is then scaled in
+  // place: the same roundings as sub and mul on their own, without an N x 2 x Q stack and two
+  // N x 2 x (Q - 1) temporaries (as large as dS itself where Q approaches M).
+  at::Tensor table = at::empty({num_queries, 2, q - 1}, g_neg.options());
+  for (int64_t c = 0; c < 2; ++c) {
+    const at::Tensor& g = c == 0 ? g_neg : g_pos;
+    at::Tensor half = table.select(1, c);
+    at::sub_out(half, g.narrow(1, 0, q - 1), g.narrow(1, 1, q - 1));
+  }
+  return table.mul_(inv_delta);
 }
 
 at::Tensor backward_slope_table(const HistogramInputs& in, const at::Tensor& grad_n,
