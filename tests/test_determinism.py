@@ -36,3 +36,18 @@ def test_thread_count_does_not_change_results():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single[0], multi[0]) and torch.equal(single[1], multi[1])
+
+
+def test_thread_count_does_not_change_rows_longer_than_a_piece():
+    """Rows of more than 65536 candidates run as pieces in parallel (one row is no longer one
+    core's work), whose sums the forward adds in piece order: still bitwise whatever the threads."""
+    problem = random_problem(3, 200_001, dtype=torch.float32, with_ignore=True, seed=6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run(problem, "cpu")
+        torch.set_num_threads(max(2, threads))
+        multi = run(problem, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single[0], multi[0]) and torch.equal(single[1], multi[1])

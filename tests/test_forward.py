@@ -85,6 +85,66 @@ def test_float32_grid_sits_where_the_float64_one_does(device, score_range):
         torch.testing.assert_close(ap.double(), ap64, rtol=0, atol=1e-6)
 
 
+# Rows longer than a piece (csrc/cpu/soft_histogram.cpp, RowPieces: 65536 candidates, or 64 Q)
+# are split into pieces that run in parallel, their sums added in piece order.
+PIECE = 65536
+
+
+@pytest.mark.parametrize("form", ["labels", "dense", "labels+ignore"])
+def test_rows_longer_than_a_piece_match_the_reference(device, form):
+    """Gradients too; the queries' own candidates (self_offset) straddle a piece boundary, and the
+    rows end in a part piece."""
+    num_queries, num_candidates, num_bins = 12, 2 * PIECE + 77, 5
+    self_offset = PIECE - num_queries // 2
+    g = torch.Generator().manual_seed(7)
+    scores = 2.4 * torch.rand(num_queries, num_candidates, generator=g, dtype=torch.float64) - 1.2
+    kwargs = dict(num_bins=num_bins, exclude_self=True, self_offset=self_offset)
+    relevance = None
+    if form == "dense":
+        relevance = torch.rand(num_queries, num_candidates, generator=g) < 0.3
+    else:
+        kwargs["labels"] = torch.randint(0, 3, (num_queries,), generator=g)
+        kwargs["ref_labels"] = torch.randint(0, 3, (num_candidates,), generator=g)
+    if form.endswith("ignore"):
+        kwargs["ignore"] = torch.rand(num_queries, num_candidates, generator=g) < 0.2
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    relevance = None if relevance is None else relevance.to(device)
+    ours_scores = scores.to(device, copy=True).requires_grad_()
+    ours = fastap.ap_loss(ours_scores, relevance, **kwargs)
+    ours.backward()
+    ref_scores = scores.detach().clone().requires_grad_()
+    cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    ref = reference.ap_loss(ref_scores, None if relevance is None else relevance.cpu(), **cpu)
+    ref.backward()
+    torch.testing.assert_close(ours.cpu(), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours_scores.grad.cpu(), ref_scores.grad, rtol=0, atol=1e-12)
+    own = ours_scores.grad[torch.arange(num_queries), self_offset + torch.arange(num_queries)]
+    assert bool((own == 0).all())
+
+
+def test_many_bins_rows_are_the_sums_of_their_parts(device):
+    """With many bins a piece is 64 Q candidates (Q = 1500: 96000): histograms add over
+    candidates, so a row's are those of its parts, each binned on its own in one piece."""
+    num_queries, num_candidates, num_bins = 3, 200_001, 1500
+    g = torch.Generator().manual_seed(8)
+    scores = 2.2 * torch.rand(num_queries, num_candidates, generator=g, dtype=torch.float64) - 1.1
+    labels = torch.randint(0, 2, (num_queries,), generator=g)
+    ref_labels = torch.randint(0, 2, (num_candidates,), generator=g)
+    scores, labels, ref_labels = scores.to(device), labels.to(device), ref_labels.to(device)
+    args = (None, False, num_bins, -1.0, 1.0, 0)
+    n, p, positives = torch.ops.fastap.soft_histogram(scores, None, labels, ref_labels, *args)
+    bounds = [0, 60_000, 130_000, num_candidates]
+    parts = [
+        torch.ops.fastap.soft_histogram(
+            scores[:, a:b].contiguous(), None, labels, ref_labels[a:b], *args
+        )
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    torch.testing.assert_close(n, sum(part[0] for part in parts), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(p, sum(part[1] for part in parts), rtol=1e-12, atol=1e-9)
+    assert torch.equal(positives, sum(part[2] for part in parts))
+
+
 def test_scores_exactly_on_bin_centres_and_range_ends(device):
     # Q = 5 over [-1, 1]: centres 1, 0.5, 0, -0.5, -1 are exact in binary.
     scores = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.0, 2.0, -3.0, 0.25]], dtype=torch.float64)

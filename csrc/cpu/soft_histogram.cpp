@@ -27,10 +27,30 @@ constexpr int64_t kLanes = 4;
 // between the passes.
 constexpr int64_t kBlock = 64;
 
-// Rows per parallel task: enough candidates that a task is worth scheduling.
-int64_t row_grain(int64_t num_candidates) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, num_candidates));
-}
+// Candidates per piece of a row: a row longer than this is split into pieces, the parallel
+// tasks' unit, so that a call with fewer rows than threads still uses them all (one row of 10^7
+// candidates ran on one core). Fixed, so that the pieces, and the order in which the forward adds
+// their sums, do not depend on the number of threads.
+constexpr int64_t kPiece = 65536;
+
+// The pieces of a call: piece k of a row holds its candidates [k length, min((k + 1) length, M)).
+struct RowPieces {
+  int64_t num_candidates;
+  int64_t length;   // candidates per piece: kPiece, or 64 Q for many bins (a piece's sums, 2 Q
+                    // doubles, then stay a quarter of a byte per candidate)
+  int64_t per_row;  // >= 1 (1 for an empty row)
+
+  RowPieces(int64_t num_candidates_, int64_t num_bins)
+      : num_candidates(num_candidates_),
+        length(std::max<int64_t>(kPiece, 64 * num_bins)),
+        per_row(std::max<int64_t>(1, (num_candidates_ + length - 1) / length)) {}
+  int64_t begin(int64_t piece) const { return (piece % per_row) * length; }
+  int64_t end(int64_t piece) const { return std::min(begin(piece) + length, num_candidates); }
+  // Pieces per parallel task: enough candidates that a task is worth scheduling.
+  int64_t grain() const {
+    return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, std::min(num_candidates, length)));
+  }
+};
 
 // Calls f(kDense, kIgnore) with the relevance form of the call as compile-time constants
 // (std::bool_constant): positives from a dense relevance matrix or from labels; an ignore mask
@@ -47,13 +67,14 @@ void with_relevance_form(const RelevanceArgs& relevance, F&& f) {
   }
 }
 
-// Calls part(begin, end) for the candidate ranges of a row without the query's own candidate
-// (with exclude_self): the kernels then need no per-candidate test for it.
+// Calls part(begin, end) for the candidate ranges of [begin, end) of a row without the query's
+// own candidate (with exclude_self): the kernels then need no per-candidate test for it.
 template <typename Part>
-void for_row_parts(const RowRelevance& row, int64_t num_candidates, Part&& part) {
-  const int64_t self = row.self_column >= 0 ? row.self_column : num_candidates;
-  part(int64_t{0}, self);
-  if (self < num_candidates) part(self + 1, num_candidates);
+void for_row_parts(const RowRelevance& row, int64_t begin, int64_t end, Part&& part) {
+  const bool own = row.self_column >= begin && row.self_column < end;
+  const int64_t self = own ? row.self_column : end;
+  part(begin, self);
+  if (self < end) part(self + 1, end);
 }
 
 // Where the candidates of a block fall, from the first pass over it: BinGrid::locate of each,
@@ -124,11 +145,25 @@ void add_row_candidates(const scalar_t* scores, const RowRelevance& row, int64_t
   tally.poisoned |= poisoned != 0;
 }
 
-// Forward: at::parallel_for over query rows; each row is one sequential pass over its candidates
-// into fp64 accumulators (kLanes sub-histograms x {non-positive, positive} x Q bins), summed in a
-// fixed order at the end of the row: deterministic and independent of the number of threads.
-// The row's positives are also counted exactly (an integer). A non-finite score that is not
-// ignored makes the row's histograms NaN.
+// A row's histograms from the sums of its two classes (sums[c * q + k]) and its tally.
+template <typename hist_t>
+void write_row_histograms(const double* sums, const RowTally& tally, int64_t q, hist_t* n_row,
+                          hist_t* p_row, int64_t* positives) {
+  *positives = tally.positives;
+  for (int64_t k = 0; k < q; ++k) {
+    n_row[k] = tally.poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
+                              : static_cast<hist_t>(sums[k] + sums[q + k]);
+    p_row[k] = tally.poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
+                              : static_cast<hist_t>(sums[q + k]);
+  }
+}
+
+// Forward: at::parallel_for over the pieces of the rows (RowPieces); each piece is one sequential
+// pass over its candidates into fp64 accumulators (kLanes sub-histograms x {non-positive,
+// positive} x Q bins), summed in a fixed order at its end, and a row of several pieces adds their
+// sums in piece order: deterministic and independent of the number of threads. The row's
+// positives are also counted exactly (an integer). A non-finite score that is not ignored makes
+// the row's histograms NaN.
 template <typename scalar_t, typename hist_t>
 void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
                     int64_t* positives_out) {
@@ -138,38 +173,61 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
   const BinGrid<compute_t> grid(in.lo, in.hi, q);
   const RelevanceArgs relevance = in.relevance_args();
   const scalar_t* scores = in.scores.const_data_ptr<scalar_t>();
+  const RowPieces pieces(num_candidates, q);
+  const int64_t num_pieces = in.num_queries() * pieces.per_row;
+  // A row of one piece writes its histograms at once; the pieces of longer rows leave their sums
+  // (2 Q doubles) and tallies here, added row by row below.
+  const bool split = pieces.per_row > 1;
+  std::vector<double> piece_sums(split ? num_pieces * 2 * q : 0);
+  std::vector<RowTally> piece_tallies(split ? num_pieces : 0);
 
   with_relevance_form(relevance, [&](auto dense, auto ignore) {
-    at::parallel_for(0, in.num_queries(), row_grain(num_candidates), [&](int64_t begin,
-                                                                         int64_t end) {
+    at::parallel_for(0, num_pieces, pieces.grain(), [&](int64_t first, int64_t last) {
       // acc[(lane * 2 + positive) * q + bin]
       std::vector<double> acc(kLanes * 2 * q);
-      for (int64_t i = begin; i < end; ++i) {
+      std::vector<double> row_sums(split ? 0 : 2 * q);
+      for (int64_t piece = first; piece < last; ++piece) {
         std::fill(acc.begin(), acc.end(), 0.0);
+        const int64_t i = piece / pieces.per_row;
         const scalar_t* row_scores = scores + i * num_candidates;
         const RowRelevance row = relevance.row(i, num_candidates);
         RowTally tally;
-        for_row_parts(row, num_candidates, [&](int64_t part_begin, int64_t part_end) {
-          add_row_candidates<decltype(dense)::value, decltype(ignore)::value>(
-              row_scores, row, part_begin, part_end, grid, q, acc.data(), tally);
-        });
-        positives_out[i] = tally.positives;
-        hist_t* n_row = n_out + i * q;
-        hist_t* p_row = p_out + i * q;
-        for (int64_t k = 0; k < q; ++k) {
-          double by_class[2] = {0.0, 0.0};
-          for (int64_t lane = 0; lane < kLanes; ++lane) {
-            for (int64_t c = 0; c < 2; ++c) {
-              by_class[c] += acc[(lane * 2 + c) * q + k];
-            }
+        for_row_parts(row, pieces.begin(piece), pieces.end(piece),
+                      [&](int64_t part_begin, int64_t part_end) {
+                        add_row_candidates<decltype(dense)::value, decltype(ignore)::value>(
+                            row_scores, row, part_begin, part_end, grid, q, acc.data(), tally);
+                      });
+        double* sums = split ? piece_sums.data() + piece * 2 * q : row_sums.data();
+        for (int64_t c = 0; c < 2; ++c) {
+          for (int64_t k = 0; k < q; ++k) {
+            double sum = 0.0;
+            for (int64_t lane = 0; lane < kLanes; ++lane) sum += acc[(lane * 2 + c) * q + k];
+            sums[c * q + k] = sum;
           }
-          n_row[k] = tally.poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
-                                    : static_cast<hist_t>(by_class[0] + by_class[1]);
-          p_row[k] = tally.poisoned ? std::numeric_limits<hist_t>::quiet_NaN()
-                                    : static_cast<hist_t>(by_class[1]);
+        }
+        if (split) {
+          piece_tallies[piece] = tally;
+        } else {
+          write_row_histograms(sums, tally, q, n_out + i * q, p_out + i * q, positives_out + i);
         }
       }
     });
+  });
+  if (!split) return;
+  at::parallel_for(0, in.num_queries(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> row_sums(2 * q);
+    for (int64_t i = begin; i < end; ++i) {
+      std::fill(row_sums.begin(), row_sums.end(), 0.0);
+      RowTally tally;
+      for (int64_t piece = i * pieces.per_row; piece < (i + 1) * pieces.per_row; ++piece) {
+        const double* sums = piece_sums.data() + piece * 2 * q;
+        for (int64_t e = 0; e < 2 * q; ++e) row_sums[e] += sums[e];
+        tally.positives += piece_tallies[piece].positives;
+        tally.poisoned |= piece_tallies[piece].poisoned;
+      }
+      write_row_histograms(row_sums.data(), tally, q, n_out + i * q, p_out + i * q,
+                           positives_out + i);
+    }
   });
 }
 
@@ -245,8 +303,9 @@ void row_candidate_gradients(const scalar_t* scores, const RowRelevance& row, in
   }
 }
 
-// Backward: at::parallel_for over query rows; each candidate is one lookup in its row's slope
-// table (see backward_slope_table). No accumulation, so trivially deterministic.
+// Backward: at::parallel_for over the pieces of the rows (RowPieces); each candidate is one lookup
+// in its row's slope table (see backward_slope_table). No accumulation, so trivially
+// deterministic.
 template <typename scalar_t, typename hist_t>
 void histogram_backward_rows(const HistogramInputs& in, const hist_t* table, scalar_t* grad_out) {
   const int64_t num_candidates = in.num_candidates();
@@ -254,18 +313,26 @@ void histogram_backward_rows(const HistogramInputs& in, const hist_t* table, sca
   const BinGrid<hist_t> grid(in.lo, in.hi, in.num_bins);
   const RelevanceArgs relevance = in.relevance_args();
   const scalar_t* scores = in.scores.const_data_ptr<scalar_t>();
+  const RowPieces pieces(num_candidates, in.num_bins);
+  const int64_t num_pieces = in.num_queries() * pieces.per_row;
 
   with_relevance_form(relevance, [&](auto dense, auto ignore) {
-    at::parallel_for(0, in.num_queries(), row_grain(num_candidates), [&](int64_t begin,
-                                                                         int64_t end) {
+    at::parallel_for(0, num_pieces, pieces.grain(), [&](int64_t first, int64_t last) {
       ExtendedSlopes<scalar_t, hist_t> slopes(in.num_bins);
-      for (int64_t i = begin; i < end; ++i) {
+      int64_t loaded = -1;  // the row whose slopes are loaded
+      for (int64_t piece = first; piece < last; ++piece) {
+        const int64_t i = piece / pieces.per_row;
+        if (i != loaded) slopes.load(table + i * 2 * num_slopes);
+        loaded = i;
         const scalar_t* row_scores = scores + i * num_candidates;
-        slopes.load(table + i * 2 * num_slopes);
         scalar_t* row_grad = grad_out + i * num_candidates;
         const RowRelevance row = relevance.row(i, num_candidates);
-        if (row.self_column >= 0) row_grad[row.self_column] = scalar_t(0);
-        for_row_parts(row, num_candidates, [&](int64_t part_begin, int64_t part_end) {
+        const int64_t begin = pieces.begin(piece);
+        const int64_t end = pieces.end(piece);
+        if (row.self_column >= begin && row.self_column < end) {
+          row_grad[row.self_column] = scalar_t(0);
+        }
+        for_row_parts(row, begin, end, [&](int64_t part_begin, int64_t part_end) {
           row_candidate_gradients<decltype(dense)::value, decltype(ignore)::value>(
               row_scores, row, part_begin, part_end, grid, slopes, row_grad);
         });
