@@ -1,5 +1,6 @@
 """Bitwise identical forward and backward from run to run, and across thread counts (CPU)."""
 
+import pytest
 import torch
 
 import fastap
@@ -25,23 +26,16 @@ def test_repeat_is_bitwise_identical(device):
             assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def test_thread_count_does_not_change_results():
-    problem = random_problem(200, 517, dtype=torch.float32, seed=5)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run(problem, "cpu")
-        torch.set_num_threads(max(2, threads))
-        multi = run(problem, "cpu")
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(single[0], multi[0]) and torch.equal(single[1], multi[1])
-
-
-def test_thread_count_does_not_change_rows_longer_than_a_piece():
-    """Rows of more than 65536 candidates run as pieces in parallel (one row is no longer one
-    core's work), whose sums the forward adds in piece order: still bitwise whatever the threads."""
-    problem = random_problem(3, 200_001, dtype=torch.float32, with_ignore=True, seed=6)
+@pytest.mark.parametrize(
+    "num_queries, num_candidates, with_ignore",
+    # (rows of more than 65536 candidates run as pieces in parallel, whose sums the forward adds
+    # in piece order: still bitwise whatever the threads)
+    [(200, 517, False), (3, 200_001, True)],
+)
+def test_thread_count_does_not_change_results(num_queries, num_candidates, with_ignore):
+    problem = random_problem(
+        num_queries, num_candidates, dtype=torch.float32, with_ignore=with_ignore, seed=5
+    )
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
