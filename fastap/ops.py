@@ -314,7 +314,7 @@ def soft_histogram_of_checked_args(*args) -> tuple[torch.Tensor, torch.Tensor, t
     require_device_kernels(args[0])
     scores, relevance, labels, ref_labels, ignore, *options = args
     scores, relevance, ignore = (
-        None if t is None else t.contiguous() for t in (scores, relevance, ignore)
+        t.contiguous() if isinstance(t, torch.Tensor) else t for t in (scores, relevance, ignore)
     )
     return SoftHistogram.apply(scores, relevance, labels, ref_labels, ignore, *options)
 

@@ -256,6 +256,18 @@ def test_direct_op_calls_are_checked():
         (dict(exclude_self=False, self_offset=1), ValueError, "only applies with exclude_self"),
         (dict(lo=1.0, hi=0.0), ValueError, r"lo < hi, got \(1.0, 0.0\)"),
         (dict(scores=[[0.5]]), TypeError, "scores must be a torch.Tensor, got list"),
+        # (the masks meet the op's own schema check, as they did before the wrapper made
+        # tensors contiguous)
+        (
+            dict(relevance=[[True] * 5] * 4, labels=None, ref_labels=None),
+            RuntimeError,
+            r"Expected a value of type 'Optional\[Tensor\]' for argument 'relevance'",
+        ),
+        (
+            dict(ignore=[[False] * 5] * 4),
+            RuntimeError,
+            r"Expected a value of type 'Optional\[Tensor\]' for argument 'ignore'",
+        ),
     ],
 )
 def test_python_op_wrappers_check_their_arguments_as_the_front_ends_do(change, error, match):
