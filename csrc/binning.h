@@ -45,15 +45,12 @@ struct BinGrid {
   T lo;
   T hi;
   T inv_delta;       // (Q - 1) / (hi - lo)
-  T hi_rounding;     // (hi - T(hi)) / delta: where the exact hi lies on the grid of T(hi)
   int32_t last_bin;  // Q - 1
 
   BinGrid(double lo_, double hi_, int64_t num_bins)
       : lo(static_cast<T>(lo_)),
         hi(static_cast<T>(hi_)),
         inv_delta(static_cast<T>(static_cast<double>(num_bins - 1) / (hi_ - lo_))),
-        hi_rounding(static_cast<T>((hi_ - static_cast<double>(static_cast<T>(hi_))) *
-                                   static_cast<double>(num_bins - 1) / (hi_ - lo_))),
         last_bin(static_cast<int32_t>(num_bins - 1)) {}
 
   // t in [0, Q - 1]. Clamping the position rather than the score gives the same t for every
@@ -62,14 +59,12 @@ struct BinGrid {
   // is placed like hi (and +-inf like the end it points to), so that a branch-free kernel may
   // bin a non-finite score before it discards the row's result. On the GPU two min/max
   // instructions, not branches.
-  // hi - s is exact for the scores near hi (Sterbenz), and hi_rounding puts back what rounding
-  // hi to float32 took off: without it a float32 grid sat up to half an ulp of hi away from the
-  // float64 one, which over a range narrow for its magnitude is a good part of a bin ((0.5,
-  // 0.5001), 100 bins: 3% of a bin; every weight moved by as much). 0 where hi is exact in T (in
-  // float64 always), and then t is the product alone, bit for bit (on the GPU the addition is
-  // the product's fma).
+  // t is the product alone, rounded once on the host and on the device alike (a product and an
+  // addition would not be: nvcc contracts them into one fma, the host build does not, and the
+  // positions would differ in their last bit). So hi is T(hi), up to half an ulp of hi from the
+  // exact one: half the spacing of the scores of type T near it (docs/design.md, section 4).
   FASTAP_HOST_DEVICE T position(T s) const {
-    const T t = (hi - s) * inv_delta + hi_rounding;
+    const T t = (hi - s) * inv_delta;
 #ifdef __CUDA_ARCH__
     return fmin(fmax(t, T(0)), static_cast<T>(last_bin));  // fmax(NaN, 0) == 0
 #else

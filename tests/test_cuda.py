@@ -205,3 +205,36 @@ def test_second_device_runs_there_with_the_same_results():
         assert torch.cuda.current_device() == 0
     for on_0, on_1 in zip(*results):
         assert torch.equal(on_0, on_1)
+
+
+@pytest.mark.parametrize("score_range", [(-0.3, 1.7), (0.1, 0.9), (-1.0, 1.1), (0.5, 0.5001)])
+@pytest.mark.parametrize("num_candidates", [1000, 1001])  # the fast and the general kernels
+def test_cuda_backward_equals_cpu_where_hi_is_not_a_float32(score_range, num_candidates):
+    """Ranges whose hi is not a float32 value, and scores on the bin centres: the CUDA kernels
+    place every score as the CPU does, bit for bit (a position rounded differently on the GPU,
+    by an fma say, moves a score on a bin centre into the neighbouring bin, with another slope)."""
+    lo, hi = score_range
+    num_bins = 21
+    delta = (hi - lo) / (num_bins - 1)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([hi - k * delta for k in range(num_bins)], dtype=torch.float64)
+    spread = lo + (hi - lo) * torch.rand(
+        6, num_candidates - num_bins, generator=g, dtype=torch.float64
+    )
+    scores = torch.cat([centres.expand(6, -1), spread], 1).float()
+    labels = torch.arange(6) % 2
+    ref_labels = torch.arange(num_candidates) % 2
+    args = (None, labels, ref_labels, None, False, num_bins, lo, hi)
+    n, p, positives = torch.ops.fastap.soft_histogram(scores, *args)
+    grad_n, grad_p = torch.randn_like(n), torch.randn_like(p)
+    grad = torch.ops.fastap.soft_histogram_backward(grad_n, grad_p, scores, *args)
+    cuda_args = tuple(a.cuda() if torch.is_tensor(a) else a for a in args)
+    n_gpu, p_gpu, positives_gpu = torch.ops.fastap.soft_histogram(scores.cuda(), *cuda_args)
+    grad_gpu = torch.ops.fastap.soft_histogram_backward(
+        grad_n.cuda(), grad_p.cuda(), scores.cuda(), *cuda_args
+    )
+    assert torch.equal(grad_gpu.cpu(), grad)
+    assert torch.equal(positives_gpu.cpu(), positives)
+    # (the histograms are sums, in another order on the GPU)
+    torch.testing.assert_close(n_gpu.cpu(), n, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_gpu.cpu(), p, rtol=1e-5, atol=1e-5)

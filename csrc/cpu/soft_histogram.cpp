@@ -36,8 +36,8 @@ constexpr int64_t kPiece = 65536;
 // The pieces of a call: piece k of a row holds its candidates [k length, min((k + 1) length, M)).
 struct RowPieces {
   int64_t num_candidates;
-  int64_t length;   // candidates per piece: kPiece, or 64 Q for many bins (a piece's sums, 2 Q
-                    // doubles, then stay a quarter of a byte per candidate)
+  int64_t length;   // candidates per piece: kPiece, or 64 Q for many bins (a row's pieces' sums,
+                    // 2 Q doubles each, then stay below half a byte per candidate)
   int64_t per_row;  // >= 1 (1 for an empty row)
 
   RowPieces(int64_t num_candidates_, int64_t num_bins)
