@@ -67,12 +67,16 @@ void with_relevance_form(const RelevanceArgs& relevance, F&& f) {
   }
 }
 
+// The query's own candidate (with exclude_self) if it lies in [begin, end) of its row, else end.
+int64_t own_column_in(const RowRelevance& row, int64_t begin, int64_t end) {
+  return row.self_column >= begin && row.self_column < end ? row.self_column : end;
+}
+
 // Calls part(begin, end) for the candidate ranges of [begin, end) of a row without the query's
-// own candidate (with exclude_self): the kernels then need no per-candidate test for it.
+// own candidate: the kernels then need no per-candidate test for it.
 template <typename Part>
 void for_row_parts(const RowRelevance& row, int64_t begin, int64_t end, Part&& part) {
-  const bool own = row.self_column >= begin && row.self_column < end;
-  const int64_t self = own ? row.self_column : end;
+  const int64_t self = own_column_in(row, begin, end);
   part(begin, self);
   if (self < end) part(self + 1, end);
 }
@@ -175,8 +179,9 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
   const scalar_t* scores = in.scores.const_data_ptr<scalar_t>();
   const RowPieces pieces(num_candidates, q);
   const int64_t num_pieces = in.num_queries() * pieces.per_row;
-  // A row of one piece writes its histograms at once; the pieces of longer rows leave their sums
-  // (2 Q doubles) and tallies here, added row by row below.
+  // A row of one piece writes its histograms at once (so short rows need no sums, whatever Q);
+  // the pieces of longer rows leave their sums (2 Q doubles) and tallies here, added row by row
+  // below.
   const bool split = pieces.per_row > 1;
   std::vector<double> piece_sums(split ? num_pieces * 2 * q : 0);
   std::vector<RowTally> piece_tallies(split ? num_pieces : 0);
@@ -329,9 +334,8 @@ void histogram_backward_rows(const HistogramInputs& in, const hist_t* table, sca
         const RowRelevance row = relevance.row(i, num_candidates);
         const int64_t begin = pieces.begin(piece);
         const int64_t end = pieces.end(piece);
-        if (row.self_column >= begin && row.self_column < end) {
-          row_grad[row.self_column] = scalar_t(0);
-        }
+        const int64_t own = own_column_in(row, begin, end);
+        if (own < end) row_grad[own] = scalar_t(0);
         for_row_parts(row, begin, end, [&](int64_t part_begin, int64_t part_end) {
           row_candidate_gradients<decltype(dense)::value, decltype(ignore)::value>(
               row_scores, row, part_begin, part_end, grid, slopes, row_grad);
