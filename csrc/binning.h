@@ -91,6 +91,12 @@ struct BinGrid {
 
   // Whether the weights of score s, whose fraction is frac, have a non-zero derivative.
   FASTAP_HOST_DEVICE bool sloped(T s, T frac) const { return (s > lo) & (frac != T(0)); }
+
+  // dL/ds of a score in bin k from its class's incoming gradients g_k = g[k] and g_next =
+  // g[k + 1]: (g[k] - g[k + 1]) / delta, as the difference rounded to T times inv_delta. The
+  // backward's slope table holds these (backward_slope_table in histogram_inputs.h builds it
+  // with ATen's sub and mul, which round the same way; the CPU backward calls this per row).
+  FASTAP_HOST_DEVICE T slope(T g_k, T g_next) const { return (g_k - g_next) * inv_delta; }
 };
 
 template <typename T>

@@ -163,20 +163,30 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
   return in;
 }
 
+std::tuple<at::Tensor, at::Tensor> checked_histogram_grads(const at::Tensor& like,
+                                                           int64_t num_queries, int64_t num_bins,
+                                                           at::ScalarType dtype,
+                                                           const at::Tensor& grad_n,
+                                                           const at::Tensor& grad_p) {
+  for (const auto* g : {&grad_n, &grad_p}) {
+    const char* name = g == &grad_n ? "grad_n" : "grad_p";
+    check_same_device(*g, name, like, "scores");
+    TORCH_CHECK_VALUE(g->dim() == 2 && g->size(0) == num_queries && g->size(1) == num_bins,
+                      "fastap: ", name, " must have shape [", num_queries, ", ", num_bins,
+                      "], got ", g->sizes());
+  }
+  return {grad_n.to(dtype).contiguous(), grad_p.to(dtype).contiguous()};
+}
+
 at::Tensor backward_slope_table(const at::Tensor& like, int64_t num_queries, int64_t num_bins,
                                 double lo, double hi, at::ScalarType dtype,
                                 const at::Tensor& grad_n, const at::Tensor& grad_p) {
   const int64_t q = num_bins;
-  for (const auto* g : {&grad_n, &grad_p}) {
-    const char* name = g == &grad_n ? "grad_n" : "grad_p";
-    check_same_device(*g, name, like, "scores");
-    TORCH_CHECK_VALUE(g->dim() == 2 && g->size(0) == num_queries && g->size(1) == q,
-                      "fastap: ", name, " must have shape [", num_queries, ", ", q, "], got ",
-                      g->sizes());
-  }
-  const double inv_delta = static_cast<double>(q - 1) / (hi - lo);
-  const at::Tensor g_neg = grad_n.to(dtype);
-  const at::Tensor g_pos = g_neg.add(grad_p.to(dtype));
+  at::Tensor g_neg, g_p;
+  std::tie(g_neg, g_p) = checked_histogram_grads(like, num_queries, q, dtype, grad_n, grad_p);
+  // The roundings of bin_slope (binning.h), which the CPU backward applies row by row: the sum
+  // g_n + g_p and the difference in the histogram dtype, times the bin scale rounded to it.
+  const at::Tensor g_pos = g_neg.add(g_p);
   // Each class's differences are written into its half of the table, which is then scaled in
   // place: the same roundings as sub and mul on their own, without an N x 2 x Q stack and two
   // N x 2 x (Q - 1) temporaries (as large as dS itself where Q approaches M).
@@ -186,7 +196,7 @@ at::Tensor backward_slope_table(const at::Tensor& like, int64_t num_queries, int
     at::Tensor half = table.select(1, c);
     at::sub_out(half, g.narrow(1, 0, q - 1), g.narrow(1, 1, q - 1));
   }
-  return table.mul_(inv_delta);
+  return table.mul_(static_cast<double>(q - 1) / (hi - lo));
 }
 
 at::Tensor backward_slope_table(const HistogramInputs& in, const at::Tensor& grad_n,

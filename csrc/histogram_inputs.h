@@ -57,10 +57,20 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
                                        int64_t num_bins, double lo, double hi,
                                        int64_t self_offset);
 
+// grad_n / grad_p (the backward's incoming gradients) checked against the inputs: num_queries x
+// num_bins each, on the device of `like`; returned in `dtype`, contiguous.
+std::tuple<at::Tensor, at::Tensor> checked_histogram_grads(const at::Tensor& like,
+                                                           int64_t num_queries, int64_t num_bins,
+                                                           at::ScalarType dtype,
+                                                           const at::Tensor& grad_n,
+                                                           const at::Tensor& grad_p);
+
 // Checks grad_n / grad_p against the inputs and returns the backward's per-row slope table,
 // N x 2 x (Q - 1) in the histogram dtype: table[i][c][k] = (g_c[k] - g_c[k + 1]) / delta with
-// g_0 = grad_n (candidates that are not positives) and g_1 = grad_n + grad_p (positives).
-// dL/ds_ij is then table[i][positive(i, j)][bin(s_ij)] where the binning has a slope, else 0.
+// g_0 = grad_n (candidates that are not positives) and g_1 = grad_n + grad_p (positives), rounded
+// as bin_slope (binning.h) rounds them. dL/ds_ij is then table[i][positive(i, j)][bin(s_ij)]
+// where the binning has a slope, else 0. (The CUDA ops build it; the CPU backward computes each
+// row's slopes where it uses them.)
 at::Tensor backward_slope_table(const HistogramInputs& in, const at::Tensor& grad_n,
                                 const at::Tensor& grad_p);
 // The same for num_queries rows of num_bins bins on [lo, hi], in `dtype`, on the device of `like`.

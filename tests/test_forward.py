@@ -116,6 +116,31 @@ def test_many_bins_rows_are_the_sums_of_their_parts(device):
     assert torch.equal(positives, sum(part[2] for part in parts))
 
 
+@pytest.mark.parametrize("num_candidates", [1, 7, 39, 40, 41, 200])
+@pytest.mark.parametrize("crowded", [False, True])
+def test_rows_short_for_their_bins_match_the_reference(device, num_candidates, crowded):
+    """The CPU op bins a row of fewer than 2 Q candidates into one sub-histogram, longer ones
+    into four (csrc/cpu/soft_histogram.cpp, lanes_for): around that bound, Q = 20, with the
+    scores spread or crowded into two bins (consecutive candidates adding to the same sums), an
+    ignore mask and the queries' own candidates left out."""
+    num_queries, num_bins = 45, 20
+    g = torch.Generator().manual_seed(num_candidates)
+    scores = 2.4 * torch.rand(num_queries, num_candidates, generator=g, dtype=torch.float64) - 1.2
+    if crowded:
+        scores = 0.3 + 0.1 * scores / 1.2  # within (0.2, 0.4): bins 6 to 8 of 20 over (-1, 1)
+    labels = torch.randint(0, 3, (num_queries,), generator=g)
+    ref_labels = torch.randint(0, 3, (num_candidates,), generator=g)
+    ignore = torch.rand(num_queries, num_candidates, generator=g) < 0.2
+    exclude_self = num_candidates >= num_queries
+    args = (labels, ref_labels, ignore, exclude_self, num_bins, -1.0, 1.0, 0)
+    expected = reference.soft_histogram(scores, None, *args)
+    on_device = [t.to(device) if torch.is_tensor(t) else t for t in args]
+    got = torch.ops.fastap.soft_histogram(scores.to(device), None, *on_device)
+    torch.testing.assert_close(got[0].cpu(), expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1].cpu(), expected[1], rtol=0, atol=1e-12)
+    assert torch.equal(got[2].cpu(), expected[2])
+
+
 def test_scores_exactly_on_bin_centres_and_range_ends(device):
     # Q = 5 over [-1, 1]: centres 1, 0.5, 0, -0.5, -1 are exact in binary.
     scores = torch.tensor([[1.0, 0.5, 0.0, -0.5, -1.0, 2.0, -3.0, 0.25]], dtype=torch.float64)
