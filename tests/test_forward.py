@@ -119,10 +119,9 @@ def test_many_bins_rows_are_the_sums_of_their_parts(device):
 @pytest.mark.parametrize("num_candidates", [1, 7, 39, 40, 41, 200])
 @pytest.mark.parametrize("crowded", [False, True])
 def test_rows_short_for_their_bins_match_the_reference(device, num_candidates, crowded):
-    """The CPU op bins a row of fewer than 2 Q candidates into one sub-histogram, longer ones
-    into four (csrc/cpu/soft_histogram.cpp, lanes_for): around that bound, Q = 20, with the
-    scores spread or crowded into two bins (consecutive candidates adding to the same sums), an
-    ignore mask and the queries' own candidates left out."""
+    """Rows of fewer candidates than bins, or a few times as many (Q = 20), with the scores
+    spread or crowded into three bins (consecutive candidates adding to the same sums, in the
+    CPU op's sub-histograms too), an ignore mask and the queries' own candidates left out."""
     num_queries, num_bins = 45, 20
     g = torch.Generator().manual_seed(num_candidates)
     scores = 2.4 * torch.rand(num_queries, num_candidates, generator=g, dtype=torch.float64) - 1.2

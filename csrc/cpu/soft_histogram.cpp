@@ -20,10 +20,8 @@ namespace fastap {
 namespace {
 
 // Candidates of a row are dealt round-robin to this many private sub-histograms, so that
-// consecutive candidates falling into the same bin do not wait on each other's additions; but
-// only in rows of at least kLaneCandidates Q candidates (see lanes_for).
+// consecutive candidates falling into the same bin do not wait on each other's additions.
 constexpr int64_t kLanes = 4;
-constexpr int64_t kLaneCandidates = 2;
 
 // Candidates per block of the two-pass loops: about a KB of positions, which stays in L1
 // between the passes.
@@ -53,16 +51,6 @@ struct RowPieces {
     return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, std::min(num_candidates, length)));
   }
 };
-
-// Sub-histograms per piece: kLanes, or one where a piece holds fewer than kLaneCandidates Q
-// candidates: zeroing and adding up kLanes x 2 Q sums per piece would then cost more than the
-// waits on dependent additions that they save. (Forward of 2^23 float32 scores, with torch's
-// huge pages to keep page faults out: rows of 16 over 100 bins 110 ms against 180; of 64 over
-// 100 bins 36 against 50; but rows of 64 over 20 bins whose scores crowd into few bins 25 ms
-// with one lane against 20 with four, hence the factor 2.)
-int64_t lanes_for(const RowPieces& pieces, int64_t num_bins) {
-  return std::min(pieces.num_candidates, pieces.length) >= kLaneCandidates * num_bins ? kLanes : 1;
-}
 
 // Calls f(kDense, kIgnore) with the relevance form of the call as compile-time constants
 // (std::bool_constant): positives from a dense relevance matrix or from labels; an ignore mask
@@ -124,15 +112,14 @@ struct RowTally {
 };
 
 // Forward of candidates [begin, end) of a row, none of them the query itself, into `acc`
-// (lanes x {non-positive, positive} x q fp64 sums; lane = candidate mod kLanes from `begin`,
-// lane_stride = 2 q, or 0 for a single sub-histogram).
+// (kLanes x {non-positive, positive} x q fp64 sums; lane = candidate mod kLanes from `begin`).
 // In blocks of kBlock candidates, two passes: locate (BlockPositions), then add each counted
 // candidate's two weights. An ignored candidate's weights go to `discard`, so that the second
 // pass has no branch either.
 template <bool kDense, bool kIgnore, typename scalar_t, typename compute_t>
 void add_row_candidates(const scalar_t* scores, const RowRelevance& row, int64_t begin,
                         int64_t end, const BinGrid<compute_t>& grid, int64_t q, double* acc,
-                        int64_t lane_stride, RowTally& tally) {
+                        RowTally& tally) {
   BlockPositions<scalar_t, compute_t> block;
   double discard[2] = {0.0, 0.0};
   int64_t positives = 0;
@@ -153,7 +140,7 @@ void add_row_candidates(const scalar_t* scores, const RowRelevance& row, int64_t
     };
     int64_t o = 0;
     for (; o + kLanes <= count; o += kLanes) {
-      for (int64_t lane = 0; lane < kLanes; ++lane) add(o + lane, acc + lane * lane_stride);
+      for (int64_t lane = 0; lane < kLanes; ++lane) add(o + lane, acc + lane * 2 * q);
     }
     for (; o < count; ++o) add(o, acc);
     if constexpr (!kIgnore) poisoned |= block.any_non_finite;
@@ -176,7 +163,7 @@ void write_row_histograms(const double* sums, const RowTally& tally, int64_t q, 
 }
 
 // Forward: at::parallel_for over the pieces of the rows (RowPieces); each piece is one sequential
-// pass over its candidates into fp64 accumulators (lanes_for sub-histograms x {non-positive,
+// pass over its candidates into fp64 accumulators (kLanes sub-histograms x {non-positive,
 // positive} x Q bins), summed in a fixed order at its end, and a row of several pieces adds their
 // sums in piece order: deterministic and independent of the number of threads. The row's
 // positives are also counted exactly (an integer). A non-finite score that is not ignored makes
@@ -192,7 +179,6 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
   const scalar_t* scores = in.scores.const_data_ptr<scalar_t>();
   const RowPieces pieces(num_candidates, q);
   const int64_t num_pieces = in.num_queries() * pieces.per_row;
-  const int64_t lanes = lanes_for(pieces, q);
   // A row of one piece writes its histograms at once (so short rows need no sums, whatever Q);
   // the pieces of longer rows leave their sums (2 Q doubles) and tallies here, added row by row
   // below.
@@ -203,7 +189,7 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
   with_relevance_form(relevance, [&](auto dense, auto ignore) {
     at::parallel_for(0, num_pieces, pieces.grain(), [&](int64_t first, int64_t last) {
       // acc[(lane * 2 + positive) * q + bin]
-      std::vector<double> acc(lanes * 2 * q);
+      std::vector<double> acc(kLanes * 2 * q);
       std::vector<double> row_sums(split ? 0 : 2 * q);
       for (int64_t piece = first; piece < last; ++piece) {
         std::fill(acc.begin(), acc.end(), 0.0);
@@ -214,14 +200,13 @@ void histogram_rows(const HistogramInputs& in, hist_t* n_out, hist_t* p_out,
         for_row_parts(row, pieces.begin(piece), pieces.end(piece),
                       [&](int64_t part_begin, int64_t part_end) {
                         add_row_candidates<decltype(dense)::value, decltype(ignore)::value>(
-                            row_scores, row, part_begin, part_end, grid, q, acc.data(),
-                            lanes > 1 ? 2 * q : 0, tally);
+                            row_scores, row, part_begin, part_end, grid, q, acc.data(), tally);
                       });
         double* sums = split ? piece_sums.data() + piece * 2 * q : row_sums.data();
         for (int64_t c = 0; c < 2; ++c) {
           for (int64_t k = 0; k < q; ++k) {
             double sum = 0.0;
-            for (int64_t lane = 0; lane < lanes; ++lane) sum += acc[(lane * 2 + c) * q + k];
+            for (int64_t lane = 0; lane < kLanes; ++lane) sum += acc[(lane * 2 + c) * q + k];
             sums[c * q + k] = sum;
           }
         }
