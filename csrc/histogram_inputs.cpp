@@ -184,8 +184,8 @@ at::Tensor backward_slope_table(const at::Tensor& like, int64_t num_queries, int
   const int64_t q = num_bins;
   at::Tensor g_neg, g_p;
   std::tie(g_neg, g_p) = checked_histogram_grads(like, num_queries, q, dtype, grad_n, grad_p);
-  // The roundings of bin_slope (binning.h), which the CPU backward applies row by row: the sum
-  // g_n + g_p and the difference in the histogram dtype, times the bin scale rounded to it.
+  // The roundings of BinGrid::slope (binning.h), which the CPU backward applies row by row: the
+  // sum g_n + g_p and the difference in the histogram dtype, times the bin scale rounded to it.
   const at::Tensor g_pos = g_neg.add(g_p);
   // Each class's differences are written into its half of the table, which is then scaled in
   // place: the same roundings as sub and mul on their own, without an N x 2 x Q stack and two

@@ -1,6 +1,6 @@
 // Host-side argument handling shared by the CPU and CUDA implementations of the fastap ops:
 // checks (so that a direct torch.ops.fastap call fails with a clear message, not a crash), the
-// contiguous copies the kernels read, and the per-row slope table of the backward.
+// contiguous copies the kernels read, and the per-row slope table of the CUDA backward.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -68,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> checked_histogram_grads(const at::Tensor& lik
 // Checks grad_n / grad_p against the inputs and returns the backward's per-row slope table,
 // N x 2 x (Q - 1) in the histogram dtype: table[i][c][k] = (g_c[k] - g_c[k + 1]) / delta with
 // g_0 = grad_n (candidates that are not positives) and g_1 = grad_n + grad_p (positives), rounded
-// as bin_slope (binning.h) rounds them. dL/ds_ij is then table[i][positive(i, j)][bin(s_ij)]
+// as BinGrid::slope (binning.h) rounds them. dL/ds_ij is then table[i][positive(i, j)][bin(s_ij)]
 // where the binning has a slope, else 0. (The CUDA ops build it; the CPU backward computes each
 // row's slopes where it uses them.)
 at::Tensor backward_slope_table(const HistogramInputs& in, const at::Tensor& grad_n,
