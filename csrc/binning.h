@@ -132,7 +132,8 @@ FASTAP_HOST_DEVICE T score_gradient(T s, bool positive, const BinGrid<T>& grid,
 // query's own candidate, or -1) remove candidates from the row entirely.
 //
 // positive<kDense>: false for a row with labels, true for one with a dense relevance matrix,
-// when a kernel is compiled for one form (the CUDA kernels); without it, decided at run time.
+// when a kernel is compiled for one form (the CUDA and CPU kernels); without it, decided at run
+// time.
 // ignored<kCheckSelf>: kCheckSelf = false promises that the candidate asked about is not
 // self_column. The index type may be int32 after window().
 struct RowRelevance {
