@@ -88,7 +88,7 @@ def build_cuda() -> bool:
 
 def nvcc_extra_flags() -> list:
     """FASTAP_NVCC_FLAGS, split on whitespace; and FASTAP_BUILD_WGMMA where the architectures
-    include 9.0a (the fused forward's wgmma path, csrc/cuda/wgmma.cuh)."""
+    include 9.0a (the fused kernels' wgmma path, csrc/cuda/wgmma.cuh)."""
     flags = os.environ.get("FASTAP_NVCC_FLAGS", "").split()
     arches = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";")
     if any(arch.strip().startswith("9.0a") for arch in arches):

@@ -1,5 +1,6 @@
-// Hopper's warpgroup matrix multiply (wgmma, sm_90a) for the fused kernels' score product, with
-// bf16/fp16 operands read by the tensor cores straight from shared memory.
+// Hopper's warpgroup matrix multiply (wgmma, sm_90a) for the fused kernels' score product and
+// their backward's gradient product, with bf16/fp16 operands read by the tensor cores straight
+// from shared memory.
 //
 // Why: with WMMA every operand passes through the shared-memory data path into registers (a warp's
 // 16 x 32 tile reads 1.5 KB per k of 16), which docs/design.md, section 5, counts as the bound of
@@ -11,9 +12,11 @@
 // depth / 8 core matrices of a group of 8 rows one after another along k, the groups of 8 rows
 // depth * 16 bytes apart (canonical_index). A descriptor names a slice by its first element, the
 // leading-dimension byte offset (128: the next core matrix along k) and the stride-dimension byte
-// offset (depth * 16: the next 8 rows). The accumulators of a warpgroup's 64 x 32 tile are 16 fp32
-// registers per thread: register e of lane l in warp w (of the warpgroup) holds row
-// 16 w + l / 4 + 8 ((e % 4) / 2), column 8 (e / 4) + 2 (l % 4) + e % 2 (accumulator_row/col).
+// offset (depth * 16: the next 8 rows); the gradient product reads its B, the stream rows, from the
+// same tiles MN-major (descriptor_mn, below). The accumulators of a warpgroup's 64 x 32 tile of
+// the score product are 16 fp32 registers per thread: register e of lane l in warp w (of the
+// warpgroup) holds row 16 w + l / 4 + 8 ((e % 4) / 2), column 8 (e / 4) + 2 (l % 4) + e % 2
+// (accumulator_row/col).
 //
 // benchmarks/mma_probe.cu checks this reading of the layouts on the GPU (and in CI against the
 // host); tests/emulation/wgmma_host.h runs these functions on the CPU for the kernels' tests.
