@@ -346,7 +346,7 @@ constexpr int backward_columns(bool fast) {
               : kBackwardColumnsPerThread;
 }
 
-// The fast backward for the candidates [tile_begin, tile_begin + 32 kBackwardThreads ...) of one
+// The fast backward for the candidates [tile_begin, tile_begin + 16 kBackwardThreads ...) of one
 // row: thread t takes vectors t + kBackwardThreads v. kSelf (block-uniform): the tile holds the
 // row's own column, `self` (relative to the tile), tested candidate by candidate.
 template <bool kSelf, typename scalar_t, typename acc_t>
