@@ -3,7 +3,7 @@
 Public API:
     average_precision(scores, relevance=None, *, labels, ref_labels, num_bins, score_range,
                       ignore, exclude_self, self_offset, variant) -> [N] AP per query
-    ap_loss(<same>, query_weights=None) -> scalar 1 - weighted mAP_Q
+    ap_loss(<same>, query_weights=None) -> scalar 1 - weighted mean AP (AP_Q by default)
     APLoss(num_bins=20, score_range=(-1, 1), variant="ap_q"): nn.Module on embeddings, called
         like pytorch-metric-learning losses; FastAPLoss(num_bins=10): FastAP, likewise
     fastap.compat: APLoss / TAPLoss with the authors' call signature

@@ -133,7 +133,8 @@ def average_precision(
         variant: "ap_q" (default, the paper's quantized AP), "tie_aware" (AP_T, which treats
             the candidates in one bin as tied) or "tie_aware_simplified"; see docs/design.md.
     Returns:
-        [N] AP_Q per query, float32 (float64 for float64 scores), on the device of scores.
+        [N] AP of ``variant`` (AP_Q by default) per query, float32 (float64 for float64
+        scores), on the device of scores.
         A query without positives (after ``ignore``/``exclude_self``) has no AP and gets 0 here,
         with zero gradient; ``ap_loss`` leaves such queries out.
     Raises:
@@ -168,7 +169,8 @@ def ap_loss(
     variant: str = "ap_q",
     query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The AP loss: 1 - the weighted mean AP_Q over the queries that have at least one positive.
+    """The AP loss: 1 - the weighted mean AP (of ``variant``, AP_Q by default) over the queries
+    that have at least one positive.
 
     Arguments as for :func:`average_precision`, plus
         query_weights: [N] finite non-negative floating weights (default: all 1). The loss is
