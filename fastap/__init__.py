@@ -9,7 +9,7 @@ Public API:
     fastap.compat: APLoss / TAPLoss with the authors' call signature
     fastap.reference: the same math in plain PyTorch (oracle and baseline)
     ap_loss_from_embeddings(queries, database=None, *, labels, ...): the loss from embeddings,
-        block by block, without the N x M score matrix
+        block by block or in the fused CUDA kernel, without the N x M score matrix
     fastap.train.multistage_backward: batches larger than fit through the model at once
     fastap.distributed.DistributedAPLoss, fastap.memory.CrossBatchMemory: larger databases
     fastap.metrics: exact mAP, recall@k, mAP@R and the revisited Oxford/Paris protocol

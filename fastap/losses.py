@@ -107,8 +107,9 @@ class _EmbeddingAPLoss(torch.nn.Module):
     num_bins: int
     score_range: tuple[float, float]
     variant: str
-    #: Above this many bytes of N x M scores, the loss is computed block by block from the
-    #: embeddings instead of forming the score matrix (slower, a fraction of the memory).
+    #: Above this many bytes of N x M scores, the loss is computed from the embeddings without
+    #: forming the score matrix (fastap.ap_loss_from_embeddings: block by block, or the fused CUDA
+    #: kernel; a fraction of the memory).
     score_matrix_limit: int = 2**30
 
     def forward(
