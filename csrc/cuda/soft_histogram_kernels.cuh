@@ -171,8 +171,9 @@ __device__ __forceinline__ void bin_vector_group(const uint4* __restrict__ vecto
 // Single-chunk rows write n_out / p_out / positives_out; otherwise the item writes
 // partial_hist[item][class][bin] and partial_positives[item] for soft_histogram_finalize_kernel.
 // kFast: the fast path (see the top of this file).
-// At most 64 registers per thread, so that registers allow four blocks of 8 warps per SM (as
-// many as the shared memory allows at Q = 20): this kernel waits on memory and needs the warps.
+// At most 64 registers per thread in the fast kernel, so that registers allow four blocks of 8
+// warps per SM (as many as the shared memory allows at Q = 20), and 80 in the general one (three
+// blocks): this kernel waits on memory and needs the warps.
 template <typename scalar_t, typename acc_t, bool kFast, bool kDense>
 __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) soft_histogram_kernel(const scalar_t* __restrict__ scores,
                                       RelevanceArgs relevance, BinGrid<acc_t> grid,
