@@ -118,7 +118,7 @@ class DistributedAPLoss(torch.nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # (A bad batch raises here on its own process; the others then wait in the collective,
         # as with any error inside a distributed step.)
-        owner = "fastap.DistributedAPLoss"
+        owner = "fastap.distributed.DistributedAPLoss"
         labels = check_batch(embeddings, labels, owner)
         all_embeddings, all_labels, offset = _gather_checked(embeddings, labels, self.group, owner)
         # Query i of this process is row offset + i of the gathered batch: not its own positive.

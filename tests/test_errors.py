@@ -122,8 +122,8 @@ def test_non_finite_embeddings(device, limit):
         ("fastap", "queries", lambda: fastap.ap_loss_from_embeddings(embeddings, labels=labels)),
         ("fastap", "database", lambda: fastap.ap_loss_from_embeddings(
             embeddings[:2], embeddings, labels=labels[:2], ref_labels=labels)),
-        ("fastap.CrossBatchMemory", "embeddings", lambda: memory(embeddings, labels)),
-        ("fastap.CrossBatchMemory.enqueue", "embeddings", lambda: memory.enqueue(
+        ("fastap.memory.CrossBatchMemory", "embeddings", lambda: memory(embeddings, labels)),
+        ("fastap.memory.CrossBatchMemory.enqueue", "embeddings", lambda: memory.enqueue(
             embeddings, labels)),
     ):  # fmt: skip
         with pytest.raises(ValueError, match=f"^{owner}: {name} {row_3}"):
