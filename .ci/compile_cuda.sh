@@ -12,9 +12,9 @@
 # torch/library.h) need only the toolkit's own headers, not cuBLAS/cuSPARSE.
 # Objects are thrown away; nothing is linked or run.
 #
-# Then the machine code of the score-matrix kernels' inner loops (.ci/sass_report.py): their
-# instructions per candidate, held to SASS_BUDGETS. That needs cuobjdump and nvdisasm, which the
-# local toolkit lacks: they come from PyPI's nvidia-cuda-cuobjdump / -nvdisasm wheels (5 MB,
+# Then the machine code of the kernels' inner loops, score-matrix and fused (.ci/sass_report.py):
+# their instructions per candidate, held to SASS_BUDGETS. That needs cuobjdump and nvdisasm, which
+# the local toolkit lacks: they come from PyPI's nvidia-cuda-cuobjdump / -nvdisasm wheels (5 MB,
 # cached like the headers).
 #
 # Env: TORCH_VERSION (2.14.1: whose headers), CXX_STD (c++20), CHECK_CPP (0: 1 also checks the
@@ -23,7 +23,7 @@
 #      the kernels, as a regex on the names ptxas_report.py prints, that must not spill),
 #      SASS_REPORT (auto: skipped with a warning when the tools cannot be had; required; 0),
 #      SASS_BUDGETS (REGEX=N items for sass_report.py --budget, separated by ';'; the default
-#      holds the fast kernels of the 2- and 4-byte dtypes and the fused forward).
+#      holds the fast kernels of the 2- and 4-byte dtypes and the fused forward and backward).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -112,7 +112,9 @@ struct RowTally {
 };
 
 // Forward of candidates [begin, end) of a row, none of them the query itself, into `acc`
-// (kLanes x {non-positive, positive} x q fp64 sums; lane = candidate mod kLanes from `begin`).
+// (kLanes x {non-positive, positive} x q fp64 sums; lane = the candidate's offset in its block
+// of kBlock mod kLanes, but lane 0 for the last (length mod kLanes) candidates of a part's last,
+// shorter block).
 // In blocks of kBlock candidates, two passes: locate (BlockPositions), then add each counted
 // candidate's two weights. An ignored candidate's weights go to `discard`, so that the second
 // pass has no branch either.
@@ -280,7 +282,8 @@ struct ExtendedSlopes {
 // dL/ds of candidates [begin, end) of a row, none of them the query itself, into `grad`: in
 // blocks of kBlock candidates, two passes. The first decides where each candidate falls within
 // its class's part of the extended slope table with no branch, which the compiler turns into
-// vector instructions for float32 scores; the second adds the class and copies the entry out.
+// vector instructions for every dtype (GCC 12: packed compares, subtractions and products, float64
+// included); the second adds the class and copies the entry out.
 // That is score_gradient (and 0 for an ignored candidate) with its decisions taken out of the
 // lookups.
 template <bool kDense, bool kIgnore, typename scalar_t, typename hist_t>
