@@ -107,6 +107,21 @@ def test_bench_variants_and_ap_formula_run():
     assert len(table_rows(out)) >= 2
 
 
+def test_bench_cpu_shapes_runs_each_case_against_the_regular_one(tmp_path):
+    results = tmp_path / "shapes.json"
+    peak = ("--peak",) if os.access("/proc/self/clear_refs", os.W_OK) else ()
+    out = run("bench_cpu_shapes.py", "--size", "32", "--rounds", "2", "--cases", "float16",
+              "few candidates", "transposed scores", *peak, "--json", str(results))  # fmt: skip
+    assert [row[0] for row in table_rows(out)] == [
+        "regular", "float16", "few candidates", "transposed scores",
+    ]  # fmt: skip
+    rows = json.loads(results.read_text())["rows"]
+    assert [(r["n"], r["m"]) for r in rows] == [(32, 32), (32, 32), (64, 16), (32, 32)]
+    assert rows[0]["per_score"] == 1.0 and all(r["ms"] > 0 for r in rows)
+    if peak:
+        assert all(r["peak_bytes"] >= 0 for r in rows)
+
+
 def test_warm_up_bounds(monkeypatch):
     """timing.warm_up: on the CPU a second of calls, at least one and at most 100; on CUDA 0.2 s
     of calls, each synchronised, at least one and at most 10,000."""
