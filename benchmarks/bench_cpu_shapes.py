@@ -1,5 +1,6 @@
 """The score-matrix loss on other shapes and inputs, each against the regular case:
-`fastap.ap_loss` forward + backward (value checks on, as a training step runs it), the time per
+`fastap.ap_loss` forward + backward to dL/dscores (value checks on, as a training step runs it;
+torch.autograd.grad, as the op that made the scores would receive it), the time per
 score relative to the regular case, N = M = --size float32 scores with int64 labels and Q = 20
 (docs/design.md, section 5, "Other shapes and inputs on the CPU").
 
@@ -96,12 +97,16 @@ CASES = [
 ]
 
 
-def loss_step(scores, relevance, kwargs):
-    """One forward + backward into scores.grad, which the caller drops between calls (outside
-    the timing: freeing a gradient is the optimizer's zero_grad, not the loss)."""
+def loss_step(scores, relevance, kwargs, held: list):
+    """One forward + backward, dL/dscores by torch.autograd.grad: what the op that made the
+    scores would receive (a leaf's .grad would add autograd's copy of a strided gradient into the
+    leaf's own layout, which a matrix product upstream does not need). The gradient goes into
+    `held`, which the caller empties between calls, outside the timing (freeing it is not the
+    loss's work)."""
 
     def step():
-        fastap.ap_loss(scores, relevance, **kwargs).backward()
+        loss = fastap.ap_loss(scores, relevance, **kwargs)
+        held.append(torch.autograd.grad(loss, scores)[0])
 
     return step
 
@@ -109,8 +114,8 @@ def loss_step(scores, relevance, kwargs):
 def peak_of_one_call(name: str, size: int) -> int:
     """Bytes by which one call raises this process's resident high-water mark."""
     scores, relevance, kwargs = case_inputs(name, size)
-    small = case_inputs("tiny", size)
-    loss_step(*small)()  # what the first call of a process loads, outside the measurement
+    held: list = []
+    loss_step(*case_inputs("tiny", size), held)()  # what a process loads once, not measured
 
     def resident(field: str) -> int:
         with open("/proc/self/status") as f:
@@ -120,7 +125,7 @@ def peak_of_one_call(name: str, size: int) -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the high-water mark starts again from what is resident now
     before = resident("VmRSS")
-    fastap.ap_loss(scores, relevance, **kwargs).backward()  # dS stays: counted, as in training
+    loss_step(scores, relevance, kwargs, held)()  # dS stays: counted, as in training
     return resident("VmHWM") - before
 
 
@@ -137,25 +142,25 @@ def main() -> None:
         print(peak_of_one_call(args.peak_of, args.size))
         return
     cases = list(dict.fromkeys(["regular", *args.cases]))
-    steps, leaves, ds_bytes = {}, {}, {}
+    steps, shapes, ds_bytes = {}, {}, {}
+    held: list = []
     for name in cases:
         scores, relevance, kwargs = case_inputs(name, args.size)
-        step = loss_step(scores, relevance, kwargs)
+        step = loss_step(scores, relevance, kwargs, held)
         steps[name] = step
-        leaves[name] = scores
+        shapes[name] = tuple(scores.shape)
         ds_bytes[name] = scores.numel() * scores.element_size()
 
-        def warm_step(step=step, scores=scores):
+        def warm_step(step=step):
             step()
-            scores.grad = None
+            held.clear()
 
         warm_up(warm_step, "cpu")
-    shapes = {name: tuple(leaves[name].shape) for name in cases}
     times = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name in cases:
             times[name].append(time_once_ms(steps[name], "cpu"))
-            leaves[name].grad = None
+            held.clear()
     env = environment("cpu")
     print(
         f"# {env['date']}, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}, "
