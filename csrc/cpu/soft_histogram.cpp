@@ -264,7 +264,7 @@ struct ExtendedSlopes {
   // One row's slopes, from its incoming gradients grad_n and grad_p (Q each): those of
   // backward_slope_table, computed here rather than read from an N x 2 x (Q - 1) table, whose
   // four passes over N x Q tensors were most of the backward where M is near Q (N = 10^6,
-  // M = 16, Q = 20: 180 ms with the table, 66 ms without).
+  // M = 16, Q = 20: 147 ms with the table, 43 ms without; benchmarks/RESULTS.md).
   void load(const hist_t* grad_n, const hist_t* grad_p, const BinGrid<hist_t>& grid) {
     const int32_t num_slopes = class_width - 2;  // Q - 1
     grad_t* negatives = entries.data();
