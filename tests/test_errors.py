@@ -432,12 +432,12 @@ def test_helpers_check_their_batches():
     memory = fastap.memory.CrossBatchMemory(size=10)
     distributed = fastap.distributed.DistributedAPLoss()  # checks before any collective
     for owner, call in (
-        ("CrossBatchMemory", memory),
-        ("CrossBatchMemory.enqueue", memory.enqueue),
-        ("DistributedAPLoss", distributed),
+        ("memory.CrossBatchMemory", memory),
+        ("memory.CrossBatchMemory.enqueue", memory.enqueue),
+        ("distributed.DistributedAPLoss", distributed),
         ("distributed.gather_embeddings", fastap.distributed.gather_embeddings),
     ):
-        with pytest.raises(TypeError, match=f"fastap.{owner}: embeddings must be floating"):
+        with pytest.raises(TypeError, match=f"^fastap.{owner}: embeddings must be floating"):
             call(e.long(), labels)
         with pytest.raises(ValueError, match=f"fastap.{owner}: embeddings must be 2-D"):
             call(e[0], labels[:1])
@@ -454,10 +454,10 @@ def test_helpers_check_their_batches():
     assert memory.filled == 0
     # The distributed helpers exchange batch sizes, which meta tensors do not hold.
     for owner, call in (
-        ("DistributedAPLoss", distributed),
+        ("distributed.DistributedAPLoss", distributed),
         ("distributed.gather_embeddings", fastap.distributed.gather_embeddings),
     ):
-        with pytest.raises(ValueError, match=f"fastap.{owner}: embeddings are on the meta dev"):
+        with pytest.raises(ValueError, match=f"^fastap.{owner}: embeddings are on the meta dev"):
             call(e.to("meta"), labels.to("meta"))
 
 
