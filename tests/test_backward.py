@@ -289,6 +289,73 @@ def test_low_precision_gradient(device, dtype):
     )
 
 
+def slope_table_lookup(grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, q, lo, hi):
+    """dL/dscores as the CUDA ops compute it: the N x 2 x (Q - 1) slope table of
+    backward_slope_table (csrc/histogram_inputs.cpp: ATen's sub, then mul by the double
+    (Q - 1) / (hi - lo), a float scalar for float tensors), looked up as score_gradient
+    (csrc/binning.h) does: 0 off the slopes and where ignored, NaN for a non-finite score."""
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    g_n = grad_n.to(dtype)
+    g = torch.stack([g_n, g_n + grad_p.to(dtype)], 1)
+    table = (g[..., :-1] - g[..., 1:]) * ((q - 1) / (hi - lo))
+    s = scores.to(dtype)
+    grid = torch.tensor([lo, hi, (q - 1) / (hi - lo)], dtype=torch.float64).to(dtype)
+    t = ((grid[1] - s) * grid[2]).nan_to_num(0.0).clamp(0, q - 1)  # as BinGrid::position
+    k = t.long().clamp(max=q - 2)
+    sloped = (s > grid[0]) & (t != k.to(dtype))
+    positive = relevance != 0 if relevance is not None else labels[:, None] == ref_labels
+    rows = torch.arange(s.shape[0], device=s.device)[:, None]
+    slope = table[rows, positive.long(), k]
+    grad = torch.where(sloped, slope, torch.zeros_like(slope))
+    grad = torch.where(s.isfinite(), grad, s - s)
+    if ignore is not None:
+        grad = grad.masked_fill(ignore, 0.0)
+    return grad.to(scores.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_bins,score_range", [(2, (-1.0, 1.0)), (20, (-0.7, 1.3)),
+                                                  (1000, (0.1, 0.7))])  # fmt: skip
+def test_gradient_is_the_slope_tables_bit_for_bit(device, dtype, num_bins, score_range):
+    """The CPU op computes each row's slopes itself (BinGrid::slope), the CUDA ops read them from
+    backward_slope_table: both equal that table's lookup bit for bit, with incoming gradients
+    huge, tiny (subnormal in float32), infinite or NaN, given in float64 for float32 scores or
+    strided, over ranges whose (Q - 1) / (hi - lo) float32 rounds, and scores on the bin centres,
+    at the ends and non-finite."""
+    n, m, q = 6, 257, num_bins
+    lo, hi = score_range
+    g = torch.Generator().manual_seed(q)
+    scores = lo - 0.1 * (hi - lo) + 1.2 * (hi - lo) * torch.rand(n, m, generator=g,
+                                                                  dtype=torch.float64)  # fmt: skip
+    centres = hi - torch.arange(q, dtype=torch.float64) * ((hi - lo) / (q - 1))
+    scores[:, :40] = centres[torch.randint(0, q, (n, 40), generator=g)]
+    scores[:, -5:] = torch.tensor([lo, hi, float("nan"), float("inf"), -float("inf")])
+    scores = scores.to(dtype)
+    labels, ref_labels = (
+        torch.randint(0, 3, (n,), generator=g),
+        torch.randint(0, 3, (m,), generator=g),
+    )
+    ignore = torch.rand(n, m, generator=g) < 0.2
+    scale = torch.tensor([1e-45, 1e-39, 1.0, 1e30, 3e38, 1e300, float("inf"), float("nan")])
+    grad_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for grad_n, grad_p in [
+        torch.randn(2, n, q, generator=g, dtype=grad_dtype),
+        torch.randn(2, n, q, generator=g, dtype=torch.float64)  # converted for float32 scores
+        * scale[torch.randint(0, len(scale), (2, n, q), generator=g)].double(),
+        torch.randn(2, q, n, generator=g, dtype=grad_dtype).transpose(1, 2),  # strided
+    ]:
+        for relevance, mask in [(None, None), (labels[:, None] == ref_labels, ignore)]:
+            given = [grad_n, grad_p, scores, relevance]
+            given += [None, None, mask] if relevance is not None else [labels, ref_labels, None]
+            given = [t.to(device) if t is not None else t for t in given]
+            grad = torch.ops.fastap.soft_histogram_backward(*given, False, q, lo, hi, 0)
+            expected = slope_table_lookup(*given, q, lo, hi)
+            assert torch.equal(grad.isnan(), expected.isnan())
+            bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[grad.element_size()]
+            grad, expected = (x.nan_to_num(0.0, torch.inf, -torch.inf) for x in (grad, expected))
+            assert torch.equal(grad.view(bits), expected.view(bits))
+
+
 def test_self_offset_matches_reference(device):
     """Queries that are a slice of the candidates: query i is candidate i + self_offset."""
     problem = random_problem(9, 25, relevance_form="ref_labels", with_ignore=True, seed=13)
