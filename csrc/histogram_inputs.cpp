@@ -163,11 +163,8 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
   return in;
 }
 
-std::tuple<at::Tensor, at::Tensor> checked_histogram_grads(const at::Tensor& like,
-                                                           int64_t num_queries, int64_t num_bins,
-                                                           at::ScalarType dtype,
-                                                           const at::Tensor& grad_n,
-                                                           const at::Tensor& grad_p) {
+void check_histogram_grads(const at::Tensor& like, int64_t num_queries, int64_t num_bins,
+                           const at::Tensor& grad_n, const at::Tensor& grad_p) {
   for (const auto* g : {&grad_n, &grad_p}) {
     const char* name = g == &grad_n ? "grad_n" : "grad_p";
     check_same_device(*g, name, like, "scores");
@@ -175,18 +172,18 @@ std::tuple<at::Tensor, at::Tensor> checked_histogram_grads(const at::Tensor& lik
                       "fastap: ", name, " must have shape [", num_queries, ", ", num_bins,
                       "], got ", g->sizes());
   }
-  return {grad_n.to(dtype).contiguous(), grad_p.to(dtype).contiguous()};
 }
 
 at::Tensor backward_slope_table(const at::Tensor& like, int64_t num_queries, int64_t num_bins,
                                 double lo, double hi, at::ScalarType dtype,
                                 const at::Tensor& grad_n, const at::Tensor& grad_p) {
   const int64_t q = num_bins;
-  at::Tensor g_neg, g_p;
-  std::tie(g_neg, g_p) = checked_histogram_grads(like, num_queries, q, dtype, grad_n, grad_p);
+  check_histogram_grads(like, num_queries, q, grad_n, grad_p);
   // The roundings of BinGrid::slope (binning.h), which the CPU backward applies row by row: the
   // sum g_n + g_p and the difference in the histogram dtype, times the bin scale rounded to it.
-  const at::Tensor g_pos = g_neg.add(g_p);
+  // (Strided incoming gradients are read as they are: the ATen operations take any strides.)
+  const at::Tensor g_neg = grad_n.to(dtype);
+  const at::Tensor g_pos = g_neg.add(grad_p.to(dtype));
   // Each class's differences are written into its half of the table, which is then scaled in
   // place: the same roundings as sub and mul on their own, without an N x 2 x Q stack and two
   // N x 2 x (Q - 1) temporaries (as large as dS itself where Q approaches M).

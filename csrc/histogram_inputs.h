@@ -57,13 +57,10 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
                                        int64_t num_bins, double lo, double hi,
                                        int64_t self_offset);
 
-// grad_n / grad_p (the backward's incoming gradients) checked against the inputs: num_queries x
-// num_bins each, on the device of `like`; returned in `dtype`, contiguous.
-std::tuple<at::Tensor, at::Tensor> checked_histogram_grads(const at::Tensor& like,
-                                                           int64_t num_queries, int64_t num_bins,
-                                                           at::ScalarType dtype,
-                                                           const at::Tensor& grad_n,
-                                                           const at::Tensor& grad_p);
+// Checks grad_n / grad_p (the backward's incoming gradients) against the inputs: num_queries x
+// num_bins each, on the device of `like` (TORCH_CHECK_VALUE names the argument).
+void check_histogram_grads(const at::Tensor& like, int64_t num_queries, int64_t num_bins,
+                           const at::Tensor& grad_n, const at::Tensor& grad_p);
 
 // Checks grad_n / grad_p against the inputs and returns the backward's per-row slope table,
 // N x 2 x (Q - 1) in the histogram dtype: table[i][c][k] = (g_c[k] - g_c[k + 1]) / delta with

@@ -381,9 +381,10 @@ at::Tensor soft_histogram_backward_cpu(
     bool exclude_self, int64_t num_bins, double lo, double hi, int64_t self_offset) {
   const HistogramInputs in = check_histogram_inputs(scores, relevance, labels, ref_labels, ignore,
                                                     exclude_self, num_bins, lo, hi, self_offset);
-  at::Tensor g_n, g_p;  // (not a structured binding: the lambda below captures them)
-  std::tie(g_n, g_p) = checked_histogram_grads(in.scores, in.num_queries(), in.num_bins,
-                                               in.histogram_dtype(), grad_n, grad_p);
+  check_histogram_grads(in.scores, in.num_queries(), in.num_bins, grad_n, grad_p);
+  // The rows' slopes are computed from these, in the histogram dtype (ExtendedSlopes::load).
+  const at::Tensor g_n = grad_n.to(in.histogram_dtype()).contiguous();
+  const at::Tensor g_p = grad_p.to(in.histogram_dtype()).contiguous();
   at::Tensor grad_scores = empty_on_huge_pages(in.scores);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_backward_cpu", [&] {
