@@ -32,18 +32,10 @@ import sys
 import time
 
 import torch
-from timing import cuda_peak_extra_bytes, time_once_ms, warm_up
+from timing import cpu_peak_extra_bytes, cuda_peak_extra_bytes, time_once_ms, warm_up
 
 # The dimension of the embedding cases (bench_embeddings.py sets it for its child processes).
 EMBEDDING_DIM = int(os.environ.get("FASTAP_BENCH_DIM", "128"))
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _make_case(name: str, n: int, num_bins: int, dtype: torch.dtype, device: str):
@@ -127,11 +119,7 @@ def _measure(name, n, num_bins, dtype_name, device, repeats, modes, queue):
         if "memory" in modes and cuda:
             result["peak_bytes"] = cuda_peak_extra_bytes(run)
         elif "memory" in modes:
-            before = _rss_bytes("VmRSS")
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # reset the peak resident set size
-            run()
-            result["peak_bytes"] = _rss_bytes("VmHWM") - before
+            result["peak_bytes"] = cpu_peak_extra_bytes(run)
     except torch.OutOfMemoryError:
         result["error" if "ms" not in result else "memory_error"] = "out of memory"
     except Exception as error:  # reported in the table, never hidden

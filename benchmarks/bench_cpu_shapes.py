@@ -22,7 +22,7 @@ import sys
 
 import torch
 from bench_ap_loss import environment, write_json
-from timing import time_once_ms, warm_up
+from timing import cpu_peak_extra_bytes, time_once_ms, warm_up
 
 import fastap
 
@@ -112,21 +112,11 @@ def loss_step(scores, relevance, kwargs, held: list):
 
 
 def peak_of_one_call(name: str, size: int) -> int:
-    """Bytes by which one call raises this process's resident high-water mark."""
+    """Bytes by which one call raises this process's peak resident set (dS, kept, included)."""
     scores, relevance, kwargs = case_inputs(name, size)
     held: list = []
     loss_step(*case_inputs("tiny", size), held)()  # what a process loads once, not measured
-
-    def resident(field: str) -> int:
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith(field))
-        return int(line.split()[1]) * 1024
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the high-water mark starts again from what is resident now
-    before = resident("VmRSS")
-    loss_step(scores, relevance, kwargs, held)()  # dS stays: counted, as in training
-    return resident("VmHWM") - before
+    return cpu_peak_extra_bytes(loss_step(scores, relevance, kwargs, held))
 
 
 def main() -> None:

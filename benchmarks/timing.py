@@ -1,5 +1,5 @@
 """The one timer the benchmarks share: CUDA events on a GPU, perf_counter on the CPU; and the
-CUDA allocator's peak memory of one call."""
+peak memory of one call (the CUDA allocator's, or the CPU process's resident set)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,26 @@ def cuda_peak_extra_bytes(fn) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+def _status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def cpu_peak_extra_bytes(fn) -> int:
+    """The rise of this process's peak resident set over one call of fn (Linux): the peak is
+    reset to the current resident set through /proc/self/clear_refs first. What fn leaves
+    resident when it returns counts too."""
+    before = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak resident set size
+    fn()
+    return _status_bytes("VmHWM") - before
 
 
 def warm_up(fn, device: str) -> None:

@@ -326,10 +326,10 @@ void histogram_backward_rows(const HistogramInputs& in, const hist_t* grad_n,
                              const hist_t* grad_p, scalar_t* grad_out) {
   const int64_t num_candidates = in.num_candidates();
   const int64_t q = in.num_bins;
-  const BinGrid<hist_t> grid(in.lo, in.hi, in.num_bins);
+  const BinGrid<hist_t> grid(in.lo, in.hi, q);
   const RelevanceArgs relevance = in.relevance_args();
   const scalar_t* scores = in.scores.const_data_ptr<scalar_t>();
-  const RowPieces pieces(num_candidates, in.num_bins);
+  const RowPieces pieces(num_candidates, q);
   const int64_t num_pieces = in.num_queries() * pieces.per_row;
 
   with_relevance_form(relevance, [&](auto dense, auto ignore) {
