@@ -3,6 +3,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sub.h>
 
+#include <array>
 #include <cmath>
 #include <iomanip>
 #include <limits>
@@ -89,10 +90,15 @@ at::ScalarType HistogramInputs::histogram_dtype() const {
   return scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> HistogramInputs::empty_histograms() const {
+at::Tensor plain_empty(at::IntArrayRef sizes, at::TensorOptions options) {
+  return at::empty(sizes, options);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> HistogramInputs::empty_histograms(
+    EmptyTensor empty) const {
   const auto options = scores.options().dtype(histogram_dtype());
-  return {at::empty({num_queries(), num_bins}, options),
-          at::empty({num_queries(), num_bins}, options),
+  const std::array<int64_t, 2> sizes{num_queries(), num_bins};
+  return {empty(sizes, options), empty(sizes, options),
           at::empty({num_queries()}, options.dtype(at::kLong))};
 }
 

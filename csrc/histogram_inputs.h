@@ -12,6 +12,10 @@
 namespace fastap {
 
 // One call's inputs, checked and contiguous.
+// A function that makes an uninitialised contiguous tensor, and at::empty as one.
+using EmptyTensor = at::Tensor (*)(at::IntArrayRef sizes, at::TensorOptions options);
+at::Tensor plain_empty(at::IntArrayRef sizes, at::TensorOptions options);
+
 struct HistogramInputs {
   at::Tensor scores;      // N x M floating point, contiguous
   at::Tensor relevance;   // N x M bool/uint8, or undefined
@@ -30,9 +34,10 @@ struct HistogramInputs {
   at::ScalarType histogram_dtype() const;
   // Raw pointers for the kernels (valid while this object lives).
   RelevanceArgs relevance_args() const;
-  // The op's outputs, uninitialised, on the scores' device: n and p (N x Q, histogram_dtype) and
-  // positives (N, int64).
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_histograms() const;
+  // The op's outputs, uninitialised, on the scores' device: n and p (N x Q, histogram_dtype; from
+  // `empty`) and positives (N, int64).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_histograms(
+      EmptyTensor empty = plain_empty) const;
 };
 
 // t on the device of `like` (the message names both).

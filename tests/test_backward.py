@@ -495,3 +495,37 @@ def test_large_cpu_gradient_is_on_huge_pages_of_its_own(monkeypatch):
     if os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":  # torch's switch advises every large tensor
         assert "hg" not in _mapping_of(plain)[2]
     assert torch.equal(advised, plain)
+
+
+@pytest.mark.skipif(
+    _transparent_huge_pages_mode() != "madvise",
+    reason="the huge-page outputs apply where transparent huge pages are 'madvise' (Linux)",
+)
+def test_large_cpu_histograms_and_their_gradients_are_on_huge_pages(monkeypatch):
+    """Rows with few candidates make the N x Q histograms and their gradients as large as the
+    scores: with FASTAP_CPU_HUGE_PAGES=1 those of 32 MiB or more (the forward's n and p, the AP
+    formula's backward's grad_n and grad_p) are mappings of their own, like the score gradient, and
+    smaller ones (positives, the AP) are not; every value is the same as without."""
+    problem = random_problem(2**19, 3, num_bins=17, seed=5, dtype=torch.float32)  # 34 MiB per N x Q
+    args = (problem.labels, problem.ref_labels, None, False, problem.num_bins, *problem.score_range)
+    gen = torch.Generator().manual_seed(6)
+    grad_ap = torch.randn(problem.scores.shape[0], generator=gen)
+
+    def outputs():
+        n, p, positives = torch.ops.fastap.soft_histogram(problem.scores, None, *args)
+        ap = torch.ops.fastap.ap_from_histograms(n, p, positives, "ap_q")
+        grads = torch.ops.fastap.ap_from_histograms_backward(grad_ap, n, p, positives, "ap_q")
+        return (n, p, *grads), (positives, ap)
+
+    monkeypatch.setenv("FASTAP_CPU_HUGE_PAGES", "1")
+    large, small = outputs()
+    for tensor in large:
+        start, end, flags = _mapping_of(tensor)
+        assert (start, end) == (tensor.data_ptr(), tensor.data_ptr() + 17 * (2 << 20))
+        assert "hg" in flags
+    for tensor in small:
+        assert _mapping_of(tensor)[0] != tensor.data_ptr()  # from torch's allocator (below 32 MiB)
+    monkeypatch.delenv("FASTAP_CPU_HUGE_PAGES")
+    plain_large, plain_small = outputs()
+    for advised, plain in zip(large + small, plain_large + plain_small):
+        assert torch.equal(advised, plain)

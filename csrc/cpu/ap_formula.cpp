@@ -13,6 +13,7 @@
 
 #include "../ap_formula.h"
 #include "../ap_inputs.h"
+#include "huge_pages.h"
 
 namespace fastap {
 namespace {
@@ -45,8 +46,8 @@ std::tuple<at::Tensor, at::Tensor> ap_from_histograms_backward_cpu(
     const at::Tensor& grad_ap, const at::Tensor& n, const at::Tensor& p,
     const at::Tensor& positives, std::string variant) {
   const ApInputs in = check_ap_inputs(n, p, positives, variant, grad_ap);
-  at::Tensor grad_n = at::empty_like(in.n);
-  at::Tensor grad_p = at::empty_like(in.p);
+  at::Tensor grad_n = empty_on_huge_pages(in.n.sizes(), in.n.options());
+  at::Tensor grad_p = empty_on_huge_pages(in.p.sizes(), in.p.options());
   const int64_t q = in.num_bins();
   AT_DISPATCH_FLOATING_TYPES(in.n.scalar_type(), "fastap_ap_from_histograms_backward_cpu", [&] {
     const scalar_t* n_data = in.n.const_data_ptr<scalar_t>();

@@ -5,14 +5,17 @@
 // N = M = 4096 (64 MB) 16384 faults, about 14 to 16 ms of a 36 ms backward on two cores
 // (docs/design.md, section 5). In a range advised MADV_HUGEPAGE, where the kernel's transparent
 // huge pages are "madvise" (Debian's and Ubuntu's default), it faults in 2 MB at a time instead.
+// Where rows have few candidates (M near Q) the N x Q histograms of the forward and their
+// gradients from the AP formula's backward are as large, four such tensors: at 2^20 x 16, Q = 20,
+// their faults were half of a loss call (benchmarks/RESULTS.md).
 //
 // So with FASTAP_CPU_HUGE_PAGES=1 in the environment (read at each call), where that mode is on,
-// a gradient of at least kMinHugePageBytes gets a mapping of its own: anonymous, 2 MB-aligned,
-// its length rounded up to whole 2 MB pages, advised MADV_HUGEPAGE, and unmapped when the
-// tensor's storage is freed, so that the advice never lands on memory an allocator hands out
-// again. (torch does the like for all its large CPU tensors, on request: THP_MEM_ALLOC_ENABLE=1.)
+// each of those outputs (the score gradient, n and p, grad_n and grad_p) of at least
+// kMinHugePageBytes gets a mapping of its own: anonymous, 2 MB-aligned, its length rounded up to
+// whole 2 MB pages, advised MADV_HUGEPAGE, and unmapped when the tensor's storage is freed, so that
+// the advice never lands on memory an allocator hands out again. (torch does the like for all its large CPU tensors, on request: THP_MEM_ALLOC_ENABLE=1.)
 // Otherwise, and with "always" (the kernel already backs large mappings with huge pages), "never"
-// or no transparent huge pages (other systems, gVisor), the gradient comes from at::empty_like.
+// or no transparent huge pages (other systems, gVisor), the tensor comes from at::empty.
 // The values computed are the same either way. Such a tensor's storage cannot grow (resize_ to
 // more elements raises), as for any tensor made from_blob, and the CPU memory profiler does not
 // see it.
@@ -22,13 +25,14 @@
 // call every couple of seconds after took 80 to 300 ms; in a loop of 200 calls the backward still
 // took about three quarters as long in all (median 21 ms against 35; docs/design.md, section 5).
 // A loop with seconds between its losses could lose on such a machine; on bare metal it should not.
-// 32 MiB: smaller gradients mostly come from heap memory that glibc recycles (below its largest
+// 32 MiB: smaller tensors mostly come from heap memory that glibc recycles (below its largest
 // mmap threshold, 32 MiB on 64-bit systems), already faulted in; a mapping of their own would add
 // the faults back.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/accumulate.h>
 #include <ATen/ops/from_blob.h>
 
 #include <cstdint>
@@ -57,17 +61,18 @@ inline bool huge_pages_on_advice() {
   return on_advice;
 }
 
-inline bool huge_page_gradients_requested() {
+inline bool huge_pages_requested() {
   const char* setting = std::getenv("FASTAP_CPU_HUGE_PAGES");
   return setting != nullptr && std::strcmp(setting, "1") == 0;
 }
 
-// An uninitialised contiguous tensor of `like`'s sizes and options: on huge pages of its own
-// mapping where that helps (above), else from at::empty_like.
-inline at::Tensor empty_on_huge_pages(const at::Tensor& like) {
+// An uninitialised contiguous tensor: on huge pages of its own mapping where that helps (above),
+// else from at::empty. (The signature of HistogramInputs::empty_histograms's `empty`.)
+inline at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, at::TensorOptions options) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const std::size_t bytes = static_cast<std::size_t>(like.numel()) * like.element_size();
-  if (bytes >= kMinHugePageBytes && huge_page_gradients_requested() && huge_pages_on_advice()) {
+  const std::size_t bytes = static_cast<std::size_t>(c10::multiply_integers(sizes)) *
+                            options.dtype().itemsize();
+  if (bytes >= kMinHugePageBytes && huge_pages_requested() && huge_pages_on_advice()) {
     const std::size_t length = (bytes + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
     // Map one huge page more than needed, keep the aligned `length` bytes inside, unmap the rest.
     void* mapped = mmap(nullptr, length + kHugePageBytes, PROT_READ | PROT_WRITE,
@@ -81,12 +86,11 @@ inline at::Tensor empty_on_huge_pages(const at::Tensor& like) {
       void* data = reinterpret_cast<void*>(aligned);
       madvise(data, length, MADV_HUGEPAGE);  // best effort: a refusal leaves 4 KB pages
       return at::from_blob(
-          data, like.sizes(), [length](void* p) { munmap(p, length); },
-          like.options());
+          data, sizes, [length](void* p) { munmap(p, length); }, options);
     }
   }
 #endif
-  return at::empty_like(like, at::MemoryFormat::Contiguous);
+  return at::empty(sizes, options);
 }
 
 }  // namespace fastap

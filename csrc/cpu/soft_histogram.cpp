@@ -364,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_histogram_cpu(
   const HistogramInputs in = check_histogram_inputs(scores, relevance, labels, ref_labels, ignore,
                                                     exclude_self, num_bins, lo, hi, self_offset);
   at::Tensor n, p, positives;  // (not a structured binding: the lambda below captures them)
-  std::tie(n, p, positives) = in.empty_histograms();
+  std::tie(n, p, positives) = in.empty_histograms(empty_on_huge_pages);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_cpu", [&] {
     using hist_t = histogram_t<scalar_t>;
@@ -385,7 +385,7 @@ at::Tensor soft_histogram_backward_cpu(
   // The rows' slopes are computed from these, in the histogram dtype (ExtendedSlopes::load).
   const at::Tensor g_n = grad_n.to(in.histogram_dtype()).contiguous();
   const at::Tensor g_p = grad_p.to(in.histogram_dtype()).contiguous();
-  at::Tensor grad_scores = empty_on_huge_pages(in.scores);
+  at::Tensor grad_scores = empty_on_huge_pages(in.scores.sizes(), in.scores.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scores.scalar_type(),
                                   "fastap_soft_histogram_backward_cpu", [&] {
     using hist_t = histogram_t<scalar_t>;
