@@ -41,7 +41,7 @@ def case_inputs(name: str, size: int):
     n = m = size
     if name == "few rows":
         n, m = 1, size * size
-    elif name == "few candidates":
+    elif name.startswith("few candidates"):  # also with a variant: "few candidates, tie_aware"
         n, m = size * size // 16, 16
     elif name == "tiny":
         n = m = 8
@@ -49,12 +49,13 @@ def case_inputs(name: str, size: int):
     scores, labels, ref_labels = regular(n, m, dtype.get(name, torch.float32))
     kwargs = dict(labels=labels, ref_labels=ref_labels, num_bins=20)
     relevance = None
+    variant = name.split(", ")[-1]
+    if variant in ("tie_aware", "tie_aware_simplified"):
+        kwargs["variant"] = variant
     if name == "Q = 2":
         kwargs["num_bins"] = 2
     elif name == "Q = 100":
         kwargs["num_bins"] = 100
-    elif name == "tie_aware":
-        kwargs["variant"] = "tie_aware"
     elif name == "int32 labels":
         kwargs.update(labels=labels.int(), ref_labels=ref_labels.int())
     elif name == "strided labels":
@@ -93,6 +94,8 @@ CASES = [
     "sliced scores",
     "few rows",
     "few candidates",
+    "few candidates, tie_aware",
+    "few candidates, tie_aware_simplified",
     "tiny",
 ]
 

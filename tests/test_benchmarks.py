@@ -122,6 +122,24 @@ def test_bench_cpu_shapes_runs_each_case_against_the_regular_one(tmp_path):
         assert all(r["peak_bytes"] >= 0 for r in rows)
 
 
+def test_bench_cpu_shapes_cases_name_their_shape_and_variant():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_cpu_shapes
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    for name, shape, variant in [
+        ("regular", (8, 8), None),
+        ("tie_aware", (8, 8), "tie_aware"),
+        ("few candidates", (4, 16), None),
+        ("few candidates, tie_aware", (4, 16), "tie_aware"),
+        ("few candidates, tie_aware_simplified", (4, 16), "tie_aware_simplified"),
+    ]:
+        scores, relevance, kwargs = bench_cpu_shapes.case_inputs(name, 8)
+        assert scores.shape == shape and relevance is None
+        assert kwargs.get("variant") == variant, name
+
+
 def test_warm_up_bounds(monkeypatch):
     """timing.warm_up: on the CPU a second of calls, at least one and at most 100; on CUDA 0.2 s
     of calls, each synchronised, at least one and at most 10,000."""
