@@ -13,7 +13,8 @@
 // each of those outputs (the score gradient, n and p, grad_n and grad_p) of at least
 // kMinHugePageBytes gets a mapping of its own: anonymous, 2 MB-aligned, its length rounded up to
 // whole 2 MB pages, advised MADV_HUGEPAGE, and unmapped when the tensor's storage is freed, so that
-// the advice never lands on memory an allocator hands out again. (torch does the like for all its large CPU tensors, on request: THP_MEM_ALLOC_ENABLE=1.)
+// the advice never lands on memory an allocator hands out again. (torch does the like for all its
+// large CPU tensors, on request: THP_MEM_ALLOC_ENABLE=1.)
 // Otherwise, and with "always" (the kernel already backs large mappings with huge pages), "never"
 // or no transparent huge pages (other systems, gVisor), the tensor comes from at::empty.
 // The values computed are the same either way. Such a tensor's storage cannot grow (resize_ to
@@ -32,8 +33,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/accumulate.h>
 #include <ATen/ops/from_blob.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdint>
 #include <cstdlib>
