@@ -51,6 +51,8 @@ ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Ten
   if (grad_ap.defined()) {
     TORCH_CHECK_VALUE(grad_ap.dim() == 1 && grad_ap.size(0) == rows,
                       "fastap: grad_ap must have shape [", rows, "], got ", grad_ap.sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(grad_ap.scalar_type()),
+                     "fastap: grad_ap must be a floating-point tensor, got ", grad_ap.scalar_type());
     in.grad_ap = grad_ap.to(n.scalar_type()).contiguous();
   }
   return in;

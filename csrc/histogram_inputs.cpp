@@ -177,6 +177,9 @@ void check_histogram_grads(const at::Tensor& like, int64_t num_queries, int64_t 
     TORCH_CHECK_VALUE(g->dim() == 2 && g->size(0) == num_queries && g->size(1) == num_bins,
                       "fastap: ", name, " must have shape [", num_queries, ", ", num_bins,
                       "], got ", g->sizes());
+    // (It is converted to the histogram dtype; an integer or complex one would be truncated.)
+    TORCH_CHECK_TYPE(at::isFloatingType(g->scalar_type()), "fastap: ", name,
+                     " must be a floating-point tensor, got ", g->scalar_type());
   }
 }
 

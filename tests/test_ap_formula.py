@@ -169,6 +169,11 @@ def test_backward_checks_grad_ap():
     n, p = torch.rand(3, 4), torch.rand(3, 4)
     with pytest.raises(ValueError, match="grad_ap must have shape"):
         torch.ops.fastap.ap_from_histograms_backward(torch.ones(4), n, p, torch.ones(3), "ap_q")
+    for dtype in (torch.int64, torch.bool, torch.complex64):
+        with pytest.raises(TypeError, match="grad_ap must be a floating-point tensor"):
+            torch.ops.fastap.ap_from_histograms_backward(
+                torch.ones(3, dtype=dtype), n, p, torch.ones(3), "ap_q"
+            )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -238,6 +238,18 @@ def test_direct_op_calls_are_checked():
         torch.ops.fastap.soft_histogram_backward(
             torch.zeros(4, 3), torch.zeros(4, 20), S, R, None, None, None, False, 20, -1.0, 1.0
         )
+    # Incoming gradients are converted to the histogram dtype: an integer, bool or complex one
+    # would lose its fractions or its imaginary part, so it is refused (float16 is taken).
+    args = (S, R, None, None, None, False, 20, -1.0, 1.0)
+    good = torch.randn(4, 20, generator=torch.Generator().manual_seed(0)).half().float()
+    for dtype, name in ((torch.int64, "Long"), (torch.bool, "Bool"), (torch.complex64, "Complex")):
+        bad = torch.zeros(4, 20, dtype=dtype)
+        with pytest.raises(TypeError, match=f"grad_n must be a floating-point tensor, got {name}"):
+            torch.ops.fastap.soft_histogram_backward(bad, good, *args)
+        with pytest.raises(TypeError, match="grad_p must be a floating-point tensor"):
+            torch.ops.fastap.soft_histogram_backward(good, bad, *args)
+    half = torch.ops.fastap.soft_histogram_backward(good.half(), good, *args)
+    assert torch.equal(half, torch.ops.fastap.soft_histogram_backward(good, good, *args))
     # A self_offset so large that N + self_offset overflows int64 is refused, not taken as a
     # column far outside the row.
     for offset in (2, 2**62, 2**63 - 1):
