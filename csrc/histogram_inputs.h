@@ -11,11 +11,11 @@
 
 namespace fastap {
 
-// One call's inputs, checked and contiguous.
 // A function that makes an uninitialised contiguous tensor, and at::empty as one.
 using EmptyTensor = at::Tensor (*)(at::IntArrayRef sizes, at::TensorOptions options);
 at::Tensor plain_empty(at::IntArrayRef sizes, at::TensorOptions options);
 
+// One call's inputs, checked and contiguous.
 struct HistogramInputs {
   at::Tensor scores;      // N x M floating point, contiguous
   at::Tensor relevance;   // N x M bool/uint8, or undefined
