@@ -10,6 +10,9 @@ from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch, mean_over_valid
 #: The key suffix under which torch's modules save get_extra_state.
 _EXTRA_STATE = "_extra_state"
 
+#: How the messages name the class.
+_OWNER = "fastap.memory.CrossBatchMemory"
+
 
 class CrossBatchMemory(torch.nn.Module):
     """A first-in first-out memory of the last ``size`` descriptors and labels, used as extra
@@ -28,7 +31,7 @@ class CrossBatchMemory(torch.nn.Module):
 
     def __init__(self, loss: _EmbeddingAPLoss | None = None, size: int = 4096):
         super().__init__()
-        size = check_int(size, "size", 1, "fastap.memory.CrossBatchMemory")
+        size = check_int(size, "size", 1, _OWNER)
         self.loss = APLoss() if loss is None else loss
         if not isinstance(self.loss, _EmbeddingAPLoss):
             raise TypeError("fastap: loss must be a fastap embedding loss (APLoss, FastAPLoss)")
@@ -159,7 +162,7 @@ class CrossBatchMemory(torch.nn.Module):
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Add detached copies of a batch, dropping the oldest entries beyond ``size``."""
-        labels = check_batch(embeddings, labels, "fastap.memory.CrossBatchMemory.enqueue")
+        labels = check_batch(embeddings, labels, f"{_OWNER}.enqueue")
         if self.embeddings.numel() == 0:
             self.embeddings = embeddings.new_empty(self.size, embeddings.shape[1])
             self.labels = labels.new_empty(self.size, dtype=torch.long)
@@ -177,8 +180,8 @@ class CrossBatchMemory(torch.nn.Module):
     ) -> torch.Tensor:
         """The loss of the batch against itself and the memory; then, with ``enqueue``, the
         batch joins the memory (pass ``enqueue=False`` to evaluate without changing it)."""
-        labels = check_batch(embeddings, labels, "fastap.memory.CrossBatchMemory")
-        check_bool(enqueue, "enqueue", "fastap.memory.CrossBatchMemory")
+        labels = check_batch(embeddings, labels, _OWNER)
+        check_bool(enqueue, "enqueue", _OWNER)
         if self.embeddings.numel() > 0:
             self._check_dimension(embeddings)
         stored, stored_labels = self.contents()

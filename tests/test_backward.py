@@ -443,6 +443,14 @@ def _mapping_of(tensor):
     raise AssertionError("no mapping of /proc/self/smaps holds the tensor")
 
 
+def _assert_on_huge_pages_of_its_own(tensor, huge_pages: int):
+    """tensor is a mapping of its own (csrc/cpu/huge_pages.h): it starts there, spans
+    `huge_pages` whole 2 MB pages and is advised MADV_HUGEPAGE ("hg" in its VmFlags)."""
+    start, end, flags = _mapping_of(tensor)
+    assert (start, end) == (tensor.data_ptr(), tensor.data_ptr() + huge_pages * (2 << 20))
+    assert "hg" in flags
+
+
 def _resident_bytes():
     with open("/proc/self/status") as status:
         for line in status:
@@ -483,9 +491,7 @@ def test_large_cpu_gradient_is_on_huge_pages_of_its_own(monkeypatch):
     huge = 2 << 20
     monkeypatch.setenv("FASTAP_CPU_HUGE_PAGES", "1")
     advised = backward()
-    start, end, flags = _mapping_of(advised)
-    assert (start, end) == (advised.data_ptr(), advised.data_ptr() + 18 * huge)
-    assert "hg" in flags
+    _assert_on_huge_pages_of_its_own(advised, 18)
     before = _resident_bytes()
     for _ in range(20):
         backward()
@@ -520,9 +526,7 @@ def test_large_cpu_histograms_and_their_gradients_are_on_huge_pages(monkeypatch)
     monkeypatch.setenv("FASTAP_CPU_HUGE_PAGES", "1")
     large, small = outputs()
     for tensor in large:
-        start, end, flags = _mapping_of(tensor)
-        assert (start, end) == (tensor.data_ptr(), tensor.data_ptr() + 17 * (2 << 20))
-        assert "hg" in flags
+        _assert_on_huge_pages_of_its_own(tensor, 17)
     for tensor in small:
         assert _mapping_of(tensor)[0] != tensor.data_ptr()  # from torch's allocator (below 32 MiB)
     monkeypatch.delenv("FASTAP_CPU_HUGE_PAGES")
