@@ -1,6 +1,8 @@
 // The AP of one query row from its soft histograms, and its gradient: the O(Q) formula that every
 // loss variant applies after the O(M) binning, written once for the CPU op and the CUDA kernel
-// (csrc/cpu/ap_formula.cpp, csrc/cuda/ap_formula.cu). No torch.
+// (csrc/cpu/ap_formula.cpp, csrc/cuda/ap_formula.cu). T is a scalar (one row: CUDA, and float64
+// on the CPU) or a vector of lanes holding one row each (float32 on the CPU, cpu/float_lanes.h),
+// which is why a condition on a value is a lane_select (lane_math.h). No torch.
 //
 // Row inputs: n[k] (soft count of the counted candidates in bin k, bin 0 the top of the ranking),
 // p[k] (of the positives), `positives` (the exact count). With N_k = n[0] + ... + n[k] and
@@ -18,10 +20,10 @@
 // op never returns, get 0 here where the reference divides by 0.)
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
 #include "binning.h"  // FASTAP_HOST_DEVICE
+#include "lane_math.h"
 
 namespace fastap {
 
@@ -31,15 +33,14 @@ constexpr double kTieAwareEps = 1e-8;  // as in the authors' code
 
 template <typename T>
 FASTAP_HOST_DEVICE T positive_or_one(T x) {
-  return x > T(0) ? x : T(1);
+  return lane_select(x > T(0), x, T(1));
 }
 
 // The AP formula's divisor: P_{Q-1} for AP_Q, the exact count of positives for the tie-aware
-// variants (as 1 where it is 0).
+// variants (as 1 where it is 0). `positives`: the count, in T.
 template <typename T>
-FASTAP_HOST_DEVICE T ap_denominator(ApVariant variant, T last_cum_p, int64_t positives) {
-  const T divisor = variant == ApVariant::kQuantized ? last_cum_p : static_cast<T>(positives);
-  return positive_or_one(divisor);
+FASTAP_HOST_DEVICE T ap_denominator(ApVariant variant, T last_cum_p, T positives) {
+  return positive_or_one(variant == ApVariant::kQuantized ? last_cum_p : positives);
 }
 
 // Bin k's term of the sum, from p[k], n[k], P_{k-1}, P_k, N_{k-1} and N_k, and its partial
@@ -56,7 +57,7 @@ struct BinTerm {
       value = cum_p / safe_n * p;
       d_p = cum_p / safe_n;
       d_cum_p = p / safe_n;
-      d_cum_n = cum_n > T(0) ? -cum_p * p / (safe_n * safe_n) : T(0);
+      d_cum_n = lane_select(cum_n > T(0), -cum_p * p / (safe_n * safe_n), T(0));
       return;
     }
     if (variant == ApVariant::kTieAwareSimplified) {
@@ -69,8 +70,8 @@ struct BinTerm {
       return;
     }
     const T eps = static_cast<T>(kTieAwareEps);
-    const T above = p - T(1) > T(0) ? p - T(1) : T(0);
-    const T below = (n - T(1) > T(0) ? n - T(1) : T(0)) + eps;
+    const T above = lane_select(p - T(1) > T(0), p - T(1), T(0));
+    const T below = lane_select(n - T(1) > T(0), n - T(1), T(0)) + eps;
     const T ratio = above / below;
     const T within = n * ratio;  // the bin's own ties
     const T start = prev_p + T(1) - ratio * (prev_n + T(1));
@@ -81,7 +82,7 @@ struct BinTerm {
     // N_{k-1} + n[k], so cum_n has no derivative of its own here.
     const T base = prev_n + T(1);
     const T gain = n / base;
-    const T log_growth = std::log1p(gain);
+    const T log_growth = lane_log1p(gain);
     const T spread = start * log_growth;
     const T u = within + spread;
     const T norm = n + eps;
@@ -99,16 +100,15 @@ struct BinTerm {
     d_cum_n = T(0);
     d_prev_n = -d_start * ratio - d_gain * gain / base;
     d_cum_p = T(0);
-    if (p - T(1) > T(0)) d_p += d_ratio / below;
-    if (n - T(1) > T(0)) d_n -= d_ratio * above / (below * below);
+    d_p = lane_select(p - T(1) > T(0), d_p + d_ratio / below, d_p);
+    d_n = lane_select(n - T(1) > T(0), d_n - d_ratio * above / (below * below), d_n);
   }
 };
 
-// AP of one row (n and p: q bins each). Accumulates in T.
+// AP of one row (n and p: q bins each; `positives`: the exact count, in T). Accumulates in T.
 template <typename T>
-FASTAP_HOST_DEVICE T ap_row(const T* n, const T* p, int64_t q, int64_t positives,
-                            ApVariant variant) {
-  if (positives <= 0) return T(0);
+FASTAP_HOST_DEVICE T ap_row(const T* n, const T* p, int64_t q, T positives, ApVariant variant) {
+  if (!any_lane(positives > T(0))) return T(0);
   T cum_n = T(0), cum_p = T(0), total = T(0);
   for (int64_t k = 0; k < q; ++k) {
     const T prev_n = cum_n, prev_p = cum_p;
@@ -116,16 +116,16 @@ FASTAP_HOST_DEVICE T ap_row(const T* n, const T* p, int64_t q, int64_t positives
     cum_p += p[k];
     total += BinTerm<T>(variant, p[k], n[k], prev_p, cum_p, prev_n, cum_n).value;
   }
-  return total / ap_denominator(variant, cum_p, positives);
+  return lane_select(positives > T(0), total / ap_denominator(variant, cum_p, positives), T(0));
 }
 
 // grad_n[k] = g dAP/dn[k] and grad_p[k] = g dAP/dp[k] of one row; zero without positives. The
 // output arrays first hold N_k and P_k (computed forward), which the reverse sweep then replaces
 // by the gradients (bin k reads N_k and N_{k-1} before it writes bin k).
 template <typename T>
-FASTAP_HOST_DEVICE void ap_row_backward(T g, const T* n, const T* p, int64_t q, int64_t positives,
+FASTAP_HOST_DEVICE void ap_row_backward(T g, const T* n, const T* p, int64_t q, T positives,
                                         ApVariant variant, T* grad_n, T* grad_p) {
-  if (positives <= 0) g = T(0);
+  g = lane_select(positives > T(0), g, T(0));
   const bool quantized = variant == ApVariant::kQuantized;
   T cum_n = T(0), cum_p = T(0), total = T(0);
   for (int64_t k = 0; k < q; ++k) {
@@ -138,7 +138,8 @@ FASTAP_HOST_DEVICE void ap_row_backward(T g, const T* n, const T* p, int64_t q, 
     if (quantized) total += BinTerm<T>(variant, p[k], n[k], prev_p, cum_p, prev_n, cum_n).value;
   }
   const T d_total = g / ap_denominator(variant, cum_p, positives);
-  const T d_last_cum_p = quantized && cum_p > T(0) ? -g * total / (cum_p * cum_p) : T(0);
+  const T d_last_cum_p =
+      quantized ? lane_select(cum_p > T(0), -g * total / (cum_p * cum_p), T(0)) : T(0);
   T sum_n = T(0), sum_p = T(0);      // sum over j >= k of dAP/dN_j, dAP/dP_j
   T carry_n = T(0), carry_p = T(0);  // bin k + 1's derivative by N_k, P_k (its "previous")
   for (int64_t k = q - 1; k >= 0; --k) {

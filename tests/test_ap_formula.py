@@ -111,6 +111,61 @@ def test_rows_without_positives_give_zero_and_no_gradient(variant):
     assert (ap[1::2] != 0).any()
 
 
+def _float32_rows(variant, n, p, positives, grad_ap):
+    return (
+        torch.ops.fastap.ap_from_histograms(n, p, positives, variant),
+        *torch.ops.fastap.ap_from_histograms_backward(grad_ap, n, p, positives, variant),
+    )
+
+
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float32_rows_the_same_bits_with_every_cpu_capability(variant, monkeypatch):
+    """The CPU op takes float32 rows 4 (baseline), 8 (AVX2) or 16 (AVX-512) at a time, the widest
+    that the processor has unless FASTAP_CPU_CAPABILITY caps it: every width gives the same bits,
+    on rows split over threads, with blocks short of their width, rows without positives and
+    empty bins. (A capability the processor lacks runs the widest it has: on this machine's
+    kind, an AVX-512 one, each is its own path.)"""
+    n, p, positives = random_histograms(1237, 13, seed=8, dtype=torch.float32)
+    n[:, 3] *= 300  # bins of many candidates, where log1p's argument is large
+    grad_ap = torch.randn(1237, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for capability in CPU_CAPABILITIES:
+        monkeypatch.setenv("FASTAP_CPU_CAPABILITY", capability)
+        results[capability] = _float32_rows(variant, n, p, positives, grad_ap)
+    monkeypatch.delenv("FASTAP_CPU_CAPABILITY")
+    results["unset"] = _float32_rows(variant, n, p, positives, grad_ap)
+    assert all(t.isfinite().all() for t in results["default"])
+    for capability, got in results.items():
+        for got_tensor, want in zip(got, results["default"]):
+            assert torch.equal(got_tensor, want), capability
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float32_rows_in_lanes_equal_rows_one_at_a_time(variant):
+    """Rows of more than 1024 bins go one at a time (the lanes' scratch grows with the bins).
+    Empty bins at the end change neither the AP nor the gradient in the other bins, so 13 bins
+    padded to 1100 give the one-at-a-time results of the same rows, which the lanes must equal,
+    bit for bit."""
+    n, p, positives = random_histograms(45, 13, seed=9, dtype=torch.float32)
+    grad_ap = torch.randn(45, generator=torch.Generator().manual_seed(2))
+    in_lanes = _float32_rows(variant, n, p, positives, grad_ap)
+    pad = torch.nn.functional.pad
+    one_at_a_time = _float32_rows(variant, pad(n, (0, 1087)), pad(p, (0, 1087)), positives, grad_ap)
+    assert torch.equal(in_lanes[0], one_at_a_time[0])
+    for got, want in zip(in_lanes[1:], one_at_a_time[1:]):
+        assert torch.equal(got, want[:, :13])
+
+
+def test_unknown_cpu_capability_is_named(monkeypatch):
+    n, p, positives = random_histograms(3, 5, seed=1, dtype=torch.float32)
+    monkeypatch.setenv("FASTAP_CPU_CAPABILITY", "avx9000")
+    with pytest.raises(ValueError, match=r"FASTAP_CPU_CAPABILITY must be .* got 'avx9000'"):
+        torch.ops.fastap.ap_from_histograms(n, p, positives, "ap_q")
+
+
 def test_hand_computed_quantized():
     # Two bins: n = (2, 2), p = (1, 1): AP_Q = (1/2 * 1 + 2/4 * 1) / 2 = 0.5. With p = (2, 0):
     # (2/2 * 2) / 2 = 1.

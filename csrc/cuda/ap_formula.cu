@@ -18,7 +18,7 @@ __global__ void ap_rows_kernel(const T* __restrict__ n, const T* __restrict__ p,
                                ApVariant variant, T* __restrict__ ap) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < rows; i += stride) {
-    ap[i] = ap_row(n + i * q, p + i * q, q, positives[i], variant);
+    ap[i] = ap_row(n + i * q, p + i * q, q, static_cast<T>(positives[i]), variant);
   }
 }
 
@@ -30,8 +30,8 @@ __global__ void ap_rows_backward_kernel(const T* __restrict__ grad_ap, const T* 
                                         T* __restrict__ grad_p) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < rows; i += stride) {
-    ap_row_backward(grad_ap[i], n + i * q, p + i * q, q, positives[i], variant, grad_n + i * q,
-                    grad_p + i * q);
+    ap_row_backward(grad_ap[i], n + i * q, p + i * q, q, static_cast<T>(positives[i]), variant,
+                    grad_n + i * q, grad_p + i * q);
   }
 }
 

@@ -1,0 +1,152 @@
+// FloatLanes<W>: W float32 lanes, one query row each, for the CPU op's row formula (ap_formula.h
+// through lane_math.h). Built on GCC's and clang's vector extensions, as wide as one register:
+// 4 lanes for the baseline (SSE2 on x86-64, NEON on ARM), 8 in a function compiled for AVX2
+// (cpu/ap_formula.cpp picks that at run time). Every operation is the IEEE operation of each
+// lane, so rows in lanes give the bits that each row gives alone as a float (no fused
+// multiply-add: neither the baseline nor the "avx2" target contracts one, and the extension is
+// built in ISO C++, which does not contract either). Where there are no vector extensions
+// (MSVC), FASTAP_FLOAT_LANES is 0 and the CPU op runs the float rows one at a time.
+#pragma once
+
+#if defined(__GNUC__)
+#define FASTAP_FLOAT_LANES 1
+
+#include <cstdint>
+#include <utility>
+
+namespace fastap {
+
+// The vector types of W float32 and int32 lanes.
+template <int W>
+struct VectorTypes;
+template <>
+struct VectorTypes<4> {
+  typedef float Float __attribute__((vector_size(16)));
+  typedef int32_t Int __attribute__((vector_size(16)));
+};
+template <>
+struct VectorTypes<8> {
+  typedef float Float __attribute__((vector_size(32)));
+  typedef int32_t Int __attribute__((vector_size(32)));
+};
+template <>
+struct VectorTypes<16> {
+  typedef float Float __attribute__((vector_size(64)));
+  typedef int32_t Int __attribute__((vector_size(64)));
+};
+
+template <int W>
+struct IntLanes;
+template <int W>
+struct MaskLanes;
+
+// (Aligned to its size by hand: without AVX, GCC aligns a 32-byte vector to 16 bytes only.)
+template <int W>
+struct alignas(4 * W) FloatLanes {
+  typedef typename VectorTypes<W>::Float Lanes;
+  static constexpr int kWidth = W;
+  Lanes v;
+
+  FloatLanes() = default;
+  explicit FloatLanes(float x) : v(Lanes{} + x) {}
+  static FloatLanes of(Lanes lanes) {
+    FloatLanes f;
+    f.v = lanes;
+    return f;
+  }
+  // base[offsets[0]], ..., base[offsets[W - 1]], built in registers.
+  static FloatLanes gather(const float* base, const int64_t* offsets) {
+    return gather(base, offsets, std::make_integer_sequence<int, W>{});
+  }
+  template <int... lane>
+  static FloatLanes gather(const float* base, const int64_t* offsets,
+                           std::integer_sequence<int, lane...>) {
+    return of(Lanes{base[offsets[lane]]...});
+  }
+  float operator[](int lane) const { return v[lane]; }
+  void set(int lane, float x) { v[lane] = x; }
+
+  friend FloatLanes operator+(FloatLanes a, FloatLanes b) { return of(a.v + b.v); }
+  friend FloatLanes operator-(FloatLanes a, FloatLanes b) { return of(a.v - b.v); }
+  friend FloatLanes operator*(FloatLanes a, FloatLanes b) { return of(a.v * b.v); }
+  friend FloatLanes operator/(FloatLanes a, FloatLanes b) { return of(a.v / b.v); }
+  friend FloatLanes operator-(FloatLanes a) { return of(-a.v); }
+  FloatLanes& operator+=(FloatLanes b) { return *this = *this + b; }
+  FloatLanes& operator-=(FloatLanes b) { return *this = *this - b; }
+  FloatLanes& operator*=(FloatLanes b) { return *this = *this * b; }
+  friend MaskLanes<W> operator>(FloatLanes a, FloatLanes b) { return {a.v > b.v}; }
+  friend MaskLanes<W> operator<(FloatLanes a, FloatLanes b) { return {a.v < b.v}; }
+  friend MaskLanes<W> operator==(FloatLanes a, FloatLanes b) { return {a.v == b.v}; }
+};
+
+// The int32 lanes of the same width, for log1p_float's bit arithmetic.
+template <int W>
+struct alignas(4 * W) IntLanes {
+  typedef typename VectorTypes<W>::Int Lanes;
+  Lanes v;
+
+  IntLanes() = default;
+  explicit IntLanes(int32_t x) : v(Lanes{} + x) {}
+  static IntLanes of(Lanes lanes) {
+    IntLanes i;
+    i.v = lanes;
+    return i;
+  }
+  friend IntLanes operator-(IntLanes a, IntLanes b) { return of(a.v - b.v); }
+  friend IntLanes operator&(IntLanes a, IntLanes b) { return of(a.v & b.v); }
+  friend IntLanes operator|(IntLanes a, IntLanes b) { return of(a.v | b.v); }
+  friend IntLanes operator>>(IntLanes a, int shift) { return of(a.v >> shift); }
+};
+
+// A comparison's outcome: all ones in a lane where it holds, zero where not.
+template <int W>
+struct alignas(4 * W) MaskLanes {
+  typename IntLanes<W>::Lanes v;
+};
+
+// (A cast between vectors of one size keeps the bits.)
+template <int W>
+FloatLanes<W> lane_select(MaskLanes<W> condition, FloatLanes<W> if_true, FloatLanes<W> if_false) {
+  typedef typename IntLanes<W>::Lanes Bits;
+  const Bits bits = (condition.v & (Bits)if_true.v) | (~condition.v & (Bits)if_false.v);
+  return FloatLanes<W>::of((typename FloatLanes<W>::Lanes)bits);
+}
+
+template <int W>
+bool any_lane(MaskLanes<W> condition) {
+  int32_t any = 0;
+  for (int lane = 0; lane < W; ++lane) any |= condition.v[lane];
+  return any != 0;
+}
+
+template <int W>
+IntLanes<W> bits_of(FloatLanes<W> x) {
+  return IntLanes<W>::of((typename IntLanes<W>::Lanes)x.v);
+}
+
+template <int W>
+FloatLanes<W> float_of_bits(IntLanes<W> bits) {
+  return FloatLanes<W>::of((typename FloatLanes<W>::Lanes)bits.v);
+}
+
+template <int W>
+FloatLanes<W> float_of_int(IntLanes<W> i) {
+  return FloatLanes<W>::of(__builtin_convertvector(i.v, typename FloatLanes<W>::Lanes));
+}
+
+}  // namespace fastap
+
+#include "../lane_math.h"
+
+namespace fastap {
+
+template <int W>
+FloatLanes<W> lane_log1p(FloatLanes<W> x) {
+  return log1p_float<FloatLanes<W>, IntLanes<W>>(x);
+}
+
+}  // namespace fastap
+
+#else
+#define FASTAP_FLOAT_LANES 0
+#endif
