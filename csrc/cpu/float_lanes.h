@@ -12,11 +12,12 @@
 #define FASTAP_FLOAT_LANES 1
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 namespace fastap {
 
-// The vector types of W float32 and int32 lanes.
+// The vector types of W float32 or int32 lanes.
 template <int W>
 struct VectorTypes;
 template <>
@@ -35,85 +36,74 @@ struct VectorTypes<16> {
   typedef int32_t Int __attribute__((vector_size(64)));
 };
 
-template <int W>
-struct IntLanes;
-template <int W>
-struct MaskLanes;
-
-// (Aligned to its size by hand: without AVX, GCC aligns a 32-byte vector to 16 bytes only.)
-template <int W>
-struct alignas(4 * W) FloatLanes {
-  typedef typename VectorTypes<W>::Float Lanes;
+// W lanes of Element (float, or int32_t for log1p_float's bit arithmetic and for a comparison's
+// outcome: all ones in a lane where it holds, zero where not). Only the operations that the
+// element type has are ever instantiated. (Aligned to its size by hand: without AVX, GCC aligns
+// a 32-byte vector to 16 bytes only.)
+template <typename Element, int W>
+struct alignas(4 * W) Lanes {
+  typedef std::conditional_t<std::is_same_v<Element, float>, typename VectorTypes<W>::Float,
+                             typename VectorTypes<W>::Int>
+      Vector;
   static constexpr int kWidth = W;
-  Lanes v;
+  Vector v;
 
-  FloatLanes() = default;
-  explicit FloatLanes(float x) : v(Lanes{} + x) {}
-  static FloatLanes of(Lanes lanes) {
-    FloatLanes f;
-    f.v = lanes;
-    return f;
+  Lanes() = default;
+  explicit Lanes(Element x) : v(Vector{} + x) {}
+  static Lanes of(Vector vector) {
+    Lanes lanes;
+    lanes.v = vector;
+    return lanes;
   }
   // base[offsets[0]], ..., base[offsets[W - 1]], built in registers.
-  static FloatLanes gather(const float* base, const int64_t* offsets) {
+  static Lanes gather(const Element* base, const int64_t* offsets) {
     return gather(base, offsets, std::make_integer_sequence<int, W>{});
   }
   template <int... lane>
-  static FloatLanes gather(const float* base, const int64_t* offsets,
-                           std::integer_sequence<int, lane...>) {
-    return of(Lanes{base[offsets[lane]]...});
+  static Lanes gather(const Element* base, const int64_t* offsets,
+                      std::integer_sequence<int, lane...>) {
+    return of(Vector{base[offsets[lane]]...});
   }
-  float operator[](int lane) const { return v[lane]; }
-  void set(int lane, float x) { v[lane] = x; }
+  Element operator[](int lane) const { return v[lane]; }
+  void set(int lane, Element x) { v[lane] = x; }
 
-  friend FloatLanes operator+(FloatLanes a, FloatLanes b) { return of(a.v + b.v); }
-  friend FloatLanes operator-(FloatLanes a, FloatLanes b) { return of(a.v - b.v); }
-  friend FloatLanes operator*(FloatLanes a, FloatLanes b) { return of(a.v * b.v); }
-  friend FloatLanes operator/(FloatLanes a, FloatLanes b) { return of(a.v / b.v); }
-  friend FloatLanes operator-(FloatLanes a) { return of(-a.v); }
-  FloatLanes& operator+=(FloatLanes b) { return *this = *this + b; }
-  FloatLanes& operator-=(FloatLanes b) { return *this = *this - b; }
-  FloatLanes& operator*=(FloatLanes b) { return *this = *this * b; }
-  friend MaskLanes<W> operator>(FloatLanes a, FloatLanes b) { return {a.v > b.v}; }
-  friend MaskLanes<W> operator<(FloatLanes a, FloatLanes b) { return {a.v < b.v}; }
-  friend MaskLanes<W> operator==(FloatLanes a, FloatLanes b) { return {a.v == b.v}; }
-};
-
-// The int32 lanes of the same width, for log1p_float's bit arithmetic.
-template <int W>
-struct alignas(4 * W) IntLanes {
-  typedef typename VectorTypes<W>::Int Lanes;
-  Lanes v;
-
-  IntLanes() = default;
-  explicit IntLanes(int32_t x) : v(Lanes{} + x) {}
-  static IntLanes of(Lanes lanes) {
-    IntLanes i;
-    i.v = lanes;
-    return i;
+  friend Lanes operator+(Lanes a, Lanes b) { return of(a.v + b.v); }
+  friend Lanes operator-(Lanes a, Lanes b) { return of(a.v - b.v); }
+  friend Lanes operator*(Lanes a, Lanes b) { return of(a.v * b.v); }
+  friend Lanes operator/(Lanes a, Lanes b) { return of(a.v / b.v); }
+  friend Lanes operator-(Lanes a) { return of(-a.v); }
+  friend Lanes operator&(Lanes a, Lanes b) { return of(a.v & b.v); }
+  friend Lanes operator|(Lanes a, Lanes b) { return of(a.v | b.v); }
+  friend Lanes operator>>(Lanes a, int shift) { return of(a.v >> shift); }
+  Lanes& operator+=(Lanes b) { return *this = *this + b; }
+  Lanes& operator-=(Lanes b) { return *this = *this - b; }
+  Lanes& operator*=(Lanes b) { return *this = *this * b; }
+  friend Lanes<int32_t, W> operator>(Lanes a, Lanes b) {
+    return Lanes<int32_t, W>::of(a.v > b.v);
   }
-  friend IntLanes operator-(IntLanes a, IntLanes b) { return of(a.v - b.v); }
-  friend IntLanes operator&(IntLanes a, IntLanes b) { return of(a.v & b.v); }
-  friend IntLanes operator|(IntLanes a, IntLanes b) { return of(a.v | b.v); }
-  friend IntLanes operator>>(IntLanes a, int shift) { return of(a.v >> shift); }
+  friend Lanes<int32_t, W> operator<(Lanes a, Lanes b) {
+    return Lanes<int32_t, W>::of(a.v < b.v);
+  }
+  friend Lanes<int32_t, W> operator==(Lanes a, Lanes b) {
+    return Lanes<int32_t, W>::of(a.v == b.v);
+  }
 };
 
-// A comparison's outcome: all ones in a lane where it holds, zero where not.
 template <int W>
-struct alignas(4 * W) MaskLanes {
-  typename IntLanes<W>::Lanes v;
-};
+using FloatLanes = Lanes<float, W>;
+template <int W>
+using IntLanes = Lanes<int32_t, W>;
 
 // (A cast between vectors of one size keeps the bits.)
 template <int W>
-FloatLanes<W> lane_select(MaskLanes<W> condition, FloatLanes<W> if_true, FloatLanes<W> if_false) {
-  typedef typename IntLanes<W>::Lanes Bits;
+FloatLanes<W> lane_select(IntLanes<W> condition, FloatLanes<W> if_true, FloatLanes<W> if_false) {
+  typedef typename IntLanes<W>::Vector Bits;
   const Bits bits = (condition.v & (Bits)if_true.v) | (~condition.v & (Bits)if_false.v);
-  return FloatLanes<W>::of((typename FloatLanes<W>::Lanes)bits);
+  return FloatLanes<W>::of((typename FloatLanes<W>::Vector)bits);
 }
 
 template <int W>
-bool any_lane(MaskLanes<W> condition) {
+bool any_lane(IntLanes<W> condition) {
   int32_t any = 0;
   for (int lane = 0; lane < W; ++lane) any |= condition.v[lane];
   return any != 0;
@@ -121,17 +111,17 @@ bool any_lane(MaskLanes<W> condition) {
 
 template <int W>
 IntLanes<W> bits_of(FloatLanes<W> x) {
-  return IntLanes<W>::of((typename IntLanes<W>::Lanes)x.v);
+  return IntLanes<W>::of((typename IntLanes<W>::Vector)x.v);
 }
 
 template <int W>
 FloatLanes<W> float_of_bits(IntLanes<W> bits) {
-  return FloatLanes<W>::of((typename FloatLanes<W>::Lanes)bits.v);
+  return FloatLanes<W>::of((typename FloatLanes<W>::Vector)bits.v);
 }
 
 template <int W>
 FloatLanes<W> float_of_int(IntLanes<W> i) {
-  return FloatLanes<W>::of(__builtin_convertvector(i.v, typename FloatLanes<W>::Lanes));
+  return FloatLanes<W>::of(__builtin_convertvector(i.v, typename FloatLanes<W>::Vector));
 }
 
 }  // namespace fastap
