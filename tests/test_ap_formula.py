@@ -159,8 +159,9 @@ def test_float32_rows_in_lanes_equal_rows_one_at_a_time(variant):
         assert torch.equal(got, want[:, :13])
 
 
-def test_unknown_cpu_capability_is_named(monkeypatch):
-    n, p, positives = random_histograms(3, 5, seed=1, dtype=torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unknown_cpu_capability_is_named(monkeypatch, dtype):
+    n, p, positives = random_histograms(3, 5, seed=1, dtype=dtype)
     monkeypatch.setenv("FASTAP_CPU_CAPABILITY", "avx9000")
     with pytest.raises(ValueError, match=r"FASTAP_CPU_CAPABILITY must be .* got 'avx9000'"):
         torch.ops.fastap.ap_from_histograms(n, p, positives, "ap_q")

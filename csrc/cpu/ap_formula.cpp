@@ -1,8 +1,7 @@
 // CPU kernels of fastap::ap_from_histograms and fastap::ap_from_histograms_backward: the row
 // formula of ../ap_formula.h over the query rows. float32 rows go several at a time through the
-// lanes of cpu/float_lanes.h (one row a lane, the same bits as one at a time): 8 in AVX2 where
-// the processor has it, else 4; float64 rows, and float32 rows longer than kMaxLaneBins, one at a
-// time.
+// lanes of cpu/float_lanes.h (one row a lane, the same bits as one at a time): 16 with AVX-512,
+// 8 with AVX2, else 4; float64 rows, and float32 rows longer than kMaxLaneBins, one at a time.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,6 +13,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../ap_formula.h"
@@ -178,9 +178,9 @@ Capability cpu_capability() {
 template <bool backward, typename T>
 void run_rows(const Rows<T>& rows, int64_t num_rows) {
 #if FASTAP_FLOAT_LANES
+  [[maybe_unused]] const Capability capability = cpu_capability();  // (checked for float64 too)
   if constexpr (std::is_same_v<T, float>) {
     if (rows.q <= kMaxLaneBins) {
-      const Capability capability = cpu_capability();  // (read here: it may throw)
       at::parallel_for(0, num_rows, rows_grain(rows.q), [&](int64_t begin, int64_t end) {
         std::vector<FloatLanes<16>> scratch(4 * static_cast<size_t>(rows.q));
 #if defined(__x86_64__)
