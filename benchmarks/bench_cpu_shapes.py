@@ -54,7 +54,7 @@ def case_inputs(name: str, size: int):
         kwargs["variant"] = variant
     if name == "Q = 2":
         kwargs["num_bins"] = 2
-    elif name == "Q = 100":
+    elif "Q = 100" in name:  # also "few candidates, Q = 100" (more bins than candidates)
         kwargs["num_bins"] = 100
     elif name == "int32 labels":
         kwargs.update(labels=labels.int(), ref_labels=ref_labels.int())
@@ -96,6 +96,8 @@ CASES = [
     "few candidates",
     "few candidates, tie_aware",
     "few candidates, tie_aware_simplified",
+    "few candidates, Q = 100",
+    "few candidates, Q = 100, tie_aware",
     "tiny",
 ]
 

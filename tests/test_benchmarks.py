@@ -134,10 +134,13 @@ def test_bench_cpu_shapes_cases_name_their_shape_and_variant():
         ("few candidates", (4, 16), None),
         ("few candidates, tie_aware", (4, 16), "tie_aware"),
         ("few candidates, tie_aware_simplified", (4, 16), "tie_aware_simplified"),
+        ("few candidates, Q = 100", (4, 16), None),
+        ("few candidates, Q = 100, tie_aware", (4, 16), "tie_aware"),
     ]:
         scores, relevance, kwargs = bench_cpu_shapes.case_inputs(name, 8)
         assert scores.shape == shape and relevance is None
         assert kwargs.get("variant") == variant, name
+        assert kwargs["num_bins"] == (100 if "Q = 100" in name else 20), name
 
 
 def test_warm_up_bounds(monkeypatch):
