@@ -6,8 +6,8 @@
 //   included, is dropped);
 // - any_lane(condition), for an early way out when no lane needs the work;
 // - lane_log1p(x): log(1 + x). For float it is fastap's own, log1p_float below, so that one row
-//   gives the same bits alone (CUDA) and in lanes (the CPU), which a library's log1pf would not
-//   promise; float64 keeps the standard library's.
+//   gives the same bits alone (the CUDA kernel's code) and in lanes (the CPU op), which a
+//   library's log1pf would not promise; float64 keeps the standard library's.
 // No torch.
 #pragma once
 
