@@ -27,26 +27,19 @@ FASTAP_HOST_DEVICE T lane_select(bool condition, T if_true, T if_false) {
 FASTAP_HOST_DEVICE bool any_lane(bool condition) { return condition; }
 
 // A float's bits as an int32 and back, and an int32's value as a float: what log1p_float takes
-// apart (cpu/float_lanes.h has the same three for a vector of lanes).
-FASTAP_HOST_DEVICE int32_t bits_of(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(x);
-#else
-  int32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return bits;
-#endif
+// apart (cpu/float_lanes.h has the same three for a vector of lanes). memcpy, which nvcc compiles
+// to a move in device code too.
+template <typename To, typename From>
+FASTAP_HOST_DEVICE To same_bits_as(From x) {
+  static_assert(sizeof(To) == sizeof(From), "a copy of the bits needs types of one size");
+  To y;
+  memcpy(&y, &x, sizeof y);
+  return y;
 }
 
-FASTAP_HOST_DEVICE float float_of_bits(int32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(bits);
-#else
-  float x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-#endif
-}
+FASTAP_HOST_DEVICE int32_t bits_of(float x) { return same_bits_as<int32_t>(x); }
+
+FASTAP_HOST_DEVICE float float_of_bits(int32_t bits) { return same_bits_as<float>(bits); }
 
 FASTAP_HOST_DEVICE float float_of_int(int32_t i) { return static_cast<float>(i); }
 

@@ -41,7 +41,6 @@ BUILDS = [
     ("baseline", [], None),
     ("avx2", ["-mavx2"], "avx2"),
     ("avx512", ["-mavx512f"], "avx512f"),
-    ("device branches", ["-D__CUDA_ARCH__=900"], None),
 ]
 
 
@@ -55,7 +54,7 @@ def reports(tmp_path_factory) -> dict[str, str]:
     for name, flags, needs in BUILDS:
         if needs is not None and needs not in flags_here:
             continue
-        binary = out / name.replace(" ", "_")
+        binary = out / name
         command = [
             "g++", "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror",
             "-ffp-contract=off", "-Wno-psabi",  # as setup.py builds the extension
@@ -69,7 +68,7 @@ def reports(tmp_path_factory) -> dict[str, str]:
 
 
 def test_log1p_float_within_a_ulp_and_the_same_in_lanes(reports):
-    assert "baseline" in reports and "device branches" in reports
+    assert "baseline" in reports
     for name, line in reports.items():
         report = REPORT.fullmatch(line)
         assert report is not None, (name, line)

@@ -1,12 +1,11 @@
 // log1p_float (csrc/lane_math.h) checked against double-precision log1p, as a scalar and in the
 // 4, 8 and 16 lanes of csrc/cpu/float_lanes.h, over the floats whose bit patterns are multiples of
-// `stride` (the first argument; 1 checks all 2^32 of them, in about a minute) and a list of edge
+// `stride` (the first argument; 1 checks all 2^32 of them, in a few minutes) and a list of edge
 // cases. Prints the largest error in ulp of the exact value, where it was, how many values it
 // checked, how many times the lanes and the scalar disagreed in any bit, or the result disagreed
 // with the exact one on being infinite or NaN (both counts must be 0), and a digest of all the
 // results' bits (FNV-1a), for comparing builds.
-// tests/test_lane_math.py compiles it for the baseline, for AVX2, for AVX-512 and with the device
-// branches.
+// tests/test_lane_math.py compiles it for the baseline, for AVX2 and for AVX-512.
 #include <cinttypes>
 #include <cmath>
 #include <cstdint>
@@ -15,23 +14,6 @@
 #include <cstring>
 #include <limits>
 #include <vector>
-
-#ifdef __CUDA_ARCH__
-// The device functions that the device branches of lane_math.h (and of binning.h, which it
-// includes) call, as the host has them.
-#include <algorithm>
-using std::min;
-inline int32_t __float_as_int(float x) {
-  int32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return bits;
-}
-inline float __int_as_float(int32_t bits) {
-  float x;
-  std::memcpy(&x, &bits, sizeof x);
-  return x;
-}
-#endif
 
 #include "../../csrc/cpu/float_lanes.h"
 
