@@ -6,8 +6,8 @@
 # runs on a machine without a GPU, and FASTAP_CUDA=0 keeps the build to the C++ kernels (the CUDA
 # sources are compiled against 2.5.1's headers by compile_cuda.sh). The build happens in the
 # unpacked sdist (.ci/lib.sh), so the extension built in place for the main torch is left alone.
-# The CPU-emulation tests are left out, as they do not depend on the torch version, and so are
-# the benchmark scripts' (below).
+# The CPU-emulation tests and the native checks of the lanes are left out, as they do not depend
+# on the torch version, and so are the benchmark scripts' (below).
 #
 # Env: TORCH_VERSION (2.5.1), PYTHON (Python 3.9 where found: on PATH or under pyenv; else python3).
 set -euo pipefail
@@ -31,4 +31,5 @@ python -c 'import sys, torch, fastap; print("Python", sys.version.split()[0], "t
 # (The benchmark scripts' tests run in the main suite: the GPU machine they are for has a newer
 # torch and Python.)
 HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} python -m pytest -q -p no:cacheprovider \
-  --ignore tests/test_cuda_emulation.py --ignore tests/test_benchmarks.py
+  --ignore tests/test_cuda_emulation.py --ignore tests/test_native_lanes.py \
+  --ignore tests/test_benchmarks.py

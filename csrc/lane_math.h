@@ -46,7 +46,7 @@ FASTAP_HOST_DEVICE float float_of_int(int32_t i) { return static_cast<float>(i);
 // log(1 + x) in float, for F = float (I = int32_t) or a vector of float lanes (I: the int32 lanes
 // of the same width). Within 0.9 ulp of the exact value for every float x (0.893 at worst, at
 // x = -0x1.2e5c04p-2: all 2^32 of them checked against double-precision log1p by
-// tests/native/lane_math_check.cpp, of which tests/test_lane_math.py runs a sample), after the
+// tests/native/lane_math_check.cpp, of which tests/test_native_lanes.py runs a sample), after the
 // scheme of fdlibm's log1pf:
 // - u = 1 + x is rounded, and c = (1 + x) - u exactly (Fast2Sum, the larger of 1 and x first);
 // - u = 2^k m with m in [sqrt(1/2), sqrt(2)), so log(1 + x) = k log(2) + log(m) + log(1 + c / u),

@@ -1,11 +1,13 @@
 // FloatLanes<W>: W float32 lanes, one query row each, for the CPU op's row formula (ap_formula.h
 // through lane_math.h). Built on GCC's and clang's vector extensions, as wide as one register:
-// 4 lanes for the baseline (SSE2 on x86-64, NEON on ARM), 8 in a function compiled for AVX2
-// (cpu/ap_formula.cpp picks that at run time). Every operation is the IEEE operation of each
-// lane, so rows in lanes give the bits that each row gives alone as a float (no fused
-// multiply-add: neither the baseline nor the "avx2" target contracts one, and the extension is
-// built in ISO C++, which does not contract either). Where there are no vector extensions
-// (MSVC), FASTAP_FLOAT_LANES is 0 and the CPU op runs the float rows one at a time.
+// 4 lanes for the baseline (SSE2 on x86-64, NEON on ARM), 8 in a function compiled for AVX2 and
+// 16 in one compiled for AVX-512 (cpu/ap_formula.cpp picks one at run time). Every operation is
+// the IEEE operation of each lane, so rows in lanes give the bits that each row gives alone as a
+// float, provided that no multiply and add are fused: setup.py builds with -ffp-contract=off,
+// since g++ fuses them wherever the target has FMA (AVX-512, and every aarch64) and clang by
+// default wherever it has FMA too. tests/test_native_lanes.py checks those bits with g++ and
+// clang, on x86-64 and on aarch64. Where there are no vector extensions (MSVC),
+// FASTAP_FLOAT_LANES is 0 and the CPU op runs the float rows one at a time.
 #pragma once
 
 #if defined(__GNUC__)
