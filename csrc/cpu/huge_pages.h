@@ -10,10 +10,11 @@
 // their faults were half of a loss call (benchmarks/RESULTS.md).
 //
 // So with FASTAP_CPU_HUGE_PAGES=1 in the environment (read at each call), where that mode is on,
-// each of those outputs (the score gradient, n and p, grad_n and grad_p) of at least
-// kMinHugePageBytes gets a mapping of its own: anonymous, 2 MB-aligned, its length rounded up to
-// whole 2 MB pages, advised MADV_HUGEPAGE, and unmapped when the tensor's storage is freed, so that
-// the advice never lands on memory an allocator hands out again. (torch does the like for all its
+// each of those outputs (the score gradient, n and p, grad_n and grad_p) of at least 32 MiB (16
+// huge pages, where those are larger than 2 MB: min_huge_page_output_bytes) gets a mapping of its
+// own: anonymous, aligned to a huge page, its length rounded up to whole huge pages, advised
+// MADV_HUGEPAGE, and unmapped when the tensor's storage is freed, so that the advice never lands
+// on memory an allocator hands out again. (torch does the like for all its
 // large CPU tensors, on request: THP_MEM_ALLOC_ENABLE=1.)
 // Otherwise, and with "always" (the kernel already backs large mappings with huge pages), "never"
 // or no transparent huge pages (other systems, gVisor), the tensor comes from at::empty.
@@ -36,6 +37,7 @@
 #include <ATen/ops/from_blob.h>
 #include <c10/util/accumulate.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -48,8 +50,28 @@
 
 namespace fastap {
 
-constexpr std::size_t kHugePageBytes = std::size_t(2) << 20;
 constexpr std::size_t kMinHugePageBytes = std::size_t(32) << 20;
+
+// The size of a transparent huge page (read once per process): 2 MB on x86-64 and on aarch64 with
+// 4 KB pages, but 32 MB with 16 KB pages and 512 MB with 64 KB pages (some aarch64 kernels, NVIDIA
+// Grace's among them). 2 MB where the kernel does not say.
+inline std::size_t huge_page_bytes() {
+  static const std::size_t bytes = [] {
+    std::ifstream setting("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
+    unsigned long long size = 0;
+    setting >> size;
+    // (a power of two, or the default)
+    return size > 0 && (size & (size - 1)) == 0 ? static_cast<std::size_t>(size)
+                                                 : std::size_t(2) << 20;
+  }();
+  return bytes;
+}
+
+// The smallest output that gets a mapping of its own: 32 MiB, or 16 huge pages where those are
+// larger than 2 MB, so that rounding up to whole pages adds at most a sixteenth.
+inline std::size_t min_huge_page_output_bytes() {
+  return std::max(kMinHugePageBytes, 16 * huge_page_bytes());
+}
 
 // Whether the kernel's transparent huge pages are in "madvise" mode (read once per process).
 inline bool huge_pages_on_advice() {
@@ -73,16 +95,17 @@ inline at::Tensor empty_on_huge_pages(at::IntArrayRef sizes, at::TensorOptions o
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const std::size_t bytes = static_cast<std::size_t>(c10::multiply_integers(sizes)) *
                             options.dtype().itemsize();
-  if (bytes >= kMinHugePageBytes && huge_pages_requested() && huge_pages_on_advice()) {
-    const std::size_t length = (bytes + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+  if (huge_pages_requested() && huge_pages_on_advice() && bytes >= min_huge_page_output_bytes()) {
+    const std::size_t page = huge_page_bytes();
+    const std::size_t length = (bytes + page - 1) & ~(page - 1);
     // Map one huge page more than needed, keep the aligned `length` bytes inside, unmap the rest.
-    void* mapped = mmap(nullptr, length + kHugePageBytes, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* mapped =
+        mmap(nullptr, length + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mapped != MAP_FAILED) {
       const std::uintptr_t start = reinterpret_cast<std::uintptr_t>(mapped);
-      const std::uintptr_t aligned = (start + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+      const std::uintptr_t aligned = (start + page - 1) & ~(page - 1);
       if (aligned > start) munmap(mapped, aligned - start);
-      const std::uintptr_t tail = start + length + kHugePageBytes - (aligned + length);
+      const std::uintptr_t tail = start + length + page - (aligned + length);
       if (tail > 0) munmap(reinterpret_cast<void*>(aligned + length), tail);
       void* data = reinterpret_cast<void*>(aligned);
       madvise(data, length, MADV_HUGEPAGE);  // best effort: a refusal leaves 4 KB pages
