@@ -4,13 +4,14 @@
 # run by Debian's aarch64 CPython under qemu-aarch64. Not part of .ci/run: emulation makes the
 # tests about 20 times slower (tests/test_native_lanes.py, in every CI run, checks the lanes'
 # arithmetic for aarch64 the same way in seconds). Needs root (apt-get), Debian's package lists
-# and PyPI.
+# and PyPI, and fastap built in this checkout for this machine (README): the results of both
+# must be the same bits. About 10 minutes on 2 cores (2026-12-02).
 #
 #   bash .ci/aarch64_qemu.sh [TEST ...]   # default: the tests of the CPU kernels below
 #
 # Env: TORCH_VERSION (2.9.1: the newest torch whose aarch64 wheel on PyPI is a CPU build; newer
-#      ones need CUDA's aarch64 libraries), WORK (a fresh temporary folder), PYTHON (python3, the
-#      host's: its pip fetches the aarch64 wheels).
+#      ones need CUDA's aarch64 libraries), WORK (a fresh temporary folder), PYTHON (python3: the
+#      environment of this machine's fastap build, whose pip fetches the aarch64 wheels).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 TORCH_VERSION=${TORCH_VERSION:-2.9.1}
@@ -53,6 +54,7 @@ python=("qemu-aarch64" -L "$root" "$root/usr/bin/python3.11")
 # torch's backend, one object per source.
 mkdir -p "$tree/obj"
 git archive HEAD | tar -x -C "$tree"
+checkout=$PWD
 cd "$tree"
 include=$site/torch/include
 flags=(-std=c++20 -O3 -fPIC -Wall -fwrapv -ffp-contract=off -Wno-psabi -fopenmp -DNDEBUG
@@ -67,9 +69,15 @@ done
 for pid in "${pids[@]}"; do wait "$pid"; done
 aarch64-linux-gnu-g++ -shared -fopenmp -o fastap/_C.cpython-311-aarch64-linux-gnu.so obj/*.o \
   "-L$site/torch/lib" -lc10 -ltorch -ltorch_cpu -ltorch_python "-Wl,-rpath,$site/torch/lib"
-
 export PYTHONPATH=$site:$tree HYPOTHESIS_PROFILE=ci
+
 "${python[@]}" -c 'import platform, torch, fastap.ops
 assert fastap.ops._LOAD_ERROR is None, fastap.ops._LOAD_ERROR
 print(platform.machine(), "torch", torch.__version__, fastap.ops._C.__file__)'
+# fastap's results on aarch64 and on this machine, bit for bit (tests/native/ops_digest.py; the
+# line of torch's own arithmetic, `loss`, may differ).
+here=$(cd "$checkout" && PYTHONPATH=$checkout "$PY" tests/native/ops_digest.py | grep '^ops ')
+there=$("${python[@]}" tests/native/ops_digest.py | grep '^ops ')
+echo "x86-64: $here, aarch64: $there"
+[[ $here == "$there" ]] || { echo "error: fastap's results differ on aarch64" >&2; exit 1; }
 "${python[@]}" -m pytest -q -p no:cacheprovider "${tests[@]}"
