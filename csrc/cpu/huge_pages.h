@@ -14,8 +14,8 @@
 // huge pages, where those are larger than 2 MB: min_huge_page_output_bytes) gets a mapping of its
 // own: anonymous, aligned to a huge page, its length rounded up to whole huge pages, advised
 // MADV_HUGEPAGE, and unmapped when the tensor's storage is freed, so that the advice never lands
-// on memory an allocator hands out again. (torch does the like for all its
-// large CPU tensors, on request: THP_MEM_ALLOC_ENABLE=1.)
+// on memory an allocator hands out again. (torch does the like for all its large CPU tensors, on
+// request: THP_MEM_ALLOC_ENABLE=1.)
 // Otherwise, and with "always" (the kernel already backs large mappings with huge pages), "never"
 // or no transparent huge pages (other systems, gVisor), the tensor comes from at::empty.
 // The values computed are the same either way. Such a tensor's storage cannot grow (resize_ to

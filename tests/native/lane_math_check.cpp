@@ -5,7 +5,7 @@
 // checked, how many times the lanes and the scalar disagreed in any bit, or the result disagreed
 // with the exact one on being infinite or NaN (both counts must be 0), and a digest of all the
 // results' bits (FNV-1a), for comparing builds.
-// tests/test_native_lanes.py builds it with each compiler, instruction set and architecture it finds.
+// tests/test_native_lanes.py builds it with each compiler, instruction set and architecture found.
 #include <cinttypes>
 #include <cmath>
 #include <cstdint>

@@ -20,7 +20,8 @@ import fastap
 
 
 def exact_scores(n: int, m: int, seed: int) -> torch.Tensor:
-    """Scores in [-1, 1), multiples of 2^-10 (exact in every floating dtype here)."""
+    """Scores in [-1, 1), multiples of 2^-10: exact in float64, float32 and float16; bfloat16
+    rounds some of them, the same way everywhere."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-1024, 1024, (n, m), generator=g).double() / 1024
 
