@@ -53,8 +53,8 @@ namespace fastap {
 constexpr std::size_t kMinHugePageBytes = std::size_t(32) << 20;
 
 // The size of a transparent huge page (read once per process): 2 MB on x86-64 and on aarch64 with
-// 4 KB pages, but 32 MB with 16 KB pages and 512 MB with 64 KB pages (some aarch64 kernels, NVIDIA
-// Grace's among them). 2 MB where the kernel does not say.
+// 4 KB pages, but 32 MB with 16 KB pages and 512 MB with 64 KB pages (aarch64 kernels built for
+// them, common on ARM servers). 2 MB where the kernel does not say.
 inline std::size_t huge_page_bytes() {
   static const std::size_t bytes = [] {
     std::ifstream setting("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size");
