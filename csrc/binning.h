@@ -20,6 +20,13 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTAP_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined on the host too. The CPU row formula runs in functions compiled for AVX2 and
+// AVX-512 (target attributes, cpu/ap_formula.cpp), whose `flatten` g++ applies to every call
+// down the line but clang (14) only to the calls written in them: built with clang,
+// ap_row_backward stayed out of line, compiled for the baseline, and ran 16 lanes as four SSE2
+// vectors, the exact tie-aware backward 1.8 times as long (benchmarks/RESULTS.md).
+#define FASTAP_HOST_DEVICE __attribute__((always_inline)) inline
 #else
 #define FASTAP_HOST_DEVICE inline
 #endif
