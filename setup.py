@@ -109,9 +109,9 @@ def host_compiler_flags() -> tuple:
     # backward's first pass for float16 scores with an ignore mask only with it (signed overflow
     # defined); it is named here so that the kernels do not depend on how Python was built.
     # -ffp-contract=off: no multiply and add fused into one rounding where the programme has two.
-    # g++ fuses by default wherever the target has FMA (in C++ even in ISO mode), and the CPU row
-    # formula's AVX-512 lanes (csrc/cpu/ap_formula.cpp) have it: fused, they gave other bits than
-    # the 4 and 8 lanes and the single rows.
+    # g++ fuses by default wherever the target has FMA (in C++ even in ISO mode: AVX-512, every
+    # aarch64), and so does clang: fused, the CPU row formula's lanes (csrc/cpu/ap_formula.cpp)
+    # gave other bits than the single rows (tests/test_native_lanes.py builds them every way).
     # -Wno-psabi: g++ notes for each function that passes 32 or 64 bytes of those lanes by value
     # that GCC 4.5 passed them otherwise; none of them crosses a library boundary.
     compile_flags = ["/O2"] if msvc else ["-O3", "-fwrapv", "-ffp-contract=off", "-Wno-psabi"]
