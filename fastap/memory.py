@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastap._validation import SCORE_DTYPES, check_bool, check_int, is_integer_tensor
+from fastap.cosine import unit_rows
 from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch, mean_over_valid
 
 #: The key suffix under which torch's modules save get_extra_state.
@@ -12,6 +13,16 @@ _EXTRA_STATE = "_extra_state"
 
 #: How the messages name the class.
 _OWNER = "fastap.memory.CrossBatchMemory"
+
+
+def rows_in_dtype(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Embeddings ``rows`` [B, D] in ``dtype``, as they are where ``dtype`` holds every value of
+    theirs (the same dtype, or a wider one), else as their directions (unit rows): a finite row
+    may not fit a narrower dtype (beyond float16's range it overflows, a tiny one flushes to
+    zeros), its direction always does, and the losses' cosine scores read nothing else."""
+    if torch.promote_types(rows.dtype, dtype) == dtype or rows.numel() == 0:
+        return rows.to(dtype)
+    return unit_rows(rows).to(dtype)
 
 
 class CrossBatchMemory(torch.nn.Module):
@@ -27,6 +38,9 @@ class CrossBatchMemory(torch.nn.Module):
     Memory: ``size`` x D descriptors (in the dtype and on the device of the first batch) and
     ``size`` int64 labels, allocated on the first call; a batch of B embeddings costs a
     B x (B + size) score matrix. A batch larger than ``size`` keeps only its last ``size`` rows.
+    Entries cross between dtypes by :func:`rows_in_dtype`: a batch of a dtype wider than the
+    memory's (float32 into a float16 memory, say) is stored as its unit rows, and so is the
+    memory read by a narrower batch, so that no finite descriptor turns into infinities or zeros.
     """
 
     def __init__(self, loss: _EmbeddingAPLoss | None = None, size: int = 4096):
@@ -64,6 +78,9 @@ class CrossBatchMemory(torch.nn.Module):
                 current = getattr(self, name)
                 dtype = current.dtype if current.numel() else saved.dtype
                 setattr(self, name, current.new_empty(saved.shape, dtype=dtype))
+                if name == "embeddings" and saved.numel():
+                    # (torch's load_state_dict hands each module its own copy of the dict.)
+                    state_dict[prefix + name] = rows_in_dtype(saved, dtype)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -169,7 +186,8 @@ class CrossBatchMemory(torch.nn.Module):
         self._check_dimension(embeddings)
         embeddings, labels = embeddings[-self.size :], labels[-self.size :]
         slots = torch.arange(self.next, self.next + len(labels), device=labels.device) % self.size
-        self.embeddings[slots.to(self.embeddings.device)] = embeddings.detach().to(self.embeddings)
+        stored = rows_in_dtype(embeddings.detach(), self.embeddings.dtype)
+        self.embeddings[slots.to(self.embeddings.device)] = stored.to(self.embeddings.device)
         self.labels[slots.to(self.labels.device)] = labels.to(self.labels)
         self.next = (self.next + len(labels)) % self.size
         self.filled = min(self.size, self.filled + len(labels))
@@ -185,7 +203,7 @@ class CrossBatchMemory(torch.nn.Module):
         if self.embeddings.numel() > 0:
             self._check_dimension(embeddings)
         stored, stored_labels = self.contents()
-        stored = stored.to(embeddings)
+        stored = rows_in_dtype(stored.to(embeddings.device), embeddings.dtype)
         database = torch.cat([embeddings, stored])
         database_labels = torch.cat([labels, stored_labels.to(labels.device)])
         # The batch comes first in the database: query i's own entry is candidate i.

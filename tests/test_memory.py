@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import fastap
 from fastap import reference
+from fastap.cosine import unit_rows
 from fastap.memory import CrossBatchMemory
 
 
@@ -156,6 +157,49 @@ def test_loading_keeps_the_dtype_of_a_memory_with_entries():
     fresh = CrossBatchMemory(size=10).double()
     fresh.load_state_dict(memory.state_dict())
     assert fresh.embeddings.dtype == torch.float32
+
+
+def test_entries_cross_to_a_narrower_dtype_as_their_directions():
+    """A finite batch wider than the memory's dtype (float32 into float16, float64 into float32,
+    by enqueue, by the read of a narrower batch, or by loading a checkpoint) is stored as its
+    unit rows: scaled by a power of two beyond the narrower dtype's range, or below its normal
+    numbers, it gives the bits of the same batch unscaled, where a plain conversion gave
+    infinities (and every later call an error) or zeros."""
+    g = torch.Generator().manual_seed(5)
+    first = torch.randn(4, 3, generator=g).half()
+    wide = torch.randn(4, 3, generator=g)
+    batch = torch.randn(4, 3, generator=g).half()
+    labels = torch.tensor([0, 0, 1, 1])
+    twin = CrossBatchMemory(size=12)
+    twin(first, labels)
+    twin(wide, labels)
+    for scale in (2.0**17, 2.0**-30):  # beyond float16's largest, below its normal numbers
+        memory = CrossBatchMemory(size=12)
+        memory(first, labels)
+        memory(wide * scale, labels)
+        assert memory.embeddings.dtype == torch.float16
+        stored = memory.contents()[0]
+        assert torch.equal(stored, twin.contents()[0])
+        assert torch.isfinite(stored).all() and (stored[4:].abs().amax(dim=1) > 0.1).all()
+        loss = memory(batch, labels, enqueue=False)
+        assert torch.isfinite(loss) and torch.equal(loss, twin(batch, labels, enqueue=False))
+
+    # A float64 memory read by a float32 batch, and a float64 checkpoint loaded into a float32
+    # memory with entries.
+    past = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    past_labels = torch.randint(0, 3, (6,), generator=g)
+    now, now_labels = torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
+    losses = []
+    for scale in (1.0, 2.0**990):
+        memory = CrossBatchMemory(size=6)
+        memory.enqueue(past * scale, past_labels)
+        losses.append(memory(now, now_labels, enqueue=False))
+        narrow = CrossBatchMemory(size=6)
+        narrow(now, now_labels)
+        narrow.load_state_dict(memory.state_dict())
+        assert narrow.embeddings.dtype == torch.float32
+        assert torch.equal(narrow.contents()[0], unit_rows(past).float())
+    assert torch.isfinite(losses[1]) and torch.equal(losses[0], losses[1])
 
 
 def test_compiled_it_runs_eagerly_and_equals_eager_on_every_step():
