@@ -76,7 +76,27 @@ def integer_value(value) -> int:
     return operator.index(value)
 
 
+def real_value(value) -> float:
+    """float(value) for a real number (an int, a float, a numpy number, a 0-d real tensor, or a
+    symbolic float of torch.compile); TypeError for anything else float() would take (a bool, a
+    string), for the caller to word."""
+    if isinstance(value, (bool, np.bool_, str, bytes, bytearray)):
+        raise TypeError("not a number")
+    if isinstance(value, torch.Tensor) and (
+        value.dim() != 0 or value.dtype == torch.bool or value.is_complex()
+    ):
+        raise TypeError("not a 0-d real tensor")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError("not a number") from None
+
+
 def check_variant(variant, owner: str = "fastap") -> str:
+    if not isinstance(variant, str):
+        raise TypeError(
+            f"{owner}: variant must be a str, one of {VARIANTS}, got {type_name(variant)}"
+        )
     if variant not in VARIANTS:
         raise ValueError(f"{owner}: variant must be one of {VARIANTS}, got {variant!r}")
     return variant
@@ -246,7 +266,13 @@ def check_finite_rows(
 
 
 # (torch.uint64 exists from torch 2.3 on.)
-_UINT64 = getattr(torch, "uint64", None)
+UINT64 = getattr(torch, "uint64", None)
+
+#: uint16, uint32 and uint64 (torch 2.3 on): dtypes that torch holds and converts but, unlike
+#: uint8, has few kernels for (no comparisons, min, max or sorts).
+WIDE_UNSIGNED = tuple(
+    getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)
+)
 
 
 def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, like_name: str):
@@ -271,7 +297,7 @@ def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, li
     # negative labels of signed dtypes (2**64 - 1 onto -1), so they are refused. (A check of the
     # values, for uint64 labels alone: like the other value checks, not under
     # set_value_checks(False) or torch.compile, where they wrap.)
-    if t.dtype == _UINT64 and checks_values_of(t) and bool((labels < 0).any()):
+    if t.dtype == UINT64 and checks_values_of(t) and bool((labels < 0).any()):
         raise ValueError(
             f"fastap: {name} holds uint64 values of 2**63 or more, which int64 labels cannot "
             f"hold; where every label tensor is uint64, pass {name}.view(torch.int64)"
@@ -314,7 +340,7 @@ def check_bins(num_bins, score_range, dtype: torch.dtype | None = None) -> tuple
             f"fastap: score_range must be a pair of numbers (lo, hi), got {score_range!r}"
         )
     try:
-        lo, hi = (float(v) for v in score_range)
+        lo, hi = (real_value(v) for v in score_range)
     except (TypeError, ValueError):
         raise TypeError(
             f"fastap: score_range must be a pair of numbers (lo, hi), got {score_range!r}"

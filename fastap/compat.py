@@ -19,7 +19,13 @@ import re
 
 import torch
 
-from fastap._validation import MAX_NUM_BINS, check_bool, check_query_weights, integer_value
+from fastap._validation import (
+    MAX_NUM_BINS,
+    check_bool,
+    check_query_weights,
+    integer_value,
+    real_value,
+)
 from fastap.functional import average_precision_and_validity, weights_over_largest
 
 # fastap's names of the arguments, and theirs here (in the messages of the checks).
@@ -80,7 +86,7 @@ class APLoss(torch.nn.Module):
                 f"got {nq}"
             )
         try:
-            lo, hi = float(min), float(max)
+            lo, hi = real_value(min), real_value(max)
         except (TypeError, ValueError):
             raise TypeError(
                 f"fastap.compat: min and max must be numbers, got min={min!r}, max={max!r}"

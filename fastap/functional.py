@@ -37,8 +37,14 @@ def ap_from_histograms(
         (ap [N], has_positive [N] bool). A query without positives gets ap = 0 and no gradient.
     """
     ap = ops.ap_from_histograms(n, p, num_positives, variant)  # (which checks the variant)
-    # The op's rule for which rows have a positive (csrc/ap_inputs.cpp); NaN > 0 is False.
-    counts = num_positives.round() if num_positives.is_floating_point() else num_positives
+    # The op's rule for which rows have a positive (csrc/ap_inputs.cpp): floating counts rounded
+    # in float64 (float8 has no round), integer ones as int64 (uint16 to uint64 have no
+    # comparison kernels; uint64 counts of 2**63 or more wrap to negative ones, as in the op).
+    # NaN > 0 is False.
+    if num_positives.is_floating_point():
+        counts = num_positives.to(torch.float64).round()
+    else:
+        counts = num_positives.to(torch.int64)
     return ap, counts > 0
 
 

@@ -69,8 +69,9 @@ def miner_weights(
         anchors = (0,) if len(indices_tuple) == 3 else (0, 2)
         counted = [indices_tuple[i] for i in anchors]
         references = [t for i, t in enumerate(indices_tuple) if i not in anchors]
-        _check_indices(torch.cat([t.to(device) for t in references]), num_references, "ref_emb")
-    indices = torch.cat([t.to(device) for t in counted]).long()
+        reference_indices = torch.cat([as_index(t, device) for t in references])
+        _check_indices(reference_indices, num_references, "ref_emb")
+    indices = torch.cat([as_index(t, device) for t in counted])
     _check_indices(indices, num_queries, "the batch")
     # index_add_ rather than bincount: its output has num_queries entries whatever the values,
     # which torch.compile(fullgraph=True) can trace.
@@ -78,6 +79,13 @@ def miner_weights(
         0, indices, torch.ones(indices.shape, device=device, dtype=dtype)
     )
     return counts / counts.max().clamp_min(1) if num_queries else counts
+
+
+def as_index(t: torch.Tensor, device) -> torch.Tensor:
+    """A miner's index tensor as int64 on ``device`` (torch's min and max, which the checks take,
+    have no kernels for uint16 to uint64; a uint64 index of 2**63 or more wraps to a negative one,
+    which the checks refuse)."""
+    return t.to(device=device, dtype=torch.int64)
 
 
 def _check_indices(indices: torch.Tensor, size: int, rows: str) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fastap._validation import (
+    UINT64,
+    WIDE_UNSIGNED,
     check_bool,
     check_embedding_matrix,
     check_finite_rows,
@@ -694,9 +696,13 @@ def revisited_map(
     if is_ranking:
         if scores.dtype == torch.bool or scores.is_floating_point() or scores.is_complex():
             raise TypeError(f"fastap: {name} must be an integer tensor, got dtype {scores.dtype}")
+        unsigned_64 = scores.dtype == UINT64
+        if scores.dtype in WIDE_UNSIGNED:  # (no comparison or sort kernels in torch: as int64)
+            scores = scores.to(torch.int64)
         if scores.numel() > 0:
             if bool((scores < 0).any()):
-                raise ValueError(f"fastap: {name} holds a negative database index")
+                what = "an index of 2**63 or more" if unsigned_64 else "a negative database index"
+                raise ValueError(f"fastap: {name} holds {what}")
             sorted_ranking = torch.sort(scores, dim=1).values
             if bool((sorted_ranking[:, 1:] == sorted_ranking[:, :-1]).any()):
                 raise ValueError(f"fastap: {name} repeats a database index within a row")

@@ -50,6 +50,17 @@ R = torch.tensor(
         (lambda: fastap.ap_loss(S, R, score_range=1.0), TypeError, "score_range must be a pair"),
         (lambda: fastap.ap_loss(S, R, score_range={0: 1}), TypeError, "score_range must be a pair"),
         (lambda: fastap.ap_loss(S, R, score_range={0, 1}), TypeError, "score_range must be a pair"),
+        (lambda: fastap.ap_loss(S, R, score_range=("0", "1")), TypeError, "pair of numbers"),
+        (lambda: fastap.ap_loss(S, R, score_range=(False, True)), TypeError, "pair of numbers"),
+        (
+            lambda: fastap.ap_loss(S, R, score_range=(torch.tensor([0.0]), 1)),
+            TypeError,
+            "pair of numbers",
+        ),
+        (lambda: fastap.ap_loss(S, R, variant=None), TypeError, "variant must be a str"),
+        (lambda: fastap.ap_loss(S, R, variant=1), TypeError, "variant must be a str"),
+        (lambda: fastap.ap_loss(S, R, variant="ap"), ValueError, "variant must be one of"),
+        (lambda: fastap.compat.APLoss(min="0", max="1"), TypeError, "min and max must be numbers"),
         (lambda: fastap.compat.TAPLoss(simplified="no"), TypeError, "simplified must be a bool"),
         (
             lambda: fastap.ap_loss(S, R, exclude_self=np.bool_(True)),
@@ -291,8 +302,10 @@ def test_python_op_wrappers_check_their_arguments_as_the_front_ends_do(change, e
     with pytest.raises(error, match=match):
         fastap.ops.soft_histogram(**arguments)
     n = torch.rand(4, 5)
-    with pytest.raises(ValueError, match="variant must be one of"):
+    with pytest.raises(TypeError, match="variant must be a str"):
         fastap.ops.ap_from_histograms(n, n, L4, 3)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        fastap.ops.ap_from_histograms(n, n, L4, "AP_Q")
 
 
 def test_direct_op_calls_with_a_meta_tensor_beside_cpu_ones_are_refused():
@@ -587,6 +600,63 @@ def test_numpy_integers_are_ints():
     ):
         with pytest.raises(TypeError, match=f"num_bins must be an int, got {got}"):
             fastap.ap_loss(S, R, num_bins=not_an_int)
+
+
+def test_real_numbers_of_every_kind_are_range_ends():
+    """score_range and the authors' min and max take ints, floats, numpy numbers and 0-d real
+    tensors, with the same results (strings and bools, which float() would take, are refused
+    above)."""
+    expected = fastap.ap_loss(S, R, score_range=(-1.0, 1.0))
+    for lo, hi in ((-1, 1), (np.float32(-1), np.int64(1)), (torch.tensor(-1.0), torch.tensor(1))):
+        assert torch.equal(fastap.ap_loss(S, R, score_range=(lo, hi)), expected)
+        assert fastap.compat.APLoss(min=lo, max=hi)(S, R).isfinite()
+
+
+def test_wide_unsigned_indices_rankings_and_counts_are_taken_by_value():
+    """uint16, uint32 and uint64 tensors, which torch holds but has no comparison, min or max
+    kernels for, give a miner's indices (with ref_emb too), a ranking to revisited_map and the
+    counts of ap_from_histograms the answers of their int64 values; uint64 values of 2**63 and
+    more are refused as out of range."""
+    from fastap.functional import ap_from_histograms
+
+    g = torch.Generator().manual_seed(3)
+    embeddings, labels = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+    ref_emb, ref_labels = torch.randn(7, 3, generator=g), torch.randint(0, 3, (7,), generator=g)
+    pairs = [torch.tensor(v) for v in ((0, 1, 2), (1, 0, 3), (4, 5, 6))]
+    scores = torch.rand(2, 5, generator=g)
+    ranking = torch.argsort(scores, dim=1, descending=True)
+    gnd = [{"easy": [0, 1], "hard": [2], "junk": []}, {"easy": [3], "hard": [], "junk": [4]}]
+    n = torch.tensor([[1.0, 1.0], [0.5, 2.0], [1.0, 0.0]])
+    p = torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 0.0]])
+    counts = torch.tensor([1, 2, 0])
+    loss = fastap.APLoss()
+    expected = (
+        loss(embeddings, labels, tuple(pairs), ref_emb=ref_emb, ref_labels=ref_labels),
+        loss(embeddings, labels, tuple(pairs)),
+        fastap.metrics.revisited_map(ranking, gnd, is_ranking=True),
+        ap_from_histograms(n, p, counts, "ap_q"),
+    )
+    dtypes = [getattr(torch, name) for name in ("uint16", "uint32", "uint64", "float8_e4m3fn")]
+    for dtype in dtypes:
+        if not dtype.is_floating_point:
+            wide = tuple(t.to(dtype) for t in pairs)
+            got = loss(embeddings, labels, wide, ref_emb=ref_emb, ref_labels=ref_labels)
+            assert torch.equal(got, expected[0])
+            assert torch.equal(loss(embeddings, labels, wide), expected[1])
+            got_map = fastap.metrics.revisited_map(ranking.to(dtype), gnd, is_ranking=True)
+            assert got_map == expected[2]
+        for got, want in zip(ap_from_histograms(n, p, counts.to(dtype), "ap_q"), expected[3]):
+            assert torch.equal(got, want)
+    huge = torch.tensor([2**63], dtype=torch.uint64)
+    with pytest.raises(ValueError, match="outside"):
+        loss(embeddings, labels, (pairs[0][:1], huge, pairs[2][:1]), ref_emb, ref_labels)
+    with pytest.raises(ValueError, match="2\\*\\*63"):
+        fastap.metrics.revisited_map(
+            torch.tensor([[2**63, 1]], dtype=torch.uint64), gnd[:1], is_ranking=True
+        )
+    # (2**63 as a count wraps to a negative one, in the op and in the flags alike.)
+    ap, valid = ap_from_histograms(n[:1], p[:1], huge, "ap_q")
+    assert ap.item() == 0 and not valid.item()
 
 
 def test_uint64_labels_beyond_int64_are_refused():
