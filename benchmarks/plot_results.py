@@ -7,8 +7,8 @@ python benchmarks/plot_results.py benchmarks/results/cpu_q20_fp32.json docs/imag
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 import matplotlib
 
@@ -113,4 +113,8 @@ def main(path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", help="a benchmark's JSON results")
+    parser.add_argument("png", help="where to write the plot")
+    args = parser.parse_args()
+    main(args.json, args.png)

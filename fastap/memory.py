@@ -123,6 +123,12 @@ class CrossBatchMemory(torch.nn.Module):
                 "the checkpoint's CrossBatchMemory labels must be 1-D integer, got "
                 f"{labels.dtype} of shape {list(labels.shape)}"
             )
+        if self.embeddings.numel() and embeddings.shape[1] != self.embeddings.shape[1]:
+            return (
+                f"the checkpoint's CrossBatchMemory holds embeddings of dimension "
+                f"{embeddings.shape[1]}, this memory's entries have dimension "
+                f"{self.embeddings.shape[1]}"
+            )
         rows = embeddings.shape[0]
         if labels.shape[0] != rows:
             return (

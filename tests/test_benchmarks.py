@@ -39,6 +39,16 @@ def table_rows(output: str) -> list[list[str]]:
     ][1:]
 
 
+@pytest.mark.parametrize(
+    "script",
+    sorted(p.name for p in BENCHMARKS.glob("*.py") if "__main__" in p.read_text()),
+)
+def test_every_script_explains_its_arguments(script):
+    """--help prints a usage and runs nothing (plot_results.py once failed on it with a
+    TypeError from its positional arguments)."""
+    assert run(script, "--help").startswith("usage:")
+
+
 def plot(path: Path, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     image = tmp_path / "plot.png"

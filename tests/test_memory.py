@@ -128,21 +128,33 @@ def test_malformed_states_are_refused_and_leave_the_memory_as_it_was():
         ({"labels": None}, "lacks its labels"),
     ):
         other = CrossBatchMemory(size=10)
-        other(torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g))
+        other(torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
         before = [t.clone() for t in other.contents()]
         state = {k: v for k, v in {**good, **change}.items() if v is not None}
         with pytest.raises(RuntimeError, match=message):
             other.load_state_dict(state, strict=False)
         # (this memory's own entries, dimension and counters, untouched)
-        assert (other.filled, other.next, other.embeddings.shape) == (4, 4, (10, 5))
+        assert (other.filled, other.next, other.embeddings.shape) == (4, 4, (10, 8))
         assert all(torch.equal(a, b) for a, b in zip(other.contents(), before))
-        other(torch.randn(2, 5, generator=g), torch.randint(0, 3, (2,), generator=g))
+        other(torch.randn(2, 8, generator=g), torch.randint(0, 3, (2,), generator=g))
     # Unfilled slots hold whatever was there: only the filled entries need be finite.
     partial = CrossBatchMemory(size=10)
     partial(torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
     state = partial.state_dict()
     state["embeddings"][6] = float("nan")
     CrossBatchMemory(size=10).load_state_dict(state)
+
+
+def test_a_memory_with_entries_refuses_a_checkpoint_of_another_dimension():
+    state = used_memory(1, dim=4, seed=2).state_dict()
+    memory = used_memory(1, dim=5, seed=3)
+    before = [t.clone() for t in memory.contents()]
+    with pytest.raises(RuntimeError, match="dimension 4, this memory's entries have dimension 5"):
+        memory.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(memory.contents(), before))
+    fresh = CrossBatchMemory(size=10)  # one without entries takes the checkpoint's dimension
+    fresh.load_state_dict(state)
+    assert fresh.embeddings.shape == (10, 4)
 
 
 def test_loading_keeps_the_dtype_of_a_memory_with_entries():
