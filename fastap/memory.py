@@ -15,16 +15,6 @@ _EXTRA_STATE = "_extra_state"
 _OWNER = "fastap.memory.CrossBatchMemory"
 
 
-def rows_in_dtype(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Embeddings ``rows`` [B, D] in ``dtype``, as they are where ``dtype`` holds every value of
-    theirs (the same dtype, or a wider one), else as their directions (unit rows): a finite row
-    may not fit a narrower dtype (beyond float16's range it overflows, a tiny one flushes to
-    zeros), its direction always does, and the losses' cosine scores read nothing else."""
-    if torch.promote_types(rows.dtype, dtype) == dtype or rows.numel() == 0:
-        return rows.to(dtype)
-    return unit_rows(rows).to(dtype)
-
-
 class CrossBatchMemory(torch.nn.Module):
     """A first-in first-out memory of the last ``size`` descriptors and labels, used as extra
     database entries (Wang et al., "Cross-Batch Memory for Embedding Learning", CVPR 2020).
@@ -32,15 +22,17 @@ class CrossBatchMemory(torch.nn.Module):
     ``loss = CrossBatchMemory(fastap.APLoss(), size=4096)(embeddings, labels)`` ranks each
     embedding of the batch against the batch itself (its own entry excluded) and the memory, with
     the given fastap embedding loss (its bins, range and variant), then enqueues the batch.
-    Gradients flow into the current batch only: the memory holds detached copies, which is what
-    makes it cheap (and what makes old entries slightly stale as the model moves).
+    Gradients flow into the current batch only: the memory holds detached copies (of the unit
+    rows), which is what makes it cheap (and what makes old entries slightly stale as the model
+    moves).
 
     Memory: ``size`` x D descriptors (in the dtype and on the device of the first batch) and
     ``size`` int64 labels, allocated on the first call; a batch of B embeddings costs a
     B x (B + size) score matrix. A batch larger than ``size`` keeps only its last ``size`` rows.
-    Entries cross between dtypes by :func:`rows_in_dtype`: a batch of a dtype wider than the
-    memory's (float32 into a float16 memory, say) is stored as its unit rows, and so is the
-    memory read by a narrower batch, so that no finite descriptor turns into infinities or zeros.
+    The memory holds the batches' directions, their unit rows (all that the losses' cosine
+    scores read), so that they keep their meaning in every float dtype: a finite descriptor does
+    not turn into infinities or zeros in a float16 memory, or a memory cast by ``.half()``. A
+    meta batch gets a meta loss against the entries and is not enqueued.
     """
 
     def __init__(self, loss: _EmbeddingAPLoss | None = None, size: int = 4096):
@@ -77,10 +69,16 @@ class CrossBatchMemory(torch.nn.Module):
                 # load), else in the checkpoint's, as its first batch would have set it.
                 current = getattr(self, name)
                 dtype = current.dtype if current.numel() else saved.dtype
+                if name == "labels":
+                    dtype = torch.int64  # (whatever integer dtype the checkpoint's are in)
                 setattr(self, name, current.new_empty(saved.shape, dtype=dtype))
-                if name == "embeddings" and saved.numel():
-                    # (torch's load_state_dict hands each module its own copy of the dict.)
-                    state_dict[prefix + name] = rows_in_dtype(saved, dtype)
+                narrowing = torch.promote_types(saved.dtype, dtype) != dtype
+                if name == "embeddings" and narrowing and saved.numel():
+                    # Into a dtype that does not hold the checkpoint's, as directions (a
+                    # checkpoint's entries may be raw ones, of another version or program);
+                    # otherwise as they are, so that a round trip keeps their bits. (torch's
+                    # load_state_dict hands each module its own copy of the dict.)
+                    state_dict[prefix + name] = unit_rows(saved).to(dtype)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -148,6 +146,8 @@ class CrossBatchMemory(torch.nn.Module):
                 f"the checkpoint's CrossBatchMemory state filled={filled}, next={next_entry} does "
                 f"not fit its {rows} stored entries"
             )
+        if filled and "meta" in (embeddings.device.type, labels.device.type):
+            return "the checkpoint's CrossBatchMemory entries are on the meta device: no values"
         if not bool(torch.isfinite(embeddings[:filled]).all()):
             return "the checkpoint's CrossBatchMemory embeddings contain NaN or infinity"
         return None
@@ -179,6 +179,15 @@ class CrossBatchMemory(torch.nn.Module):
                 f"({self.embeddings.shape[1]}), got shape {list(embeddings.shape)}"
             )
 
+    def _check_entries_hold_values(self, embeddings: torch.Tensor) -> None:
+        """Entries moved to the meta device (by .to) hold no values for a batch that has them."""
+        if self.filled and self.embeddings.device.type == "meta":
+            if embeddings.device.type != "meta":
+                raise ValueError(
+                    f"{_OWNER}: the memory's entries are on the meta device, which holds no "
+                    "values: reset() it, or load a checkpoint"
+                )
+
     # (Eager under torch.compile: the ring's position, a Python int that every call moves, would
     # make each call a new graph, and the compile fail at its recompile limit.)
     @torch.compiler.disable
@@ -186,14 +195,21 @@ class CrossBatchMemory(torch.nn.Module):
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Add detached copies of a batch, dropping the oldest entries beyond ``size``."""
         labels = check_batch(embeddings, labels, f"{_OWNER}.enqueue")
-        if self.embeddings.numel() == 0:
+        memory_on_meta = self.embeddings.device.type == "meta"
+        if embeddings.device.type == "meta" and not memory_on_meta:
+            raise ValueError(
+                f"{_OWNER}.enqueue: embeddings are on the meta device, which holds no values to "
+                "remember"
+            )
+        self._check_entries_hold_values(embeddings)
+        if self.embeddings.numel() == 0 or (memory_on_meta and self.filled == 0):
             self.embeddings = embeddings.new_empty(self.size, embeddings.shape[1])
             self.labels = labels.new_empty(self.size, dtype=torch.long)
         self._check_dimension(embeddings)
         embeddings, labels = embeddings[-self.size :], labels[-self.size :]
         slots = torch.arange(self.next, self.next + len(labels), device=labels.device) % self.size
-        stored = rows_in_dtype(embeddings.detach(), self.embeddings.dtype)
-        self.embeddings[slots.to(self.embeddings.device)] = stored.to(self.embeddings.device)
+        stored = unit_rows(embeddings.detach()).to(self.embeddings)
+        self.embeddings[slots.to(self.embeddings.device)] = stored
         self.labels[slots.to(self.labels.device)] = labels.to(self.labels)
         self.next = (self.next + len(labels)) % self.size
         self.filled = min(self.size, self.filled + len(labels))
@@ -208,14 +224,16 @@ class CrossBatchMemory(torch.nn.Module):
         check_bool(enqueue, "enqueue", _OWNER)
         if self.embeddings.numel() > 0:
             self._check_dimension(embeddings)
-        stored, stored_labels = self.contents()
-        stored = rows_in_dtype(stored.to(embeddings.device), embeddings.dtype)
+        self._check_entries_hold_values(embeddings)
+        stored, stored_labels = self.contents() if self.filled else (embeddings[:0], labels[:0])
+        stored = stored.to(embeddings)
         database = torch.cat([embeddings, stored])
         database_labels = torch.cat([labels, stored_labels.to(labels.device)])
         # The batch comes first in the database: query i's own entry is candidate i.
         per_query, valid = self.loss.per_query_loss(
             embeddings, database, labels, database_labels, exclude_self=True, self_offset=0
         )
-        if enqueue:
+        # (A meta batch, which holds no values, is evaluated, for its shapes, but not enqueued.)
+        if enqueue and (embeddings.device.type != "meta" or self.embeddings.device.type == "meta"):
             self.enqueue(embeddings, labels)
         return mean_over_valid(per_query, valid)

@@ -13,12 +13,14 @@ from fastap.memory import CrossBatchMemory
 def test_fifo_and_bound():
     memory = CrossBatchMemory(size=5)
     for start in (0, 3, 6):
-        memory.enqueue(
-            torch.arange(start, start + 3.0)[:, None].repeat(1, 2), torch.arange(3) + start
-        )
+        rows = torch.arange(start, start + 3.0)[:, None]
+        memory.enqueue(torch.cat([rows, rows + 1], dim=1), torch.arange(3) + start)
     embeddings, labels = memory.contents()
     assert labels.tolist() == [4, 5, 6, 7, 8]  # the oldest four (0..3) were dropped
-    assert embeddings[:, 0].tolist() == [4.0, 5.0, 6.0, 7.0, 8.0]
+    # (as directions: the rows (k, k + 1) scaled to unit length)
+    ratios = embeddings[:, 1] / embeddings[:, 0]
+    torch.testing.assert_close(ratios, torch.arange(5.0, 10.0) / torch.arange(4.0, 9.0))
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(5))
     memory.enqueue(torch.zeros(7, 2), torch.arange(100, 107))  # larger than the memory
     assert memory.contents()[1].tolist() == [102, 103, 104, 105, 106]
     with pytest.raises(ValueError, match="dimension"):
@@ -171,33 +173,39 @@ def test_loading_keeps_the_dtype_of_a_memory_with_entries():
     assert fresh.embeddings.dtype == torch.float32
 
 
-def test_entries_cross_to_a_narrower_dtype_as_their_directions():
-    """A finite batch wider than the memory's dtype (float32 into float16, float64 into float32,
-    by enqueue, by the read of a narrower batch, or by loading a checkpoint) is stored as its
-    unit rows: scaled by a power of two beyond the narrower dtype's range, or below its normal
-    numbers, it gives the bits of the same batch unscaled, where a plain conversion gave
-    infinities (and every later call an error) or zeros."""
+def test_entries_are_directions_in_every_dtype():
+    """The memory holds unit rows: a finite batch scaled by a power of two beyond float16's range,
+    or below its normal numbers, gives the bits of the same batch unscaled, in a float16 memory,
+    in a float32 one cast by .half(), in a float64 one read by a float32 batch, and loaded from a
+    float64 checkpoint into a float32 memory; where raw entries turned into infinities (and every
+    later call into an error blaming the batch) or zeros."""
     g = torch.Generator().manual_seed(5)
     first = torch.randn(4, 3, generator=g).half()
     wide = torch.randn(4, 3, generator=g)
     batch = torch.randn(4, 3, generator=g).half()
     labels = torch.tensor([0, 0, 1, 1])
-    twin = CrossBatchMemory(size=12)
-    twin(first, labels)
-    twin(wide, labels)
-    for scale in (2.0**17, 2.0**-30):  # beyond float16's largest, below its normal numbers
-        memory = CrossBatchMemory(size=12)
-        memory(first, labels)
-        memory(wide * scale, labels)
-        assert memory.embeddings.dtype == torch.float16
-        stored = memory.contents()[0]
-        assert torch.equal(stored, twin.contents()[0])
-        assert torch.isfinite(stored).all() and (stored[4:].abs().amax(dim=1) > 0.1).all()
-        loss = memory(batch, labels, enqueue=False)
-        assert torch.isfinite(loss) and torch.equal(loss, twin(batch, labels, enqueue=False))
 
-    # A float64 memory read by a float32 batch, and a float64 checkpoint loaded into a float32
-    # memory with entries.
+    def filled(scale: float, cast_to_half: bool) -> CrossBatchMemory:
+        memory = CrossBatchMemory(size=12)
+        if cast_to_half:
+            memory(wide * scale, labels)
+            memory.half()
+        else:
+            memory(first, labels)
+            memory(wide * scale, labels)
+        assert memory.embeddings.dtype == torch.float16
+        return memory
+
+    for cast_to_half in (False, True):
+        twin = filled(1.0, cast_to_half)
+        for scale in (2.0**17, 2.0**-30):
+            memory = filled(scale, cast_to_half)
+            stored = memory.contents()[0]
+            assert torch.equal(stored, twin.contents()[0])
+            assert torch.isfinite(stored).all() and (stored.abs().amax(dim=1) > 0.1).all()
+            loss = memory(batch, labels, enqueue=False)
+            assert torch.isfinite(loss) and torch.equal(loss, twin(batch, labels, enqueue=False))
+
     past = torch.randn(6, 5, generator=g, dtype=torch.float64)
     past_labels = torch.randint(0, 3, (6,), generator=g)
     now, now_labels = torch.randn(4, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
@@ -210,8 +218,52 @@ def test_entries_cross_to_a_narrower_dtype_as_their_directions():
         narrow(now, now_labels)
         narrow.load_state_dict(memory.state_dict())
         assert narrow.embeddings.dtype == torch.float32
-        assert torch.equal(narrow.contents()[0], unit_rows(past).float())
+        torch.testing.assert_close(narrow.contents()[0], unit_rows(past).float(), rtol=0, atol=0)
     assert torch.isfinite(losses[1]) and torch.equal(losses[0], losses[1])
+
+    # A checkpoint of raw entries (beyond float16's range) and int32 labels, loaded into a float16
+    # memory: its directions, and int64 labels that later labels beyond int32 do not wrap.
+    state = {
+        "embeddings": past.float() * 1e5,
+        "labels": past_labels.int(),
+        "_extra_state": {"filled": 6, "next": 0},
+    }
+    memory = CrossBatchMemory(size=6)
+    memory(now.half(), now_labels)
+    memory.load_state_dict(state)
+    torch.testing.assert_close(memory.contents()[0], unit_rows(past).half(), rtol=0, atol=1e-3)
+    assert memory.labels.dtype == torch.int64
+    memory.enqueue(now[:2], torch.tensor([2**32 + 1, 2**32 + 1]))
+    assert memory.contents()[1].tolist()[-2:] == [2**32 + 1, 2**32 + 1]
+
+
+def test_meta_batches_are_evaluated_and_not_remembered():
+    """A meta batch gets a meta loss against the entries and leaves the memory as it was; one
+    given to enqueue, and a real batch meeting entries moved to meta, raise; a meta checkpoint
+    is refused."""
+    g = torch.Generator().manual_seed(6)
+    memory = CrossBatchMemory(size=8)
+    batch, labels = torch.randn(4, 3, generator=g), torch.tensor([0, 0, 1, 1])
+    for _ in range(2):  # empty, then with entries
+        loss = memory(batch.to("meta"), labels.to("meta"))
+        assert loss.device.type == "meta" and loss.shape == ()
+        assert memory.embeddings.device.type == "cpu"
+        memory(batch, labels)
+    assert memory.filled == 8
+    with pytest.raises(ValueError, match="meta device, which holds no values to remember"):
+        memory.enqueue(batch.to("meta"), labels.to("meta"))
+    state = memory.state_dict()
+    memory.to("meta")
+    with pytest.raises(ValueError, match="entries are on the meta device"):
+        memory(batch, labels)
+    with pytest.raises(RuntimeError, match="on the meta device: no values"):
+        CrossBatchMemory(size=8).load_state_dict(memory.state_dict())
+    memory.reset()
+    memory(batch, labels)  # a reset memory on meta starts again where the batch is
+    assert memory.embeddings.device.type == "cpu" and memory.filled == 4
+    restored = CrossBatchMemory(size=8)
+    restored.load_state_dict(state)
+    assert restored.filled == 8
 
 
 def test_compiled_it_runs_eagerly_and_equals_eager_on_every_step():
