@@ -11,12 +11,12 @@ Memory: the model's activations for one chunk, plus the descriptors of the whole
 from __future__ import annotations
 
 import contextlib
-import types
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 
-from fastap._validation import check_bool, check_int
+from fastap._validation import check_bool, check_int, type_name
 
 _BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
 
@@ -101,14 +101,32 @@ def multistage_backward(
     were). The usual remedy for retrieval fine-tuning is to freeze BatchNorm:
     :func:`freeze_batchnorm`.
 
+    Where the model or ``loss_fn`` raises, the exception propagates: the BatchNorm statistics are
+    then as they were before the call if it was in stages 1 or 2, while in stage 3 the
+    parameters' ``.grad`` holds the gradients of the chunks done (zero them before a retry).
+
     Dropout and other random layers draw their masks per chunk: with ``preserve_rng_state`` the
     gradients are exactly those of one backward through the same chunks. Under
     DistributedDataParallel the gradient all-reduce runs once, with the last chunk (the others
     run under ``no_sync()``), so processes with different numbers of chunks do not wait on each
     other.
     """
+    owner = "fastap.train.multistage_backward"
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type_name(model)}")
+    if not callable(loss_fn):
+        raise TypeError(f"{owner}: loss_fn must be callable, got {type_name(loss_fn)}")
     chunk_size = check_int(chunk_size, "chunk_size", 1)
-    check_bool(preserve_rng_state, "preserve_rng_state", "fastap.train.multistage_backward")
+    if autocast_dtype is not None and autocast_dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"{owner}: autocast_dtype must be torch.float16, torch.bfloat16 or None, got "
+            f"{autocast_dtype!r}"
+        )
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"{owner}: scaler must be a torch.amp.GradScaler or None, got {type_name(scaler)}"
+        )
+    check_bool(preserve_rng_state, "preserve_rng_state", owner)
     if not torch.is_grad_enabled():
         raise RuntimeError(
             "fastap.train.multistage_backward: gradients are disabled here (torch.no_grad or "
@@ -134,18 +152,20 @@ def multistage_backward(
         )
     }
     states, outputs = [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            if preserve_rng_state:
-                states.append(
-                    (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
-                )
-            with autocast():
-                outputs.append(model(*chunk))
-    buffers = dict(model.named_buffers())
-    with torch.no_grad():
-        for name, value in saved_buffers.items():
-            buffers[name].copy_(value)
+    try:
+        with torch.no_grad():
+            for chunk in chunks:
+                if preserve_rng_state:
+                    states.append(
+                        (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+                    )
+                with autocast():
+                    outputs.append(_descriptors(model(*chunk), owner))
+    finally:  # (also where the model raised part-way)
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, value in saved_buffers.items():
+                buffers[name].copy_(value)
 
     # Stage 2: the loss and its gradient with respect to every descriptor.
     descriptors = torch.cat(outputs)
@@ -184,6 +204,21 @@ def multistage_backward(
     return loss.detach()
 
 
+def _descriptors(output, owner: str) -> torch.Tensor:
+    """The model's output for a chunk, checked: a floating-point tensor, batch first."""
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(
+            f"{owner}: the model must return a tensor of descriptors [chunk, D], got "
+            f"{type_name(output)}"
+        )
+    if not output.is_floating_point() or output.dim() == 0:
+        raise TypeError(
+            f"{owner}: the model must return floating-point descriptors [chunk, D], got "
+            f"{output.dtype} of shape {list(output.shape)}"
+        )
+    return output
+
+
 def _stay_in_eval(module: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
     """A frozen BatchNorm's ``train()``: it stays in eval mode."""
     module.training = False
@@ -197,7 +232,10 @@ def freeze_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, _BATCHNORM):
             module.eval()
-            module.train = types.MethodType(_stay_in_eval, module)  # type: ignore[method-assign]
+            # A partial of a module-level function, not a bound method: pickle (torch.save of the
+            # whole model) stores it by name, where a bound method was looked up, and not found,
+            # on the module when it was loaded.
+            module.train = functools.partial(_stay_in_eval, module)  # type: ignore[method-assign, assignment]
             for parameter in module.parameters(recurse=False):
                 parameter.requires_grad_(False)
     return model

@@ -1,6 +1,9 @@
 """Multi-stage backpropagation: the gradients of a plain backward, chunk by chunk."""
 
 import contextlib
+import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -122,14 +125,21 @@ def test_loss_that_ignores_the_descriptors_gives_zero_gradients():
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
-def test_freeze_batchnorm_survives_train():
-    model = freeze_batchnorm(small_cnn())
-    model.train()
-    assert model.training and not model[1].training and not model[0].weight.grad
-    assert not model[1].weight.requires_grad and model[0].weight.requires_grad
-    before = model[1].running_mean.clone()
-    model(batch(4)[0])
-    assert torch.equal(model[1].running_mean, before)
+def test_freeze_batchnorm_survives_train_and_a_round_trip_through_pickle():
+    """model.train() leaves the frozen layers in eval mode, also in a copy of the model saved
+    whole with torch.save (a bound method put there once could not be loaded back) or copied."""
+    frozen = freeze_batchnorm(small_cnn())
+    saved = io.BytesIO()
+    torch.save(frozen, saved)
+    saved.seek(0)
+    copies = [torch.load(saved, weights_only=False), pickle.loads(pickle.dumps(frozen))]
+    for model in [frozen, *copies, copy.deepcopy(frozen)]:
+        model.train()
+        assert model.training and not model[1].training and not model[0].weight.grad
+        assert not model[1].weight.requires_grad and model[0].weight.requires_grad
+        before = model[1].running_mean.clone()
+        model(batch(4)[0])
+        assert torch.equal(model[1].running_mean, before)
 
 
 def test_bad_arguments():
@@ -156,6 +166,47 @@ def test_bad_arguments():
     frozen = small_cnn().requires_grad_(False)
     with pytest.raises(ValueError, match=r"output does not require grad .*parameters frozen"):
         multistage_backward(frozen, images, lambda d: d.sum(), chunk_size=2)
+    for change, error, match in (
+        (dict(model=lambda x: x), TypeError, "model must be a torch.nn.Module, got function"),
+        (dict(loss_fn=None), TypeError, "loss_fn must be callable, got None"),
+        (dict(scaler=3), TypeError, "scaler must be a torch.amp.GradScaler or None, got int"),
+        (dict(autocast_dtype=torch.int32), ValueError, "autocast_dtype must be torch.float16"),
+        (dict(autocast_dtype=torch.float32), ValueError, "autocast_dtype must be torch.float16"),
+        (dict(model=Pair()), TypeError, "must return a tensor .* got tuple"),
+        (dict(model=Integers()), TypeError, "floating-point descriptors .* got torch.int64"),
+    ):
+        arguments = dict(model=model, inputs=images, loss_fn=lambda d: d.sum(), chunk_size=2)
+        with pytest.raises(error, match=match):
+            multistage_backward(**{**arguments, **change})
+
+
+class Pair(torch.nn.Module):  # (as an LSTM returns its output and state)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.flatten(1), x.flatten(1)
+
+
+class Integers(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).long()
+
+
+def test_a_model_that_raises_leaves_the_batchnorm_statistics_as_they_were():
+    class FailsOnThirdCall(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.calls = small_cnn(), 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("boom")
+            return self.net(x)
+
+    model = FailsOnThirdCall().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="boom"):  # in stage 1, after two chunks
+        multistage_backward(model, batch(6)[0], lambda d: d.sum(), chunk_size=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_a_constant_loss_gives_zero_gradients():
