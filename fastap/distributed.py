@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastap._validation import SCORE_DTYPES, type_name
 from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch
 
 
@@ -46,8 +47,19 @@ def gather_embeddings(
         (all_embeddings [sum B_r, D], all_labels [sum B_r], offset): ``offset`` is where this
         process's rows start in the gathered tensors (the labels as int64).
     """
-    labels = check_batch(embeddings, labels, "fastap.distributed.gather_embeddings")
-    return _gather_checked(embeddings, labels, group, "fastap.distributed.gather_embeddings")
+    owner = "fastap.distributed.gather_embeddings"
+    labels = check_batch(embeddings, labels, owner)
+    return _gather_checked(embeddings, labels, _check_group(group, owner), owner)
+
+
+def _check_group(group, owner: str):
+    """A process group argument: None (the default group) or a torch.distributed ProcessGroup."""
+    if group is not None and not isinstance(group, getattr(dist, "ProcessGroup", ())):
+        raise TypeError(
+            f"{owner}: group must be a torch.distributed process group or None (the default "
+            f"group), got {type_name(group)}"
+        )
+    return group
 
 
 # The collectives run eagerly under torch.compile (a graph break): traced, the size exchange (a
@@ -67,10 +79,25 @@ def _gather_checked(
         raise RuntimeError("fastap: torch.distributed is not initialised (init_process_group)")
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    size = torch.tensor([embeddings.shape[0]], device=embeddings.device)
-    gathered_sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(gathered_sizes, size, group=group)
-    sizes = [int(s) for s in gathered_sizes]
+    # Each process's rows, dimension and dtype: the collectives below need the same dimension and
+    # dtype everywhere (gloo aborts the process otherwise), and every process raises alike.
+    shape = torch.tensor(
+        [embeddings.shape[0], embeddings.shape[1], SCORE_DTYPES.index(embeddings.dtype)],
+        device=embeddings.device,
+    )
+    gathered_shapes = [torch.zeros_like(shape) for _ in range(world)]
+    dist.all_gather(gathered_shapes, shape, group=group)
+    shapes = [tuple(int(v) for v in s) for s in gathered_shapes]
+    if any(s[1:] != shapes[rank][1:] for s in shapes):
+        described = ", ".join(
+            f"rank {r}: {SCORE_DTYPES[code]} of dimension {dim}"
+            for r, (_, dim, code) in enumerate(shapes)
+        )
+        raise ValueError(
+            f"{owner}: the processes' embeddings differ in dimension or dtype ({described}); "
+            "every process must give the same"
+        )
+    sizes = [s[0] for s in shapes]
     largest = max(sizes)
     pad = largest - embeddings.shape[0]
     # Collectives need equal shapes: pad to the largest batch, then drop the padding.
@@ -113,7 +140,7 @@ class DistributedAPLoss(torch.nn.Module):
         self.loss = APLoss() if loss is None else loss
         if not isinstance(self.loss, _EmbeddingAPLoss):
             raise TypeError("fastap: loss must be a fastap embedding loss (APLoss, FastAPLoss)")
-        self.group = group
+        self.group = _check_group(group, "fastap.distributed.DistributedAPLoss")
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # (A bad batch raises here on its own process; the others then wait in the collective,

@@ -77,8 +77,19 @@ def run_and_save(rank, out_dir):
         lambda d: loss_fn(d, labels[mine]) * dist.get_world_size(),
         chunk_size=4,
     )
+    # Embeddings of another dimension, or dtype, on one process: every process raises the same
+    # error (gloo aborted the process when the gathers met tensors of other shapes).
+    refusals = []
+    for other in ("dimension", "dtype"):
+        dim = 4 if rank == 1 and other == "dimension" else 5
+        dtype = torch.float32 if rank == 1 and other == "dtype" else torch.float64
+        try:
+            DistributedAPLoss()(torch.randn(3, dim, dtype=dtype), torch.arange(3))
+        except ValueError as error:
+            refusals.append(str(error))
     torch.save(
         {
+            "refusals": refusals,
             "staged_grads": [p.grad for p in staged.parameters()],
             "share": share.detach(),
             "grad": local.grad,
@@ -100,6 +111,13 @@ def test_two_processes_equal_the_global_batch(tmp_path):
                 process.kill()
             pytest.fail("the two processes did not finish within 180 s (a collective hung)")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for r in results:
+        assert r["refusals"] == [
+            "fastap.distributed.DistributedAPLoss: the processes' embeddings differ in dimension "
+            f"or dtype (rank 0: torch.float64 of dimension 5, rank 1: {second}); every process "
+            "must give the same"
+            for second in ("torch.float64 of dimension 4", "torch.float32 of dimension 5")
+        ]
 
     embeddings, labels = global_batch()
     embeddings.requires_grad_()

@@ -484,6 +484,11 @@ def test_helpers_check_their_batches():
     ):
         with pytest.raises(ValueError, match=f"^fastap.{owner}: embeddings are on the meta dev"):
             call(e.to("meta"), labels.to("meta"))
+    for group in (3, "default"):
+        with pytest.raises(TypeError, match=r"DistributedAPLoss: group must be a torch\.distrib"):
+            fastap.distributed.DistributedAPLoss(group=group)
+        with pytest.raises(TypeError, match=r"gather_embeddings: group must be a torch\.distrib"):
+            fastap.distributed.gather_embeddings(e, labels, group)
 
 
 def test_multistage_backward_of_an_empty_sequence():
