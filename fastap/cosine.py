@@ -32,6 +32,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from fastap._validation import in_common_dtype
+
 #: The largest entries of the rows that are normalised as they are; others are scaled first.
 UNSCALED_RANGE = (2.0**-30, 2.0**50)
 
@@ -57,7 +59,10 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_scores(queries: torch.Tensor, database: torch.Tensor) -> torch.Tensor:
-    """[N, M] cosine similarities of the rows of ``queries`` [N, D] and ``database`` [M, D]."""
+    """[N, M] cosine similarities of the rows of ``queries`` [N, D] and ``database`` [M, D], in
+    the wider of their dtypes."""
+    if database is not queries:
+        queries, database = in_common_dtype(queries, database)
     unit_queries = unit_rows(queries)
     unit_database = unit_queries if database is queries else unit_rows(database)
     return unit_queries @ unit_database.T

@@ -126,6 +126,10 @@ def test_gradient_is_the_normalisation_s():
 def test_cosine_scores():
     q, db = rows(4, 6, seed=2), rows(9, 6, seed=3)
     assert torch.equal(cosine_scores(q, db), F.normalize(q, dim=1) @ F.normalize(db, dim=1).T)
+    # Two dtypes: in the wider one, as every other entry point on embeddings takes them.
+    for narrow in (torch.float16, torch.bfloat16):
+        assert torch.equal(cosine_scores(q.to(narrow), db), cosine_scores(q.to(narrow).float(), db))
+    assert torch.equal(cosine_scores(q, db.double()), cosine_scores(q.double(), db.double()))
 
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 0, 1])
