@@ -2,10 +2,12 @@
 
 The C++ (CPU) kernels are always built. The CUDA kernels are built when a CUDA toolkit is found
 (CUDA_HOME / nvcc) and the installed torch is a CUDA build; this is decided from the toolkit, never
-from torch.cuda.is_available(), so a GPU-less build host still builds them. Switches:
+from torch.cuda.is_available(), so a GPU-less build host still builds them (for the architectures
+it is told: FASTAP_CUDA_ARCH). Switches:
   FASTAP_CUDA=1   build the CUDA kernels or fail (no toolkit or a CPU-only torch is an error)
-  FASTAP_CUDA=0   CPU kernels only
-  FASTAP_CUDA_ARCH  e.g. "9.0" or "8.0;9.0" (else TORCH_CUDA_ARCH_LIST, else torch's default);
+  FASTAP_CUDA=0   CPU kernels only (unset or empty: auto, as above)
+  FASTAP_CUDA_ARCH  e.g. "9.0" or "8.0;9.0" (else TORCH_CUDA_ARCH_LIST, else torch's default, the
+                  visible GPUs': so one of them is needed where none is visible);
                   "9.0a" also builds the fused kernels' wgmma path (FASTAP_WGMMA=1 picks it)
   FASTAP_NVCC_FLAGS  more nvcc flags, separated by spaces (e.g. "-lineinfo" for a profile)
   CUDA_HOME       the toolkit (else the one the nvcc on PATH belongs to, as nvcc reports it)
@@ -13,6 +15,7 @@ from torch.cuda.is_available(), so a GPU-less build host still builds them. Swit
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +23,8 @@ import tempfile
 
 
 def cuda_switch() -> str:
-    """FASTAP_CUDA as "on", "off" or "auto"."""
-    switch = os.environ.get("FASTAP_CUDA", "auto").strip().lower()
+    """FASTAP_CUDA as "on", "off" or "auto" (also where it is set but empty)."""
+    switch = os.environ.get("FASTAP_CUDA", "").strip().lower() or "auto"
     if switch in ("1", "on", "yes", "true"):
         return "on"
     if switch in ("0", "off", "no", "false"):
@@ -62,14 +65,33 @@ if cuda_switch() != "off":
     if _toolkit:
         os.environ["CUDA_HOME"] = _toolkit  # read by torch.utils.cpp_extension when imported
 
-import torch  # noqa: E402
 from setuptools import find_packages, setup  # noqa: E402
-from torch.utils.cpp_extension import (  # noqa: E402
-    CUDA_HOME,
-    BuildExtension,
-    CppExtension,
-    CUDAExtension,
-)
+
+# The commands that build or install, which need torch (any other, as the metadata and the source
+# distribution, goes without, for the requirement torch>=2.5: pip's isolated build environment,
+# its default, asks for them before it builds, and `python -m build --sdist` runs sdist there).
+# torch is deliberately not among the build requirements of pyproject.toml, so that such an
+# environment does not fetch a torch of its own.
+BUILD_COMMANDS = ("build", "bdist", "install", "develop", "editable")
+
+try:
+    import torch
+    from torch.utils.cpp_extension import (
+        CUDA_HOME,
+        BuildExtension,
+        CppExtension,
+        CUDAExtension,
+    )
+except ImportError:
+    if any(arg.startswith(BUILD_COMMANDS) for arg in sys.argv[1:]):
+        sys.exit(
+            "fastap: building fastap needs torch in the environment that builds it: its "
+            "extension is compiled against that torch's headers, and the package then requires "
+            "that torch version. Install torch first (pip install torch==<version>), then build "
+            "without pip's build isolation, which would hide it: pip install "
+            "--no-build-isolation . (or -e . in a checkout)."
+        )
+    torch = None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -78,12 +100,51 @@ def build_cuda() -> bool:
     switch = cuda_switch()
     found = CUDA_HOME is not None and torch.version.cuda is not None
     if switch == "on" and not found:
+        # (torch's CUDA_HOME is None with a CPU-only torch whatever the toolkit: say which lacks)
+        toolkit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or shutil.which("nvcc")
+        reasons = []
+        if torch.version.cuda is None:
+            reasons.append(
+                f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None): "
+                "install a CUDA build of torch"
+            )
+        if not toolkit:
+            reasons.append("no CUDA toolkit was found: set CUDA_HOME, or put nvcc on PATH")
+        elif CUDA_HOME is None and torch.version.cuda is not None:
+            reasons.append(f"torch found no CUDA toolkit at {toolkit}")
         raise RuntimeError(
-            "FASTAP_CUDA=1 but no CUDA build is possible: "
-            f"CUDA_HOME={CUDA_HOME!r}, torch.version.cuda={torch.version.cuda!r} "
-            "(install a CUDA build of torch and a CUDA toolkit with nvcc)"
+            "fastap: FASTAP_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reasons)
         )
     return switch == "on" or (switch == "auto" and found)
+
+
+#: A compute capability (8.0, 9.0a, 10.0f), or one of torch's names for a generation (Hopper),
+#: with +PTX for the PTX too: the entries of FASTAP_CUDA_ARCH / TORCH_CUDA_ARCH_LIST.
+ARCH_ENTRY = re.compile(r"(\d+\.\d+[af]?|[A-Za-z]+)(\+PTX)?")
+
+
+def cuda_arch_list() -> str:
+    """The architectures to build the CUDA kernels for (TORCH_CUDA_ARCH_LIST's form): from
+    FASTAP_CUDA_ARCH, else TORCH_CUDA_ARCH_LIST, else torch's default, the GPUs of this machine;
+    without a GPU there is none, and torch's choice fails with an IndexError: an error here
+    names the variable to set instead."""
+    name = "FASTAP_CUDA_ARCH" if os.environ.get("FASTAP_CUDA_ARCH") else "TORCH_CUDA_ARCH_LIST"
+    arches = os.environ.get(name, "").strip()
+    if not arches:
+        if torch.cuda.device_count() == 0:
+            raise RuntimeError(
+                "fastap: no GPU is visible to choose the CUDA architectures from: set "
+                "FASTAP_CUDA_ARCH to those of the GPUs to run on (e.g. '8.0;9.0', or '9.0a' for "
+                "an H100/H200 with the wgmma path), or FASTAP_CUDA=0 for the CPU kernels alone"
+            )
+        return ""
+    entries = arches.replace(" ", ";").split(";")
+    if not all(ARCH_ENTRY.fullmatch(entry) for entry in entries if entry):
+        raise RuntimeError(
+            f"fastap: {name} must list compute capabilities separated by ';' or spaces (e.g. "
+            f"'8.0;9.0', '9.0a', '8.6+PTX'), got {arches!r}"
+        )
+    return arches
 
 
 def nvcc_extra_flags() -> list:
@@ -137,8 +198,9 @@ def extension():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,
         )
-    if os.environ.get("FASTAP_CUDA_ARCH"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["FASTAP_CUDA_ARCH"]
+    arches = cuda_arch_list()
+    if arches:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arches
     return CUDAExtension(
         "fastap._C",
         # (the launchers, .cu, for nvcc; their torch side, cuda_ops.cpp, for the host compiler)
@@ -157,6 +219,8 @@ def torch_requirement() -> str:
     extension loads only with the torch whose headers and ABI it was built with, so a wheel (or
     an install from source) tells pip that, and a later torch upgrade says the extension needs a
     rebuild instead of failing at import."""
+    if torch is None:  # (metadata or an sdist alone: BUILD_COMMANDS)
+        return "torch>=2.5"
     major, minor = torch.__version__.split(".")[:2]
     if (int(major), int(minor)) < (2, 5):
         raise RuntimeError(f"fastap needs torch >= 2.5 to build against, found {torch.__version__}")
@@ -173,8 +237,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["fastap", "fastap.*"]),
     package_data={"fastap": ["py.typed"]},  # typed (PEP 561)
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[] if torch is None else [extension()],
+    cmdclass={} if torch is None else {"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[torch_requirement(), "numpy"],
     # pytorch-metric-learning: the FastAPLoss parity tests; scikit-learn and matplotlib: the
     # training example test (each skipped where it is not installed)

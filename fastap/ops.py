@@ -8,6 +8,8 @@ too, tile by tile, after the same checks.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.metadata
 import os
 
 import torch
@@ -22,32 +24,56 @@ from fastap._validation import (
 )
 
 try:
-    from fastap import _C  # type: ignore[attr-defined]  # noqa: F401  (registers the operators)
+    # (import_module rather than `from fastap import _C`, whose error for a missing module blames
+    # a circular import)
+    importlib.import_module("fastap._C")  # registers the operators
 
     _LOAD_ERROR: Exception | None = None
 except ImportError as error:  # pragma: no cover - only without a build
     _LOAD_ERROR = error
 
 
+def _built_for() -> str | None:
+    """The torch requirement of the installed fastap's metadata, e.g. "torch==2.13.*": the torch
+    minor version its extension was built against (setup.py writes it), where it is installed."""
+    try:
+        requirements = importlib.metadata.requires("fastap") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    pins = [r for r in requirements if r.replace(" ", "").startswith("torch==") and ";" not in r]
+    return pins[0].replace(" ", "") if pins else None
+
+
 def require_extension() -> None:
-    """Raises, saying how to build it, where the compiled extension did not load."""
-    if _LOAD_ERROR is not None:
-        package = os.path.dirname(os.path.abspath(__file__))
-        unbuilt_source_tree = os.path.exists(os.path.join(package, os.pardir, "setup.py")) and not [
-            name for name in os.listdir(package) if name.startswith("_C.")
-        ]
-        where = (
-            f" This fastap is imported from the source tree {os.path.dirname(package)}, which has "
-            "no built extension: build it there, or, if a built fastap is installed, run from "
-            "outside that tree so that it is the one imported."
-            if unbuilt_source_tree
-            else ""
+    """Raises, saying what went wrong and how to build it, where the compiled extension did not
+    load: not built, or built against another torch."""
+    if _LOAD_ERROR is None:
+        return
+    package = os.path.dirname(os.path.abspath(__file__))
+    built = sorted(name for name in os.listdir(package) if name.startswith("_C."))
+    if built:
+        built_for = _built_for()
+        against = f" (built for {built_for})" if built_for else ""
+        problem = (
+            f"the compiled extension fastap/{built[0]}{against} failed to load with torch "
+            f"{torch.__version__} ({_LOAD_ERROR}): it loads only with the torch it was built "
+            "against."
         )
-        raise RuntimeError(
-            "fastap: the compiled extension fastap._C is missing or failed to load "
-            f"({_LOAD_ERROR}). Rebuild it with `pip install --no-build-isolation -e .` in the "
-            f"fastap checkout, against the torch you run.{where}"
-        )
+    else:
+        problem = f"the compiled extension fastap._C is not built ({_LOAD_ERROR})."
+    unbuilt_source_tree = not built and os.path.exists(os.path.join(package, os.pardir, "setup.py"))
+    where = (
+        f" This fastap is imported from the source tree {os.path.dirname(package)}, which has "
+        "no built extension: build it there, or, if a built fastap is installed, run from "
+        "outside that tree so that it is the one imported."
+        if unbuilt_source_tree
+        else ""
+    )
+    raise RuntimeError(
+        f"fastap: {problem} Rebuild fastap against the torch you run, from its source (a checkout, "
+        "or the sdist): `pip install --no-build-isolation .` (`-e .` in a checkout you work in)."
+        f"{where}"
+    )
 
 
 # Decided once at import so that the check below costs nothing and traces under torch.compile.

@@ -1,5 +1,8 @@
 """Bad input raises a ValueError/TypeError that names the argument, before any kernel runs."""
 
+import re
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -236,6 +239,20 @@ def test_score_range_must_fit_float32_below_float64(dtype, score_range):
     ours = fastap.average_precision(wide, R, score_range=score_range)
     theirs = fastap.reference.average_precision(wide, R, score_range=score_range)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="huge pages are a Linux feature")
+def test_environment_switches_take_0_or_1(monkeypatch):
+    """FASTAP_CPU_HUGE_PAGES (read at each call, also by the forward, whose histograms may be
+    large): 1 on, 0 or empty off; another value raises, naming it, where it was silently off."""
+    expected = fastap.ap_loss(S, R)
+    for off in ("0", ""):
+        monkeypatch.setenv("FASTAP_CPU_HUGE_PAGES", off)
+        assert torch.equal(fastap.ap_loss(S, R), expected)
+    for word in ("yes", "true", "2"):
+        monkeypatch.setenv("FASTAP_CPU_HUGE_PAGES", word)
+        with pytest.raises(ValueError, match=f"FASTAP_CPU_HUGE_PAGES must be 1 .* got '{word}'"):
+            fastap.ap_loss(S, R)
 
 
 def test_direct_op_calls_are_checked():
@@ -550,9 +567,17 @@ def test_front_end_errors_name_their_own_arguments():
 
 
 def test_missing_extension_says_how_to_build_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(fastap.ops, "_LOAD_ERROR", ImportError("no module _C"))
+    # A built extension that failed to load (say, against another torch): what it was built for,
+    # the torch it met, and how to rebuild.
+    monkeypatch.setattr(fastap.ops, "_LOAD_ERROR", ImportError("undefined symbol: _ZN3c10"))
     scores, relevance = torch.rand(3, 4), torch.rand(3, 4) > 0.5
-    with pytest.raises(RuntimeError, match=r"fastap\._C is missing .*\(no module _C\)\. Rebuild"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"extension fastap/_C\..*failed to load with torch "
+        + re.escape(torch.__version__)
+        + r" \(undefined symbol: _ZN3c10\): it loads only with the torch it was built against\. "
+        r"Rebuild fastap against the torch you run",
+    ):
         fastap.ap_loss(scores, relevance)
     # The paths from embeddings too, before any operator runs (the histograms alone), and the
     # modules' above their score_matrix_limit.
@@ -563,12 +588,16 @@ def test_missing_extension_says_how_to_build_it(monkeypatch, tmp_path):
         lambda: fastap.APLoss(score_matrix_limit=0)(embeddings, labels),
         lambda: fastap.FastAPLoss(score_matrix_limit=0)(embeddings, labels),
     ):
-        with pytest.raises(RuntimeError, match=r"fastap\._C is missing .*\. Rebuild"):
+        with pytest.raises(RuntimeError, match=r"fastap/_C\..* failed to load .*\. Rebuild"):
             call()
-    # A source tree without a build (say, an unpacked sdist one runs the tests in) says so.
-    (tmp_path / "setup.py").touch()
+    # A package without the extension (an install whose build was deleted, say) says it is not
+    # built; a source tree without a build (an unpacked sdist one runs the tests in) says so too.
+    monkeypatch.setattr(fastap.ops, "_LOAD_ERROR", ImportError("No module named 'fastap._C'"))
     (tmp_path / "fastap").mkdir()
     monkeypatch.setattr(fastap.ops, "__file__", str(tmp_path / "fastap" / "ops.py"))
+    with pytest.raises(RuntimeError, match=r"fastap\._C is not built \(No module .*\. Rebuild"):
+        fastap.ap_loss(scores, relevance)
+    (tmp_path / "setup.py").touch()
     with pytest.raises(RuntimeError, match=r"source tree .* which has no built extension"):
         fastap.ap_loss(scores, relevance)
 

@@ -39,10 +39,10 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <fstream>
 #include <string>
+
+#include "../environment.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -84,10 +84,7 @@ inline bool huge_pages_on_advice() {
   return on_advice;
 }
 
-inline bool huge_pages_requested() {
-  const char* setting = std::getenv("FASTAP_CPU_HUGE_PAGES");
-  return setting != nullptr && std::strcmp(setting, "1") == 0;
-}
+inline bool huge_pages_requested() { return environment_switch("FASTAP_CPU_HUGE_PAGES"); }
 
 // An uninitialised contiguous tensor: on huge pages of its own mapping where that helps (above),
 // else from at::empty. (The signature of HistogramInputs::empty_histograms's `empty`.)

@@ -12,14 +12,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <string>
 #include <tuple>
 
 #include "../ap_inputs.h"
 #include "../binning.h"
+#include "../environment.h"
 #include "../histogram_inputs.h"
 #include "launch_plan.h"
 #include "launchers.h"
@@ -172,9 +171,10 @@ at::Tensor soft_histogram_backward_cuda(
 // own, outside the capture, with this thread's capture mode relaxed for it, as torch's caching
 // allocator does for its cudaMalloc.
 bool use_wgmma(at::ScalarType dtype, int64_t depth, int device) {
-  if (!wgmma_can_serve(dtype == at::kBFloat16 || dtype == at::kHalf, depth)) return false;
-  const char* request = std::getenv("FASTAP_WGMMA");
-  if (request == nullptr || std::strcmp(request, "1") != 0) return false;
+  const bool requested = environment_switch("FASTAP_WGMMA");  // (checked whatever the dtype)
+  if (!requested || !wgmma_can_serve(dtype == at::kBFloat16 || dtype == at::kHalf, depth)) {
+    return false;
+  }
   static std::mutex mutex;
   static int known[64];  // 0 unknown, 1 no, 2 yes
   const std::lock_guard<std::mutex> lock(mutex);
