@@ -186,10 +186,22 @@ class HistogramArgs:
     self_offset: int = 0  # resolved: with exclude_self, candidate i + self_offset is query i
 
 
-def _check_tensor(value, name: str) -> torch.Tensor:
+def dense_tensor(value, name: str, owner: str = "fastap") -> torch.Tensor:
+    """A torch.Tensor of the strided (dense) layout, which the ops and metrics read; TypeError
+    naming the argument for anything else (a sparse or nested tensor met torch's own errors about
+    memory formats)."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type_name(value)}")
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type_name(value)}")
+    if value.layout != torch.strided:
+        raise TypeError(
+            f"{owner}: {name} must be a dense (strided) tensor, got layout {value.layout} "
+            "(.to_dense() makes one)"
+        )
     return value
+
+
+def _check_tensor(value, name: str) -> torch.Tensor:
+    return dense_tensor(value, name)
 
 
 def _check_device(t: torch.Tensor, name: str, scores: torch.Tensor, what: str = "scores") -> None:
@@ -235,8 +247,7 @@ def is_integer_tensor(t: torch.Tensor) -> bool:
 def check_embedding_matrix(value, name: str, owner: str = "fastap") -> torch.Tensor:
     """A 2-D tensor of embeddings (rows x dim, at least one column) of a floating dtype the
     kernels take (float32, float64, float16, bfloat16)."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type_name(value)}")
+    dense_tensor(value, name, owner)
     if value.dim() != 2:
         raise ValueError(f"{owner}: {name} must be 2-D (rows x dim), got {list(value.shape)}")
     if value.dtype not in SCORE_DTYPES:

@@ -25,6 +25,7 @@ from fastap._validation import (
     check_finite_rows,
     check_int,
     check_labels,
+    dense_tensor,
     integer_value,
     type_name,
 )
@@ -45,9 +46,7 @@ _CHUNK_BYTES = 256 * 2**20
 
 
 def _tensor(value, name: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"fastap: {name} must be a torch.Tensor, got {type_name(value)}")
-    return _with_values(value, name)
+    return _with_values(dense_tensor(value, name), name)
 
 
 def _with_values(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -503,8 +502,6 @@ def retrieval_metrics(
             exclude_self = False
     check_bool(exclude_self, "exclude_self", allow_none=True)
     m = database.shape[0]
-    if m == 0 and n > 0:  # no queries: the metrics are NaN over 0 queries, as with a database
-        raise ValueError("fastap: database must not be empty")
     if exclude_self and m != n:
         raise ValueError(
             f"fastap: exclude_self needs as many database rows as queries, got {m} and {n}"
@@ -540,6 +537,13 @@ def retrieval_metrics(
         dtype = torch.float64 if torch.float64 in (queries.dtype, database.dtype) else torch.float32
         q = unit_rows(queries.to(dtype))
         db = unit_rows(database.to(dtype))
+        # Rows that are identical (after normalisation) must tie: a matrix product may round
+        # the scores of identical columns differently, by the position of the column and the
+        # number of rows multiplied at once (one chunk), and so break their tie one way or the
+        # other. The scores of the distinct rows alone, then a column per database row.
+        distinct, column_of = torch.unique(db, dim=0, return_inverse=True)
+        if distinct.shape[0] == m:
+            distinct, column_of = db, None
         chunk = _check_chunk_size(chunk_size, m * torch.finfo(dtype).bits // 8)
         device = queries.device
         zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -549,7 +553,9 @@ def retrieval_metrics(
 
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
-            scores = q[lo:hi] @ db.T
+            scores = q[lo:hi] @ distinct.T
+            if column_of is not None:
+                scores = scores[:, column_of]
             positive = labels[lo:hi, None] == ref_labels[None, :]
             if exclude_self:
                 rows = torch.arange(hi - lo, device=device)
@@ -621,7 +627,9 @@ def _gnd_indices(value, where: str) -> torch.Tensor:
     """One list of database indices of the ground truth as a 1-D int64 CPU tensor."""
     try:
         t = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError) as error:
+        if "Overflow" in str(error):  # (a Python int beyond int64)
+            raise ValueError(f"fastap: {where} holds an index beyond int64") from None
         raise TypeError(
             f"fastap: {where} must be a list or array of database indices, got {type_name(value)}"
         ) from None

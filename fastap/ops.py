@@ -26,7 +26,7 @@ from fastap._validation import (
 try:
     # (import_module rather than `from fastap import _C`, whose error for a missing module blames
     # a circular import)
-    importlib.import_module("fastap._C")  # registers the operators
+    _C = importlib.import_module("fastap._C")  # registers the operators
 
     _LOAD_ERROR: Exception | None = None
 except ImportError as error:  # pragma: no cover - only without a build

@@ -25,6 +25,9 @@ R = torch.tensor(
 )
 
 
+HUGE_INDEX_GROUND_TRUTH = [{"easy": [2**70], "hard": [], "junk": []}] * 4
+
+
 @pytest.mark.parametrize(
     "call,error,match",
     [
@@ -33,6 +36,23 @@ R = torch.tensor(
         (lambda: fastap.ap_loss(S.long(), R), TypeError, "scores must be float"),
         (lambda: fastap.ap_loss(S.to(torch.complex64), R), TypeError, "scores must be float"),
         (lambda: fastap.ap_loss(S.numpy(), R), TypeError, "scores must be a torch.Tensor"),
+        (lambda: fastap.ap_loss(S.to_sparse(), R), TypeError, "scores must be a dense .*sparse"),
+        (lambda: fastap.ap_loss(S, R.to_sparse()), TypeError, "relevance must be a dense"),
+        (
+            lambda: fastap.APLoss()(S.to_sparse(), L4),
+            TypeError,
+            "fastap.APLoss: embeddings must be a dense",
+        ),
+        (
+            lambda: fastap.metrics.average_precision(S.to_sparse(), R),
+            TypeError,
+            "scores must be a dense",
+        ),
+        (
+            lambda: fastap.metrics.revisited_map(S, HUGE_INDEX_GROUND_TRUTH),
+            ValueError,
+            r"ground_truth\[0\]\['easy'\] holds an index beyond int64",
+        ),
         (lambda: fastap.ap_loss(S), ValueError, "exactly one of relevance"),
         (lambda: fastap.ap_loss(S, R, labels=L4), ValueError, "got both"),
         (lambda: fastap.ap_loss(S, torch.rand(5, 4) < 0.5), ValueError, "relevance must have"),
