@@ -49,6 +49,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.steps < 0:
+        parser.error(f"--steps must not be negative, got {args.steps}")
+    if args.batch_size < 2:
+        parser.error(f"--batch-size must be at least 2, got {args.batch_size}")
+    try:  # (a device this torch or machine lacks fails here, with its reason)
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as error:
+        parser.error(f"--device {args.device}: {str(error).splitlines()[0]}")
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 

@@ -107,8 +107,14 @@ def load_folder(root: Path, size: int, cache_dir: Path) -> tuple[Dataset, Datase
             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
                 files.append(path)
                 labels.append(index)
-    if len(classes) < 4 or not files:
-        raise SystemExit(f"--data {root}: need at least 4 class sub-folders with images")
+    # Classes by their images: the first half of those with images trains, the rest is held out.
+    counted = sorted(set(labels))
+    if len(counted) < 4:
+        raise SystemExit(
+            f"--data {root}: need at least 4 class sub-folders with images, found {len(counted)}"
+        )
+    classes = [classes[index] for index in counted]
+    labels = [counted.index(label) for label in labels]
     key = hashlib.sha1(
         "\n".join([str(root.resolve()), str(size), *map(str, files)]).encode()
     ).hexdigest()[:16]
@@ -367,7 +373,7 @@ def run_config(args, name: str) -> dict:
         "samples_per_class": args.samples_per_class,
         "lr": args.lr,
         "seed": args.seed,
-        "num_bins": args.num_bins,
+        "num_bins": args.num_bins if name != "triplet" else None,
         "memory_size": args.memory_size if name == "fastap_xbm" else None,
         "margin": args.margin if name == "triplet" else None,
         "dim": args.dim,
@@ -414,9 +420,9 @@ def train_one(name: str, train_set: Dataset, held_out: Dataset, args) -> dict:
         set_rng_states(saved["rng"], device)
         state = {key: saved[key] for key in ("epoch", "history", "seconds")}
         if state["epoch"] >= args.epochs:
+            beyond = f", beyond --epochs {args.epochs}" if state["epoch"] > args.epochs else ""
             print(
-                f"{name}: finished ({state['epoch']}/{args.epochs} epochs) in {path}, "
-                "not trained again"
+                f"{name}: finished ({state['epoch']} epochs{beyond}) in {path}, not trained again"
             )
             return state
         print(f"{name}: resuming from {path} after epoch {state['epoch']}/{args.epochs}")
@@ -634,19 +640,45 @@ def parse_args(argv=None):
     for option in (*positive, "log_every", "memory_size"):
         if getattr(args, option) < (2 if option in ("batch_size", "num_bins") else 1):
             parser.error(f"--{option.replace('_', '-')} is too small")
+    if args.num_bins > 2**20:
+        parser.error("--num-bins: at most 2^20 (the kernels' bound)")
+    if args.batch_size < 2 * args.samples_per_class:
+        parser.error(
+            "--batch-size must be at least twice --samples-per-class: a batch of one class has "
+            "no negatives, so every loss is 0 and nothing is learned"
+        )
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.margin) and args.margin >= 0):
+        parser.error(f"--margin must be a non-negative number, got {args.margin}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be in [0, 2^63), got {args.seed}")
+    if args.max_shift is not None and args.max_shift < 0:
+        parser.error("--max-shift must not be negative")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error("--image-size must be at least 1")
     if args.data is not None:
         if not Path(args.data).is_dir():
             parser.error(f"--data: {args.data} is not a directory")
         if args.image_size is None:
             args.image_size = 64
+    elif args.image_size == 8:
+        args.image_size = None  # (the digits' own size: the same run as without it)
+
     try:  # (a device this torch or machine lacks fails here, before the data is loaded)
         if torch.empty(0, device=torch.device(args.device)).is_meta:
             raise RuntimeError("a meta device holds no data to train on")
+        if torch.device(args.device).type == "cpu":
+            args.device = "cpu"  # (the CPU has one device: "cpu:1" could not be resumed)
     except (RuntimeError, AssertionError) as error:
         reason = str(error).splitlines()[0]
         parser.error(
             f"--device {args.device}: {reason.split('. ')[0] if len(reason) > 200 else reason}"
         )
+    try:  # (last: nothing is written for a run refused above)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {args.out}: {error.strerror or error}")
     return args
 
 
@@ -658,8 +690,7 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # (made by parse_args)
 
     if args.data is None:
         train_set, held_out, description = load_digits()

@@ -77,6 +77,13 @@ def test_train_example_runs_reports_and_resumes(tmp_path):
         (("--device", "nonsense"), "--device nonsense: "),
         (("--device", "meta"), "--device meta: a meta device holds no data"),
         (("--batch-size", "1"), "--batch-size is too small"),
+        (("--batch-size", "16"), "--batch-size must be at least twice --samples-per-class"),
+        (("--lr", "-1"), "--lr must be a positive number, got -1.0"),
+        (("--margin", "nan"), "--margin must be a non-negative number, got nan"),
+        (("--image-size", "0"), "--image-size must be at least 1"),
+        (("--num-bins", "2000000"), "--num-bins: at most 2^20"),
+        (("--seed", str(2**64)), "--seed must be in [0, 2^63)"),
+        (("--out", "/proc/no/such"), "--out /proc/no/such: "),
         (("--loss", "fastap,fastap"), "--loss: a comma-separated list of distinct names"),
     ]
     + ([] if torch.cuda.is_available() else [(("--device", "cuda"), "--device cuda: ")]),
@@ -94,3 +101,23 @@ def test_train_example_refuses_bad_options_before_any_work(tmp_path, option, mes
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"train.py: error: {message}") and len(last) < 300, last
     assert not out.exists()  # (nothing written, no data loaded)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (("--steps", "-5"), "--steps must not be negative, got -5"),
+        (("--batch-size", "1"), "--batch-size must be at least 2, got 1"),
+        (("--device", "nonsense"), "--device nonsense: "),
+    ],
+)
+def test_quickstart_refuses_bad_options(option, message):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), *option],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"quickstart.py: error: {message}")
