@@ -408,6 +408,29 @@ def test_retrieval_ties_hand_computed():
     assert (avg["map@r"], pes["map@r"], opt["map@r"]) == pytest.approx((1 / 4, 0, 1 / 2))
 
 
+def in_batch_brute_force(scores: torch.Tensor, labels: torch.Tensor, ks) -> tuple[dict, int]:
+    """The in-batch metrics of every tie rule by enumeration, each query against the others
+    (scores[i, j]: query i's score of row j): ({tie rule: {metric: mean}}, queries counted)."""
+    n = len(labels)
+    expected = {t: {"map": 0.0, "map@r": 0.0, **{f"recall@{k}": 0.0 for k in ks}} for t in TIES}
+    count = 0
+    for i in range(n):
+        cols = [j for j in range(n) if j != i]
+        rel = [bool(labels[j] == labels[i]) for j in cols]
+        if not any(rel):
+            continue
+        count += 1
+        bf = brute_force([float(scores[i, j]) for j in cols], rel, ks)
+        for t in TIES:
+            expected[t]["map"] += bf[t][0]
+            expected[t]["map@r"] += bf[t][2]
+            for k, r in zip(ks, bf[t][1]):
+                expected[t][f"recall@{k}"] += r
+    share = 1 / max(count, 1)
+    means = {t: {key: value * share for key, value in e.items()} for t, e in expected.items()}
+    return means, count
+
+
 def test_retrieval_ties_match_brute_force():
     # Vectors whose cosines are exact (sums with zeros), so equal scores are exactly equal.
     a = 1 / math.sqrt(2)
@@ -420,27 +443,13 @@ def test_retrieval_ties_match_brute_force():
         emb = pool[torch.randint(0, 5, (7,), generator=gen)]
         labels = torch.randint(0, 3, (7,), generator=gen)
         scores = emb @ emb.T  # exactly what the metric sees (normalised rows stay the same)
-        expected = {t: {"map": 0.0, "map@r": 0.0, **{f"recall@{k}": 0.0 for k in ks}} for t in TIES}
-        count = 0
-        for i in range(7):
-            cols = [j for j in range(7) if j != i]
-            rel = [bool(labels[j] == labels[i]) for j in cols]
-            if not any(rel):
-                continue
-            count += 1
-            bf = brute_force([float(scores[i, j]) for j in cols], rel, ks)
-            for t in TIES:
-                expected[t]["map"] += bf[t][0]
-                expected[t]["map@r"] += bf[t][2]
-                for k, r in zip(ks, bf[t][1]):
-                    expected[t][f"recall@{k}"] += r
+        expected, count = in_batch_brute_force(scores, labels, ks)
         if count == 0:
             continue
         for t in TIES:
             for chunk in (1, 3, None):
                 got = retrieval_metrics(emb, labels=labels, ks=ks, chunk_size=chunk, ties=t)
-                exp = {key: value / count for key, value in expected[t].items()}
-                assert_metrics_close(got, exp, count, tol=1e-12)
+                assert_metrics_close(got, expected[t], count, tol=1e-12)
 
 
 def test_retrieval_duplicates_tie_whatever_the_chunk():
@@ -454,29 +463,15 @@ def test_retrieval_duplicates_tie_whatever_the_chunk():
         picks = torch.randint(0, 3, (7,), generator=gen)
         emb, labels = pool[picks], torch.randint(0, 2, (7,), generator=gen)
         # Distinct pool rows give distinct scores (random vectors): ties are the copies alone.
-        pool_scores = F.normalize(pool.double(), dim=1) @ F.normalize(pool.double(), dim=1).T
-        expected = {t: {"map": 0.0, "map@r": 0.0, **{f"recall@{k}": 0.0 for k in ks}} for t in TIES}
-        count = 0
-        for i in range(7):
-            cols = [j for j in range(7) if j != i]
-            rel = [bool(labels[j] == labels[i]) for j in cols]
-            if not any(rel):
-                continue
-            count += 1
-            values = [float(pool_scores[picks[i], picks[j]]) for j in cols]
-            bf = brute_force(values, rel, ks)
-            for t in TIES:
-                expected[t]["map"] += bf[t][0]
-                expected[t]["map@r"] += bf[t][2]
-                for k, r in zip(ks, bf[t][1]):
-                    expected[t][f"recall@{k}"] += r
+        unit = F.normalize(pool.double(), dim=1)
+        pool_scores = unit @ unit.T
+        expected, count = in_batch_brute_force(pool_scores[picks][:, picks], labels, ks)
         if count == 0:
             continue
         for t in TIES:
-            exp = {key: value / count for key, value in expected[t].items()}
             for chunk in (1, 2, 3, None):
                 got = retrieval_metrics(emb, labels=labels, ks=ks, chunk_size=chunk, ties=t)
-                assert_metrics_close(got, exp, count, tol=1e-12)
+                assert_metrics_close(got, expected[t], count, tol=1e-12)
 
 
 def test_retrieval_agrees_with_pytorch_metric_learning():
