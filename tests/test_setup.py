@@ -23,11 +23,22 @@ sys.argv = ["setup.py", *sys.argv[2:]]
 runpy.run_path("setup.py", run_name="__main__")
 """
 
-# Loads setup.py's functions without running setup(), then prints cuda_arch_list()'s answer.
-ARCH_LIST = """
-import runpy, setuptools
+# Loads setup.py's functions without running setup(), then prints cuda_arch_list()'s answer, or
+# its error, for each "NAME=VALUE" argument (VALUE empty: neither variable set), in one process.
+ARCH_LISTS = """
+import os, runpy, setuptools, sys
 setuptools.setup = lambda **kwargs: None
-print("arches:", runpy.run_path("setup.py")["cuda_arch_list"]())
+cuda_arch_list = runpy.run_path("setup.py")["cuda_arch_list"]
+for case in sys.argv[1:]:
+    name, value = case.split("=", 1)
+    for variable in ("FASTAP_CUDA_ARCH", "TORCH_CUDA_ARCH_LIST"):
+        os.environ.pop(variable, None)
+    if value:
+        os.environ[name] = value
+    try:
+        print("arches:", cuda_arch_list())
+    except RuntimeError as error:
+        print("error:", error)
 """
 
 
@@ -70,30 +81,57 @@ def test_metadata_and_sdist_need_no_torch(tmp_path):
     assert requires[0] == f"torch=={major}.{minor}.*"
 
 
+# Loads setup.py's functions without running setup(), then prints what FASTAP_CUDA=VALUE makes
+# of the CUDA kernels (build_cuda()'s answer, or its error) for each VALUE argument.
+CUDA_SWITCHES = """
+import os, runpy, setuptools, sys
+setuptools.setup = lambda **kwargs: None
+build_cuda = runpy.run_path("setup.py")["build_cuda"]
+for value in sys.argv[1:]:
+    os.environ["FASTAP_CUDA"] = value
+    try:
+        print("build:", build_cuda())
+    except RuntimeError as error:
+        print("error:", error)
+"""
+
+
 @pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
 def test_cuda_required_with_a_cpu_torch_says_that_torch_is_the_reason():
-    for on in ("1", "yes"):
-        done = run(RUN_SETUP, "torch", "--version", FASTAP_CUDA=on)
-        assert done.returncode != 0
-        assert f"torch {torch.__version__} is a CPU-only build" in done.stderr
-    done = run(RUN_SETUP, "torch", "--version", FASTAP_CUDA="")  # empty: as unset, auto
+    cases = {
+        "1": f"error: fastap: FASTAP_CUDA=1 but the CUDA kernels cannot be built: torch "
+        f"{torch.__version__} is a CPU-only build",
+        "yes": "error: fastap: FASTAP_CUDA=1 but",
+        "": "build: False",  # empty: as unset, auto (no CUDA torch here)
+        "0": "build: False",
+        "maybe": "error: FASTAP_CUDA must be 0, 1 or auto, got 'maybe'",
+    }
+    done = run(CUDA_SWITCHES, *cases)
     assert done.returncode == 0, done.stderr
-    done = run(RUN_SETUP, "torch", "--version", FASTAP_CUDA="maybe")
-    assert "FASTAP_CUDA must be 0, 1 or auto, got 'maybe'" in done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(cases)
+    for line, expected in zip(lines, cases.values()):
+        assert line.startswith(expected), (line, expected)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="needs a machine without a GPU")
 def test_cuda_architectures_are_checked_and_needed_without_a_gpu():
-    for value, expected in (("9.0a", "9.0a"), ("8.0;9.0", "8.0;9.0"), ("8.6+PTX Hopper", None)):
-        done = run(ARCH_LIST, FASTAP_CUDA_ARCH=value)
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == f"arches: {expected or value}"
-    done = run(ARCH_LIST, TORCH_CUDA_ARCH_LIST="9.0")
-    assert done.stdout.strip() == "arches: 9.0"
-    for name, value in (("FASTAP_CUDA_ARCH", "9.0,8.0"), ("TORCH_CUDA_ARCH_LIST", "sm_90")):
-        done = run(ARCH_LIST, **{name: value})
-        assert f"{name} must list compute capabilities separated by ';'" in done.stderr
-    done = run(ARCH_LIST)  # torch would choose the visible GPUs' and fail with an IndexError
-    assert "no GPU is visible to choose the CUDA architectures from: set FASTAP_CUDA_ARCH" in (
-        done.stderr
-    )
+    cases = {
+        "FASTAP_CUDA_ARCH=9.0a": "arches: 9.0a",
+        "FASTAP_CUDA_ARCH=8.0;9.0": "arches: 8.0;9.0",
+        "FASTAP_CUDA_ARCH=8.6+PTX Hopper": "arches: 8.6+PTX Hopper",
+        "TORCH_CUDA_ARCH_LIST=9.0": "arches: 9.0",
+        "FASTAP_CUDA_ARCH=9.0,8.0": "error: fastap: FASTAP_CUDA_ARCH must list compute "
+        "capabilities separated by ';'",
+        "TORCH_CUDA_ARCH_LIST=sm_90": "error: fastap: TORCH_CUDA_ARCH_LIST must list compute "
+        "capabilities separated by ';'",
+        # torch would choose the visible GPUs' and fail with an IndexError
+        "FASTAP_CUDA_ARCH=": "error: fastap: no GPU is visible to choose the CUDA architectures "
+        "from: set FASTAP_CUDA_ARCH",
+    }
+    done = run(ARCH_LISTS, *cases)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(cases)
+    for line, expected in zip(lines, cases.values()):
+        assert line.startswith(expected), (line, expected)
