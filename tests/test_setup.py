@@ -57,6 +57,15 @@ def run(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+def assert_answers(done: subprocess.CompletedProcess, cases: dict) -> None:
+    """One line printed for each case, each starting with what the case expects."""
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(cases)
+    for line, expected in zip(lines, cases.values()):
+        assert line.startswith(expected), (line, expected)
+
+
 def test_a_build_without_torch_stops_and_says_how_to_build():
     for command in ("bdist_wheel", "build_ext", "editable_wheel", "develop", "install"):
         done = run(RUN_SETUP, "no-torch", command)
@@ -106,12 +115,7 @@ def test_cuda_required_with_a_cpu_torch_says_that_torch_is_the_reason():
         "0": "build: False",
         "maybe": "error: FASTAP_CUDA must be 0, 1 or auto, got 'maybe'",
     }
-    done = run(CUDA_SWITCHES, *cases)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == len(cases)
-    for line, expected in zip(lines, cases.values()):
-        assert line.startswith(expected), (line, expected)
+    assert_answers(run(CUDA_SWITCHES, *cases), cases)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="needs a machine without a GPU")
@@ -129,9 +133,4 @@ def test_cuda_architectures_are_checked_and_needed_without_a_gpu():
         "FASTAP_CUDA_ARCH=": "error: fastap: no GPU is visible to choose the CUDA architectures "
         "from: set FASTAP_CUDA_ARCH",
     }
-    done = run(ARCH_LISTS, *cases)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == len(cases)
-    for line, expected in zip(lines, cases.values()):
-        assert line.startswith(expected), (line, expected)
+    assert_answers(run(ARCH_LISTS, *cases), cases)
