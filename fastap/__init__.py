@@ -17,11 +17,36 @@ Public API:
     set_value_checks(mode): turn the eager checks of input values (and their host sync) off or on
 """
 
-from fastap import compat, cosine, distributed, memory, metrics, reference, train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from fastap import compat, cosine, metrics, reference, train
 from fastap._validation import VARIANTS, set_value_checks
 from fastap.embeddings import ap_loss_from_embeddings
 from fastap.functional import ap_loss, average_precision
 from fastap.losses import APLoss, FastAPLoss
+
+if TYPE_CHECKING:
+    from fastap import distributed, memory
+
+# Imported at their first use, as ``fastap.memory`` (or ``from fastap.memory import ...``):
+# their torch.compiler.disable imports torch._dynamo, which took over a second, half of
+# ``import fastap``, in every process that never uses them (DataLoader workers started by
+# "spawn", scripts, tests' subprocesses).
+_ON_FIRST_USE = ("distributed", "memory")
+
+
+def __getattr__(name: str):
+    if name in _ON_FIRST_USE:
+        return importlib.import_module(f"fastap.{name}")
+    raise AttributeError(f"module 'fastap' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_ON_FIRST_USE))
+
 
 __all__ = [
     "VARIANTS",

@@ -250,9 +250,18 @@ def _use_fused(backend: str, queries, database, num_bins: int) -> bool:
     return queries.dtype != torch.float32 or fp32_matmul_allows_tf32()
 
 
+def constant_to_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without its import of torch._dynamo (over a
+    second, half of ``import fastap``): the mark that it sets, which torch.compile reads when it
+    traces a call of ``fn``. (tests/test_compile.py checks that the public decorator sets this mark
+    and no other, in each torch the suite runs with.)"""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # (A constant to torch.compile, which reads it while tracing: its own folding of the getter below
 # would raise past the except when the getter raises.)
-@torch.compiler.assume_constant_result
+@constant_to_compile
 def fp32_matmul_allows_tf32() -> bool:
     """Whether torch's float32 matrix products may use TF32, set by any of its APIs:
     ``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision`` or (torch

@@ -252,3 +252,48 @@ def test_fused_embedding_op_on_meta_tensors():
         n, p, queries, database, labels, ref_labels, False, 0, 13, -1.0, 1.0
     )
     assert grad_q.shape == (7, 5) and grad_db.shape == (9, 5) and grad_q.dtype == torch.bfloat16
+
+
+def test_constant_mark_is_what_torch_compiler_sets():
+    """fastap.embeddings marks its TF32 getter constant to torch.compile itself (the public
+    decorator imports torch._dynamo): the mark must be the one torch's decorator sets, and all of
+    it, in each torch the suite runs with. (test_embeddings.py's TF32 test compiles the getter.)"""
+    from fastap.embeddings import constant_to_compile, fp32_matmul_allows_tf32
+
+    def by_torch():
+        return True
+
+    def by_fastap():
+        return True
+
+    assert torch.compiler.assume_constant_result(by_torch) is by_torch
+    assert constant_to_compile(by_fastap) is by_fastap
+    assert vars(by_torch) == vars(by_fastap) != {}
+    assert vars(fp32_matmul_allows_tf32) == vars(by_torch)
+
+
+def test_import_leaves_torch_dynamo_unimported():
+    """`import fastap` does not import torch._dynamo (over a second, which was half of the import),
+    and the modules that need it come on first use, by attribute or by import."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, fastap\n"
+        "assert 'torch._dynamo' not in sys.modules, 'import fastap imported torch._dynamo'\n"
+        "assert {'distributed', 'memory'} <= set(dir(fastap))\n"
+        "assert fastap.memory.CrossBatchMemory and fastap.distributed.DistributedAPLoss\n"
+        "from fastap import memory\n"
+        "from fastap.distributed import gather_embeddings\n"
+        "assert memory is sys.modules['fastap.memory']\n"
+        "try:\n"
+        "    fastap.no_such_module\n"
+        "except AttributeError as error:\n"
+        "    assert 'no_such_module' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('fastap.no_such_module was found')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
