@@ -1,9 +1,10 @@
 """The CUDA kernels of csrc/cuda, run on the CPU by tests/emulation against the CPU op.
 
 The kernels, their launchers (csrc/cuda/*.cu) and launch plan are compiled with g++ for the host
-(tests/emulation/cuda_host.h turns a block into real threads with real barriers), once under
-AddressSanitizer and UndefinedBehaviorSanitizer (out-of-bounds reads and writes, shared memory
-included) and once under ThreadSanitizer (a missing __syncthreads/__syncwarp is a data race). This
+(tests/emulation/cuda_host.h turns each thread of a block into a fiber, run in shuffled turns
+between real barriers), once under AddressSanitizer and UndefinedBehaviorSanitizer (out-of-bounds
+reads and writes, shared memory included) and once under ThreadSanitizer (a missing
+__syncthreads/__syncwarp is a data race; test_the_emulation_finds_... checks that it says so). This
 checks the kernels' indexing, chunking, reductions, edge cases and launch sequences on every CI
 run; the real GPU run is
 tests/test_cuda.py (benchmarks/gpu_check.sh).
@@ -50,8 +51,19 @@ DTYPE_CODES = {
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None or not sys.platform.startswith("linux"),
-    reason="the emulation needs g++ and Linux (its barriers wait on futexes)",
+    reason="the emulation needs g++ and Linux (its fibers: ucontext.h, mmap)",
 )
+
+
+def build_command(source: Path, binary: Path, sanitizer: str) -> list[str]:
+    """The g++ command that builds an emulation program with one of SANITIZERS."""
+    return [
+        "g++", "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Werror",
+        "-fno-strict-aliasing",  # the kernels read 16-byte vectors of bf16 / float
+        "-Wno-unknown-pragmas", f"-fsanitize={SANITIZERS[sanitizer]}",
+        "-fno-sanitize-recover=all", *(f"-I{p}" for p in include_paths()),
+        str(source), "-o", str(binary),
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -72,13 +84,7 @@ def emulators(tmp_path_factory) -> dict[str, Path]:
         for name, binary in binaries.items():
             if binary.exists():
                 continue
-            command = [
-                "g++", "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Werror",
-                "-fno-strict-aliasing",  # the kernels read 16-byte vectors of bf16 / float
-                "-Wno-unknown-pragmas", f"-fsanitize={SANITIZERS[name]}",
-                "-fno-sanitize-recover=all", *(f"-I{p}" for p in include_paths()),
-                str(SOURCES[0]), "-o", f"{binary}.partial",
-            ]  # fmt: skip
+            command = build_command(SOURCES[0], Path(f"{binary}.partial"), name)
             builds[name] = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         for name, build in builds.items():
             _, stderr = build.communicate()
@@ -86,6 +92,54 @@ def emulators(tmp_path_factory) -> dict[str, Path]:
             # Complete binaries only get the name that the other workers look for.
             os.replace(f"{binaries[name]}.partial", binaries[name])
     return binaries
+
+
+def test_the_emulation_finds_a_forgotten_barrier_and_one_not_every_thread_reaches(tmp_path):
+    """The emulation's own promises (tests/emulation/self_check.cpp), with each sanitizer: a
+    kernel that forgets the __syncthreads between a write and another thread's read of it reads
+    wrong values (the threads run in turn between barriers, in shuffled orders: about half of
+    them read their neighbour's slot before the neighbour wrote it), and
+    ThreadSanitizer reports the race; with the barrier, right values and no report; a
+    __syncthreads or __syncwarp that one thread skips aborts at once, naming it."""
+    source = ROOT / "tests/emulation/self_check.cpp"
+    builds = {}
+    for name in SANITIZERS:
+        binary = tmp_path / f"self_check_{name}"
+        command = build_command(source, binary, name)
+        builds[name] = (binary, subprocess.Popen(command, stderr=subprocess.PIPE, text=True))
+    for name, (binary, build) in builds.items():
+        _, stderr = build.communicate()
+        assert build.returncode == 0, stderr
+
+        def run(kernel, binary=binary):
+            return subprocess.run([str(binary), kernel], capture_output=True, text=True, timeout=60)
+
+        synced = run("synced")
+        assert synced.returncode == 0 and synced.stdout == "wrong=0\n", (name, synced)
+        # (no report; AddressSanitizer's general warning about swapcontext is no report)
+        assert "Sanitizer:" not in synced.stderr, (name, synced.stderr)
+        unsynced = run("unsynced")
+        assert int(unsynced.stdout.removeprefix("wrong=")) > 2 * 96 // 4, (name, unsynced)
+        if name == "thread":
+            assert unsynced.returncode != 0, (name, unsynced)
+            assert "ThreadSanitizer: data race" in unsynced.stderr, (name, unsynced.stderr)
+        else:
+            assert unsynced.returncode == 0, (name, unsynced)
+        # Thread 5 skips the __syncthreads: its "block end" meets the others' __syncthreads.
+        done = run("divergent")
+        assert done.returncode != 0, (name, done)
+        assert (
+            "emulation: one barrier reached as __syncthreads by some threads and as block end by "
+            "others (divergent barrier)" in done.stderr
+        ), (name, done.stderr)
+        # Thread 40 skips the __syncwarp: the rest of its warp waits there, the other warps at
+        # the block's end.
+        done = run("warp_divergent")
+        assert done.returncode != 0, (name, done)
+        assert (
+            "emulation: a barrier not reached by every thread (divergent barrier): of 96 threads, "
+            "0 finished, the others wait: 31 at __syncwarp, 65 at block end" in done.stderr
+        ), (name, done.stderr)
 
 
 def _write(path: Path, tensor: torch.Tensor) -> str:

@@ -41,8 +41,13 @@ struct Pending {
   Products products;
   float issued[kMaxAccumulators];
 };
-inline thread_local std::vector<Pending> batch;
-inline thread_local bool begun = false;
+// This thread's wgmma state: the issued multiplications not yet waited for, and whether a
+// wgmma.fence (begin) came since the last wait.
+struct ThreadState {
+  std::vector<Pending> batch;
+  bool begun = false;
+};
+inline ThreadState& state() { return ::emu::thread_state<ThreadState>(); }
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "emulation: wgmma: %s\n", what);
@@ -70,8 +75,8 @@ float element(size_t address) {
 // kMnMajor: as B's rows), row and col those of e.
 template <typename T, int kN, bool kMnMajor, typename Visit>
 void for_each_operand_pair(uint64_t a_desc, uint64_t b_desc, Visit&& visit) {
-  const int warp = static_cast<int>(::emu::thread_index.x) % kGroupThreads / 32;
-  const int lane = static_cast<int>(::emu::thread_index.x) % 32;
+  const int warp = static_cast<int>(threadIdx.x) % kGroupThreads / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
   for (int e = 0; e < kN / 2; ++e) {
     const int row = accumulator_row(warp, lane, e);
     const int col = accumulator_col(lane, e);
@@ -107,14 +112,14 @@ bool visible_to_async_proxy(uint64_t a_desc, uint64_t b_desc) {
 
 template <typename T, int kN, bool kMnMajor>
 void issue(float* d, uint64_t a_desc, uint64_t b_desc) {
-  if (!begun) fail("mma_async without wgmma.fence (begin) first");
+  if (!state().begun) fail("mma_async without wgmma.fence (begin) first");
   Pending p{d, kN / 2, a_desc, b_desc, &products<T, kN, kMnMajor>, {}};
   if (!visible_to_async_proxy<T, kN, kMnMajor>(a_desc, b_desc)) {
     fail("an operand changed without a fence.proxy.async by every thread before the barrier "
          "(the tensor cores would read a stale value)");
   }
   p.products(p.a_desc, p.b_desc, p.issued);
-  batch.push_back(p);
+  state().batch.push_back(p);
 }
 
 }  // namespace emulated
@@ -123,7 +128,7 @@ inline void fence_operands() { ::emu::fence_async_proxy(); }
 
 template <int N>
 void begin(float (&)[N]) {
-  emulated::begun = true;
+  emulated::state().begun = true;
 }
 
 template <typename T>
@@ -142,7 +147,8 @@ void mma_m64n64k16_bt(float (&d)[32], const T* a, int a_depth, const T* b, int b
 
 template <int N>
 void commit_and_wait(float (&)[N]) {
-  for (emulated::Pending& p : emulated::batch) {
+  emulated::ThreadState& state = emulated::state();
+  for (emulated::Pending& p : state.batch) {
     float waited[emulated::kMaxAccumulators];
     p.products(p.a_desc, p.b_desc, waited);
     if (std::memcmp(waited, p.issued, p.count * sizeof(float)) != 0) {
@@ -150,8 +156,8 @@ void commit_and_wait(float (&)[N]) {
     }
     for (int e = 0; e < p.count; ++e) p.d[e] += waited[e];
   }
-  emulated::batch.clear();
-  emulated::begun = false;
+  state.batch.clear();
+  state.begun = false;
 }
 
 }  // namespace wgmma

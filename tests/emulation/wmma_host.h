@@ -95,7 +95,7 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
               const fragment<accumulator, M, N, K, float>& c) {
   // Only lane 0's accumulator is ever stored (store_matrix_sync), so only lane 0 multiplies;
   // the other lanes' accumulators are left as they were.
-  if (::emu::thread_index.x % 32 != 0) return;
+  if (threadIdx.x % 32 != 0) return;
   fragment<accumulator, M, N, K, float> out;
   for (int i = 0; i < M; ++i) {
     for (int j = 0; j < N; ++j) {
@@ -113,7 +113,7 @@ template <int M, int N, int K>
 void store_matrix_sync(float* pointer, const fragment<accumulator, M, N, K, float>& f,
                        unsigned ldm, layout_t layout) {
   check_operand(pointer, ldm, sizeof(float));
-  if (::emu::thread_index.x % 32 != 0) return;
+  if (threadIdx.x % 32 != 0) return;
   for (int r = 0; r < M; ++r) {
     for (int c = 0; c < N; ++c) {
       pointer[layout == mem_row_major ? r * ldm + c : r + c * ldm] = f.at(r, c);
