@@ -142,6 +142,13 @@ def test_bench_variants_and_ap_formula_run():
     assert len(table_rows(out)) >= 2
 
 
+def test_bench_import_times_both_and_says_whether_dynamo_came_with_fastap():
+    out = run("bench_import.py", "--repeats", "1")
+    assert [row[0] for row in table_rows(out)] == ["import torch", "import fastap"]
+    assert all(float(row[1]) > 0 for row in table_rows(out))
+    assert "import fastap imports torch._dynamo: False" in out
+
+
 def test_bench_cpu_shapes_runs_each_case_against_the_regular_one(tmp_path):
     results = tmp_path / "shapes.json"
     peak = ("--peak",) if os.access("/proc/self/clear_refs", os.W_OK) else ()
