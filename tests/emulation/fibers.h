@@ -227,7 +227,7 @@ struct Barrier {
 
 // Runs body(t) for t in [0, threads), each in a fiber of its own, to the end of every one; a
 // round in which no fiber reaches a barrier or its end means that some wait at a barrier that
-// the others will not reach: it aborts, naming that barrier.
+// the others will not reach: it aborts, saying how many wait at which barrier.
 inline void run_fibers(unsigned threads, std::function<void(unsigned)> body) {
   Scheduler s;
   s.body = std::move(body);
