@@ -200,10 +200,6 @@ def dense_tensor(value, name: str, owner: str = "fastap") -> torch.Tensor:
     return value
 
 
-def _check_tensor(value, name: str) -> torch.Tensor:
-    return dense_tensor(value, name)
-
-
 def _check_device(t: torch.Tensor, name: str, scores: torch.Tensor, what: str = "scores") -> None:
     if t.device != scores.device:
         raise ValueError(f"fastap: {name} is on {t.device} but {what} is on {scores.device}")
@@ -212,7 +208,7 @@ def _check_device(t: torch.Tensor, name: str, scores: torch.Tensor, what: str = 
 def _check_mask(value, name: str, scores: torch.Tensor) -> torch.Tensor:
     """An N x M 0/1 matrix (bool, integer or floating) as a bool or uint8 tensor, the two dtypes
     the kernels read (an entry that is not 0 counts as 1 in both)."""
-    t = _check_tensor(value, name)
+    t = dense_tensor(value, name)
     _check_device(t, name, scores)
     if t.shape != scores.shape:
         raise ValueError(
@@ -290,7 +286,7 @@ def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, li
     """A 1-D integer (or bool) label tensor with one label per `per` (`length` of them), on the
     device of `like` (called `like_name` in the message); returned as int64, by value: labels of
     any two integer dtypes are equal where their values are."""
-    t = _check_tensor(value, name)
+    t = dense_tensor(value, name)
     if t.device != like.device:
         raise ValueError(f"fastap: {name} is on {t.device} but {like_name} is on {like.device}")
     if not (is_integer_tensor(t) or t.dtype == torch.bool):
@@ -396,7 +392,7 @@ def check_histogram_args(
     self_offset=None,
 ) -> HistogramArgs:
     refuse_functorch_transforms()  # (first: a transform's tensors can fail the checks below)
-    scores = _check_tensor(scores, "scores")
+    scores = dense_tensor(scores, "scores")
     if scores.dim() != 2:
         raise ValueError(
             f"fastap: scores must be 2-D (queries x candidates), got shape {list(scores.shape)}"
@@ -464,7 +460,7 @@ def check_histogram_args(
 
 def check_query_weights(query_weights, scores: torch.Tensor, what: str = "scores") -> torch.Tensor:
     """[N] weights beside `scores` [N, ...] (`what`: the caller's name for that tensor)."""
-    t = _check_tensor(query_weights, "query_weights")
+    t = dense_tensor(query_weights, "query_weights")
     _check_device(t, "query_weights", scores, what)
     if not t.is_floating_point():
         raise TypeError(f"fastap: query_weights must be floating point, got dtype {t.dtype}")

@@ -16,16 +16,21 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def run(script: str, *args: str) -> str:
+def python(*argv: str) -> subprocess.CompletedProcess:
+    """Python with these arguments in benchmarks/, which (and the repository) it imports from."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)])}
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args],
+    return subprocess.run(
+        [sys.executable, *argv],
         cwd=BENCHMARKS,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def run(script: str, *args: str) -> str:
+    done = python(str(BENCHMARKS / script), *args)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout
 
@@ -61,15 +66,7 @@ def test_every_script_explains_its_arguments():
     a TypeError from its positional arguments)."""
     scripts = sorted(p.name for p in BENCHMARKS.glob("*.py") if "__main__" in p.read_text())
     assert len(scripts) >= 9
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)])}
-    done = subprocess.run(
-        [sys.executable, "-c", HELP_OF_EACH, *scripts],
-        cwd=BENCHMARKS,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = python("-c", HELP_OF_EACH, *scripts)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.splitlines() == [f"{script} 0 True" for script in scripts]
 
