@@ -167,6 +167,8 @@ def ap_loss(
         counted = torch.where(has_positive, query_weights, torch.zeros_like(query_weights))
         largest = float(counted.detach().abs().max()) if counted.numel() else 0.0
         weights = weights * (counted / (largest if largest > 0 else 1.0)).to(ap.dtype)
-    if float(weights.detach().sum()) == 0.0:  # (detached: a test, not part of the graph)
+    # A total that is not positive (0, or below with value checks off) gives 0, as
+    # fastap.functional.weighted_loss does. (Detached: a test, not part of the graph.)
+    if not float(weights.detach().sum()) > 0.0:
         return (ap * 0).sum()
     return 1 - (weights * ap).sum() / weights.sum()

@@ -122,3 +122,17 @@ def test_answers_are_the_library_ones_with_value_checks_off(dtype):
         torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6, equal_nan=True)
         assert got[1].isnan().item() == (poison == (1, 0))
         assert got_loss.isnan().item() == (poison == (1, 0)) and got[3].item() == 0.0
+
+
+def test_weights_whose_total_is_not_positive_give_the_library_answer_with_value_checks_off():
+    """Without value checks, weights are used as given: a total of 0 or below (or NaN) gives a
+    loss of 0 in fastap.functional, and the reference answers alike."""
+    scores = torch.tensor([[0.9, 0.1, 0.4], [0.2, 0.8, 0.5]], dtype=torch.float64)
+    relevance = torch.tensor([[True, False, False], [True, False, True]])
+    for weights in ([1.0, -2.0], [-1.0, 0.0], [1.0, -1.0], [float("nan"), 1.0], [0.5, 0.25]):
+        w = torch.tensor(weights, dtype=torch.float64)
+        with fastap.set_value_checks(False):
+            want = fastap.ap_loss(scores, relevance, num_bins=5, query_weights=w)
+        got = reference.ap_loss(scores, relevance, num_bins=5, query_weights=w)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+        assert (got.item() == 0.0) == (not w.sum().item() > 0), weights
