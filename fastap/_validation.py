@@ -45,15 +45,22 @@ def refuse_functorch_transforms() -> None:
         )
 
 
+# The largest value of an int argument: the operators take them as int64.
+INT64_MAX = 2**63 - 1
+
+
 def check_int(value, name: str, minimum: int, owner: str = "fastap", what: str = "") -> int:
-    """An integer argument of at least `minimum`, as a Python int: an int or a numpy integer (any
-    numbers.Integral), not a bool, a float or a tensor. TypeError for another type, ValueError
-    below the minimum, each naming the argument (`what`: its unit, if any)."""
+    """An integer argument from `minimum` to 2**63 - 1 (the operators' int64), as a Python int:
+    an int or a numpy integer (any numbers.Integral), not a bool, a float or a tensor. TypeError
+    for another type, ValueError outside the range, each naming the argument (`what`: its unit,
+    if any)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{owner}: {name} must be an int{what}, got {type_name(value)}")
     value = int(value)
     if value < minimum:
         raise ValueError(f"{owner}: {name} must be at least {minimum}{what}, got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"{owner}: {name} must be at most 2**63 - 1 (an int64){what}, got {value}")
     return value
 
 
@@ -78,16 +85,18 @@ def integer_value(value) -> int:
 
 def real_value(value) -> float:
     """float(value) for a real number (an int, a float, a numpy number, a 0-d real tensor, or a
-    symbolic float of torch.compile); TypeError for anything else float() would take (a bool, a
-    string), for the caller to word."""
+    symbolic float of torch.compile), +-infinity for one beyond float64's range (10**400);
+    TypeError for anything else float() would take (a bool, a string), for the caller to word."""
     if isinstance(value, (bool, np.bool_, str, bytes, bytearray)):
         raise TypeError("not a number")
     if isinstance(value, torch.Tensor) and (
-        value.dim() != 0 or value.dtype == torch.bool or value.is_complex()
+        value.dim() != 0 or value.dtype == torch.bool or value.is_complex() or value.is_meta
     ):
-        raise TypeError("not a 0-d real tensor")
+        raise TypeError("not a 0-d real tensor with a value")
     try:
         return float(value)
+    except OverflowError:  # an int (or a Fraction) beyond float64's range: infinite as a float
+        return math.inf if value > 0 else -math.inf
     except (TypeError, ValueError):
         raise TypeError("not a number") from None
 

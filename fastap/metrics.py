@@ -99,6 +99,10 @@ def _check_positive_ints(values, name: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+# The floating dtypes torch.sort takes (not float8 or float4).
+_SORTABLE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_scores(scores, name: str = "scores") -> torch.Tensor:
     scores = _tensor(scores, name)
     if scores.dim() != 2:
@@ -108,6 +112,11 @@ def _check_scores(scores, name: str = "scores") -> torch.Tensor:
     if scores.dtype == torch.bool or scores.is_complex():
         raise TypeError(
             f"fastap: {name} must be a real (floating or integer) tensor, got {scores.dtype}"
+        )
+    if scores.is_floating_point() and scores.dtype not in _SORTABLE_FLOATS:
+        raise TypeError(
+            f"fastap: {name} of dtype {scores.dtype} cannot be ranked (torch does not sort "
+            f"float8 or float4); pass {name}.float()"
         )
     return scores
 
@@ -327,7 +336,8 @@ def average_precision(
     ranking of the row by descending score with the ignored entries removed.
 
     Args:
-        scores: [N, M] real tensor (floating or integer; NaN not allowed, +-inf allowed).
+        scores: [N, M] real tensor (floating or integer; NaN not allowed, +-inf allowed;
+            not float8 or float4, which torch cannot sort).
             Row i: query i's score of each database entry, higher = better.
         relevance: [N, M] bool (or 0/1 in any real dtype): entry j is a positive of query i.
         ignore: optional [N, M] bool (or 0/1): entries removed from the ranking entirely (they
@@ -851,7 +861,8 @@ def _trapezoid_ap(
         last = torch.where(counts > 0, one_based[ends], 0.0)
     precisions = []
     for k in kappas:
-        kq = last.clamp(max=k)
+        # (last is at most the row's width: a k beyond it, up to any int, takes that instead)
+        kq = last.clamp(max=min(k, ranked_pos.shape[1]))
         found = zeros.index_add(0, rows, (one_based <= kq[rows]).double())
         precisions.append(torch.where(kq > 0, found / kq.clamp_min(1), 0.0))
     if precisions:

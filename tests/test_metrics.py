@@ -795,6 +795,13 @@ def test_average_precision_errors():
         average_precision(scores, rel, chunk_size=0)
     with pytest.raises(TypeError, match="chunk_size"):
         average_precision(scores, rel, chunk_size=1.5)
+    with pytest.raises(ValueError, match=r"chunk_size must be at most 2\*\*63 - 1"):
+        average_precision(scores, rel, chunk_size=2**63)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # (torch cannot sort them)
+        with pytest.raises(TypeError, match=f"scores of dtype {dtype} cannot be ranked"):
+            average_precision(scores.to(dtype), rel)
+        with pytest.raises(TypeError, match=f"scores of dtype {dtype} cannot be ranked"):
+            revisited_map(scores.to(dtype), [{"easy": [0], "hard": [], "junk": []}] * 2)
 
 
 def test_retrieval_metrics_errors():
@@ -852,6 +859,11 @@ def test_revisited_map_errors():
         revisited_map(scores, HAND_GND, kappas=(0, 1))
     with pytest.raises(TypeError, match="kappas"):
         revisited_map(scores, HAND_GND, kappas=1)
+    # A k beyond the ranking, however large, is the whole ranking (as for ks of recall@k).
+    whole = revisited_map(scores, HAND_GND, kappas=(scores.shape[1],))
+    beyond = revisited_map(scores, HAND_GND, kappas=(2**64,))
+    for setup in whole:
+        assert beyond[setup][f"mp@{2**64}"] == whole[setup][f"mp@{scores.shape[1]}"]
     with pytest.raises(ValueError, match="scores"):
         revisited_map(scores[0], HAND_GND)
     with pytest.raises(TypeError, match="scores"):
