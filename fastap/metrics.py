@@ -431,7 +431,10 @@ def _recall_hits(
             + torch.lgamma(c64 - take64 + 1)
             - torch.lgamma(c64 + 1)
         )
-        p_none = torch.where(take <= negatives, torch.exp(log_none), 0.0)
+        # (exactly 1 for a group without positives, where the logarithms need not cancel to 0
+        # in floating point; within [0, 1] for the others)
+        p_none = torch.where(take <= negatives, torch.exp(log_none).clamp(0.0, 1.0), 0.0)
+        p_none = torch.where(cp == 0, 1.0, p_none)
         return torch.where(pos_above > 0, 1.0, 1.0 - p_none)
     return ((pos_above > 0) | in_group).double()
 

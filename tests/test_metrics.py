@@ -408,6 +408,34 @@ def test_retrieval_ties_hand_computed():
     assert (avg["map@r"], pes["map@r"], opt["map@r"]) == pytest.approx((1 / 4, 0, 1 / 2))
 
 
+def test_retrieval_recall_of_a_tie_group_of_negatives_is_exactly_zero():
+    """k falls in a group of c tied negatives, the one positive below it: no order of the ties
+    puts a positive in the top k, so recall@k is 0 under every tie rule, exactly (the average
+    rule's C(c, t) / C(c, t) in logarithms left up to 1e-13 on either side of 0), and a group
+    with positives gives a probability within [0, 1]."""
+    query = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    for c in range(1, 60):
+        tied = torch.tensor([[1.0, 0.1]], dtype=torch.float64).repeat(c, 1)
+        database = torch.cat([tied, torch.tensor([[0.0, 1.0]], dtype=torch.float64)])
+        ref_labels = torch.tensor([0] * c + [1])
+        ks = tuple(range(1, c + 1))
+        for ties in TIES:
+            got = retrieval_metrics(
+                query, database, labels=torch.tensor([1]), ref_labels=ref_labels, ks=ks,
+                metrics=("recall",), ties=ties,
+            )  # fmt: skip
+            assert all(got[f"recall@{k}"] == 0.0 for k in ks), (c, ties, got)
+        # One of the group a positive: recall@k = k / c under the average rule.
+        ref_labels[0] = 1
+        got = retrieval_metrics(
+            query, database, labels=torch.tensor([1]), ref_labels=ref_labels, ks=ks,
+            metrics=("recall",),
+        )  # fmt: skip
+        for k in ks:
+            assert 0.0 <= got[f"recall@{k}"] <= 1.0
+            assert got[f"recall@{k}"] == pytest.approx(k / c, rel=1e-12, abs=1e-13)
+
+
 def in_batch_brute_force(scores: torch.Tensor, labels: torch.Tensor, ks) -> tuple[dict, int]:
     """The in-batch metrics of every tie rule by enumeration, each query against the others
     (scores[i, j]: query i's score of row j): ({tie rule: {metric: mean}}, queries counted)."""
