@@ -95,6 +95,25 @@ def test_zero_gradient_off_slope(device):
     torch.testing.assert_close(scores.grad.cpu(), ref_scores.grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype,below,above", [(torch.float64, 53, 54), (torch.float32, 24, 25)])
+def test_a_score_that_rounding_puts_on_a_centre_is_on_it(device, dtype, below, above):
+    """docs/design.md section 1: over (-1, 1) with a centre at 0, hi - s rounds to hi for every s
+    from -2^-below to 2^-above, so those scores are the centre's (gradient 0), and the next
+    representable steps out are not."""
+    rel = torch.tensor([[True, False, True, False]], device=device)
+
+    def grad_at(s: float) -> float:
+        scores = torch.tensor([[s, 0.5, -0.5, 0.0]], dtype=dtype, device=device)
+        scores.requires_grad_()
+        (grad,) = torch.autograd.grad(fastap.ap_loss(scores, rel, num_bins=3), scores)
+        return grad[0, 0].item()
+
+    for s in (0.0, -(2.0**-below), 2.0**-above, 1e-300 if dtype == torch.float64 else 1e-40):
+        assert grad_at(s) == 0.0, s
+    for s in (-(2.0**-below) * 1.5, 2.0**-above * 1.5):  # one step further out: the slopes
+        assert grad_at(s) != 0.0, s
+
+
 def test_no_gradient_at_lo_where_its_bins_slope_is_non_zero(device):
     # binning.h BinGrid::sloped: a score exactly at lo gets no gradient (t = Q - 1, f = 1 after
     # the clamp of k), also where the slope of its bins, (g[Q-2] - g[Q-1]) / delta, is non-zero:
