@@ -291,21 +291,29 @@ WIDE_UNSIGNED = tuple(
 )
 
 
-def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, like_name: str):
+def check_labels(
+    value,
+    name: str,
+    length: int,
+    per: str,
+    like: torch.Tensor,
+    like_name: str,
+    owner: str = "fastap",
+):
     """A 1-D integer (or bool) label tensor with one label per `per` (`length` of them), on the
     device of `like` (called `like_name` in the message); returned as int64, by value: labels of
     any two integer dtypes are equal where their values are."""
-    t = dense_tensor(value, name)
+    t = dense_tensor(value, name, owner)
     if t.device != like.device:
-        raise ValueError(f"fastap: {name} is on {t.device} but {like_name} is on {like.device}")
+        raise ValueError(f"{owner}: {name} is on {t.device} but {like_name} is on {like.device}")
     if not (is_integer_tensor(t) or t.dtype == torch.bool):
         hint = f" (labels held as floats: pass {name}.long())" if t.is_floating_point() else ""
         raise TypeError(
-            f"fastap: {name} must be an integer or bool tensor, got dtype {t.dtype}{hint}"
+            f"{owner}: {name} must be an integer or bool tensor, got dtype {t.dtype}{hint}"
         )
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(
-            f"fastap: {name} must be 1-D with one label per {per} ({length}), "
+            f"{owner}: {name} must be 1-D with one label per {per} ({length}), "
             f"got shape {list(t.shape)}"
         )
     labels = t.to(torch.int64)
@@ -315,7 +323,7 @@ def check_labels(value, name: str, length: int, per: str, like: torch.Tensor, li
     # set_value_checks(False) or torch.compile, where they wrap.)
     if t.dtype == UINT64 and checks_values_of(t) and bool((labels < 0).any()):
         raise ValueError(
-            f"fastap: {name} holds uint64 values of 2**63 or more, which int64 labels cannot "
+            f"{owner}: {name} holds uint64 values of 2**63 or more, which int64 labels cannot "
             f"hold; where every label tensor is uint64, pass {name}.view(torch.int64)"
         )
     return labels

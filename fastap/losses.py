@@ -100,7 +100,7 @@ def check_batch(embeddings, labels, owner: str) -> torch.Tensor:
     check_embedding_matrix(embeddings, "embeddings", owner)
     check_finite_rows(embeddings, "embeddings", owner)
     return check_labels(
-        labels, "labels", embeddings.shape[0], "row of embeddings", embeddings, "embeddings"
+        labels, "labels", embeddings.shape[0], "row of embeddings", embeddings, "embeddings", owner
     )
 
 
@@ -151,7 +151,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
                 )
             embeddings, ref_emb = in_common_dtype(embeddings, ref_emb)
             check_labels(ref_labels, "ref_labels", ref_emb.shape[0], "row of ref_emb", embeddings,
-                         "embeddings")  # fmt: skip
+                         "embeddings", owner)  # fmt: skip
             database, database_labels = ref_emb, ref_labels
         weights = miner_weights(
             indices_tuple,

@@ -583,10 +583,12 @@ def test_front_end_errors_name_their_own_arguments():
             call()
         assert "ignore" not in str(raised.value)
     e, labels = torch.randn(16, 8), torch.randint(0, 4, (16,))
-    with pytest.raises(ValueError, match=r"labels must be 1-D with one label per row of embed"):
+    with pytest.raises(ValueError, match=r"^fastap.APLoss: labels must be 1-D with one label pe"):
         fastap.APLoss()(e, labels[:10])
-    with pytest.raises(ValueError, match="ref_labels must be 1-D with one label per row of ref"):
+    with pytest.raises(ValueError, match=r"^fastap.FastAPLoss: ref_labels must be 1-D with one "):
         fastap.FastAPLoss()(e, labels, ref_emb=e[:5], ref_labels=labels)
+    with pytest.raises(TypeError, match=r"^fastap.APLoss: ref_labels must be an integer or bool"):
+        fastap.APLoss()(e, labels, ref_emb=e[:5], ref_labels=labels[:5].float())
     with pytest.raises(ValueError, match="same device, got cpu and meta"):
         fastap.APLoss()(e, labels, ref_emb=e.to("meta"), ref_labels=labels)
     with pytest.raises(ValueError, match="same dimension and device"):
