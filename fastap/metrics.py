@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from fastap._validation import (
@@ -638,21 +639,30 @@ _SETUPS = {
 
 def _gnd_indices(value, where: str) -> torch.Tensor:
     """One list of database indices of the ground truth as a 1-D int64 CPU tensor."""
+    beyond_int64 = ValueError(f"fastap: {where} holds an index beyond int64")
     try:
         t = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as error:
         if "Overflow" in str(error):  # (a Python int beyond int64)
-            raise ValueError(f"fastap: {where} holds an index beyond int64") from None
-        raise TypeError(
-            f"fastap: {where} must be a list or array of database indices, got {type_name(value)}"
-        ) from None
+            raise beyond_int64 from None
+        try:  # a list of numpy integers, which torch takes only as an array (uint64 ones)
+            t = torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"fastap: {where} must be a list or array of database indices, got "
+                f"{type_name(value)}"
+            ) from None
     t = t.reshape(-1)
     if t.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"fastap: {where} must hold integer indices, got dtype {t.dtype}")
+    unsigned_64 = t.dtype == UINT64
     t = t.to(device="cpu", dtype=torch.int64)
     if bool((t < 0).any()):
+        # (uint64 indices of 2**63 and more wrap onto negative ones)
+        if unsigned_64:
+            raise beyond_int64
         raise ValueError(f"fastap: {where} holds a negative index")
     return t
 

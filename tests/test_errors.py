@@ -724,6 +724,19 @@ def test_wide_unsigned_indices_rankings_and_counts_are_taken_by_value():
     # (2**63 as a count wraps to a negative one, in the op and in the flags alike.)
     ap, valid = ap_from_histograms(n[:1], p[:1], huge, "ap_q")
     assert ap.item() == 0 and not valid.item()
+    # The ground truth's indices in uint64 (a tensor, a numpy array, a list of numpy scalars,
+    # which torch.as_tensor alone does not take): by value, and 2**63 or more beyond int64.
+    ranked = fastap.metrics.revisited_map(ranking, gnd, is_ranking=True)
+    for wide in (
+        lambda v: torch.tensor(v, dtype=torch.uint64),
+        lambda v: np.array(v, dtype=np.uint64),
+        lambda v: [np.uint64(i) for i in v],
+    ):
+        wide_gnd = [{key: wide(value) for key, value in g.items()} for g in gnd]
+        assert fastap.metrics.revisited_map(ranking, wide_gnd, is_ranking=True) == ranked
+        beyond = [{"easy": wide([2**63]), "hard": wide([]), "junk": wide([])}] * 2
+        with pytest.raises(ValueError, match=r"ground_truth\[0\]\['easy'\] holds an index beyond"):
+            fastap.metrics.revisited_map(ranking, beyond, is_ranking=True)
 
 
 def test_uint64_labels_beyond_int64_are_refused():
