@@ -104,6 +104,11 @@ def multistage_backward(
     Where the model or ``loss_fn`` raises, the exception propagates: the BatchNorm statistics are
     then as they were before the call if it was in stages 1 or 2, while in stage 3 the
     parameters' ``.grad`` holds the gradients of the chunks done (zero them before a retry).
+    A model with no parameter that requires grad, on inputs that require none, is refused
+    before stage 1 (ValueError; nothing has run). A model whose output does not require grad
+    all the same (it detaches it) is refused at stage 3's first chunk, with the BatchNorm
+    statistics as they were, but after ``loss_fn`` has run (a cross-batch memory has taken the
+    batch).
 
     Dropout and other random layers draw their masks per chunk: with ``preserve_rng_state`` the
     gradients are exactly those of one backward through the same chunks. Under
@@ -133,6 +138,16 @@ def multistage_backward(
             "torch.inference_mode); call it where they are enabled"
         )
     chunks = _split(inputs, chunk_size)
+    # Refused before anything runs (so loss_fn, a cross-batch memory's enqueue with it, and the
+    # BatchNorm statistics see nothing): a model with no parameter that takes a gradient, on
+    # inputs that take none, has nothing to backpropagate to.
+    if not any(p.requires_grad for p in model.parameters()) and not any(
+        t.requires_grad for t in chunks[0]
+    ):
+        raise ValueError(
+            f"{owner}: no parameter of the model and no input requires grad (are all its "
+            "parameters frozen?): there is nothing to backpropagate to"
+        )
     devices = _devices_of(chunks)
     device_type = "cuda" if devices else "cpu"
 
@@ -151,6 +166,13 @@ def multistage_backward(
             (f"{module_name}.{n}", b) for n, b in module.named_buffers(recurse=False)
         )
     }
+
+    def restore_batchnorm_statistics() -> None:
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, value in saved_buffers.items():
+                buffers[name].copy_(value)
+
     states, outputs = [], []
     try:
         with torch.no_grad():
@@ -162,10 +184,7 @@ def multistage_backward(
                 with autocast():
                     outputs.append(_descriptors(model(*chunk), owner))
     finally:  # (also where the model raised part-way)
-        buffers = dict(model.named_buffers())
-        with torch.no_grad():
-            for name, value in saved_buffers.items():
-                buffers[name].copy_(value)
+        restore_batchnorm_statistics()
 
     # Stage 2: the loss and its gradient with respect to every descriptor.
     descriptors = torch.cat(outputs)
@@ -195,10 +214,11 @@ def multistage_backward(
         with sync:
             with replay or contextlib.nullcontext(), autocast():
                 output = model(*chunk)
-            if not output.requires_grad:
+            if not output.requires_grad:  # (a model that detaches its output; only chunk 0)
+                restore_batchnorm_statistics()
                 raise ValueError(
-                    "fastap.train.multistage_backward: the model's output does not require "
-                    "grad (are all its parameters frozen?): there is nothing to backpropagate to"
+                    f"{owner}: the model's output does not require grad (does it detach "
+                    "it?): there is nothing to backpropagate to"
                 )
             output.backward(grad.to(output.dtype))
     return loss.detach()

@@ -164,7 +164,7 @@ def test_bad_arguments():
         with no_grad(), pytest.raises(RuntimeError, match="gradients are disabled here"):
             multistage_backward(model, images, lambda d: d.sum(), chunk_size=2)
     frozen = small_cnn().requires_grad_(False)
-    with pytest.raises(ValueError, match=r"output does not require grad .*parameters frozen"):
+    with pytest.raises(ValueError, match=r"no parameter of the model and no input requires grad"):
         multistage_backward(frozen, images, lambda d: d.sum(), chunk_size=2)
     for change, error, match in (
         (dict(model=lambda x: x), TypeError, "model must be a torch.nn.Module, got function"),
@@ -180,14 +180,22 @@ def test_bad_arguments():
             multistage_backward(**{**arguments, **change})
 
 
-class Pair(torch.nn.Module):  # (as an LSTM returns its output and state)
+class Scaled(torch.nn.Module):
+    """A model with a parameter (one without is refused before it runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+
+class Pair(Scaled):  # (as an LSTM returns its output and state)
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x.flatten(1), x.flatten(1)
+        return x.flatten(1) * self.scale, x.flatten(1)
 
 
-class Integers(torch.nn.Module):
+class Integers(Scaled):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1).long()
+        return (x.flatten(1) * self.scale).long()
 
 
 def test_a_model_that_raises_leaves_the_batchnorm_statistics_as_they_were():
@@ -263,3 +271,43 @@ def test_grad_scaler_scales_the_parameter_gradients():
     for ours, ref in zip(grads(scaled), grads(plain)):
         assert ref.any()
         torch.testing.assert_close(ours, ref * 2.0**10, rtol=1e-12, atol=0)
+
+
+def test_a_refused_call_changes_nothing():
+    """A model with nothing to backpropagate to is refused before any stage: loss_fn is not
+    called (a cross-batch memory does not take the batch) and BatchNorm's statistics do not
+    move. One that detaches its output is refused at stage 3, its statistics restored. With an
+    input that requires grad, a frozen model is no refusal: the gradient goes to the input."""
+    torch.manual_seed(0)
+    x, labels = torch.randn(11, 6), torch.randint(0, 3, (11,))
+
+    def model_and_memory():
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5))
+        return model, fastap.memory.CrossBatchMemory(fastap.APLoss(), size=16)
+
+    model, memory = model_and_memory()
+    model.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no parameter of the model and no input requires grad"):
+        multistage_backward(model, x, lambda d: memory(d, labels), chunk_size=4)
+    assert memory.filled == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    class Detaching(torch.nn.Sequential):
+        def forward(self, x):
+            return super().forward(x).detach()
+
+    detaching = Detaching(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5))
+    before = {k: v.clone() for k, v in detaching.state_dict().items()}
+    with pytest.raises(ValueError, match=r"output does not require grad .*detach"):
+        multistage_backward(detaching, x, lambda d: fastap.APLoss()(d, labels), chunk_size=4)
+    assert all(torch.equal(v, before[k]) for k, v in detaching.state_dict().items())
+
+    model, memory = model_and_memory()
+    model.requires_grad_(False)
+    model.eval()
+    wanted = x.clone().requires_grad_()
+    fastap.APLoss()(model(wanted), labels).backward()
+    inputs = x.clone().requires_grad_()
+    multistage_backward(model, inputs, lambda d: fastap.APLoss()(d, labels), chunk_size=4)
+    torch.testing.assert_close(inputs.grad, wanted.grad, rtol=1e-5, atol=1e-7)
