@@ -160,6 +160,10 @@ class CrossBatchMemory(torch.nn.Module):
         self.filled, self.next = state["filled"], state["next"]
 
     def reset(self) -> None:
+        """Forget every entry: the memory is as a new one, its buffers released (the next batch,
+        or a checkpoint, sets their dtype, dimension and device, as the first one does)."""
+        self.embeddings = self.embeddings.new_empty(0)
+        self.labels = self.labels.new_empty(0)
         self.filled = 0
         self.next = 0
 

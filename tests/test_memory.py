@@ -276,3 +276,27 @@ def test_compiled_it_runs_eagerly_and_equals_eager_on_every_step():
         batch, labels = torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
         assert torch.equal(step(batch, labels), eager(batch, labels))
     assert compiled.filled == eager.filled == 16
+
+
+def test_a_reset_memory_is_a_new_one():
+    """reset() forgets the entries and their dtype and dimension: the next batch or checkpoint
+    sets them, as for a new memory (it kept them, and refused a batch of another dimension with
+    a message about entries it no longer held)."""
+    g = torch.Generator().manual_seed(5)
+    labels = torch.tensor([0, 0, 1, 1])
+    source = CrossBatchMemory(size=4)
+    source(torch.randn(4, 5, generator=g), labels)
+    memory = CrossBatchMemory(size=4)
+    memory(torch.randn(4, 3, generator=g).half(), labels)
+    memory.reset()
+    assert memory.filled == 0 and memory.embeddings.numel() == 0
+    memory.load_state_dict(source.state_dict())  # of dimension 5, in float32
+    assert memory.embeddings.dtype == torch.float32 and torch.equal(
+        memory.contents()[0], source.contents()[0]
+    )
+    memory.reset()
+    batch = torch.randn(2, 7, generator=g, dtype=torch.float64)
+    fresh = CrossBatchMemory(size=4)
+    assert torch.equal(memory(batch, labels[:2]), fresh(batch, labels[:2]))
+    assert memory.embeddings.dtype == torch.float64 and memory.embeddings.shape == (4, 7)
+    assert torch.equal(memory.contents()[0], fresh.contents()[0])
