@@ -3,8 +3,9 @@
 The histograms of each query only need that query's scores, and the backward only needs two
 small tables per query, so the scores can be computed block of queries by block, binned, and
 thrown away; the backward recomputes each block's scores, turns them into the block's dS with the
-fused backward op, and folds it into dQ = dS @ DB and dDB += dS^T @ Q. Peak extra memory: two
-block x M score tiles plus O((N + M) D + N Q), whatever N and M are.
+fused backward op, and folds it into dQ = dS @ DB and dDB += dS^T @ Q. Peak extra memory: one
+block x M score tile forward, a tile and its dS backward, plus O((N + M) D + N Q), whatever N
+and M are.
 
 Two backends compute this:
 
@@ -97,10 +98,11 @@ class _BlockedSoftHistogram(torch.autograd.Function):
             queries, database, labels, ref_labels
         )
         tiles = _score_tiles(all_queries, all_database, all_labels, all_ref_labels, options)
+        histograms = []
         with autocast_off(queries.device):  # (the scores in the embeddings' dtype, as backward's)
-            histograms = [
-                torch.ops.fastap.soft_histogram(scores, *op_args) for _, scores, op_args in tiles
-            ]
+            for _, scores, op_args in tiles:
+                histograms.append(torch.ops.fastap.soft_histogram(scores, *op_args))
+                del scores  # (before the next tile is computed: one tile at a time)
         n, p, positives = (torch.cat(parts) for parts in zip(*histograms))
         ctx.save_for_backward(queries, database, labels, ref_labels)
         ctx.options = options
@@ -126,6 +128,8 @@ class _BlockedSoftHistogram(torch.autograd.Function):
                 )
                 grad_queries[rows] = grad_scores @ database
                 grad_database += (grad_scores.T @ queries[rows]).to(grad_database.dtype)
+                # (before the next tile is computed: a tile and its gradient at a time)
+                del scores, grad_scores
         grads = embedding_grads(saved[1], grad_queries, grad_database.to(database.dtype))
         return (*grads, None, None) + (None,) * 6
 

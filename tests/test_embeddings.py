@@ -410,3 +410,32 @@ def test_auto_backend_reads_tf32_from_every_torch_api(monkeypatch):
     finally:
         matmul.allow_tf32 = legacy
         torch.set_float32_matmul_precision(precision)
+
+
+def test_blocks_hold_one_score_tile_forward_and_a_tile_and_its_gradient_backward(monkeypatch):
+    """docs/api.md's peak of the blockwise path, two block x M tiles: when a block's tile is
+    computed, no other block's tile (or its gradient) is alive, so the forward holds one tile
+    and the backward a tile and its gradient. (The loops kept the last block's, 3 tiles backward.)
+    Counted as the block x M tensors alive (gc) when each new tile exists."""
+    import gc
+
+    import fastap.embeddings as embeddings_module
+
+    n, block = 301, 64
+    others_alive = []
+    score_tiles = embeddings_module._score_tiles
+
+    def counting_tiles(*args):
+        for rows, scores, op_args in score_tiles(*args):
+            tensors = (t for t in gc.get_objects() if issubclass(type(t), torch.Tensor))
+            others_alive.append(sum(t.shape == (block, n) and t is not scores for t in tensors))
+            yield rows, scores, op_args
+
+    monkeypatch.setattr(embeddings_module, "_score_tiles", counting_tiles)
+    g = torch.Generator().manual_seed(7)
+    e = torch.randn(n, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    loss = fastap.ap_loss_from_embeddings(e, labels=labels, backend="blockwise", block_size=block)
+    loss.backward()
+    assert len(others_alive) == 2 * 5  # 5 blocks (the last of 45 rows), forward and backward
+    assert others_alive == [0] * 10, others_alive
