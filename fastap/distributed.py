@@ -48,8 +48,7 @@ def gather_embeddings(
         process's rows start in the gathered tensors (the labels as int64).
     """
     owner = "fastap.distributed.gather_embeddings"
-    labels = check_batch(embeddings, labels, owner)
-    return _gather_checked(embeddings, labels, _check_group(group, owner), owner)
+    return _gather_checked(embeddings, labels, _check_group(group, owner), owner)[:3]
 
 
 def _check_group(group, owner: str):
@@ -68,26 +67,49 @@ def _check_group(group, owner: str):
 @torch.compiler.disable
 def _gather_checked(
     embeddings, labels, group, owner: str
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """gather_embeddings on a batch that check_batch has checked (labels int64)."""
-    if embeddings.device.type == "meta":
-        raise ValueError(
-            f"{owner}: embeddings are on the meta device, which holds no batch sizes to exchange "
-            "between processes"
-        )
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """gather_embeddings, with the batch checked (check_batch) on every process before any
+    collective but the first: a batch refused on one process is refused on all (the process
+    raises its own error, the others say which process refused), where the others used to wait
+    in the next collective for a process that had left. Returns gather_embeddings' three and this
+    process's labels as int64."""
+    try:
+        labels = check_batch(embeddings, labels, owner)
+        if embeddings.device.type == "meta":
+            raise ValueError(
+                f"{owner}: embeddings are on the meta device, which holds no batch sizes to "
+                "exchange between processes"
+            )
+        refusal = None
+    except (TypeError, ValueError) as error:
+        refusal = error
     if not dist.is_available() or not dist.is_initialized():
+        if refusal is not None:
+            raise refusal
         raise RuntimeError("fastap: torch.distributed is not initialised (init_process_group)")
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    # Each process's rows, dimension and dtype: the collectives below need the same dimension and
-    # dtype everywhere (gloo aborts the process otherwise), and every process raises alike.
-    shape = torch.tensor(
-        [embeddings.shape[0], embeddings.shape[1], SCORE_DTYPES.index(embeddings.dtype)],
-        device=embeddings.device,
-    )
+    # Each process's rows, dimension and dtype (-1 rows: its batch was refused): the collectives
+    # below need the same dimension and dtype everywhere (gloo aborts the process otherwise), and
+    # every process raises alike.
+    if refusal is None:
+        row = [embeddings.shape[0], embeddings.shape[1], SCORE_DTYPES.index(embeddings.dtype)]
+        device = embeddings.device
+    else:
+        row, device = [-1, 0, 0], _exchange_device(embeddings, group)
+    shape = torch.tensor(row, device=device)
     gathered_shapes = [torch.zeros_like(shape) for _ in range(world)]
     dist.all_gather(gathered_shapes, shape, group=group)
+    if refusal is not None:
+        raise refusal
     shapes = [tuple(int(v) for v in s) for s in gathered_shapes]
+    refused = [r for r, s in enumerate(shapes) if s[0] < 0]
+    if refused:
+        ranks = ", ".join(str(r) for r in refused)
+        raise ValueError(
+            f"{owner}: the batch of rank {ranks} was refused (that process raised why); every "
+            "process raises with it"
+        )
     if any(s[1:] != shapes[rank][1:] for s in shapes):
         described = ", ".join(
             f"rank {r}: {SCORE_DTYPES[code]} of dimension {dim}"
@@ -108,7 +130,17 @@ def _gather_checked(
     dist.all_gather(gathered_labels, padded_labels.contiguous(), group=group)
     all_embeddings = torch.cat([g[:s] for g, s in zip(gathered, sizes)])
     all_labels = torch.cat([g[:s] for g, s in zip(gathered_labels, sizes)])
-    return all_embeddings, all_labels, sum(sizes[:rank])
+    return all_embeddings, all_labels, sum(sizes[:rank]), labels
+
+
+def _exchange_device(embeddings, group) -> torch.device:
+    """Where a process whose batch was refused puts its part of the size exchange: its
+    embeddings' device if they have values, else the backend's (NCCL: the current CUDA device)."""
+    if isinstance(embeddings, torch.Tensor) and embeddings.device.type != "meta":
+        return embeddings.device
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 @torch.compiler.disable
@@ -143,11 +175,11 @@ class DistributedAPLoss(torch.nn.Module):
         self.group = _check_group(group, "fastap.distributed.DistributedAPLoss")
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # (A bad batch raises here on its own process; the others then wait in the collective,
-        # as with any error inside a distributed step.)
+        # (A batch refused on one process is refused on every process, in the size exchange.)
         owner = "fastap.distributed.DistributedAPLoss"
-        labels = check_batch(embeddings, labels, owner)
-        all_embeddings, all_labels, offset = _gather_checked(embeddings, labels, self.group, owner)
+        all_embeddings, all_labels, offset, labels = _gather_checked(
+            embeddings, labels, self.group, owner
+        )
         # Query i of this process is row offset + i of the gathered batch: not its own positive.
         per_query, valid = self.loss.per_query_loss(
             embeddings, all_embeddings, labels, all_labels, exclude_self=True, self_offset=offset

@@ -87,8 +87,28 @@ def run_and_save(rank, out_dir):
             DistributedAPLoss()(torch.randn(3, dim, dtype=dtype), torch.arange(3))
         except ValueError as error:
             refusals.append(str(error))
+    # A batch refused on one process (non-finite embeddings, labels of another length, no
+    # tensor, meta embeddings) is refused on every process: that process raises its own error,
+    # the other says whose batch it was (it waited in the next collective before).
+    bad_batches = []
+    nan_rows = torch.randn(3, 5)
+    nan_rows[1, 2] = float("nan")
+    for bad in (
+        (nan_rows, torch.arange(3)),
+        (torch.randn(3, 5), torch.arange(2)),
+        ("embeddings", torch.arange(3)),
+        (torch.randn(3, 5, device="meta"), torch.arange(3, device="meta")),
+    ):
+        batch = bad if rank == 1 else (torch.randn(3, 5), torch.arange(3))
+        for call in (DistributedAPLoss(), gather_embeddings):
+            try:
+                call(*batch)
+                bad_batches.append("no error")
+            except (TypeError, ValueError) as error:
+                bad_batches.append(str(error))
     torch.save(
         {
+            "bad_batches": bad_batches,
             "refusals": refusals,
             "staged_grads": [p.grad for p in staged.parameters()],
             "share": share.detach(),
@@ -118,6 +138,23 @@ def test_two_processes_equal_the_global_batch(tmp_path):
             "must give the same"
             for second in ("torch.float64 of dimension 4", "torch.float32 of dimension 5")
         ]
+
+    # (rank 1's own errors, in the order of its bad batches, each from both entry points)
+    own = [
+        "embeddings contain NaN or infinity",
+        "labels must be 1-D with one label per row of embeddings (3), got shape [2]",
+        "embeddings must be a torch.Tensor, got str",
+        "embeddings are on the meta device",
+    ]
+    owners = ["fastap.distributed.DistributedAPLoss", "fastap.distributed.gather_embeddings"]
+    assert len(results[1]["bad_batches"]) == len(results[0]["bad_batches"]) == 2 * len(own)
+    for i, (theirs, mine) in enumerate(zip(results[0]["bad_batches"], results[1]["bad_batches"])):
+        owner = owners[i % 2]
+        assert theirs == (
+            f"{owner}: the batch of rank 1 was refused (that process raised why); every process "
+            "raises with it"
+        )
+        assert mine.startswith(owner) and own[i // 2] in mine, mine
 
     embeddings, labels = global_batch()
     embeddings.requires_grad_()
