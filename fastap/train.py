@@ -19,6 +19,9 @@ import torch
 from fastap._validation import check_bool, check_int, type_name
 
 _BATCHNORM = (torch.nn.modules.batchnorm._BatchNorm,)
+# The layers with running statistics (BatchNorm, SyncBatchNorm, and InstanceNorm with
+# track_running_stats): their base class, whose buffers stage 1 leaves as they were.
+_RUNNING_STATISTICS = (torch.nn.modules.batchnorm._NormBase,)
 
 
 def _split(inputs, chunk_size: int):
@@ -98,7 +101,9 @@ def multistage_backward(
     BatchNorm in training mode normalises each chunk with the chunk's statistics, so the
     descriptors (and gradients) are those of a chunked forward, not of one full-batch forward.
     Running statistics are updated once per chunk (stage 3 only; stage 1 leaves them as they
-    were). The usual remedy for retrieval fine-tuning is to freeze BatchNorm:
+    were, those of InstanceNorm with ``track_running_stats`` too; other layers that update
+    buffers in their forward, such as ``spectral_norm``'s power iteration, do so in both
+    stages). The usual remedy for retrieval fine-tuning is to freeze BatchNorm:
     :func:`freeze_batchnorm`.
 
     Where the model or ``loss_fn`` raises, the exception propagates: the BatchNorm statistics are
@@ -157,17 +162,17 @@ def multistage_backward(
         return torch.autocast(device_type, dtype=autocast_dtype)
 
     # Stage 1: descriptors without a graph; keep each chunk's random state for stage 3 and leave
-    # the BatchNorm running statistics untouched (stage 3 updates them).
+    # the running statistics (BatchNorm's, InstanceNorm's) untouched (stage 3 updates them).
     saved_buffers = {
         name: buffer.clone()
         for module_name, module in model.named_modules()
-        if isinstance(module, _BATCHNORM)
+        if isinstance(module, _RUNNING_STATISTICS)
         for name, buffer in (
             (f"{module_name}.{n}", b) for n, b in module.named_buffers(recurse=False)
         )
     }
 
-    def restore_batchnorm_statistics() -> None:
+    def restore_running_statistics() -> None:
         buffers = dict(model.named_buffers())
         with torch.no_grad():
             for name, value in saved_buffers.items():
@@ -184,7 +189,7 @@ def multistage_backward(
                 with autocast():
                     outputs.append(_descriptors(model(*chunk), owner))
     finally:  # (also where the model raised part-way)
-        restore_batchnorm_statistics()
+        restore_running_statistics()
 
     # Stage 2: the loss and its gradient with respect to every descriptor.
     descriptors = torch.cat(outputs)
@@ -215,7 +220,7 @@ def multistage_backward(
             with replay or contextlib.nullcontext(), autocast():
                 output = model(*chunk)
             if not output.requires_grad:  # (a model that detaches its output; only chunk 0)
-                restore_batchnorm_statistics()
+                restore_running_statistics()
                 raise ValueError(
                     f"{owner}: the model's output does not require grad (does it detach "
                     "it?): there is nothing to backpropagate to"

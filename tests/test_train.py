@@ -77,6 +77,29 @@ def test_dropout_and_batchnorm_in_training_mode_equal_a_chunked_forward():
         torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 
+def test_instance_norm_running_statistics_are_updated_once_per_chunk():
+    """InstanceNorm with track_running_stats keeps running statistics too: stage 1 leaves them
+    as they were, as BatchNorm's, so they end as after one forward of each chunk (they were
+    updated twice per chunk)."""
+    torch.manual_seed(2)
+    x, labels = torch.randn(10, 3, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+
+    def net():
+        torch.manual_seed(5)
+        norm = torch.nn.InstanceNorm1d(3, affine=True, track_running_stats=True)
+        return torch.nn.Sequential(norm, torch.nn.Flatten(), torch.nn.Linear(18, 4)).double()
+
+    reference_model, model = net(), net()
+    loss_fn = fastap.APLoss()
+    descriptors = torch.cat([reference_model(chunk) for chunk in x.split(4)])
+    loss_fn(descriptors, labels).backward()
+    multistage_backward(model, x, lambda d: loss_fn(d, labels), chunk_size=4)
+    for ours, ref in zip(model.buffers(), reference_model.buffers()):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    for ours, ref in zip(grads(model), grads(reference_model)):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
 def test_gradients_accumulate_and_tuple_inputs():
     images, labels = batch(10)
 
