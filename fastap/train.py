@@ -219,8 +219,9 @@ def multistage_backward(
         with sync:
             with replay or contextlib.nullcontext(), autocast():
                 output = model(*chunk)
-            if not output.requires_grad:  # (a model that detaches its output; only chunk 0)
-                restore_running_statistics()
+            if not output.requires_grad:  # (a model that detaches its output: at chunk 0)
+                if index == 0:  # (a later chunk's refusal leaves the chunks done as they are)
+                    restore_running_statistics()
                 raise ValueError(
                     f"{owner}: the model's output does not require grad (does it detach "
                     "it?): there is nothing to backpropagate to"
