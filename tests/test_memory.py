@@ -101,7 +101,9 @@ def test_state_dict_of_another_size_is_refused():
 
 def test_state_whose_next_entry_is_past_the_end_is_refused():
     memory = CrossBatchMemory(size=10)
-    memory(torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    # (full: a state that says filled=10 has its 10 entries read, and unfilled slots hold
+    # whatever torch.empty left there, NaN included)
+    memory(torch.randn(10, 4), torch.randint(0, 3, (10,)))
     state = memory.state_dict()
     key = next(k for k in state if k.endswith("_extra_state"))
     state[key] = {"filled": 10, "next": 9}  # the last slot: fine
