@@ -7,6 +7,13 @@ fused backward op, and folds it into dQ = dS @ DB and dDB += dS^T @ Q. Peak extr
 block x M score tile forward, a tile and its dS backward, plus O((N + M) D + N Q), whatever N
 and M are.
 
+In-batch (the database is the queries) the scores are symmetric, and the loop takes square tiles
+instead: the tile S = E_I @ E_J^T of blocks I <= J gives the rows of I their scores against J
+and, transposed, the rows of J theirs against I; backward, H = dS_IJ + dS_JI^T gives E_I's
+gradient H @ E_J and E_J's H^T @ E_I. About half the matrix products (4 N^2 D flops and the
+diagonal tiles' 4 D |I|^2, against 8 N^2 D), and no more memory: two tiles of the square side
+hold no more than one block x M tile.
+
 Two backends compute this:
 
 - ``"blockwise"`` (any device): the loop above, with torch's matrix products and the score-matrix
@@ -25,6 +32,8 @@ the blockwise path.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -84,8 +93,87 @@ def _score_tiles(queries, database, labels, ref_labels, options):
         yield rows, queries[rows] @ database.T, (*op_args, start + self_offset)
 
 
+def square_tile_side(block_size: int, num_rows: int) -> int:
+    """Side of the square score tiles of the in-batch blockwise path: two of them hold no more
+    scores than one block_size x num_rows tile of the path against a database."""
+    return max(1, min(num_rows, math.isqrt(block_size * num_rows // 2)))
+
+
+def _square_tiles(embeddings, labels, options):
+    """In-batch (the database is the embeddings themselves) the scores are symmetric: for each
+    pair of blocks of rows I <= J, one tile S = E_I @ E_J^T gives the scores of the rows of I
+    against J and, transposed, those of the rows of J against I. Yields (rows I, rows J, S, the
+    ops' arguments after the scores for I against J, and for J against I, None where I = J).
+    Each tile is computed when asked for, so only one lives at a time."""
+    exclude_self, _, num_bins, lo, hi, block_size = options
+    num_rows = embeddings.shape[0]
+    side = square_tile_side(block_size, num_rows)
+    for first in range(0, num_rows, side):
+        rows = slice(first, first + side)
+        for other in range(first, num_rows, side):
+            cols = slice(other, other + side)
+            # (Self-pairs only lie in the diagonal tiles, along their diagonal: offset 0.)
+            forward_args = (None, labels[rows], labels[cols], None, exclude_self and other == first)
+            common = (num_bins, lo, hi, 0)
+            mirror_args = None
+            if other != first:
+                mirror_args = (None, labels[cols], labels[rows], None, False, *common)
+            scores = embeddings[rows] @ embeddings[cols].T
+            yield rows, cols, scores, (*forward_args, *common), mirror_args
+
+
+def _in_batch_histograms(embeddings, labels, options):
+    """(n, p, positives) of the in-batch scores from the square tiles: each row's histograms are
+    the sums of those of its pieces, taken in a fixed order (deterministic)."""
+    totals = None
+    for rows, cols, scores, forward_args, mirror_args in _square_tiles(embeddings, labels, options):
+        pieces = [(rows, torch.ops.fastap.soft_histogram(scores, *forward_args))]
+        if mirror_args is not None:
+            transposed = scores.T.contiguous()  # (one tile and its transpose at a time)
+            pieces.append((cols, torch.ops.fastap.soft_histogram(transposed, *mirror_args)))
+            del transposed
+        del scores
+        for piece_rows, piece in pieces:
+            if totals is None:
+                totals = [
+                    torch.zeros((embeddings.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+                    for t in piece
+                ]
+            for total, part in zip(totals, piece):
+                total[piece_rows] += part
+    return totals
+
+
+def _in_batch_gradient(embeddings, labels, grad_n, grad_p, options):
+    """The gradient of the embeddings from the square tiles. For the pair of blocks I < J with
+    the tile S = E_I @ E_J^T: the scores' gradient H = dS_IJ + dS_JI^T gives E_I's H @ E_J and
+    E_J's H^T @ E_I: three matrix products a pair of blocks with the tile's, where the rows
+    against all rows take six. Accumulated in fp32 at least, in a fixed order (deterministic)."""
+    accumulate = torch.promote_types(embeddings.dtype, torch.float32)
+    wide = embeddings.to(accumulate)
+    grad = torch.zeros_like(wide)
+    backward = torch.ops.fastap.soft_histogram_backward
+    for rows, cols, scores, forward_args, mirror_args in _square_tiles(embeddings, labels, options):
+        grad_tile = backward(grad_n[rows], grad_p[rows], scores, *forward_args).to(accumulate)
+        if mirror_args is None:  # a diagonal tile: (dS + dS^T) @ E_I as two products
+            del scores  # (measured: dS + dS^T, a fresh transposed sum, took longer than the
+            # product it saves below D = 512 or so, and held one more tile)
+            grad[rows] += grad_tile @ wide[rows]
+            grad[rows] += grad_tile.T @ wide[rows]
+        else:
+            transposed = scores.T.contiguous()
+            del scores  # (a tile, its transpose and two gradients at most)
+            grad_tile += backward(grad_n[cols], grad_p[cols], transposed, *mirror_args).T
+            del transposed
+            grad[rows] += grad_tile @ wide[cols]
+            grad[cols] += grad_tile.T @ wide[rows]
+        del grad_tile
+    return grad.to(embeddings.dtype)
+
+
 class _BlockedSoftHistogram(torch.autograd.Function):
-    """(n, p, positives) of cosine scores queries @ database.T, block of queries by block.
+    """(n, p, positives) of cosine scores queries @ database.T, block of queries by block (in-batch:
+    square tiles, each serving two blocks of rows).
 
     forward(queries [N, D], database [M, D] or None (the queries: in-batch), both already
     normalised, labels [N] int64, ref_labels [M] int64 or None (in-batch), exclude_self,
@@ -94,16 +182,13 @@ class _BlockedSoftHistogram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, database, labels, ref_labels, *options):
-        all_queries, all_database, all_labels, all_ref_labels = embedding_sets(
-            queries, database, labels, ref_labels
-        )
-        tiles = _score_tiles(all_queries, all_database, all_labels, all_ref_labels, options)
-        histograms = []
         with autocast_off(queries.device):  # (the scores in the embeddings' dtype, as backward's)
-            for _, scores, op_args in tiles:
-                histograms.append(torch.ops.fastap.soft_histogram(scores, *op_args))
-                del scores  # (before the next tile is computed: one tile at a time)
-        n, p, positives = (torch.cat(parts) for parts in zip(*histograms))
+            if database is None and queries.shape[0] > 0:
+                n, p, positives = _in_batch_histograms(queries, labels, options)
+            else:
+                n, p, positives = _row_block_histograms(
+                    queries, database, labels, ref_labels, options
+                )
         ctx.save_for_backward(queries, database, labels, ref_labels)
         ctx.options = options
         ctx.mark_non_differentiable(positives)
@@ -113,25 +198,46 @@ class _BlockedSoftHistogram(torch.autograd.Function):
     @differentiable_once
     def backward(ctx, grad_n, grad_p, _grad_positives):
         saved = ctx.saved_tensors
-        queries, database, labels, ref_labels = embedding_sets(*saved)
         grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
-        grad_queries = torch.empty_like(queries)
-        # Accumulated over blocks: in fp32 at least, in a fixed order (deterministic).
-        grad_database = torch.zeros_like(
-            database, dtype=torch.promote_types(database.dtype, torch.float32)
-        )
-        tiles = _score_tiles(queries, database, labels, ref_labels, ctx.options)
+        queries, database, labels = saved[0], saved[1], saved[2]
         with autocast_off(queries.device):  # (a backward called inside an autocast block)
-            for rows, scores, op_args in tiles:
-                grad_scores = torch.ops.fastap.soft_histogram_backward(
-                    grad_n[rows], grad_p[rows], scores, *op_args
-                )
-                grad_queries[rows] = grad_scores @ database
-                grad_database += (grad_scores.T @ queries[rows]).to(grad_database.dtype)
-                # (before the next tile is computed: a tile and its gradient at a time)
-                del scores, grad_scores
-        grads = embedding_grads(saved[1], grad_queries, grad_database.to(database.dtype))
+            if database is None and queries.shape[0] > 0:
+                grad = _in_batch_gradient(queries, labels, grad_n, grad_p, ctx.options)
+                return (grad, None, None, None) + (None,) * 6
+            grads = _row_block_gradients(saved, grad_n, grad_p, ctx.options)
         return (*grads, None, None) + (None,) * 6
+
+
+def _row_block_histograms(queries, database, labels, ref_labels, options):
+    """(n, p, positives) from the blocks of queries against the whole database."""
+    all_queries, all_database, all_labels, all_ref_labels = embedding_sets(
+        queries, database, labels, ref_labels
+    )
+    tiles = _score_tiles(all_queries, all_database, all_labels, all_ref_labels, options)
+    histograms = []
+    for _, scores, op_args in tiles:
+        histograms.append(torch.ops.fastap.soft_histogram(scores, *op_args))
+        del scores  # (before the next tile is computed: one tile at a time)
+    return tuple(torch.cat(parts) for parts in zip(*histograms))
+
+
+def _row_block_gradients(saved, grad_n, grad_p, options):
+    """The gradients of (queries, database) from the blocks of queries against the database."""
+    queries, database, labels, ref_labels = embedding_sets(*saved)
+    grad_queries = torch.empty_like(queries)
+    # Accumulated over blocks: in fp32 at least, in a fixed order (deterministic).
+    grad_database = torch.zeros_like(
+        database, dtype=torch.promote_types(database.dtype, torch.float32)
+    )
+    for rows, scores, op_args in _score_tiles(queries, database, labels, ref_labels, options):
+        grad_scores = torch.ops.fastap.soft_histogram_backward(
+            grad_n[rows], grad_p[rows], scores, *op_args
+        )
+        grad_queries[rows] = grad_scores @ database
+        grad_database += (grad_scores.T @ queries[rows]).to(grad_database.dtype)
+        # (before the next tile is computed: a tile and its gradient at a time)
+        del scores, grad_scores
+    return embedding_grads(saved[1], grad_queries, grad_database.to(database.dtype))
 
 
 def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) -> tuple[int, int]:

@@ -85,6 +85,66 @@ def test_in_batch_and_self_offset(device, offset):
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("exclude_self", [True, False])
+@pytest.mark.parametrize("block_size", [1, 3, 8, 1000])
+@pytest.mark.parametrize("variant", ["ap_q", "tie_aware", "tie_aware_simplified"])
+def test_in_batch_square_tiles_equal_the_reference(device, exclude_self, block_size, variant):
+    """In-batch the blockwise path bins square tiles, each for two blocks of rows (one of them
+    transposed), and sums each row's pieces: the reference's loss and gradient on the whole score
+    matrix, for tiles of side 1, 3 (an edge tile of 1 row), 7 and 19 (one tile), float64."""
+    n = 19
+    g = torch.Generator().manual_seed(block_size)
+    base = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    base[5] = base[2]  # a tie between two rows of different tiles
+    labels = torch.randint(0, 3, (n,), generator=g).to(device)
+    e = base.to(device).requires_grad_()
+    loss = fastap.ap_loss_from_embeddings(
+        e, labels=labels, exclude_self=exclude_self, variant=variant, block_size=block_size,
+        backend="blockwise", num_bins=9,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, e)
+    e2 = base.to(device).requires_grad_()
+    unit = F.normalize(e2, dim=1)
+    expected = fastap.reference.ap_loss(
+        unit @ unit.T, labels=labels, exclude_self=exclude_self, variant=variant, num_bins=9
+    )
+    (expected_grad,) = torch.autograd.grad(expected, e2)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+
+
+def test_in_batch_square_tiles_in_float32_and_bfloat16():
+    """float32: the histograms' pieces summed in float32, within 1e-6 of float64's loss and
+    gradients. bfloat16: the score-matrix path's loss (the same bf16 scores binned, the pieces
+    summed in fp32) and its gradient up to bf16 rounding (that path's products run in bf16, the
+    tiles' gradients and products here in fp32)."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(70, 9, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (70,), generator=g)
+
+    def loss_and_grad(dtype, block_size):
+        e = base.to(dtype).requires_grad_()
+        if block_size == "matrix":
+            loss = fastap.APLoss()(e, labels)
+        else:
+            loss = fastap.ap_loss_from_embeddings(
+                e, labels=labels, block_size=block_size, backend="blockwise"
+            )
+        return loss, torch.autograd.grad(loss, e)[0]
+
+    want_loss, want_grad = loss_and_grad(torch.float64, None)
+    matrix_loss, matrix_grad = loss_and_grad(torch.bfloat16, "matrix")
+    for block_size in (None, 5):
+        loss, grad = loss_and_grad(torch.float32, block_size)
+        assert loss.dtype == grad.dtype == torch.float32
+        torch.testing.assert_close(loss.double(), want_loss, rtol=0, atol=1e-6)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=0, atol=1e-6)
+        loss, grad = loss_and_grad(torch.bfloat16, block_size)
+        assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+        torch.testing.assert_close(loss, matrix_loss, rtol=0, atol=1e-6)
+        assert (grad.double() - matrix_grad.double()).norm() <= 1e-2 * matrix_grad.double().norm()
+
+
 def test_gradcheck():
     queries, database, labels, ref_labels = embedding_problem(5, 9, 4, seed=3)
     q, db = queries.requires_grad_(), database.requires_grad_()
@@ -412,30 +472,100 @@ def test_auto_backend_reads_tf32_from_every_torch_api(monkeypatch):
         torch.set_float32_matmul_precision(precision)
 
 
-def test_blocks_hold_one_score_tile_forward_and_a_tile_and_its_gradient_backward(monkeypatch):
-    """docs/api.md's peak of the blockwise path, two block x M tiles: when a block's tile is
-    computed, no other block's tile (or its gradient) is alive, so the forward holds one tile
-    and the backward a tile and its gradient. (The loops kept the last block's, 3 tiles backward.)
-    Counted as the block x M tensors alive (gc) when each new tile exists."""
+def _others_alive(shapes, tile):
+    """How many tensors of one of these shapes, other than tile, are alive (gc)."""
     import gc
 
+    tensors = (t for t in gc.get_objects() if issubclass(type(t), torch.Tensor))
+    return sum(tuple(t.shape) in shapes and t is not tile for t in tensors)
+
+
+def test_blocks_hold_one_score_tile_forward_and_a_tile_and_its_gradient_backward(monkeypatch):
+    """docs/api.md's peak of the blockwise path against a database, two block x M tiles: when a
+    block's tile is computed, no other block's tile (or its gradient) is alive, so the forward
+    holds one tile and the backward a tile and its gradient. (The loops kept the last block's, 3
+    tiles backward.) Counted as the block x M tensors alive (gc) when each new tile exists."""
     import fastap.embeddings as embeddings_module
 
-    n, block = 301, 64
+    n, m, block = 301, 157, 64
     others_alive = []
     score_tiles = embeddings_module._score_tiles
 
     def counting_tiles(*args):
         for rows, scores, op_args in score_tiles(*args):
-            tensors = (t for t in gc.get_objects() if issubclass(type(t), torch.Tensor))
-            others_alive.append(sum(t.shape == (block, n) and t is not scores for t in tensors))
+            others_alive.append(_others_alive({(block, m)}, scores))
             yield rows, scores, op_args
 
     monkeypatch.setattr(embeddings_module, "_score_tiles", counting_tiles)
+    g = torch.Generator().manual_seed(7)
+    queries = torch.randn(n, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    database = torch.randn(m, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    labels, ref_labels = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (m,))
+    loss = fastap.ap_loss_from_embeddings(
+        queries,
+        database,
+        labels=labels,
+        ref_labels=ref_labels,
+        backend="blockwise",
+        block_size=block,
+    )
+    loss.backward()
+    assert len(others_alive) == 2 * 5  # 5 blocks (the last of 45 rows), forward and backward
+    assert others_alive == [0] * 10, others_alive
+
+
+def test_in_batch_square_tiles_hold_one_tile_at_a_time(monkeypatch):
+    """In-batch, the blockwise path computes square tiles of side square_tile_side(block_size, N),
+    each serving two blocks of rows: when a tile is computed no other tile (nor its transpose or
+    gradients) is alive. With two tiles of that side no larger than one block x N tile, the peaks
+    of docs/api.md hold: forward a tile and its transpose, backward those and two gradients."""
+    import fastap.embeddings as embeddings_module
+
+    n, block = 301, 64
+    side = embeddings_module.square_tile_side(block, n)
+    assert side == 98 and 2 * side**2 <= block * n
+    shapes = {(a, b) for a in (side, n % side) for b in (side, n % side)}
+    others_alive, tiles_seen = [], []
+    square_tiles = embeddings_module._square_tiles
+
+    def counting_tiles(*args):
+        for rows, cols, scores, *op_args in square_tiles(*args):
+            tiles_seen.append((rows.start, cols.start, tuple(scores.shape)))
+            others_alive.append(_others_alive(shapes, scores))
+            yield rows, cols, scores, *op_args
+
+    monkeypatch.setattr(embeddings_module, "_square_tiles", counting_tiles)
     g = torch.Generator().manual_seed(7)
     e = torch.randn(n, 3, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 4, (n,), generator=g)
     loss = fastap.ap_loss_from_embeddings(e, labels=labels, backend="blockwise", block_size=block)
     loss.backward()
-    assert len(others_alive) == 2 * 5  # 5 blocks (the last of 45 rows), forward and backward
-    assert others_alive == [0] * 10, others_alive
+    starts = range(0, n, side)  # 0, 98, 196, 294: the pairs I <= J, forward and backward
+    pairs = [(i, j, (min(side, n - i), min(side, n - j))) for i in starts for j in starts if i <= j]
+    assert tiles_seen == pairs * 2
+    assert others_alive == [0] * len(tiles_seen), others_alive
+
+
+@pytest.mark.parametrize("n, block", [(301, 64), (40, 1000), (1, 1)])
+def test_in_batch_takes_half_the_matrix_products(n, block):
+    """In-batch the scores are symmetric: each square tile serves two blocks of rows forward,
+    and backward its gradient H = dS_IJ + dS_JI^T gives both blocks' gradients (H @ E_J and
+    H^T @ E_I; a diagonal tile's gradient takes two products, dS @ E_I and dS^T @ E_I). The
+    products then come to 4 N^2 D + 4 D (the sum of the squared block sizes) flops, against
+    8 N^2 D for the rows against all rows (scores forward and backward, dQ, dDB)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastap.embeddings import square_tile_side
+
+    d = 5
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    with FlopCounterMode(display=False) as counter:
+        loss = fastap.ap_loss_from_embeddings(
+            e, labels=labels, backend="blockwise", block_size=block
+        )
+        loss.backward()
+    side = square_tile_side(block, n)
+    blocks = [min(side, n - start) for start in range(0, n, side)]
+    assert counter.get_total_flops() == 4 * n * n * d + 4 * d * sum(b * b for b in blocks)
