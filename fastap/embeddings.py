@@ -118,8 +118,15 @@ def _square_tiles(embeddings, labels, options):
             mirror_args = None
             if other != first:
                 mirror_args = (None, labels[cols], labels[rows], None, False, *common)
-            scores = embeddings[rows] @ embeddings[cols].T
-            yield rows, cols, scores, (*forward_args, *common), mirror_args
+            # (The tile is not bound to a name here, which would keep it alive while the next
+            # one is computed.)
+            yield (
+                rows,
+                cols,
+                embeddings[rows] @ embeddings[cols].T,
+                (*forward_args, *common),
+                mirror_args,
+            )
 
 
 def _in_batch_histograms(embeddings, labels, options):
@@ -157,7 +164,7 @@ def _in_batch_gradient(embeddings, labels, grad_n, grad_p, options):
         grad_tile = backward(grad_n[rows], grad_p[rows], scores, *forward_args).to(accumulate)
         if mirror_args is None:  # a diagonal tile: (dS + dS^T) @ E_I as two products
             del scores  # (measured: dS + dS^T, a fresh transposed sum, took longer than the
-            # product it saves below D = 512 or so, and held one more tile)
+            # product it saves at N = 2048, one tile, D = 64 and 128, and held one more tile)
             grad[rows] += grad_tile @ wide[rows]
             grad[rows] += grad_tile.T @ wide[rows]
         else:

@@ -525,14 +525,23 @@ def test_in_batch_square_tiles_hold_one_tile_at_a_time(monkeypatch):
     side = embeddings_module.square_tile_side(block, n)
     assert side == 98 and 2 * side**2 <= block * n
     shapes = {(a, b) for a in (side, n % side) for b in (side, n % side)}
-    others_alive, tiles_seen = [], []
+    others_alive, tiles_seen, before_next = [], [], []
     square_tiles = embeddings_module._square_tiles
 
     def counting_tiles(*args):
-        for rows, cols, scores, *op_args in square_tiles(*args):
+        tiles = square_tiles(*args)
+        while True:
+            # Before the next tile is computed (the loop has dropped the last one): none alive.
+            before_next.append(_others_alive(shapes, None))
+            tile = next(tiles, None)
+            if tile is None:
+                return
+            rows, cols, scores = tile[:3]
             tiles_seen.append((rows.start, cols.start, tuple(scores.shape)))
             others_alive.append(_others_alive(shapes, scores))
-            yield rows, cols, scores, *op_args
+            del scores
+            yield tile
+            del tile
 
     monkeypatch.setattr(embeddings_module, "_square_tiles", counting_tiles)
     g = torch.Generator().manual_seed(7)
@@ -544,6 +553,7 @@ def test_in_batch_square_tiles_hold_one_tile_at_a_time(monkeypatch):
     pairs = [(i, j, (min(side, n - i), min(side, n - j))) for i in starts for j in starts if i <= j]
     assert tiles_seen == pairs * 2
     assert others_alive == [0] * len(tiles_seen), others_alive
+    assert before_next == [0] * (len(tiles_seen) + 2), before_next
 
 
 @pytest.mark.parametrize("n, block", [(301, 64), (40, 1000), (1, 1)])
