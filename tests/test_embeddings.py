@@ -472,12 +472,20 @@ def test_auto_backend_reads_tf32_from_every_torch_api(monkeypatch):
         torch.set_float32_matmul_precision(precision)
 
 
-def _others_alive(shapes, tile):
-    """How many tensors of one of these shapes, other than tile, are alive (gc)."""
+def _alive(shapes):
+    """The tensors of one of these shapes alive now (gc; fake tensors of other tests, whose shapes
+    hold symbolic sizes, are left out)."""
     import gc
 
     tensors = (t for t in gc.get_objects() if issubclass(type(t), torch.Tensor))
-    return sum(tuple(t.shape) in shapes and t is not tile for t in tensors)
+    return [t for t in tensors if all(type(s) is int for s in t.shape) and tuple(t.shape) in shapes]
+
+
+def _others_alive(shapes, tile, earlier):
+    """How many tensors of one of these shapes, other than tile and the earlier ones (alive
+    before the test's call, held by the caller so that their ids stay theirs), are alive."""
+    ids = {id(t) for t in earlier}
+    return sum(t is not tile and id(t) not in ids for t in _alive(shapes))
 
 
 def test_blocks_hold_one_score_tile_forward_and_a_tile_and_its_gradient_backward(monkeypatch):
@@ -493,10 +501,11 @@ def test_blocks_hold_one_score_tile_forward_and_a_tile_and_its_gradient_backward
 
     def counting_tiles(*args):
         for rows, scores, op_args in score_tiles(*args):
-            others_alive.append(_others_alive({(block, m)}, scores))
+            others_alive.append(_others_alive({(block, m)}, scores, earlier))
             yield rows, scores, op_args
 
     monkeypatch.setattr(embeddings_module, "_score_tiles", counting_tiles)
+    earlier = _alive({(block, m)})
     g = torch.Generator().manual_seed(7)
     queries = torch.randn(n, 3, generator=g, dtype=torch.float64, requires_grad=True)
     database = torch.randn(m, 3, generator=g, dtype=torch.float64, requires_grad=True)
@@ -532,18 +541,19 @@ def test_in_batch_square_tiles_hold_one_tile_at_a_time(monkeypatch):
         tiles = square_tiles(*args)
         while True:
             # Before the next tile is computed (the loop has dropped the last one): none alive.
-            before_next.append(_others_alive(shapes, None))
+            before_next.append(_others_alive(shapes, None, earlier))
             tile = next(tiles, None)
             if tile is None:
                 return
             rows, cols, scores = tile[:3]
             tiles_seen.append((rows.start, cols.start, tuple(scores.shape)))
-            others_alive.append(_others_alive(shapes, scores))
+            others_alive.append(_others_alive(shapes, scores, earlier))
             del scores
             yield tile
             del tile
 
     monkeypatch.setattr(embeddings_module, "_square_tiles", counting_tiles)
+    earlier = _alive(shapes)
     g = torch.Generator().manual_seed(7)
     e = torch.randn(n, 3, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 4, (n,), generator=g)
