@@ -103,6 +103,10 @@ class APLoss(torch.nn.Module):
         return f"nq={self.nq}, min={self.min}, max={self.max}"
 
     def forward(self, x: torch.Tensor, label: torch.Tensor, qw=None, ret: str = "1-mAP"):
+        """x: [N, M] scores, label: [N, M] relevance (bool or 0/1 of any dtype), qw: optional [N]
+        query weights. ret="1-mAP" (default): the scalar 1 - the (qw-weighted) mean AP over the
+        queries with a positive (0 where none has one); ret="AP": the [N] AP per query (0 for a
+        query without positives, where the authors' gives NaN). docs/migration.md."""
         if ret not in ("1-mAP", "AP"):
             raise ValueError(f"fastap.compat: ret must be '1-mAP' or 'AP', got {ret!r}")
         if ret == "AP" and qw is not None:

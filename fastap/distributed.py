@@ -175,6 +175,8 @@ class DistributedAPLoss(torch.nn.Module):
         self.group = _check_group(group, "fastap.distributed.DistributedAPLoss")
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This process's share of the global loss (see the class): embeddings [B_r, D] and labels
+        [B_r] of this process's batch; every process of the group must call it (a collective)."""
         # (A batch refused on one process is refused on every process, in the size exchange.)
         owner = "fastap.distributed.DistributedAPLoss"
         all_embeddings, all_labels, offset, labels = _gather_checked(
