@@ -15,6 +15,7 @@ They live here because ``fastap.APLoss`` is the pytorch-metric-learning-style mo
 from __future__ import annotations
 
 import math
+import numbers
 import re
 
 import torch
@@ -65,6 +66,21 @@ def _weighted_mean(
     return (largest * (total / count.clamp_min(1).to(dtype))).to(ap.dtype)
 
 
+def _their_weights(qw, x: torch.Tensor):
+    """qw as the authors' ``ap *= qw`` takes it: a real number or a 0-d tensor weighs every
+    query alike, and integer weights count as floating ones (in the dtype of x, float32 at
+    least). Anything else goes to fastap's check as it is (bool refused there)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if isinstance(qw, numbers.Real) and not isinstance(qw, bool):  # (numpy's bool is no Real)
+        qw = torch.tensor(float(qw), dtype=dtype, device=x.device)
+    if isinstance(qw, torch.Tensor):
+        if not qw.is_floating_point() and not qw.is_complex() and qw.dtype != torch.bool:
+            qw = qw.to(dtype)
+        if qw.dim() == 0:
+            qw = qw.expand(x.shape[0])
+    return qw
+
+
 class APLoss(torch.nn.Module):
     """Quantized AP loss with the authors' signature: ``nq`` bins over ``[min, max]``."""
 
@@ -96,8 +112,10 @@ class APLoss(torch.nn.Module):
                 f"fastap.compat: min and max must be finite with min < max, got {min} and {max}"
             )
         self.nq = nq
-        self.min = min
-        self.max = max
+        # (As Python floats: numpy scalars and 0-d tensors, taken above, would be traced as
+        # tensors by torch.compile, where comparing them cannot be guarded.)
+        self.min = lo
+        self.max = hi
 
     def extra_repr(self) -> str:
         return f"nq={self.nq}, min={self.min}, max={self.max}"
@@ -125,7 +143,7 @@ class APLoss(torch.nn.Module):
                 score_range=(self.min, self.max),
                 variant=self.variant,
             )
-            qw = None if qw is None else check_query_weights(qw, x)
+            qw = None if qw is None else check_query_weights(_their_weights(qw, x), x)
         except (TypeError, ValueError) as error:
             raise _in_their_terms(error) from None
         if ret == "AP":
@@ -147,7 +165,12 @@ class TAPLoss(APLoss):
         super().__init__(nq=nq, min=min, max=max)
         check_bool(simplified, "simplified", "fastap.compat")
         self.simplified = simplified
-        self.variant = "tie_aware_simplified" if simplified else "tie_aware"
+
+    @property
+    def variant(self) -> str:  # type: ignore[override]
+        """Read from ``simplified`` at each call, so that setting it takes effect, as theirs."""
+        check_bool(self.simplified, "simplified", "fastap.compat")
+        return "tie_aware_simplified" if self.simplified else "tie_aware"
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, simplified={self.simplified}"

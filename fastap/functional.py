@@ -29,7 +29,7 @@ def ap_from_histograms(
     Args:
         n: [N, Q] soft counts of all (non-ignored) candidates per bin, bin 0 = top of the ranking.
         p: [N, Q] soft counts of the positives per bin.
-        num_positives: [N] exact number of positives of each query (any real dtype; floating
+        num_positives: [N] exact number of positives of each query (integer or floating; floating
             counts are rounded to the nearest integer, a NaN count is 0).
         variant: "ap_q" (the quantized AP of the paper), "tie_aware" (AP_T) or
             "tie_aware_simplified" (AP_T's simplified form).

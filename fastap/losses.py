@@ -115,6 +115,11 @@ class _EmbeddingAPLoss(torch.nn.Module):
     num_bins: int
     score_range: tuple[float, float]
     variant: str
+
+    def histogram_bins(self) -> int:
+        """The number of triangular bins of the soft histograms (FastAP: num_bins + 1)."""
+        return self.num_bins
+
     #: Above this many bytes of N x M scores, the loss is computed from the embeddings without
     #: forming the score matrix (fastap.ap_loss_from_embeddings: block by block, or the fused CUDA
     #: kernel; a fraction of the memory).
@@ -197,7 +202,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
                 None if same_set else database,
                 labels=labels,
                 ref_labels=None if same_set else ref_labels,
-                num_bins=self.num_bins,
+                num_bins=self.histogram_bins(),
                 score_range=self.score_range,
                 exclude_self=exclude_self,
                 self_offset=self_offset,
@@ -209,7 +214,7 @@ class _EmbeddingAPLoss(torch.nn.Module):
             cosine,
             labels=labels,
             ref_labels=ref_labels,
-            num_bins=self.num_bins,
+            num_bins=self.histogram_bins(),
             score_range=self.score_range,
             ignore=ignore,
             exclude_self=exclude_self,
@@ -282,7 +287,10 @@ class FastAPLoss(_EmbeddingAPLoss):
     FastAPLoss, ``ref_emb``/``ref_labels`` are supported.
 
     Args:
-        num_bins: number of bin intervals (default 10, as in pytorch-metric-learning).
+        num_bins: number of bin intervals (default 10, as in pytorch-metric-learning). As there,
+            the attribute ``num_bins`` holds it and ``num_edges`` is ``num_bins + 1``, the bins
+            of the histograms (read from ``num_bins`` at each call, so that setting it takes
+            effect as a new module's would).
         score_matrix_limit: as for :class:`APLoss`.
     """
 
@@ -298,10 +306,17 @@ class FastAPLoss(_EmbeddingAPLoss):
                 f"{owner}: num_bins must be below 2^20 (FastAP takes num_bins + 1 bins), "
                 f"got {num_bins}"
             )
-        self.fast_ap_bins = num_bins
-        self.num_bins = num_bins + 1
+        self.num_bins = num_bins
         self.score_range = (-1.0, 1.0)
         self.variant = "ap_q"
 
+    @property
+    def num_edges(self) -> int:
+        """The bins of the histograms: num_bins + 1 (pytorch-metric-learning's name)."""
+        return self.num_bins + 1
+
+    def histogram_bins(self) -> int:
+        return self.num_edges
+
     def extra_repr(self) -> str:
-        return f"num_bins={self.fast_ap_bins}" + _limit_repr(self.score_matrix_limit)
+        return f"num_bins={self.num_bins}" + _limit_repr(self.score_matrix_limit)

@@ -1,6 +1,7 @@
 """Drop-in front ends: the authors' signature (fastap.compat), pytorch-metric-learning's
 (fastap.APLoss, fastap.FastAPLoss), miner weights, and autocast."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,84 @@ def test_compat_weights_near_their_limits_give_their_formula():
         expected = 1 - (qw.double()[keep] * ap[keep]).mean()
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_compat_takes_qw_as_their_product_does():
+    """Theirs multiplies ``ap *= qw``: a number or a 0-d tensor weighs every query alike, and
+    integer weights are weights; each gives the loss of the float [N] weights it stands for.
+    bool weights stay refused."""
+    x, label = authors_style_problem(n=5)
+    module = fastap.compat.APLoss()
+    full = lambda value: module(x, label, qw=torch.full((5,), value, dtype=x.dtype))  # noqa: E731
+    ap = module(x, label, ret="AP")
+    for qw, value in ((0.5, 0.5), (2, 2.0), (torch.tensor(0.25), 0.25), (np.float32(3), 3.0)):
+        loss = module(x, label, qw=qw)
+        torch.testing.assert_close(loss, full(value), rtol=0, atol=0)
+        torch.testing.assert_close(loss, 1 - value * ap.mean(), rtol=0, atol=1e-12)
+    integer_weights = torch.tensor([1, 0, 2, 3, 1])
+    torch.testing.assert_close(
+        module(x, label, qw=integer_weights),
+        module(x, label, qw=integer_weights.to(x.dtype)),
+        rtol=0,
+        atol=0,
+    )
+    for refused in (True, torch.ones(5, dtype=torch.bool), -1.0):
+        with pytest.raises((TypeError, ValueError), match="qw"):
+            module(x, label, qw=refused)
+
+
+def test_compat_settings_changed_after_construction_take_effect():
+    """TAPLoss reads ``simplified`` at each call (it was fixed at construction while the repr
+    followed the attribute); numpy or 0-d tensor ``min``/``max`` are kept as Python floats."""
+    x, label = authors_style_problem(n=4)
+    module = fastap.compat.TAPLoss()
+    module.simplified = True
+    assert "simplified=True" in repr(module)
+    torch.testing.assert_close(
+        module(x, label), fastap.compat.TAPLoss(simplified=True)(x, label), rtol=0, atol=0
+    )
+    module.simplified = "yes"
+    with pytest.raises(TypeError, match="simplified"):
+        module(x, label)
+    for lo, hi in ((np.float32(0), np.float64(1)), (torch.tensor(0.0), torch.tensor(1.0))):
+        ranged = fastap.compat.APLoss(25, lo, hi)
+        assert (type(ranged.min), type(ranged.max)) == (float, float)
+        torch.testing.assert_close(ranged(x, label), fastap.compat.APLoss()(x, label))
+
+
+def test_compat_with_numpy_range_compiles_without_graph_breaks():
+    """min and max given as numpy scalars: under torch.compile(fullgraph=True) they are Python
+    floats (a numpy scalar kept as given is traced as a tensor, whose comparison in the range
+    check could not be guarded: the compile failed)."""
+    x, label = authors_style_problem(n=4)
+    module = fastap.compat.APLoss(25, np.float32(0), np.float64(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, label), module(x, label), rtol=0, atol=0)
+
+
+def test_fastap_num_bins_is_pytorch_metric_learnings():
+    """As in pytorch-metric-learning, ``num_bins`` is the number of intervals and ``num_edges``
+    = num_bins + 1 the bins; setting ``num_bins`` gives the loss of a new module with it (the
+    attribute held num_bins + 1 while the repr said num_bins, and setting it ran one bin fewer)."""
+    g = torch.Generator().manual_seed(5)
+    embeddings = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (16,), generator=g)
+    module = fastap.FastAPLoss(10)
+    assert (module.num_bins, module.num_edges) == (10, 11)
+    module.num_bins = 20
+    assert module.num_edges == 21 and repr(module) == "FastAPLoss(num_bins=20)"
+    torch.testing.assert_close(
+        module(embeddings, labels), fastap.FastAPLoss(20)(embeddings, labels), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        module(embeddings, labels), fastap.APLoss(21)(embeddings, labels), rtol=0, atol=0
+    )
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    theirs = pml_losses.FastAPLoss(20)
+    assert theirs.num_bins == module.num_bins
+    torch.testing.assert_close(module(embeddings, labels), theirs(embeddings, labels), rtol=0,
+                               atol=1e-13)  # fmt: skip
 
 
 def test_fastap_equals_ap_q_on_negated_squared_distances():
