@@ -108,25 +108,26 @@ def _square_tiles(embeddings, labels, options):
     exclude_self, _, num_bins, lo, hi, block_size = options
     num_rows = embeddings.shape[0]
     side = square_tile_side(block_size, num_rows)
+    bins = (num_bins, lo, hi, 0)  # (self-pairs only lie along the diagonal tiles' diagonal)
     for first in range(0, num_rows, side):
         rows = slice(first, first + side)
         for other in range(first, num_rows, side):
             cols = slice(other, other + side)
-            # (Self-pairs only lie in the diagonal tiles, along their diagonal: offset 0.)
-            forward_args = (None, labels[rows], labels[cols], None, exclude_self and other == first)
-            common = (num_bins, lo, hi, 0)
-            mirror_args = None
-            if other != first:
-                mirror_args = (None, labels[cols], labels[rows], None, False, *common)
+            diagonal = other == first
+            forward_args = (
+                None,
+                labels[rows],
+                labels[cols],
+                None,
+                exclude_self and diagonal,
+                *bins,
+            )
+            mirror_args = (
+                None if diagonal else (None, labels[cols], labels[rows], None, False, *bins)
+            )
             # (The tile is not bound to a name here, which would keep it alive while the next
             # one is computed.)
-            yield (
-                rows,
-                cols,
-                embeddings[rows] @ embeddings[cols].T,
-                (*forward_args, *common),
-                mirror_args,
-            )
+            yield rows, cols, embeddings[rows] @ embeddings[cols].T, forward_args, mirror_args
 
 
 def _in_batch_histograms(embeddings, labels, options):
@@ -149,6 +150,11 @@ def _in_batch_histograms(embeddings, labels, options):
             for total, part in zip(totals, piece):
                 total[piece_rows] += part
     return totals
+
+
+def _takes_square_tiles(queries, database) -> bool:
+    """In-batch (no database) with rows: the square tiles (no rows: one empty block of rows)."""
+    return database is None and queries.shape[0] > 0
 
 
 def _in_batch_gradient(embeddings, labels, grad_n, grad_p, options):
@@ -190,7 +196,7 @@ class _BlockedSoftHistogram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, queries, database, labels, ref_labels, *options):
         with autocast_off(queries.device):  # (the scores in the embeddings' dtype, as backward's)
-            if database is None and queries.shape[0] > 0:
+            if _takes_square_tiles(queries, database):
                 n, p, positives = _in_batch_histograms(queries, labels, options)
             else:
                 n, p, positives = _row_block_histograms(
@@ -208,10 +214,10 @@ class _BlockedSoftHistogram(torch.autograd.Function):
         grad_n, grad_p = dense_histogram_grads(grad_n, grad_p)
         queries, database, labels = saved[0], saved[1], saved[2]
         with autocast_off(queries.device):  # (a backward called inside an autocast block)
-            if database is None and queries.shape[0] > 0:
-                grad = _in_batch_gradient(queries, labels, grad_n, grad_p, ctx.options)
-                return (grad, None, None, None) + (None,) * 6
-            grads = _row_block_gradients(saved, grad_n, grad_p, ctx.options)
+            if _takes_square_tiles(queries, database):
+                grads = (_in_batch_gradient(queries, labels, grad_n, grad_p, ctx.options), None)
+            else:
+                grads = _row_block_gradients(saved, grad_n, grad_p, ctx.options)
         return (*grads, None, None) + (None,) * 6
 
 

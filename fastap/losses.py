@@ -115,15 +115,14 @@ class _EmbeddingAPLoss(torch.nn.Module):
     num_bins: int
     score_range: tuple[float, float]
     variant: str
-
-    def histogram_bins(self) -> int:
-        """The number of triangular bins of the soft histograms (FastAP: num_bins + 1)."""
-        return self.num_bins
-
     #: Above this many bytes of N x M scores, the loss is computed from the embeddings without
     #: forming the score matrix (fastap.ap_loss_from_embeddings: block by block, or the fused CUDA
     #: kernel; a fraction of the memory).
     score_matrix_limit: int = 2**30
+
+    def histogram_bins(self) -> int:
+        """The number of triangular bins of the soft histograms (FastAP: num_bins + 1)."""
+        return self.num_bins
 
     def forward(
         self,
