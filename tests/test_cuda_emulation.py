@@ -316,6 +316,19 @@ def test_misaligned_gradient_takes_the_general_backward(emulators, tmp_path, dty
                grad_offset=1)  # fmt: skip
 
 
+# Scores or candidate labels off the 16-byte alignment (a view with a storage offset, which
+# .contiguous() keeps as it is): both ops take the general kernels, with the same results. The
+# emulation builds its uint4 with alignas(16), so a 16-byte load from such a pointer is reported
+# by UndefinedBehaviorSanitizer (-fsanitize=alignment), as it would fault on a GPU
+# (cudaErrorMisalignedAddress). (KEY_offset: the emulation places the input that many elements
+# into its buffer.)
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES))
+@pytest.mark.parametrize("misaligned", ["scores_offset", "ref_labels_offset"])
+def test_misaligned_inputs_take_the_general_kernels(emulators, tmp_path, dtype, misaligned):
+    problem = random_problem(9, 64, num_bins=10, relevance_form="labels", dtype=dtype, seed=6)
+    check_both(emulators["address"], tmp_path, problem, fast=False, **{misaligned: 1})
+
+
 # The forward counts an item's positives by rounding the mass of its positive histograms to the
 # nearest integer (LaneHistograms in csrc/cuda/lane_histograms.cuh), which is exact while an item
 # holds at most 4096 candidates. Its worst case: full chunks of positives only, piled into few
@@ -605,6 +618,16 @@ EMBEDDING_SHAPES = [  # (N, M, D, options)
 @pytest.mark.parametrize("n,m,d,options", EMBEDDING_SHAPES)
 def test_embedding_kernels_equal_the_score_matrix_op(emulators, tmp_path, dtype, n, m, d, options):
     check_embedding_kernels(emulators["address"], tmp_path, n, m, d, dtype, seed=n + d, **options)
+
+
+# Embeddings off the 16-byte alignment (a view with a storage offset): the tiles are loaded one
+# element at a time (load_tile), never in 16-byte vectors or cp.async (which the emulation checks
+# for alignment, as a GPU faults on them), with the same results, WMMA and wgmma alike.
+@pytest.mark.parametrize("wgmma", [0, 1])
+@pytest.mark.parametrize("misaligned", ["queries_offset", "database_offset"])
+def test_embedding_kernels_take_misaligned_embeddings(emulators, tmp_path, misaligned, wgmma):
+    check_embedding_kernels(emulators["address"], tmp_path, 70, 133, 40, torch.bfloat16,
+                            min_split=64, wgmma=wgmma, **{misaligned: 1})  # fmt: skip
 
 
 # A block's own rows meet their own columns in a step when the two ranges overlap, by as little as

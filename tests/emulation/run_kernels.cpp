@@ -5,6 +5,7 @@
 //   run_kernels op=forward|backward dtype=f64|f32|f16|bf16 n=N m=M q=Q lo=.. hi=..
 //               scores=FILE [relevance=FILE | labels=FILE ref_labels=FILE] [ignore=FILE]
 //               exclude_self=0|1 self_offset=K [chunk=C] [max_blocks=B] out=PREFIX
+//               [scores_offset=K] [ref_labels_offset=K] [grad_offset=K]
 //               (backward: table=FILE, the N x 2 x (Q - 1) slope table)
 //
 // Outputs: forward PREFIX.n, PREFIX.p (histogram dtype), PREFIX.positives (int64);
@@ -13,6 +14,7 @@
 #include "wmma_host.h"
 #include "wgmma_host.h"
 
+#include <algorithm>
 #include <fstream>
 #include <map>
 #include <stdexcept>
@@ -47,6 +49,18 @@ std::vector<T> read(const std::string& key, int64_t count) {
   return data;
 }
 
+// read<T>(key, count), placed `offset` elements into its buffer (garbage before it): the data
+// pointer is then off the 16-byte alignment of the allocation, as a tensor view with a storage
+// offset is (KEY_offset=K options; 0 by default).
+template <typename T>
+std::vector<T> read_at(const std::string& key, int64_t count, int64_t offset) {
+  const std::vector<T> data = read<T>(key, count);
+  std::vector<T> buffer(static_cast<size_t>(offset + count));
+  if (offset > 0) std::memset(buffer.data(), 0xFF, static_cast<size_t>(offset) * sizeof(T));
+  std::copy(data.begin(), data.end(), buffer.begin() + offset);
+  return buffer;
+}
+
 template <typename T>
 std::vector<T> garbage(int64_t count) {
   std::vector<T> data(static_cast<size_t>(count));
@@ -74,7 +88,9 @@ template <typename scalar_t, typename acc_t>
 int run() {
   const int64_t n = integer("n"), m = integer("m"), q = integer("q");
   const double lo = std::stod(option("lo")), hi = std::stod(option("hi"));
-  const std::vector<scalar_t> scores = read<scalar_t>("scores", n * m);
+  const int64_t scores_offset = integer("scores_offset", 0);
+  const std::vector<scalar_t> score_buffer = read_at<scalar_t>("scores", n * m, scores_offset);
+  const scalar_t* const scores = score_buffer.data() + scores_offset;
   std::vector<uint8_t> relevance, ignore;
   std::vector<int64_t> labels, ref_labels;
   fastap::RelevanceArgs args{};
@@ -83,9 +99,10 @@ int run() {
     args.dense_relevance = relevance.data();
   } else {
     labels = read<int64_t>("labels", n);
-    ref_labels = read<int64_t>("ref_labels", m);
+    const int64_t ref_labels_offset = integer("ref_labels_offset", 0);
+    ref_labels = read_at<int64_t>("ref_labels", m, ref_labels_offset);
     args.labels = labels.data();
-    args.ref_labels = ref_labels.data();
+    args.ref_labels = ref_labels.data() + ref_labels_offset;
   }
   if (options.count("ignore")) {
     ignore = read<uint8_t>("ignore", n * m);
@@ -109,7 +126,7 @@ int run() {
     const bool partial = plan.chunks_per_row > 1;
     std::vector<acc_t> partial_hist = garbage<acc_t>(partial ? plan.items * 2 * q : 0);
     std::vector<int64_t> partial_positives = garbage<int64_t>(partial ? plan.items : 0);
-    fastap::launch_soft_histogram(scores.data(), args, grid, n, m, plan, n_out.data(),
+    fastap::launch_soft_histogram(scores, args, grid, n, m, plan, n_out.data(),
                                   p_out.data(), positives.data(),
                                   partial ? partial_hist.data() : nullptr,
                                   partial ? partial_positives.data() : nullptr, nullptr,
@@ -128,7 +145,7 @@ int run() {
     // alignment that the fast kernel's vector stores need)
     const int64_t grad_offset = integer("grad_offset", 0);
     std::vector<scalar_t> buffer = garbage<scalar_t>(grad_offset + n * m);
-    fastap::launch_soft_histogram_backward(scores.data(), args, grid, n, m, table.data(),
+    fastap::launch_soft_histogram_backward(scores, args, grid, n, m, table.data(),
                                            buffer.data() + grad_offset, nullptr, max_blocks);
     const bool fast =
         launched_first(fastap::soft_histogram_backward_kernel<scalar_t, acc_t, true, false>);
@@ -155,8 +172,12 @@ int run_embedding() {
   }
   const int64_t n = integer("n"), m = integer("m"), d = integer("d"), q = integer("q");
   const double lo = std::stod(option("lo")), hi = std::stod(option("hi"));
-  const std::vector<T> queries = read<T>("queries", n * d);
-  const std::vector<T> database = read<T>("database", m * d);
+  const int64_t queries_offset = integer("queries_offset", 0);
+  const int64_t database_offset = integer("database_offset", 0);
+  const std::vector<T> query_buffer = read_at<T>("queries", n * d, queries_offset);
+  const std::vector<T> database_buffer = read_at<T>("database", m * d, database_offset);
+  const T* const queries = query_buffer.data() + queries_offset;
+  const T* const database = database_buffer.data() + database_offset;
   const std::vector<int64_t> labels = read<int64_t>("labels", n);
   const std::vector<int64_t> ref_labels = read<int64_t>("ref_labels", m);
   const bool exclude_self = integer("exclude_self", 0) != 0;
@@ -183,7 +204,7 @@ int run_embedding() {
     std::vector<float> partial_hist = garbage<float>(partial ? n * plan.splits * 2 * q : 0);
     std::vector<int64_t> partial_positives = garbage<int64_t>(partial ? n * plan.splits : 0);
     fastap::launch_embedding_histogram(
-        queries.data(), database.data(), labels.data(), ref_labels.data(), n, m, d, exclude_self,
+        queries, database, labels.data(), ref_labels.data(), n, m, d, exclude_self,
         self_offset, grid, plan, wgmma, static_cast<int>(kMaxShared), n_out.data(), p_out.data(),
         positives.data(), partial ? partial_hist.data() : nullptr,
         partial ? partial_positives.data() : nullptr, nullptr);
@@ -197,7 +218,7 @@ int run_embedding() {
 
   const std::vector<float> table = read<float>("table", n * 2 * (q - 1));
   // The two launches of the backward (cuda_ops.cpp): own = queries, then own = database.
-  auto gradient = [&](bool own_is_query, const std::vector<T>& own, const std::vector<T>& other,
+  auto gradient = [&](bool own_is_query, const T* own, const T* other,
                       const std::vector<int64_t>& own_labels,
                       const std::vector<int64_t>& other_labels, int64_t own_count,
                       int64_t other_count) {
@@ -208,7 +229,7 @@ int run_embedding() {
     const bool partial = plan.splits > 1;
     std::vector<float> partial_grad = garbage<float>(partial ? plan.splits * own_count * d : 0);
     fastap::launch_embedding_histogram_backward(
-        own_is_query, own.data(), own_count, other.data(), other_count, d, own_labels.data(),
+        own_is_query, own, own_count, other, other_count, d, own_labels.data(),
         other_labels.data(), exclude_self, self_offset, grid, table.data(), plan, wgmma,
         static_cast<int>(kMaxShared), grad.data(), partial ? partial_grad.data() : nullptr,
         nullptr);
