@@ -194,6 +194,14 @@ class _EmbeddingAPLoss(torch.nn.Module):
             raise ValueError(
                 "fastap: per_query_loss needs ref_labels for a database other than the queries"
             )
+        if exclude_self and self_offset is None and queries.shape[0] != database.shape[0]:
+            # (Checked before the switch: the embeddings path would take self_offset = 0, the
+            # score-matrix path refuses, so the answer would depend on the batch's size.)
+            raise ValueError(
+                "fastap: exclude_self needs a square scores matrix (the candidates are the "
+                f"queries), got shape {[queries.shape[0], database.shape[0]]}; give self_offset "
+                "when the queries are a slice of the candidates"
+            )
         score_bytes = queries.shape[0] * database.shape[0] * max(4, queries.element_size())
         if ignore is None and score_bytes > self.score_matrix_limit:
             n, p, positives = histograms_from_embeddings(

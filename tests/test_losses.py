@@ -1,5 +1,6 @@
 """fastap.APLoss (embeddings in, pytorch-metric-learning call style) against the functional API."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -120,3 +121,17 @@ def test_per_query_loss_above_the_limit_takes_the_embeddings_path(monkeypatch):
     for per_query, valid in results:
         assert torch.equal(valid, has_positive)
         torch.testing.assert_close(per_query, 1 - ap, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("limit", [2**30, 0])
+def test_per_query_loss_refuses_exclude_self_without_offset_on_either_side_of_the_limit(limit):
+    """exclude_self against a database of another size, without self_offset, is refused as the
+    score-matrix path refuses it, whichever side of score_matrix_limit the batch falls on (the
+    embeddings path took self_offset = 0 and returned values above the limit)."""
+    g = torch.Generator().manual_seed(5)
+    queries = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    database = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    labels, ref_labels = torch.arange(5) % 3, torch.arange(8) % 3
+    loss = fastap.APLoss(score_matrix_limit=limit)
+    with pytest.raises(ValueError, match="exclude_self needs a square scores matrix"):
+        loss.per_query_loss(queries, database, labels, ref_labels, exclude_self=True)
