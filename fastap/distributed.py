@@ -164,7 +164,8 @@ class DistributedAPLoss(torch.nn.Module):
     gradient by the world size: multiply the loss by ``dist.get_world_size()`` (or the learning
     rate) to undo that.
 
-    Memory per process: a B_r x sum(B_r) score matrix.
+    Memory per process: a B_r x sum(B_r) score matrix (above the loss's ``score_matrix_limit``,
+    computed from the embeddings without it).
     """
 
     def __init__(self, loss: _EmbeddingAPLoss | None = None, group=None):

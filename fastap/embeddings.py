@@ -525,7 +525,9 @@ def ap_loss_from_embeddings(
 
     Equal to ``fastap.ap_loss(fastap.cosine.cosine_scores(queries, database), labels=...,
     ref_labels=..., exclude_self=..., ...)`` given the same arguments (mind that exclude_self
-    defaults to True here without a database, and to False in fastap.ap_loss; the weighting is
+    defaults to True here without a database, and to False in fastap.ap_loss, and that
+    self_offset defaults to 0 here, where fastap.ap_loss refuses exclude_self on N != M scores
+    without one; the weighting is
     the same: 1 - the weighted mean AP over the queries with a positive), with gradients for both
     embedding sets, but never holding more than a
     ``block_size`` x M tile of scores (default: about 32 MB; the fused CUDA kernel holds none).

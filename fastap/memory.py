@@ -28,7 +28,8 @@ class CrossBatchMemory(torch.nn.Module):
 
     Memory: ``size`` x D descriptors (in the dtype and on the device of the first batch) and
     ``size`` int64 labels, allocated on the first call; a batch of B embeddings costs a
-    B x (B + size) score matrix. A batch larger than ``size`` keeps only its last ``size`` rows.
+    B x (B + size) score matrix (above the loss's ``score_matrix_limit``, computed from the
+    embeddings without it). A batch larger than ``size`` keeps only its last ``size`` rows.
     The memory holds the batches' directions, their unit rows (all that the losses' cosine
     scores read), so that they keep their meaning in every float dtype: a finite descriptor does
     not turn into infinities or zeros in a float16 memory, or a memory cast by ``.half()``. A
