@@ -535,6 +535,9 @@ def ap_loss_from_embeddings(
     in :func:`fastap.ap_loss`.
     """
     check_variant(variant)
+    if query_weights is not None:  # (before the histograms, which take O(N M D))
+        check_embedding_matrix(queries, "queries")
+        query_weights = check_query_weights(query_weights, queries, "queries")
     n, p, positives = histograms_from_embeddings(
         queries,
         database,
@@ -548,6 +551,4 @@ def ap_loss_from_embeddings(
         backend=backend,
     )
     ap, has_positive = ap_from_histograms(n, p, positives, variant)
-    if query_weights is not None:
-        query_weights = check_query_weights(query_weights, queries, "queries")
     return weighted_loss(ap, has_positive, query_weights)

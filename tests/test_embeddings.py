@@ -589,3 +589,21 @@ def test_in_batch_takes_half_the_matrix_products(n, block):
     side = square_tile_side(block, n)
     blocks = [min(side, n - start) for start in range(0, n, side)]
     assert counter.get_total_flops() == 4 * n * n * d + 4 * d * sum(b * b for b in blocks)
+
+
+def test_bad_query_weights_are_refused_before_the_histograms(monkeypatch):
+    """query_weights are checked before the O(N M D) pass over the blocks, not after it."""
+    import fastap.embeddings as embeddings_module
+
+    def no_histograms(*args, **kwargs):
+        raise AssertionError("the histograms were computed before query_weights was checked")
+
+    monkeypatch.setattr(embeddings_module, "histograms_from_embeddings", no_histograms)
+    queries, labels = torch.randn(6, 3), torch.arange(6) % 2
+    for weights, error in (
+        (torch.ones(4), ValueError),
+        (torch.ones(6, dtype=torch.long), TypeError),
+        (-torch.ones(6), ValueError),
+    ):
+        with pytest.raises(error, match="query_weights"):
+            fastap.ap_loss_from_embeddings(queries, labels=labels, query_weights=weights)
