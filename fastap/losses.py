@@ -202,8 +202,13 @@ class _EmbeddingAPLoss(torch.nn.Module):
                 f"queries), got shape {[queries.shape[0], database.shape[0]]}; give self_offset "
                 "when the queries are a slice of the candidates"
             )
+        # (Read at each call, as the attribute may be set after construction: checked as there.)
+        limit = check_int(
+            self.score_matrix_limit, "score_matrix_limit", 0, f"fastap.{type(self).__name__}",
+            " (bytes)",
+        )  # fmt: skip
         score_bytes = queries.shape[0] * database.shape[0] * max(4, queries.element_size())
-        if ignore is None and score_bytes > self.score_matrix_limit:
+        if ignore is None and score_bytes > limit:
             n, p, positives = histograms_from_embeddings(
                 queries,
                 None if same_set else database,
@@ -282,6 +287,16 @@ class APLoss(_EmbeddingAPLoss):
         return text + _limit_repr(self.score_matrix_limit)
 
 
+def _check_fastap_num_bins(num_bins) -> int:
+    owner = "fastap.FastAPLoss"
+    num_bins = check_int(num_bins, "num_bins", 1, owner)
+    if num_bins >= MAX_NUM_BINS:
+        raise ValueError(
+            f"{owner}: num_bins must be below 2^20 (FastAP takes num_bins + 1 bins), got {num_bins}"
+        )
+    return num_bins
+
+
 class FastAPLoss(_EmbeddingAPLoss):
     """FastAP (Cakir et al., CVPR 2019) with pytorch-metric-learning's semantics and call.
 
@@ -307,13 +322,7 @@ class FastAPLoss(_EmbeddingAPLoss):
         self.score_matrix_limit = check_int(
             score_matrix_limit, "score_matrix_limit", 0, owner, " (bytes)"
         )
-        num_bins = check_int(num_bins, "num_bins", 1, owner)
-        if num_bins >= MAX_NUM_BINS:
-            raise ValueError(
-                f"{owner}: num_bins must be below 2^20 (FastAP takes num_bins + 1 bins), "
-                f"got {num_bins}"
-            )
-        self.num_bins = num_bins
+        self.num_bins = _check_fastap_num_bins(num_bins)
         self.score_range = (-1.0, 1.0)
         self.variant = "ap_q"
 
@@ -323,7 +332,9 @@ class FastAPLoss(_EmbeddingAPLoss):
         return self.num_bins + 1
 
     def histogram_bins(self) -> int:
-        return self.num_edges
+        # (num_bins may have been set after construction: checked as the constructor checks it,
+        # rather than as num_bins + 1 bins by the histograms' check.)
+        return _check_fastap_num_bins(self.num_bins) + 1
 
     def extra_repr(self) -> str:
         return f"num_bins={self.num_bins}" + _limit_repr(self.score_matrix_limit)

@@ -135,3 +135,30 @@ def test_per_query_loss_refuses_exclude_self_without_offset_on_either_side_of_th
     loss = fastap.APLoss(score_matrix_limit=limit)
     with pytest.raises(ValueError, match="exclude_self needs a square scores matrix"):
         loss.per_query_loss(queries, database, labels, ref_labels, exclude_self=True)
+
+
+@pytest.mark.parametrize("limit", [2**30, 0])
+def test_attributes_set_after_construction_are_checked_as_the_constructor_checks_them(limit):
+    """FastAPLoss.num_bins and score_matrix_limit are read at each call: a bad value set on the
+    attribute raises the constructor's error, naming the argument and its own value (num_bins
+    = 0 was refused as "num_bins must be at least 2, got 1", and None for either raised a bare
+    TypeError from an arithmetic or comparison)."""
+    embeddings, labels = torch.randn(6, 3), torch.arange(6) % 2
+    for value, error, message in (
+        (0, ValueError, "fastap.FastAPLoss: num_bins must be at least 1, got 0"),
+        (None, TypeError, "fastap.FastAPLoss: num_bins must be an int, got None"),
+        (2**20, ValueError, "fastap.FastAPLoss: num_bins must be below 2^20"),
+    ):
+        loss = fastap.FastAPLoss(score_matrix_limit=limit)
+        loss.num_bins = value
+        with pytest.raises(error) as raised:
+            loss(embeddings, labels)
+        assert str(raised.value).startswith(message), str(raised.value)
+        with pytest.raises(error) as again:
+            fastap.FastAPLoss(num_bins=value)
+        assert str(again.value) == str(raised.value)
+    for make in (fastap.APLoss, fastap.FastAPLoss):
+        loss = make(score_matrix_limit=limit)
+        loss.score_matrix_limit = None
+        with pytest.raises(TypeError, match="score_matrix_limit must be an int"):
+            loss(embeddings, labels)
