@@ -299,10 +299,12 @@ def check_labels(
     like: torch.Tensor,
     like_name: str,
     owner: str = "fastap",
+    always: bool = False,
 ):
     """A 1-D integer (or bool) label tensor with one label per `per` (`length` of them), on the
     device of `like` (called `like_name` in the message); returned as int64, by value: labels of
-    any two integer dtypes are equal where their values are."""
+    any two integer dtypes are equal where their values are. `always`: check the values of uint64
+    labels in either value-check mode (fastap.metrics, which check in either mode)."""
     t = dense_tensor(value, name, owner)
     if t.device != like.device:
         raise ValueError(f"{owner}: {name} is on {t.device} but {like_name} is on {like.device}")
@@ -320,8 +322,10 @@ def check_labels(
     # uint64 values of 2**63 and more have no int64 of the same value: .to wraps them onto the
     # negative labels of signed dtypes (2**64 - 1 onto -1), so they are refused. (A check of the
     # values, for uint64 labels alone: like the other value checks, not under
-    # set_value_checks(False) or torch.compile, where they wrap.)
-    if t.dtype == UINT64 and checks_values_of(t) and bool((labels < 0).any()):
+    # set_value_checks(False) or torch.compile, where they wrap; `always` keeps it for the
+    # metrics, which check in either mode.)
+    checked = always or checks_values_of(t)
+    if t.dtype == UINT64 and checked and bool((labels < 0).any()):
         raise ValueError(
             f"{owner}: {name} holds uint64 values of 2**63 or more, which int64 labels cannot "
             f"hold; where every label tensor is uint64, pass {name}.view(torch.int64)"

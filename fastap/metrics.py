@@ -489,7 +489,7 @@ def retrieval_metrics(
     """
     queries = _check_embeddings(queries, "queries")
     n = queries.shape[0]
-    labels = check_labels(labels, "labels", n, "row of queries", queries, "queries")
+    labels = check_labels(labels, "labels", n, "row of queries", queries, "queries", always=True)
     if database is None:
         if ref_labels is not None:
             raise ValueError(
@@ -510,7 +510,13 @@ def retrieval_metrics(
         if ref_labels is None:
             raise ValueError("fastap: ref_labels (one label per database row) is required")
         ref_labels = check_labels(
-            ref_labels, "ref_labels", database.shape[0], "row of database", database, "database"
+            ref_labels,
+            "ref_labels",
+            database.shape[0],
+            "row of database",
+            database,
+            "database",
+            always=True,
         )
         if exclude_self is None:
             exclude_self = False

@@ -911,3 +911,21 @@ def test_retrieval_metrics_of_no_queries_are_nan_in_batch_and_against_a_database
     res = retrieval_metrics(emb, emb[:0], labels=labels, ref_labels=labels[:0], ks=(1,))
     assert res["num_queries"] == 0
     assert all(math.isnan(v) for k, v in res.items() if k != "num_queries"), res
+
+
+def test_retrieval_uint64_labels_are_checked_with_value_checks_off():
+    """The metrics check their inputs' values in either mode (docs/api.md, Errors). A uint64
+    label of 2**63 or more has no int64 of its value: with value checks off it wrapped onto a
+    negative label and matched it, so query 0 (label 2**64 - 1) found a positive in the
+    database entry labelled -1, and the metrics were 1.0 where no query has a positive."""
+    emb = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([-1, 5, 7]).view(torch.uint64)  # 2**64 - 1, 5, 7
+    assert labels[0].item() == 2**64 - 1
+    ref_labels = torch.tensor([-1, 6, 8])
+    with pytest.raises(ValueError, match="labels holds uint64 values of 2\\*\\*63 or more"):
+        retrieval_metrics(emb, emb, labels=labels, ref_labels=ref_labels)
+    with fastap.set_value_checks(False):
+        with pytest.raises(ValueError, match="labels holds uint64 values of 2\\*\\*63 or more"):
+            retrieval_metrics(emb, emb, labels=labels, ref_labels=ref_labels)
+        with pytest.raises(ValueError, match="ref_labels holds uint64 values"):
+            retrieval_metrics(emb, emb, labels=ref_labels, ref_labels=labels)
