@@ -945,3 +945,25 @@ def test_retrieval_uint64_labels_are_checked_with_value_checks_off():
             retrieval_metrics(emb, emb, labels=labels, ref_labels=ref_labels)
         with pytest.raises(ValueError, match="ref_labels holds uint64 values"):
             retrieval_metrics(emb, emb, labels=ref_labels, ref_labels=labels)
+
+
+def test_retrieval_recall_of_a_large_tie_group_is_exact():
+    """The average rule's chance of a positive among t entries drawn from a tie group of c with c+
+    positives, 1 - C(c - c+, t) / C(c, t), to float64's rounding for a group of a million (the
+    difference of log-gamma values of about 1.3e7 gave recall@1 = 1.00024e-6 for 1e-6), against
+    exact fractions."""
+    c = 10**6
+    query = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    database = torch.tensor([[1.0, 0.5]], dtype=torch.float64).repeat(c, 1)
+    ks = (1, 2, 5, 1000)
+    for positives in (1, 3, 2000):
+        ref_labels = torch.zeros(c, dtype=torch.long)
+        ref_labels[torch.linspace(0, c - 1, positives).long()] = 1
+        got = retrieval_metrics(
+            query, database, labels=torch.tensor([1]), ref_labels=ref_labels, ks=ks,
+            metrics=("recall",),
+        )  # fmt: skip
+        for k in ks:
+            want = 1 - Fraction(math.comb(c - positives, k), math.comb(c, k))
+            close = pytest.approx(float(want), rel=1e-13, abs=0)
+            assert got[f"recall@{k}"] == close, f"{positives} positives, k = {k}"
