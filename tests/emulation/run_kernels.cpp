@@ -10,6 +10,21 @@
 //
 // Outputs: forward PREFIX.n, PREFIX.p (histogram dtype), PREFIX.positives (int64);
 // backward PREFIX.grad (dtype of the scores). Every output starts as garbage (all bits set).
+//
+// The fused kernels from embeddings (embedding_histogram.cu):
+//
+//   run_kernels op=embedding_forward|embedding_backward dtype=f32|f16|bf16 n=N m=M d=D q=Q
+//               lo=.. hi=.. queries=FILE database=FILE labels=FILE ref_labels=FILE
+//               exclude_self=0|1 self_offset=K [min_split=L] [wgmma=0|1] out=PREFIX
+//               [queries_offset=K] [database_offset=K]
+//               (backward: table=FILE, the N x 2 x (Q - 1) slope table)
+//   run_kernels op=embedding_layout dtype=.. d=D q=Q    (shared bytes: forward, backward)
+//   run_kernels op=embedding_limits dtype=..           (widest D, its grid.z, D + 1's)
+//
+// Outputs: forward PREFIX.n, PREFIX.p (float32), PREFIX.positives (int64); backward
+// PREFIX.grad_queries and PREFIX.grad_database (dtype of the embeddings).
+//
+// The AP formula: op=ap_rows|ap_rows_backward (see run_ap_rows below).
 #include "cuda_host.h"
 #include "wmma_host.h"
 #include "wgmma_host.h"
