@@ -1,6 +1,7 @@
 import faulthandler
 import os
 import sys
+import tempfile
 import zlib
 
 import pytest
@@ -43,6 +44,22 @@ def _time_limit():
         yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def machine_memory():
+    """For a test that takes much of the machine's memory (tests/test_large_index.py: about 11 GB
+    on the CPU): it holds a lock machine-wide while it runs, so that no two such tests hold their
+    memory at once, whether in two pytest-xdist workers or in two suites run side by side (CI runs
+    the oldest torch's suite beside the README's). Where fcntl is missing (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(tempfile.gettempdir(), "fastap-tests-machine-memory.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 @pytest.fixture(params=DEVICES)

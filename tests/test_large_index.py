@@ -7,6 +7,7 @@ import fastap
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.usefixtures("machine_memory")
 def test_more_than_2_31_entries(device):
     # Each row repeats one small pattern K times. AP_Q is homogeneous of degree 0 in the histograms,
     # so every row's AP equals the pattern's, and its gradient is the pattern's divided by K.
