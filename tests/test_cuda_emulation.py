@@ -56,9 +56,11 @@ pytestmark = pytest.mark.skipif(
 
 
 def build_command(source: Path, binary: Path, sanitizer: str) -> list[str]:
-    """The g++ command that builds an emulation program with one of SANITIZERS."""
+    """The g++ command that builds an emulation program with one of SANITIZERS. (-g1: the line
+    tables, for the file and line of each frame in a sanitizer's report; full -g took half as
+    long again to build, 60 s against 36 s with ASan and UBSan.)"""
     return [
-        "g++", "-std=c++20", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Werror",
+        "g++", "-std=c++20", "-O1", "-g1", "-pthread", "-Wall", "-Wextra", "-Werror",
         "-fno-strict-aliasing",  # the kernels read 16-byte vectors of bf16 / float
         "-Wno-unknown-pragmas", f"-fsanitize={SANITIZERS[sanitizer]}",
         "-fno-sanitize-recover=all", *(f"-I{p}" for p in include_paths()),
