@@ -64,5 +64,5 @@ assert fastap.ops.HAS_CUDA_KERNELS and fastap.ops.HAS_FUSED_EMBEDDING_KERNELS
 print("fastap._C loads with every kernel registered:", ", ".join(kernels))
 PY
 # The CPU side of the CUDA build: the same C++ kernels, now beside the CUDA ones.
-HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} python -m pytest -q -p no:cacheprovider \
+HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci} python -m pytest -q -n 2 -p no:cacheprovider \
   tests/test_forward.py tests/test_compile.py tests/test_errors.py

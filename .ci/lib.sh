@@ -45,14 +45,21 @@ make_sdist() {
 }
 
 # install_from_sdist PYTHON WORK TORCH_VERSION FASTAP_CUDA [PACKAGE ...]: a fresh environment at
-# WORK/venv with that torch, the build and test tools and the extra packages; fastap built there
-# (FASTAP_CUDA 0 or 1) from the sdist unpacked at WORK/src, which becomes the current folder.
+# WORK/venv with that torch, the build and test tools (pytest-xdist among them) and the extra
+# packages; fastap built there (FASTAP_CUDA 0 or 1) from the sdist unpacked at WORK/src, which
+# becomes the current folder. The build's output (the compiler commands and warnings) goes to
+# WORK/build.log, printed on failure.
 install_from_sdist() {
   local python=$1 work=$2 torch_version=$3 cuda=$4
   shift 4
   fresh_venv "$python" "$work/venv"
-  pip install -q "torch==$torch_version" numpy ninja setuptools wheel pytest hypothesis "$@"
+  pip install -q "torch==$torch_version" numpy ninja setuptools wheel pytest pytest-xdist \
+    hypothesis "$@"
   sdist_tree "$work/src"
   cd "$work/src" || return
-  FASTAP_CUDA=$cuda pip install -q --no-build-isolation --no-deps -e .
+  if ! FASTAP_CUDA=$cuda pip install -v --no-build-isolation --no-deps -e . \
+      >"$work/build.log" 2>&1; then
+    cat "$work/build.log" >&2
+    return 1
+  fi
 }
