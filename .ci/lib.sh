@@ -9,7 +9,7 @@ fresh_venv() {
 }
 
 # sdist_tree DEST: the source distribution a user would download, made from the working tree by
-# the active python (which needs torch and setuptools: setup.py imports torch), unpacked at DEST.
+# the active python (which needs setuptools, not torch), unpacked at DEST.
 # Builds from it therefore check that the sdist carries everything they need, and a build there
 # leaves the extension built in place for the main torch alone. Fails when a file tracked by git
 # (but the CI scripts) is missing from the sdist, so MANIFEST.in cannot fall behind the tree.
@@ -35,10 +35,12 @@ sdist_tree() {
 }
 
 # make_sdist DIR: the sdist of the working tree, made by the active python, into DIR (its build
-# log is DIR/log, printed on failure).
+# log is DIR/log, printed on failure). (FASTAP_CUDA=0: with a CUDA build of torch installed and no
+# GPU, setup.py would otherwise ask which architectures to build for; MANIFEST.in, not the
+# extension's sources, says what the sdist holds.)
 make_sdist() {
   # (egg_info in a fresh folder: setuptools would otherwise add the files of an old SOURCES.txt)
-  if ! python setup.py -q egg_info --egg-base "$1" sdist -d "$1" >"$1/log" 2>&1; then
+  if ! FASTAP_CUDA=0 python setup.py -q egg_info --egg-base "$1" sdist -d "$1" >"$1/log" 2>&1; then
     cat "$1/log" >&2
     return 1
   fi
