@@ -30,6 +30,7 @@
 #include "wgmma_host.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <stdexcept>
@@ -53,6 +54,15 @@ const std::string& option(const std::string& key) {
 }
 int64_t integer(const std::string& key, int64_t fallback = -1) {
   return options.count(key) ? std::stoll(option(key)) : fallback;
+}
+// A real number, as Python's repr wrote it. (Not std::stod: it refuses a subnormal, such as a
+// score range's end of 2.2e-311, for the ERANGE that strtod sets.)
+double real(const std::string& key) {
+  const std::string& text = option(key);
+  char* end = nullptr;
+  const double value = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || *end != '\0') throw std::runtime_error("not a number: " + key);
+  return value;
 }
 
 template <typename T>
@@ -102,7 +112,7 @@ bool launched_first(Kernel kernel) {
 template <typename scalar_t, typename acc_t>
 int run() {
   const int64_t n = integer("n"), m = integer("m"), q = integer("q");
-  const double lo = std::stod(option("lo")), hi = std::stod(option("hi"));
+  const double lo = real("lo"), hi = real("hi");
   const int64_t scores_offset = integer("scores_offset", 0);
   const std::vector<scalar_t> score_buffer = read_at<scalar_t>("scores", n * m, scores_offset);
   const scalar_t* const scores = score_buffer.data() + scores_offset;
@@ -186,7 +196,7 @@ int run_embedding() {
     return 0;
   }
   const int64_t n = integer("n"), m = integer("m"), d = integer("d"), q = integer("q");
-  const double lo = std::stod(option("lo")), hi = std::stod(option("hi"));
+  const double lo = real("lo"), hi = real("hi");
   const int64_t queries_offset = integer("queries_offset", 0);
   const int64_t database_offset = integer("database_offset", 0);
   const std::vector<T> query_buffer = read_at<T>("queries", n * d, queries_offset);
