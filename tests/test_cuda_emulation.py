@@ -17,10 +17,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.cpp_extension import include_paths
 
 import fastap
@@ -445,6 +448,56 @@ def test_kernels_have_no_data_races(emulators, tmp_path, options):
     check_both(emulators["thread"], tmp_path, fast_problem, fast=True, **options)
 
 
+# --- random problems (hypothesis): shapes, options and inputs the fixed cases above do not pick ---
+
+# Each example runs the emulation twice (0.1 to 1 s): a third of the profile's examples, 20 in CI's
+# (HYPOTHESIS_PROFILE=dev, or a profile of one's own, for a longer search).
+RANDOM_EXAMPLES = max(5, settings().max_examples // 3)
+
+
+@st.composite
+def score_kernel_cases(draw):
+    """(problem, self_offset, launch options): any relevance form and dtype, rows of any length
+    (whole 16-byte vectors or not: the fast and the general kernels), narrow and wide ranges,
+    ties, self exclusion with queries that are a slice of the candidates, forced chunks and grid
+    strides, and misaligned inputs."""
+    n = draw(st.integers(1, 130))
+    m = draw(st.integers(0, 1100) | st.sampled_from([8, 64, 256, 4096, 4104]))
+    if draw(st.booleans()):
+        m = n
+    lo, width = draw(st.floats(-3, 1)), draw(st.floats(0.01, 4))
+    problem = random_problem(
+        n, m, num_bins=draw(st.integers(2, 100)), score_range=(lo, lo + width),
+        relevance_form=draw(st.sampled_from(RELEVANCE_FORMS)), num_classes=draw(st.integers(1, 5)),
+        with_ignore=draw(st.booleans()), ties=draw(st.booleans()),
+        dtype=draw(st.sampled_from(list(DTYPE_CODES))), seed=draw(st.integers(0, 2**31 - 1)),
+    )  # fmt: skip
+    self_offset = 0
+    if n <= m and draw(st.booleans()):
+        problem.exclude_self = True  # query i is candidate i + self_offset
+        self_offset = draw(st.integers(0, m - n))
+    options = {}
+    if draw(st.booleans()):
+        options["chunk"] = draw(st.sampled_from([1, 5, 8, 33, 64, 96, 256]))
+    if draw(st.booleans()):
+        options["max_blocks"] = draw(st.integers(1, 5))
+    if draw(st.booleans()):  # an input or the gradient off the 16-byte alignment
+        misaligned = ["scores_offset", "grad_offset"]
+        if problem.relevance is None:
+            misaligned.append("ref_labels_offset")
+        options[draw(st.sampled_from(misaligned))] = draw(st.integers(1, 7))
+    return problem, self_offset, options
+
+
+@settings(max_examples=RANDOM_EXAMPLES)
+@given(score_kernel_cases(), st.integers(0, 2**31 - 1))
+def test_kernels_equal_cpu_op_on_random_problems(emulators, case, seed):
+    problem, self_offset, options = case
+    with tempfile.TemporaryDirectory() as tmp:
+        check_both(emulators["address"], Path(tmp), problem, seed=seed, self_offset=self_offset,
+                   **options)  # fmt: skip
+
+
 # --- the device branches of the shared binning (csrc/binning.h) ---
 
 
@@ -680,6 +733,38 @@ def test_embedding_kernels_on_wgmma_exclude_self_and_races(emulators, tmp_path, 
     check_embedding_kernels(emulators["thread"], tmp_path, 70, 200, 152, torch.bfloat16,
                             same_set=True, self_offset=9, num_bins=5, wgmma=1,
                             **options)  # fmt: skip
+
+
+@st.composite
+def embedding_kernel_cases(draw):
+    """Keyword arguments of check_embedding_kernels: any sizes (D past the accumulator's 256
+    columns too), dtype and bins; WMMA or wgmma products; forced splits; the queries a slice of
+    the database (self exclusion at any offset); queries with non-finite embeddings; misaligned
+    embeddings."""
+    n, m = draw(st.integers(1, 130)), draw(st.integers(1, 300))
+    d = draw(st.integers(1, 300) | st.sampled_from([8, 16, 64, 128, 256, 257]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    case = dict(n=n, m=m, d=d, dtype=dtype, num_bins=draw(st.integers(2, 40)),
+                seed=draw(st.integers(0, 2**31 - 1)))  # fmt: skip
+    if dtype != torch.float32 and d <= 256 and draw(st.booleans()):
+        case["wgmma"] = 1
+    if draw(st.booleans()):
+        case["min_split"] = draw(st.sampled_from([16, 64, 100]))
+    if draw(st.booleans()):
+        case.update(n=min(n, m), same_set=True)
+        case["self_offset"] = draw(st.integers(0, m - case["n"]))
+    if case["n"] > 1 and draw(st.booleans()):
+        case["non_finite_queries"] = (0, case["n"] - 1)
+    if draw(st.booleans()):  # embeddings off the 16-byte alignment
+        case[draw(st.sampled_from(["queries_offset", "database_offset"]))] = draw(st.integers(1, 7))
+    return case
+
+
+@settings(max_examples=RANDOM_EXAMPLES)
+@given(embedding_kernel_cases())
+def test_embedding_kernels_equal_the_score_matrix_op_on_random_problems(emulators, case):
+    with tempfile.TemporaryDirectory() as tmp:
+        check_embedding_kernels(emulators["address"], Path(tmp), **case)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
