@@ -3,9 +3,13 @@ without a CUDA device; run on the GPU machine by benchmarks/gpu_check.sh."""
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastap
 from fastap.testing import RELEVANCE_FORMS, random_problem
+
+from problem_strategies import check_against_reference, kernel_problems
 
 pytestmark = pytest.mark.cuda
 
@@ -25,6 +29,30 @@ def op_args(problem):
     lo, hi = problem.score_range
     return (problem.relevance, problem.labels, problem.ref_labels, problem.ignore,
             problem.exclude_self, problem.num_bins, lo, hi)  # fmt: skip
+
+
+def check_ops_equal_cpu(problem, self_offset=0, seed=0):
+    """The histogram ops on the GPU against the CPU op. Forward: CUDA accumulates the histograms
+    in the histogram dtype (fp32 but for fp64 scores), the CPU in fp64, so fp32 histograms agree
+    to fp32 rounding of sums. Backward, from the same incoming gradients: the same table lookups,
+    bitwise."""
+    gpu = problem.to("cuda")
+    args, gpu_args = (*op_args(problem), self_offset), (*op_args(gpu), self_offset)
+    n, p, positives = torch.ops.fastap.soft_histogram(problem.scores, *args)
+    n_gpu, p_gpu, positives_gpu = torch.ops.fastap.soft_histogram(gpu.scores, *gpu_args)
+    assert torch.equal(positives_gpu.cpu(), positives)
+    if problem.scores.dtype == torch.float64:
+        tol = dict(rtol=1e-12, atol=1e-10)
+    else:
+        tol = dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(n_gpu.cpu(), n, **tol)
+    torch.testing.assert_close(p_gpu.cpu(), p, **tol)
+    g = torch.Generator().manual_seed(seed)
+    grad_n, grad_p = torch.randn((2, *n.shape), generator=g, dtype=n.dtype)
+    grad = torch.ops.fastap.soft_histogram_backward(grad_n, grad_p, problem.scores, *args)
+    grad_gpu = torch.ops.fastap.soft_histogram_backward(grad_n.cuda(), grad_p.cuda(), gpu.scores,
+                                                        *gpu_args)  # fmt: skip
+    assert torch.equal(grad_gpu.cpu(), grad)
 
 
 # Without an ignore mask, label rows whose length is a multiple of the vector width take the fast
@@ -54,22 +82,7 @@ def test_cuda_equals_cpu(form, dtype, shape, num_bins, with_ignore):
         dtype=dtype,
         seed=shape[0],
     )
-    gpu = problem.to("cuda")
-    # The ops. Forward: CUDA accumulates the histograms in the histogram dtype (fp32 but for fp64
-    # scores), the CPU in fp64, so fp32 histograms agree to fp32 rounding of sums.
-    n, p, positives = torch.ops.fastap.soft_histogram(problem.scores, *op_args(problem))
-    n_gpu, p_gpu, positives_gpu = torch.ops.fastap.soft_histogram(gpu.scores, *op_args(gpu))
-    assert torch.equal(positives_gpu.cpu(), positives)
-    tol = dict(rtol=1e-12, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(n_gpu.cpu(), n, **tol)
-    torch.testing.assert_close(p_gpu.cpu(), p, **tol)
-    # Backward from the same incoming gradients: the same table lookups, bitwise.
-    grad_n, grad_p = torch.randn_like(n), torch.randn_like(p)
-    grad = torch.ops.fastap.soft_histogram_backward(grad_n, grad_p, problem.scores,
-                                                    *op_args(problem))  # fmt: skip
-    grad_gpu = torch.ops.fastap.soft_histogram_backward(grad_n.cuda(), grad_p.cuda(), gpu.scores,
-                                                        *op_args(gpu))  # fmt: skip
-    assert torch.equal(grad_gpu.cpu(), grad)
+    check_ops_equal_cpu(problem)
 
     # End to end (AP and its gradient through autograd): the fp32 rounding of the CUDA histograms
     # goes through the AP formula, whose gradient depends on them.
@@ -81,6 +94,20 @@ def test_cuda_equals_cpu(form, dtype, shape, num_bins, with_ignore):
     torch.testing.assert_close(
         cuda_grad.double() / scale, cpu_grad.double() / scale, rtol=0, atol=grad_tol
     )
+
+
+# The fuzzed suite on the GPU, on the random problems that the CPU emulation takes too
+# (problem_strategies.kernel_problems): the ops against the CPU op, and on float64 problems each
+# variant's AP and gradient, computed on the GPU, against the N x Q x M reference on the CPU
+# (where that is small enough to build).
+@given(kernel_problems(), st.sampled_from(fastap.VARIANTS), st.integers(0, 2**31 - 1))
+def test_cuda_equals_cpu_and_reference_on_random_problems(case, variant, seed):
+    problem, self_offset = case
+    check_ops_equal_cpu(problem, self_offset, seed)
+    n, m = problem.scores.shape
+    if problem.scores.dtype == torch.float64 and n * m * problem.num_bins <= 10**7:
+        own = self_offset if problem.exclude_self else None
+        check_against_reference(problem, "cuda", variant, own)
 
 
 def test_cuda_deterministic_and_graph_capture():

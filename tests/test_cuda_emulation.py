@@ -34,6 +34,8 @@ from fastap.testing import (
     round_like_matrix_unit,
 )
 
+from problem_strategies import kernel_problems
+
 ROOT = Path(__file__).resolve().parents[1]
 # The program first, then every file it may include (their bytes name the binary): the launchers
 # of csrc/cuda/*.cu among them.
@@ -457,25 +459,9 @@ RANDOM_EXAMPLES = max(5, settings().max_examples // 3)
 
 @st.composite
 def score_kernel_cases(draw):
-    """(problem, self_offset, launch options): any relevance form and dtype, rows of any length
-    (whole 16-byte vectors or not: the fast and the general kernels), narrow and wide ranges,
-    ties, self exclusion with queries that are a slice of the candidates, forced chunks and grid
-    strides, and misaligned inputs."""
-    n = draw(st.integers(1, 130))
-    m = draw(st.integers(0, 1100) | st.sampled_from([8, 64, 256, 4096, 4104]))
-    if draw(st.booleans()):
-        m = n
-    lo, width = draw(st.floats(-3, 1)), draw(st.floats(0.01, 4))
-    problem = random_problem(
-        n, m, num_bins=draw(st.integers(2, 100)), score_range=(lo, lo + width),
-        relevance_form=draw(st.sampled_from(RELEVANCE_FORMS)), num_classes=draw(st.integers(1, 5)),
-        with_ignore=draw(st.booleans()), ties=draw(st.booleans()),
-        dtype=draw(st.sampled_from(list(DTYPE_CODES))), seed=draw(st.integers(0, 2**31 - 1)),
-    )  # fmt: skip
-    self_offset = 0
-    if n <= m and draw(st.booleans()):
-        problem.exclude_self = True  # query i is candidate i + self_offset
-        self_offset = draw(st.integers(0, m - n))
+    """(problem, self_offset, launch options): problem_strategies.kernel_problems with forced
+    chunks and grid strides, and misaligned inputs."""
+    problem, self_offset = draw(kernel_problems())
     options = {}
     if draw(st.booleans()):
         options["chunk"] = draw(st.sampled_from([1, 5, 8, 33, 64, 96, 256]))

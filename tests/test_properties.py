@@ -9,6 +9,8 @@ import fastap
 from fastap import reference
 from fastap.testing import RELEVANCE_FORMS, random_problem
 
+from problem_strategies import check_against_reference, conditioning
+
 problems = st.builds(
     random_problem,
     st.integers(1, 120),
@@ -24,28 +26,9 @@ problems = st.builds(
 )
 
 
-def conditioning(problem) -> float:
-    """How much a rounding of the scores moves their bin positions: a narrow range far from 0
-    amplifies it by max(|lo|, |hi|) / (hi - lo). The fp64 tolerances scale with it."""
-    lo, hi = problem.score_range
-    return max(1.0, max(abs(lo), abs(hi)) / (hi - lo))
-
-
 @given(problems)
 def test_values_and_gradients_match_reference(problem):
-    scores = problem.scores.detach().requires_grad_()
-    ref_scores = problem.scores.detach().requires_grad_()
-    ours = fastap.average_precision(scores, problem.relevance, **problem.kwargs())
-    ref = reference.average_precision(ref_scores, problem.relevance, **problem.kwargs())
-    tolerance = 1e-12 * conditioning(problem)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=tolerance)
-    weights = torch.arange(1, ours.shape[0] + 1, dtype=ours.dtype)
-    (ours * weights).sum().backward()
-    (ref * weights).sum().backward()
-    # Every gradient term is O(1 / delta), and so is its rounding error: compare relative to that.
-    lo, hi = problem.score_range
-    scale = max(ref_scores.grad.abs().max().item(), (problem.num_bins - 1) / (hi - lo))
-    torch.testing.assert_close(scores.grad / scale, ref_scores.grad / scale, rtol=0, atol=tolerance)
+    check_against_reference(problem)
 
 
 @given(problems, st.integers(0, 2**31 - 1))
