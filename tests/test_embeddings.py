@@ -3,6 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastap
 from fastap.embeddings import histograms_from_embeddings
@@ -143,6 +145,58 @@ def test_in_batch_square_tiles_in_float32_and_bfloat16():
         assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
         torch.testing.assert_close(loss, matrix_loss, rtol=0, atol=1e-6)
         assert (grad.double() - matrix_grad.double()).norm() <= 1e-2 * matrix_grad.double().norm()
+
+
+@st.composite
+def blockwise_cases(draw):
+    """(problem, options): float64 queries (half of them of small integers: ties, scores on bin
+    centres) against a database, or in batch; self exclusion at any offset; any block size,
+    range, bins, variant and query weights."""
+    n, d = draw(st.integers(1, 60)), draw(st.integers(1, 12))
+    in_batch = draw(st.booleans())
+    m = n if in_batch else draw(st.integers(0, 90))
+    queries, database, labels, ref_labels = embedding_problem(
+        n, m, d, seed=draw(st.integers(0, 2**31 - 1)), classes=draw(st.integers(1, 6))
+    )
+    rounded = draw(st.booleans())
+    if rounded:
+        queries = queries.round()
+    lo = draw(st.floats(-1.5, 0.5))
+    options = dict(
+        num_bins=draw(st.integers(2, 40)), score_range=(lo, lo + draw(st.floats(0.1, 2.5))),
+        variant=draw(st.sampled_from(fastap.VARIANTS)),
+        query_weights=torch.rand(n, dtype=torch.float64) if draw(st.booleans()) else None,
+    )  # fmt: skip
+    if in_batch:
+        database, ref_labels = queries, labels
+        options.update(exclude_self=True, self_offset=0)
+    elif m >= n and draw(st.booleans()):
+        options.update(exclude_self=True, self_offset=draw(st.integers(0, m - n)))
+    block_size = draw(st.none() | st.integers(1, 70))
+    return (queries, database, labels, ref_labels, in_batch, rounded), block_size, options
+
+
+@given(blockwise_cases())
+def test_equals_score_matrix_path_on_random_problems(case):
+    """The loss to 1e-12 and both gradients to 1e-9; the gradients only off ties, as the blocks'
+    products may round a score on a bin centre or range end (a kink) 1 ulp off the matrix's."""
+    (queries, database, labels, ref_labels, in_batch, rounded), block_size, options = case
+    q, db = queries.clone().requires_grad_(), database.clone().requires_grad_()
+    blockwise = fastap.ap_loss_from_embeddings(
+        q, None if in_batch else db, labels=labels, ref_labels=None if in_batch else ref_labels,
+        block_size=block_size, backend="blockwise", **options,
+    )  # fmt: skip
+    q_matrix = queries.clone().requires_grad_()
+    db_matrix = q_matrix if in_batch else database.clone().requires_grad_()
+    matrix = score_matrix_loss(q_matrix, db_matrix, labels, ref_labels, **options)
+    torch.testing.assert_close(blockwise, matrix, rtol=0, atol=1e-12)
+    if rounded:
+        return
+    blockwise.backward()
+    matrix.backward()
+    torch.testing.assert_close(q.grad, q_matrix.grad, rtol=1e-9, atol=1e-11)
+    if not in_batch:
+        torch.testing.assert_close(db.grad, db_matrix.grad, rtol=1e-9, atol=1e-11)
 
 
 def test_gradcheck():
