@@ -46,6 +46,7 @@ from fastap._validation import (
     check_labels,
     check_query_weights,
     check_variant,
+    dense_tensor,
     in_common_dtype,
     refuse_functorch_transforms,
 )
@@ -96,6 +97,8 @@ def _score_tiles(queries, database, labels, ref_labels, options):
 def square_tile_side(block_size: int, num_rows: int) -> int:
     """Side of the square score tiles of the in-batch blockwise path: two of them hold no more
     scores than one block_size x num_rows tile of the path against a database."""
+    block_size = check_int(block_size, "block_size", 1, "fastap.embeddings.square_tile_side")
+    num_rows = check_int(num_rows, "num_rows", 0, "fastap.embeddings.square_tile_side")
     return max(1, min(num_rows, math.isqrt(block_size * num_rows // 2)))
 
 
@@ -319,9 +322,17 @@ def max_shared_memory_per_block(properties) -> int:
 
 
 def fused_unavailable_reason(
-    queries: torch.Tensor, database: torch.Tensor, num_bins: int
+    queries: torch.Tensor, database: torch.Tensor | None, num_bins: int
 ) -> str | None:
-    """Why the fused CUDA kernel cannot take these embeddings (None: it can)."""
+    """Why the fused CUDA kernel cannot take these embeddings (None: it can); database None: the
+    queries are their own database (in batch)."""
+    owner = "fastap.embeddings.fused_unavailable_reason"
+    check_embedding_matrix(queries, "queries", owner)
+    if database is None:
+        database = queries
+    else:
+        check_embedding_matrix(database, "database", owner)
+    num_bins = check_int(num_bins, "num_bins", 2, owner)
     if queries.device.type != "cuda":
         return f"the embeddings are on {queries.device}, not on a CUDA device"
     if not HAS_FUSED_EMBEDDING_KERNELS:
@@ -353,6 +364,7 @@ def fused_uses_wgmma(queries: torch.Tensor) -> bool:
     environment, for bfloat16 or float16 embeddings of dimension <= 256, in a build for compute
     capability 9.0a (FASTAP_CUDA_ARCH=9.0a) on such a GPU. A diagnostic: the histograms are the
     same either way, the gradients within the rounding of fp32 sums taken in another order."""
+    dense_tensor(queries, "queries", "fastap.embeddings.fused_uses_wgmma")
     if queries.device.type != "cuda" or not HAS_FUSED_EMBEDDING_KERNELS or queries.dim() != 2:
         return False
     return bool(torch.ops.fastap.embedding_histogram_uses_wgmma(queries))

@@ -255,6 +255,11 @@ def freeze_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """Freeze every BatchNorm layer: eval mode (running statistics used, never updated), which a
     later ``model.train()`` does not undo, and no gradient for its affine parameters. The rest of
     the model keeps its mode. Returns the model."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            "fastap.train.freeze_batchnorm: model must be a torch.nn.Module, got "
+            f"{type_name(model)}"
+        )
     for module in model.modules():
         if isinstance(module, _BATCHNORM):
             module.eval()

@@ -539,6 +539,30 @@ def test_helpers_check_their_batches():
             fastap.distributed.gather_embeddings(e, labels, group)
 
 
+def test_public_helpers_name_their_bad_arguments():
+    e = torch.randn(6, 4)
+    reason = fastap.embeddings.fused_unavailable_reason
+    for call, error, match in [
+        (lambda: reason(None, None, 20), TypeError, "queries must be a torch.Tensor, got None"),
+        (lambda: reason(e.long(), None, 20), TypeError, "queries must be floating point"),
+        (lambda: reason(e, e[0], 20), ValueError, "database must be 2-D"),
+        (lambda: reason(e, None, 1), ValueError, "num_bins must be at least 2, got 1"),
+        (lambda: reason(e, e, 20.0), TypeError, "num_bins must be an int, got float"),
+        (lambda: fastap.embeddings.fused_uses_wgmma([1]), TypeError, "queries must be a torch"),
+        (lambda: fastap.embeddings.square_tile_side(0, 5), ValueError, "block_size must be at"),
+        (lambda: fastap.embeddings.square_tile_side(4, -1), ValueError, "num_rows must be at"),
+        (lambda: fastap.embeddings.square_tile_side(4.5, 5), TypeError, "block_size must be an"),
+        (lambda: fastap.train.freeze_batchnorm(e), TypeError, "model must be a torch.nn.Module"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+    # In batch (no database), as the losses take it: on the CPU, the device is the reason.
+    assert (
+        reason(e, None, 20) == reason(e, e, 20) == "the embeddings are on cpu, not on a CUDA device"
+    )
+    assert fastap.embeddings.square_tile_side(4, 5) == 3
+
+
 def test_multistage_backward_of_an_empty_sequence():
     with pytest.raises(ValueError, match="inputs is an empty sequence"):
         fastap.train.multistage_backward(torch.nn.Linear(3, 2), [], lambda d: d.sum(), 2)
