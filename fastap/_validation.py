@@ -249,9 +249,9 @@ def is_integer_tensor(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
-def check_embedding_matrix(value, name: str, owner: str = "fastap") -> torch.Tensor:
-    """A 2-D tensor of embeddings (rows x dim, at least one column) of a floating dtype the
-    kernels take (float32, float64, float16, bfloat16)."""
+def check_rows(value, name: str, owner: str = "fastap") -> torch.Tensor:
+    """A 2-D tensor of rows (rows x dim) of a floating dtype the kernels take (float32, float64,
+    float16, bfloat16)."""
     dense_tensor(value, name, owner)
     if value.dim() != 2:
         raise ValueError(f"{owner}: {name} must be 2-D (rows x dim), got {list(value.shape)}")
@@ -260,6 +260,12 @@ def check_embedding_matrix(value, name: str, owner: str = "fastap") -> torch.Ten
             f"{owner}: {name} must be floating point (float32, float64, float16 or bfloat16), "
             f"got {value.dtype}"
         )
+    return value
+
+
+def check_embedding_matrix(value, name: str, owner: str = "fastap") -> torch.Tensor:
+    """check_rows, and at least one column: embeddings."""
+    check_rows(value, name, owner)
     if value.shape[1] == 0:
         raise ValueError(f"{owner}: {name} must have at least one column, got {list(value.shape)}")
     return value

@@ -32,28 +32,16 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from fastap._validation import SCORE_DTYPES, dense_tensor, in_common_dtype
+from fastap._validation import check_rows, in_common_dtype
 
 #: The largest entries of the rows that are normalised as they are; others are scaled first.
 UNSCALED_RANGE = (2.0**-30, 2.0**50)
 
 
-def _check_rows(x, name: str, owner: str) -> None:
-    """A 2-D tensor of rows of a floating dtype (float32, float64, float16, bfloat16); else an
-    error naming the argument."""
-    dense_tensor(x, name, owner)
-    if x.dim() != 2:
-        raise ValueError(f"{owner}: {name} must be 2-D (rows x dim), got shape {list(x.shape)}")
-    if x.dtype not in SCORE_DTYPES:
-        raise TypeError(
-            f"{owner}: {name} must be float32, float64, float16 or bfloat16, got {x.dtype}"
-        )
-
-
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """The rows of the 2-D tensor ``x`` scaled to unit L2 norm, in ``x``'s dtype (see the module
     docstring for how it differs from ``F.normalize`` at the ends of the range)."""
-    _check_rows(x, "x", "fastap.cosine.unit_rows")
+    check_rows(x, "x", "fastap.cosine.unit_rows")
     if x.shape[-1] == 0:  # no entries to take the largest of
         return F.normalize(x, dim=1)
     work = x if x.dtype == torch.float64 else x.float()
@@ -75,8 +63,8 @@ def cosine_scores(queries: torch.Tensor, database: torch.Tensor) -> torch.Tensor
     """[N, M] cosine similarities of the rows of ``queries`` [N, D] and ``database`` [M, D], in
     the wider of their dtypes."""
     owner = "fastap.cosine.cosine_scores"
-    _check_rows(queries, "queries", owner)
-    _check_rows(database, "database", owner)
+    check_rows(queries, "queries", owner)
+    check_rows(database, "database", owner)
     if (database.shape[1], database.device) != (queries.shape[1], queries.device):
         raise ValueError(
             f"{owner}: queries and database must have the same dimension and device, got "
