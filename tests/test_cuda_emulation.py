@@ -453,7 +453,7 @@ def test_kernels_have_no_data_races(emulators, tmp_path, options):
 # --- random problems (hypothesis): shapes, options and inputs the fixed cases above do not pick ---
 
 # Each example runs the emulation twice (0.1 to 1 s): a third of the profile's examples, 20 in CI's
-# (HYPOTHESIS_PROFILE=dev, or a profile of one's own, for a longer search).
+# (HYPOTHESIS_PROFILE=dev or search, tests/conftest.py, for a longer search).
 RANDOM_EXAMPLES = max(5, settings().max_examples // 3)
 
 
