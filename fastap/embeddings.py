@@ -333,6 +333,11 @@ def fused_unavailable_reason(
     else:
         check_embedding_matrix(database, "database", owner)
     num_bins = check_int(num_bins, "num_bins", 2, owner)
+    return _fused_unavailable_reason(queries, database, num_bins)
+
+
+def _fused_unavailable_reason(queries, database, num_bins: int) -> str | None:
+    """fused_unavailable_reason on arguments the entry points have checked (the losses' path)."""
     if queries.device.type != "cuda":
         return f"the embeddings are on {queries.device}, not on a CUDA device"
     if not HAS_FUSED_EMBEDDING_KERNELS:
@@ -375,7 +380,7 @@ def _use_fused(backend: str, queries, database, num_bins: int) -> bool:
         raise ValueError(f"fastap: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "blockwise":
         return False
-    reason = fused_unavailable_reason(queries, database, num_bins)
+    reason = _fused_unavailable_reason(queries, database, num_bins)
     if backend == "fused":
         if reason is not None:
             raise ValueError(f"fastap: backend='fused' is not available: {reason}")

@@ -490,7 +490,7 @@ def test_auto_backend_reads_tf32_from_every_torch_api(monkeypatch):
     # the fused kernel's availability is patched in, so this runs on the CPU.
     from fastap import embeddings
 
-    monkeypatch.setattr(embeddings, "fused_unavailable_reason", lambda *args: None)
+    monkeypatch.setattr(embeddings, "_fused_unavailable_reason", lambda *args: None)
     x = torch.randn(4, 3)
     matmul = torch.backends.cuda.matmul
     legacy, precision = matmul.allow_tf32, torch.get_float32_matmul_precision()
