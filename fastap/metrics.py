@@ -673,7 +673,12 @@ def _gnd_indices(value, where: str) -> torch.Tensor:
                 f"fastap: {where} must be a list or array of database indices, got "
                 f"{type_name(value)}"
             ) from None
-    t = t.reshape(-1)
+    if t.dim() != 1:
+        # (a number alone, or a nested list, which flattening would silently merge)
+        shape = "a single number" if t.dim() == 0 else f"shape {list(t.shape)}"
+        raise ValueError(
+            f"fastap: {where} must be a flat (1-D) list of database indices, got {shape}"
+        )
     if t.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
@@ -722,10 +727,10 @@ def revisited_map(
             size; positives missing from the ranking are never retrieved (they still count in n).
             The database is the images up to the largest index named by the ranking or the
             ground truth, or only the named images where that is fewer (a stray large index).
-        ground_truth: one mapping per query with keys "easy", "hard" and "junk", each a list /
-            array / tensor of 0-based database indices: the "gnd" entries of the dataset's
-            ground-truth file. Lists are taken as sets (duplicates count once); an index in both
-            a positive and an ignored list of a setup counts as a positive.
+        ground_truth: one mapping per query with keys "easy", "hard" and "junk", each a flat
+            (1-D) list / array / tensor of 0-based database indices: the "gnd" entries of the
+            dataset's ground-truth file. Lists are taken as sets (duplicates count once); an
+            index in both a positive and an ignored list of a setup counts as a positive.
         kappas: the k of mP@k, positive ints. Default (1, 5, 10).
         is_ranking: whether ``scores`` is a ranking (see above). Default False.
         chunk_size: queries ranked at a time. Default None: about 256 MB of scores per chunk

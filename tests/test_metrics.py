@@ -9,6 +9,7 @@ import itertools
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -882,6 +883,15 @@ def test_revisited_map_errors():
         revisited_map(scores, [{"easy": [10], "hard": [], "junk": []}, HAND_GND[1]])
     with pytest.raises(TypeError, match="ground_truth"):
         revisited_map(scores, [{"easy": [1.5], "hard": [], "junk": []}, HAND_GND[1]])
+    # A nested list is not flattened (its rows would merge silently), nor a number taken alone.
+    for wrong, shape in (
+        ([[1, 2], [5, 3]], r"shape \[2, 2\]"),
+        ([[]], r"shape \[1, 0\]"),
+        (5, "single number"),
+        (np.int64(5), "single number"),
+    ):
+        with pytest.raises(ValueError, match=rf"ground_truth\[0\]\['easy'\].*1-D.*{shape}"):
+            revisited_map(scores, [{"easy": wrong, "hard": [], "junk": []}, HAND_GND[1]])
     with pytest.raises(ValueError, match="kappas"):
         revisited_map(scores, HAND_GND, kappas=(0, 1))
     with pytest.raises(TypeError, match="kappas"):
