@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastap
 from fastap.metrics import TIES, average_precision, retrieval_metrics, revisited_map
@@ -164,6 +166,52 @@ def test_ties_match_brute_force_enumeration():
                 assert got[t][row].item() == pytest.approx(expected[t][0], abs=1e-12)
         assert bool((got["pessimistic"] <= got["average"] + 1e-12).all())
         assert bool((got["average"] <= got["optimistic"] + 1e-12).all())
+
+
+# Score levels of the random problems: few, so that ties are common, with the infinities.
+FLOAT_LEVELS = (-math.inf, -1.5, 0.0, 0.25, 2.0, math.inf)
+INT_LEVELS = (-3, 0, 1, 7)
+
+
+@given(st.data())
+def test_average_precision_matches_enumeration_on_random_problems(data):
+    """Small random problems against the enumeration of their tie orders: few score levels (ties
+    everywhere, infinities), every score dtype, relevance as bool or 0/1 numbers, an ignore mask
+    or none, empty rows, non-contiguous views and any chunk size."""
+    n, m = data.draw(st.integers(1, 4)), data.draw(st.integers(0, 7))
+    dtype = data.draw(
+        st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64])
+    )
+    pool = FLOAT_LEVELS if dtype.is_floating_point else INT_LEVELS
+    levels = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=4, unique=True))
+    values = data.draw(st.lists(st.sampled_from(levels), min_size=n * m, max_size=n * m))
+    positive = data.draw(st.lists(st.booleans(), min_size=n * m, max_size=n * m))
+    ignored = data.draw(st.none() | st.lists(st.booleans(), min_size=n * m, max_size=n * m))
+    transposed = data.draw(st.booleans())
+
+    def matrix(flat, dtype):  # [n, m]; a transposed view of an [m, n] tensor if transposed
+        if transposed:
+            return torch.tensor(flat, dtype=dtype).reshape(m, n).T
+        return torch.tensor(flat, dtype=dtype).reshape(n, m)
+
+    scores = matrix(values, dtype)
+    relevance = matrix(positive, data.draw(st.sampled_from([torch.bool, torch.float32, dtype])))
+    ignore = None if ignored is None else matrix(ignored, torch.bool)
+    chunk = data.draw(st.none() | st.integers(1, 4))
+    for t in TIES:
+        ap, valid = average_precision(
+            scores, relevance, ignore, ties=t, return_valid=True, chunk_size=chunk
+        )
+        assert ap.dtype == torch.float64 and ap.shape == valid.shape == (n,)
+        for row in range(n):
+            keep = [j for j in range(m) if ignore is None or not ignore[row, j]]
+            row_rel = [bool(relevance[row, j]) for j in keep]
+            assert bool(valid[row]) == any(row_rel)
+            if not any(row_rel):
+                assert ap[row].item() == 0.0
+                continue
+            expected = brute_force([float(scores[row, j]) for j in keep], row_rel)[t][0]
+            assert ap[row].item() == pytest.approx(expected, abs=1e-12), (t, row)
 
 
 def test_no_ties_all_rules_equal_plain_ap():
@@ -436,15 +484,17 @@ def test_retrieval_recall_of_a_tie_group_of_negatives_is_exactly_zero():
             assert got[f"recall@{k}"] == pytest.approx(k / c, rel=1e-12, abs=1e-13)
 
 
-def in_batch_brute_force(scores: torch.Tensor, labels: torch.Tensor, ks) -> tuple[dict, int]:
-    """The in-batch metrics of every tie rule by enumeration, each query against the others
-    (scores[i, j]: query i's score of row j): ({tie rule: {metric: mean}}, queries counted)."""
-    n = len(labels)
+def enumerated_metrics(
+    scores: torch.Tensor, labels, ref_labels, ks, exclude_self: bool
+) -> tuple[dict, int]:
+    """The metrics of every tie rule by enumeration, query i against database entries j
+    (scores[i, j], entry i left out with exclude_self): ({tie rule: {metric: mean}}, queries
+    counted)."""
     expected = {t: {"map": 0.0, "map@r": 0.0, **{f"recall@{k}": 0.0 for k in ks}} for t in TIES}
     count = 0
-    for i in range(n):
-        cols = [j for j in range(n) if j != i]
-        rel = [bool(labels[j] == labels[i]) for j in cols]
+    for i in range(len(labels)):
+        cols = [j for j in range(len(ref_labels)) if not (exclude_self and j == i)]
+        rel = [bool(ref_labels[j] == labels[i]) for j in cols]
         if not any(rel):
             continue
         count += 1
@@ -457,6 +507,11 @@ def in_batch_brute_force(scores: torch.Tensor, labels: torch.Tensor, ks) -> tupl
     share = 1 / max(count, 1)
     means = {t: {key: value * share for key, value in e.items()} for t, e in expected.items()}
     return means, count
+
+
+def in_batch_brute_force(scores: torch.Tensor, labels: torch.Tensor, ks) -> tuple[dict, int]:
+    """enumerated_metrics of each query against the others (the rows of scores)."""
+    return enumerated_metrics(scores, labels, labels, ks, exclude_self=True)
 
 
 def test_retrieval_ties_match_brute_force():
@@ -500,6 +555,78 @@ def test_retrieval_duplicates_tie_whatever_the_chunk():
             for chunk in (1, 2, 3, None):
                 got = retrieval_metrics(emb, labels=labels, ks=ks, chunk_size=chunk, ties=t)
                 assert_metrics_close(got, expected[t], count, tol=1e-12)
+
+
+# Unit vectors (and one to normalise) whose cosines are sums of 0, +-1/4 and +-1 only: exact in
+# any order of summation, so equal cosines are equal bit for bit however a matrix product is
+# blocked, and the ties of the random problems below are exact.
+EXACT_COSINE_POOL = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0, 0.0],
+        [0.0, 0.0, 1.0, 0.0],
+        [-1.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 2.0],
+        [0.5, 0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5, -0.5],
+        [-0.5, -0.5, 0.5, 0.5],
+    ],
+    dtype=torch.float64,
+)
+
+
+@given(st.data())
+def test_retrieval_matches_enumeration_on_random_problems(data):
+    """Small random problems against the enumeration of their tie orders: in batch or against a
+    database, self exclusion on or off, any ks (beyond the candidates too), metric subsets,
+    chunk sizes, tie rules and embedding dtypes; queries without positives, or none with one."""
+    pick = st.integers(0, len(EXACT_COSINE_POOL) - 1)
+    n = data.draw(st.integers(1, 5))
+    queries = EXACT_COSINE_POOL[data.draw(st.lists(pick, min_size=n, max_size=n))]
+    labels = torch.tensor(data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)))
+    kwargs = {}
+    if data.draw(st.booleans()):  # in batch
+        database, ref_labels, exclude_self = queries, labels, True
+        if data.draw(st.booleans()):
+            exclude_self = kwargs["exclude_self"] = data.draw(st.booleans())
+    else:
+        exclude_self = data.draw(st.booleans())
+        m = n if exclude_self else data.draw(st.integers(1, 7))
+        database = EXACT_COSINE_POOL[data.draw(st.lists(pick, min_size=m, max_size=m))]
+        ref_labels = torch.tensor(data.draw(st.lists(st.integers(0, 2), min_size=m, max_size=m)))
+        kwargs.update(database=database, ref_labels=ref_labels)
+        if exclude_self or data.draw(st.booleans()):
+            kwargs["exclude_self"] = exclude_self
+    ks = tuple(data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=3, unique=True)))
+    metrics = data.draw(
+        st.lists(st.sampled_from(["map", "recall", "map_at_r"]), min_size=1, unique=True)
+    )
+    ties = data.draw(st.sampled_from(TIES))
+    chunk = data.draw(st.none() | st.integers(1, 4))
+    dtype = data.draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
+    if "database" in kwargs:
+        kwargs["database"] = database.to(dtype)
+    got = retrieval_metrics(
+        queries.to(dtype), labels=labels, ks=ks, metrics=metrics, ties=ties, chunk_size=chunk,
+        **kwargs,
+    )  # fmt: skip
+
+    unit = F.normalize(EXACT_COSINE_POOL, dim=1)
+    scores = F.normalize(queries, dim=1) @ F.normalize(database, dim=1).T
+    assert set((unit @ unit.T).flatten().tolist()) <= {-1.0, -0.5, 0.0, 0.5, 1.0}
+    expected, count = enumerated_metrics(scores, labels, ref_labels, ks, exclude_self)
+    keys = (
+        ["map"] * ("map" in metrics)
+        + [f"recall@{k}" for k in ks] * ("recall" in metrics)
+        + ["map@r"] * ("map_at_r" in metrics)
+    )
+    assert list(got) == [*keys, "num_queries"]
+    assert got["num_queries"] == count
+    for key in keys:
+        if count == 0:
+            assert math.isnan(got[key]), key
+        else:
+            assert got[key] == pytest.approx(expected[ties][key], abs=1e-12), key
 
 
 def test_retrieval_agrees_with_pytorch_metric_learning():
