@@ -829,6 +829,43 @@ def test_revisited_matches_loop_reference():
         assert sparse[setup] == pytest.approx(values, abs=1e-12, nan_ok=True), setup
 
 
+@given(st.data())
+def test_revisited_matches_loop_reference_on_random_problems(data):
+    """Random ground truths (empty, duplicated or overlapping lists) against the loop reference:
+    from tied scores (ranked by the stable sort) or from a ranking, full or partial, naming
+    images beyond it or spread over a sparse index range; any kappas and chunk size."""
+    nq, ndb = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 12))
+    from_scores = data.draw(st.booleans())
+    # A ranking may leave out images that the ground truth names (never retrieved, still counted).
+    index = st.integers(0, ndb - 1 if from_scores else ndb + 3)
+    gnd = [
+        {key: data.draw(st.lists(index, max_size=5)) for key in ("easy", "hard", "junk")}
+        for _ in range(nq)
+    ]
+    kappas = tuple(data.draw(st.lists(st.integers(1, 16), min_size=1, max_size=3, unique=True)))
+    chunk = data.draw(st.none() | st.integers(1, 4))
+    if from_scores:
+        levels = st.integers(0, data.draw(st.integers(0, 3)))
+        values = data.draw(st.lists(levels, min_size=nq * ndb, max_size=nq * ndb))
+        scores = torch.tensor(values, dtype=torch.float32).reshape(nq, ndb)
+        ranking = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        got = revisited_map(scores, gnd, kappas, chunk_size=chunk)
+    else:
+        length = data.draw(st.integers(1, ndb))
+        rows = [data.draw(st.permutations(range(ndb)))[:length] for _ in range(nq)]
+        ranking = torch.tensor(rows)
+        if data.draw(st.booleans()):  # a sparse index range: the same problem, renamed
+            ranking = ranking * 2**35 + 7
+            gnd = [{k: [i * 2**35 + 7 for i in v] for k, v in entry.items()} for entry in gnd]
+        got = revisited_map(ranking, gnd, kappas, is_ranking=True, chunk_size=chunk)
+    expected = reference_revisited(ranking.tolist(), gnd, kappas)
+    assert list(got) == list(expected)
+    for setup, values in expected.items():
+        assert list(got[setup]) == list(values)
+        for key, value in values.items():
+            assert got[setup][key] == pytest.approx(value, abs=1e-12, nan_ok=True), (setup, key)
+
+
 def test_revisited_lists_are_sets_and_positives_win_over_ignored():
     scores = ranking_to_scores(HAND_RANKING)
     expected = revisited_map(scores, HAND_GND)
