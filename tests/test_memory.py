@@ -3,6 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import fastap
 from fastap import reference
@@ -302,3 +305,92 @@ def test_a_reset_memory_is_a_new_one():
     assert torch.equal(memory(batch, labels[:2]), fresh(batch, labels[:2]))
     assert memory.embeddings.dtype == torch.float64 and memory.embeddings.shape == (4, 7)
     assert torch.equal(memory.contents()[0], fresh.contents()[0])
+
+
+class MemoryAgainstAList(RuleBasedStateMachine):
+    """Random sequences of batches (empty, smaller or larger than the memory), evaluations with
+    and without enqueueing, resets and checkpoint round trips, against a plain list of the
+    entries: the contents are the last `size` unit rows and labels, oldest first, and each loss
+    (and its gradient) is the reference loss against the batch and those entries."""
+
+    DIM = 3
+
+    size: int
+    memory: CrossBatchMemory
+
+    def __init__(self):
+        super().__init__()
+        self.entries: list[tuple[torch.Tensor, int]] = []  # (unit row, label), oldest first
+
+    @initialize(size=st.integers(1, 7))
+    def create(self, size):
+        self.size = size
+        self.memory = CrossBatchMemory(fastap.APLoss(num_bins=7), size=size)
+
+    def remember(self, batch: torch.Tensor, labels: torch.Tensor) -> None:
+        unit = unit_rows(batch.detach())
+        self.entries = (self.entries + list(zip(unit, labels.tolist())))[-self.size :]
+
+    @rule(rows=st.integers(0, 9), seed=st.integers(0, 2**16), enqueue=st.booleans())
+    def loss_of_a_batch(self, rows, seed, enqueue):
+        g = torch.Generator().manual_seed(seed)
+        batch = torch.randn(rows, self.DIM, generator=g, dtype=torch.float64, requires_grad=True)
+        labels = torch.randint(0, 3, (rows,), generator=g)
+        loss = self.memory(batch, labels, enqueue=enqueue)
+        past = [e for e, _ in self.entries]
+        database = torch.cat([batch, torch.stack(past)]) if past else batch
+        ref_labels = torch.cat([labels, torch.tensor([lab for _, lab in self.entries])]).long()
+        scores = F.normalize(batch, dim=1) @ F.normalize(database, dim=1).T
+        ignore = torch.zeros(rows, len(ref_labels), dtype=torch.bool)
+        ignore[torch.arange(rows), torch.arange(rows)] = True
+        expected = reference.ap_loss(
+            scores, labels=labels, ref_labels=ref_labels, num_bins=7, ignore=ignore
+        )
+        torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+        if rows:
+            (grad,) = torch.autograd.grad(loss, batch, allow_unused=True)
+            (expected_grad,) = torch.autograd.grad(expected, batch, allow_unused=True)
+            zeros = torch.zeros_like(batch)
+            torch.testing.assert_close(
+                zeros if grad is None else grad,
+                zeros if expected_grad is None else expected_grad,
+                rtol=0,
+                atol=1e-12,
+            )
+        if enqueue:
+            self.remember(batch, labels)
+
+    @rule(rows=st.integers(0, 9), seed=st.integers(0, 2**16))
+    def enqueue(self, rows, seed):
+        g = torch.Generator().manual_seed(seed)
+        batch = torch.randn(rows, self.DIM, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 3, (rows,), generator=g)
+        self.memory.enqueue(batch, labels)
+        self.remember(batch, labels)
+
+    @rule()
+    def reset(self):
+        self.memory.reset()
+        self.entries = []
+
+    @rule()
+    def checkpoint_round_trip(self):
+        restored = CrossBatchMemory(fastap.APLoss(num_bins=7), size=self.size)
+        restored.load_state_dict(self.memory.state_dict())
+        for a, b in zip(restored.contents(), self.memory.contents()):
+            assert torch.equal(a, b)
+        self.memory = restored
+
+    @invariant()
+    def holds_the_last_entries(self):
+        embeddings, labels = self.memory.contents()
+        assert self.memory.filled == len(self.entries) == len(labels)
+        assert labels.tolist() == [lab for _, lab in self.entries]
+        if self.entries:
+            assert torch.equal(embeddings, torch.stack([e for e, _ in self.entries]))
+
+
+TestMemoryAgainstAList = MemoryAgainstAList.TestCase
+TestMemoryAgainstAList.settings = settings(
+    settings(), stateful_step_count=12, max_examples=max(5, settings().max_examples // 3)
+)
