@@ -7,6 +7,8 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastap
 from fastap.train import freeze_batchnorm, multistage_backward
@@ -334,3 +336,55 @@ def test_a_refused_call_changes_nothing():
     inputs = x.clone().requires_grad_()
     multistage_backward(model, inputs, lambda d: fastap.APLoss()(d, labels), chunk_size=4)
     torch.testing.assert_close(inputs.grad, wanted.grad, rtol=1e-5, atol=1e-7)
+
+
+LOSSES = {
+    "ap": lambda: fastap.APLoss(num_bins=9),
+    "tie_aware": lambda: fastap.APLoss(variant="tie_aware"),
+    "fastap": lambda: fastap.FastAPLoss(num_bins=6),
+    "blockwise": lambda: fastap.APLoss(score_matrix_limit=0),  # (from the embeddings)
+}
+
+
+@given(
+    size=st.integers(1, 14),
+    chunk_size=st.integers(1, 16),
+    loss=st.sampled_from(sorted(LOSSES)),
+    tuple_inputs=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_equals_full_batch_backward_on_random_batches(size, chunk_size, loss, tuple_inputs, seed):
+    """Any batch and chunk size (one chunk, a ragged last chunk, chunks of one sample), any loss
+    of the package, one input or several: the loss and the gradients of a plain backward."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(size, 5, generator=g, dtype=torch.float64)
+    extra = torch.randn(size, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (size,), generator=g)
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 4))
+    model = model.double()
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, a, b):
+            return self.body(a + 0.5 * b)
+
+    net = TwoInputs() if tuple_inputs else model
+    args = (inputs, extra) if tuple_inputs else (inputs,)
+    loss_fn = LOSSES[loss]()
+    full_loss = loss_fn(net(*args), labels)
+    full_loss.backward()
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    staged = multistage_backward(
+        net, args if tuple_inputs else inputs, lambda d: loss_fn(d, labels), chunk_size
+    )
+    torch.testing.assert_close(staged, full_loss.detach(), rtol=0, atol=1e-12)
+    got = grads(model)
+    assert len(got) == len(expected) == 4
+    for ours, ref in zip(got, expected):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
