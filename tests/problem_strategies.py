@@ -54,6 +54,24 @@ def tie_aware_conditioning(n: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.maximum(*factors).amax(1)
 
 
+def reference_tolerance(
+    problem: Problem, variant: str = "ap_q", self_offset: int | None = None
+) -> torch.Tensor:
+    """[N] float64: how far from the reference a float64 problem's AP may be, row by row: 1e-12
+    scaled by the problem's conditioning, and for the exact AP_T by that of its formula too."""
+    tolerance = torch.full(
+        (problem.scores.shape[0],), 1e-12 * conditioning(problem), dtype=torch.float64
+    )
+    if variant == "tie_aware":
+        lo, hi = problem.score_range
+        n, p, _ = reference.soft_histogram(
+            problem.scores, problem.relevance, problem.labels, problem.ref_labels,
+            problem.ignore, problem.exclude_self, problem.num_bins, lo, hi, self_offset,
+        )  # fmt: skip
+        tolerance *= tie_aware_conditioning(n.detach(), p.detach())
+    return tolerance
+
+
 def check_against_reference(
     problem: Problem, device: str = "cpu", variant: str = "ap_q", self_offset: int | None = None
 ) -> None:
@@ -68,13 +86,7 @@ def check_against_reference(
     ours = fastap.average_precision(scores, on_device.relevance, **on_device.kwargs(), **options)
     ref = reference.average_precision(ref_scores, problem.relevance, **problem.kwargs(), **options)
     lo, hi = problem.score_range
-    tolerance = torch.full_like(ref, 1e-12 * conditioning(problem))  # [N], row by row
-    if variant == "tie_aware":
-        n, p, _ = reference.soft_histogram(
-            problem.scores, problem.relevance, problem.labels, problem.ref_labels,
-            problem.ignore, problem.exclude_self, problem.num_bins, lo, hi, self_offset,
-        )  # fmt: skip
-        tolerance *= tie_aware_conditioning(n.detach(), p.detach())
+    tolerance = reference_tolerance(problem, variant, self_offset)
     error = (ours.detach().cpu() - ref.detach()).abs()
     assert (error <= tolerance).all(), (
         f"AP off by {(error / tolerance).max().item():.3g} tolerances"

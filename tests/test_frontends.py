@@ -13,6 +13,8 @@ from fastap import reference
 from fastap.losses import miner_weights
 from fastap.testing import random_problem
 
+from problem_strategies import reference_tolerance
+
 
 def authors_style_problem(seed=0, n=9, m=40):
     """Scores in the authors' default range [0, 1] (a little beyond it too) and 0/1 labels."""
@@ -44,6 +46,65 @@ def test_compat_matches_their_definition(device, module, variant):
     torch.testing.assert_close(loss.cpu(), 1 - expected_ap.mean(), rtol=0, atol=1e-12)
     weighted = module(x.to(device), label.to(device), qw=qw.to(device))
     torch.testing.assert_close(weighted.cpu(), 1 - (qw * expected_ap).mean(), rtol=0, atol=1e-12)
+
+
+COMPAT_MODULES = {
+    "ap_q": lambda nq, lo, hi: fastap.compat.APLoss(nq, lo, hi),
+    "tie_aware": lambda nq, lo, hi: fastap.compat.TAPLoss(nq, lo, hi),
+    "tie_aware_simplified": lambda nq, lo, hi: fastap.compat.TAPLoss(nq, lo, hi, simplified=True),
+}
+
+
+@given(
+    variant=st.sampled_from(sorted(COMPAT_MODULES)),
+    n=st.integers(1, 12),
+    m=st.integers(0, 40),
+    nq=st.integers(2, 60),
+    lo=st.floats(-2, 1),
+    width=st.floats(0.05, 3),
+    ties=st.booleans(),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_compat_matches_the_reference_on_random_problems(
+    variant, n, m, nq, lo, width, ties, weighted, seed
+):
+    """The authors' signature on random float64 problems (queries without positives among them,
+    ties, scores beyond the range): ret="AP" is the reference AP (0 without positives), and the
+    loss and its gradient are those of 1 - mean(qw * AP) over the queries with a positive."""
+    problem = random_problem(
+        n, m, num_bins=nq, score_range=(lo, lo + width), relevance_form="dense", ties=ties,
+        num_classes=3, seed=seed,
+    )  # fmt: skip
+    module = COMPAT_MODULES[variant](nq, lo, lo + width)
+    label = problem.relevance.double()
+    qw = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    qw = qw + 0.5 if weighted else None
+    x = problem.scores.detach().requires_grad_()
+    ref_x = problem.scores.detach().requires_grad_()
+    ref_ap = reference.average_precision(
+        ref_x, problem.relevance, **problem.kwargs(), variant=variant
+    )
+    tolerance = reference_tolerance(problem, variant)
+    ap = module(x.detach(), label, ret="AP")
+    assert ((ap - ref_ap.detach()).abs() <= tolerance).all()
+    assert ap[~problem.relevance.any(1)].eq(0).all()
+
+    loss = module(x, label, qw=qw)
+    has_positive = problem.relevance.any(1)
+    weights = torch.ones(n, dtype=torch.float64) if qw is None else qw
+    if has_positive.any():
+        expected = 1 - (weights * ref_ap)[has_positive].mean()
+    else:
+        expected = ref_ap.sum() * 0  # (0, and its gradient 0)
+    bound = (weights * tolerance).max().item()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=bound)
+    loss.backward()
+    expected.backward()
+    assert ref_x.grad is not None and x.grad is not None
+    # (every gradient term is O(Q / width), and so is its rounding: relative to that)
+    scale = max(ref_x.grad.abs().max().item() if m else 0.0, (nq - 1) / width)
+    torch.testing.assert_close(x.grad / scale, ref_x.grad / scale, rtol=0, atol=bound)
 
 
 def test_compat_defaults_and_nan_free_query():
