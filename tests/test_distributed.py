@@ -20,10 +20,13 @@ WORLD = 2
 SIZES = [6, 9]  # uneven on purpose
 
 
-def global_batch():
-    g = torch.Generator().manual_seed(0)
-    embeddings = torch.randn(sum(SIZES), 5, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 3, (sum(SIZES),), generator=g)
+UNEVEN_SIZES = [(0, 7), (5, 0), (1, 1), (0, 0), (1, 12)]
+
+
+def global_batch(sizes=SIZES):
+    g = torch.Generator().manual_seed(sum(sizes))
+    embeddings = torch.randn(sum(sizes), 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (sum(sizes),), generator=g)
     return embeddings, labels
 
 
@@ -106,8 +109,18 @@ def run_and_save(rank, out_dir):
                 bad_batches.append("no error")
             except (TypeError, ValueError) as error:
                 bad_batches.append(str(error))
+    # Uneven shares down to none (the last batch of a sampler, or a process without data).
+    uneven = []
+    for sizes in UNEVEN_SIZES:
+        all_embeddings, all_labels = global_batch(sizes)
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        part = all_embeddings[rows].clone().requires_grad_()
+        part_share = DistributedAPLoss(fastap.APLoss(num_bins=10))(part, all_labels[rows])
+        part_share.backward()
+        uneven.append((part_share.detach(), part.grad))
     torch.save(
         {
+            "uneven": uneven,
             "bad_batches": bad_batches,
             "refusals": refusals,
             "staged_grads": [p.grad for p in staged.parameters()],
@@ -175,6 +188,16 @@ def test_two_processes_equal_the_global_batch(tmp_path):
     for rank_result in results:  # DDP leaves the same averaged gradients on every process
         for ours, ref in zip(rank_result["ddp_grads"], [p.grad for p in net.parameters()]):
             torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+    for i, sizes in enumerate(UNEVEN_SIZES):
+        all_embeddings, all_labels = global_batch(sizes)
+        all_embeddings.requires_grad_()
+        expected = fastap.APLoss(num_bins=10)(all_embeddings, all_labels)
+        expected.backward()
+        total = sum(r["uneven"][i][0] for r in results)
+        torch.testing.assert_close(total, expected.detach(), rtol=0, atol=1e-12)
+        grads = torch.cat([r["uneven"][i][1] for r in results])
+        torch.testing.assert_close(grads, all_embeddings.grad, rtol=0, atol=1e-12)
 
     net = model()
     fastap.APLoss(num_bins=9)(net(embeddings.detach()), labels).backward()
