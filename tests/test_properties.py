@@ -1,6 +1,8 @@
 """Property-based tests (hypothesis): the fused op equals the reference on random problems, and
 AP_Q keeps the invariants of AP."""
 
+from __future__ import annotations
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -60,3 +62,39 @@ def test_loss_is_one_minus_mean_ap_of_valid_queries(problem):
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-12 * conditioning(problem))
     assert torch.isfinite(loss)
     assert -1e-12 <= loss.item() <= 1 + 1e-12 and ap.min() >= 0
+
+
+def layout(t: torch.Tensor | None, kind: str) -> torch.Tensor | None:
+    """The values of t in another memory layout: "transposed" (column-major), "strided" (every
+    other element of a larger tensor, at an offset) or "contiguous"."""
+    if t is None or kind == "contiguous":
+        return t
+    if kind == "transposed":
+        return t.T.contiguous().T if t.dim() == 2 else t
+    wide = torch.zeros((*t.shape[:-1], 2 * t.shape[-1] + 1), dtype=t.dtype)
+    wide[..., 1::2] = t
+    return wide[..., 1::2]
+
+
+@given(
+    problems,
+    st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]),
+    st.lists(st.sampled_from(["contiguous", "transposed", "strided"]), min_size=4, max_size=4),
+)
+def test_memory_layouts_change_nothing(problem, dtype, kinds):
+    """Non-contiguous scores, relevance, ignore mask and label vectors (column-major, strided, at
+    an offset) give the bits of their contiguous copies, forward and backward, in every dtype."""
+    problem = problem.with_scores(problem.scores.to(dtype))
+    viewed = problem.with_scores(layout(problem.scores, kinds[0]))
+    viewed.relevance = layout(problem.relevance, kinds[1])
+    viewed.ignore = layout(problem.ignore, kinds[2])
+    viewed.labels = layout(problem.labels, kinds[3])
+    viewed.ref_labels = layout(problem.ref_labels, kinds[3])
+    results = []
+    for p in (problem, viewed):
+        scores = p.scores.detach().requires_grad_()
+        ap = fastap.average_precision(scores, p.relevance, **p.kwargs())
+        (grad,) = torch.autograd.grad((ap * torch.arange(1.0, len(ap) + 1)).sum(), scores)
+        results.append((ap, grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
