@@ -26,6 +26,7 @@ from fastap._validation import (
     check_query_weights,
     integer_value,
     real_value,
+    type_name,
 )
 from fastap.functional import average_precision_and_validity, weights_over_largest
 
@@ -125,6 +126,10 @@ class APLoss(torch.nn.Module):
         query weights. ret="1-mAP" (default): the scalar 1 - the (qw-weighted) mean AP over the
         queries with a positive (0 where none has one); ret="AP": the [N] AP per query (0 for a
         query without positives, where the authors' gives NaN). docs/migration.md."""
+        if not isinstance(ret, str):  # (a numpy array would compare element by element)
+            raise TypeError(
+                f"fastap.compat: ret must be the str '1-mAP' or 'AP', got {type_name(ret)}"
+            )
         if ret not in ("1-mAP", "AP"):
             raise ValueError(f"fastap.compat: ret must be '1-mAP' or 'AP', got {ret!r}")
         if ret == "AP" and qw is not None:

@@ -127,6 +127,12 @@ def multistage_backward(
     if not callable(loss_fn):
         raise TypeError(f"{owner}: loss_fn must be callable, got {type_name(loss_fn)}")
     chunk_size = check_int(chunk_size, "chunk_size", 1)
+    if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
+        # (a numpy array or a tensor would be compared element by element below)
+        raise TypeError(
+            f"{owner}: autocast_dtype must be torch.float16, torch.bfloat16 or None, got "
+            f"{type_name(autocast_dtype)}"
+        )
     if autocast_dtype is not None and autocast_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"{owner}: autocast_dtype must be torch.float16, torch.bfloat16 or None, got "

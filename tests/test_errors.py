@@ -432,6 +432,9 @@ def test_ap_loss_module_errors():
         fastap.FastAPLoss(num_bins=0)
     with pytest.raises(ValueError, match="ret must be"):
         fastap.compat.APLoss()(torch.rand(3, 4), torch.rand(3, 4) > 0.5, ret="mAP")
+    for ret in (np.array(["AP", "AP"]), np.array("AP")):  # (numpy's str_ is a str: taken)
+        with pytest.raises(TypeError, match="ret must be the str '1-mAP' or 'AP', got numpy"):
+            fastap.compat.APLoss()(torch.rand(3, 4), torch.rand(3, 4) > 0.5, ret=ret)
     with pytest.raises(ValueError, match="ref_emb needs ref_labels"):
         loss(e, labels, ref_emb=torch.randn(3, 3))
     with pytest.raises(ValueError, match="same dimension"):

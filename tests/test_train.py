@@ -5,6 +5,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -197,6 +198,13 @@ def test_bad_arguments():
         (dict(scaler=3), TypeError, "scaler must be a torch.amp.GradScaler or None, got int"),
         (dict(autocast_dtype=torch.int32), ValueError, "autocast_dtype must be torch.float16"),
         (dict(autocast_dtype=torch.float32), ValueError, "autocast_dtype must be torch.float16"),
+        (dict(autocast_dtype="bfloat16"), TypeError, "autocast_dtype must be .* got str"),
+        (dict(autocast_dtype=np.zeros(2)), TypeError, "autocast_dtype must be .* got numpy"),
+        (
+            dict(autocast_dtype=torch.zeros(2)),
+            TypeError,
+            "autocast_dtype must be .* got torch.Tensor",
+        ),
         (dict(model=Pair()), TypeError, "must return a tensor .* got tuple"),
         (dict(model=Integers()), TypeError, "floating-point descriptors .* got torch.int64"),
     ):
