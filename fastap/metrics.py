@@ -552,6 +552,11 @@ def retrieval_metrics(
     if len(metrics) == 0:
         raise ValueError(f"fastap: metrics must name at least one of {METRICS}")
     for name in metrics:
+        if not isinstance(name, str):  # (an array would be compared element by element)
+            raise TypeError(
+                f"fastap: metrics must be names among {METRICS}, got an item of type "
+                f"{type_name(name)}"
+            )
         if name not in METRICS:
             raise ValueError(f"fastap: metrics must be among {METRICS}, got {name!r}")
     ties = _check_ties(ties)

@@ -1020,6 +1020,10 @@ def test_retrieval_metrics_errors():
         retrieval_metrics(emb, labels=labels, ref_labels=labels, ks=(1,))
     with pytest.raises(ValueError, match="metrics"):
         retrieval_metrics(emb, labels=labels, ks=(1,), metrics=("ndcg",))
+    with pytest.raises(TypeError, match=r"metrics must be names .* got an item of type numpy"):
+        retrieval_metrics(emb, labels=labels, ks=(1,), metrics=np.array([["map", "recall"]]))
+    names = retrieval_metrics(emb, labels=labels, ks=(1,), metrics=np.array(["map", "recall"]))
+    assert list(names) == ["map", "recall@1", "num_queries"]  # (numpy's str_ is a str)
     with pytest.raises(ValueError, match="exclude_self"):
         db, ref = torch.randn(5, 3), torch.arange(5)
         retrieval_metrics(emb, db, labels=labels, ref_labels=ref, ks=(1,), exclude_self=True)
