@@ -446,7 +446,7 @@ def check_histogram_args(
         if num_queries + self_offset > num_candidates:
             raise ValueError(
                 "fastap: exclude_self with self_offset needs candidate i + self_offset for every "
-                f"query i, got shape {list(scores.shape)} and self_offset {self_offset}"
+                f"query i, got scores of shape {list(scores.shape)} and self_offset {self_offset}"
             )
 
     if (relevance is None) == (labels is None):
