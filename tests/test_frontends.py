@@ -231,6 +231,53 @@ def test_fastap_equals_ap_q_on_negated_squared_distances():
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
 
 
+@given(
+    n=st.integers(1, 20),
+    m=st.integers(1, 25),
+    dim=st.integers(1, 6),
+    num_classes=st.integers(1, 4),
+    with_database=st.booleans(),
+    num_bins=st.integers(1, 30),
+    blockwise=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fastap_is_ap_q_on_negated_squared_distances_on_random_problems(
+    n, m, dim, num_classes, with_database, num_bins, blockwise, seed
+):
+    """FastAPLoss, in batch or against a reference set (which pytorch-metric-learning's
+    refuses), on either path: the reference AP_Q loss of the negated squared distances of the
+    unit rows over (-4, 0) with num_bins + 1 bins; values and gradients (the reference's autograd
+    through the distances)."""
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randn(n, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    limit = 0 if blockwise else 2**30
+    if with_database:
+        database = torch.randn(m, dim, generator=g, dtype=torch.float64, requires_grad=True)
+        ref_labels = torch.randint(0, num_classes, (m,), generator=g)
+        loss = fastap.FastAPLoss(num_bins, score_matrix_limit=limit)(
+            queries, labels, ref_emb=database, ref_labels=ref_labels
+        )
+        inputs = [queries, database]
+    else:
+        database, ref_labels = queries, None
+        loss = fastap.FastAPLoss(num_bins, score_matrix_limit=limit)(queries, labels)
+        inputs = [queries]
+    distance = torch.cdist(F.normalize(queries, dim=1), F.normalize(database, dim=1)) ** 2
+    expected = reference.ap_loss(
+        -distance, labels=labels, ref_labels=ref_labels, num_bins=num_bins + 1,
+        score_range=(-4.0, 0.0), exclude_self=not with_database,
+    )  # fmt: skip
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, inputs, allow_unused=True)
+    for grad, expected_grad, x in zip(grads, expected_grads, inputs):
+        grad = torch.zeros_like(x) if grad is None else grad
+        expected_grad = torch.zeros_like(x) if expected_grad is None else expected_grad
+        scale = max(1.0, expected_grad.abs().max().item())
+        torch.testing.assert_close(grad / scale, expected_grad / scale, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("num_bins", [5, 10, 30])
 @pytest.mark.parametrize("with_miner", [False, True])
 def test_fastap_parity_with_pytorch_metric_learning(num_bins, with_miner, device):
