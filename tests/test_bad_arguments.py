@@ -123,6 +123,30 @@ def module_call(module_class):
     return call
 
 
+def queries_and_database() -> dict:
+    return dict(
+        queries=embeddings_of(),
+        database=embeddings_of(M),
+        labels=labels_of(),
+        ref_labels=labels_of(M),
+    )
+
+
+def module_batch() -> dict:
+    """The call arguments of the modules: a batch, a miner's pairs and a reference set."""
+    return dict(
+        embeddings=embeddings_of(),
+        labels=labels_of(),
+        indices_tuple=miner_pairs(),
+        ref_emb=embeddings_of(M),
+        ref_labels=labels_of(M),
+    )
+
+
+#: (An embeddings tensor of another size is named by what it no longer matches.)
+MODULE_NAMES = {"embeddings": ("embeddings", "ref_emb", "indices_tuple")}
+
+
 def in_batch_labels() -> dict:
     return dict(labels=labels_of(), ref_labels=labels_of(M), exclude_self=True, self_offset=2)
 
@@ -151,10 +175,7 @@ ENTRY_POINTS = {
     "ap_loss_from_embeddings": EntryPoint(
         fastap.ap_loss_from_embeddings,
         lambda: dict(
-            queries=embeddings_of(),
-            database=embeddings_of(M),
-            labels=labels_of(),
-            ref_labels=labels_of(M),
+            **queries_and_database(),
             query_weights=None,
             block_size=3,
             **bins_and_range(),
@@ -169,26 +190,15 @@ ENTRY_POINTS = {
             score_range=(-1.0, 1.0),
             variant="ap_q",
             score_matrix_limit=2**30,
-            embeddings=embeddings_of(),
-            labels=labels_of(),
-            indices_tuple=miner_pairs(),
-            ref_emb=embeddings_of(M),
-            ref_labels=labels_of(M),
+            **module_batch(),
         ),
-        names={"embeddings": ("embeddings", "ref_emb", "indices_tuple")},
+        names=MODULE_NAMES,
         returns_loss=True,
     ),
     "FastAPLoss": EntryPoint(
         module_call(fastap.FastAPLoss),
-        lambda: dict(
-            num_bins=10,
-            embeddings=embeddings_of(),
-            labels=labels_of(),
-            indices_tuple=miner_pairs(),
-            ref_emb=embeddings_of(M),
-            ref_labels=labels_of(M),
-        ),
-        names={"embeddings": ("embeddings", "ref_emb", "indices_tuple")},
+        lambda: dict(num_bins=10, **module_batch()),
+        names=MODULE_NAMES,
         returns_loss=True,
     ),
     "compat": EntryPoint(
@@ -220,10 +230,7 @@ ENTRY_POINTS = {
     "retrieval_metrics": EntryPoint(
         metrics.retrieval_metrics,
         lambda: dict(
-            queries=embeddings_of(),
-            database=embeddings_of(M),
-            labels=labels_of(),
-            ref_labels=labels_of(M),
+            **queries_and_database(),
             ks=(1, 2),
             metrics=("map", "recall", "map_at_r"),
             chunk_size=2,
