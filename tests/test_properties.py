@@ -11,7 +11,7 @@ import fastap
 from fastap import reference
 from fastap.testing import RELEVANCE_FORMS, random_problem
 
-from problem_strategies import check_against_reference, conditioning
+from problem_strategies import check_against_reference, conditioning, reference_tolerance
 
 problems = st.builds(
     random_problem,
@@ -62,6 +62,35 @@ def test_loss_is_one_minus_mean_ap_of_valid_queries(problem):
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-12 * conditioning(problem))
     assert torch.isfinite(loss)
     assert -1e-12 <= loss.item() <= 1 + 1e-12 and ap.min() >= 0
+
+
+@given(
+    problems,
+    st.sampled_from(fastap.VARIANTS),
+    st.integers(-30, 30),
+    st.floats(0, 1),
+    st.integers(0, 2**31 - 1),
+)
+def test_weighted_loss_matches_reference(problem, variant, exponent, zero_share, seed):
+    """Query weights of any scale (10^-30 to 10^30), some of them 0, on every variant: the loss
+    and its gradient are the reference's (whose weights are divided by the largest that
+    counts, as fastap's are)."""
+    g = torch.Generator().manual_seed(seed)
+    n = problem.scores.shape[0]
+    weights = torch.rand(n, generator=g, dtype=torch.float64) * 10.0**exponent
+    weights[torch.rand(n, generator=g) < zero_share] = 0
+    scores = problem.scores.detach().requires_grad_()
+    ref_scores = problem.scores.detach().requires_grad_()
+    options = dict(problem.kwargs(), variant=variant, query_weights=weights)
+    loss = fastap.ap_loss(scores, problem.relevance, **options)
+    ref = reference.ap_loss(ref_scores, problem.relevance, **options)
+    tolerance = reference_tolerance(problem, variant).max().item()
+    torch.testing.assert_close(loss, ref, rtol=0, atol=tolerance)
+    loss.backward()
+    ref.backward()
+    lo, hi = problem.score_range
+    scale = max(ref_scores.grad.abs().max().item(), (problem.num_bins - 1) / (hi - lo))
+    torch.testing.assert_close(scores.grad / scale, ref_scores.grad / scale, rtol=0, atol=tolerance)
 
 
 def layout(t: torch.Tensor | None, kind: str) -> torch.Tensor | None:
