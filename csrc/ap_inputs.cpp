@@ -13,8 +13,14 @@ ApVariant parse_ap_variant(const std::string& variant) {
   return ApVariant::kQuantized;  // not reached
 }
 
-ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Tensor& positives,
-                         const std::string& variant, const at::Tensor& grad_ap) {
+namespace {
+
+// grad_ap undefined for the forward.
+ApInputs check_inputs(const at::Tensor& n, const at::Tensor& p, const at::Tensor& positives,
+                      const std::string& variant, const at::Tensor& grad_ap) {
+  check_defined(n, "n");
+  check_defined(p, "p");
+  check_defined(positives, "positives");
   TORCH_CHECK_VALUE(n.dim() == 2, "fastap: n must be 2-D (queries x bins), got shape ", n.sizes());
   TORCH_CHECK_TYPE(n.scalar_type() == at::kFloat || n.scalar_type() == at::kDouble,
                    "fastap: n must be float32 or float64, got ", n.scalar_type());
@@ -56,6 +62,20 @@ ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Ten
     in.grad_ap = grad_ap.to(n.scalar_type()).contiguous();
   }
   return in;
+}
+
+}  // namespace
+
+ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Tensor& positives,
+                         const std::string& variant) {
+  return check_inputs(n, p, positives, variant, at::Tensor());
+}
+
+ApInputs check_ap_backward_inputs(const at::Tensor& grad_ap, const at::Tensor& n,
+                                  const at::Tensor& p, const at::Tensor& positives,
+                                  const std::string& variant) {
+  check_defined(grad_ap, "grad_ap");
+  return check_inputs(n, p, positives, variant, grad_ap);
 }
 
 }  // namespace fastap

@@ -27,8 +27,11 @@ struct ApInputs {
 
 ApVariant parse_ap_variant(const std::string& variant);
 
-// grad_ap undefined for the forward.
 ApInputs check_ap_inputs(const at::Tensor& n, const at::Tensor& p, const at::Tensor& positives,
-                         const std::string& variant, const at::Tensor& grad_ap = at::Tensor());
+                         const std::string& variant);
+// The backward's: the forward's and grad_ap [N].
+ApInputs check_ap_backward_inputs(const at::Tensor& grad_ap, const at::Tensor& n,
+                                  const at::Tensor& p, const at::Tensor& positives,
+                                  const std::string& variant);
 
 }  // namespace fastap

@@ -45,6 +45,10 @@ void check_label_vector(const at::Tensor& t, const at::Tensor& scores, const cha
 
 }  // namespace
 
+void check_defined(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.defined(), "fastap: ", name, " must be a tensor, got None");
+}
+
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& like,
                        const char* like_name) {
   TORCH_CHECK_VALUE(t.device() == like.device(), "fastap: ", name, " is on ", t.device(), " but ",
@@ -121,6 +125,7 @@ HistogramInputs check_histogram_inputs(const at::Tensor& scores,
                                        const std::optional<at::Tensor>& ignore, bool exclude_self,
                                        int64_t num_bins, double lo, double hi,
                                        int64_t self_offset) {
+  check_defined(scores, "scores");
   TORCH_CHECK_VALUE(scores.dim() == 2, "fastap: scores must be 2-D (queries x candidates), got shape ",
                     scores.sizes());
   const auto dtype = scores.scalar_type();
@@ -173,6 +178,7 @@ void check_histogram_grads(const at::Tensor& like, int64_t num_queries, int64_t 
                            const at::Tensor& grad_n, const at::Tensor& grad_p) {
   for (const auto* g : {&grad_n, &grad_p}) {
     const char* name = g == &grad_n ? "grad_n" : "grad_p";
+    check_defined(*g, name);
     check_same_device(*g, name, like, "scores");
     TORCH_CHECK_VALUE(g->dim() == 2 && g->size(0) == num_queries && g->size(1) == num_bins,
                       "fastap: ", name, " must have shape [", num_queries, ", ", num_bins,

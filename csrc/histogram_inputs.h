@@ -40,6 +40,8 @@ struct HistogramInputs {
       EmptyTensor empty = plain_empty) const;
 };
 
+// t is a tensor: a None given for a required tensor of a direct op call arrives undefined.
+void check_defined(const at::Tensor& t, const char* name);
 // t on the device of `like` (the message names both).
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& like,
                        const char* like_name);

@@ -105,10 +105,18 @@ def histogram_dtype(scores_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if scores_dtype == torch.float64 else torch.float32
 
 
-def _on_one_device(first: str, tensors: dict) -> None:
-    """The fake functions' device check: one tensor argument on another device (a meta tensor
-    beside CPU ones, say) sends a call to the fake function instead of a kernel, whose own check
-    would have refused it."""
+#: The ops' optional tensor arguments (the others are required).
+_OPTIONAL_TENSORS = ("relevance", "labels", "ref_labels", "ignore")
+
+
+def _on_one_device(first: str, tensors: dict, optional: tuple[str, ...] = ()) -> None:
+    """The fake functions' checks of their tensors, as the kernels make them: each required one
+    is a tensor (a None that a direct op call gives reaches the function as None), and all are on
+    one device (one tensor argument on another device, a meta tensor beside CPU ones, say, sends
+    a call to the fake function instead of a kernel, whose own check would have refused it)."""
+    for name, t in tensors.items():
+        if t is None and name not in optional:
+            raise TypeError(f"fastap: {name} must be a tensor, got None")
     device = tensors[first].device
     for name, t in tensors.items():
         if t is not None and t.device != device:
@@ -130,6 +138,7 @@ if _LOAD_ERROR is None:
                 ref_labels=ref_labels,
                 ignore=ignore,
             ),
+            _OPTIONAL_TENSORS,
         )
         shape = (scores.shape[0], num_bins)
         dtype = histogram_dtype(scores.dtype)
@@ -155,6 +164,7 @@ if _LOAD_ERROR is None:
                 ref_labels=ref_labels,
                 ignore=ignore,
             ),
+            _OPTIONAL_TENSORS,
         )
         return torch.empty_like(scores, memory_format=torch.contiguous_format)
 

@@ -380,6 +380,40 @@ def test_direct_op_calls_with_a_meta_tensor_beside_cpu_ones_are_refused():
         ops.embedding_histogram(q, q, L4, meta, False, 0, 5, -1.0, 1.0)
 
 
+def direct_op_calls(device: str) -> dict:
+    """Each op's valid arguments on `device` (for the ops with a kernel there), by op name."""
+    s, r, n = S.to(device), R.to(device), torch.rand(4, 5, device=device)
+    counts, q, labels = L4.to(device), torch.rand(4, 3, device=device), L4.to(device)
+    calls = {
+        "soft_histogram": (s, r, None, None, None, False, 5, -1.0, 1.0),
+        "soft_histogram_backward": (n, n, s, r, None, None, None, False, 5, -1.0, 1.0),
+        "ap_from_histograms": (n, n, counts, "ap_q"),
+        "ap_from_histograms_backward": (counts.double(), n, n, counts, "ap_q"),
+    }
+    if device != "cpu":  # (CUDA kernels only, and their fake functions)
+        calls["embedding_histogram"] = (q, q, labels, labels, False, 0, 5, -1.0, 1.0)
+        calls["embedding_histogram_backward"] = (n, n, q, q, labels, labels, False, 0, 5, -1.0, 1.0)
+    return calls
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_direct_op_calls_with_none_for_a_required_tensor_are_refused(device):
+    """A None given for a required tensor argument reaches the kernels as an undefined tensor
+    and the fake functions as None: each says which argument it is, rather than failing inside
+    (torch's "tensor does not have a device", an AttributeError in a fake function)."""
+    for op_name, arguments in direct_op_calls(device).items():
+        op = getattr(torch.ops.fastap, op_name)
+        names = [a.name for a in op.default._schema.arguments]
+        for i, value in enumerate(arguments):
+            argument_type = str(op.default._schema.arguments[i].type)
+            if not isinstance(value, torch.Tensor) or argument_type != "Tensor":
+                continue  # (optional tensors, numbers and flags)
+            wrong = list(arguments)
+            wrong[i] = None
+            with pytest.raises(TypeError, match=f"fastap: {names[i]} must be a tensor, got None"):
+                op(*wrong)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_score_ranges_that_the_grid_cannot_hold(dtype):
     """A range too wide for the float64 grid (hi - lo overflows: every score would fall in bin

@@ -224,7 +224,7 @@ at::Tensor ap_from_histograms_cpu(const at::Tensor& n, const at::Tensor& p,
 std::tuple<at::Tensor, at::Tensor> ap_from_histograms_backward_cpu(
     const at::Tensor& grad_ap, const at::Tensor& n, const at::Tensor& p,
     const at::Tensor& positives, std::string variant) {
-  const ApInputs in = check_ap_inputs(n, p, positives, variant, grad_ap);
+  const ApInputs in = check_ap_backward_inputs(grad_ap, n, p, positives, variant);
   at::Tensor grad_n = empty_on_huge_pages(in.n.sizes(), in.n.options());
   at::Tensor grad_p = empty_on_huge_pages(in.p.sizes(), in.p.options());
   AT_DISPATCH_FLOATING_TYPES(in.n.scalar_type(), "fastap_ap_from_histograms_backward_cpu", [&] {

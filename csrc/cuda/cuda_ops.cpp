@@ -72,7 +72,7 @@ at::Tensor ap_from_histograms_cuda(const at::Tensor& n, const at::Tensor& p,
 std::tuple<at::Tensor, at::Tensor> ap_from_histograms_backward_cuda(
     const at::Tensor& grad_ap, const at::Tensor& n, const at::Tensor& p,
     const at::Tensor& positives, std::string variant) {
-  const ApInputs in = check_ap_inputs(n, p, positives, variant, grad_ap);
+  const ApInputs in = check_ap_backward_inputs(grad_ap, n, p, positives, variant);
   const c10::cuda::CUDAGuard device_guard(in.n.device());
   at::Tensor grad_n = at::empty_like(in.n);
   at::Tensor grad_p = at::empty_like(in.p);
@@ -206,6 +206,10 @@ EmbeddingInputs check_embedding_inputs(const at::Tensor& queries, const at::Tens
                                        const at::Tensor& labels, const at::Tensor& ref_labels,
                                        bool exclude_self, int64_t self_offset, int64_t num_bins,
                                        double lo, double hi) {
+  check_defined(queries, "queries");
+  check_defined(database, "database");
+  check_defined(labels, "labels");
+  check_defined(ref_labels, "ref_labels");
   TORCH_CHECK_VALUE(queries.dim() == 2 && database.dim() == 2,
                     "fastap: queries and database must be 2-D, got shapes ", queries.sizes(),
                     " and ", database.sizes());
