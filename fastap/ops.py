@@ -109,7 +109,7 @@ def histogram_dtype(scores_dtype: torch.dtype) -> torch.dtype:
 _OPTIONAL_TENSORS = ("relevance", "labels", "ref_labels", "ignore")
 
 
-def _on_one_device(first: str, tensors: dict, optional: tuple[str, ...] = ()) -> None:
+def _check_fake_tensors(first: str, tensors: dict, optional: tuple[str, ...] = ()) -> None:
     """The fake functions' checks of their tensors, as the kernels make them: each required one
     is a tensor (a None that a direct op call gives reaches the function as None), and all are on
     one device (one tensor argument on another device, a meta tensor beside CPU ones, say, sends
@@ -129,7 +129,7 @@ if _LOAD_ERROR is None:
     def _soft_histogram_fake(
         scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins, lo, hi, self_offset=0
     ):
-        _on_one_device(
+        _check_fake_tensors(
             "scores",
             dict(
                 scores=scores,
@@ -153,7 +153,7 @@ if _LOAD_ERROR is None:
         grad_n, grad_p, scores, relevance, labels, ref_labels, ignore, exclude_self, num_bins,
         lo, hi, self_offset=0,
     ):  # fmt: skip
-        _on_one_device(
+        _check_fake_tensors(
             "scores",
             dict(
                 scores=scores,
@@ -172,7 +172,7 @@ if _LOAD_ERROR is None:
     def _embedding_histogram_fake(
         queries, database, labels, ref_labels, exclude_self, self_offset, num_bins, lo, hi
     ):
-        _on_one_device(
+        _check_fake_tensors(
             "queries",
             dict(queries=queries, database=database, labels=labels, ref_labels=ref_labels),
         )
@@ -188,7 +188,7 @@ if _LOAD_ERROR is None:
         grad_n, grad_p, queries, database, labels, ref_labels, exclude_self, self_offset,
         num_bins, lo, hi,
     ):  # fmt: skip
-        _on_one_device(
+        _check_fake_tensors(
             "queries",
             dict(
                 queries=queries,
@@ -206,12 +206,12 @@ if _LOAD_ERROR is None:
 
     @torch.library.register_fake("fastap::ap_from_histograms")
     def _ap_from_histograms_fake(n, p, positives, variant):
-        _on_one_device("n", dict(n=n, p=p, positives=positives))
+        _check_fake_tensors("n", dict(n=n, p=p, positives=positives))
         return n.new_empty((n.shape[0],))
 
     @torch.library.register_fake("fastap::ap_from_histograms_backward")
     def _ap_from_histograms_backward_fake(grad_ap, n, p, positives, variant):
-        _on_one_device("n", dict(n=n, grad_ap=grad_ap, p=p, positives=positives))
+        _check_fake_tensors("n", dict(n=n, grad_ap=grad_ap, p=p, positives=positives))
         return torch.empty_like(n, memory_format=torch.contiguous_format), torch.empty_like(
             p, memory_format=torch.contiguous_format
         )

@@ -54,6 +54,20 @@ def tie_aware_conditioning(n: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.maximum(*factors).amax(1)
 
 
+def gradient_scale(expected: torch.Tensor, floor: float = 1.0) -> float:
+    """What a gradient's rounding error is relative to: every term of it is O(its largest
+    entry), and for gradients of scores at least O(1 / delta) = (Q - 1) / (hi - lo) (the floor)."""
+    return max(floor, expected.abs().max().item() if expected.numel() else 0.0)
+
+
+def assert_gradients_close(
+    grad: torch.Tensor, expected: torch.Tensor, atol: float, floor: float = 1.0, msg=None
+) -> None:
+    """grad equals expected to atol relative to gradient_scale(expected, floor)."""
+    scale = gradient_scale(expected, floor)
+    torch.testing.assert_close(grad / scale, expected / scale, rtol=0, atol=atol, msg=msg)
+
+
 def reference_tolerance(
     problem: Problem, variant: str = "ap_q", self_offset: int | None = None
 ) -> torch.Tensor:
@@ -94,9 +108,7 @@ def check_against_reference(
     weights = torch.arange(1, ref.shape[0] + 1, dtype=ref.dtype)
     (ours * weights.to(device)).sum().backward()
     (ref * weights).sum().backward()
-    # Every gradient term is O(1 / delta), and so is its rounding error: compare relative to that.
-    largest = ref_scores.grad.abs().max().item() if ref_scores.numel() else 0.0
-    scale = max(largest, (problem.num_bins - 1) / (hi - lo))
+    scale = gradient_scale(ref_scores.grad, (problem.num_bins - 1) / (hi - lo))
     error = ((scores.grad.cpu() - ref_scores.grad) / scale).abs()
     assert (error <= tolerance[:, None]).all(), (
         f"gradients off by up to {(error / tolerance[:, None]).max().item():.3g} tolerances"

@@ -11,7 +11,12 @@ import fastap
 from fastap import reference
 from fastap.testing import RELEVANCE_FORMS, random_problem
 
-from problem_strategies import check_against_reference, conditioning, reference_tolerance
+from problem_strategies import (
+    assert_gradients_close,
+    check_against_reference,
+    conditioning,
+    reference_tolerance,
+)
 
 problems = st.builds(
     random_problem,
@@ -89,8 +94,9 @@ def test_weighted_loss_matches_reference(problem, variant, exponent, zero_share,
     loss.backward()
     ref.backward()
     lo, hi = problem.score_range
-    scale = max(ref_scores.grad.abs().max().item(), (problem.num_bins - 1) / (hi - lo))
-    torch.testing.assert_close(scores.grad / scale, ref_scores.grad / scale, rtol=0, atol=tolerance)
+    assert_gradients_close(
+        scores.grad, ref_scores.grad, tolerance, floor=(problem.num_bins - 1) / (hi - lo)
+    )
 
 
 def layout(t: torch.Tensor | None, kind: str) -> torch.Tensor | None:
