@@ -5,8 +5,9 @@ Checks of shapes, dtypes and devices cost nothing and always run. Checks of valu
 ignore entries other than 0/1, negative or non-finite query weights, non-finite scores and
 embeddings, miners' indices out of range) read the
 data, so they run in eager mode only, and can be turned off there with set_value_checks(False);
-under torch.compile they are skipped (values are then taken as documented: nonzero relevance is a
-positive, nonzero ignore ignores, a query with a non-finite score has AP NaN).
+under torch.compile (and for tensors batched by torch.func.vmap, which cannot be read back) they
+are skipped (values are then taken as documented: nonzero relevance is a positive, nonzero ignore
+ignores, a query with a non-finite score has AP NaN).
 """
 
 from __future__ import annotations
@@ -31,18 +32,6 @@ def type_name(value) -> str:
     """The name of value's type for a message: ``int``, ``numpy.bool``, ``torch.Tensor``."""
     t = type(value)
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-
-
-def refuse_functorch_transforms() -> None:
-    """fastap's autograd Functions take a ctx in their forward (the form torch.compile traces in
-    every supported torch), which the torch.func transforms refuse with a message about
-    setup_context that reads like a fastap bug; this says instead what is not supported and what
-    to use. (Not while torch.compile traces: there the call is not a transform's.)"""
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        raise RuntimeError(
-            "fastap: the torch.func transforms (grad, vjp, jacrev, jvp, vmap, ...) are not "
-            "supported (docs/api.md); differentiate with loss.backward() or torch.autograd.grad"
-        )
 
 
 # The largest value of an int argument: the operators take them as int64.
@@ -128,9 +117,20 @@ def checking_values() -> bool:
 
 def checks_values_of(t: torch.Tensor) -> bool:
     """Whether the data-dependent checks read the values of `t`: as checking_values(), and only
-    where it has values (a tensor on the meta device has none: its checks are skipped, as under
-    torch.compile)."""
-    return checking_values() and t.device.type != "meta"
+    where it has values one by one (a tensor on the meta device has none, and torch.func.vmap
+    cannot read a batched tensor's back: their checks are skipped, as under torch.compile)."""
+    return checking_values() and t.device.type != "meta" and not batched_by_vmap(t)
+
+
+def batched_by_vmap(t: torch.Tensor) -> bool:
+    """Whether `t` is (or wraps, under other torch.func transforms) a tensor batched by
+    torch.func.vmap, whose values cannot be read back one by one."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 class set_value_checks:
@@ -418,7 +418,6 @@ def check_histogram_args(
     score_range,
     self_offset=None,
 ) -> HistogramArgs:
-    refuse_functorch_transforms()  # (first: a transform's tensors can fail the checks below)
     scores = dense_tensor(scores, "scores")
     if scores.dim() != 2:
         raise ValueError(

@@ -48,7 +48,6 @@ from fastap._validation import (
     check_variant,
     dense_tensor,
     in_common_dtype,
-    refuse_functorch_transforms,
 )
 from fastap.cosine import autocast_off, autocast_product_dtype, unit_rows
 from fastap.functional import (
@@ -60,6 +59,7 @@ from fastap.functional import (
 from fastap.ops import (
     HAS_FUSED_EMBEDDING_KERNELS,
     EmbeddingHistogram,
+    apply_function,
     dense_histogram_grads,
     differentiable_once,
     embedding_grads,
@@ -133,10 +133,26 @@ def _square_tiles(embeddings, labels, options):
             yield rows, cols, embeddings[rows] @ embeddings[cols].T, forward_args, mirror_args
 
 
+class _BlockSums:
+    """Sums of the pieces of each block of rows, in the order they come (a fixed order:
+    deterministic), and then the blocks in order. Out of place: under torch.func.jacrev a piece
+    can be batched by vmap where an accumulator made from the inputs is not."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, torch.Tensor] = {}
+
+    def add(self, rows: slice, piece: torch.Tensor) -> None:
+        total = self.sums.get(rows.start)
+        self.sums[rows.start] = piece if total is None else total + piece
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat([self.sums[start] for start in sorted(self.sums)])
+
+
 def _in_batch_histograms(embeddings, labels, options):
     """(n, p, positives) of the in-batch scores from the square tiles: each row's histograms are
     the sums of those of its pieces, taken in a fixed order (deterministic)."""
-    totals = None
+    totals = (_BlockSums(), _BlockSums(), _BlockSums())
     for rows, cols, scores, forward_args, mirror_args in _square_tiles(embeddings, labels, options):
         pieces = [(rows, torch.ops.fastap.soft_histogram(scores, *forward_args))]
         if mirror_args is not None:
@@ -145,14 +161,10 @@ def _in_batch_histograms(embeddings, labels, options):
             del transposed
         del scores
         for piece_rows, piece in pieces:
-            if totals is None:
-                totals = [
-                    torch.zeros((embeddings.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-                    for t in piece
-                ]
             for total, part in zip(totals, piece):
-                total[piece_rows] += part
-    return totals
+                total.add(piece_rows, part)
+    n, p, positives = (total.rows() for total in totals)
+    return n, p, positives
 
 
 def _takes_square_tiles(queries, database) -> bool:
@@ -167,24 +179,24 @@ def _in_batch_gradient(embeddings, labels, grad_n, grad_p, options):
     against all rows take six. Accumulated in fp32 at least, in a fixed order (deterministic)."""
     accumulate = torch.promote_types(embeddings.dtype, torch.float32)
     wide = embeddings.to(accumulate)
-    grad = torch.zeros_like(wide)
+    grad = _BlockSums()
     backward = torch.ops.fastap.soft_histogram_backward
     for rows, cols, scores, forward_args, mirror_args in _square_tiles(embeddings, labels, options):
         grad_tile = backward(grad_n[rows], grad_p[rows], scores, *forward_args).to(accumulate)
         if mirror_args is None:  # a diagonal tile: (dS + dS^T) @ E_I as two products
             del scores  # (measured: dS + dS^T, a fresh transposed sum, took longer than the
             # product it saves at N = 2048, one tile, D = 64 and 128, and held one more tile)
-            grad[rows] += grad_tile @ wide[rows]
-            grad[rows] += grad_tile.T @ wide[rows]
+            grad.add(rows, grad_tile @ wide[rows])
+            grad.add(rows, grad_tile.T @ wide[rows])
         else:
             transposed = scores.T.contiguous()
             del scores  # (a tile, its transpose and two gradients at most)
             grad_tile += backward(grad_n[cols], grad_p[cols], transposed, *mirror_args).T
             del transposed
-            grad[rows] += grad_tile @ wide[cols]
-            grad[cols] += grad_tile.T @ wide[rows]
+            grad.add(rows, grad_tile @ wide[cols])
+            grad.add(cols, grad_tile.T @ wide[rows])
         del grad_tile
-    return grad.to(embeddings.dtype)
+    return grad.rows().to(embeddings.dtype)
 
 
 class _BlockedSoftHistogram(torch.autograd.Function):
@@ -197,7 +209,13 @@ class _BlockedSoftHistogram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, queries, database, labels, ref_labels, *options):
+    def forward(ctx, *inputs):
+        output = _BlockedSoftHistogram.compute(*inputs)
+        _BlockedSoftHistogram.save_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def compute(queries, database, labels, ref_labels, *options):
         with autocast_off(queries.device):  # (the scores in the embeddings' dtype, as backward's)
             if _takes_square_tiles(queries, database):
                 n, p, positives = _in_batch_histograms(queries, labels, options)
@@ -205,10 +223,14 @@ class _BlockedSoftHistogram(torch.autograd.Function):
                 n, p, positives = _row_block_histograms(
                     queries, database, labels, ref_labels, options
                 )
-        ctx.save_for_backward(queries, database, labels, ref_labels)
-        ctx.options = options
-        ctx.mark_non_differentiable(positives)
         return n, p, positives
+
+    @staticmethod
+    def save_context(ctx, inputs, output):
+        queries, database, labels, ref_labels, *options = inputs
+        ctx.save_for_backward(queries, database, labels, ref_labels)
+        ctx.options = tuple(options)
+        ctx.mark_non_differentiable(output[2])
 
     @staticmethod
     @differentiable_once
@@ -240,8 +262,9 @@ def _row_block_histograms(queries, database, labels, ref_labels, options):
 def _row_block_gradients(saved, grad_n, grad_p, options):
     """The gradients of (queries, database) from the blocks of queries against the database."""
     queries, database, labels, ref_labels = embedding_sets(*saved)
-    grad_queries = torch.empty_like(queries)
-    # Accumulated over blocks: in fp32 at least, in a fixed order (deterministic).
+    grad_queries = []
+    # Accumulated over blocks: in fp32 at least, in a fixed order (deterministic). (Out of place:
+    # under torch.func.jacrev the gradients are batched by vmap where the embeddings are not.)
     grad_database = torch.zeros_like(
         database, dtype=torch.promote_types(database.dtype, torch.float32)
     )
@@ -249,11 +272,12 @@ def _row_block_gradients(saved, grad_n, grad_p, options):
         grad_scores = torch.ops.fastap.soft_histogram_backward(
             grad_n[rows], grad_p[rows], scores, *op_args
         )
-        grad_queries[rows] = grad_scores @ database
-        grad_database += (grad_scores.T @ queries[rows]).to(grad_database.dtype)
+        grad_queries.append(grad_scores @ database)
+        grad_database = grad_database + (grad_scores.T @ queries[rows]).to(grad_database.dtype)
         # (before the next tile is computed: a tile and its gradient at a time)
         del scores, grad_scores
-    return embedding_grads(saved[1], grad_queries, grad_database.to(database.dtype))
+    grad_database = grad_database.to(database.dtype)
+    return embedding_grads(saved[1], torch.cat(grad_queries), grad_database)
 
 
 def fused_embedding_shared_bytes(num_bins: int, dtype: torch.dtype, depth: int) -> tuple[int, int]:
@@ -439,7 +463,6 @@ def histograms_from_embeddings(
     backend: "auto", "fused" (the tensor-core CUDA kernel) or "blockwise" (block_size queries at
     a time); see the module docstring.
     """
-    refuse_functorch_transforms()  # (first: a transform's tensors can fail the checks below)
     check_embedding_matrix(queries, "queries")
     check_bool(exclude_self, "exclude_self", allow_none=True)
     same_set = database is None
@@ -506,7 +529,8 @@ def histograms_from_embeddings(
         function, extra = EmbeddingHistogram, ()
     else:
         function, extra = _BlockedSoftHistogram, (block_size,)
-    n, p, positives = function.apply(
+    n, p, positives = apply_function(
+        function,
         unit_queries,
         None if same_set else unit_database,
         labels,

@@ -13,13 +13,13 @@ import importlib.metadata
 import os
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from fastap._validation import (
     check_bins,
     check_bool,
     check_int,
     check_variant,
-    refuse_functorch_transforms,
     type_name,
 )
 
@@ -223,17 +223,72 @@ DOUBLE_BACKWARD_MESSAGE = (
 )
 
 
+FORWARD_MODE_MESSAGE = (
+    "fastap: forward-mode differentiation (torch.func.jvp, torch.func.jacfwd, "
+    "torch.autograd.forward_ad) is not supported; use reverse mode (loss.backward(), "
+    "torch.autograd.grad, torch.func.grad, vjp or jacrev)"
+)
+
+
 class _RaisesWhenDifferentiated(torch.autograd.Function):
     """forward(k, *tensors): copies of tensors[k:], wired to every one of tensors[:k] (the
     anchors); a backward through them raises."""
 
     @staticmethod
     def forward(ctx, num_anchors, *tensors):
+        return _RaisesWhenDifferentiated.compute(num_anchors, *tensors)
+
+    @staticmethod
+    def compute(num_anchors, *tensors):
         return tuple(t.clone() for t in tensors[num_anchors:])
+
+    @staticmethod
+    def save_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *_):
         raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
+@functools.cache
+def transformable(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """The form of one of fastap's autograd Functions that the torch.func transforms take.
+
+    fastap's Functions take a ctx in their forward: the form torch.compile traces in every
+    supported torch (the other, whose forward takes none and a setup_context stores what the
+    backward needs, fails to trace in torch 2.13 when no input requires a gradient). The
+    torch.func transforms take only the other, so each Function also has its forward's work as
+    `compute(*inputs)` and its storing as `save_context(ctx, inputs, output)`, from which this
+    builds it, with the same backward. Under vmap, the forward runs on the batched tensors
+    (generate_vmap_rule): torch then runs fastap's operators once per batch element. Forward-mode
+    AD (jvp) raises FORWARD_MODE_MESSAGE."""
+
+    def refuse_forward_mode(ctx, *tangents):
+        raise RuntimeError(FORWARD_MODE_MESSAGE)
+
+    return type(
+        f"{function.__name__}UnderTransforms",
+        (torch.autograd.Function,),
+        {
+            "__doc__": f"{function.__name__} in the form the torch.func transforms take.",
+            "generate_vmap_rule": True,
+            "forward": staticmethod(function.compute),  # type: ignore[attr-defined]
+            "setup_context": staticmethod(function.save_context),  # type: ignore[attr-defined]
+            "backward": staticmethod(function.backward),
+            "jvp": staticmethod(refuse_forward_mode),
+        },
+    )
+
+
+def apply_function(function: type[torch.autograd.Function], *inputs):
+    """function.apply(*inputs); under a torch.func transform (grad, vjp, jacrev, vmap, ...) or
+    forward-mode AD's dual level (not while torch.compile traces), its transformable form's."""
+    if not torch.compiler.is_compiling() and (
+        torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+    ):
+        return transformable(function).apply(*inputs)
+    return function.apply(*inputs)
 
 
 def differentiable_once(backward):
@@ -258,7 +313,8 @@ def differentiable_once(backward):
         ]
         present = [g for g in outputs if g is not None]
         if anchors and present:
-            wired = iter(_RaisesWhenDifferentiated.apply(len(anchors), *anchors, *present))
+            copies = apply_function(_RaisesWhenDifferentiated, len(anchors), *anchors, *present)
+            wired = iter(copies)
             outputs = tuple(None if g is None else next(wired) for g in outputs)
         return outputs[0] if single else outputs
 
@@ -289,9 +345,13 @@ class SoftHistogram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = torch.ops.fastap.soft_histogram(*inputs)
+        output = SoftHistogram.compute(*inputs)
         SoftHistogram.save_context(ctx, inputs, output)
         return output
+
+    @staticmethod
+    def compute(*inputs):
+        return torch.ops.fastap.soft_histogram(*inputs)
 
     @staticmethod
     def save_context(ctx, inputs, output):
@@ -328,7 +388,6 @@ def soft_histogram(
     shapes, dtypes and devices by the kernels; their values not at all (docs/api.md)."""
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"fastap: scores must be a torch.Tensor, got {type_name(scores)}")
-    refuse_functorch_transforms()
     check_bool(exclude_self, "exclude_self")
     num_bins, lo, hi = check_bins(num_bins, (lo, hi), scores.dtype)
     self_offset = check_int(self_offset, "self_offset", 0)
@@ -340,8 +399,8 @@ def soft_histogram(
 
 
 def soft_histogram_of_checked_args(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """soft_histogram's Function on arguments that soft_histogram or check_histogram_args (with
-    the torch.func refusal) has checked already: the front ends' path, which checks them once.
+    """soft_histogram's Function on arguments that soft_histogram or check_histogram_args has
+    checked already: the front ends' path, which checks them once.
 
     The kernels read contiguous N x M tensors: scores or masks of other strides (a transposed
     or sliced matrix, an expanded mask) are copied here, once, and the Function saves the copies
@@ -352,7 +411,7 @@ def soft_histogram_of_checked_args(*args) -> tuple[torch.Tensor, torch.Tensor, t
     scores, relevance, ignore = (
         t.contiguous() if isinstance(t, torch.Tensor) else t for t in (scores, relevance, ignore)
     )
-    return SoftHistogram.apply(scores, relevance, labels, ref_labels, ignore, *options)
+    return apply_function(SoftHistogram, scores, relevance, labels, ref_labels, ignore, *options)
 
 
 def embedding_sets(queries, database, labels, ref_labels):
@@ -384,12 +443,15 @@ class EmbeddingHistogram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, queries, database, labels, ref_labels, *options):
-        sets = embedding_sets(queries, database, labels, ref_labels)
-        output = torch.ops.fastap.embedding_histogram(*sets, *options)
-        inputs = (queries, database, labels, ref_labels, *options)
+    def forward(ctx, *inputs):
+        output = EmbeddingHistogram.compute(*inputs)
         EmbeddingHistogram.save_context(ctx, inputs, output)
         return output
+
+    @staticmethod
+    def compute(queries, database, labels, ref_labels, *options):
+        sets = embedding_sets(queries, database, labels, ref_labels)
+        return torch.ops.fastap.embedding_histogram(*sets, *options)
 
     @staticmethod
     def save_context(ctx, inputs, output):
@@ -420,10 +482,14 @@ class ApFromHistograms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, n, p, positives, variant):
-        output = torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
-        ApFromHistograms.save_context(ctx, (n, p, positives, variant), output)
+    def forward(ctx, *inputs):
+        output = ApFromHistograms.compute(*inputs)
+        ApFromHistograms.save_context(ctx, inputs, output)
         return output
+
+    @staticmethod
+    def compute(n, p, positives, variant):
+        return torch.ops.fastap.ap_from_histograms(n, p, positives, variant)
 
     @staticmethod
     def save_context(ctx, inputs, output):
@@ -446,8 +512,7 @@ def ap_from_histograms(
 ) -> torch.Tensor:
     """Differentiable per-query AP from the histograms (see ApFromHistograms)."""
     require_extension()
-    refuse_functorch_transforms()
-    return ApFromHistograms.apply(n, p, positives, check_variant(variant))
+    return apply_function(ApFromHistograms, n, p, positives, check_variant(variant))
 
 
 if _LOAD_ERROR is None:

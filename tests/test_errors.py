@@ -840,29 +840,6 @@ def test_uint64_labels_beyond_int64_are_refused():
     assert torch.equal(compiled(scores, labels=big, ref_labels=signed), expected)
 
 
-def test_torch_func_transforms_are_refused_with_a_fastap_message():
-    scores = torch.rand(3, 4)
-    relevance = torch.rand(3, 4) > 0.5
-    labels = torch.tensor([0, 1, 0])
-    message = r"fastap: the torch\.func transforms .* are not supported"
-    with pytest.raises(RuntimeError, match=message):
-        torch.func.grad(lambda s: fastap.ap_loss(s, relevance))(scores)
-    with pytest.raises(RuntimeError, match=message):
-        torch.func.vmap(lambda s: fastap.average_precision(s, relevance))(scores[None])
-    with pytest.raises(RuntimeError, match=message):  # (before the checks of the values)
-        torch.func.vmap(lambda r: fastap.ap_loss(scores, r))(relevance.float()[None])
-    with pytest.raises(RuntimeError, match=message):
-        torch.func.grad(lambda e: fastap.ap_loss_from_embeddings(e, labels=labels))(
-            torch.randn(3, 5)
-        )
-    with pytest.raises(RuntimeError, match=message):
-        torch.func.grad(lambda e: fastap.APLoss()(e, labels))(torch.randn(3, 5))
-    # Outside a transform the same calls differentiate as ever.
-    scores.requires_grad_(True)
-    fastap.ap_loss(scores, relevance).backward()
-    assert scores.grad is not None
-
-
 def test_negative_relevance_and_ignore_entries_count_as_nonzero_without_value_checks(device):
     """Without value checks a mask is taken as documented: any nonzero entry, negative ones
     included, is a positive (relevance) or ignored (ignore)."""
