@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from fastap._validation import SCORE_DTYPES, check_bool, check_int, is_integer_tensor
 from fastap.cosine import unit_rows
@@ -13,6 +14,24 @@ _EXTRA_STATE = "_extra_state"
 
 #: How the messages name the class.
 _OWNER = "fastap.memory.CrossBatchMemory"
+
+
+def _values_to_keep(embeddings: torch.Tensor, labels: torch.Tensor):
+    """The batch's values without the wrappers of the torch.func transforms (grad, vjp, ...),
+    which must not outlive the call; a ValueError where vmap batched them (a batch of batches,
+    where the memory keeps one)."""
+    functorch = torch._C._functorch
+    unwrapped = []
+    for t, name in ((embeddings, "embeddings"), (labels, "labels")):
+        while functorch.is_functorch_wrapped_tensor(t):
+            if functorch.is_batchedtensor(t):
+                raise ValueError(
+                    f"{_OWNER}: {name} batched by torch.func.vmap cannot be enqueued (the memory "
+                    "keeps one batch at a time): pass enqueue=False under vmap"
+                )
+            t = functorch.get_unwrapped(t)
+        unwrapped.append(t)
+    return tuple(unwrapped)
 
 
 class CrossBatchMemory(torch.nn.Module):
@@ -198,8 +217,16 @@ class CrossBatchMemory(torch.nn.Module):
     @torch.compiler.disable
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add detached copies of a batch, dropping the oldest entries beyond ``size``."""
+        """Add detached copies of a batch, dropping the oldest entries beyond ``size``. (Under a
+        torch.func transform, the values are stored; a batch batched by vmap is refused.)"""
         labels = check_batch(embeddings, labels, f"{_OWNER}.enqueue")
+        if torch._C._are_functorch_transforms_active():
+            # (The values, stored at the base level: a transform refuses to mutate the entries,
+            # which it did not create, and its wrappers must not outlive the call.)
+            embeddings, labels = _values_to_keep(embeddings.detach(), labels)
+            with temporarily_clear_interpreter_stack():
+                self.enqueue(embeddings, labels)
+            return
         memory_on_meta = self.embeddings.device.type == "meta"
         if embeddings.device.type == "meta" and not memory_on_meta:
             raise ValueError(
@@ -213,7 +240,7 @@ class CrossBatchMemory(torch.nn.Module):
         self._check_dimension(embeddings)
         embeddings, labels = embeddings[-self.size :], labels[-self.size :]
         slots = torch.arange(self.next, self.next + len(labels), device=labels.device) % self.size
-        stored = unit_rows(embeddings.detach()).to(self.embeddings)
+        stored = unit_rows(embeddings).to(self.embeddings)
         self.embeddings[slots.to(self.embeddings.device)] = stored
         self.labels[slots.to(self.labels.device)] = labels.to(self.labels)
         self.next = (self.next + len(labels)) % self.size

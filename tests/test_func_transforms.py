@@ -287,3 +287,28 @@ def test_random_problems_grad_and_vmap(n, m, num_bins, variant, form, with_ignor
     expected = torch.stack([_autograd_gradient(loss, x) for x in batch])
     _assert_same(torch.func.vmap(torch.func.grad(loss))(batch), expected)
 
+
+def test_a_memory_under_grad_and_vmap():
+    """CrossBatchMemory under torch.func.grad: the gradients and the entries of the same steps
+    with loss.backward(), the entries plain tensors (no transform's wrapper outlives the call).
+    Under vmap it evaluates with enqueue=False, and refuses to enqueue a batch of batches."""
+    from fastap.memory import CrossBatchMemory
+
+    transformed, plain = CrossBatchMemory(size=10), CrossBatchMemory(size=10)
+    for step in range(3):
+        x = _input((7, 4), step)
+        gradient = torch.func.grad(lambda e: transformed(e, LABELS))(x)
+        _assert_same(gradient, _autograd_gradient(lambda e: plain(e, LABELS), x))
+        for ours, theirs in zip(transformed.contents(), plain.contents()):
+            assert not torch._C._functorch.is_functorch_wrapped_tensor(ours)
+            _assert_same(ours, theirs)
+    batch = torch.stack([_input((7, 4), seed) for seed in range(3, 5)])
+    evaluate = torch.func.vmap(lambda e: transformed(e, LABELS, enqueue=False))
+    _assert_same_but_rounding(
+        evaluate(batch), torch.stack([plain(e, LABELS, enqueue=False) for e in batch])
+    )
+    message = r"CrossBatchMemory: embeddings batched by torch\.func\.vmap cannot be enqueued"
+    with pytest.raises(ValueError, match=message):
+        torch.func.vmap(lambda e: transformed(e, LABELS))(batch)
+    assert transformed.filled == 10
+    _assert_same(transformed.contents()[0], plain.contents()[0])
