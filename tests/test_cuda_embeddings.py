@@ -308,3 +308,30 @@ def test_first_wgmma_question_may_come_inside_graph_capture(monkeypatch):
     monkeypatch.setenv("FASTAP_WGMMA", "1")
     outside = fastap.embeddings.fused_uses_wgmma(torch.zeros(3, 64, dtype=torch.bfloat16).cuda())
     assert f"wgmma: {outside}" in done.stdout, done.stdout
+
+
+def test_fused_kernels_under_torch_func():
+    """torch.func.grad through the fused kernels is loss.backward()'s gradient (the same kernels,
+    deterministic); vmap runs them once per batch element, as the loop does (to the rounding of
+    the batched normalisation before them). (backend="fused" raises where it cannot be taken.)"""
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, 4, (90,), generator=g).cuda()
+    batch = torch.randn(2, 90, 24, generator=g).cuda().bfloat16()
+
+    def loss(x):
+        return fastap.ap_loss_from_embeddings(x, labels=labels, backend="fused")
+
+    expected = []
+    for x in batch:
+        x = x.clone().requires_grad_()
+        (gradient,) = torch.autograd.grad(loss(x), x)
+        expected.append(gradient)
+        assert torch.equal(torch.func.grad(loss)(x.detach()), gradient)
+    losses = torch.func.vmap(loss)(batch)
+    gradients = torch.func.vmap(torch.func.grad(loss))(batch)
+    for k, x in enumerate(batch):
+        assert abs(losses[k].item() - loss(x).item()) < 1e-3
+        scale = expected[k].float().abs().max().item()
+        torch.testing.assert_close(
+            gradients[k].float(), expected[k].float(), rtol=0, atol=2e-2 * scale
+        )
