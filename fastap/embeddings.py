@@ -64,6 +64,7 @@ from fastap.ops import (
     differentiable_once,
     embedding_grads,
     embedding_sets,
+    from_compute,
     require_device_kernels,
     require_extension,
 )
@@ -199,6 +200,7 @@ def _in_batch_gradient(embeddings, labels, grad_n, grad_p, options):
     return grad.rows().to(embeddings.dtype)
 
 
+@from_compute
 class _BlockedSoftHistogram(torch.autograd.Function):
     """(n, p, positives) of cosine scores queries @ database.T, block of queries by block (in-batch:
     square tiles, each serving two blocks of rows).
@@ -207,12 +209,6 @@ class _BlockedSoftHistogram(torch.autograd.Function):
     normalised, labels [N] int64, ref_labels [M] int64 or None (in-batch), exclude_self,
     self_offset, num_bins, lo, hi, block_size).
     """
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _BlockedSoftHistogram.compute(*inputs)
-        _BlockedSoftHistogram.save_context(ctx, inputs, output)
-        return output
 
     @staticmethod
     def compute(queries, database, labels, ref_labels, *options):

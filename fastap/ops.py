@@ -223,6 +223,21 @@ DOUBLE_BACKWARD_MESSAGE = (
 )
 
 
+def from_compute(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Class decorator: the Function's forward, from its compute(*inputs) (the forward's work)
+    and save_context(ctx, inputs, output) (what the backward needs). The forward takes a ctx,
+    the form torch.compile traces in every supported torch; `transformable` builds the form the
+    torch.func transforms take from the same two."""
+
+    def forward(ctx, *inputs):
+        output = function.compute(*inputs)  # type: ignore[attr-defined]
+        function.save_context(ctx, inputs, output)  # type: ignore[attr-defined]
+        return output
+
+    function.forward = staticmethod(forward)  # type: ignore[method-assign]
+    return function
+
+
 FORWARD_MODE_MESSAGE = (
     "fastap: forward-mode differentiation (torch.func.jvp, torch.func.jacfwd, "
     "torch.autograd.forward_ad) is not supported; use reverse mode (loss.backward(), "
@@ -230,13 +245,10 @@ FORWARD_MODE_MESSAGE = (
 )
 
 
+@from_compute
 class _RaisesWhenDifferentiated(torch.autograd.Function):
     """forward(k, *tensors): copies of tensors[k:], wired to every one of tensors[:k] (the
     anchors); a backward through them raises."""
-
-    @staticmethod
-    def forward(ctx, num_anchors, *tensors):
-        return _RaisesWhenDifferentiated.compute(num_anchors, *tensors)
 
     @staticmethod
     def compute(num_anchors, *tensors):
@@ -332,6 +344,7 @@ def dense_histogram_grads(grad_n, grad_p):
     return grad_n, grad_p
 
 
+@from_compute
 class SoftHistogram(torch.autograd.Function):
     """Soft-binned histograms of each query row's scores, differentiable with respect to scores.
 
@@ -342,12 +355,6 @@ class SoftHistogram(torch.autograd.Function):
     differentiable). With exclude_self, candidate i + self_offset is query i itself and counts
     nowhere. Arguments are expected to be checked already (see fastap.functional).
     """
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = SoftHistogram.compute(*inputs)
-        SoftHistogram.save_context(ctx, inputs, output)
-        return output
 
     @staticmethod
     def compute(*inputs):
@@ -431,6 +438,7 @@ def embedding_grads(saved_database, grad_queries, grad_database):
     return grad_queries, grad_database
 
 
+@from_compute
 class EmbeddingHistogram(torch.autograd.Function):
     """(n, p, positives) of the cosine scores queries @ database.T from the fused CUDA kernels,
     which never store a score (fastap::embedding_histogram); differentiable with respect to both
@@ -441,12 +449,6 @@ class EmbeddingHistogram(torch.autograd.Function):
     exclude_self, self_offset, num_bins, lo, hi). Arguments are expected to be checked already
     (see fastap.embeddings).
     """
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = EmbeddingHistogram.compute(*inputs)
-        EmbeddingHistogram.save_context(ctx, inputs, output)
-        return output
 
     @staticmethod
     def compute(queries, database, labels, ref_labels, *options):
@@ -471,6 +473,7 @@ class EmbeddingHistogram(torch.autograd.Function):
         return (*embedding_grads(saved[1], *grads), None, None) + (None,) * len(ctx.options)
 
 
+@from_compute
 class ApFromHistograms(torch.autograd.Function):
     """Per-query AP of a loss variant from the histograms (fastap::ap_from_histograms: one
     kernel for the O(N Q) formula instead of some thirty small tensor ops), differentiable with
@@ -480,12 +483,6 @@ class ApFromHistograms(torch.autograd.Function):
     returns ap [N], 0 for a query without positives (no gradient). The formulas are those of
     fastap.reference.ap_from_histograms (csrc/ap_formula.h).
     """
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = ApFromHistograms.compute(*inputs)
-        ApFromHistograms.save_context(ctx, inputs, output)
-        return output
 
     @staticmethod
     def compute(n, p, positives, variant):
