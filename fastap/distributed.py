@@ -11,22 +11,28 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastap._validation import SCORE_DTYPES, type_name
+from fastap._validation import SCORE_DTYPES, batched_by_vmap, type_name
 from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch
+from fastap.ops import apply_function, from_compute
 
 
+@from_compute
 class _AllGather(torch.autograd.Function):
     """Concatenation of every process's (equally shaped) tensor, in rank order. Backward: the
     gradients of all processes summed (all_reduce), and this process's rows returned."""
 
     @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        ctx.rank = dist.get_rank(group)
-        ctx.rows = tensor.shape[0]
+    def compute(tensor, group):
         parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, tensor.contiguous(), group=group)
         return torch.cat(parts)
+
+    @staticmethod
+    def save_context(ctx, inputs, output):
+        tensor, group = inputs
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.rows = tensor.shape[0]
 
     @staticmethod
     def backward(ctx, grad):
@@ -75,6 +81,12 @@ def _gather_checked(
     process's labels as int64."""
     try:
         labels = check_batch(embeddings, labels, owner)
+        for name, t in (("embeddings", embeddings), ("labels", labels)):
+            if batched_by_vmap(t):
+                raise ValueError(
+                    f"{owner}: {name} batched by torch.func.vmap cannot be gathered (the "
+                    "collectives take one batch per process)"
+                )
         if embeddings.device.type == "meta":
             raise ValueError(
                 f"{owner}: embeddings are on the meta device, which holds no batch sizes to "
@@ -125,7 +137,7 @@ def _gather_checked(
     # Collectives need equal shapes: pad to the largest batch, then drop the padding.
     padded = F.pad(embeddings, (0, 0, 0, pad))
     padded_labels = F.pad(labels, (0, pad))
-    gathered = _AllGather.apply(padded, group).split(largest)
+    gathered = apply_function(_AllGather, padded, group).split(largest)
     gathered_labels = [torch.empty_like(padded_labels) for _ in range(world)]
     dist.all_gather(gathered_labels, padded_labels.contiguous(), group=group)
     all_embeddings = torch.cat([g[:s] for g, s in zip(gathered, sizes)])

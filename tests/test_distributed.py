@@ -64,6 +64,15 @@ def run_and_save(rank, out_dir):
     compiled_share = compiled_loss(again, labels[mine])
     compiled_share.backward()
     assert torch.equal(compiled_share, share) and torch.equal(again.grad, local.grad)
+    # Under torch.func.grad, the same gradient; under vmap, refused on every process.
+    share_loss = DistributedAPLoss(fastap.APLoss(num_bins=15, variant="tie_aware"))
+    func_grad = torch.func.grad(lambda e: share_loss(e, labels[mine]))(embeddings[mine])
+    assert torch.equal(func_grad, local.grad)
+    try:
+        torch.func.vmap(lambda e: share_loss(e, labels[mine]))(embeddings[mine][None])
+        raise AssertionError("vmap was not refused")
+    except ValueError as error:
+        assert "embeddings batched by torch.func.vmap cannot be gathered" in str(error), error
 
     ddp = torch.nn.parallel.DistributedDataParallel(model())
     ddp_loss = DistributedAPLoss(fastap.FastAPLoss(num_bins=12))(
