@@ -32,6 +32,8 @@ RELEVANCE = torch.tensor(
     dtype=torch.bool,
 )
 
+QUERY_WEIGHTS = torch.tensor([1.0, 0.5, 2.0, 0.0, 3.0], dtype=torch.float64)
+
 
 def _scores_loss(variant):
     return lambda s: fastap.ap_loss(s, RELEVANCE, variant=variant, score_range=(-3, 3))
@@ -58,6 +60,10 @@ LOSSES = {
     ),
     "APLoss": (lambda e: fastap.APLoss(variant="tie_aware_simplified")(e, LABELS), (7, 4)),
     "FastAPLoss": (lambda e: fastap.FastAPLoss()(e, LABELS), (7, 4)),
+    "compat.TAPLoss": (
+        lambda s: fastap.compat.TAPLoss(10, -3, 3)(s, RELEVANCE.float(), qw=QUERY_WEIGHTS),
+        (5, 8),
+    ),
 }
 
 EMBEDDING_LOSSES = (
