@@ -129,6 +129,23 @@ def test_jacrev_of_a_loss_is_its_gradient(name):
     _assert_same(torch.func.jacrev(loss)(x), _autograd_gradient(loss, x))
 
 
+@pytest.mark.parametrize("variant", fastap.VARIANTS)
+def test_on_each_device(device, variant):
+    """The score-matrix kernels of each device (the CUDA ones on a GPU): grad, vmap and their
+    composition against backward() and the loop, to the bit."""
+    scores = _input((5, 8)).to(device)
+    relevance = RELEVANCE.to(device)
+
+    def loss(s):
+        return fastap.ap_loss(s, relevance, variant=variant, score_range=(-3, 3))
+
+    _assert_same(torch.func.grad(loss)(scores), _autograd_gradient(loss, scores))
+    batch = torch.stack([scores, scores.flip(0), 0.5 * scores])
+    _assert_same(torch.func.vmap(loss)(batch), torch.stack([loss(x) for x in batch]))
+    expected = torch.stack([_autograd_gradient(loss, x) for x in batch])
+    _assert_same(torch.func.vmap(torch.func.grad(loss))(batch), expected)
+
+
 def test_jacrev_of_the_per_query_ap_is_the_autograd_jacobian():
     """A vector output: jacrev's vmap over the backward (the incoming gradients batched, the saved
     scores not) against one backward per query."""
@@ -318,3 +335,46 @@ def test_a_memory_under_grad_and_vmap():
         torch.func.vmap(lambda e: transformed(e, LABELS))(batch)
     assert transformed.filled == 10
     _assert_same(transformed.contents()[0], plain.contents()[0])
+
+
+@given(
+    n=st.integers(1, 9),
+    extra=st.integers(0, 5),
+    dim=st.integers(1, 5),
+    block_size=st.integers(1, 12),
+    in_batch=st.booleans(),
+    exclude_self=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_blockwise_problems_grad_and_jacrev(
+    n, extra, dim, block_size, in_batch, exclude_self, seed
+):
+    """The blockwise embedding path, any tiling (block sizes from 1 to past the batch), in batch
+    or against a database: torch.func.grad is the autograd gradient, and jacrev of the histograms
+    (the gradients batched, the embeddings not) the autograd Jacobian, to the bit."""
+    g = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(n + extra, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (n + extra,), generator=g)
+    options = dict(num_bins=5, block_size=block_size, exclude_self=exclude_self or in_batch)
+    if in_batch:
+        options.update(labels=labels)
+    else:
+        options.update(labels=labels[:n], ref_labels=labels)
+
+    def split(e):
+        return (e, None) if in_batch else (e[:n], e)
+
+    def histograms(e):
+        n_hist, p_hist, _ = fastap.embeddings.histograms_from_embeddings(*split(e), **options)
+        return torch.cat([n_hist, p_hist], dim=1)
+
+    def loss(e):
+        return fastap.ap_loss_from_embeddings(*split(e), **options)
+
+    _assert_same(torch.func.grad(loss)(embeddings), _autograd_gradient(loss, embeddings))
+    jacobian = torch.func.jacrev(histograms)(embeddings)
+    rows = torch.randint(0, jacobian.shape[0], (3,), generator=g).tolist()
+    cols = torch.randint(0, jacobian.shape[1], (3,), generator=g).tolist()
+    for i, j in zip(rows, cols):
+        expected = _autograd_gradient(lambda e, i=i, j=j: histograms(e)[i, j], embeddings)
+        _assert_same(jacobian[i, j], expected)
