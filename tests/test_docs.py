@@ -1,6 +1,7 @@
 """The docs against the code: the README's one-screen example prints exactly what the README
-shows under it, examples/quickstart.py trains (held-out mAP rises well above its start), and the
-signatures and defaults that docs/api.md shows are the functions' own."""
+shows under it, examples/quickstart.py trains (held-out mAP rises well above its start), the signatures
+and defaults that docs/api.md shows are the functions' own, and docs/training.md's
+torch.func example takes the steps that plain SGD takes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fastap
 
@@ -52,7 +54,35 @@ def test_quickstart_trains():
 
 
 def python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+    return python_blocks_of(path.read_text(encoding="utf-8"))
+
+
+def test_training_md_functional_training_is_plain_sgd():
+    """docs/training.md's torch.func example runs, and prints the losses of the same three SGD
+    steps taken with loss.backward()."""
+    text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    section = text.split("\n## Functional training: `torch.func`\n", 1)[1]
+    code = python_blocks_of(section)[0]
+    printed = io.StringIO()
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "docs/training.md (torch.func)", "exec"), {"__name__": "__main__"})
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    inputs, labels = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = []
+    for step in range(3):
+        optimizer.zero_grad()
+        loss = fastap.APLoss()(model(inputs), labels)
+        loss.backward()
+        optimizer.step()
+        expected.append(f"step {step}: loss {loss.item():.4f}")
+    assert printed.getvalue().splitlines() == expected
+
+
+def python_blocks_of(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 def resolve(dotted: str):
