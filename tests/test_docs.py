@@ -1,6 +1,6 @@
 """The docs against the code: the README's one-screen example prints exactly what the README
-shows under it, examples/quickstart.py trains (held-out mAP rises well above its start), the signatures
-and defaults that docs/api.md shows are the functions' own, and docs/training.md's
+shows under it, examples/quickstart.py trains (held-out mAP rises well above its start), the
+signatures and defaults that docs/api.md shows are the functions' own, and docs/training.md's
 torch.func example takes the steps that plain SGD takes."""
 
 from __future__ import annotations

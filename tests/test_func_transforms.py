@@ -1,8 +1,9 @@
 """The torch.func transforms over fastap's losses: grad, vjp, jacrev, vmap and their compositions
-give what plain autograd and a loop over the batch give, to the bit (the same kernels run, in
-the same order); a second derivative and forward mode raise fastap's messages. On the CPU
-kernels and the blockwise embedding path; the fused CUDA kernels' case is in
-test_cuda_embeddings.py."""
+give what plain autograd and a loop over the batch give: to the bit where the same kernels run
+in the same order, to the rounding of torch's batched matrix products where vmap takes those; a
+second derivative and forward mode raise fastap's messages. On the CPU kernels and the blockwise
+embedding path (and each device's score-matrix kernels: test_on_each_device); the fused CUDA
+kernels' case is in test_cuda_embeddings.py."""
 
 from __future__ import annotations
 
@@ -66,12 +67,13 @@ LOSSES = {
     ),
 }
 
+# The losses with a matrix product of embeddings (which vmap batches).
 EMBEDDING_LOSSES = (
     "ap_loss_from_embeddings in batch",
     "ap_loss_from_embeddings database",
     "APLoss",
+    "FastAPLoss",
 )
-EMBEDDING_LOSSES += ("FastAPLoss",)  # (those with a matrix product of embeddings)
 
 
 def _input(shape, seed=0):
