@@ -122,15 +122,35 @@ def checks_values_of(t: torch.Tensor) -> bool:
     return checking_values() and t.device.type != "meta" and not batched_by_vmap(t)
 
 
-def batched_by_vmap(t: torch.Tensor) -> bool:
-    """Whether `t` is (or wraps, under other torch.func transforms) a tensor batched by
-    torch.func.vmap, whose values cannot be read back one by one."""
+def without_transform_wrappers(t: torch.Tensor) -> torch.Tensor | None:
+    """`t` without the wrappers of the torch.func transforms (grad, vjp, ...): its values, which
+    may outlive the transform; None where vmap batched it (a batch of values, which cannot be
+    read back one by one)."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
-            return True
+            return None
         t = functorch.get_unwrapped(t)
-    return False
+    return t
+
+
+def batched_by_vmap(t: torch.Tensor) -> bool:
+    """Whether `t` is (or wraps, under other torch.func transforms) a tensor batched by
+    torch.func.vmap, whose values cannot be read back one by one."""
+    return without_transform_wrappers(t) is None
+
+
+def values_of_one_batch(tensors: dict, owner: str, refusal: str) -> list[torch.Tensor]:
+    """The tensors' values without the torch.func transforms' wrappers, for what takes one batch
+    (a memory, the collectives); a ValueError naming the first that vmap batched, saying why it
+    is refused (`refusal`)."""
+    values = []
+    for name, t in tensors.items():
+        value = without_transform_wrappers(t)
+        if value is None:
+            raise ValueError(f"{owner}: {name} batched by torch.func.vmap {refusal}")
+        values.append(value)
+    return values
 
 
 class set_value_checks:

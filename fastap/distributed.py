@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastap._validation import SCORE_DTYPES, batched_by_vmap, type_name
+from fastap._validation import SCORE_DTYPES, type_name, values_of_one_batch
 from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch
 from fastap.ops import apply_function, from_compute
 
@@ -81,12 +81,11 @@ def _gather_checked(
     process's labels as int64."""
     try:
         labels = check_batch(embeddings, labels, owner)
-        for name, t in (("embeddings", embeddings), ("labels", labels)):
-            if batched_by_vmap(t):
-                raise ValueError(
-                    f"{owner}: {name} batched by torch.func.vmap cannot be gathered (the "
-                    "collectives take one batch per process)"
-                )
+        values_of_one_batch(
+            dict(embeddings=embeddings, labels=labels),
+            owner,
+            "cannot be gathered (the collectives take one batch per process)",
+        )
         if embeddings.device.type == "meta":
             raise ValueError(
                 f"{owner}: embeddings are on the meta device, which holds no batch sizes to "

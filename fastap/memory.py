@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
-from fastap._validation import SCORE_DTYPES, check_bool, check_int, is_integer_tensor
+from fastap._validation import (
+    SCORE_DTYPES,
+    check_bool,
+    check_int,
+    is_integer_tensor,
+    values_of_one_batch,
+)
 from fastap.cosine import unit_rows
 from fastap.losses import APLoss, _EmbeddingAPLoss, check_batch, mean_over_valid
 
@@ -14,24 +20,6 @@ _EXTRA_STATE = "_extra_state"
 
 #: How the messages name the class.
 _OWNER = "fastap.memory.CrossBatchMemory"
-
-
-def _values_to_keep(embeddings: torch.Tensor, labels: torch.Tensor):
-    """The batch's values without the wrappers of the torch.func transforms (grad, vjp, ...),
-    which must not outlive the call; a ValueError where vmap batched them (a batch of batches,
-    where the memory keeps one)."""
-    functorch = torch._C._functorch
-    unwrapped = []
-    for t, name in ((embeddings, "embeddings"), (labels, "labels")):
-        while functorch.is_functorch_wrapped_tensor(t):
-            if functorch.is_batchedtensor(t):
-                raise ValueError(
-                    f"{_OWNER}: {name} batched by torch.func.vmap cannot be enqueued (the memory "
-                    "keeps one batch at a time): pass enqueue=False under vmap"
-                )
-            t = functorch.get_unwrapped(t)
-        unwrapped.append(t)
-    return tuple(unwrapped)
 
 
 class CrossBatchMemory(torch.nn.Module):
@@ -220,13 +208,22 @@ class CrossBatchMemory(torch.nn.Module):
         """Add detached copies of a batch, dropping the oldest entries beyond ``size``. (Under a
         torch.func transform, the values are stored; a batch batched by vmap is refused.)"""
         labels = check_batch(embeddings, labels, f"{_OWNER}.enqueue")
-        if torch._C._are_functorch_transforms_active():
-            # (The values, stored at the base level: a transform refuses to mutate the entries,
-            # which it did not create, and its wrappers must not outlive the call.)
-            embeddings, labels = _values_to_keep(embeddings.detach(), labels)
-            with temporarily_clear_interpreter_stack():
-                self.enqueue(embeddings, labels)
+        if not torch._C._are_functorch_transforms_active():
+            self._store(embeddings.detach(), labels)
             return
+        # Under a transform: the values, stored at the base level (a transform refuses to mutate
+        # the entries, which it did not create, and its wrappers must not outlive the call).
+        embeddings, labels = values_of_one_batch(
+            dict(embeddings=embeddings.detach(), labels=labels),
+            _OWNER,
+            "cannot be enqueued (the memory keeps one batch at a time): pass enqueue=False "
+            "under vmap",
+        )
+        with temporarily_clear_interpreter_stack():
+            self._store(embeddings, labels)
+
+    def _store(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """enqueue's work on a checked, detached batch."""
         memory_on_meta = self.embeddings.device.type == "meta"
         if embeddings.device.type == "meta" and not memory_on_meta:
             raise ValueError(
