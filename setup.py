@@ -157,6 +157,32 @@ def nvcc_extra_flags() -> list:
     return flags
 
 
+def loaded_libstdcxx():
+    """The path of the C++ standard library (libstdc++) that this process loaded with torch, on
+    Linux; None where there is none (another platform, another C++ library) or it is not known.
+
+    The extension links it by that path (host_compiler_flags). A compiler copied out of its own
+    tree can hold a libstdc++.so that is a dangling link (its relative target was not copied: seen
+    on the GPU machine's image, /opt/gcc, whose g++ passes -B to that copied folder); the linker
+    then takes libstdc++.a, which sits beside it, and the extension carries a copy of the C++
+    library of its own whose locale nobody initialised. Every number in a C++ error message went
+    through that copy: there an error of the CUDA ops crashed the process (a segmentation fault
+    in std::ostream::_M_insert<long>), here the number went missing from the message. Named by
+    its path, the library torch runs with is the one linked, dynamically, whatever the compiler's
+    own folder holds (tests/test_setup.py builds with such a compiler)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            for line in maps:
+                path = line.split(maxsplit=5)[-1].strip()
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
 def host_compiler_flags() -> tuple:
     """(compile flags, link flags) of the C++ compiler for this platform.
 
@@ -184,6 +210,9 @@ def host_compiler_flags() -> tuple:
             link_flags.append("-fopenmp")
     else:
         print("fastap: no OpenMP: the CPU kernels will run on one thread", file=sys.stderr)
+    libstdcxx = None if msvc else loaded_libstdcxx()
+    if libstdcxx:
+        link_flags.append(libstdcxx)
     return compile_flags, link_flags
 
 

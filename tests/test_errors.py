@@ -414,6 +414,23 @@ def test_direct_op_calls_with_none_for_a_required_tensor_are_refused(device):
                 op(*wrong)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_the_ops_messages_keep_their_numbers(device):
+    """The C++ checks' messages with numbers in them, raised by the ops on each device. An
+    extension linked with a copy of the C++ library of its own (a compiler whose libstdc++.so is a
+    dangling link: setup.py's loaded_libstdcxx) lost the numbers here and crashed on the GPU
+    machine instead of raising."""
+    scores = torch.rand(3, 4, device=device)
+    relevance = scores > 0.5
+    histogram = torch.ops.fastap.soft_histogram
+    with pytest.raises(ValueError, match=r"num_bins must be at least 2, got 1$"):
+        histogram(scores, relevance, None, None, None, False, 1, -1.0, 1.0)
+    with pytest.raises(ValueError, match=r"self_offset must be >= 0, got -7$"):
+        histogram(scores, relevance, None, None, None, True, 5, -1.0, 1.0, -7)
+    with pytest.raises(ValueError, match=r"shape of scores \[3, 4\], got \[4, 3\]"):
+        histogram(scores, relevance.T, None, None, None, False, 5, -1.0, 1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_score_ranges_that_the_grid_cannot_hold(dtype):
     """A range too wide for the float64 grid (hi - lo overflows: every score would fall in bin

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,74 @@ def test_cuda_architectures_are_checked_and_needed_without_a_gpu():
         "from: set FASTAP_CUDA_ARCH",
     }
     assert_answers(run(ARCH_LISTS, *cases), cases)
+
+
+# Loads setup.py's functions without running setup(), then prints the link flags it gives the
+# host compiler, one per line.
+LINK_FLAGS = """
+import runpy, setuptools
+setuptools.setup = lambda **kwargs: None
+print("\\n".join(runpy.run_path("setup.py")["host_compiler_flags"]()[1]))
+"""
+
+# A function of the C++ library that formats a number: an ostream's insertion of a long.
+FORMATS_A_NUMBER = """
+#include <sstream>
+#include <string>
+extern "C" int digits_of(long value) {
+  std::ostringstream text;
+  text << value;
+  return static_cast<int>(text.str().size());
+}
+"""
+LONG_INSERTION = "_ZNSo9_M_insertIlEERSoT_"  # std::ostream::_M_insert<long>, libstdc++'s own
+
+
+def dynamic_symbols(library: Path, *options: str) -> list:
+    done = subprocess.run(["nm", "-D", *options, str(library)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # (without the version: "_ZNSo9_M_insertIlEERSoT_@GLIBCXX_3.4.9" where it is undefined)
+    return [line.split()[-1].split("@")[0] for line in done.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libstdc++ and ELF: Linux")
+@pytest.mark.skipif(shutil.which("g++") is None or shutil.which("nm") is None, reason="no g++/nm")
+def test_a_compiler_whose_libstdcxx_link_dangles_still_links_the_shared_library(tmp_path):
+    """The GPU machine's image has a g++ copied out of its tree (a wrapper passing -B to a copied
+    folder) whose libstdc++.so is a dangling relative link: the linker took the libstdc++.a beside
+    it, and the extension's C++ error messages crashed. Such a compiler is made here from the
+    system's g++, and a small library that formats a number is linked with it: without setup.py's
+    link flags it carries libstdc++'s code (the fault, reproduced); with them it takes it from the
+    shared library that torch loaded, and formats the number."""
+    static_library = subprocess.run(
+        ["g++", "-print-file-name=libstdc++.a"], capture_output=True, text=True
+    ).stdout.strip()
+    if not os.path.isabs(static_library) or not os.path.isfile(static_library):
+        pytest.skip("this g++ has no libstdc++.a")
+    folder = tmp_path / "copied-compiler"
+    folder.mkdir()
+    (folder / "libstdc++.a").symlink_to(static_library)
+    (folder / "libstdc++.so").symlink_to("../../../x86_64-linux-gnu/libstdc++.so.6")  # dangles
+    assert not (folder / "libstdc++.so").exists()
+    source = tmp_path / "formats.cpp"
+    source.write_text(FORMATS_A_NUMBER)
+
+    def link(name: str, *flags: str) -> Path:
+        library = tmp_path / name
+        command = ["g++", f"-B{folder}/", "-shared", "-fPIC", "-O1", str(source), *flags]
+        done = subprocess.run(
+            [*command, "-o", str(library)], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return library
+
+    fault = link("without.so")
+    assert LONG_INSERTION in dynamic_symbols(fault, "--defined-only")  # libstdc++ copied in
+    flags = run(LINK_FLAGS)
+    assert flags.returncode == 0, flags.stderr
+    fixed = link("with.so", *flags.stdout.split())
+    assert LONG_INSERTION not in dynamic_symbols(fixed, "--defined-only")
+    assert LONG_INSERTION in dynamic_symbols(fixed, "--undefined-only")  # from libstdc++.so.6
+    loads = "import ctypes, sys; print(ctypes.CDLL(sys.argv[1]).digits_of(-1234567))"
+    done = subprocess.run([sys.executable, "-c", loads, str(fixed)], capture_output=True, text=True)
+    assert (done.returncode, done.stdout.strip()) == (0, "8"), done.stderr
