@@ -28,7 +28,7 @@ SERIES = {
         ("fused", "from embeddings, fused kernel", "C0", "-"),
         ("fused_wgmma", "fused, on wgmma", "C4", "-."),
         ("floor", "4 matmuls (floor)", "k", ":"),
-        ("reference", "reference (score matrix, N x Q x N)", "C1", "--"),
+        ("reference", "reference (score matrix, N x Q x N)", "C5", "--"),
         ("pml", "PML FastAPLoss", "C3", "--"),
     ],
     "kernels": [
