@@ -3,48 +3,48 @@
 # tests, compute-sanitizer memcheck and racecheck on a small case, and the CUDA benchmarks; logs
 # and JSON go to $OUT (the logs as one archive), a short table is printed last.
 #
-# A session has 15 minutes of GPU time in all (900 s: the machine's start, a minute or two,
-# included, and every idle second while it is held), at most 10 minutes a call, and a machine
-# stays warm only 30 s after a call. So the steps come in two calls, the first with what the
-# issues need most (correctness on the GPU, then the figures of their targets), the second,
-# issued at once after the first (so that the machine is still warm and the build is kept), with
-# the rest in whatever time is left (call 1's reply says it: lease.budget_left_s). This script's
-# own logic (steps, order, budget, the hand-overs below) runs in CI with stand-ins for the GPU
-# machine's programs: tests/test_gpu_check.py.
+# A session has 15 minutes of GPU time in all (900 s: the machine's start and every idle second
+# while it is held included), at most 10 minutes a call, and a machine stays warm only 30 s after
+# a call. The first GPU run (2026-12-04) measured the steps: build 20 s, smoke 4, smoke_wgmma 4,
+# tests 45, tests_wgmma 17, kernels 48, variants 15, embeddings 102, memcheck 9, racecheck 48,
+# sass 3, probe 5, profile 30, loss 90, example 12 (452 s in all; api_access, when it runs, 34
+# more), and the machine's start and the transfers about 30 s. So every step fits one call
+# (BUDGET 570 s, timeout_s=600), which leaves about 250 s of the session for a second call on
+# what failed: a call on the warm machine right away, or a fresh machine, which starts only with
+# 240 s left. The two-call form stays for a session with less time. This script's own logic
+# (steps, order, budget, the hand-overs below) runs in CI with stand-ins for the GPU machine's
+# programs: tests/test_gpu_check.py.
 #
+#   FASTAP_COMMIT=<sha> bash benchmarks/gpu_check.sh       # every step: device run, timeout_s=600
 #   FASTAP_COMMIT=<sha> bash benchmarks/gpu_check.sh 1   # device run, timeout_s=540: BUDGET 510 s
 #   FASTAP_COMMIT=<sha> WGMMA=<call 1's smoke_wgmma> bash benchmarks/gpu_check.sh 2 \
 #     <budget_left_s - 60>                          # device run, timeout_s=<budget_left_s - 40>
-#   bash benchmarks/gpu_check.sh                    # every step, in BUDGET (570 s)
 #
 # FASTAP_COMMIT (git rev-parse --short HEAD, here): the commit the JSON results name; the GPU
 # machine gets a copy of the working tree without .git. Call 2 must be sent within the 30 s a
-# machine stays warm (have its command ready before call 1 returns): by then too little device
-# time is left to start a fresh one.
+# machine stays warm (have its command ready before call 1 returns). The machine keeps build/
+# between calls, and the extension built into fastap/.
 #
-# Before call 1, here: bash benchmarks/gpu_wheels.sh (the peer pytorch-metric-learning, as a
-# wheel in .whl/, which both calls carry: carry [".whl"]).
+# Before the first call, here: bash benchmarks/gpu_wheels.sh (the peer pytorch-metric-learning, as
+# a wheel in .whl/, which every call carries: carry [".whl"]).
 #
 # Call 1: build, smoke, smoke_wgmma, tests, tests_wgmma, kernels, variants, embeddings; call 2:
 # build (nothing to do on the warm machine), memcheck, racecheck, sass, probe, profile, loss,
-# example: what the issues need first (the sanitizers; the SASS counts, the matrix-path probe and
-# the profile that explain the figures), since call 2 gets what is left of the session's 900 s,
-# likely 200 s or less. STEPS (names, in any order) picks steps by hand; they always run in this
-# file's order. A step gets at most what is left of BUDGET, so the steps that do not fit are
-# skipped, last first, and those of call 1 go on to call 2 (CARRIED below), where they run
-# after the sanitizers; summary.md and logs.tar.gz are rewritten after every step. The build
-# takes about half a minute on a fresh machine (49 s on 2 CPU cores against torch 2.11.0+cu130,
-# the GPU machine's torch, 2026-11-28); the other steps' times are estimates until the first GPU
-# run.
+# example. STEPS (names, in any order) picks steps by hand; they always run in this file's order.
+# A step gets at most what is left of BUDGET, so the steps that do not fit are skipped, last
+# first, and those of call 1 go on to call 2 (CARRIED below), where they run after the
+# sanitizers; summary.md and logs.tar.gz are rewritten after every step.
 #
 # The tests step runs the tests that touch CUDA (test_cuda*.py and every [cuda] parameter; the
-# wgmma path's in tests_wgmma); CI runs the rest on the CPU; when a fused test fails, the
-# api_access step rebuilds with WMMA's own operand loads and reruns the fused tests (see below).
+# wgmma path's in tests_wgmma); CI runs the rest on the CPU; when a fused test fails (not by a
+# crash of its process), the api_access step rebuilds with WMMA's own operand loads and reruns the
+# fused tests (see below). A test or smoke process that crashes writes its native frames to its
+# log (benchmarks/crash_backtrace.c).
 # Every step has its own time limit, so that one hang cannot eat the budget; the summary says
 # which steps passed, failed, timed out or were skipped for want of time. A step of several
-# benchmark commands runs them all even when one fails. The fused kernels' wgmma path, never run
-# on a GPU before, is tried first in a step of its own (smoke_wgmma); if it faults or hangs there,
-# the steps after it leave it out (see below). WGMMA=ok|failed|off hands that step's outcome from
+# benchmark commands runs them all even when one fails. The fused kernels' wgmma path (first run
+# on a GPU on 2026-12-04) is tried first in a step of its own (smoke_wgmma); if it faults or hangs
+# there, the steps after it leave it out (see below). WGMMA=ok|failed|off hands that step's outcome from
 # call 1 to call 2, which then does not try it again.
 # ($PY, and $NCU_SECTIONS below, are split into words on purpose: PYTHON may carry options.)
 # shellcheck disable=SC2086
@@ -191,11 +191,22 @@ sanitize() {
 pytest_cuda() {
   # (4 threads per process, and 4 for Inductor's compile workers, whose pool is otherwise one per
   # core in each process: with -n 4 that is the machine's 16 cores, not 4 x 16.)
-  OMP_NUM_THREADS=4 TORCHINDUCTOR_COMPILE_THREADS=4 FASTAP_TEST_TIMEOUT=90 $PY -m pytest -v -rf --maxfail=25 --capture=sys -p no:cacheprovider \
+  LD_PRELOAD=$CRASH_BACKTRACE OMP_NUM_THREADS=4 TORCHINDUCTOR_COMPILE_THREADS=4 \
+    FASTAP_TEST_TIMEOUT=90 $PY -m pytest -v -rf --maxfail=25 --capture=sys -p no:cacheprovider \
     tests --ignore tests/test_cuda_emulation.py "$@"
 }
 export -f every sanitize pytest_cuda
 export PY
+# A process of the tests or the smoke step that crashes writes its native frames to its log
+# (benchmarks/crash_backtrace.c, preloaded; faulthandler writes the Python ones): the machine has
+# no gdb. Not under the sanitizers or ncu, which handle the process's signals themselves.
+CRASH_BACKTRACE=""
+if [[ -f benchmarks/crash_backtrace.c ]] && gcc -O1 -shared -fPIC \
+  -o "$SCRATCH/crash_backtrace.so" benchmarks/crash_backtrace.c -ldl 2>"$LOGS/crash_backtrace.log"
+then
+  CRASH_BACKTRACE=$SCRATCH/crash_backtrace.so
+fi
+export CRASH_BACKTRACE
 # Ended from outside (the device tool's limit, say): stop the step, say so, keep what was measured.
 interrupted() {
   if [[ -n ${step_pid:-} ]]; then
@@ -258,7 +269,8 @@ step build 240 build.log env ${build_flags[@]+"${build_flags[@]}"} FASTAP_CUDA=1
 # smoke: the small passes of every kernel, alone. A kernel that faults poisons the CUDA context of
 # every test after it, so when this fails memcheck runs at once (it names the kernel and the
 # address), before the tests.
-step smoke 90 smoke.log $PY benchmarks/sanitizer_case.py --wgmma without
+step smoke 90 smoke.log env LD_PRELOAD="$CRASH_BACKTRACE" \
+  $PY benchmarks/sanitizer_case.py --wgmma without
 # (On a hang, memcheck would only hang too; the log ends with the stacks of the pass it hung in.)
 [[ $(last_status) != smoke\|FAILED* ]] || STEPS="$STEPS memcheck"
 if selected smoke memcheck tests profile embeddings racecheck; then wgmma_check; fi
@@ -285,15 +297,26 @@ step tests_wgmma 90 tests_wgmma.log pytest_cuda -k "cuda and wgmma"
 # part of them that the CPU emulation cannot run; this rebuilds with the API's own loads and
 # reruns the fused tests, so that one call tells whether that spelling is at fault. The steps
 # after it then measure the rebuilt extension (the summary says so).
-if grep -Eq 'FAILED tests/test_cuda_embeddings|test_cuda_embeddings\.py::[^ ]* FAILED' \
-  "$LOGS/tests.log" 2>/dev/null; then
+# fused_failures: the tests of test_cuda_embeddings.py that failed in the tests step, less those
+# whose process crashed. A crash is a fault of host code (on 2026-12-04, the formatting of an
+# error message), never of the operands' loads, which fail a test's comparison or raise a CUDA
+# error: for it the rebuild would only have the later steps measure another extension.
+fused_failures() {
+  local log=$LOGS/tests.log
+  [[ -s $log ]] || return 0
+  grep -Eo 'FAILED tests/test_cuda_embeddings\.py::[^ ]+|test_cuda_embeddings\.py::[^ ]+ FAILED' \
+    "$log" | grep -Eo 'test_cuda_embeddings\.py::[^ ]+' | sort -u |
+    grep -vxF -f <(grep -Eo "crashed while running 'tests/[^']+'" "$log" |
+      sed -E "s/.*'tests\/(.*)'/\1/")
+}
+if selected tests && [[ -n $(fused_failures) ]]; then
   STEPS="$STEPS api_access"
 fi
 step api_access 200 api_access.log bash -c "FASTAP_NVCC_FLAGS=-DFASTAP_WMMA_API_ACCESS \
   FASTAP_CUDA=1 FASTAP_CUDA_ARCH=9.0a MAX_JOBS=16 $PY setup.py build_ext --inplace && \
   { grep -rqs -- -DFASTAP_WMMA_API_ACCESS build || { echo 'rebuilt without the flag'; exit 1; }; } \
-  && touch $API_ACCESS_MARKER && FASTAP_TEST_TIMEOUT=90 $PY -m pytest -q -rf --capture=sys -p no:cacheprovider \
-  tests/test_cuda_embeddings.py -k 'not wgmma'"
+  && touch $API_ACCESS_MARKER && LD_PRELOAD=$CRASH_BACKTRACE FASTAP_TEST_TIMEOUT=90 \
+  $PY -m pytest -q -rf --capture=sys -p no:cacheprovider tests/test_cuda_embeddings.py -k 'not wgmma'"
 # kernels: Q = 10 / 20 / 50 and both dtypes at 8192^2 (the targets); N = M = 1024 ... 32768 and
 # 256 x 1,000,000 at Q = 20, with the reference (fp32) tried up to 32768^2, where it runs out of
 # memory; dense relevance at 8192^2. Each command adds its rows to kernels.json, and runs even if

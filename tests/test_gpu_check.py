@@ -30,13 +30,16 @@ pytestmark = pytest.mark.skipif(
 
 # The stand-in: records "name args [FASTAP_* settings]" in $FAKE_CALLS, then acts on the first of
 # $FAKE_RULES (a JSON list of [substring of the call, action]) whose substring the call contains:
-# {"exit": n}, {"sleep": s}, {"print": text} and {"write": [path, text]}, any of them together.
+# {"exit": n}, {"sleep": s}, {"print": text} and {"write": [path, text]}, any of them together, or
+# {"segfault": true} (a read of address 0, after the others).
 # nvidia-smi names an H200; nvcc's program is the stand-in again; a benchmark prints a table.
 FAKE = """#!{python}
 import json, os, sys, time
 name = os.path.basename(sys.argv[0])
 settings = sorted(f"{{k}}={{v}}" for k, v in os.environ.items()
                   if k in ("FASTAP_WGMMA", "FASTAP_NVCC_FLAGS", "FASTAP_CUDA"))
+if os.environ.get("LD_PRELOAD"):
+    settings.append("LD_PRELOAD=" + os.path.basename(os.environ["LD_PRELOAD"]))
 call = " ".join([name, *sys.argv[1:], *settings])
 with open(os.environ["FAKE_CALLS"], "a") as calls:
     calls.write(call + "\\n")
@@ -55,6 +58,9 @@ for pattern, action in json.loads(os.environ.get("FAKE_RULES", "[]")):
             print(action["print"], flush=True)
         if "sleep" in action:
             time.sleep(action["sleep"])
+        if action.get("segfault"):
+            import ctypes
+            ctypes.string_at(0)
         sys.exit(action.get("exit", 0))
 if "bench_" in call:
     print("| case | ms |\\n|---|---|\\n| " + name + " | 1.0 |")
@@ -68,7 +74,8 @@ class Machine:
     def __init__(self, root: Path):
         self.repo = root / "repo"
         (self.repo / "benchmarks").mkdir(parents=True)
-        shutil.copy(ROOT / "benchmarks" / "gpu_check.sh", self.repo / "benchmarks")
+        for name in ("gpu_check.sh", "crash_backtrace.c"):
+            shutil.copy(ROOT / "benchmarks" / name, self.repo / "benchmarks")
         self.bin = root / "bin"
         self.bin.mkdir()
         fake = self.bin / "fake"
@@ -223,6 +230,52 @@ def test_a_failed_fused_test_rebuilds_with_the_api_loads_and_call_two_keeps_that
     ]
     summary = (machine.out / "summary.md").read_text()
     assert "extension built with -DFASTAP_WMMA_API_ACCESS" in summary
+
+
+CRASHED = (
+    "[gw3] node down: Not properly terminated\n"
+    "[gw3] [ 65%] FAILED tests/test_cuda_embeddings.py::test_wide[bf16]\n"
+    "worker 'gw3' crashed while running 'tests/test_cuda_embeddings.py::test_wide[bf16]'\n"
+    "FAILED tests/test_cuda_embeddings.py::test_wide[bf16] - worker 'gw3' crashed"
+)
+
+
+@pytest.mark.parametrize("with_a_failure", [False, True])
+def test_a_crashed_fused_test_alone_does_not_rebuild_with_the_api_loads(machine, with_a_failure):
+    """A test whose process crashed (xdist's "worker crashed") failed in host code, not in the
+    fused kernels' loads: the first GPU run's rebuild for such a crash had every later step
+    measure the other extension. A fused test that failed as a test still sets it off."""
+    text = CRASHED
+    if with_a_failure:
+        text += "\nFAILED tests/test_cuda_embeddings.py::test_fused_matches[bf16] - AssertionError"
+    done = machine.run("1", rules=[("-k cuda and not wgmma", {"print": text, "exit": 1})])
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = machine.summary()
+    assert steps["tests"] == "FAILED(1)"
+    assert ("api_access" in steps) == with_a_failure
+    assert steps["kernels"] == "ok"
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="builds crash_backtrace.c with gcc")
+def test_a_crash_writes_its_native_frames_to_the_log(machine):
+    """benchmarks/crash_backtrace.c, preloaded into the smoke and test processes: a segmentation
+    fault there leaves the native frames in the step's log, after faulthandler's Python ones."""
+    done = machine.run("1", rules=[("sanitizer_case.py --wgmma without", {"segfault": True})])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert machine.summary()["smoke"].startswith("FAILED(")
+    with tarfile.open(machine.out / "logs.tar.gz") as logs:
+        member = next(m for m in logs.getmembers() if m.name.endswith("smoke.log"))
+        log = logs.extractfile(member).read().decode()
+    assert "crash_backtrace: signal 11" in log
+    assert "libc.so" in log and "crash_backtrace: #1 " in log
+    # Preloaded into the smoke and test processes, not into the sanitizers', which handle the
+    # process's signals themselves (memcheck runs here because the smoke failed).
+    preload = "LD_PRELOAD=crash_backtrace.so"
+    for needle in ("--wgmma without", "-m pytest"):
+        calls = python_calls(machine, needle)
+        assert calls and all(preload in call for call in calls), (needle, calls)
+    sanitizers = [c for c in machine.calls() if c.startswith("compute-sanitizer")]
+    assert sanitizers and not any(preload in call for call in sanitizers)
 
 
 def test_api_access_fails_when_the_rebuild_drops_the_flag(machine):
