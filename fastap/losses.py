@@ -16,9 +16,10 @@ from fastap._validation import (
     checks_values_of,
     in_common_dtype,
     is_integer_tensor,
+    type_name,
 )
 from fastap.cosine import cosine_scores
-from fastap.embeddings import histograms_from_embeddings
+from fastap.embeddings import constant_to_compile, histograms_from_embeddings
 from fastap.functional import (
     DEFAULT_NUM_BINS,
     DEFAULT_SCORE_RANGE,
@@ -104,8 +105,55 @@ def check_batch(embeddings, labels, owner: str) -> torch.Tensor:
     )
 
 
-def _limit_repr(limit: int) -> str:
-    return "" if limit == 2**30 else f", score_matrix_limit={limit}"
+#: score_matrix_limit="auto" (the default) off CUDA: 1 GiB of scores. On the CPU the paths from
+#: the embeddings take about the time of the score matrix in-batch, 1.2 to 1.4x against a
+#: database, in a fraction of the memory (benchmarks/RESULTS.md).
+AUTO_SCORE_MATRIX_LIMIT = 2**30
+#: score_matrix_limit="auto" on a CUDA device: this fraction of its memory (1/16: 8.8 GB of scores
+#: on a 141 GB H200, 1.5 GB on a 24 GB GPU). There the score matrix is the faster path wherever it
+#: fits (H200, 2026-12-04: 4.92 ms for the op at 32768^2 in fp32, where the path from fp32
+#: embeddings took 64.6 ms; bf16, D = 256: 3.73 against 9.19 ms at 16384), and the scores and
+#: their gradient then hold at most an eighth of the device.
+AUTO_SCORE_MATRIX_SHARE_OF_GPU = 16
+
+
+@constant_to_compile
+def gpu_memory_bytes(index: int) -> int:
+    """The memory of CUDA device ``index`` in bytes: all of it, not what is free at the moment,
+    so that which path a batch takes does not depend on what else is allocated."""
+    return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+def check_score_matrix_limit(value, owner: str):
+    """score_matrix_limit: "auto" or bytes (an int >= 0); TypeError or ValueError naming it."""
+    if isinstance(value, str):
+        if value == "auto":
+            return value
+        raise ValueError(
+            f"{owner}: score_matrix_limit must be 'auto' or an int (bytes), got {value!r}"
+        )
+    try:
+        return check_int(value, "score_matrix_limit", 0, owner, " (bytes)")
+    except TypeError:
+        raise TypeError(
+            f"{owner}: score_matrix_limit must be an int (bytes) or 'auto', got {type_name(value)}"
+        ) from None
+
+
+def score_matrix_limit_bytes(limit, device: torch.device) -> int:
+    """The bytes of scores above which the embedding losses compute from the embeddings, for a
+    batch on ``device``: ``limit`` itself, or for "auto" 1/16 of a CUDA device's memory and 1 GiB
+    elsewhere (AUTO_SCORE_MATRIX_SHARE_OF_GPU, AUTO_SCORE_MATRIX_LIMIT)."""
+    if limit != "auto":
+        return limit
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return gpu_memory_bytes(index) // AUTO_SCORE_MATRIX_SHARE_OF_GPU
+    return AUTO_SCORE_MATRIX_LIMIT
+
+
+def _limit_repr(limit) -> str:
+    return "" if limit == "auto" else f", score_matrix_limit={limit!r}"
 
 
 class _EmbeddingAPLoss(torch.nn.Module):
@@ -117,8 +165,8 @@ class _EmbeddingAPLoss(torch.nn.Module):
     variant: str
     #: Above this many bytes of N x M scores, the loss is computed from the embeddings without
     #: forming the score matrix (fastap.ap_loss_from_embeddings: block by block, or the fused CUDA
-    #: kernel; a fraction of the memory).
-    score_matrix_limit: int = 2**30
+    #: kernel; a fraction of the memory). "auto": score_matrix_limit_bytes.
+    score_matrix_limit: int | str = "auto"
 
     def histogram_bins(self) -> int:
         """The number of triangular bins of the soft histograms (FastAP: num_bins + 1)."""
@@ -203,10 +251,10 @@ class _EmbeddingAPLoss(torch.nn.Module):
                 "when the queries are a slice of the candidates"
             )
         # (Read at each call, as the attribute may be set after construction: checked as there.)
-        limit = check_int(
-            self.score_matrix_limit, "score_matrix_limit", 0, f"fastap.{type(self).__name__}",
-            " (bytes)",
-        )  # fmt: skip
+        limit = score_matrix_limit_bytes(
+            check_score_matrix_limit(self.score_matrix_limit, f"fastap.{type(self).__name__}"),
+            queries.device,
+        )
         score_bytes = queries.shape[0] * database.shape[0] * max(4, queries.element_size())
         if ignore is None and score_bytes > limit:
             n, p, positives = histograms_from_embeddings(
@@ -261,9 +309,10 @@ class APLoss(_EmbeddingAPLoss):
         num_bins: Q >= 2 (default 20).
         score_range: (lo, hi) of the bins (default (-1, 1), the range of cosine similarity).
         variant: "ap_q" (default), "tie_aware" or "tie_aware_simplified".
-        score_matrix_limit: above this many bytes of N x M scores (default 1 GiB) the loss is
-            computed from the embeddings, never holding the score matrix (see
-            fastap.ap_loss_from_embeddings).
+        score_matrix_limit: above this many bytes of N x M scores (each counted at 4 bytes, or
+            the embeddings' element size if larger) the loss is computed from the embeddings,
+            never holding the score matrix (see fastap.ap_loss_from_embeddings). "auto" (the
+            default): 1/16 of the memory of the batch's CUDA device, 1 GiB elsewhere.
     """
 
     def __init__(
@@ -271,16 +320,14 @@ class APLoss(_EmbeddingAPLoss):
         num_bins: int = DEFAULT_NUM_BINS,
         score_range: tuple[float, float] = DEFAULT_SCORE_RANGE,
         variant: str = "ap_q",
-        score_matrix_limit: int = 2**30,
+        score_matrix_limit: int | str = "auto",
     ):
         super().__init__()
         check_variant(variant, "fastap.APLoss")
         self.num_bins, lo, hi = check_bins(num_bins, score_range)  # bad bins fail here, not later
         self.score_range = (lo, hi)
         self.variant = variant
-        self.score_matrix_limit = check_int(
-            score_matrix_limit, "score_matrix_limit", 0, "fastap.APLoss", " (bytes)"
-        )
+        self.score_matrix_limit = check_score_matrix_limit(score_matrix_limit, "fastap.APLoss")
 
     def extra_repr(self) -> str:
         text = f"num_bins={self.num_bins}, score_range={self.score_range}, variant={self.variant!r}"
@@ -316,12 +363,10 @@ class FastAPLoss(_EmbeddingAPLoss):
         score_matrix_limit: as for :class:`APLoss`.
     """
 
-    def __init__(self, num_bins: int = 10, score_matrix_limit: int = 2**30):
+    def __init__(self, num_bins: int = 10, score_matrix_limit: int | str = "auto"):
         super().__init__()
         owner = "fastap.FastAPLoss"
-        self.score_matrix_limit = check_int(
-            score_matrix_limit, "score_matrix_limit", 0, owner, " (bytes)"
-        )
+        self.score_matrix_limit = check_score_matrix_limit(score_matrix_limit, owner)
         self.num_bins = _check_fastap_num_bins(num_bins)
         self.score_range = (-1.0, 1.0)
         self.variant = "ap_q"

@@ -505,8 +505,14 @@ def test_ap_loss_module_errors():
     with pytest.raises(TypeError, match="FastAPLoss: num_bins must be an int"):
         fastap.FastAPLoss(num_bins=1.5)
     for make in (fastap.APLoss, fastap.FastAPLoss):
+        for value in (1.5, None, torch.tensor(5)):
+            with pytest.raises(
+                TypeError,
+                match=r"\.(Fast)?APLoss: score_matrix_limit must be an int \(bytes\) or 'auto'",
+            ):
+                make(score_matrix_limit=value)
         with pytest.raises(
-            TypeError, match=r"\.(Fast)?APLoss: score_matrix_limit must be an int \(bytes\)"
+            ValueError, match=r"score_matrix_limit must be 'auto' or an int \(bytes\), got '1GB'"
         ):
             make(score_matrix_limit="1GB")
         with pytest.raises(

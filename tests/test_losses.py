@@ -128,6 +128,62 @@ def test_per_query_loss_above_the_limit_takes_the_embeddings_path(monkeypatch):
         torch.testing.assert_close(per_query, 1 - ap, rtol=0, atol=1e-12)
 
 
+def test_the_automatic_limit_is_a_share_of_the_gpu_and_1_gib_elsewhere(monkeypatch):
+    """score_matrix_limit="auto" (the default): 1/16 of the memory of the batch's CUDA device
+    (which device: its index), 1 GiB on the CPU; a number of bytes is taken as it is."""
+    asked = []
+
+    def memory(index):
+        asked.append(index)
+        return 80 * 2**30
+
+    monkeypatch.setattr(fastap.losses, "gpu_memory_bytes", memory)
+    limit_bytes = fastap.losses.score_matrix_limit_bytes
+    assert limit_bytes("auto", torch.device("cpu")) == 2**30
+    assert limit_bytes("auto", torch.device("cuda", 3)) == 5 * 2**30 and asked == [3]
+    assert limit_bytes(12345, torch.device("cuda", 0)) == 12345 and asked == [3]
+    assert limit_bytes(0, torch.device("cpu")) == 0
+    for make in (fastap.APLoss, fastap.FastAPLoss):
+        assert make().score_matrix_limit == "auto"
+        assert "score_matrix_limit" not in repr(make(score_matrix_limit="auto"))
+        assert "score_matrix_limit=7" in repr(make(score_matrix_limit=7))
+
+
+@pytest.mark.parametrize("make", [fastap.APLoss, fastap.FastAPLoss])
+def test_the_default_limit_picks_the_path_by_the_batchs_scores(monkeypatch, make):
+    """With the default, a batch of more bytes of scores than the automatic limit computes from
+    the embeddings, one of fewer from the score matrix: the same loss and gradient either way."""
+    g = torch.Generator().manual_seed(5)
+    embeddings = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (12,), generator=g)
+    calls = []
+    real = fastap.losses.histograms_from_embeddings
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastap.losses, "histograms_from_embeddings", spy)
+    results = []
+    for automatic_limit in (12 * 12 * 8, 12 * 12 * 8 - 1):  # (float64 scores: 8 bytes each)
+        monkeypatch.setattr(fastap.losses, "AUTO_SCORE_MATRIX_LIMIT", automatic_limit)
+        leaf = embeddings.clone().requires_grad_()
+        loss = make()(leaf, labels)
+        loss.backward()
+        results.append((loss, leaf.grad))
+    assert len(calls) == 1  # (the second limit only)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.cuda
+def test_the_automatic_limit_on_the_gpu_is_a_sixteenth_of_its_memory():
+    device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(device).total_memory
+    assert fastap.losses.score_matrix_limit_bytes("auto", device) == total // 16
+    assert fastap.losses.score_matrix_limit_bytes("auto", torch.device("cuda")) == total // 16
+
+
 @pytest.mark.parametrize("limit", [2**30, 0])
 def test_per_query_loss_refuses_exclude_self_without_offset_on_either_side_of_the_limit(limit):
     """exclude_self against a database of another size, without self_offset, is refused as the
