@@ -272,6 +272,38 @@ def test_constant_mark_is_what_torch_compiler_sets():
     assert vars(fp32_matmul_allows_tf32) == vars(by_torch)
 
 
+def test_the_automatic_limit_of_a_gpu_batch_is_a_constant_to_compile(monkeypatch):
+    """score_matrix_limit="auto" reads the device's memory through gpu_memory_bytes, a constant
+    to torch.compile (called with the device's index while tracing, not traced): a function that
+    resolves it for a CUDA device compiles with fullgraph, here with a stand-in for the device's
+    memory (no GPU), marked as the real one is. The stand-in opens a file, which dynamo cannot
+    trace: without the mark, fullgraph fails."""
+    import os
+
+    from fastap.embeddings import constant_to_compile
+    from fastap.losses import score_matrix_limit_bytes
+
+    assert getattr(fastap.losses.gpu_memory_bytes, "_dynamo_marked_constant", False)
+    asked = []
+
+    @constant_to_compile
+    def memory(index: int) -> int:
+        with open(os.devnull) as untraceable:
+            untraceable.read()
+        asked.append(index)
+        return 32 * 2**30 + index
+
+    monkeypatch.setattr(fastap.losses, "gpu_memory_bytes", memory)
+
+    def scaled(x):
+        return x * score_matrix_limit_bytes("auto", torch.device("cuda", 1))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(scaled, fullgraph=True, backend="eager")
+    assert compiled(torch.ones(3)).tolist() == [(32 * 2**30 + 1) // 16] * 3
+    assert asked and set(asked) == {1}
+
+
 def test_import_leaves_torch_dynamo_unimported():
     """`import fastap` does not import torch._dynamo (over a second, which was half of the import),
     and the modules that need it come on first use, by attribute or by import."""
