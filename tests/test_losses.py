@@ -96,14 +96,9 @@ def test_embedding_sets_of_two_dtypes_are_taken_in_the_wider():
             torch.testing.assert_close(got, loss_fn(q.double(), d.double()), rtol=0, atol=1e-12)
 
 
-def test_per_query_loss_above_the_limit_takes_the_embeddings_path(monkeypatch):
-    """Above score_matrix_limit, per_query_loss computes from the embeddings (no score matrix),
-    with the same answer, self_offset included (as DistributedAPLoss passes it on ranks > 0)."""
-    g = torch.Generator().manual_seed(3)
-    database = torch.randn(11, 5, generator=g, dtype=torch.float64)
-    ref_labels = torch.randint(0, 3, (11,), generator=g)
-    offset = 4
-    queries, labels = database[offset : offset + 5], ref_labels[offset : offset + 5]
+def embeddings_path_calls(monkeypatch) -> list:
+    """The keyword arguments of each call the modules make of the path from the embeddings
+    (fastap.losses.histograms_from_embeddings, spied on), in a list that grows with them."""
     calls = []
     real = fastap.losses.histograms_from_embeddings
 
@@ -112,6 +107,18 @@ def test_per_query_loss_above_the_limit_takes_the_embeddings_path(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fastap.losses, "histograms_from_embeddings", spy)
+    return calls
+
+
+def test_per_query_loss_above_the_limit_takes_the_embeddings_path(monkeypatch):
+    """Above score_matrix_limit, per_query_loss computes from the embeddings (no score matrix),
+    with the same answer, self_offset included (as DistributedAPLoss passes it on ranks > 0)."""
+    g = torch.Generator().manual_seed(3)
+    database = torch.randn(11, 5, generator=g, dtype=torch.float64)
+    ref_labels = torch.randint(0, 3, (11,), generator=g)
+    offset = 4
+    queries, labels = database[offset : offset + 5], ref_labels[offset : offset + 5]
+    calls = embeddings_path_calls(monkeypatch)
     results = []
     for limit in (2**30, 0):
         per_query, valid = fastap.APLoss(num_bins=9, score_matrix_limit=limit).per_query_loss(
@@ -156,14 +163,7 @@ def test_the_default_limit_picks_the_path_by_the_batchs_scores(monkeypatch, make
     g = torch.Generator().manual_seed(5)
     embeddings = torch.randn(12, 6, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 3, (12,), generator=g)
-    calls = []
-    real = fastap.losses.histograms_from_embeddings
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fastap.losses, "histograms_from_embeddings", spy)
+    calls = embeddings_path_calls(monkeypatch)
     results = []
     for automatic_limit in (12 * 12 * 8, 12 * 12 * 8 - 1):  # (float64 scores: 8 bytes each)
         monkeypatch.setattr(fastap.losses, "AUTO_SCORE_MATRIX_LIMIT", automatic_limit)
