@@ -59,19 +59,30 @@ DTYPES = (
 )
 
 
+def template_arguments(name: str) -> list[str]:
+    """A kernel's template arguments, its flags as "true" and "false": ncu prints a bool
+    argument as 1 or 0 (2026-12-04, on the H200: soft_histogram_kernel<float, float, 1, 0>),
+    cuobjdump and the sources as true or false."""
+    if "<" not in name:
+        return []
+    args = name[name.index("<") + 1 : name.index(">")].split(",")
+    return [{"1": "true", "0": "false"}.get(arg.strip(), arg.strip()) for arg in args]
+
+
 def short(name: str) -> str:
     dtype = next((label for key, label in DTYPES if key in name), "?")
+    args = template_arguments(name)
     if "embedding_histogram" in name:
         # the fused kernels: <dtype[, wgmma]> and <dtype, own is query[, wgmma]>
-        args = name[name.index("<") + 1 : name.index(">")].split(", ")
         if "backward" not in name:
             wgmma = len(args) > 1 and args[1] == "true"
             return f"fused forward {dtype}" + (" (wgmma)" if wgmma else "")
         wgmma = len(args) > 2 and args[2] == "true"
         own = "dQ" if len(args) > 1 and args[1] == "true" else "dDB"
         return f"fused backward {dtype} {own}" + (" (wgmma)" if wgmma else "")
+    # the score-matrix kernels: <scalar, accumulator, kFast, kDense>
     op = "backward" if "backward" in name else "forward"
-    path = "fast" if ", true, false>" in name else "general"
+    path = "fast" if args[-2:] == ["true", "false"] else "general"
     return f"{op} {dtype} {path}"
 
 

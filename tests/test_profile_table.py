@@ -86,6 +86,36 @@ def test_fused_kernels_are_named_by_pass(tmp_path):
     assert rows[1:] == [f"| {name}" for name in expected]
 
 
+def test_kernel_names_as_ncu_prints_them_on_the_gpu(tmp_path):
+    """ncu prints a kernel's bool template arguments as 1 and 0: the names below are those of the
+    H200 run's CSVs (2026-12-04), whose tables came out labelled "general" for the fast kernels
+    and "dDB" for every fused backward, without "(wgmma)", when only true and false were read."""
+    path = tmp_path / "profile.csv"
+    names = [
+        "void soft_histogram_kernel<float, float, 1, 0>(const T1 *, long, ...)",
+        "void soft_histogram_backward_kernel<c10::BFloat16, float, 1, 0>(const T1 *, ...)",
+        "void soft_histogram_kernel<float, float, 0, 1>(const T1 *, long, ...)",
+        "void embedding_histogram_kernel<__nv_bfloat16, 0>(const T1 *, long, ...)",
+        "void embedding_histogram_backward_kernel<__nv_bfloat16, 1, 0>(const T1 *, long, ...)",
+        "void embedding_histogram_backward_kernel<__nv_bfloat16, 0, 1>(const T1 *, long, ...)",
+        "void embedding_histogram_kernel<__nv_bfloat16, 1>(const T1 *, long, ...)",
+    ]
+    write_profile(path, [(name, {"Duration": ("usecond", "1.0")}) for name in names])
+    result = run(path, 32)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("| ")]
+    expected = [
+        "forward fp32 fast",
+        "backward bf16 fast",
+        "forward fp32 general",
+        "fused forward bf16",
+        "fused backward bf16 dQ",
+        "fused backward bf16 dDB (wgmma)",
+        "fused forward bf16 (wgmma)",
+    ]
+    assert rows[1:] == [f"| {name}" for name in expected]
+
+
 def test_abbreviated_time_units(tmp_path):
     """Newer ncu releases (2025.x, the GPU machine's) abbreviate the units: ms, us, ns."""
     path = tmp_path / "profile.csv"
