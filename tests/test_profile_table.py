@@ -33,6 +33,16 @@ def run(path, candidates, *extra):
     return result
 
 
+def kernel_labels(path, names, *extra) -> tuple[str, list[str]]:
+    """The first line printed and each row's kernel label, for a profile of the named kernels."""
+    write_profile(path, [(name, {"Duration": ("usecond", "1.0")}) for name in names])
+    result = run(path, 32, *extra)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in lines if line.startswith("| ")]
+    return lines[0], rows[1:]  # (less the header row)
+
+
 def test_one_row_per_kernel_in_launch_order(tmp_path):
     path = tmp_path / "profile.csv"
     write_profile(path, [
@@ -70,11 +80,8 @@ def test_fused_kernels_are_named_by_pass(tmp_path):
         f"{kernel}_backward_kernel<__nv_bfloat16, true, true>(...)",
         f"{kernel}_backward_kernel<__nv_bfloat16, false, true>(...)",
     ]
-    write_profile(path, [(name, {"Duration": ("usecond", "1.0")}) for name in names])
-    result = run(path, 32, "--title", "fused, 64^2")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == "### fused, 64^2"
-    rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("| ")]
+    title, rows = kernel_labels(path, names, "--title", "fused, 64^2")
+    assert title == "### fused, 64^2"
     expected = [
         "fused forward bf16",
         "fused backward bf16 dQ",
@@ -83,7 +90,7 @@ def test_fused_kernels_are_named_by_pass(tmp_path):
         "fused backward bf16 dQ (wgmma)",
         "fused backward bf16 dDB (wgmma)",
     ]
-    assert rows[1:] == [f"| {name}" for name in expected]
+    assert rows == expected
 
 
 def test_kernel_names_as_ncu_prints_them_on_the_gpu(tmp_path):
@@ -100,10 +107,7 @@ def test_kernel_names_as_ncu_prints_them_on_the_gpu(tmp_path):
         "void embedding_histogram_backward_kernel<__nv_bfloat16, 0, 1>(const T1 *, long, ...)",
         "void embedding_histogram_kernel<__nv_bfloat16, 1>(const T1 *, long, ...)",
     ]
-    write_profile(path, [(name, {"Duration": ("usecond", "1.0")}) for name in names])
-    result = run(path, 32)
-    assert result.returncode == 0, result.stderr
-    rows = [line.split(" | ")[0] for line in result.stdout.splitlines() if line.startswith("| ")]
+    _, rows = kernel_labels(path, names)
     expected = [
         "forward fp32 fast",
         "backward bf16 fast",
@@ -113,7 +117,7 @@ def test_kernel_names_as_ncu_prints_them_on_the_gpu(tmp_path):
         "fused backward bf16 dDB (wgmma)",
         "fused forward bf16 (wgmma)",
     ]
-    assert rows[1:] == [f"| {name}" for name in expected]
+    assert rows == expected
 
 
 def test_abbreviated_time_units(tmp_path):
