@@ -203,7 +203,8 @@ fi
 if (( failed == 0 )) && [[ -n $sass_tools ]]; then
   echo
   # The fast kernels (template arguments <scalar, acc, fast = true, dense = false>) of the 2- and
-  # 4-byte dtypes: a budget each, and 16-byte loads; and the fused kernels' binning and gradient.
+  # 4-byte dtypes: a budget each, and 16-byte loads (a pair's labels); and the fused kernels'
+  # binning and gradient.
   fast='(float|c10::BFloat16|c10::Half), float, true, false>'
   default_budgets="soft_histogram_kernel<$fast=22;soft_histogram_backward_kernel<$fast=27"
   default_budgets+=";embedding_histogram_kernel<=25;embedding_histogram_backward_kernel<=33"

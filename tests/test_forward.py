@@ -249,8 +249,8 @@ def test_labels_of_any_integer_dtype_compare_by_value(device):
 
 
 def test_labels_equal_dense_relevance(device):
-    # Bitwise, because both forms take the same kernel here: on CUDA, label rows of whole 16-byte
-    # vectors (M even in float64) would take the fast kernels, which add in another lane order.
+    # Bitwise, because both forms take the same kernel here: on CUDA, label rows of whole pairs
+    # of candidates (M even) would take the fast kernels, which add in another lane order.
     problem = random_problem(23, 31, relevance_form="ref_labels", seed=8).to(device)
     dense = problem.labels[:, None] == problem.ref_labels[None, :]
     a = fastap.average_precision(
@@ -286,7 +286,7 @@ def _op_args(labels, ref_labels, ignore, form, device):
 
 # (70, 70): the self column at 0 (first row), 63 and 64 (a block edge); (9, 130) and (4, 257):
 # several blocks and a partial one, the self column near the end; (3, 1): one candidate.
-# (8, 136): rows of whole 16-byte vectors, which on CUDA take the fast label kernels.
+# (70, 70), (9, 130) and (8, 136): rows of whole pairs, which on CUDA take the fast label kernels.
 OP_SHAPES = [(3, 1), (5, 7), (70, 70), (9, 130), (4, 257), (8, 136)]
 
 

@@ -20,9 +20,9 @@ namespace fastap {
 
 // Two kernels of each op, for each dtype (the launchers pick one with forward_kernel() and
 // backward_kernel(), as tests/emulation does):
-//   fast:    relevance from labels and no ignore mask, and rows of whole 16-byte vectors
-//            (fast_path_applies()): each thread loads 16 bytes of scores at once, and the kernel
-//            holds no test of the other relevance forms;
+//   fast:    relevance from labels and no ignore mask, and rows of whole pairs of candidates
+//            (fast_path_applies()): each thread loads a pair's two scores and two labels at once,
+//            and the kernel holds no test of the other relevance forms;
 //   general: any relevance form, one score per load; compiled once for labels and once for a
 //            dense relevance matrix (kDense), the ignore mask tested at run time.
 // Both are branch-free in their inner loops: the loads of a step are issued before the first use,
@@ -31,27 +31,60 @@ namespace fastap {
 // `probe` to NaN, which poisons its result. .ci/sass_report.py counts what that costs per
 // candidate in the compiled code (docs/design.md, section 5).
 
-// The fast path's vectors: 16 bytes of scores; the forward bins kVectors of them per lane and
-// step (16 candidates in fp16/bf16, 8 in fp32, 4 in fp64): 32 bytes of scores in flight per lane
-// whatever the dtype, since streaming at the memory's rate takes as many bytes in flight in bf16
-// as in fp32 (within the 64 registers the forward is held to). The backward bins
-// kBackwardVectors per thread (16 candidates, which spreads its per-row work thinner).
-template <typename scalar_t>
-struct ScoreVector {
-  static constexpr int kScores = 16 / static_cast<int>(sizeof(scalar_t));
-  static constexpr int kVectors = 2;
-  static constexpr int kColumns = kScores * kVectors;  // forward candidates per lane and step
-  static constexpr int kBackwardVectors = 16 / kScores;
+// The raw bits of kBytes bytes, loaded in one instruction (4, 8 or 16 bytes).
+template <int kBytes>
+struct RawBits;
+template <>
+struct RawBits<4> {
+  using type = uint32_t;
+  static __device__ __forceinline__ type zero() { return 0u; }
+};
+template <>
+struct RawBits<8> {
+  using type = uint2;
+  static __device__ __forceinline__ type zero() { return make_uint2(0u, 0u); }
+};
+template <>
+struct RawBits<16> {
+  using type = uint4;
+  static __device__ __forceinline__ type zero() { return make_uint4(0u, 0u, 0u, 0u); }
+};
 
-  // Score e of a vector loaded as raw bits.
+// The fast kernels' unit: a pair of consecutive candidates, whose two scores (8 bytes in fp32, 4
+// in fp16/bf16, 16 in fp64) and two int64 labels (16 bytes) a thread loads in one instruction
+// each. Lane l of a warp takes pair l of each run of 32, so that every load of a warp is
+// contiguous: the labels in particular, which with a wider unit per lane (16 bytes of scores, up
+// to 8 labels: until 2026-12-04) were read 32 or 64 bytes apart, at twice or four times the L1
+// traffic of their bytes, and that data path bounds the forward (docs/design.md, section 5).
+// The forward bins kPairs pairs per lane and step: 32 bytes of scores in flight per lane whatever
+// the dtype, since streaming at the memory's rate takes as many bytes in flight in bf16 as in fp32
+// (within the 64 registers the forward is held to). The backward takes kBackwardPairs per thread
+// (16 candidates, which spreads its per-row work thinner).
+template <typename scalar_t>
+struct ScorePair {
+  using Bits = RawBits<2 * static_cast<int>(sizeof(scalar_t))>;
+  using Raw = typename Bits::type;
+  static constexpr int kPairs = 16 / static_cast<int>(sizeof(scalar_t));  // forward, per step
+  static constexpr int kColumns = 2 * kPairs;  // forward candidates per lane and step
+  static constexpr int kBackwardPairs = 8;
+
+  // The raw scores of pair x (scores 2-element aligned), or zeros where !inside (nothing read).
+  static __device__ __forceinline__ Raw load(const scalar_t* __restrict__ scores, int x,
+                                             bool inside) {
+    return inside ? *reinterpret_cast<const Raw*>(scores + 2 * x) : Bits::zero();
+  }
+  static __device__ __forceinline__ void store(scalar_t* __restrict__ scores, int x,
+                                               const Raw& raw) {
+    *reinterpret_cast<Raw*>(scores + 2 * x) = raw;
+  }
+
+  // Score e (0 or 1) of a pair loaded as raw bits.
   template <typename acc_t>
-  static __device__ __forceinline__ acc_t score(const uint4& raw, int e) {
+  static __device__ __forceinline__ acc_t score(const Raw& raw, int e) {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      // A bf16 is the upper half of a float: one shift or one mask of its 32-bit word (the
+      // A bf16 is the upper half of a float: one shift or one mask of the pair's 32-bit word (the
       // generic conversion spends two instructions on the upper element of a word).
-      uint32_t word;
-      memcpy(&word, reinterpret_cast<const unsigned char*>(&raw) + (e / 2) * 4, sizeof(word));
-      const uint32_t bits = e % 2 == 0 ? word << 16 : word & 0xffff0000u;
+      const uint32_t bits = e == 0 ? raw << 16 : raw & 0xffff0000u;
       float value;
       memcpy(&value, &bits, sizeof(value));
       return static_cast<acc_t>(value);
@@ -62,32 +95,29 @@ struct ScoreVector {
     return static_cast<acc_t>(value);
   }
 
-  // The kScores labels of a vector's candidates (16-byte aligned), in 16-byte loads, into
-  // label[0 .. kScores); zeros where !inside (nothing is read).
-  static __device__ __forceinline__ void load_labels(const int64_t* __restrict__ labels,
+  // The labels of pair x (labels 16-byte aligned) in one 16-byte load, into label[0 .. 2); zeros
+  // where !inside (nothing is read).
+  static __device__ __forceinline__ void load_labels(const int64_t* __restrict__ labels, int x,
                                                      bool inside, int64_t* label) {
-#pragma unroll
-    for (int e = 0; e < kScores; e += 2) {
-      const uint4 pair = inside ? *reinterpret_cast<const uint4*>(labels + e)
-                                : make_uint4(0u, 0u, 0u, 0u);
-      memcpy(label + e, &pair, sizeof(pair));
-    }
+    const uint4 pair = inside ? *reinterpret_cast<const uint4*>(labels + 2 * x)
+                              : make_uint4(0u, 0u, 0u, 0u);
+    memcpy(label, &pair, sizeof(pair));
   }
 };
 
-// Whether the fast kernels apply: labels without an ignore mask, and every row (and every chunk
-// of `chunk` candidates: the forward plan's; 0 for the backward) starts on a 16-byte boundary and
-// holds whole vectors, and so do the labels of each vector and, in the backward, the gradient's
-// rows (grad_scores; the forward passes null).
+// Whether the fast kernels apply: labels without an ignore mask, every row (and every chunk of
+// `chunk` candidates: the forward plan's; 0 for the backward) holds whole pairs, the scores (and,
+// in the backward, the gradient's rows: grad_scores; the forward passes null) start on a pair's
+// boundary and the candidate labels on a 16-byte one.
 template <typename scalar_t>
 inline bool fast_path_applies(const RelevanceArgs& relevance, const scalar_t* scores,
                               int64_t num_candidates, int64_t chunk,
                               const scalar_t* grad_scores = nullptr) {
-  constexpr int64_t kScores = ScoreVector<scalar_t>::kScores;
-  return relevance.labels_only() && reinterpret_cast<uintptr_t>(scores) % 16 == 0 &&
+  constexpr uintptr_t kPairBytes = 2 * sizeof(scalar_t);
+  return relevance.labels_only() && reinterpret_cast<uintptr_t>(scores) % kPairBytes == 0 &&
          reinterpret_cast<uintptr_t>(relevance.ref_labels) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(grad_scores) % 16 == 0 && num_candidates % kScores == 0 &&
-         chunk % kScores == 0;
+         reinterpret_cast<uintptr_t>(grad_scores) % kPairBytes == 0 && num_candidates % 2 == 0 &&
+         chunk % 2 == 0;
 }
 
 // The forward takes an item's positive count from its positive histogram's mass, which is exact
@@ -126,35 +156,35 @@ __device__ __forceinline__ void bin_group(const scalar_t* __restrict__ scores,
   for (int u = 0; u < kBinUnroll; ++u) histograms.add(grid, s[u], counted[u], positive[u]);
 }
 
-// Fast path: bins the kColumns candidates of the lane's vectors v = 0 .. kVectors - 1 of a group,
-// `vectors[32 v]` with their labels `labels[32 v kScores + e]` (the caller points both at the
-// lane's first vector of the group). kEdge as above: then only the vectors with 32 v < `remaining`
-// are inside, and the candidate 32 v kScores + e == `self` (relative to the lane's first
-// candidate) is the row's own column.
+// Fast path: bins the kColumns candidates of the lane's pairs v = 0 .. kPairs - 1 of a group, the
+// pair at `scores + 64 v` with its labels at `labels + 64 v` (the caller points both at the lane's
+// first pair of the group: pair p of an item is candidates 2 p and 2 p + 1, and lane l takes pair
+// l of each run of 32). kEdge as above: then only the pairs with 32 v < `remaining` are inside,
+// and the candidate 64 v + e == `self` (relative to the lane's first candidate) is the row's own
+// column.
 template <bool kEdge, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void bin_vector_group(const uint4* __restrict__ vectors,
-                                                 const int64_t* __restrict__ labels,
-                                                 int64_t query_label, int remaining, int self,
-                                                 const BinGrid<acc_t>& grid,
-                                                 WarpHistograms<acc_t>& histograms) {
-  using Vector = ScoreVector<scalar_t>;
-  uint4 raw[Vector::kVectors];
-  int64_t label[Vector::kColumns];
+__device__ __forceinline__ void bin_pair_group(const scalar_t* __restrict__ scores,
+                                               const int64_t* __restrict__ labels,
+                                               int64_t query_label, int remaining, int self,
+                                               const BinGrid<acc_t>& grid,
+                                               WarpHistograms<acc_t>& histograms) {
+  using Pair = ScorePair<scalar_t>;
+  typename Pair::Raw raw[Pair::kPairs];
+  int64_t label[Pair::kColumns];
 #pragma unroll
-  for (int v = 0; v < Vector::kVectors; ++v) {  // all loads first
+  for (int v = 0; v < Pair::kPairs; ++v) {  // all loads first
     const bool inside = !kEdge || v * kWarpSize < remaining;
-    raw[v] = inside ? vectors[v * kWarpSize] : make_uint4(0u, 0u, 0u, 0u);
-    Vector::load_labels(labels + v * kWarpSize * Vector::kScores, inside,
-                        label + v * Vector::kScores);
+    raw[v] = Pair::load(scores, v * kWarpSize, inside);
+    Pair::load_labels(labels, v * kWarpSize, inside, label + 2 * v);
   }
 #pragma unroll
-  for (int v = 0; v < Vector::kVectors; ++v) {
+  for (int v = 0; v < Pair::kPairs; ++v) {
     const bool inside = !kEdge || v * kWarpSize < remaining;
 #pragma unroll
-    for (int e = 0; e < Vector::kScores; ++e) {
-      const bool counted = inside && !(kEdge && v * kWarpSize * Vector::kScores + e == self);
-      const bool positive = label[v * Vector::kScores + e] == query_label;
-      histograms.add(grid, Vector::template score<acc_t>(raw[v], e), counted, positive);
+    for (int e = 0; e < 2; ++e) {
+      const bool counted = inside && !(kEdge && v * kWarpSize * 2 + e == self);
+      const bool positive = label[2 * v + e] == query_label;
+      histograms.add(grid, Pair::template score<acc_t>(raw[v], e), counted, positive);
     }
   }
 }
@@ -219,28 +249,25 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
       pin(row.ignore_row);
     }
     WarpHistograms<acc_t> histograms(column, q);
-    if (kFast) {  // the item holds whole vectors (fast_path_applies)
-      constexpr int kScores = ScoreVector<scalar_t>::kScores;
-      constexpr int kStep = ScoreVector<scalar_t>::kVectors * kWarpSize;  // vectors per group
-      const int vectors = length / kScores;
-      const int self_vector = row.self_column < 0 ? -1 : static_cast<int>(row.self_column) / kScores;
-      const uint4* lane_vectors = reinterpret_cast<const uint4*>(item_scores) + lane;
-      const int64_t* lane_labels = row.ref_labels + lane * kScores;
-      for (int group = 0; group < vectors; group += kStep) {
-        const bool edge = group + kStep > vectors ||
-                          static_cast<unsigned>(self_vector - group) < static_cast<unsigned>(kStep);
+    if (kFast) {  // the item holds whole pairs (fast_path_applies)
+      constexpr int kStep = ScorePair<scalar_t>::kPairs * kWarpSize;  // pairs per group
+      const int pairs = length / 2;
+      const int self_pair = row.self_column < 0 ? -1 : static_cast<int>(row.self_column) / 2;
+      const scalar_t* lane_scores = item_scores + 2 * lane;
+      const int64_t* lane_labels = row.ref_labels + 2 * lane;
+      for (int group = 0; group < pairs; group += kStep) {
+        const bool edge = group + kStep > pairs ||
+                          static_cast<unsigned>(self_pair - group) < static_cast<unsigned>(kStep);
         if (edge) {
-          const int first = group + lane;  // the lane's first vector
-          bin_vector_group<true, scalar_t>(lane_vectors, lane_labels, row.query_label,
-                                           vectors - first,
-                                           static_cast<int>(row.self_column) - first * kScores,
-                                           grid, histograms);
+          const int first = group + lane;  // the lane's first pair
+          bin_pair_group<true>(lane_scores, lane_labels, row.query_label, pairs - first,
+                               static_cast<int>(row.self_column) - first * 2, grid, histograms);
         } else {
-          bin_vector_group<false, scalar_t>(lane_vectors, lane_labels, row.query_label, 0, 0, grid,
-                                            histograms);
+          bin_pair_group<false>(lane_scores, lane_labels, row.query_label, 0, 0, grid,
+                                histograms);
         }
-        lane_vectors += kStep;
-        lane_labels += kStep * kScores;
+        lane_scores += 2 * kStep;
+        lane_labels += 2 * kStep;
       }
     } else {
       for (int group = 0; group < length; group += kBinGroup) {
@@ -338,51 +365,49 @@ __global__ void soft_histogram_finalize_kernel(const acc_t* __restrict__ partial
 // Backward: see BackwardPlan. Each candidate is one lookup in its row's slope table (see
 // backward_slope_table in ../histogram_inputs.h): no accumulation, deterministic. A thread takes
 // backward_columns(kFast) candidates of a row: the general kernel kBackwardColumnsPerThread single
-// scores kBackwardThreads apart, the fast one kBackwardVectors 16-byte vectors kBackwardThreads vectors
-// apart (stored as vectors too). It looks up every candidate (the index is always inside the
-// table) and masks the result. Launched with kBackwardThreads threads per block.
+// scores kBackwardThreads apart, the fast one kBackwardPairs pairs kBackwardThreads pairs apart
+// (stored as pairs too). It looks up every candidate (the index is always inside the table) and
+// masks the result. Launched with kBackwardThreads threads per block.
 template <typename scalar_t>
 constexpr int backward_columns(bool fast) {
-  return fast ? ScoreVector<scalar_t>::kBackwardVectors * ScoreVector<scalar_t>::kScores
-              : kBackwardColumnsPerThread;
+  return fast ? 2 * ScorePair<scalar_t>::kBackwardPairs : kBackwardColumnsPerThread;
 }
 
 // The fast backward for the candidates [tile_begin, tile_begin + 16 kBackwardThreads ...) of one
-// row: thread t takes vectors t + kBackwardThreads v. kSelf (block-uniform): the tile holds the
-// row's own column, `self` (relative to the tile), tested candidate by candidate.
+// row (`pairs` pairs): thread t takes pairs t + kBackwardThreads v. kSelf (block-uniform): the
+// tile holds the row's own column, `self` (relative to the tile), tested candidate by candidate.
 template <bool kSelf, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void backward_vectors(const scalar_t* __restrict__ tile_scores,
-                                                 const int64_t* __restrict__ tile_labels,
-                                                 int64_t query_label, int self, int vectors,
-                                                 const BinGrid<acc_t>& grid,
-                                                 const acc_t* __restrict__ row_table,
-                                                 scalar_t* __restrict__ tile_grad) {
-  using Vector = ScoreVector<scalar_t>;
+__device__ __forceinline__ void backward_pairs(const scalar_t* __restrict__ tile_scores,
+                                               const int64_t* __restrict__ tile_labels,
+                                               int64_t query_label, int self, int pairs,
+                                               const BinGrid<acc_t>& grid,
+                                               const acc_t* __restrict__ row_table,
+                                               scalar_t* __restrict__ tile_grad) {
+  using Pair = ScorePair<scalar_t>;
   const int t = static_cast<int>(threadIdx.x);
-  uint4 raw[Vector::kBackwardVectors];
-  int64_t label[Vector::kBackwardVectors * Vector::kScores];
+  typename Pair::Raw raw[Pair::kBackwardPairs];
+  int64_t label[2 * Pair::kBackwardPairs];
 #pragma unroll
-  for (int v = 0; v < Vector::kBackwardVectors; ++v) {  // all loads first
+  for (int v = 0; v < Pair::kBackwardPairs; ++v) {  // all loads first
     const int x = t + v * kBackwardThreads;
-    const bool inside = x < vectors;
-    raw[v] = inside ? *reinterpret_cast<const uint4*>(tile_scores + x * Vector::kScores)
-                    : make_uint4(0u, 0u, 0u, 0u);
-    Vector::load_labels(tile_labels + x * Vector::kScores, inside, label + v * Vector::kScores);
+    const bool inside = x < pairs;
+    raw[v] = Pair::load(tile_scores, x, inside);
+    Pair::load_labels(tile_labels, x, inside, label + 2 * v);
   }
 #pragma unroll
-  for (int v = 0; v < Vector::kBackwardVectors; ++v) {
+  for (int v = 0; v < Pair::kBackwardPairs; ++v) {
     const int x = t + v * kBackwardThreads;
-    uint4 out;
+    typename Pair::Raw out;
 #pragma unroll
-    for (int e = 0; e < Vector::kScores; ++e) {
-      const bool counted = !(kSelf && x * Vector::kScores + e == self);
-      const acc_t s = Vector::template score<acc_t>(raw[v], e);
-      const bool positive = label[v * Vector::kScores + e] == query_label;
+    for (int e = 0; e < 2; ++e) {
+      const bool counted = !(kSelf && x * 2 + e == self);
+      const acc_t s = Pair::template score<acc_t>(raw[v], e);
+      const bool positive = label[2 * v + e] == query_label;
       const scalar_t g =
           static_cast<scalar_t>(counted ? score_gradient(s, positive, grid, row_table) : acc_t(0));
       memcpy(reinterpret_cast<unsigned char*>(&out) + e * sizeof(scalar_t), &g, sizeof(scalar_t));
     }
-    if (x < vectors) *reinterpret_cast<uint4*>(tile_grad + x * Vector::kScores) = out;
+    if (x < pairs) Pair::store(tile_grad, x, out);
   }
 }
 
@@ -406,15 +431,15 @@ __global__ void __launch_bounds__(kBackwardThreads)
     const acc_t* row_table = table + i * 2 * grid.last_bin;
     pin(row_table);  // each lookup one multiply-add on it, not the row offset added again
     const RowRelevance row = relevance.row(i, num_candidates).window(tile_begin, length);
-    if (kFast) {  // whole vectors (fast_path_applies); labels, no ignore mask
-      const int vectors = length / ScoreVector<scalar_t>::kScores;
+    if (kFast) {  // whole pairs (fast_path_applies); labels, no ignore mask
+      const int pairs = length / 2;
       const int self = static_cast<int>(row.self_column);  // -1: not in this tile
       if (self >= 0) {
-        backward_vectors<true>(tile_scores, row.ref_labels, row.query_label, self, vectors, grid,
-                               row_table, tile_grad);
+        backward_pairs<true>(tile_scores, row.ref_labels, row.query_label, self, pairs, grid,
+                             row_table, tile_grad);
       } else {
-        backward_vectors<false>(tile_scores, row.ref_labels, row.query_label, -1, vectors, grid,
-                                row_table, tile_grad);
+        backward_pairs<false>(tile_scores, row.ref_labels, row.query_label, -1, pairs, grid,
+                              row_table, tile_grad);
       }
     } else {
       acc_t s[kColumns];
