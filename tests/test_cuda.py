@@ -55,9 +55,10 @@ def check_ops_equal_cpu(problem, self_offset=0, seed=0):
     assert torch.equal(grad_gpu.cpu(), grad)
 
 
-# Without an ignore mask, label rows whose length is a multiple of the vector width take the fast
-# kernels (fast_path_applies): (37, 1000) in one chunk per row, (5, 70000) in several, and
-# (264, 264) with exclude_self. With the mask, or dense relevance, the general kernels.
+# Without an ignore mask, label rows of whole units take the fast kernels (fast_path_applies; the
+# forward's unit is a pair, the backward's a 16-byte vector): (37, 1000) in one chunk per row,
+# (5, 70000) in several, and (264, 264) with exclude_self; (37, 1002) the fast forward and the
+# general backward (but in float64). With the mask, or dense relevance, the general kernels.
 @pytest.mark.parametrize("with_ignore", [True, False])
 @pytest.mark.parametrize("form", RELEVANCE_FORMS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
@@ -66,6 +67,7 @@ def check_ops_equal_cpu(problem, self_offset=0, seed=0):
     [
         ((1, 1), 2),
         ((37, 1000), 20),
+        ((37, 1002), 20),
         ((300, 301), 100),
         ((5, 70000), 10),
         ((3, 0), 5),

@@ -287,16 +287,17 @@ def test_kernels_equal_cpu_op(emulators, tmp_path, form, dtype, n, m, q, options
     check_both(emulators["address"], tmp_path, problem, **options)
 
 
-# Labels without an ignore mask, and rows (and forward chunks) of whole pairs of candidates, take
-# the fast kernels (a pair's scores and labels in one load each, no run-time relevance tests);
-# anything else, the general ones. (N, M, Q, chunk)
+# Labels without an ignore mask, and rows of whole units, take the fast kernels (a unit's scores
+# in one load, its labels two per load, no run-time relevance tests); anything else, the general
+# ones. The forward's unit is a pair of candidates (and its chunks must hold whole pairs too), the
+# backward's a 16-byte vector: 8 scores of bf16 / fp16, 4 of fp32, 2 of fp64. (N, M, Q, chunk)
 FAST_SHAPES = [
     (1000, 1000, 20, None),  # fast; self exclusion in inner and edge groups
     (33, 1000, 20, 96),  # fast; several chunks per row: partial histograms
     (3, 9000, 10, None),  # fast
     (7, 8, 2, None),  # fast; 4 pairs per row: every group is an edge
-    (34, 34, 5, None),  # fast; 17 pairs, self exclusion in the last one
-    (12, 1030, 20, 514),  # fast; 257 pairs a chunk: a group of one pair at the end
+    (34, 34, 5, None),  # forward fast, 17 pairs with self in the last; backward fast in fp64 only
+    (12, 1030, 20, 514),  # forward fast, a group of one pair at a chunk's end; backward as above
     (40, 1001, 20, None),  # general: rows not of whole pairs
     (33, 1000, 20, 35),  # forward general (chunks not of whole pairs), backward fast
 ]
@@ -308,13 +309,13 @@ def test_fast_kernels_equal_cpu_op(emulators, tmp_path, dtype, n, m, q, chunk):
     problem = random_problem(
         n, m, num_bins=q, relevance_form="labels", exclude_self=n == m, dtype=dtype, seed=n + m
     )
-    backward_fast = m % 2 == 0
-    forward_fast = backward_fast and (chunk or 4096) % 2 == 0
+    forward_fast = m % 2 == 0 and (chunk or 4096) % 2 == 0
+    backward_fast = m % (16 // dtype.itemsize) == 0
     check_both(emulators["address"], tmp_path, problem, seed=n, fast=forward_fast,
                backward_fast=backward_fast, **({"chunk": chunk} if chunk else {}))  # fmt: skip
 
 
-# The fast backward stores whole pairs of the gradient: a gradient buffer off a pair's
+# The fast backward stores whole 16-byte vectors of the gradient: a gradient buffer off that
 # alignment (another allocator's) takes the general kernel, with the same result. (grad_offset:
 # the emulation writes the gradient that many elements into its buffer; forward unaffected.)
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES))
@@ -324,12 +325,12 @@ def test_misaligned_gradient_takes_the_general_backward(emulators, tmp_path, dty
                grad_offset=1)  # fmt: skip
 
 
-# Scores off a pair's alignment or candidate labels off 16 bytes (a view with a storage offset,
-# which .contiguous() keeps as it is): both ops take the general kernels, with the same results.
-# The emulation builds its uint2 and uint4 with alignas(8) and alignas(16), so a pair's load from
-# such a pointer is reported by UndefinedBehaviorSanitizer (-fsanitize=alignment), as it would
-# fault on a GPU (cudaErrorMisalignedAddress). (KEY_offset: the emulation places the input that
-# many elements into its buffer.)
+# Scores off their unit's alignment or candidate labels off 16 bytes (a view with a storage
+# offset, which .contiguous() keeps as it is): both ops take the general kernels, with the same
+# results. The emulation builds its uint2 and uint4 with alignas(8) and alignas(16), so a unit's
+# load from such a pointer is reported by UndefinedBehaviorSanitizer (-fsanitize=alignment), as it
+# would fault on a GPU (cudaErrorMisalignedAddress). (KEY_offset: the emulation places the input
+# that many elements into its buffer.)
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES))
 @pytest.mark.parametrize("misaligned", ["scores_offset", "ref_labels_offset"])
 def test_misaligned_inputs_take_the_general_kernels(emulators, tmp_path, dtype, misaligned):

@@ -21,7 +21,8 @@ cudaError_t launch_soft_histogram(const scalar_t* scores, const RelevanceArgs& r
                                   int64_t max_blocks) {
   using acc_t = histogram_t<scalar_t>;
   if (num_queries == 0) return cudaSuccess;
-  const bool fast = fast_path_applies(relevance, scores, num_candidates, plan.chunk);
+  const bool fast = fast_path_applies(relevance, scores, num_candidates,
+                                      ForwardUnit<scalar_t>::kSize, plan.chunk);
   auto kernel = forward_kernel<scalar_t, acc_t>(fast, relevance);
   // The device's whole opt-in limit, the same value on every call: a host thread launching with a
   // larger num_bins cannot be cut short by another that just set a smaller limit.
@@ -56,7 +57,8 @@ cudaError_t launch_soft_histogram_backward(const scalar_t* scores, const Relevan
                                            int64_t max_rows_blocks) {
   using acc_t = histogram_t<scalar_t>;
   if (num_queries == 0 || num_candidates == 0) return cudaSuccess;  // (an empty grid fails)
-  const bool fast = fast_path_applies(relevance, scores, num_candidates, /*chunk=*/0, grad_scores);
+  const bool fast = fast_path_applies(relevance, scores, num_candidates,
+                                      BackwardUnit<scalar_t>::kSize, /*chunk=*/0, grad_scores);
   const BackwardPlan plan =
       plan_backward(num_queries, num_candidates, backward_columns<scalar_t>(fast));
   const dim3 blocks(static_cast<unsigned>(plan.blocks_x),

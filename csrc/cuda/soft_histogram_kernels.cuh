@@ -20,9 +20,10 @@ namespace fastap {
 
 // Two kernels of each op, for each dtype (the launchers pick one with forward_kernel() and
 // backward_kernel(), as tests/emulation does):
-//   fast:    relevance from labels and no ignore mask, and rows of whole pairs of candidates
-//            (fast_path_applies()): each thread loads a pair's two scores and two labels at once,
-//            and the kernel holds no test of the other relevance forms;
+//   fast:    relevance from labels and no ignore mask, and rows of whole units (fast_path_applies():
+//            pairs of candidates in the forward, 16-byte vectors of scores in the backward): each
+//            thread loads a unit's scores and labels in as few loads as they fit, and the kernel
+//            holds no test of the other relevance forms;
 //   general: any relevance form, one score per load; compiled once for labels and once for a
 //            dense relevance matrix (kDense), the ignore mask tested at run time.
 // Both are branch-free in their inner loops: the loads of a step are issued before the first use,
@@ -50,41 +51,49 @@ struct RawBits<16> {
   static __device__ __forceinline__ type zero() { return make_uint4(0u, 0u, 0u, 0u); }
 };
 
-// The fast kernels' unit: a pair of consecutive candidates, whose two scores (8 bytes in fp32, 4
-// in fp16/bf16, 16 in fp64) and two int64 labels (16 bytes) a thread loads in one instruction
-// each. Lane l of a warp takes pair l of each run of 32, so that every load of a warp is
-// contiguous: the labels in particular, which with a wider unit per lane (16 bytes of scores, up
-// to 8 labels: until 2026-12-04) were read 32 or 64 bytes apart, at twice or four times the L1
-// traffic of their bytes, and that data path bounds the forward (docs/design.md, section 5).
-// The forward bins kPairs pairs per lane and step: 32 bytes of scores in flight per lane whatever
-// the dtype, since streaming at the memory's rate takes as many bytes in flight in bf16 as in fp32
-// (within the 64 registers the forward is held to). The backward takes kBackwardPairs per thread
-// (16 candidates, which spreads its per-row work thinner).
-template <typename scalar_t>
-struct ScorePair {
-  using Bits = RawBits<2 * static_cast<int>(sizeof(scalar_t))>;
+// The fast kernels' unit: kCandidates consecutive candidates, whose scores a thread loads in one
+// instruction (Raw) and whose int64 labels in kCandidates / 2 16-byte loads.
+//   The forward's unit is a pair (ForwardUnit): 8 bytes of scores in fp32, 4 in fp16/bf16, 16 in
+//   fp64, and its two labels in one load. Lane l of a warp takes pair l of each run of 32, so that
+//   every load of a warp is contiguous. With a wider unit per lane (16 bytes of scores: 4 fp32 or
+//   8 bf16 candidates, until 2026-12-04) the lanes read their labels 32 or 64 bytes apart, at
+//   twice or four times the L1 traffic of their bytes, on the data path that bounds the forward:
+//   pairs took the H200's forward from 0.104 to 0.094 ms in fp32 and from 0.128 to 0.086 ms in
+//   bf16 (8192^2, Q = 20; docs/design.md, section 5). It bins kForwardUnits pairs per lane and
+//   step: 32 bytes of scores in flight per lane whatever the dtype, since streaming at the
+//   memory's rate takes as many bytes in flight in bf16 as in fp32 (within the 64 registers the
+//   forward is held to).
+//   The backward's unit is a 16-byte vector of scores (BackwardUnit), and a thread takes
+//   kBackwardUnits of them (16 candidates, which spreads its per-row work thinner). The backward
+//   is not bound by L1, and there the same pairs cost 3 to 13% in bf16 on the H200 (twice the
+//   load and store instructions of 16-byte vectors for the same bytes), within 3% either way in
+//   fp32.
+template <typename scalar_t, int kCandidates>
+struct ScoreUnit {
+  using Bits = RawBits<kCandidates * static_cast<int>(sizeof(scalar_t))>;
   using Raw = typename Bits::type;
-  static constexpr int kPairs = 16 / static_cast<int>(sizeof(scalar_t));  // forward, per step
-  static constexpr int kColumns = 2 * kPairs;  // forward candidates per lane and step
-  static constexpr int kBackwardPairs = 8;
+  static_assert(kCandidates % 2 == 0, "labels are loaded two at a time");
+  static constexpr int kSize = kCandidates;
 
-  // The raw scores of pair x (scores 2-element aligned), or zeros where !inside (nothing read).
+  // The raw scores of unit x (scores aligned to a unit), or zeros where !inside (nothing read).
   static __device__ __forceinline__ Raw load(const scalar_t* __restrict__ scores, int x,
                                              bool inside) {
-    return inside ? *reinterpret_cast<const Raw*>(scores + 2 * x) : Bits::zero();
+    return inside ? *reinterpret_cast<const Raw*>(scores + kCandidates * x) : Bits::zero();
   }
   static __device__ __forceinline__ void store(scalar_t* __restrict__ scores, int x,
                                                const Raw& raw) {
-    *reinterpret_cast<Raw*>(scores + 2 * x) = raw;
+    *reinterpret_cast<Raw*>(scores + kCandidates * x) = raw;
   }
 
-  // Score e (0 or 1) of a pair loaded as raw bits.
+  // Score e of a unit loaded as raw bits.
   template <typename acc_t>
   static __device__ __forceinline__ acc_t score(const Raw& raw, int e) {
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      // A bf16 is the upper half of a float: one shift or one mask of the pair's 32-bit word (the
+      // A bf16 is the upper half of a float: one shift or one mask of its 32-bit word (the
       // generic conversion spends two instructions on the upper element of a word).
-      const uint32_t bits = e == 0 ? raw << 16 : raw & 0xffff0000u;
+      uint32_t word;
+      memcpy(&word, reinterpret_cast<const unsigned char*>(&raw) + (e / 2) * 4, sizeof(word));
+      const uint32_t bits = e % 2 == 0 ? word << 16 : word & 0xffff0000u;
       float value;
       memcpy(&value, &bits, sizeof(value));
       return static_cast<acc_t>(value);
@@ -95,29 +104,41 @@ struct ScorePair {
     return static_cast<acc_t>(value);
   }
 
-  // The labels of pair x (labels 16-byte aligned) in one 16-byte load, into label[0 .. 2); zeros
-  // where !inside (nothing is read).
+  // The labels of unit x (labels 16-byte aligned), two per 16-byte load, into
+  // label[0 .. kCandidates); zeros where !inside (nothing is read).
   static __device__ __forceinline__ void load_labels(const int64_t* __restrict__ labels, int x,
                                                      bool inside, int64_t* label) {
-    const uint4 pair = inside ? *reinterpret_cast<const uint4*>(labels + 2 * x)
-                              : make_uint4(0u, 0u, 0u, 0u);
-    memcpy(label, &pair, sizeof(pair));
+#pragma unroll
+    for (int e = 0; e < kCandidates; e += 2) {
+      const uint4 pair = inside ? *reinterpret_cast<const uint4*>(labels + kCandidates * x + e)
+                                : make_uint4(0u, 0u, 0u, 0u);
+      memcpy(label + e, &pair, sizeof(pair));
+    }
   }
 };
 
+template <typename scalar_t>
+using ForwardUnit = ScoreUnit<scalar_t, 2>;
+template <typename scalar_t>
+using BackwardUnit = ScoreUnit<scalar_t, 16 / static_cast<int>(sizeof(scalar_t))>;
+template <typename scalar_t>
+constexpr int kForwardUnits = 16 / static_cast<int>(sizeof(scalar_t));  // per lane and step
+constexpr int kBackwardCandidates = 16;                                  // per thread
+
 // Whether the fast kernels apply: labels without an ignore mask, every row (and every chunk of
-// `chunk` candidates: the forward plan's; 0 for the backward) holds whole pairs, the scores (and,
-// in the backward, the gradient's rows: grad_scores; the forward passes null) start on a pair's
-// boundary and the candidate labels on a 16-byte one.
+// `chunk` candidates: the forward plan's; 0 for the backward) holds whole units of `unit`
+// candidates (2 in the forward, BackwardUnit's in the backward), the scores (and, in the
+// backward, the gradient's rows: grad_scores; the forward passes null) start on a unit's boundary
+// and the candidate labels on a 16-byte one.
 template <typename scalar_t>
 inline bool fast_path_applies(const RelevanceArgs& relevance, const scalar_t* scores,
-                              int64_t num_candidates, int64_t chunk,
+                              int64_t num_candidates, int64_t unit, int64_t chunk,
                               const scalar_t* grad_scores = nullptr) {
-  constexpr uintptr_t kPairBytes = 2 * sizeof(scalar_t);
-  return relevance.labels_only() && reinterpret_cast<uintptr_t>(scores) % kPairBytes == 0 &&
+  const uintptr_t unit_bytes = static_cast<uintptr_t>(unit) * sizeof(scalar_t);
+  return relevance.labels_only() && reinterpret_cast<uintptr_t>(scores) % unit_bytes == 0 &&
          reinterpret_cast<uintptr_t>(relevance.ref_labels) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(grad_scores) % kPairBytes == 0 && num_candidates % 2 == 0 &&
-         chunk % 2 == 0;
+         reinterpret_cast<uintptr_t>(grad_scores) % unit_bytes == 0 &&
+         num_candidates % unit == 0 && chunk % unit == 0;
 }
 
 // The forward takes an item's positive count from its positive histogram's mass, which is exact
@@ -156,29 +177,30 @@ __device__ __forceinline__ void bin_group(const scalar_t* __restrict__ scores,
   for (int u = 0; u < kBinUnroll; ++u) histograms.add(grid, s[u], counted[u], positive[u]);
 }
 
-// Fast path: bins the kColumns candidates of the lane's pairs v = 0 .. kPairs - 1 of a group, the
-// pair at `scores + 64 v` with its labels at `labels + 64 v` (the caller points both at the lane's
-// first pair of the group: pair p of an item is candidates 2 p and 2 p + 1, and lane l takes pair
-// l of each run of 32). kEdge as above: then only the pairs with 32 v < `remaining` are inside,
-// and the candidate 64 v + e == `self` (relative to the lane's first candidate) is the row's own
-// column.
+// Fast path: bins the 2 kForwardUnits candidates of the lane's pairs v = 0 .. kForwardUnits - 1
+// of a group, the pair at `scores + 64 v` with its labels at `labels + 64 v` (the caller points
+// both at the lane's first pair of the group: pair p of an item is candidates 2 p and 2 p + 1, and
+// lane l takes pair l of each run of 32). kEdge as above: then only the pairs with 32 v <
+// `remaining` are inside, and the candidate 64 v + e == `self` (relative to the lane's first
+// candidate) is the row's own column.
 template <bool kEdge, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void bin_pair_group(const scalar_t* __restrict__ scores,
                                                const int64_t* __restrict__ labels,
                                                int64_t query_label, int remaining, int self,
                                                const BinGrid<acc_t>& grid,
                                                WarpHistograms<acc_t>& histograms) {
-  using Pair = ScorePair<scalar_t>;
-  typename Pair::Raw raw[Pair::kPairs];
-  int64_t label[Pair::kColumns];
+  using Pair = ForwardUnit<scalar_t>;
+  constexpr int kPairs = kForwardUnits<scalar_t>;
+  typename Pair::Raw raw[kPairs];
+  int64_t label[2 * kPairs];
 #pragma unroll
-  for (int v = 0; v < Pair::kPairs; ++v) {  // all loads first
+  for (int v = 0; v < kPairs; ++v) {  // all loads first
     const bool inside = !kEdge || v * kWarpSize < remaining;
     raw[v] = Pair::load(scores, v * kWarpSize, inside);
     Pair::load_labels(labels, v * kWarpSize, inside, label + 2 * v);
   }
 #pragma unroll
-  for (int v = 0; v < Pair::kPairs; ++v) {
+  for (int v = 0; v < kPairs; ++v) {
     const bool inside = !kEdge || v * kWarpSize < remaining;
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
@@ -250,7 +272,7 @@ __global__ void __launch_bounds__(kMaxForwardWarps * kWarpSize, kFast ? 4 : 3) s
     }
     WarpHistograms<acc_t> histograms(column, q);
     if (kFast) {  // the item holds whole pairs (fast_path_applies)
-      constexpr int kStep = ScorePair<scalar_t>::kPairs * kWarpSize;  // pairs per group
+      constexpr int kStep = kForwardUnits<scalar_t> * kWarpSize;  // pairs per group
       const int pairs = length / 2;
       const int self_pair = row.self_column < 0 ? -1 : static_cast<int>(row.self_column) / 2;
       const scalar_t* lane_scores = item_scores + 2 * lane;
@@ -365,49 +387,53 @@ __global__ void soft_histogram_finalize_kernel(const acc_t* __restrict__ partial
 // Backward: see BackwardPlan. Each candidate is one lookup in its row's slope table (see
 // backward_slope_table in ../histogram_inputs.h): no accumulation, deterministic. A thread takes
 // backward_columns(kFast) candidates of a row: the general kernel kBackwardColumnsPerThread single
-// scores kBackwardThreads apart, the fast one kBackwardPairs pairs kBackwardThreads pairs apart
-// (stored as pairs too). It looks up every candidate (the index is always inside the table) and
-// masks the result. Launched with kBackwardThreads threads per block.
+// scores kBackwardThreads apart, the fast one kBackwardCandidates in 16-byte vectors
+// (BackwardUnit) kBackwardThreads vectors apart (stored as vectors too). It looks up every
+// candidate (the index is always inside the table) and masks the result. Launched with
+// kBackwardThreads threads per block.
 template <typename scalar_t>
 constexpr int backward_columns(bool fast) {
-  return fast ? 2 * ScorePair<scalar_t>::kBackwardPairs : kBackwardColumnsPerThread;
+  return fast ? kBackwardCandidates : kBackwardColumnsPerThread;
 }
 
 // The fast backward for the candidates [tile_begin, tile_begin + 16 kBackwardThreads ...) of one
-// row (`pairs` pairs): thread t takes pairs t + kBackwardThreads v. kSelf (block-uniform): the
-// tile holds the row's own column, `self` (relative to the tile), tested candidate by candidate.
+// row (`vectors` vectors): thread t takes vectors t + kBackwardThreads v. kSelf (block-uniform):
+// the tile holds the row's own column, `self` (relative to the tile), tested candidate by
+// candidate.
 template <bool kSelf, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void backward_pairs(const scalar_t* __restrict__ tile_scores,
-                                               const int64_t* __restrict__ tile_labels,
-                                               int64_t query_label, int self, int pairs,
-                                               const BinGrid<acc_t>& grid,
-                                               const acc_t* __restrict__ row_table,
-                                               scalar_t* __restrict__ tile_grad) {
-  using Pair = ScorePair<scalar_t>;
+__device__ __forceinline__ void backward_vectors(const scalar_t* __restrict__ tile_scores,
+                                                 const int64_t* __restrict__ tile_labels,
+                                                 int64_t query_label, int self, int vectors,
+                                                 const BinGrid<acc_t>& grid,
+                                                 const acc_t* __restrict__ row_table,
+                                                 scalar_t* __restrict__ tile_grad) {
+  using Vector = BackwardUnit<scalar_t>;
+  constexpr int kScores = Vector::kSize;
+  constexpr int kVectors = kBackwardCandidates / kScores;
   const int t = static_cast<int>(threadIdx.x);
-  typename Pair::Raw raw[Pair::kBackwardPairs];
-  int64_t label[2 * Pair::kBackwardPairs];
+  typename Vector::Raw raw[kVectors];
+  int64_t label[kBackwardCandidates];
 #pragma unroll
-  for (int v = 0; v < Pair::kBackwardPairs; ++v) {  // all loads first
+  for (int v = 0; v < kVectors; ++v) {  // all loads first
     const int x = t + v * kBackwardThreads;
-    const bool inside = x < pairs;
-    raw[v] = Pair::load(tile_scores, x, inside);
-    Pair::load_labels(tile_labels, x, inside, label + 2 * v);
+    const bool inside = x < vectors;
+    raw[v] = Vector::load(tile_scores, x, inside);
+    Vector::load_labels(tile_labels, x, inside, label + v * kScores);
   }
 #pragma unroll
-  for (int v = 0; v < Pair::kBackwardPairs; ++v) {
+  for (int v = 0; v < kVectors; ++v) {
     const int x = t + v * kBackwardThreads;
-    typename Pair::Raw out;
+    typename Vector::Raw out;
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const bool counted = !(kSelf && x * 2 + e == self);
-      const acc_t s = Pair::template score<acc_t>(raw[v], e);
-      const bool positive = label[2 * v + e] == query_label;
+    for (int e = 0; e < kScores; ++e) {
+      const bool counted = !(kSelf && x * kScores + e == self);
+      const acc_t s = Vector::template score<acc_t>(raw[v], e);
+      const bool positive = label[v * kScores + e] == query_label;
       const scalar_t g =
           static_cast<scalar_t>(counted ? score_gradient(s, positive, grid, row_table) : acc_t(0));
       memcpy(reinterpret_cast<unsigned char*>(&out) + e * sizeof(scalar_t), &g, sizeof(scalar_t));
     }
-    if (x < pairs) Pair::store(tile_grad, x, out);
+    if (x < vectors) Vector::store(tile_grad, x, out);
   }
 }
 
@@ -431,15 +457,15 @@ __global__ void __launch_bounds__(kBackwardThreads)
     const acc_t* row_table = table + i * 2 * grid.last_bin;
     pin(row_table);  // each lookup one multiply-add on it, not the row offset added again
     const RowRelevance row = relevance.row(i, num_candidates).window(tile_begin, length);
-    if (kFast) {  // whole pairs (fast_path_applies); labels, no ignore mask
-      const int pairs = length / 2;
+    if (kFast) {  // whole vectors (fast_path_applies); labels, no ignore mask
+      const int vectors = length / BackwardUnit<scalar_t>::kSize;
       const int self = static_cast<int>(row.self_column);  // -1: not in this tile
       if (self >= 0) {
-        backward_pairs<true>(tile_scores, row.ref_labels, row.query_label, self, pairs, grid,
-                             row_table, tile_grad);
+        backward_vectors<true>(tile_scores, row.ref_labels, row.query_label, self, vectors, grid,
+                               row_table, tile_grad);
       } else {
-        backward_pairs<false>(tile_scores, row.ref_labels, row.query_label, -1, pairs, grid,
-                              row_table, tile_grad);
+        backward_vectors<false>(tile_scores, row.ref_labels, row.query_label, -1, vectors, grid,
+                                row_table, tile_grad);
       }
     } else {
       acc_t s[kColumns];
