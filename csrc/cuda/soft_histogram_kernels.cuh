@@ -64,9 +64,9 @@ struct RawBits<16> {
 //   memory's rate takes as many bytes in flight in bf16 as in fp32 (within the 64 registers the
 //   forward is held to).
 //   The backward's unit is a 16-byte vector of scores (BackwardUnit), and a thread takes
-//   kBackwardUnits of them (16 candidates, which spreads its per-row work thinner). The backward
-//   is not bound by L1, and there the same pairs cost 3 to 13% in bf16 on the H200 (twice the
-//   load and store instructions of 16-byte vectors for the same bytes), within 3% either way in
+//   kBackwardCandidates = 16 candidates in such vectors (which spreads its per-row work thinner).
+//   The backward is not bound by L1, and there the same pairs cost 3 to 13% in bf16 on the H200
+//   (twice the load and store instructions of 16-byte vectors for the same bytes), 0 to 3.4% in
 //   fp32.
 template <typename scalar_t, int kCandidates>
 struct ScoreUnit {
