@@ -21,13 +21,13 @@ below about 8 b instructions per candidate: 31 for the fp32 forward, 16 for bf16
 --budget REGEX=N fails when a kernel whose name matches REGEX spends more than N instructions
 per candidate on its hot path, or has no such block; --wide REGEX fails when a kernel whose name
 matches it (the fast kernels, which read a pair's two int64 labels at once) has no 16-byte load
-there; --no-generic-access REGEX
-fails when a kernel whose name matches it loads or stores through generic addresses (LD, ST)
-anywhere: the fused kernels keep their matrix operands and score tiles in shared memory, which
-LDS / LDSM / STS reach directly (LDSM: 16 bytes a lane in one instruction), and a generic access
-only after an address space test (docs/design.md, section 3b); --require REGEX=OPCODE fails
-when a kernel whose name matches REGEX has no instruction of that opcode (HGMMA: the wgmma path
-of the fused forward, built for sm_90a), or when no kernel matches.
+there; --no-generic-access REGEX fails when a kernel whose name matches it loads or stores
+through generic addresses (LD, ST) anywhere: the fused kernels keep their matrix operands and
+score tiles in shared memory, which LDS / LDSM / STS reach directly (LDSM: 16 bytes a lane in one
+instruction), and a generic access only after an address space test (docs/design.md, section
+3b); --require REGEX=OPCODE fails when a kernel whose name matches REGEX has no instruction of
+that opcode (HGMMA: the wgmma path of the fused forward, built for sm_90a), or when no kernel
+matches.
 """
 
 import argparse

@@ -20,10 +20,10 @@ namespace fastap {
 
 // Two kernels of each op, for each dtype (the launchers pick one with forward_kernel() and
 // backward_kernel(), as tests/emulation does):
-//   fast:    relevance from labels and no ignore mask, and rows of whole units (fast_path_applies():
-//            pairs of candidates in the forward, 16-byte vectors of scores in the backward): each
-//            thread loads a unit's scores and labels in as few loads as they fit, and the kernel
-//            holds no test of the other relevance forms;
+//   fast:    relevance from labels and no ignore mask, and rows of whole units
+//            (fast_path_applies(): pairs of candidates in the forward, 16-byte vectors of scores
+//            in the backward): each thread loads a unit's scores and labels in as few loads as
+//            they fit, and the kernel holds no test of the other relevance forms;
 //   general: any relevance form, one score per load; compiled once for labels and once for a
 //            dense relevance matrix (kDense), the ignore mask tested at run time.
 // Both are branch-free in their inner loops: the loads of a step are issued before the first use,
