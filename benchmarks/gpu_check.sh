@@ -8,10 +8,12 @@
 # a call. The first GPU run (2026-12-04) measured the steps: build 20 s, smoke 4, smoke_wgmma 4,
 # tests 45, tests_wgmma 17, kernels 48, variants 15, embeddings 102, memcheck 9, racecheck 48,
 # sass 3, probe 5, profile 30, loss 90, example 12 (452 s in all; api_access, when it runs, 34
-# more), and the machine's start and the transfers about 30 s. So every step fits one call
-# (BUDGET 570 s, timeout_s=600), which leaves about 250 s of the session for a second call on
-# what failed: a call on the warm machine right away, or a fresh machine, which starts only with
-# 240 s left. The two-call form stays for a session with less time. This script's own logic
+# more), and the machine's start and the transfers about 30 s. The second (c40c8c4, one call of
+# every step): 493 s of steps (build 29, racecheck 50, tests 45, kernels 47, embeddings 101,
+# loss 103), 503 s for the command, 533 s of device time with the start. So every step fits one
+# call (BUDGET 570 s, timeout_s=600), which leaves about 360 s of the session for a second call
+# on what failed: a call on the warm machine right away, or a fresh machine, which starts only
+# with 240 s left. The two-call form stays for a session with less time. This script's own logic
 # (steps, order, budget, the hand-overs below) runs in CI with stand-ins for the GPU machine's
 # programs: tests/test_gpu_check.py.
 #
