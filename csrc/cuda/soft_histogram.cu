@@ -60,7 +60,7 @@ cudaError_t launch_soft_histogram_backward(const scalar_t* scores, const Relevan
   const bool fast = fast_path_applies(relevance, scores, num_candidates,
                                       BackwardUnit<scalar_t>::kSize, /*chunk=*/0, grad_scores);
   const BackwardPlan plan =
-      plan_backward(num_queries, num_candidates, backward_columns<scalar_t>(fast));
+      plan_backward(num_queries, num_candidates, backward_columns(fast));
   const dim3 blocks(static_cast<unsigned>(plan.blocks_x),
                     static_cast<unsigned>(std::min(plan.blocks_y, max_rows_blocks)));
   return launch_kernel(backward_kernel<scalar_t, acc_t>(fast, relevance), blocks,

@@ -121,9 +121,11 @@ template <typename scalar_t>
 using ForwardUnit = ScoreUnit<scalar_t, 2>;
 template <typename scalar_t>
 using BackwardUnit = ScoreUnit<scalar_t, 16 / static_cast<int>(sizeof(scalar_t))>;
+// The forward's pairs per lane and step: 32 bytes of scores in flight (4 pairs in fp32, 8 in bf16).
 template <typename scalar_t>
-constexpr int kForwardUnits = 16 / static_cast<int>(sizeof(scalar_t));  // per lane and step
-constexpr int kBackwardCandidates = 16;                                  // per thread
+constexpr int kForwardUnits =
+    32 / (ForwardUnit<scalar_t>::kSize * static_cast<int>(sizeof(scalar_t)));
+constexpr int kBackwardCandidates = 16;  // per thread
 
 // Whether the fast kernels apply: labels without an ignore mask, every row (and every chunk of
 // `chunk` candidates: the forward plan's; 0 for the backward) holds whole units of `unit`
@@ -391,7 +393,6 @@ __global__ void soft_histogram_finalize_kernel(const acc_t* __restrict__ partial
 // (BackwardUnit) kBackwardThreads vectors apart (stored as vectors too). It looks up every
 // candidate (the index is always inside the table) and masks the result. Launched with
 // kBackwardThreads threads per block.
-template <typename scalar_t>
 constexpr int backward_columns(bool fast) {
   return fast ? kBackwardCandidates : kBackwardColumnsPerThread;
 }
@@ -443,7 +444,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
                                    BinGrid<acc_t> grid, int64_t num_queries,
                                    int64_t num_candidates, const acc_t* __restrict__ table,
                                    scalar_t* __restrict__ grad_out) {
-  constexpr int kColumns = backward_columns<scalar_t>(kFast);
+  constexpr int kColumns = backward_columns(kFast);
   const int64_t tile_begin = int64_t{blockIdx.x} * kBackwardThreads * kColumns;
   const int64_t tile_length = num_candidates - tile_begin < kBackwardThreads * kColumns
                                   ? num_candidates - tile_begin
