@@ -46,8 +46,8 @@
 # which steps passed, failed, timed out or were skipped for want of time. A step of several
 # benchmark commands runs them all even when one fails. The fused kernels' wgmma path (first run
 # on a GPU on 2026-12-04) is tried first in a step of its own (smoke_wgmma); if it faults or hangs
-# there, the steps after it leave it out (see below). WGMMA=ok|failed|off hands that step's outcome from
-# call 1 to call 2, which then does not try it again.
+# there, the steps after it leave it out (see below). WGMMA=ok|failed|off hands that step's
+# outcome from call 1 to call 2, which then does not try it again.
 # ($PY, and $NCU_SECTIONS below, are split into words on purpose: PYTHON may carry options.)
 # shellcheck disable=SC2086
 set -uo pipefail
